@@ -1,0 +1,213 @@
+//! Chained block hashes for prefix caching.
+//!
+//! Block `i` of a sequence covers tokens `[i·B, (i+1)·B)`. Only full blocks are hashed. The
+//! hash of block `i` is `H(seed; hash(i-1) or NONE, salt if i == 0, content(i))`, so equal
+//! hashes mean equal whole prefixes, not just equal blocks.
+//!
+//! ```text
+//!  tokens   | b0 ........ | b1 ........ | b2 ........ | b3 (partial, unhashed)
+//!  hashes   h0=H(NONE,s,b0) h1=H(h0,b1)  h2=H(h1,b2)
+//! ```
+//!
+//! Content is either the token ids (real prompts and outputs), or for synthetic prompts the
+//! prefix-group ids covering the block plus the block's offset inside its first group (so two
+//! requests that list the same groups hash identically, as Mooncake's `hash_ids` intend).
+//! Blocks not fully inside the prefix groups are made unique to the request (its id).
+//!
+//! The hash is XXH3-128 with a configured seed: reproducible across runs, processes and
+//! machines (unlike Python's `hash()` in vLLM without `PYTHONHASHSEED`). Cost: one XXH3 call over
+//! `16 + 4·B` bytes per block, about 15 ns for B = 16.
+
+use crate::ids::RequestId;
+use crate::request::Prompt;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_128_with_seed;
+
+/// The hash of a full block and, through the chain, of everything before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BlockHash(pub u128);
+
+/// Stand-in parent of the first block.
+const NONE_PARENT: u128 = 0x7661_6a72_615f_6e6f_6e65_5f70_6172_656e;
+const TAG_TOKENS: u8 = 1;
+const TAG_GROUPS: u8 = 2;
+const TAG_UNIQUE: u8 = 3;
+
+/// What a sequence holds, as far as hashing is concerned: its prompt and its generated tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqContent<'a> {
+    /// The request's id (makes unshareable synthetic blocks unique).
+    pub request: RequestId,
+    /// The prompt.
+    pub prompt: &'a Prompt,
+    /// Tokens generated so far.
+    pub output: &'a [u32],
+    /// Extra key mixed into the first block (LoRA, cache salt, tenant isolation).
+    pub salt: Option<u64>,
+}
+
+impl SeqContent<'_> {
+    /// Total tokens (prompt + output).
+    pub fn num_tokens(&self) -> u32 {
+        self.prompt.len() + self.output.len() as u32
+    }
+
+    fn token(&self, i: u32) -> u32 {
+        match self.prompt {
+            Prompt::Tokens(t) if (i as usize) < t.len() => t[i as usize],
+            _ => self.output[(i - self.prompt.len()) as usize],
+        }
+    }
+}
+
+/// Computes chained block hashes with a fixed seed, reusing one scratch buffer.
+#[derive(Debug, Clone)]
+pub struct BlockHasher {
+    seed: u64,
+    block_size: u32,
+    buf: Vec<u8>,
+}
+
+impl BlockHasher {
+    /// A hasher for blocks of `block_size` tokens.
+    pub fn new(seed: u64, block_size: u32) -> Self {
+        BlockHasher {
+            seed,
+            block_size,
+            buf: Vec::with_capacity(64 + 4 * block_size as usize),
+        }
+    }
+
+    /// The hash of full block `index` of `seq`, given the hash of block `index - 1`.
+    ///
+    /// # Panics
+    /// If the block is not full (`(index + 1) · B > seq.num_tokens()`): only full blocks are
+    /// hashed.
+    pub fn hash_block(
+        &mut self,
+        seq: &SeqContent<'_>,
+        parent: Option<BlockHash>,
+        index: u32,
+    ) -> BlockHash {
+        let bs = self.block_size;
+        let (start, end) = (index * bs, (index + 1) * bs);
+        assert!(end <= seq.num_tokens(), "only full blocks are hashed");
+        let buf = &mut self.buf;
+        buf.clear();
+        buf.extend_from_slice(&parent.map_or(NONE_PARENT, |p| p.0).to_le_bytes());
+        if index == 0
+            && let Some(salt) = seq.salt
+        {
+            buf.extend_from_slice(&salt.to_le_bytes());
+        }
+        match seq.prompt {
+            Prompt::Tokens(_) => {
+                buf.push(TAG_TOKENS);
+                for i in start..end {
+                    buf.extend_from_slice(&seq.token(i).to_le_bytes());
+                }
+            }
+            Prompt::Synthetic(s) => {
+                let gt = s.group_tokens.max(1);
+                let covered = s.prefix_groups.len() as u64 * u64::from(gt);
+                let in_prompt = end <= s.len;
+                if in_prompt && u64::from(end) <= covered {
+                    buf.push(TAG_GROUPS);
+                    for g in (start / gt)..=((end - 1) / gt) {
+                        buf.extend_from_slice(&s.prefix_groups[g as usize].to_le_bytes());
+                    }
+                    buf.extend_from_slice(&(start % gt).to_le_bytes());
+                } else {
+                    buf.push(TAG_UNIQUE);
+                    buf.extend_from_slice(&seq.request.0.to_le_bytes());
+                    buf.extend_from_slice(&index.to_le_bytes());
+                }
+            }
+        }
+        BlockHash(xxh3_128_with_seed(buf, self.seed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::SyntheticPrompt;
+
+    fn content<'a>(id: u64, prompt: &'a Prompt, salt: Option<u64>) -> SeqContent<'a> {
+        SeqContent {
+            request: RequestId(id),
+            prompt,
+            output: &[],
+            salt,
+        }
+    }
+
+    fn chain(h: &mut BlockHasher, seq: &SeqContent<'_>, n: u32) -> Vec<BlockHash> {
+        let mut out: Vec<BlockHash> = Vec::new();
+        for i in 0..n {
+            let parent = out.last().copied();
+            out.push(h.hash_block(seq, parent, i));
+        }
+        out
+    }
+
+    #[test]
+    fn identical_token_prefixes_hash_identically_across_requests() {
+        let mut h = BlockHasher::new(7, 4);
+        let a = Prompt::Tokens((0..12).collect());
+        let mut b_tokens: Vec<u32> = (0..8).collect();
+        b_tokens.extend([99, 98, 97, 96]);
+        let b = Prompt::Tokens(b_tokens);
+        let ha = chain(&mut h, &content(1, &a, None), 3);
+        let hb = chain(&mut h, &content(2, &b, None), 3);
+        assert_eq!(ha[..2], hb[..2]);
+        assert_ne!(ha[2], hb[2]);
+    }
+
+    #[test]
+    fn a_different_earlier_block_changes_every_later_hash() {
+        let mut h = BlockHasher::new(7, 4);
+        let a = Prompt::Tokens(vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        let b = Prompt::Tokens(vec![0, 2, 3, 4, 5, 6, 7, 8]);
+        let ha = chain(&mut h, &content(1, &a, None), 2);
+        let hb = chain(&mut h, &content(1, &b, None), 2);
+        assert_ne!(ha[1], hb[1]);
+    }
+
+    #[test]
+    fn salt_and_seed_separate_otherwise_identical_prefixes() {
+        let p = Prompt::Tokens(vec![1, 2, 3, 4]);
+        let mut h = BlockHasher::new(7, 4);
+        let plain = h.hash_block(&content(1, &p, None), None, 0);
+        let salted = h.hash_block(&content(1, &p, Some(5)), None, 0);
+        assert_ne!(plain, salted);
+        let mut other_seed = BlockHasher::new(8, 4);
+        assert_ne!(plain, other_seed.hash_block(&content(1, &p, None), None, 0));
+        // Same seed, fresh hasher: the same value (reproducible).
+        assert_eq!(plain, BlockHasher::new(7, 4).hash_block(&content(1, &p, None), None, 0));
+    }
+
+    #[test]
+    fn synthetic_prompts_share_blocks_inside_common_prefix_groups_only() {
+        let mk = |groups: Vec<u64>, len| {
+            Prompt::Synthetic(SyntheticPrompt {
+                len,
+                prefix_groups: groups,
+                group_tokens: 8,
+            })
+        };
+        let a = mk(vec![10, 11], 24);
+        let b = mk(vec![10, 12], 24);
+        let mut h = BlockHasher::new(1, 4);
+        let ha = chain(&mut h, &content(1, &a, None), 6);
+        let hb = chain(&mut h, &content(2, &b, None), 6);
+        assert_eq!(ha[..2], hb[..2], "group 10 covers blocks 0 and 1");
+        assert_ne!(ha[2], hb[2], "groups 11 and 12 differ");
+        // Blocks past the groups are unique per request even with equal parents.
+        let c = mk(vec![10, 11], 24);
+        let hc = chain(&mut h, &content(3, &c, None), 6);
+        assert_eq!(ha[..4], hc[..4]);
+        assert_ne!(ha[4], hc[4]);
+    }
+}

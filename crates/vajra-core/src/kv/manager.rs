@@ -1,0 +1,425 @@
+//! The KV-cache manager: prefix lookup, slot allocation and freeing for one request's
+//! [`BlockTable`], with vLLM v1 semantics.
+//!
+//! Token layout of one `allocate_slots` call:
+//!
+//! ```text
+//!  | computed (in table) | new prefix hits | new tokens (this step or reserved) | lookahead |
+//!  0              num_computed       +hits·B                                  total
+//!  blocks needed = ceil(total / B); blocks to take = needed - table - hits
+//! ```
+//!
+//! `allocate_slots` returns `None` when the pool is short (the scheduler preempts or stops
+//! admitting); the watermark applies only to admission. Hit blocks are touched only when the
+//! whole allocation succeeds. `free` drops holders tail-first so the end of a sequence is
+//! evicted before its (more shareable) beginning. Full blocks are cached with
+//! [`KvCacheManager::cache_full_blocks`] once their tokens are scheduled.
+
+use super::hash::{BlockHash, BlockHasher, SeqContent};
+use super::pool::BlockPool;
+use crate::config::CacheConfig;
+use crate::ids::BlockId;
+use serde::Serialize;
+
+/// The KV blocks of one request, in token order, and the hashes of its full blocks.
+#[derive(Debug, Clone, Default)]
+pub struct BlockTable {
+    /// Block ids, block `i` holding tokens `[i·B, (i+1)·B)`.
+    pub blocks: Vec<BlockId>,
+    /// Hashes of full blocks computed so far (valid across preemption: tokens do not change).
+    hashes: Vec<BlockHash>,
+    /// How many leading blocks of `blocks` have been offered to the cache.
+    num_cached: usize,
+}
+
+impl BlockTable {
+    /// Number of blocks held.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+    /// Whether no block is held.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+}
+
+/// What `allocate_slots` should make room for.
+#[derive(Debug, Clone, Copy)]
+pub struct AllocSpec<'a> {
+    /// Tokens already computed and held by the table.
+    pub num_computed: u32,
+    /// Prefix-hit blocks from [`KvCacheManager::get_computed_blocks`] (for a request being
+    /// admitted), appended to the table on success.
+    pub new_computed: &'a [BlockId],
+    /// Tokens that need slots after the computed and hit tokens.
+    pub num_new_tokens: u32,
+    /// Keep the watermark free (admission of a waiting request while others run).
+    pub apply_watermark: bool,
+}
+
+/// Counters of the cache, for stats and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct KvStats {
+    /// Total device blocks.
+    pub num_blocks: u32,
+    /// Blocks with no holder.
+    pub num_free: u32,
+    /// Fraction of blocks held.
+    pub usage: f64,
+    /// Prefix lookups (one per admission).
+    pub prefix_queries: u64,
+    /// Prompt tokens looked up.
+    pub prefix_query_tokens: u64,
+    /// Prompt tokens found in the cache.
+    pub prefix_hit_tokens: u64,
+    /// Cached blocks evicted to make room.
+    pub evictions: u64,
+}
+
+/// Paged KV-cache manager over a [`BlockPool`].
+#[derive(Debug, Clone)]
+pub struct KvCacheManager {
+    pool: BlockPool,
+    block_size: u32,
+    prefix_caching: bool,
+    watermark_blocks: u32,
+    hasher: BlockHasher,
+    stats: KvStats,
+    scratch: Vec<BlockId>,
+}
+
+impl KvCacheManager {
+    /// A manager of `num_blocks` blocks with the given cache settings.
+    pub fn new(cfg: &CacheConfig, num_blocks: u32) -> Self {
+        KvCacheManager {
+            pool: BlockPool::new(num_blocks),
+            block_size: cfg.block_size,
+            prefix_caching: cfg.enable_prefix_caching,
+            watermark_blocks: (cfg.watermark * f64::from(num_blocks)).floor() as u32,
+            hasher: BlockHasher::new(cfg.hash_seed, cfg.block_size),
+            stats: KvStats::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// The underlying pool (read-only).
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Total device blocks.
+    pub fn num_blocks(&self) -> u32 {
+        self.pool.num_blocks()
+    }
+
+    /// Free blocks (including evictable cached ones).
+    pub fn num_free(&self) -> u32 {
+        self.pool.num_free()
+    }
+
+    /// Blocks kept free at admission.
+    pub fn watermark_blocks(&self) -> u32 {
+        self.watermark_blocks
+    }
+
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(&self, tokens: u32) -> u32 {
+        tokens.div_ceil(self.block_size)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> KvStats {
+        KvStats {
+            num_blocks: self.pool.num_blocks(),
+            num_free: self.pool.num_free(),
+            usage: self.pool.usage(),
+            evictions: self.pool.evictions(),
+            ..self.stats
+        }
+    }
+
+    fn ensure_hashes(&mut self, table: &mut BlockTable, seq: &SeqContent<'_>, upto: usize) {
+        while table.hashes.len() < upto {
+            let i = table.hashes.len() as u32;
+            let parent = table.hashes.last().copied();
+            let h = self.hasher.hash_block(seq, parent, i);
+            table.hashes.push(h);
+        }
+    }
+
+    /// The longest run of cached blocks at the start of `seq`, capped so that at least one
+    /// token is left to compute (its logits are needed). Returns the hit blocks (not yet
+    /// touched) and the number of tokens they hold. Does not count statistics (see
+    /// [`Self::record_prefix_query`]).
+    pub fn get_computed_blocks(
+        &mut self,
+        table: &mut BlockTable,
+        seq: &SeqContent<'_>,
+    ) -> (Vec<BlockId>, u32) {
+        if !self.prefix_caching {
+            return (Vec::new(), 0);
+        }
+        let num_tokens = seq.num_tokens();
+        let max_blocks = (num_tokens.saturating_sub(1) / self.block_size) as usize;
+        let mut hits = Vec::new();
+        for i in 0..max_blocks {
+            self.ensure_hashes(table, seq, i + 1);
+            match self.pool.lookup(table.hashes[i]) {
+                Some(b) => hits.push(b),
+                None => break,
+            }
+        }
+        let hit_tokens = hits.len() as u32 * self.block_size;
+        (hits, hit_tokens)
+    }
+
+    /// Counts one prefix query of `num_tokens` tokens that found `hit_tokens` cached (called
+    /// once per successful admission, so retries of a blocked request are not counted twice).
+    pub fn record_prefix_query(&mut self, num_tokens: u32, hit_tokens: u32) {
+        self.stats.prefix_queries += 1;
+        self.stats.prefix_query_tokens += u64::from(num_tokens);
+        self.stats.prefix_hit_tokens += u64::from(hit_tokens);
+    }
+
+    /// Read-only: tokens of `seq` found in the cache (for prefix-affinity routing). Does not
+    /// count as a query and does not touch anything.
+    pub fn cached_prefix_tokens(&mut self, seq: &SeqContent<'_>) -> u32 {
+        if !self.prefix_caching {
+            return 0;
+        }
+        let max_blocks = seq.num_tokens().saturating_sub(1) / self.block_size;
+        let mut parent = None;
+        let mut n = 0;
+        for i in 0..max_blocks {
+            let h = self.hasher.hash_block(seq, parent, i);
+            if self.pool.lookup(h).is_none() {
+                break;
+            }
+            parent = Some(h);
+            n += 1;
+        }
+        n * self.block_size
+    }
+
+    /// Blocks `allocate_slots` would need to take from the free list for `spec` on `table`
+    /// (new blocks plus hit blocks that are currently free).
+    pub fn blocks_needed(&self, table: &BlockTable, spec: &AllocSpec<'_>) -> u32 {
+        let hit_tokens = spec.new_computed.len() as u32 * self.block_size;
+        let total = spec.num_computed.max(hit_tokens) + spec.num_new_tokens;
+        let have = table.blocks.len() as u32 + spec.new_computed.len() as u32;
+        let new = self.blocks_for(total).saturating_sub(have);
+        let free_hits = spec
+            .new_computed
+            .iter()
+            .filter(|&&b| self.pool.ref_count(b) == 0)
+            .count() as u32;
+        new + free_hits
+    }
+
+    /// Makes room in `table` for `spec`. On success returns how many blocks were appended
+    /// (hits and new); on a short pool returns `None` and changes nothing.
+    pub fn allocate_slots(&mut self, table: &mut BlockTable, spec: &AllocSpec<'_>) -> Option<u32> {
+        let hit_tokens = spec.new_computed.len() as u32 * self.block_size;
+        let total = spec.num_computed.max(hit_tokens) + spec.num_new_tokens;
+        let have = table.blocks.len() as u32 + spec.new_computed.len() as u32;
+        let new = self.blocks_for(total).saturating_sub(have);
+        if new == 0 && spec.new_computed.is_empty() {
+            return Some(0);
+        }
+        let needed = self.blocks_needed(table, spec);
+        let reserve = if spec.apply_watermark {
+            self.watermark_blocks
+        } else {
+            0
+        };
+        if needed + reserve > self.pool.num_free() {
+            return None;
+        }
+        self.pool.touch(spec.new_computed);
+        table.blocks.extend_from_slice(spec.new_computed);
+        let ok = self.pool.allocate_into(new, &mut table.blocks);
+        assert!(ok, "free-count check passed but allocation failed");
+        Some(spec.new_computed.len() as u32 + new)
+    }
+
+    /// Offers the full blocks among the first `num_tokens` tokens of `seq` to the prefix cache.
+    pub fn cache_full_blocks(&mut self, table: &mut BlockTable, seq: &SeqContent<'_>, num_tokens: u32) {
+        if !self.prefix_caching {
+            return;
+        }
+        let full = ((num_tokens / self.block_size) as usize).min(table.blocks.len());
+        if full <= table.num_cached {
+            return;
+        }
+        self.ensure_hashes(table, seq, full);
+        for i in table.num_cached..full {
+            self.pool.cache(table.blocks[i], table.hashes[i]);
+        }
+        table.num_cached = full;
+    }
+
+    /// Drops the table's hold on all its blocks, tail first. The blocks stay cached (and
+    /// findable) until reused; the table keeps its hashes for a later re-admission.
+    pub fn free(&mut self, table: &mut BlockTable) {
+        self.scratch.clear();
+        self.scratch.extend(table.blocks.drain(..).rev());
+        self.pool.free(self.scratch.iter().copied());
+        table.num_cached = 0;
+    }
+
+    /// Forgets the prefix cache; only succeeds when no block is held.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.pool.reset_prefix_cache()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::RequestId;
+    use crate::request::Prompt;
+
+    fn mgr(blocks: u32, watermark: f64) -> KvCacheManager {
+        let cfg = CacheConfig {
+            block_size: 4,
+            watermark,
+            ..Default::default()
+        };
+        KvCacheManager::new(&cfg, blocks)
+    }
+
+    fn seq(id: u64, p: &Prompt) -> SeqContent<'_> {
+        SeqContent {
+            request: RequestId(id),
+            prompt: p,
+            output: &[],
+            salt: None,
+        }
+    }
+
+    fn spec(num_computed: u32, hits: &[BlockId], n: u32) -> AllocSpec<'_> {
+        AllocSpec {
+            num_computed,
+            new_computed: hits,
+            num_new_tokens: n,
+            apply_watermark: false,
+        }
+    }
+
+    #[test]
+    fn allocate_slots_takes_ceil_tokens_over_block_size() {
+        let mut m = mgr(10, 0.0);
+        let mut t = BlockTable::default();
+        assert_eq!(m.allocate_slots(&mut t, &spec(0, &[], 9)), Some(3));
+        // Three more tokens fit in the third block's free slots.
+        assert_eq!(m.allocate_slots(&mut t, &spec(9, &[], 3)), Some(0));
+        assert_eq!(m.allocate_slots(&mut t, &spec(12, &[], 1)), Some(1));
+        assert_eq!(m.num_free(), 6);
+    }
+
+    #[test]
+    fn allocate_slots_returns_none_and_changes_nothing_when_short() {
+        let mut m = mgr(2, 0.0);
+        let mut t = BlockTable::default();
+        assert_eq!(m.allocate_slots(&mut t, &spec(0, &[], 9)), None);
+        assert!(t.is_empty());
+        assert_eq!(m.num_free(), 2);
+    }
+
+    #[test]
+    fn watermark_applies_only_when_asked_for() {
+        let mut m = mgr(10, 0.2);
+        let mut t = BlockTable::default();
+        let adm = AllocSpec {
+            apply_watermark: true,
+            ..spec(0, &[], 36)
+        };
+        assert_eq!(m.allocate_slots(&mut t, &adm), None, "9 + 2 reserved > 10");
+        assert_eq!(m.allocate_slots(&mut t, &spec(0, &[], 36)), Some(9));
+    }
+
+    #[test]
+    fn identical_prefixes_return_identical_blocks_and_leave_one_token_to_compute() {
+        let mut m = mgr(16, 0.0);
+        let p = Prompt::Tokens((0..8).collect());
+        let mut a = BlockTable::default();
+        m.allocate_slots(&mut a, &spec(0, &[], 8)).unwrap();
+        m.cache_full_blocks(&mut a, &seq(1, &p), 8);
+        // Same 8-token prompt: only the first block may be a hit (the last token is computed).
+        let mut b = BlockTable::default();
+        let (hits, tokens) = m.get_computed_blocks(&mut b, &seq(2, &p));
+        assert_eq!((hits.clone(), tokens), (vec![a.blocks[0]], 4));
+        m.allocate_slots(&mut b, &spec(0, &hits, 4)).unwrap();
+        assert_eq!(b.blocks[0], a.blocks[0]);
+        assert_eq!(m.pool().ref_count(a.blocks[0]), 2);
+        // A 9-token prompt with the same first 8 tokens hits both blocks.
+        let p9 = Prompt::Tokens((0..9).collect());
+        let mut c = BlockTable::default();
+        let (hits, tokens) = m.get_computed_blocks(&mut c, &seq(3, &p9));
+        assert_eq!((hits, tokens), (a.blocks.clone(), 8));
+        m.record_prefix_query(8, 4);
+        m.record_prefix_query(9, 8);
+        let s = m.stats();
+        assert_eq!((s.prefix_queries, s.prefix_hit_tokens), (2, 12));
+    }
+
+    #[test]
+    fn freed_blocks_stay_findable_until_reused_and_tail_blocks_go_first() {
+        let mut m = mgr(3, 0.0);
+        let p = Prompt::Tokens((0..9).collect());
+        let mut a = BlockTable::default();
+        m.allocate_slots(&mut a, &spec(0, &[], 9)).unwrap();
+        m.cache_full_blocks(&mut a, &seq(1, &p), 9);
+        let first = a.blocks.clone();
+        m.free(&mut a);
+        assert_eq!(m.num_free(), 3);
+        let mut b = BlockTable::default();
+        let (hits, _) = m.get_computed_blocks(&mut b, &seq(2, &p));
+        assert_eq!(hits, first[..2].to_vec());
+        // Taking one fresh block evicts the tail (third, unhashed partial block) first.
+        let mut c = BlockTable::default();
+        m.allocate_slots(&mut c, &spec(0, &[], 1)).unwrap();
+        assert_eq!(c.blocks, vec![first[2]]);
+        let (hits, _) = m.get_computed_blocks(&mut b, &seq(2, &p));
+        assert_eq!(hits.len(), 2, "the cached prefix survived");
+    }
+
+    #[test]
+    fn hit_blocks_that_are_free_count_against_the_pool() {
+        let mut m = mgr(2, 0.0);
+        let p = Prompt::Tokens((0..5).collect());
+        let mut a = BlockTable::default();
+        m.allocate_slots(&mut a, &spec(0, &[], 5)).unwrap();
+        m.cache_full_blocks(&mut a, &seq(1, &p), 5);
+        m.free(&mut a);
+        let mut b = BlockTable::default();
+        let (hits, ht) = m.get_computed_blocks(&mut b, &seq(2, &p));
+        assert_eq!(ht, 4);
+        // 1 hit (free) + 2 new blocks for 5 more tokens = 3 > 2 free.
+        assert_eq!(m.allocate_slots(&mut b, &spec(0, &hits, 5)), None);
+        assert_eq!(m.allocate_slots(&mut b, &spec(0, &hits, 1)), Some(2));
+        m.pool().check_invariants();
+    }
+
+    #[test]
+    fn prefix_caching_off_finds_nothing() {
+        let cfg = CacheConfig {
+            block_size: 4,
+            enable_prefix_caching: false,
+            ..Default::default()
+        };
+        let mut m = KvCacheManager::new(&cfg, 4);
+        let p = Prompt::Tokens((0..9).collect());
+        let mut a = BlockTable::default();
+        m.allocate_slots(&mut a, &spec(0, &[], 9)).unwrap();
+        m.cache_full_blocks(&mut a, &seq(1, &p), 9);
+        let mut b = BlockTable::default();
+        assert_eq!(m.get_computed_blocks(&mut b, &seq(2, &p)).1, 0);
+        assert_eq!(m.cached_prefix_tokens(&seq(2, &p)), 0);
+    }
+}

@@ -1,0 +1,190 @@
+//! Plain, owned data that crosses the seam between the scheduler and an executor.
+//!
+//! [`SchedulerOutput`] says what runs this step: per request the number of tokens, the position
+//! of the first one, the blocks appended to its table and, the first time a request runs after
+//! admission, its full data. [`ModelRunnerOutput`] brings back one optional sampled token per
+//! scheduled request, in the same order. [`RequestEvent`]s tell the caller which tokens were
+//! appended and which requests finished, with their lifecycle timestamps.
+
+use crate::ids::{BlockId, HostBlockId, RequestId, StepId, TenantId};
+use crate::kv::KvStats;
+use crate::request::{FinishReason, Prompt};
+use crate::sampling::SamplingParams;
+use crate::time::Timestamp;
+use serde::Serialize;
+
+/// Data an executor needs the first time it sees a request (or sees it again after it was
+/// preempted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRequestData {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Tokens generated before a preemption (empty for a fresh request).
+    pub output: Vec<u32>,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// The request's whole block table after this step's allocation.
+    pub block_table: Vec<BlockId>,
+    /// Whether this is a request resumed after preemption.
+    pub resumed: bool,
+}
+
+/// One request's share of a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduledRequest {
+    /// The request.
+    pub id: RequestId,
+    /// Tokens computed in this step.
+    pub num_tokens: u32,
+    /// Tokens already computed before this step (the position of the first token, and the
+    /// attention context length the new tokens see).
+    pub num_computed: u32,
+    /// Prompt length (to split prefill and decode tokens).
+    pub prompt_len: u32,
+    /// Whether this step reaches the end of the known tokens, so a token is sampled.
+    pub samples: bool,
+    /// Blocks appended to the request's table in this step.
+    pub new_blocks: Vec<BlockId>,
+    /// Full data, the first time the request runs after (re)admission.
+    pub new: Option<Box<NewRequestData>>,
+    /// Tenant (for accounting and fairness).
+    pub tenant: TenantId,
+    pub(crate) slot: u32,
+}
+
+impl ScheduledRequest {
+    /// Tokens of this step that belong to the prompt (prefill tokens).
+    pub fn prefill_tokens(&self) -> u32 {
+        self.prompt_len
+            .saturating_sub(self.num_computed)
+            .min(self.num_tokens)
+    }
+    /// Tokens of this step past the prompt (decode or recomputed output tokens).
+    pub fn decode_tokens(&self) -> u32 {
+        self.num_tokens - self.prefill_tokens()
+    }
+}
+
+/// What runs in one step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SchedulerOutput {
+    /// Step number.
+    pub step: StepId,
+    /// Requests in batch order.
+    pub scheduled: Vec<ScheduledRequest>,
+    /// Sum of `num_tokens` over `scheduled`.
+    pub num_batched_tokens: u32,
+    /// Requests preempted in this step.
+    pub preempted: Vec<RequestId>,
+    /// Requests that finished or were aborted since the last step (the executor drops them).
+    pub finished: Vec<RequestId>,
+    /// Device blocks to copy to host blocks before the step (swap preemption).
+    pub swap_out: Vec<(BlockId, HostBlockId)>,
+    /// Host blocks to copy to device blocks before the step (swap resume).
+    pub swap_in: Vec<(HostBlockId, BlockId)>,
+}
+
+impl SchedulerOutput {
+    /// Whether nothing runs in this step.
+    pub fn is_empty(&self) -> bool {
+        self.scheduled.is_empty()
+    }
+}
+
+/// A token an executor sampled for one scheduled request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampledToken {
+    /// The token id.
+    pub token: u32,
+    /// The executor decided the request stops here (end-of-sequence token without
+    /// `ignore_eos`, or a stop string matched). Stop token ids and `max_tokens` are checked by
+    /// the scheduler itself.
+    pub stop: bool,
+}
+
+/// What an executor returns for a step: one entry per scheduled request, in batch order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelRunnerOutput {
+    /// `Some` for each request whose step sampled a token (`samples` was set).
+    pub sampled: Vec<Option<SampledToken>>,
+}
+
+impl ModelRunnerOutput {
+    /// An output that samples `token` for every request whose step reaches its end (what a
+    /// simulator's token oracle returns).
+    pub fn uniform(out: &SchedulerOutput, token: u32) -> Self {
+        ModelRunnerOutput {
+            sampled: out
+                .scheduled
+                .iter()
+                .map(|s| s.samples.then_some(SampledToken { token, stop: false }))
+                .collect(),
+        }
+    }
+}
+
+/// The lifecycle of a finished request, in the form both modes' metrics consume.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FinishedRecord {
+    /// The request.
+    pub id: RequestId,
+    /// Why it finished.
+    pub reason: FinishReason,
+    /// Tenant.
+    pub tenant: TenantId,
+    /// Priority.
+    pub priority: i32,
+    /// Arrival.
+    pub arrival: Timestamp,
+    /// Deadline, if any.
+    pub deadline: Option<Timestamp>,
+    /// First time it was scheduled.
+    pub first_scheduled: Option<Timestamp>,
+    /// When its first output token was appended.
+    pub first_token: Option<Timestamp>,
+    /// When it finished.
+    pub finished_at: Timestamp,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Output tokens generated.
+    pub output_tokens: u32,
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub cached_prompt_tokens: u32,
+    /// Times it was preempted.
+    pub num_preemptions: u32,
+}
+
+/// Something that happened to a request in `update_from_output` or `abort`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestEvent {
+    /// A token was appended to the request's output.
+    Token {
+        /// The request.
+        id: RequestId,
+        /// The token id.
+        token: u32,
+        /// Its index in the output (0 for the first token).
+        index: u32,
+    },
+    /// The request finished.
+    Finished(Box<FinishedRecord>),
+}
+
+/// Scheduler counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct SchedulerStats {
+    /// Steps scheduled.
+    pub steps: u64,
+    /// Requests waiting (including swapped ones).
+    pub num_waiting: u32,
+    /// Requests running.
+    pub num_running: u32,
+    /// Requests waiting with their KV on the host.
+    pub num_swapped: u32,
+    /// Preemptions so far.
+    pub num_preemptions: u64,
+    /// Requests finished so far (any reason).
+    pub num_finished: u64,
+    /// KV-cache counters.
+    pub kv: KvStats,
+}
