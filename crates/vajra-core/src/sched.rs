@@ -800,3 +800,6 @@ pub fn check_invariants(s: &Scheduler) {
         "host blocks are conserved"
     );
 }
+
+#[cfg(test)]
+mod tests;
