@@ -159,14 +159,21 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// A replica with `num_blocks` blocks of 16 tokens and a 4,096-token context.
+    /// A replica with `num_blocks` blocks of 16 tokens and a 1,024-token context.
     ///
     /// # Panics
     /// If the config is invalid.
     pub fn new(cfg: SchedulerConfig, num_blocks: u32) -> Self {
-        let cache = CacheConfig::default();
+        Self::with_cache(cfg, &CacheConfig::default(), num_blocks)
+    }
+
+    /// A replica with the given cache settings and a 1,024-token context.
+    ///
+    /// # Panics
+    /// If the config is invalid.
+    pub fn with_cache(cfg: SchedulerConfig, cache: &CacheConfig, num_blocks: u32) -> Self {
         Replica {
-            sched: Scheduler::new(cfg, &cache, num_blocks, 4096).expect("valid config"),
+            sched: Scheduler::new(cfg, cache, num_blocks, 1024).expect("valid config"),
             now: Timestamp::ZERO,
             base: Duration::from_millis(5),
             per_token: Duration::from_micros(20),
