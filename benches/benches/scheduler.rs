@@ -1,1 +1,57 @@
-fn main() {}
+//! `schedule()` + `update_from_output()` for a 256-request decode step, with 1,000 and 10,000
+//! requests waiting behind `max_num_seqs`. Run: `cargo bench -p vajra-benches --bench scheduler`.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+use vajra_benches::{STEPS_PER_FIXTURE, decode_state};
+use vajra_core::config::PolicyConfig;
+use vajra_core::sched::config::{SarathiConfig, VllmV1Config};
+use vajra_core::sched::output::ModelRunnerOutput;
+use vajra_core::time::Timestamp;
+
+fn bench_decode_step(c: &mut Criterion) {
+    let policies = [
+        (
+            "vllm_v1",
+            PolicyConfig::VllmV1(VllmV1Config {
+                max_num_batched_tokens: 8192,
+                ..Default::default()
+            }),
+        ),
+        ("sarathi", PolicyConfig::Sarathi(SarathiConfig::default())),
+    ];
+    let mut g = c.benchmark_group("decode_step_256_running");
+    for (name, policy) in policies {
+        for waiting in [1_000u32, 10_000] {
+            g.bench_function(format!("{name}/waiting_{waiting}"), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    let mut done = 0;
+                    while done < iters {
+                        let mut s = decode_state(policy.clone(), 256, waiting);
+                        let n = (iters - done).min(STEPS_PER_FIXTURE);
+                        let start = Instant::now();
+                        for step in 0..n {
+                            let now = Timestamp(step);
+                            let out = s.schedule(now);
+                            let res = ModelRunnerOutput::uniform(&out, 1);
+                            black_box(s.update_from_output(&out, &res, now));
+                        }
+                        total += start.elapsed();
+                        done += n;
+                    }
+                    total
+                });
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = bench_decode_step
+}
+criterion_main!(benches);

@@ -1,1 +1,47 @@
-//! Benchmark helpers.
+//! Fixtures for Vajra's criterion benchmarks: schedulers in a steady decode state.
+
+use vajra_core::config::{CacheConfig, PolicyConfig, SchedulerConfig};
+use vajra_core::ids::RequestId;
+use vajra_core::request::{Prompt, Request};
+use vajra_core::sched::Scheduler;
+use vajra_core::sched::output::ModelRunnerOutput;
+use vajra_core::time::Timestamp;
+
+/// Steps a decode-state fixture can run before its requests near their end.
+pub const STEPS_PER_FIXTURE: u64 = 8_000;
+
+/// A scheduler with `running` requests decoding (128-token prompts already prefilled) and
+/// `waiting` more queued behind `max_num_seqs = running`.
+///
+/// # Panics
+/// If the fixture's config is invalid (a bug in the fixture).
+pub fn decode_state(policy: PolicyConfig, running: u32, waiting: u32) -> Scheduler {
+    let cfg = SchedulerConfig {
+        max_num_seqs: running,
+        ..SchedulerConfig::new(policy)
+    };
+    let cache = CacheConfig::default();
+    let max_len = 128 + STEPS_PER_FIXTURE as u32 + 64;
+    let blocks = running * max_len.div_ceil(16) + 1024;
+    let mut s = Scheduler::new(cfg, &cache, blocks, max_len).expect("valid fixture");
+    for i in 0..u64::from(running + waiting) {
+        let r = Request::new(
+            RequestId(i),
+            Prompt::synthetic(128),
+            STEPS_PER_FIXTURE as u32 + 32,
+            Timestamp(i),
+        );
+        s.add_request(r, Timestamp(i)).expect("valid request");
+    }
+    // Prefill everything that can run, until every running request decodes one token a step.
+    for _ in 0..64 {
+        let out = s.schedule(Timestamp::ZERO);
+        s.update_from_output(&out, &ModelRunnerOutput::uniform(&out, 1), Timestamp::ZERO);
+        if out.scheduled.iter().all(|e| e.num_tokens == 1)
+            && out.scheduled.len() == running as usize
+        {
+            break;
+        }
+    }
+    s
+}

@@ -8,9 +8,7 @@ use rand::{Rng, SeedableRng};
 use vajra_core::config::{CacheConfig, PolicyConfig, SchedulerConfig};
 use vajra_core::ids::{RequestId, TenantId};
 use vajra_core::request::{Prompt, Request};
-use vajra_core::sched::output::{
-    FinishedRecord, ModelRunnerOutput, RequestEvent, SchedulerOutput,
-};
+use vajra_core::sched::output::{FinishedRecord, ModelRunnerOutput, RequestEvent, SchedulerOutput};
 use vajra_core::sched::{Scheduler, check_invariants};
 use vajra_core::time::{Duration, Timestamp};
 
@@ -68,6 +66,35 @@ pub fn all_policies() -> Vec<PolicyConfig> {
     ]
 }
 
+/// A short label for a policy and its main knob, for tables.
+pub fn describe(p: &PolicyConfig) -> String {
+    use vajra_core::sched::config::AdmissionMode;
+    match p {
+        PolicyConfig::VllmV1(c) if !c.enable_chunked_prefill => {
+            format!("vllm_v1 budget={} no-chunking", c.max_num_batched_tokens)
+        }
+        PolicyConfig::VllmV1(c) if c.long_prefill_token_threshold > 0 => format!(
+            "vllm_v1 budget={} cap={}",
+            c.max_num_batched_tokens, c.long_prefill_token_threshold
+        ),
+        PolicyConfig::VllmV1(c) => format!("vllm_v1 budget={}", c.max_num_batched_tokens),
+        PolicyConfig::Sarathi(c) => match (c.chunk_schedule, c.admission) {
+            (Some(s), _) => format!("sarathi dynamic chunk {}->{}", s.high, s.low),
+            (None, AdmissionMode::Reserve) => format!("sarathi chunk={} reserve", c.chunk_size),
+            (None, AdmissionMode::Incremental) => {
+                format!("sarathi chunk={} incremental", c.chunk_size)
+            }
+        },
+        PolicyConfig::VllmV0(c) if c.padded_budget => {
+            format!("vllm_v0 budget={} padded", c.max_num_batched_tokens)
+        }
+        PolicyConfig::VllmV0(c) => format!("vllm_v0 budget={}", c.max_num_batched_tokens),
+        PolicyConfig::Orca(_) => "orca".into(),
+        PolicyConfig::FasterTransformer(_) => "faster_transformer".into(),
+        PolicyConfig::Lightllm(c) => format!("lightllm budget={}", c.max_num_batched_tokens),
+    }
+}
+
 /// Knobs of a generated workload.
 #[derive(Debug, Clone)]
 pub struct WorkloadSpec {
@@ -106,7 +133,11 @@ impl Default for WorkloadSpec {
 pub fn workload(spec: &WorkloadSpec, seed: u64) -> Vec<Request> {
     let mut rng = StdRng::seed_from_u64(seed);
     let families: Vec<Vec<u32>> = (0..spec.prefix_families)
-        .map(|_| (0..spec.prompt_len.1).map(|_| rng.random_range(0..32_000)).collect())
+        .map(|_| {
+            (0..spec.prompt_len.1)
+                .map(|_| rng.random_range(0..32_000))
+                .collect()
+        })
         .collect();
     let mut t = 0.0f64;
     (0..spec.num_requests)
@@ -126,7 +157,12 @@ pub fn workload(spec: &WorkloadSpec, seed: u64) -> Vec<Request> {
                 Prompt::Tokens(toks)
             };
             let out = rng.random_range(spec.output_len.0..=spec.output_len.1);
-            let mut r = Request::new(RequestId(i as u64), prompt, out, Timestamp::from_secs_f64(t));
+            let mut r = Request::new(
+                RequestId(i as u64),
+                prompt,
+                out,
+                Timestamp::from_secs_f64(t),
+            );
             r.tenant = TenantId(rng.random_range(0..spec.tenants.max(1)));
             r.priority = rng.random_range(0..spec.priorities.max(1));
             r
@@ -152,6 +188,8 @@ pub struct Replica {
     pub steps: u64,
     /// Largest batch seen (requests).
     pub max_batch: usize,
+    /// Sum of batch sizes over steps (requests).
+    pub batched_requests: u64,
     /// Largest number of batched tokens seen.
     pub max_tokens: u32,
     /// Time of every token, per request id (for TBT-style checks).
@@ -181,6 +219,7 @@ impl Replica {
             finished: Vec::new(),
             steps: 0,
             max_batch: 0,
+            batched_requests: 0,
             max_tokens: 0,
             token_times: Vec::new(),
         }
@@ -192,8 +231,10 @@ impl Replica {
         if !out.is_empty() {
             self.steps += 1;
             self.max_batch = self.max_batch.max(out.scheduled.len());
+            self.batched_requests += out.scheduled.len() as u64;
             self.max_tokens = self.max_tokens.max(out.num_batched_tokens);
-            self.now += Duration(self.base.0 + self.per_token.0 * u64::from(out.num_batched_tokens));
+            self.now +=
+                Duration(self.base.0 + self.per_token.0 * u64::from(out.num_batched_tokens));
             let res = ModelRunnerOutput::uniform(&out, 7);
             for ev in self.sched.update_from_output(&out, &res, self.now) {
                 match ev {
@@ -218,7 +259,9 @@ impl Replica {
         let mut pending = requests.into_iter().peekable();
         loop {
             while let Some(r) = pending.next_if(|r| r.arrival <= self.now) {
-                self.sched.add_request(r, self.now).expect("request accepted");
+                self.sched
+                    .add_request(r, self.now)
+                    .expect("request accepted");
             }
             if !self.sched.has_unfinished() {
                 match pending.peek() {

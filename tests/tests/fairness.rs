@@ -27,7 +27,14 @@ const VICTIM_AT: Timestamp = Timestamp(500_000_000);
 /// requests every 20 ms for 4 s, more than the replica can serve (it falls ever further behind).
 fn starvation_run(queue: QueuePolicy, long_prompt: u32, long_priority: i32) -> Vec<FinishedRecord> {
     let mut reqs: Vec<Request> = (0..200)
-        .map(|i| Request::new(RequestId(i), Prompt::synthetic(32), 50, Timestamp(i * 20_000_000)))
+        .map(|i| {
+            Request::new(
+                RequestId(i),
+                Prompt::synthetic(32),
+                50,
+                Timestamp(i * 20_000_000),
+            )
+        })
         .collect();
     let mut long = Request::new(
         RequestId(1000),
@@ -44,7 +51,11 @@ fn starvation_run(queue: QueuePolicy, long_prompt: u32, long_priority: i32) -> V
 }
 
 fn first_scheduled(recs: &[FinishedRecord], id: u64) -> Timestamp {
-    recs.iter().find(|r| r.id.0 == id).unwrap().first_scheduled.unwrap()
+    recs.iter()
+        .find(|r| r.id.0 == id)
+        .unwrap()
+        .first_scheduled
+        .unwrap()
 }
 
 /// Requests (other than the victim) that arrived after `cutoff` but were scheduled before it.
@@ -57,10 +68,18 @@ fn overtakers_after(recs: &[FinishedRecord], victim: u64, cutoff: Timestamp) -> 
 
 #[test]
 fn sjf_without_aging_starves_a_long_prompt_behind_a_stream_of_short_ones() {
-    let recs = starvation_run(QueuePolicy::Sjf { aging_tokens_per_sec: 0.0 }, 900, 0);
+    let recs = starvation_run(
+        QueuePolicy::Sjf {
+            aging_tokens_per_sec: 0.0,
+        },
+        900,
+        0,
+    );
     let t = first_scheduled(&recs, 1000);
     assert!(
-        recs.iter().filter(|r| r.id.0 != 1000).all(|r| r.first_scheduled.unwrap() < t),
+        recs.iter()
+            .filter(|r| r.id.0 != 1000)
+            .all(|r| r.first_scheduled.unwrap() < t),
         "every short request overtakes the long one"
     );
 }
@@ -69,7 +88,13 @@ fn sjf_without_aging_starves_a_long_prompt_behind_a_stream_of_short_ones() {
 fn sjf_with_aging_is_overtaken_only_by_requests_within_the_stated_bound() {
     // L / rate = 900 tokens / 450 tokens/s = 2 s after its arrival.
     let rate = 450.0;
-    let recs = starvation_run(QueuePolicy::Sjf { aging_tokens_per_sec: rate }, 900, 0);
+    let recs = starvation_run(
+        QueuePolicy::Sjf {
+            aging_tokens_per_sec: rate,
+        },
+        900,
+        0,
+    );
     let cutoff = VICTIM_AT + Duration::from_secs_f64(900.0 / rate);
     assert_eq!(overtakers_after(&recs, 1000, cutoff), 0);
     // And it really was overtaken by earlier short requests (aging is not plain FCFS).
@@ -80,7 +105,11 @@ fn sjf_with_aging_is_overtaken_only_by_requests_within_the_stated_bound() {
 fn priority_without_aging_starves_a_low_priority_request() {
     let recs = starvation_run(QueuePolicy::Priority { aging_per_sec: 0.0 }, 32, 10);
     let t = first_scheduled(&recs, 1000);
-    assert!(recs.iter().filter(|r| r.id.0 != 1000).all(|r| r.first_scheduled.unwrap() < t));
+    assert!(
+        recs.iter()
+            .filter(|r| r.id.0 != 1000)
+            .all(|r| r.first_scheduled.unwrap() < t)
+    );
 }
 
 #[test]
@@ -108,16 +137,21 @@ fn two_tenants(queue: QueuePolicy) -> (Vec<FinishedRecord>, f64) {
     // Largest counter gap while both tenants still have requests waiting or running.
     let mut max_gap = 0.0f64;
     let done = |rep: &Replica, t: u32| {
-        rep.finished.iter().filter(|f| f.tenant == TenantId(t)).count()
+        rep.finished
+            .iter()
+            .filter(|f| f.tenant == TenantId(t))
+            .count()
     };
     while rep.sched.has_unfinished() {
         rep.step();
-        if done(&rep, 0) < 400 && done(&rep, 1) < 40 {
-            if let (Some(a), Some(b)) =
-                (rep.sched.vtc_counter(TenantId(0)), rep.sched.vtc_counter(TenantId(1)))
-            {
-                max_gap = max_gap.max((a - b).abs());
-            }
+        if done(&rep, 0) < 400
+            && done(&rep, 1) < 40
+            && let (Some(a), Some(b)) = (
+                rep.sched.vtc_counter(TenantId(0)),
+                rep.sched.vtc_counter(TenantId(1)),
+            )
+        {
+            max_gap = max_gap.max((a - b).abs());
         }
     }
     (rep.finished, max_gap)
@@ -126,23 +160,51 @@ fn two_tenants(queue: QueuePolicy) -> (Vec<FinishedRecord>, f64) {
 #[test]
 fn vtc_serves_two_tenants_with_ten_times_different_demand_within_the_vtc_bound() {
     let (w_in, w_out) = (1.0, 2.0);
-    let (recs, gap) = two_tenants(QueuePolicy::Vtc { input_weight: w_in, output_weight: w_out });
+    let (recs, gap) = two_tenants(QueuePolicy::Vtc {
+        input_weight: w_in,
+        output_weight: w_out,
+    });
     // Bound: service a tenant can still receive from requests admitted while it was behind,
     // 2 × max_num_seqs × (w_in·prompt + w_out·output) (Sheng et al., Thm. 4.4, with a batch of
     // up to max_num_seqs requests in flight).
     let per_request = w_in * 64.0 + w_out * 32.0;
     let bound = 2.0 * 4.0 * per_request;
-    assert!(gap <= bound, "counter gap {gap} exceeds the VTC bound {bound}");
+    assert!(
+        gap <= bound,
+        "counter gap {gap} exceeds the VTC bound {bound}"
+    );
     // Tenant 1's 40 requests finish while tenant 0 has finished about as many, not 400.
-    let last_b = recs.iter().filter(|r| r.tenant == TenantId(1)).map(|r| r.finished_at).max().unwrap();
-    let a_before = recs.iter().filter(|r| r.tenant == TenantId(0) && r.finished_at <= last_b).count();
-    assert!(a_before <= 48, "tenant 0 finished {a_before} before tenant 1 was done");
+    let last_b = recs
+        .iter()
+        .filter(|r| r.tenant == TenantId(1))
+        .map(|r| r.finished_at)
+        .max()
+        .unwrap();
+    let a_before = recs
+        .iter()
+        .filter(|r| r.tenant == TenantId(0) && r.finished_at <= last_b)
+        .count();
+    assert!(
+        a_before <= 48,
+        "tenant 0 finished {a_before} before tenant 1 was done"
+    );
 }
 
 #[test]
 fn fcfs_gives_the_light_tenant_no_protection_which_vtc_fixes() {
     let (recs, _) = two_tenants(QueuePolicy::Fcfs);
-    let last_b = recs.iter().filter(|r| r.tenant == TenantId(1)).map(|r| r.finished_at).max().unwrap();
-    let a_before = recs.iter().filter(|r| r.tenant == TenantId(0) && r.finished_at <= last_b).count();
-    assert_eq!(a_before, 400, "under FCFS the light tenant waits for all 400");
+    let last_b = recs
+        .iter()
+        .filter(|r| r.tenant == TenantId(1))
+        .map(|r| r.finished_at)
+        .max()
+        .unwrap();
+    let a_before = recs
+        .iter()
+        .filter(|r| r.tenant == TenantId(0) && r.finished_at <= last_b)
+        .count();
+    assert_eq!(
+        a_before, 400,
+        "under FCFS the light tenant waits for all 400"
+    );
 }

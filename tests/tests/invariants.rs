@@ -20,9 +20,14 @@ fn queues() -> Vec<QueuePolicy> {
     vec![
         QueuePolicy::Fcfs,
         QueuePolicy::Priority { aging_per_sec: 0.5 },
-        QueuePolicy::Sjf { aging_tokens_per_sec: 200.0 },
+        QueuePolicy::Sjf {
+            aging_tokens_per_sec: 200.0,
+        },
         QueuePolicy::Edf,
-        QueuePolicy::Vtc { input_weight: 1.0, output_weight: 2.0 },
+        QueuePolicy::Vtc {
+            input_weight: 1.0,
+            output_weight: 2.0,
+        },
     ]
 }
 
@@ -82,7 +87,9 @@ fn random_ops(cfg: SchedulerConfig, seed: u64, ops: usize) -> (u64, u64) {
                 );
                 r.priority = rng.random_range(0..3);
                 r.tenant = vajra_core::ids::TenantId(rng.random_range(0..3));
-                r.deadline = rng.random_bool(0.5).then(|| Timestamp(now + rng.random_range(0..1_000_000)));
+                r.deadline = rng
+                    .random_bool(0.5)
+                    .then(|| Timestamp(now + rng.random_range(0..1_000_000)));
                 s.add_request(r, t).unwrap();
                 live.insert(next);
                 next += 1;
@@ -90,7 +97,11 @@ fn random_ops(cfg: SchedulerConfig, seed: u64, ops: usize) -> (u64, u64) {
             30..65 if in_flight.len() < 2 => {
                 let out = s.schedule(t);
                 assert!(out.scheduled.len() <= max_seqs, "max_num_seqs exceeded");
-                assert!(budget_ok(&policy, &out), "token budget exceeded: {}", out.num_batched_tokens);
+                assert!(
+                    budget_ok(&policy, &out),
+                    "token budget exceeded: {}",
+                    out.num_batched_tokens
+                );
                 let total: u32 = out.scheduled.iter().map(|e| e.num_tokens).sum();
                 assert_eq!(total, out.num_batched_tokens);
                 if !out.is_empty() {
@@ -143,7 +154,10 @@ fn block_conservation_budgets_and_caps_hold_over_100k_random_operations() {
         }
     }
     assert!(total_ops >= 100_000);
-    assert!(preemptions > 0, "the pool is small enough to force preemptions");
+    assert!(
+        preemptions > 0,
+        "the pool is small enough to force preemptions"
+    );
 }
 
 #[test]
@@ -169,7 +183,12 @@ fn identical_prefixes_return_identical_blocks_over_random_allocations() {
         let fam = rng.random_range(0..families.len());
         let len = rng.random_range(17..512usize);
         let prompt = Prompt::Tokens(families[fam][..len].to_vec());
-        let seq = SeqContent { request: RequestId(i), prompt: &prompt, output: &[], salt: None };
+        let seq = SeqContent {
+            request: RequestId(i),
+            prompt: &prompt,
+            output: &[],
+            salt: None,
+        };
         let mut t = BlockTable::default();
         let (hits, hit_tokens) = kv.get_computed_blocks(&mut t, &seq);
         // A holder with the same leading full blocks, cached, hands us exactly those blocks (up
@@ -177,7 +196,9 @@ fn identical_prefixes_return_identical_blocks_over_random_allocations() {
         // while the cache already held that content (as in vLLM, they are not de-duplicated).
         let cap = (len - 1) / 16;
         for (p, other) in &held {
-            let (Prompt::Tokens(o), Prompt::Tokens(me)) = (p, &prompt) else { unreachable!() };
+            let (Prompt::Tokens(o), Prompt::Tokens(me)) = (p, &prompt) else {
+                unreachable!()
+            };
             let common = (o.iter().zip(me).take_while(|(a, b)| a == b).count() / 16).min(cap);
             for (i, b) in other.blocks[..common].iter().enumerate() {
                 if kv.pool().hash_of(*b).is_some() {
@@ -186,7 +207,10 @@ fn identical_prefixes_return_identical_blocks_over_random_allocations() {
                 }
             }
         }
-        assert!(hit_tokens < len as u32, "at least one token is left to compute");
+        assert!(
+            hit_tokens < len as u32,
+            "at least one token is left to compute"
+        );
         let spec = AllocSpec {
             num_computed: hit_tokens,
             new_computed: &hits,
@@ -219,17 +243,32 @@ fn every_request_finishes_under_every_policy_queue_and_preemption_mode() {
                     queue: q,
                     preemption: mode,
                 };
-                let cache = CacheConfig { swap_blocks: 64, ..Default::default() };
+                let cache = CacheConfig {
+                    swap_blocks: 64,
+                    ..Default::default()
+                };
                 let mut r = Replica::with_cache(cfg, &cache, 128);
                 r.check = false;
                 let reqs = workload(&spec, i as u64);
                 let expected: Vec<(u64, u32)> =
                     reqs.iter().map(|r| (r.id.0, r.max_tokens())).collect();
-                assert!(r.run(reqs, 200_000), "{} {q:?} {mode:?} did not finish", policy.name());
-                let mut got: Vec<(u64, u32)> =
-                    r.finished.iter().map(|f| (f.id.0, f.output_tokens)).collect();
+                assert!(
+                    r.run(reqs, 200_000),
+                    "{} {q:?} {mode:?} did not finish",
+                    policy.name()
+                );
+                let mut got: Vec<(u64, u32)> = r
+                    .finished
+                    .iter()
+                    .map(|f| (f.id.0, f.output_tokens))
+                    .collect();
                 got.sort();
-                assert_eq!(got, expected, "{} {q:?}: exact output lengths", policy.name());
+                assert_eq!(
+                    got,
+                    expected,
+                    "{} {q:?}: exact output lengths",
+                    policy.name()
+                );
                 assert!(r.finished.iter().all(|f| f.reason == FinishReason::Length));
                 let st = r.sched.stats();
                 assert_eq!(st.kv.num_free, 128, "all blocks returned");
@@ -245,9 +284,15 @@ fn the_same_seed_and_inputs_give_identical_results() {
         let cfg = SchedulerConfig::new(all_policies()[0].clone());
         let mut r = Replica::new(cfg, 96);
         r.check = false;
-        let spec = WorkloadSpec { prefix_families: 2, ..Default::default() };
+        let spec = WorkloadSpec {
+            prefix_families: 2,
+            ..Default::default()
+        };
         assert!(r.run(workload(&spec, 42), 100_000));
-        (format!("{:?}", r.finished), r.sched.stats().kv.prefix_hit_tokens)
+        (
+            format!("{:?}", r.finished),
+            r.sched.stats().kv.prefix_hit_tokens,
+        )
     };
     assert_eq!(run(), run());
 }

@@ -100,7 +100,10 @@ impl ModelConfig {
     pub fn from_hf_config_json(json: &str, name: &str) -> Result<Self> {
         let hf: HfConfig =
             serde_json::from_str(json).map_err(|e| CoreError::ModelConfig(e.to_string()))?;
-        let dtype = hf.torch_dtype.or(hf.dtype).unwrap_or_else(|| "bfloat16".into());
+        let dtype = hf
+            .torch_dtype
+            .or(hf.dtype)
+            .unwrap_or_else(|| "bfloat16".into());
         let dtype_bytes = match dtype.as_str() {
             "float32" => 4,
             "float16" | "bfloat16" => 2,
@@ -118,10 +121,15 @@ impl ModelConfig {
             hf.num_attention_heads,
             "≥ 1",
         )?;
-        let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads);
+        let head_dim = hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads);
         let qwen = hf.model_type.as_deref() == Some("qwen2");
         let cfg = ModelConfig {
-            name: hf.name_or_path.filter(|n| !n.is_empty()).unwrap_or_else(|| name.into()),
+            name: hf
+                .name_or_path
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| name.into()),
             num_layers: hf.num_hidden_layers,
             hidden_size: hf.hidden_size,
             num_heads: hf.num_attention_heads,
@@ -158,7 +166,7 @@ impl ModelConfig {
             ensure(v >= 1, field, v, "an integer ≥ 1")?;
         }
         ensure(
-            self.num_heads % self.num_kv_heads == 0,
+            self.num_heads.is_multiple_of(self.num_kv_heads),
             "model.num_kv_heads",
             self.num_kv_heads,
             &format!("a divisor of num_heads = {}", self.num_heads),
@@ -255,7 +263,12 @@ impl CacheConfig {
             "a number in (0, 1]",
         )?;
         let w = self.watermark;
-        ensure((0.0..1.0).contains(&w), "cache.watermark", w, "a number in [0, 1)")
+        ensure(
+            (0.0..1.0).contains(&w),
+            "cache.watermark",
+            w,
+            "a number in [0, 1)",
+        )
     }
 }
 
@@ -292,7 +305,12 @@ impl ParallelConfig {
             "a power of two from 1 to 64",
         )?;
         let pp = self.pipeline_parallel;
-        ensure((1..=64).contains(&pp), "parallel.pipeline_parallel", pp, "1 to 64")
+        ensure(
+            (1..=64).contains(&pp),
+            "parallel.pipeline_parallel",
+            pp,
+            "1 to 64",
+        )
     }
 
     /// Devices per replica.
@@ -328,26 +346,40 @@ mod tests {
     #[test]
     fn unsupported_dtype_is_named() {
         let json = LLAMA2_7B.replace("float16", "int4");
-        let err = ModelConfig::from_hf_config_json(&json, "x").unwrap_err().to_string();
+        let err = ModelConfig::from_hf_config_json(&json, "x")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("torch_dtype") && err.contains("int4"), "{err}");
     }
 
     #[test]
     fn missing_hf_field_is_named() {
         let json = LLAMA2_7B.replace("\"num_hidden_layers\": 32,", "");
-        let err = ModelConfig::from_hf_config_json(&json, "x").unwrap_err().to_string();
+        let err = ModelConfig::from_hf_config_json(&json, "x")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("num_hidden_layers"), "{err}");
     }
 
     #[test]
     fn cache_config_rejects_a_block_size_that_is_not_a_power_of_two() {
-        let c = CacheConfig { block_size: 12, ..Default::default() };
-        assert!(c.validate().unwrap_err().to_string().contains("cache.block_size"));
+        let c = CacheConfig {
+            block_size: 12,
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cache.block_size")
+        );
     }
 
     #[test]
     fn cache_config_rejects_unknown_toml_fields() {
-        let err = toml::from_str::<CacheConfig>("block_sise = 16").unwrap_err().to_string();
+        let err = toml::from_str::<CacheConfig>("block_sise = 16")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("block_sise"), "{err}");
     }
 }

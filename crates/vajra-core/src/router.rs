@@ -170,7 +170,11 @@ impl Router {
             } => {
                 let least = least_by(loads, ReplicaLoad::outstanding);
                 let min = loads[least].outstanding();
-                let max = loads.iter().map(ReplicaLoad::outstanding).max().unwrap_or(0);
+                let max = loads
+                    .iter()
+                    .map(ReplicaLoad::outstanding)
+                    .max()
+                    .unwrap_or(0);
                 let imbalanced = max - min > balance_abs_threshold
                     && f64::from(max) > balance_rel_threshold * f64::from(min);
                 let best = least_by(loads, |l| {

@@ -81,13 +81,28 @@ impl SamplingParams {
     /// [`crate::CoreError::InvalidField`] naming the first field out of range.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
-        ensure(t.is_finite() && t >= 0.0, "temperature", t, "a finite number ≥ 0")?;
+        ensure(
+            t.is_finite() && t >= 0.0,
+            "temperature",
+            t,
+            "a finite number ≥ 0",
+        )?;
         let p = self.top_p;
         ensure(p > 0.0 && p <= 1.0, "top_p", p, "a number in (0, 1]")?;
-        ensure(self.top_k >= -1, "top_k", self.top_k, "-1 or 0 (off), or an integer ≥ 1")?;
+        ensure(
+            self.top_k >= -1,
+            "top_k",
+            self.top_k,
+            "-1 or 0 (off), or an integer ≥ 1",
+        )?;
         let m = self.min_p;
         ensure((0.0..=1.0).contains(&m), "min_p", m, "a number in [0, 1]")?;
-        ensure(self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer ≥ 1")?;
+        ensure(
+            self.max_tokens >= 1,
+            "max_tokens",
+            self.max_tokens,
+            "an integer ≥ 1",
+        )?;
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
@@ -95,7 +110,12 @@ impl SamplingParams {
             ensure((-2.0..=2.0).contains(&v), name, v, "a number in [-2, 2]")?;
         }
         let r = self.repetition_penalty;
-        ensure(r.is_finite() && r > 0.0, "repetition_penalty", r, "a finite number > 0")?;
+        ensure(
+            r.is_finite() && r > 0.0,
+            "repetition_penalty",
+            r,
+            "a finite number > 0",
+        )?;
         if let Some(n) = self.logprobs {
             ensure(n <= 20, "logprobs", n, "an integer in 0..=20")?;
         }
@@ -127,17 +147,83 @@ mod tests {
     #[test]
     fn each_out_of_range_field_is_named_in_the_error() {
         let cases: Vec<(SamplingParams, &str)> = vec![
-            (SamplingParams { temperature: -0.1, ..Default::default() }, "temperature"),
-            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
-            (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p"),
-            (SamplingParams { top_k: -2, ..Default::default() }, "top_k"),
-            (SamplingParams { min_p: 1.1, ..Default::default() }, "min_p"),
-            (SamplingParams { max_tokens: 0, ..Default::default() }, "max_tokens"),
-            (SamplingParams { presence_penalty: 3.0, ..Default::default() }, "presence_penalty"),
-            (SamplingParams { frequency_penalty: -2.5, ..Default::default() }, "frequency_penalty"),
-            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
-            (SamplingParams { logprobs: Some(21), ..Default::default() }, "logprobs"),
-            (SamplingParams { stop: vec![String::new()], ..Default::default() }, "stop"),
+            (
+                SamplingParams {
+                    temperature: -0.1,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    top_k: -2,
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+            (
+                SamplingParams {
+                    min_p: 1.1,
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    max_tokens: 0,
+                    ..Default::default()
+                },
+                "max_tokens",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: 3.0,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: -2.5,
+                    ..Default::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    logprobs: Some(21),
+                    ..Default::default()
+                },
+                "logprobs",
+            ),
+            (
+                SamplingParams {
+                    stop: vec![String::new()],
+                    ..Default::default()
+                },
+                "stop",
+            ),
         ];
         for (params, field) in cases {
             assert_eq!(field_of(params.validate().unwrap_err()), field);
@@ -147,7 +233,12 @@ mod tests {
     #[test]
     fn top_k_minus_one_zero_and_positive_are_accepted() {
         for k in [-1, 0, 1, 50] {
-            SamplingParams { top_k: k, ..Default::default() }.validate().unwrap();
+            SamplingParams {
+                top_k: k,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap();
         }
     }
 

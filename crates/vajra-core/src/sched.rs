@@ -80,7 +80,9 @@ impl Seq {
         self.num_computed >= self.prompt_len()
     }
     fn remaining_output(&self) -> u32 {
-        self.req.max_tokens().saturating_sub(self.output.len() as u32)
+        self.req
+            .max_tokens()
+            .saturating_sub(self.output.len() as u32)
     }
 }
 
@@ -161,7 +163,12 @@ impl Scheduler {
     ) -> Result<Self> {
         cfg.validate()?;
         cache.validate()?;
-        ensure(num_blocks >= 1, "cache.num_blocks", num_blocks, "an integer ≥ 1")?;
+        ensure(
+            num_blocks >= 1,
+            "cache.num_blocks",
+            num_blocks,
+            "an integer ≥ 1",
+        )?;
         let whole_prompt_budget = match &cfg.policy {
             PolicyConfig::VllmV1(c) if !c.enable_chunked_prefill => Some(c.max_num_batched_tokens),
             PolicyConfig::VllmV0(c) => Some(c.max_num_batched_tokens),
@@ -255,7 +262,9 @@ impl Scheduler {
 
     /// The block table of a live request.
     pub fn block_table(&self, id: RequestId) -> Option<&[crate::ids::BlockId]> {
-        self.index.get(&id).map(|&s| self.seq(s).table.blocks.as_slice())
+        self.index
+            .get(&id)
+            .map(|&s| self.seq(s).table.blocks.as_slice())
     }
 
     /// VTC: a tenant's virtual token counter (None under other queue policies or for a tenant
@@ -364,6 +373,7 @@ impl Scheduler {
     pub fn schedule(&mut self, now: Timestamp) -> SchedulerOutput {
         let mut out = SchedulerOutput {
             step: StepId(self.steps),
+            scheduled: Vec::with_capacity(self.running.len() + 16),
             ..SchedulerOutput::default()
         };
         let max_seqs = self.cfg.max_num_seqs as usize;
@@ -384,6 +394,7 @@ impl Scheduler {
     /// Advances computed tokens, caches newly full blocks and charges tenants.
     fn finish_step(&mut self, out: &mut SchedulerOutput, now: Timestamp) {
         let mut total = 0;
+        let block_size = self.kv.block_size();
         for e in &out.scheduled {
             total += e.num_tokens;
             let seq = self.slots[e.slot as usize]
@@ -393,8 +404,10 @@ impl Scheduler {
             seq.in_flight += 1;
             seq.first_scheduled.get_or_insert(now);
             let upto = seq.num_computed;
-            self.kv
-                .cache_full_blocks(&mut seq.table, &content(&seq.req, &seq.output), upto);
+            if upto / block_size > (upto - e.num_tokens) / block_size {
+                self.kv
+                    .cache_full_blocks(&mut seq.table, &content(&seq.req, &seq.output), upto);
+            }
             self.waiting
                 .charge(e.tenant, e.prefill_tokens(), e.decode_tokens());
         }
@@ -440,7 +453,9 @@ impl Scheduler {
     fn admit(&mut self, spec: AdmitSpec, out: &mut SchedulerOutput) -> Option<u32> {
         let slot = self.waiting.peek()?;
         let others_running = !self.running.is_empty();
-        let seq = self.slots[slot as usize].as_mut().expect("waiting slot is live");
+        let seq = self.slots[slot as usize]
+            .as_mut()
+            .expect("waiting slot is live");
         let swapped = seq.status == RequestStatus::Swapped;
         let (hits, hit_tokens) = if swapped {
             (Vec::new(), 0)
@@ -448,7 +463,11 @@ impl Scheduler {
             self.kv
                 .get_computed_blocks(&mut seq.table, &content(&seq.req, &seq.output))
         };
-        let computed = if swapped { seq.num_computed } else { hit_tokens };
+        let computed = if swapped {
+            seq.num_computed
+        } else {
+            hit_tokens
+        };
         let remaining = seq.num_tokens() - computed;
         if remaining == 0 || (spec.whole && remaining > spec.max_tokens) {
             return None;
@@ -467,17 +486,26 @@ impl Scheduler {
         };
         let appended = self.kv.allocate_slots(&mut seq.table, &alloc)?;
         let popped = self.waiting.pop();
-        assert_eq!(popped, Some(slot), "admitted request must be the queue head");
+        assert_eq!(
+            popped,
+            Some(slot),
+            "admitted request must be the queue head"
+        );
         if swapped {
-            out.swap_in
-                .extend(seq.swapped.iter().copied().zip(seq.table.blocks.iter().copied()));
+            out.swap_in.extend(
+                seq.swapped
+                    .iter()
+                    .copied()
+                    .zip(seq.table.blocks.iter().copied()),
+            );
             self.host.free(&seq.swapped);
             seq.swapped.clear();
             self.num_swapped -= 1;
         } else {
             self.kv.record_prefix_query(seq.num_tokens(), hit_tokens);
             let prompt = seq.prompt_len();
-            seq.cached_prompt_tokens.get_or_insert(hit_tokens.min(prompt));
+            seq.cached_prompt_tokens
+                .get_or_insert(hit_tokens.min(prompt));
         }
         seq.num_computed = computed;
         seq.status = RequestStatus::Running;
@@ -528,7 +556,9 @@ impl Scheduler {
     ) -> Grow {
         loop {
             let slot = self.running[*i];
-            let seq = self.slots[slot as usize].as_mut().expect("running slot is live");
+            let seq = self.slots[slot as usize]
+                .as_mut()
+                .expect("running slot is live");
             let spec = AllocSpec {
                 num_computed: seq.num_computed,
                 new_computed: &[],
@@ -561,7 +591,9 @@ impl Scheduler {
             None => 0,
         };
         let block_size = self.kv.block_size();
-        let seq = self.slots[slot as usize].as_mut().expect("running slot is live");
+        let seq = self.slots[slot as usize]
+            .as_mut()
+            .expect("running slot is live");
         assert_eq!(seq.in_flight, 0, "a request in flight is never preempted");
         let keep = seq.num_computed.div_ceil(block_size);
         let host = match self.cfg.preemption {
@@ -570,8 +602,13 @@ impl Scheduler {
         };
         match host {
             Some(host_blocks) => {
-                out.swap_out
-                    .extend(seq.table.blocks.iter().copied().zip(host_blocks.iter().copied()));
+                out.swap_out.extend(
+                    seq.table
+                        .blocks
+                        .iter()
+                        .copied()
+                        .zip(host_blocks.iter().copied()),
+                );
                 seq.swapped = host_blocks;
                 seq.status = RequestStatus::Swapped;
                 self.num_swapped += 1;
@@ -663,7 +700,9 @@ impl Scheduler {
     }
 
     fn finish(&mut self, slot: u32, reason: FinishReason, now: Timestamp) -> FinishedRecord {
-        let mut seq = self.slots[slot as usize].take().expect("finishing a live slot");
+        let mut seq = self.slots[slot as usize]
+            .take()
+            .expect("finishing a live slot");
         match seq.status {
             RequestStatus::Running => {
                 let pos = self
@@ -753,7 +792,10 @@ pub fn check_invariants(s: &Scheduler) {
         held += seq.table.blocks.len();
         match seq.status {
             RequestStatus::Running => {
-                assert!(seq.queue_key.is_none(), "a running request has no queue key");
+                assert!(
+                    seq.queue_key.is_none(),
+                    "a running request has no queue key"
+                );
                 assert!(
                     seq.table.len() as u32 >= s.kv.blocks_for(seq.num_computed),
                     "a running request holds blocks for its computed tokens"
@@ -761,11 +803,20 @@ pub fn check_invariants(s: &Scheduler) {
             }
             RequestStatus::Waiting => {
                 assert!(seq.table.is_empty(), "a waiting request holds no blocks");
-                assert_eq!(seq.num_computed, 0, "a waiting request has nothing computed");
+                assert_eq!(
+                    seq.num_computed, 0,
+                    "a waiting request has nothing computed"
+                );
             }
             RequestStatus::Swapped => {
-                assert!(seq.table.is_empty(), "a swapped request holds no device blocks");
-                assert!(!seq.swapped.is_empty(), "a swapped request holds host blocks");
+                assert!(
+                    seq.table.is_empty(),
+                    "a swapped request holds no device blocks"
+                );
+                assert!(
+                    !seq.swapped.is_empty(),
+                    "a swapped request holds host blocks"
+                );
             }
             RequestStatus::Finished(_) => panic!("finished requests leave the slab"),
         }
@@ -787,7 +838,11 @@ pub fn check_invariants(s: &Scheduler) {
         .flatten()
         .filter(|q| q.status == RequestStatus::Running)
         .count();
-    assert_eq!(running, s.running.len(), "running list matches running statuses");
+    assert_eq!(
+        running,
+        s.running.len(),
+        "running list matches running statuses"
+    );
     assert_eq!(
         s.index.len(),
         running + s.waiting.len(),

@@ -185,7 +185,10 @@ mod tests {
         let mut other_seed = BlockHasher::new(8, 4);
         assert_ne!(plain, other_seed.hash_block(&content(1, &p, None), None, 0));
         // Same seed, fresh hasher: the same value (reproducible).
-        assert_eq!(plain, BlockHasher::new(7, 4).hash_block(&content(1, &p, None), None, 0));
+        assert_eq!(
+            plain,
+            BlockHasher::new(7, 4).hash_block(&content(1, &p, None), None, 0)
+        );
     }
 
     #[test]

@@ -42,7 +42,10 @@ impl HostBlockPool {
     /// Returns blocks to the pool.
     pub fn free(&mut self, blocks: &[HostBlockId]) {
         self.free.extend_from_slice(blocks);
-        debug_assert!(self.free.len() <= self.total as usize, "host block double free");
+        debug_assert!(
+            self.free.len() <= self.total as usize,
+            "host block double free"
+        );
     }
 }
 

@@ -248,7 +248,12 @@ impl KvCacheManager {
     }
 
     /// Offers the full blocks among the first `num_tokens` tokens of `seq` to the prefix cache.
-    pub fn cache_full_blocks(&mut self, table: &mut BlockTable, seq: &SeqContent<'_>, num_tokens: u32) {
+    pub fn cache_full_blocks(
+        &mut self,
+        table: &mut BlockTable,
+        seq: &SeqContent<'_>,
+        num_tokens: u32,
+    ) {
         if !self.prefix_caching {
             return;
         }

@@ -19,6 +19,28 @@
 use super::hash::BlockHash;
 use crate::ids::BlockId;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Block hashes are already uniformly mixed XXH3 output, so the index hashes them by taking
+/// their low 64 bits instead of running SipHash again.
+#[derive(Debug, Default, Clone, Copy)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().take(8) {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+type HashIndex = HashMap<BlockHash, BlockId, BuildHasherDefault<PassThrough>>;
 
 const NIL: u32 = u32::MAX;
 
@@ -38,7 +60,7 @@ pub struct BlockPool {
     head: u32,
     tail: u32,
     num_free: u32,
-    cached: HashMap<BlockHash, BlockId>,
+    cached: HashIndex,
     evictions: u64,
 }
 
@@ -63,7 +85,7 @@ impl BlockPool {
             head: if num_blocks == 0 { NIL } else { 0 },
             tail: if num_blocks == 0 { NIL } else { num_blocks - 1 },
             num_free: num_blocks,
-            cached: HashMap::new(),
+            cached: HashIndex::default(),
             evictions: 0,
         }
     }
@@ -209,11 +231,21 @@ impl BlockPool {
             assert!(n <= self.num_blocks(), "free list has a cycle");
         }
         assert_eq!(prev, self.tail, "free list tail is wrong");
-        assert_eq!(n, self.num_free, "free count differs from the free list length");
+        assert_eq!(
+            n, self.num_free,
+            "free count differs from the free list length"
+        );
         let zero = self.blocks.iter().filter(|b| b.ref_cnt == 0).count() as u32;
-        assert_eq!(zero, self.num_free, "blocks with count 0 are not all in the free list");
+        assert_eq!(
+            zero, self.num_free,
+            "blocks with count 0 are not all in the free list"
+        );
         for (h, b) in &self.cached {
-            assert_eq!(self.blocks[b.index()].hash, Some(*h), "hash index points to a stale block");
+            assert_eq!(
+                self.blocks[b.index()].hash,
+                Some(*h),
+                "hash index points to a stale block"
+            );
         }
     }
 
@@ -222,7 +254,10 @@ impl BlockPool {
             let b = &mut self.blocks[id as usize];
             debug_assert!(b.in_free_list, "unlinking block {id} that is not free");
             b.in_free_list = false;
-            (std::mem::replace(&mut b.prev, NIL), std::mem::replace(&mut b.next, NIL))
+            (
+                std::mem::replace(&mut b.prev, NIL),
+                std::mem::replace(&mut b.next, NIL),
+            )
         };
         if prev == NIL {
             self.head = next;

@@ -335,7 +335,10 @@ impl QueuePolicy {
             }
             QueuePolicy::Sjf {
                 aging_tokens_per_sec,
-            } => &[("scheduler.queue.aging_tokens_per_sec", *aging_tokens_per_sec)],
+            } => &[(
+                "scheduler.queue.aging_tokens_per_sec",
+                *aging_tokens_per_sec,
+            )],
             QueuePolicy::Vtc {
                 input_weight,
                 output_weight,
@@ -387,7 +390,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        for name in ["vllm_v1", "sarathi", "vllm_v0", "orca", "faster_transformer", "lightllm"] {
+        for name in [
+            "vllm_v1",
+            "sarathi",
+            "vllm_v0",
+            "orca",
+            "faster_transformer",
+            "lightllm",
+        ] {
             let c: SchedulerConfig =
                 toml::from_str(&format!("policy = {{ type = \"{name}\" }}")).unwrap();
             assert_eq!(c.policy.name(), name);
@@ -405,11 +415,9 @@ mod tests {
 
     #[test]
     fn an_unknown_policy_field_is_rejected() {
-        let err = toml::from_str::<SchedulerConfig>(
-            "policy = { type = \"sarathi\", chunk = 5 }",
-        )
-        .unwrap_err()
-        .to_string();
+        let err = toml::from_str::<SchedulerConfig>("policy = { type = \"sarathi\", chunk = 5 }")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("chunk"), "{err}");
     }
 

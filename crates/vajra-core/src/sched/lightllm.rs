@@ -68,7 +68,7 @@ impl Scheduler {
                 (u64::from(q.remaining_output()), u64::from(q.num_tokens()))
             })
             .collect();
-        v.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        v.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
         let mut cum = 0u64;
         for (i, &(r, c)) in v.iter().enumerate() {
             cum += c;

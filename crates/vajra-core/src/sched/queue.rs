@@ -185,7 +185,9 @@ impl WaitingQueue {
             }
             QueuePolicy::Vtc { .. } => {
                 let (tenant, _) = self.vtc_head()?;
-                self.tenants.get_mut(&tenant).and_then(|t| t.queue.pop_front())
+                self.tenants
+                    .get_mut(&tenant)
+                    .and_then(|t| t.queue.pop_front())
             }
         };
         if slot.is_some() {
@@ -231,7 +233,10 @@ impl WaitingQueue {
             if started {
                 t.running += 1;
             } else {
-                t.running = t.running.checked_sub(1).expect("VTC running count underflow");
+                t.running = t
+                    .running
+                    .checked_sub(1)
+                    .expect("VTC running count underflow");
             }
         }
     }

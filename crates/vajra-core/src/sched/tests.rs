@@ -134,7 +134,10 @@ impl Fx {
 }
 
 fn shares(out: &SchedulerOutput) -> Vec<(u64, u32)> {
-    out.scheduled.iter().map(|e| (e.id.0, e.num_tokens)).collect()
+    out.scheduled
+        .iter()
+        .map(|e| (e.id.0, e.num_tokens))
+        .collect()
 }
 
 // ---------------------------------------------------------------- lifecycle and API
@@ -153,23 +156,35 @@ fn a_request_runs_prefill_then_one_decode_per_step_and_finishes_by_length() {
     assert_eq!(f.s.status(id), Some(RequestStatus::Running));
     let out = f.step();
     assert_eq!(shares(&out), vec![(0, 1)]);
-    assert!(out.scheduled[0].new.is_none(), "full data only on the first step");
+    assert!(
+        out.scheduled[0].new.is_none(),
+        "full data only on the first step"
+    );
     let out = f.sched();
     let ev = f.finish(&out);
     let RequestEvent::Finished(rec) = &ev[1] else {
         panic!("{ev:?}")
     };
-    assert_eq!((rec.reason, rec.output_tokens, rec.prompt_tokens), (FinishReason::Length, 3, 10));
+    assert_eq!(
+        (rec.reason, rec.output_tokens, rec.prompt_tokens),
+        (FinishReason::Length, 3, 10)
+    );
     assert!(rec.first_token.unwrap() <= rec.finished_at);
     assert_eq!(f.s.status(id), None);
     assert_eq!(f.s.kv().num_free(), 1000, "blocks are returned at finish");
-    assert_eq!(f.sched().finished, vec![id], "the executor hears about the finish");
+    assert_eq!(
+        f.sched().finished,
+        vec![id],
+        "the executor hears about the finish"
+    );
 }
 
 #[test]
 fn a_stop_token_id_finishes_the_request_with_reason_stop() {
     let mut f = fx(v1(100)).build();
-    f.add_with(Prompt::synthetic(4), 10, |r| r.sampling.stop_token_ids = vec![1]);
+    f.add_with(Prompt::synthetic(4), 10, |r| {
+        r.sampling.stop_token_ids = vec![1]
+    });
     f.step();
     assert_eq!(f.s.stats().num_finished, 1);
 }
@@ -180,7 +195,10 @@ fn an_executor_stop_finishes_the_request_with_reason_stop() {
     f.add(4, 10);
     let out = f.sched();
     let res = ModelRunnerOutput {
-        sampled: vec![Some(SampledToken { token: 9, stop: true })],
+        sampled: vec![Some(SampledToken {
+            token: 9,
+            stop: true,
+        })],
     };
     let ev = f.s.update_from_output(&out, &res, f.now);
     assert!(matches!(&ev[1], RequestEvent::Finished(r) if r.reason == FinishReason::Stop));
@@ -206,10 +224,15 @@ fn abort_frees_the_blocks_of_a_running_request_and_its_late_result_is_ignored() 
 fn abort_removes_a_waiting_request_from_every_queue_order() {
     for q in [
         QueuePolicy::Fcfs,
-        QueuePolicy::Sjf { aging_tokens_per_sec: 1.0 },
+        QueuePolicy::Sjf {
+            aging_tokens_per_sec: 1.0,
+        },
         QueuePolicy::Priority { aging_per_sec: 0.0 },
         QueuePolicy::Edf,
-        QueuePolicy::Vtc { input_weight: 1.0, output_weight: 2.0 },
+        QueuePolicy::Vtc {
+            input_weight: 1.0,
+            output_weight: 2.0,
+        },
     ] {
         let mut f = fx(v1(100)).queue(q).build();
         let a = f.add(10, 2);
@@ -241,11 +264,18 @@ fn configs_that_could_never_schedule_a_valid_request_are_rejected() {
         max_num_batched_tokens: 2048,
         padded_budget: false,
     }));
-    let err = Scheduler::new(v0, &cache, 100, 4096).unwrap_err().to_string();
-    assert!(err.contains("max_num_batched_tokens") && err.contains("4096"), "{err}");
+    let err = Scheduler::new(v0, &cache, 100, 4096)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("max_num_batched_tokens") && err.contains("4096"),
+        "{err}"
+    );
     let mut swap = SchedulerConfig::new(v1(64));
     swap.preemption = PreemptionMode::Swap;
-    let err = Scheduler::new(swap, &cache, 100, 4096).unwrap_err().to_string();
+    let err = Scheduler::new(swap, &cache, 100, 4096)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("cache.swap_blocks"), "{err}");
 }
 
@@ -317,7 +347,11 @@ fn vllm_v1_preempts_the_newest_running_request_when_blocks_run_out() {
     assert_eq!(out.preempted, vec![b]);
     assert_eq!(shares(&out), vec![(a.0, 1)]);
     assert_eq!(f.s.status(b), Some(RequestStatus::Waiting));
-    assert_eq!(f.s.num_computed_tokens(b), Some(0), "recompute drops computed tokens");
+    assert_eq!(
+        f.s.num_computed_tokens(b),
+        Some(0),
+        "recompute drops computed tokens"
+    );
     assert_eq!(f.s.stats().num_preemptions, 1);
 }
 
@@ -467,7 +501,10 @@ fn a_request_in_flight_is_not_scheduled_again_nor_preempted() {
     // Whatever ran, nothing in flight may appear as preempted in a later step.
     let b = f.sched();
     for id in &b.preempted {
-        assert!(!a.scheduled.iter().any(|e| e.id == *id), "preempted an in-flight request");
+        assert!(
+            !a.scheduled.iter().any(|e| e.id == *id),
+            "preempted an in-flight request"
+        );
     }
     f.finish(&a);
     f.finish(&b);
@@ -623,7 +660,11 @@ fn lightllm_prefills_when_idle_or_after_max_waiting_iters() {
     f.add(4, 10);
     assert_eq!(shares(&f.step()), vec![(0, 1)]);
     assert_eq!(shares(&f.step()), vec![(0, 1)]);
-    assert_eq!(shares(&f.step()), vec![(1, 4)], "after two decode-only steps");
+    assert_eq!(
+        shares(&f.step()),
+        vec![(1, 4)],
+        "after two decode-only steps"
+    );
 }
 
 #[test]
