@@ -741,9 +741,9 @@ impl Scheduler {
         }
     }
 
-    /// Schedules every running request's next tokens (capped by `cap(seq)`; 0 skips it),
-    /// growing allocations and preempting as needed, in running order. Returns the tokens
-    /// scheduled.
+    /// Schedules every running request's next tokens (capped by `cap(seq, budget)`; 0 skips
+    /// it), growing allocations and preempting as needed, in running order. `budget` falls by
+    /// the tokens scheduled and rises by the shares of victims preempted after being scheduled.
     fn run_running(
         &mut self,
         out: &mut SchedulerOutput,
