@@ -543,6 +543,22 @@ impl Scheduler {
         }
     }
 
+    /// Under the priority queue only: preempts the lowest-priority running request (not in
+    /// flight) if its priority value is strictly larger than the waiting head's, to make room
+    /// for the head. Returns the tokens it had been given in this step, or `None` when there is
+    /// no such victim.
+    fn preempt_for_waiting_head(&mut self, out: &mut SchedulerOutput) -> Option<u32> {
+        let QueuePolicy::Priority { .. } = self.cfg.queue else {
+            return None;
+        };
+        let head = self.seq(self.waiting.peek()?).req.priority;
+        let v = self.pick_victim()?;
+        if self.seq(self.running[v]).req.priority <= head {
+            return None;
+        }
+        Some(self.preempt(v, out))
+    }
+
     /// Grows `running[*i]` by `num_new` token slots, preempting victims until it fits. Victims
     /// already scheduled this step lose their share; the tokens they gave back are added to
     /// `refund`. `*i` is kept pointing at the same request (or, if it was preempted, at the

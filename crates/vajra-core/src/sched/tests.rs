@@ -388,6 +388,32 @@ fn vllm_v1_under_priority_preempts_the_lowest_priority_request() {
 }
 
 #[test]
+fn a_waiting_high_priority_request_preempts_a_running_lower_priority_one_for_blocks() {
+    for (queue, preempts) in [
+        (QueuePolicy::Priority { aging_per_sec: 0.0 }, true),
+        (QueuePolicy::Fcfs, false),
+    ] {
+        let mut f = fx(v1(100)).blocks(4).queue(queue).build();
+        let low = f.add_with(Prompt::synthetic(12), 4, |r| r.priority = 5);
+        f.step(); // 12 tokens in 3 blocks
+        f.step(); // 13th token takes the fourth block: the pool is full
+        let high = f.add_with(Prompt::synthetic(8), 4, |r| r.priority = 0);
+        let out = f.step();
+        if preempts {
+            assert_eq!(out.preempted, vec![low]);
+            assert_eq!(
+                shares(&out),
+                vec![(high.0, 8)],
+                "low lost its share this step"
+            );
+        } else {
+            assert!(out.preempted.is_empty());
+            assert_eq!(shares(&out), vec![(low.0, 1)]);
+        }
+    }
+}
+
+#[test]
 fn a_request_preempted_after_it_was_scheduled_in_the_same_step_loses_its_share() {
     // Priority queue: the victim (larger priority value) is first in running order, so it is
     // already scheduled when the later request runs out of blocks.

@@ -2,7 +2,10 @@
 //! then waiting ones, all under `max_num_batched_tokens`; a per-request cap
 //! (`long_prefill_token_threshold`); recompute or swap preemption of the newest running request
 //! (or the lowest priority under the priority queue) when blocks run out; no admission in a
-//! step that preempted; head-of-line blocking when the queue head does not fit.
+//! step that preempted; head-of-line blocking when the queue head does not fit. Under the
+//! priority queue a waiting request that does not fit for lack of blocks may also preempt a
+//! running request of strictly lower priority (as SGLang's priority preemption; vLLM v1 only
+//! preempts for running requests).
 
 use super::config::VllmV1Config;
 use super::output::SchedulerOutput;
@@ -30,8 +33,17 @@ impl Scheduler {
                 whole: !c.enable_chunked_prefill,
                 reserve: Reserve::Scheduled,
             };
-            match self.admit(spec, out) {
-                Some(n) => budget -= n,
+            if let Some(n) = self.admit(spec, out) {
+                budget -= n;
+                continue;
+            }
+            let head = self.waiting.peek().map(|s| self.seq(s).remaining());
+            let short_of_budget = !c.enable_chunked_prefill && head.is_some_and(|r| r > budget);
+            if short_of_budget {
+                break;
+            }
+            match self.preempt_for_waiting_head(out) {
+                Some(refund) => budget += refund,
                 None => break,
             }
         }
