@@ -157,6 +157,19 @@ fn two_tenants(queue: QueuePolicy) -> (Vec<FinishedRecord>, f64) {
     (rep.finished, max_gap)
 }
 
+/// Requests of the heavy tenant 0 finished by the time the light tenant 1's last one finished.
+fn heavy_done_when_light_done(recs: &[FinishedRecord]) -> usize {
+    let last_light = recs
+        .iter()
+        .filter(|r| r.tenant == TenantId(1))
+        .map(|r| r.finished_at)
+        .max()
+        .expect("the light tenant finished requests");
+    recs.iter()
+        .filter(|r| r.tenant == TenantId(0) && r.finished_at <= last_light)
+        .count()
+}
+
 #[test]
 fn vtc_serves_two_tenants_with_ten_times_different_demand_within_the_vtc_bound() {
     let (w_in, w_out) = (1.0, 2.0);
@@ -174,16 +187,7 @@ fn vtc_serves_two_tenants_with_ten_times_different_demand_within_the_vtc_bound()
         "counter gap {gap} exceeds the VTC bound {bound}"
     );
     // Tenant 1's 40 requests finish while tenant 0 has finished about as many, not 400.
-    let last_b = recs
-        .iter()
-        .filter(|r| r.tenant == TenantId(1))
-        .map(|r| r.finished_at)
-        .max()
-        .unwrap();
-    let a_before = recs
-        .iter()
-        .filter(|r| r.tenant == TenantId(0) && r.finished_at <= last_b)
-        .count();
+    let a_before = heavy_done_when_light_done(&recs);
     assert!(
         a_before <= 48,
         "tenant 0 finished {a_before} before tenant 1 was done"
@@ -193,16 +197,7 @@ fn vtc_serves_two_tenants_with_ten_times_different_demand_within_the_vtc_bound()
 #[test]
 fn fcfs_gives_the_light_tenant_no_protection_which_vtc_fixes() {
     let (recs, _) = two_tenants(QueuePolicy::Fcfs);
-    let last_b = recs
-        .iter()
-        .filter(|r| r.tenant == TenantId(1))
-        .map(|r| r.finished_at)
-        .max()
-        .unwrap();
-    let a_before = recs
-        .iter()
-        .filter(|r| r.tenant == TenantId(0) && r.finished_at <= last_b)
-        .count();
+    let a_before = heavy_done_when_light_done(&recs);
     assert_eq!(
         a_before, 400,
         "under FCFS the light tenant waits for all 400"

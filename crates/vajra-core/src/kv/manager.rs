@@ -209,29 +209,33 @@ impl KvCacheManager {
     /// Blocks `allocate_slots` would need to take from the free list for `spec` on `table`
     /// (new blocks plus hit blocks that are currently free).
     pub fn blocks_needed(&self, table: &BlockTable, spec: &AllocSpec<'_>) -> u32 {
+        self.new_blocks(table, spec) + self.free_hits(spec)
+    }
+
+    /// Fresh blocks `spec` needs beyond the table and its hit blocks.
+    fn new_blocks(&self, table: &BlockTable, spec: &AllocSpec<'_>) -> u32 {
         let hit_tokens = spec.new_computed.len() as u32 * self.block_size;
         let total = spec.num_computed.max(hit_tokens) + spec.num_new_tokens;
         let have = table.blocks.len() as u32 + spec.new_computed.len() as u32;
-        let new = self.blocks_for(total).saturating_sub(have);
-        let free_hits = spec
-            .new_computed
+        self.blocks_for(total).saturating_sub(have)
+    }
+
+    /// Hit blocks that currently sit in the free list (touching them takes them out).
+    fn free_hits(&self, spec: &AllocSpec<'_>) -> u32 {
+        spec.new_computed
             .iter()
             .filter(|&&b| self.pool.ref_count(b) == 0)
-            .count() as u32;
-        new + free_hits
+            .count() as u32
     }
 
     /// Makes room in `table` for `spec`. On success returns how many blocks were appended
     /// (hits and new); on a short pool returns `None` and changes nothing.
     pub fn allocate_slots(&mut self, table: &mut BlockTable, spec: &AllocSpec<'_>) -> Option<u32> {
-        let hit_tokens = spec.new_computed.len() as u32 * self.block_size;
-        let total = spec.num_computed.max(hit_tokens) + spec.num_new_tokens;
-        let have = table.blocks.len() as u32 + spec.new_computed.len() as u32;
-        let new = self.blocks_for(total).saturating_sub(have);
+        let new = self.new_blocks(table, spec);
         if new == 0 && spec.new_computed.is_empty() {
             return Some(0);
         }
-        let needed = self.blocks_needed(table, spec);
+        let needed = new + self.free_hits(spec);
         let reserve = if spec.apply_watermark {
             self.watermark_blocks
         } else {
