@@ -1,0 +1,1 @@
+//! vajra-sim

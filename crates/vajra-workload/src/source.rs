@@ -1,0 +1,508 @@
+//! The request source a simulator (or benchmark client) pulls from, in arrival order.
+//!
+//! Open-loop sources (synthetic arrivals, trace replay) know every arrival time in advance and
+//! generate requests lazily, one ahead, so a million-request run never holds its whole
+//! workload in memory. A closed-loop source issues a client's next request only after
+//! [`RequestSource::on_finished`] reports its previous one done.
+//!
+//! Random streams (all derived from the root seed): `workload.arrival`, `workload.lengths`,
+//! `workload.tenant`, `workload.prefix`, `workload.think`. Each request draws from each stream
+//! a fixed number of times whatever its outcome, so changing one knob (say, the prefix
+//! fraction) does not reshuffle the others.
+
+use crate::arrival::ArrivalProcess;
+use crate::config::{ArrivalConfig, PrefixConfig, ThinkTime, TraceReplayConfig, WorkloadConfig};
+use crate::derive_seed;
+use crate::error::{Result, WorkloadError};
+use crate::length::{LengthSampler, clip, scale_len};
+use crate::trace::{TraceRow, read_trace, resolve};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Exp, Zipf};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::path::Path;
+use vajra_core::ids::{RequestId, TenantId};
+use vajra_core::request::{Prompt, Request, SyntheticPrompt};
+use vajra_core::time::{Duration, Timestamp};
+
+enum Mode {
+    Open {
+        process: ArrivalProcess,
+        t: f64,
+    },
+    Replay {
+        rows: Vec<TraceRow>,
+        cursor: usize,
+        hash_block_tokens: u32,
+    },
+    Closed {
+        think: Option<Exp<f64>>,
+        think_s: f64,
+        ready: BinaryHeap<Reverse<(Timestamp, u32)>>,
+        client_of: HashMap<RequestId, u32>,
+    },
+}
+
+struct Tenant {
+    cumulative_weight: f64,
+    priority: i32,
+    slo_class: Option<u32>,
+    deadline: Option<Duration>,
+    lengths: usize,
+}
+
+/// Requests in arrival order.
+pub struct RequestSource {
+    mode: Mode,
+    samplers: Vec<LengthSampler>,
+    tenants: Vec<Tenant>,
+    prefix: Option<(PrefixConfig, Option<Zipf<f64>>)>,
+    max_tokens: u32,
+    limit: Option<u64>,
+    end: Option<Timestamp>,
+    issued: u64,
+    next: Option<Request>,
+    rng_arrival: StdRng,
+    rng_lengths: StdRng,
+    rng_tenant: StdRng,
+    rng_prefix: StdRng,
+    rng_think: StdRng,
+}
+
+impl std::fmt::Debug for RequestSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestSource")
+            .field("issued", &self.issued)
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestSource {
+    /// A source for `cfg` (validated here), seeded from `seed`. Relative trace paths resolve
+    /// against `base`; prompt + output are clipped to `max_tokens` unless the workload sets a
+    /// smaller `max_tokens`.
+    ///
+    /// # Errors
+    /// An invalid config or an unreadable trace.
+    pub fn new(cfg: &WorkloadConfig, seed: u64, base: &Path, max_tokens: u32) -> Result<Self> {
+        cfg.validate()?;
+        let mut samplers = Vec::new();
+        if let Some(l) = &cfg.lengths {
+            samplers.push(LengthSampler::new(l, base)?);
+        }
+        let mut tenants = Vec::new();
+        let mut acc = 0.0;
+        for t in &cfg.tenants {
+            acc += t.weight;
+            let lengths = match &t.lengths {
+                Some(l) => {
+                    samplers.push(LengthSampler::new(l, base)?);
+                    samplers.len() - 1
+                }
+                None => 0,
+            };
+            tenants.push(Tenant {
+                cumulative_weight: acc,
+                priority: t.priority,
+                slo_class: t.slo_class,
+                deadline: t.deadline_s.or(cfg.deadline_s).map(Duration::from_secs_f64),
+                lengths,
+            });
+        }
+        if tenants.is_empty() {
+            tenants.push(Tenant {
+                cumulative_weight: 1.0,
+                priority: 0,
+                slo_class: None,
+                deadline: cfg.deadline_s.map(Duration::from_secs_f64),
+                lengths: 0,
+            });
+        }
+        let mut limit = cfg.num_requests;
+        let mode = match &cfg.arrival {
+            ArrivalConfig::Trace(t) => {
+                let rows = replay_rows(t, base)?;
+                limit = Some(limit.map_or(rows.len() as u64, |n| n.min(rows.len() as u64)));
+                Mode::Replay {
+                    rows,
+                    cursor: 0,
+                    hash_block_tokens: t.hash_block_tokens,
+                }
+            }
+            ArrivalConfig::ClosedLoop {
+                clients,
+                think_time_s,
+                think,
+            } => Mode::Closed {
+                think: match think {
+                    ThinkTime::Exponential if *think_time_s > 0.0 => {
+                        Some(Exp::new(1.0 / think_time_s).expect("validated think time"))
+                    }
+                    _ => None,
+                },
+                think_s: *think_time_s,
+                ready: (0..*clients)
+                    .map(|c| Reverse((Timestamp::ZERO, c)))
+                    .collect(),
+                client_of: HashMap::new(),
+            },
+            other => Mode::Open {
+                process: ArrivalProcess::new(other).expect("open-loop arrival"),
+                t: 0.0,
+            },
+        };
+        let prefix = cfg.prefix.map(|p| {
+            let z = (p.theta > 0.0 && p.groups > 1)
+                .then(|| Zipf::new(f64::from(p.groups), p.theta).expect("validated prefix zipf"));
+            (p, z)
+        });
+        let mut s = RequestSource {
+            mode,
+            samplers,
+            tenants,
+            prefix,
+            max_tokens: cfg.max_tokens.map_or(max_tokens, |m| m.min(max_tokens)),
+            limit,
+            end: cfg.duration_s.map(Timestamp::from_secs_f64),
+            issued: 0,
+            next: None,
+            rng_arrival: StdRng::seed_from_u64(derive_seed(seed, "workload.arrival")),
+            rng_lengths: StdRng::seed_from_u64(derive_seed(seed, "workload.lengths")),
+            rng_tenant: StdRng::seed_from_u64(derive_seed(seed, "workload.tenant")),
+            rng_prefix: StdRng::seed_from_u64(derive_seed(seed, "workload.prefix")),
+            rng_think: StdRng::seed_from_u64(derive_seed(seed, "workload.think")),
+        };
+        s.refill();
+        Ok(s)
+    }
+
+    /// Arrival time of the next request, if it is known now (a closed loop whose clients are
+    /// all busy has none until a completion).
+    pub fn peek_time(&self) -> Option<Timestamp> {
+        self.next.as_ref().map(|r| r.arrival)
+    }
+
+    /// The next request in arrival order.
+    pub fn pop(&mut self) -> Option<Request> {
+        let r = self.next.take();
+        if r.is_some() {
+            self.refill();
+        }
+        r
+    }
+
+    /// Requests issued so far.
+    pub fn issued(&self) -> u64 {
+        self.issued - u64::from(self.next.is_some())
+    }
+
+    /// Tells a closed-loop source that request `id` completed at `now`: its client sends the
+    /// next one after its think time. A no-op for open-loop sources.
+    pub fn on_finished(&mut self, id: RequestId, now: Timestamp) {
+        if let Mode::Closed {
+            think,
+            think_s,
+            ready,
+            client_of,
+        } = &mut self.mode
+            && let Some(c) = client_of.remove(&id)
+        {
+            let gap = match think {
+                Some(d) => d.sample(&mut self.rng_think),
+                None => *think_s,
+            };
+            ready.push(Reverse((now + Duration::from_secs_f64(gap), c)));
+            if self.next.is_none() {
+                self.refill();
+            }
+        }
+    }
+
+    /// Whether no request will ever come again.
+    pub fn is_exhausted(&self) -> bool {
+        self.next.is_none()
+            && match &self.mode {
+                Mode::Closed { client_of, .. } => {
+                    client_of.is_empty() || self.limit.is_some_and(|l| self.issued >= l)
+                }
+                _ => true,
+            }
+    }
+
+    fn refill(&mut self) {
+        debug_assert!(self.next.is_none());
+        if self.limit.is_some_and(|l| self.issued >= l) {
+            return;
+        }
+        let id = RequestId(self.issued);
+        let (arrival, lengths, hash) = match &mut self.mode {
+            Mode::Open { process, t } => {
+                *t += process.gap(self.issued, &mut self.rng_arrival);
+                (Timestamp::from_secs_f64(*t), None, None)
+            }
+            Mode::Replay {
+                rows,
+                cursor,
+                hash_block_tokens,
+            } => {
+                let Some(r) = rows.get(*cursor) else { return };
+                *cursor += 1;
+                let hash = (!r.hash_ids.is_empty()).then(|| {
+                    (
+                        std::mem::take(&mut rows[*cursor - 1].hash_ids),
+                        *hash_block_tokens,
+                    )
+                });
+                let r = &rows[*cursor - 1];
+                (
+                    Timestamp::from_secs_f64(r.arrival_s.unwrap_or(0.0)),
+                    Some((r.prompt, r.output)),
+                    hash,
+                )
+            }
+            Mode::Closed {
+                ready, client_of, ..
+            } => {
+                let Some(Reverse((t, c))) = ready.pop() else {
+                    return;
+                };
+                client_of.insert(id, c);
+                (t, None, None)
+            }
+        };
+        if self.end.is_some_and(|e| arrival > e) {
+            return;
+        }
+        // Fixed draw counts per request and stream (see the module docs).
+        let tenant_u: f64 = self.rng_tenant.random();
+        let total_w = self.tenants.last().map_or(1.0, |t| t.cumulative_weight);
+        let ti = self
+            .tenants
+            .iter()
+            .position(|t| tenant_u * total_w < t.cumulative_weight)
+            .unwrap_or(self.tenants.len() - 1);
+        let tenant = &self.tenants[ti];
+        let (mut prompt, output) =
+            lengths.unwrap_or_else(|| self.samplers[tenant.lengths].sample(&mut self.rng_lengths));
+        let prefix_u: f64 = self.rng_prefix.random();
+        let prefix_g: u64 = match &self.prefix {
+            Some((p, z)) => match z {
+                Some(z) => z.sample(&mut self.rng_prefix) as u64 - 1,
+                None => self.rng_prefix.random_range(0..u64::from(p.groups)),
+            },
+            None => 0,
+        };
+        let mut groups = Vec::new();
+        let mut group_tokens = 0;
+        if let Some((p, _)) = &self.prefix
+            && prefix_u < p.fraction
+        {
+            prompt = prompt.max(p.tokens);
+            groups.push(prefix_g);
+            group_tokens = p.tokens;
+        }
+        if let Some((ids, gt)) = hash {
+            groups = ids;
+            group_tokens = gt;
+        }
+        let (prompt, output) = clip(prompt, output, self.max_tokens);
+        let mut req = Request::new(
+            id,
+            Prompt::Synthetic(SyntheticPrompt {
+                len: prompt,
+                prefix_groups: groups,
+                group_tokens,
+            }),
+            output,
+            arrival,
+        );
+        req.tenant = TenantId(ti as u32);
+        req.priority = tenant.priority;
+        req.slo_class = tenant.slo_class;
+        req.deadline = tenant.deadline.map(|d| arrival + d);
+        req.sampling.ignore_eos = true;
+        self.issued += 1;
+        self.next = Some(req);
+    }
+}
+
+fn replay_rows(t: &TraceReplayConfig, base: &Path) -> Result<Vec<TraceRow>> {
+    let path = resolve(base, &t.path);
+    let rows = read_trace(&path, t.format, true)?;
+    let start = t.start_s.unwrap_or(f64::NEG_INFINITY);
+    let end = t.end_s.unwrap_or(f64::INFINITY);
+    let mut kept: Vec<TraceRow> = rows
+        .into_iter()
+        .filter(|r| {
+            let a = r.arrival_s.unwrap_or(0.0);
+            a >= start && a < end
+        })
+        .collect();
+    let Some(t0) = kept.first().and_then(|r| r.arrival_s) else {
+        return Err(WorkloadError::EmptyTrace {
+            path,
+            message: format!(
+                "no rows in the window start_s = {:?}, end_s = {:?}",
+                t.start_s, t.end_s
+            ),
+        });
+    };
+    for r in &mut kept {
+        r.arrival_s = r.arrival_s.map(|a| (a - t0) * t.time_scale);
+        r.prompt = scale_len(r.prompt, t.prefill_scale);
+        r.output = scale_len(r.output, t.decode_scale);
+    }
+    Ok(kept)
+}
+
+/// Every request of an open-loop workload (tests, trace generation). Closed loops return
+/// only the first round (one request per client).
+///
+/// # Errors
+/// As [`RequestSource::new`].
+pub fn collect(
+    cfg: &WorkloadConfig,
+    seed: u64,
+    base: &Path,
+    max_tokens: u32,
+) -> Result<Vec<Request>> {
+    let mut s = RequestSource::new(cfg, seed, base, max_tokens)?;
+    let mut out = Vec::new();
+    while let Some(r) = s.pop() {
+        out.push(r);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(s: &str) -> WorkloadConfig {
+        toml::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn same_seed_same_requests_and_another_seed_differs() {
+        let c = cfg(r#"num_requests = 50
+            arrival = { type = "poisson", qps = 5.0 }
+            lengths = { type = "independent", prompt = { type = "uniform", min = 1, max = 900 }, output = { type = "zipf", min = 1, max = 50, theta = 1.1 } }"#);
+        let a = collect(&c, 1, Path::new("."), 4096).unwrap();
+        let b = collect(&c, 1, Path::new("."), 4096).unwrap();
+        let d = collect(&c, 2, Path::new("."), 4096).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, d);
+        assert_eq!(a.len(), 50);
+        assert!(a.windows(2).all(|w| w[0].arrival <= w[1].arrival));
+    }
+
+    #[test]
+    fn duration_stops_issuing() {
+        let c = cfg(r#"duration_s = 10.0
+            arrival = { type = "constant", qps = 2.0 }
+            lengths = { type = "fixed", prompt = 5, output = 5 }"#);
+        let a = collect(&c, 1, Path::new("."), 4096).unwrap();
+        assert_eq!(a.len(), 21, "0, 0.5, …, 10.0");
+    }
+
+    #[test]
+    fn max_tokens_clips_every_request() {
+        let c = cfg(r#"num_requests = 20
+            max_tokens = 100
+            arrival = { type = "all_at_once" }
+            lengths = { type = "fixed", prompt = 300, output = 100 }"#);
+        for r in collect(&c, 1, Path::new("."), 4096).unwrap() {
+            assert_eq!((r.prompt.len(), r.max_tokens()), (75, 25));
+        }
+    }
+
+    #[test]
+    fn tenants_split_requests_by_weight_and_carry_priority_and_deadline() {
+        let c = cfg(r#"num_requests = 4000
+            arrival = { type = "poisson", qps = 100.0 }
+            lengths = { type = "fixed", prompt = 5, output = 5 }
+            [[tenants]]
+            name = "a"
+            weight = 3.0
+            priority = 1
+            deadline_s = 2.0
+            [[tenants]]
+            name = "b"
+            lengths = { type = "fixed", prompt = 7, output = 2 }"#);
+        let reqs = collect(&c, 1, Path::new("."), 4096).unwrap();
+        let a = reqs.iter().filter(|r| r.tenant == TenantId(0)).count();
+        assert!((2850..3150).contains(&a), "{a}");
+        for r in &reqs {
+            if r.tenant == TenantId(0) {
+                assert_eq!(r.priority, 1);
+                assert_eq!(r.deadline, Some(r.arrival + Duration::from_secs_f64(2.0)));
+            } else {
+                assert_eq!((r.prompt.len(), r.max_tokens()), (7, 2));
+            }
+        }
+    }
+
+    #[test]
+    fn shared_prefixes_lengthen_short_prompts_and_set_groups() {
+        let c = cfg(r#"num_requests = 200
+            arrival = { type = "poisson", qps = 100.0 }
+            lengths = { type = "fixed", prompt = 10, output = 5 }
+            prefix = { groups = 4, tokens = 256, fraction = 0.5 }"#);
+        let reqs = collect(&c, 1, Path::new("."), 4096).unwrap();
+        let shared = reqs.iter().filter(|r| r.prompt.len() == 256).count();
+        assert!((70..130).contains(&shared), "{shared}");
+        for r in reqs.iter().filter(|r| r.prompt.len() == 256) {
+            let Prompt::Synthetic(s) = &r.prompt else {
+                panic!()
+            };
+            assert_eq!(s.group_tokens, 256);
+            assert!(s.prefix_groups[0] < 4);
+        }
+    }
+
+    #[test]
+    fn a_closed_loop_issues_a_clients_next_request_after_completion_plus_think_time() {
+        let c = cfg(r#"num_requests = 5
+            arrival = { type = "closed_loop", clients = 2, think_time_s = 1.0 }
+            lengths = { type = "fixed", prompt = 5, output = 5 }"#);
+        let mut s = RequestSource::new(&c, 1, Path::new("."), 4096).unwrap();
+        let a = s.pop().unwrap();
+        let b = s.pop().unwrap();
+        assert_eq!((a.arrival, b.arrival), (Timestamp::ZERO, Timestamp::ZERO));
+        assert_eq!(s.peek_time(), None, "both clients busy");
+        assert!(!s.is_exhausted());
+        s.on_finished(b.id, Timestamp::from_secs_f64(3.0));
+        assert_eq!(s.peek_time(), Some(Timestamp::from_secs_f64(4.0)));
+        let c3 = s.pop().unwrap();
+        s.on_finished(a.id, Timestamp::from_secs_f64(5.0));
+        s.on_finished(c3.id, Timestamp::from_secs_f64(5.5));
+        let d = s.pop().unwrap();
+        let e = s.pop().unwrap();
+        assert_eq!(d.arrival, Timestamp::from_secs_f64(6.0));
+        assert_eq!(e.arrival, Timestamp::from_secs_f64(6.5));
+        assert!(s.pop().is_none());
+        assert!(s.is_exhausted(), "the limit of 5 is reached");
+    }
+
+    #[test]
+    fn trace_replay_applies_window_and_time_scale() {
+        let dir = std::env::temp_dir().join(format!("vajra-src-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("t.csv"),
+            "arrived_at,num_prefill_tokens,num_decode_tokens\n0,1,1\n1,2,2\n2,3,3\n3,4,4\n",
+        )
+        .unwrap();
+        let c = cfg(
+            r#"arrival = { type = "trace", path = "t.csv", start_s = 1.0, end_s = 3.0, time_scale = 0.5 }"#,
+        );
+        let reqs = collect(&c, 1, &dir, 4096).unwrap();
+        let got: Vec<(f64, u32)> = reqs
+            .iter()
+            .map(|r| (r.arrival.as_secs_f64(), r.prompt.len()))
+            .collect();
+        assert_eq!(got, vec![(0.0, 2), (0.5, 3)]);
+    }
+}
