@@ -1,1 +1,25 @@
-//! vajra-sim
+//! # vajra-sim
+//!
+//! The discrete-event simulator: a cluster of replicas, each running the shared vajra-core
+//! scheduler and block manager (with real block identities), timed by a profile-driven
+//! execution-time predictor.
+//!
+//! - [`experiment`]: experiment files and sweeps.
+//! - [`catalog`]: built-in devices and model shapes.
+//! - [`memory`]: KV capacity per replica.
+//! - [`predictor`]: batch → per-stage duration, from measured profiles or a roofline model.
+//! - [`sim`]: the event loop.
+//! - [`run`]: one point → a run folder; [`sweep`]: every point, in parallel.
+//! - [`profiles`]: generating roofline profiles and measuring the predictor's error.
+
+pub mod catalog;
+pub mod error;
+pub mod experiment;
+pub mod memory;
+pub mod predictor;
+pub mod profiles;
+pub mod run;
+pub mod sim;
+pub mod sweep;
+
+pub use error::{Result, SimError};

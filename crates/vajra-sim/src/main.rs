@@ -1,1 +1,275 @@
-fn main() {}
+//! `vajra-sim`: run, validate and inspect simulated LLM-serving experiments.
+
+#![allow(clippy::print_stdout)]
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+use vajra_sim::experiment::ExperimentFile;
+use vajra_sim::sweep::{RunOptions, markdown_table, out_root, run_file};
+use vajra_sim::{catalog, profiles};
+
+#[derive(Parser)]
+#[command(
+    name = "vajra-sim",
+    version,
+    about = "Discrete-event simulator of LLM serving on the shared Vajra scheduler"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run an experiment file (every point of its sweep, in parallel) and write run folders.
+    Run {
+        /// The experiment TOML.
+        file: PathBuf,
+        /// Output folder (default: output.dir of the file, else runs/<name>).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        /// Worker threads for sweep points (default: one per core).
+        #[arg(short, long, default_value_t = 0)]
+        jobs: usize,
+        /// Skip trace.json even if the experiment asks for it.
+        #[arg(long)]
+        no_trace: bool,
+        /// No progress bar and no table on stdout.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Check an experiment file without running it.
+    Validate {
+        /// The experiment TOML.
+        file: PathBuf,
+    },
+    /// List built-in models and devices.
+    List,
+    /// Operator profiles.
+    Profile {
+        #[command(subcommand)]
+        cmd: ProfileCmd,
+    },
+    /// Workload traces.
+    Trace {
+        #[command(subcommand)]
+        cmd: TraceCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProfileCmd {
+    /// Write a roofline-generated profile (mlp.csv, attention.csv, provenance.json).
+    Generate {
+        /// Device (h100, h200, a100).
+        #[arg(long)]
+        device: String,
+        /// Built-in model name.
+        #[arg(long)]
+        model: String,
+        /// Output folder (default: profiles/generated/<device>/<model>).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
+    /// The roofline's error (MAPE) against every measured mlp.csv under a folder.
+    Error {
+        /// Folder searched for <device>/<org>/<model>/mlp.csv files.
+        measured: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TraceCmd {
+    /// Generate a trace (Vidur CSV: arrived_at, num_prefill_tokens, num_decode_tokens) from a
+    /// `[workload]` TOML.
+    Generate {
+        /// TOML holding a workload table (the keys of an experiment's [workload]).
+        #[arg(long)]
+        workload: PathBuf,
+        /// Root seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Output CSV.
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Run {
+            file,
+            out,
+            jobs,
+            no_trace,
+            quiet,
+        } => {
+            let t0 = Instant::now();
+            let f = ExperimentFile::load(&file)?;
+            let opts = RunOptions {
+                out,
+                jobs,
+                trace: !no_trace,
+                progress: !quiet,
+            };
+            let root = out_root(&f, &opts);
+            let results = run_file(&f, &opts)?;
+            let mut warned = std::collections::BTreeSet::new();
+            for r in &results {
+                for w in &r.warnings {
+                    if warned.insert(w.clone()) {
+                        eprintln!("warning: {w}");
+                    }
+                }
+            }
+            if !quiet {
+                print!("{}", markdown_table(&results));
+            }
+            let loop_s: f64 = results.iter().map(|r| r.loop_s).sum();
+            let events: u64 = results.iter().map(|r| r.events).sum();
+            eprintln!(
+                "{} point(s) → {} in {:.2} s (event loops {:.2} s, {:.1} M events/s)",
+                results.len(),
+                root.display(),
+                t0.elapsed().as_secs_f64(),
+                loop_s,
+                events as f64 / loop_s.max(1e-9) / 1e6
+            );
+            Ok(())
+        }
+        Cmd::Validate { file } => {
+            let f = ExperimentFile::load(&file)?;
+            for p in &f.points {
+                let prep = vajra_sim::run::prepare(&f, p)?;
+                let label = if p.label.is_empty() {
+                    "(single point)"
+                } else {
+                    &p.label
+                };
+                println!(
+                    "ok: {label}: {} on {}× {} (TP {}, PP {}), {} KV blocks/replica, predictor: {}",
+                    prep.setup.model.name,
+                    prep.setup.num_replicas,
+                    prep.setup.device.name,
+                    prep.setup.tensor_parallel,
+                    prep.setup.pipeline_parallel,
+                    prep.memory.num_blocks,
+                    prep.setup.predictor.join("; ")
+                );
+                for w in &prep.predictor.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            println!("{}: {} point(s) valid", file.display(), f.points.len());
+            Ok(())
+        }
+        Cmd::List => {
+            println!("models:");
+            for m in catalog::models() {
+                println!(
+                    "  {:40} {:>6.2} B params, {} layers, {} heads ({} KV), max_model_len {}",
+                    m.name,
+                    m.num_params() as f64 / 1e9,
+                    m.num_layers,
+                    m.num_heads,
+                    m.num_kv_heads,
+                    m.max_model_len
+                );
+            }
+            println!("devices:");
+            for d in catalog::devices() {
+                println!(
+                    "  {:6} {:>5.0} GiB, {:>5.0} TFLOP/s bf16, {:>5.0} GB/s HBM, ${:.2}/h",
+                    d.name,
+                    d.memory_bytes as f64 / f64::from(1u32 << 30),
+                    d.peak_flops / 1e12,
+                    d.mem_bandwidth / 1e9,
+                    d.price_per_hour
+                );
+            }
+            Ok(())
+        }
+        Cmd::Profile {
+            cmd: ProfileCmd::Generate { device, model, out },
+        } => {
+            let d = catalog::device(&device).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--device {device}: unknown (allowed: {})",
+                    catalog::device_names()
+                )
+            })?;
+            let m = catalog::model(&model).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--model {model}: unknown (allowed: {})",
+                    catalog::model_names()
+                )
+            })?;
+            let short = m.name.rsplit('/').next().unwrap_or(&m.name).to_owned();
+            let dir = out.unwrap_or_else(|| {
+                PathBuf::from("profiles/generated")
+                    .join(&d.name)
+                    .join(&short)
+            });
+            let cmd = format!(
+                "vajra-sim profile generate --device {} --model {}",
+                d.name, m.name
+            );
+            profiles::generate(&m, &d, &dir, &cmd)?;
+            println!("wrote {}", dir.display());
+            Ok(())
+        }
+        Cmd::Profile {
+            cmd: ProfileCmd::Error { measured },
+        } => {
+            let rows = profiles::roofline_error(&measured)?;
+            if rows.is_empty() {
+                anyhow::bail!(
+                    "no mlp.csv of a built-in model under {} (expected <device>/<org>/<model>/mlp.csv)",
+                    measured.display()
+                );
+            }
+            print!("{}", profiles::error_table(&rows));
+            Ok(())
+        }
+        Cmd::Trace {
+            cmd:
+                TraceCmd::Generate {
+                    workload,
+                    seed,
+                    out,
+                },
+        } => {
+            let text = std::fs::read_to_string(&workload)
+                .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", workload.display()))?;
+            let cfg: vajra_workload::WorkloadConfig = toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", workload.display()))?;
+            let base = workload.parent().map(PathBuf::from).unwrap_or_default();
+            let reqs = vajra_workload::source::collect(&cfg, seed, &base, u32::MAX)?;
+            let mut w = csv::Writer::from_path(&out)?;
+            w.write_record(["arrived_at", "num_prefill_tokens", "num_decode_tokens"])?;
+            for r in &reqs {
+                w.write_record([
+                    format!("{:.6}", r.arrival.as_secs_f64()),
+                    r.prompt.len().to_string(),
+                    r.max_tokens().to_string(),
+                ])?;
+            }
+            w.flush()?;
+            println!("wrote {} requests to {}", reqs.len(), out.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Online collection of lifecycle events.
+
+use crate::slo::{DeadlineState, SloConfig};
+use crate::stats::Multiset;
+use serde::Serialize;
+use vajra_core::ids::RequestId;
+use vajra_core::request::FinishReason;
+use vajra_core::sched::output::FinishedRecord;
+use vajra_core::time::{Duration, Timestamp};
+
+/// One finished request, with its derived latencies (seconds).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestRecord {
+    /// Request id.
+    pub request_id: u64,
+    /// Replica that served it.
+    pub replica: u32,
+    /// Tenant.
+    pub tenant: u32,
+    /// Priority.
+    pub priority: i32,
+    /// Arrival (s from run start).
+    pub arrival_s: f64,
+    /// First time it was scheduled (s), if ever.
+    pub first_scheduled_s: Option<f64>,
+    /// First output token (s), if any.
+    pub first_token_s: Option<f64>,
+    /// Completion (s).
+    pub completed_s: f64,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Output tokens.
+    pub output_tokens: u32,
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub cached_prompt_tokens: u32,
+    /// Times preempted.
+    pub preemptions: u32,
+    /// Time to first token (s).
+    pub ttft_s: Option<f64>,
+    /// Time per output token after the first (s), for n ≥ 2.
+    pub tpot_s: Option<f64>,
+    /// End-to-end latency (s).
+    pub e2e_s: f64,
+    /// E2E / output tokens (s).
+    pub normalized_e2e_s: Option<f64>,
+    /// First scheduled − arrival (s).
+    pub scheduling_delay_s: Option<f64>,
+    /// Largest gap between consecutive output tokens (s).
+    pub max_tbt_s: Option<f64>,
+    /// Number of inter-token gaps recorded (output tokens − 1).
+    pub tbt_samples: u32,
+    /// Absolute deadline (s), if any.
+    pub deadline_s: Option<f64>,
+    /// Etalon token deadlines counted.
+    pub token_deadlines: u32,
+    /// Etalon token deadlines missed.
+    pub token_deadline_misses: u32,
+    /// Why it finished.
+    pub finish_reason: FinishReason,
+}
+
+/// One batch (a scheduler step) on a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BatchRecord {
+    /// Replica.
+    pub replica: u32,
+    /// Step number on that replica.
+    pub step: u64,
+    /// When it was scheduled (ns).
+    pub start: Timestamp,
+    /// When its last stage ended (ns).
+    pub end: Timestamp,
+    /// Sum of its stage execution times (ns): busy time it caused.
+    pub busy: Duration,
+    /// Requests in it.
+    pub num_requests: u32,
+    /// Prompt tokens computed.
+    pub prefill_tokens: u32,
+    /// Output tokens computed.
+    pub decode_tokens: u32,
+    /// Requests preempted while forming it.
+    pub preempted: u32,
+    /// KV blocks in use after scheduling it.
+    pub kv_blocks_used: u32,
+    /// Floating-point operations it performed (whole replica).
+    pub flops: f64,
+    /// Bytes it moved through device memory (whole replica).
+    pub bytes: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Live {
+    last: Timestamp,
+    tokens: u32,
+    max_gap: Duration,
+    deadlines: DeadlineState,
+}
+
+/// Collects lifecycle events into records and pooled distributions.
+#[derive(Debug, Clone, Default)]
+pub struct Collector {
+    token_deadlines: Option<(Duration, Duration)>,
+    live: Vec<Live>,
+    /// Pooled inter-token gaps (ns).
+    pub tbt: Multiset,
+    /// Finished requests, in completion order.
+    pub requests: Vec<RequestRecord>,
+    /// Batches, in the order they ended.
+    pub batches: Vec<BatchRecord>,
+}
+
+fn secs(t: Timestamp) -> f64 {
+    t.as_secs_f64()
+}
+
+impl Collector {
+    /// A collector for the given SLOs (token deadlines are tracked when set).
+    pub fn new(slo: &SloConfig) -> Self {
+        Collector {
+            token_deadlines: slo.token_deadlines(),
+            ..Default::default()
+        }
+    }
+
+    fn slot(&mut self, id: RequestId) -> &mut Live {
+        let i = id.0 as usize;
+        if i >= self.live.len() {
+            self.live.resize(i + 1, Live::default());
+        }
+        &mut self.live[i]
+    }
+
+    /// A request arrived.
+    pub fn on_arrival(&mut self, id: RequestId, at: Timestamp) {
+        *self.slot(id) = Live {
+            last: at,
+            ..Live::default()
+        };
+    }
+
+    /// A request's next output token was produced at `at`.
+    #[inline]
+    pub fn on_token(&mut self, id: RequestId, at: Timestamp) {
+        let deadlines = self.token_deadlines;
+        let l = &mut self.live[id.0 as usize];
+        let gap = at.since(l.last);
+        let first = l.tokens == 0;
+        if !first {
+            l.max_gap = l.max_gap.max(gap);
+        }
+        if let Some(d) = deadlines {
+            l.deadlines.on_token(gap, first, d);
+        }
+        l.last = at;
+        l.tokens += 1;
+        if !first {
+            self.tbt.add(gap.0);
+        }
+    }
+
+    /// A request finished on `replica`.
+    pub fn on_finished(&mut self, rec: &FinishedRecord, replica: u32) {
+        let l = self.live[rec.id.0 as usize];
+        let n = rec.output_tokens;
+        let e2e = rec.finished_at.since(rec.arrival);
+        let ttft = rec.first_token.map(|t| t.since(rec.arrival));
+        let tpot = match (rec.first_token, n) {
+            (Some(f), n) if n >= 2 => {
+                Some(rec.finished_at.since(f).as_secs_f64() / f64::from(n - 1))
+            }
+            _ => None,
+        };
+        self.requests.push(RequestRecord {
+            request_id: rec.id.0,
+            replica,
+            tenant: rec.tenant.0,
+            priority: rec.priority,
+            arrival_s: secs(rec.arrival),
+            first_scheduled_s: rec.first_scheduled.map(secs),
+            first_token_s: rec.first_token.map(secs),
+            completed_s: secs(rec.finished_at),
+            prompt_tokens: rec.prompt_tokens,
+            output_tokens: n,
+            cached_prompt_tokens: rec.cached_prompt_tokens,
+            preemptions: rec.num_preemptions,
+            ttft_s: ttft.map(Duration::as_secs_f64),
+            tpot_s: tpot,
+            e2e_s: e2e.as_secs_f64(),
+            normalized_e2e_s: (n > 0).then(|| e2e.as_secs_f64() / f64::from(n)),
+            scheduling_delay_s: rec
+                .first_scheduled
+                .map(|s| s.since(rec.arrival).as_secs_f64()),
+            max_tbt_s: (l.tokens >= 2).then(|| l.max_gap.as_secs_f64()),
+            tbt_samples: l.tokens.saturating_sub(1),
+            deadline_s: rec.deadline.map(secs),
+            token_deadlines: l.deadlines.total,
+            token_deadline_misses: l.deadlines.missed,
+            finish_reason: rec.reason,
+        });
+    }
+
+    /// A batch ended.
+    pub fn on_batch(&mut self, b: BatchRecord) {
+        self.batches.push(b);
+    }
+}

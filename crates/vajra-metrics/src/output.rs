@@ -1,0 +1,290 @@
+//! Run-folder tables: `requests.csv`, `requests.parquet`, `batches.parquet`, `summary.json`,
+//! `cdf/<metric>.csv`.
+//!
+//! Parquet is written with the `parquet` crate's column writers (no Arrow, Snappy pages), one
+//! row group per file; polars, pandas and DuckDB read it directly. Times in tables are seconds
+//! (f64) from the run's start; absent values are nulls.
+
+use crate::collector::{BatchRecord, Collector, RequestRecord};
+use crate::error::{Result, write_err};
+use crate::stats::Multiset;
+use parquet::basic::Compression;
+use parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int32Type, Int64Type};
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::parser::parse_message_type;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+/// One column of a table.
+pub enum Column {
+    /// 64-bit integers.
+    I64(Vec<i64>),
+    /// 32-bit integers.
+    I32(Vec<i32>),
+    /// Doubles.
+    F64(Vec<f64>),
+    /// Nullable doubles.
+    OptF64(Vec<Option<f64>>),
+    /// Strings.
+    Str(Vec<String>),
+}
+
+impl Column {
+    fn parquet_type(&self) -> &'static str {
+        match self {
+            Column::I64(_) => "REQUIRED INT64",
+            Column::I32(_) => "REQUIRED INT32",
+            Column::F64(_) => "REQUIRED DOUBLE",
+            Column::OptF64(_) => "OPTIONAL DOUBLE",
+            Column::Str(_) => "REQUIRED BYTE_ARRAY",
+        }
+    }
+}
+
+/// Writes named columns of equal length as a Parquet file.
+///
+/// # Errors
+/// The file cannot be created or written.
+pub fn write_parquet(path: &Path, columns: &[(&str, Column)]) -> Result<()> {
+    let fields: String = columns
+        .iter()
+        .map(|(n, c)| {
+            let utf8 = if matches!(c, Column::Str(_)) {
+                " (UTF8)"
+            } else {
+                ""
+            };
+            format!("{} {n}{utf8};", c.parquet_type())
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let schema = Arc::new(
+        parse_message_type(&format!("message run {{ {fields} }}")).map_err(write_err(path))?,
+    );
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_created_by("vajra".into())
+            .build(),
+    );
+    let file = std::fs::File::create(path).map_err(write_err(path))?;
+    let mut w = SerializedFileWriter::new(file, schema, props).map_err(write_err(path))?;
+    let mut rg = w.next_row_group().map_err(write_err(path))?;
+    for (_, col) in columns {
+        let mut cw = rg
+            .next_column()
+            .map_err(write_err(path))?
+            .expect("one writer per schema column");
+        match col {
+            Column::I64(v) => cw.typed::<Int64Type>().write_batch(v, None, None),
+            Column::I32(v) => cw.typed::<Int32Type>().write_batch(v, None, None),
+            Column::F64(v) => cw.typed::<DoubleType>().write_batch(v, None, None),
+            Column::OptF64(v) => {
+                let vals: Vec<f64> = v.iter().flatten().copied().collect();
+                let defs: Vec<i16> = v.iter().map(|x| i16::from(x.is_some())).collect();
+                cw.typed::<DoubleType>()
+                    .write_batch(&vals, Some(&defs), None)
+            }
+            Column::Str(v) => {
+                let vals: Vec<ByteArray> = v.iter().map(|s| ByteArray::from(s.as_str())).collect();
+                cw.typed::<ByteArrayType>().write_batch(&vals, None, None)
+            }
+        }
+        .map_err(write_err(path))?;
+        cw.close().map_err(write_err(path))?;
+    }
+    rg.close().map_err(write_err(path))?;
+    w.close().map_err(write_err(path))?;
+    Ok(())
+}
+
+fn request_columns(r: &[RequestRecord]) -> Vec<(&'static str, Column)> {
+    let i64c = |f: &dyn Fn(&RequestRecord) -> i64| Column::I64(r.iter().map(f).collect());
+    let f64c = |f: &dyn Fn(&RequestRecord) -> f64| Column::F64(r.iter().map(f).collect());
+    let optc =
+        |f: &dyn Fn(&RequestRecord) -> Option<f64>| Column::OptF64(r.iter().map(f).collect());
+    vec![
+        ("request_id", i64c(&|x| x.request_id as i64)),
+        ("replica", i64c(&|x| i64::from(x.replica))),
+        ("tenant", i64c(&|x| i64::from(x.tenant))),
+        ("priority", i64c(&|x| i64::from(x.priority))),
+        ("arrival_s", f64c(&|x| x.arrival_s)),
+        ("first_scheduled_s", optc(&|x| x.first_scheduled_s)),
+        ("first_token_s", optc(&|x| x.first_token_s)),
+        ("completed_s", f64c(&|x| x.completed_s)),
+        ("prompt_tokens", i64c(&|x| i64::from(x.prompt_tokens))),
+        ("output_tokens", i64c(&|x| i64::from(x.output_tokens))),
+        (
+            "cached_prompt_tokens",
+            i64c(&|x| i64::from(x.cached_prompt_tokens)),
+        ),
+        ("preemptions", i64c(&|x| i64::from(x.preemptions))),
+        ("ttft_s", optc(&|x| x.ttft_s)),
+        ("tpot_s", optc(&|x| x.tpot_s)),
+        ("e2e_s", f64c(&|x| x.e2e_s)),
+        ("normalized_e2e_s", optc(&|x| x.normalized_e2e_s)),
+        ("scheduling_delay_s", optc(&|x| x.scheduling_delay_s)),
+        ("max_tbt_s", optc(&|x| x.max_tbt_s)),
+        ("tbt_samples", i64c(&|x| i64::from(x.tbt_samples))),
+        ("deadline_s", optc(&|x| x.deadline_s)),
+        ("token_deadlines", i64c(&|x| i64::from(x.token_deadlines))),
+        (
+            "token_deadline_misses",
+            i64c(&|x| i64::from(x.token_deadline_misses)),
+        ),
+        (
+            "finish_reason",
+            Column::Str(
+                r.iter()
+                    .map(|x| {
+                        serde_json::to_value(x.finish_reason)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default()
+                    })
+                    .collect(),
+            ),
+        ),
+    ]
+}
+
+fn batch_columns(b: &[BatchRecord], num_blocks: u32) -> Vec<(&'static str, Column)> {
+    let i64c = |f: &dyn Fn(&BatchRecord) -> i64| Column::I64(b.iter().map(f).collect());
+    let f64c = |f: &dyn Fn(&BatchRecord) -> f64| Column::F64(b.iter().map(f).collect());
+    let nb = f64::from(num_blocks.max(1));
+    vec![
+        ("replica", i64c(&|x| i64::from(x.replica))),
+        ("step", i64c(&|x| x.step as i64)),
+        ("start_s", f64c(&|x| x.start.as_secs_f64())),
+        ("end_s", f64c(&|x| x.end.as_secs_f64())),
+        ("busy_s", f64c(&|x| x.busy.as_secs_f64())),
+        ("num_requests", i64c(&|x| i64::from(x.num_requests))),
+        ("prefill_tokens", i64c(&|x| i64::from(x.prefill_tokens))),
+        ("decode_tokens", i64c(&|x| i64::from(x.decode_tokens))),
+        (
+            "num_tokens",
+            i64c(&|x| i64::from(x.prefill_tokens + x.decode_tokens)),
+        ),
+        ("preempted", i64c(&|x| i64::from(x.preempted))),
+        ("kv_blocks_used", i64c(&|x| i64::from(x.kv_blocks_used))),
+        ("kv_usage", f64c(&|x| f64::from(x.kv_blocks_used) / nb)),
+        ("flops", f64c(&|x| x.flops)),
+        ("bytes", f64c(&|x| x.bytes)),
+    ]
+}
+
+/// Which tables to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tables {
+    /// `requests.csv`.
+    pub csv: bool,
+    /// `requests.parquet` and `batches.parquet`.
+    pub parquet: bool,
+}
+
+/// Writes the tables, the summary and the CDFs of a run into `dir` (created if needed).
+///
+/// # Errors
+/// Any file that cannot be written.
+pub fn write_run(
+    dir: &Path,
+    c: &Collector,
+    summary: &impl serde::Serialize,
+    num_blocks: u32,
+    tables: Tables,
+) -> Result<()> {
+    std::fs::create_dir_all(dir.join("cdf")).map_err(write_err(dir))?;
+    let mut reqs: Vec<&RequestRecord> = c.requests.iter().collect();
+    reqs.sort_by_key(|r| r.request_id);
+    if tables.csv {
+        let p = dir.join("requests.csv");
+        let mut w = csv::Writer::from_path(&p).map_err(write_err(&p))?;
+        for r in &reqs {
+            w.serialize(r).map_err(write_err(&p))?;
+        }
+        w.flush().map_err(write_err(&p))?;
+    }
+    if tables.parquet {
+        let owned: Vec<RequestRecord> = reqs.iter().map(|r| (*r).clone()).collect();
+        write_parquet(&dir.join("requests.parquet"), &request_columns(&owned))?;
+        write_parquet(
+            &dir.join("batches.parquet"),
+            &batch_columns(&c.batches, num_blocks),
+        )?;
+    }
+    let p = dir.join("summary.json");
+    let mut s = serde_json::to_string_pretty(summary).map_err(write_err(&p))?;
+    s.push('\n');
+    std::fs::write(&p, s).map_err(write_err(&p))?;
+    write_cdfs(&dir.join("cdf"), c)
+}
+
+fn cdf_of(values: impl Iterator<Item = f64>) -> Vec<(f64, f64)> {
+    let mut m = Multiset::default();
+    for v in values {
+        // Nanosecond resolution, exact for simulated times.
+        m.add((v * 1e9).round() as u64);
+    }
+    m.quantiles(1001, 1e-9)
+}
+
+fn write_cdfs(dir: &Path, c: &Collector) -> Result<()> {
+    let r = &c.requests;
+    let sets: Vec<(&str, Vec<(f64, f64)>)> = vec![
+        ("ttft_s", cdf_of(r.iter().filter_map(|x| x.ttft_s))),
+        ("tbt_s", c.tbt.quantiles(1001, 1e-9)),
+        ("tpot_s", cdf_of(r.iter().filter_map(|x| x.tpot_s))),
+        ("e2e_s", cdf_of(r.iter().map(|x| x.e2e_s))),
+        (
+            "normalized_e2e_s",
+            cdf_of(r.iter().filter_map(|x| x.normalized_e2e_s)),
+        ),
+        (
+            "scheduling_delay_s",
+            cdf_of(r.iter().filter_map(|x| x.scheduling_delay_s)),
+        ),
+    ];
+    for (name, points) in sets {
+        let p = dir.join(format!("{name}.csv"));
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&p).map_err(write_err(&p))?);
+        writeln!(f, "quantile,{name}").map_err(write_err(&p))?;
+        for (q, v) in points {
+            writeln!(f, "{q},{v}").map_err(write_err(&p))?;
+        }
+        f.flush().map_err(write_err(&p))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    #[test]
+    fn parquet_round_trips_row_count_and_nulls() {
+        let dir = std::env::temp_dir().join(format!("vajra-pq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.parquet");
+        write_parquet(
+            &p,
+            &[
+                ("a", Column::I64(vec![1, 2, 3])),
+                ("b", Column::OptF64(vec![Some(1.5), None, Some(2.5)])),
+                ("c", Column::Str(vec!["x".into(), "y".into(), "z".into()])),
+            ],
+        )
+        .unwrap();
+        let r = SerializedFileReader::new(std::fs::File::open(&p).unwrap()).unwrap();
+        assert_eq!(r.metadata().file_metadata().num_rows(), 3);
+        let rows: Vec<String> = r
+            .get_row_iter(None)
+            .unwrap()
+            .map(|row| row.unwrap().to_string())
+            .collect();
+        assert!(rows[1].contains("b: null"), "{rows:?}");
+        assert!(rows[2].contains("2.5"), "{rows:?}");
+    }
+}

@@ -1,0 +1,232 @@
+//! Exact order statistics.
+//!
+//! Percentiles interpolate linearly between order statistics at rank `q·(n − 1)` (numpy's
+//! default, as vLLM's benchmark and Etalon report them). Pooled inter-token gaps can number in
+//! the hundreds of millions at cluster scale, but they take few distinct values (each is a sum
+//! of batch durations), so [`Multiset`] counts equal values and stays exact in little memory.
+
+use serde::Serialize;
+use std::collections::HashMap;
+
+/// The quantiles every distribution reports.
+pub const QUANTILES: [(&str, f64); 5] = [
+    ("p50", 0.50),
+    ("p90", 0.90),
+    ("p95", 0.95),
+    ("p99", 0.99),
+    ("p999", 0.999),
+];
+
+/// Summary of a distribution (in the unit of its samples).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+pub struct Distribution {
+    /// Number of samples.
+    pub count: u64,
+    /// Arithmetic mean (0 when empty).
+    pub mean: f64,
+    /// Smallest sample.
+    pub min: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest sample.
+    pub max: f64,
+}
+
+/// The `q`-quantile of sorted `xs` with linear interpolation (`None` when empty).
+pub fn quantile_sorted(xs: &[f64], q: f64) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * (xs.len() - 1) as f64;
+    let lo = rank.floor() as usize;
+    let hi = rank.ceil() as usize;
+    Some(xs[lo] + (xs[hi] - xs[lo]) * (rank - lo as f64))
+}
+
+impl Distribution {
+    /// Summarises `xs` (sorted in place; NaNs are not allowed).
+    pub fn of(xs: &mut [f64]) -> Self {
+        if xs.is_empty() {
+            return Distribution::default();
+        }
+        xs.sort_unstable_by(f64::total_cmp);
+        let q = |p| quantile_sorted(xs, p).unwrap_or(0.0);
+        Distribution {
+            count: xs.len() as u64,
+            mean: xs.iter().sum::<f64>() / xs.len() as f64,
+            min: xs[0],
+            p50: q(0.5),
+            p90: q(0.9),
+            p95: q(0.95),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: xs[xs.len() - 1],
+        }
+    }
+
+    /// The named quantile (`p50`, `p90`, `p95`, `p99`, `p999`), `mean`, `min` or `max`.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        Some(match name {
+            "mean" => self.mean,
+            "min" => self.min,
+            "max" => self.max,
+            "p50" => self.p50,
+            "p90" => self.p90,
+            "p95" => self.p95,
+            "p99" => self.p99,
+            "p999" => self.p999,
+            _ => return None,
+        })
+    }
+}
+
+/// An exact multiset of non-negative integers (nanoseconds, token counts).
+#[derive(Debug, Clone, Default)]
+pub struct Multiset {
+    counts: HashMap<u64, u64>,
+    n: u64,
+    sum: u128,
+}
+
+impl Multiset {
+    /// Adds one sample.
+    #[inline]
+    pub fn add(&mut self, v: u64) {
+        *self.counts.entry(v).or_insert(0) += 1;
+        self.n += 1;
+        self.sum += u128::from(v);
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> u64 {
+        self.n
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Merges another multiset into this one.
+    pub fn merge(&mut self, other: &Multiset) {
+        for (&v, &c) in &other.counts {
+            *self.counts.entry(v).or_insert(0) += c;
+        }
+        self.n += other.n;
+        self.sum += other.sum;
+    }
+
+    /// Distinct values with their counts, ascending.
+    pub fn sorted(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.counts.iter().map(|(&a, &b)| (a, b)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Summary with every value multiplied by `scale` (e.g. 1e-9 for seconds), exact.
+    pub fn distribution(&self, scale: f64) -> Distribution {
+        let v = self.sorted();
+        if v.is_empty() {
+            return Distribution::default();
+        }
+        let q = |p: f64| quantile_counts(&v, self.n, p) * scale;
+        Distribution {
+            count: self.n,
+            mean: self.sum as f64 / self.n as f64 * scale,
+            min: v[0].0 as f64 * scale,
+            p50: q(0.5),
+            p90: q(0.9),
+            p95: q(0.95),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: v[v.len() - 1].0 as f64 * scale,
+        }
+    }
+
+    /// `points` evenly spaced quantiles from 0 to 1, scaled.
+    pub fn quantiles(&self, points: usize, scale: f64) -> Vec<(f64, f64)> {
+        let v = self.sorted();
+        if v.is_empty() {
+            return Vec::new();
+        }
+        (0..points)
+            .map(|i| {
+                let p = i as f64 / (points - 1).max(1) as f64;
+                (p, quantile_counts(&v, self.n, p) * scale)
+            })
+            .collect()
+    }
+}
+
+/// The value at 0-based order-statistic index `k` of a sorted counted multiset.
+fn order_stat(v: &[(u64, u64)], k: u64) -> f64 {
+    let mut seen = 0;
+    for &(val, c) in v {
+        seen += c;
+        if k < seen {
+            return val as f64;
+        }
+    }
+    v[v.len() - 1].0 as f64
+}
+
+fn quantile_counts(v: &[(u64, u64)], n: u64, q: f64) -> f64 {
+    let rank = q.clamp(0.0, 1.0) * (n - 1) as f64;
+    let lo = rank.floor() as u64;
+    let hi = rank.ceil() as u64;
+    let a = order_stat(v, lo);
+    let b = if hi == lo { a } else { order_stat(v, hi) };
+    a + (b - a) * (rank - lo as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_linearly_like_numpy() {
+        let mut xs = vec![4.0, 1.0, 3.0, 2.0];
+        let d = Distribution::of(&mut xs);
+        assert_eq!(d.p50, 2.5);
+        assert!((d.p90 - 3.7).abs() < 1e-12);
+        assert_eq!((d.min, d.max, d.mean, d.count), (1.0, 4.0, 2.5, 4));
+        assert!((d.p99 - 3.97).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_multiset_agrees_with_sorting_every_sample() {
+        let samples: Vec<u64> = (0..1000u64).map(|i| (i * 7919) % 37).collect();
+        let mut m = Multiset::default();
+        for &s in &samples {
+            m.add(s);
+        }
+        let mut xs: Vec<f64> = samples.iter().map(|&s| s as f64).collect();
+        let a = Distribution::of(&mut xs);
+        let b = m.distribution(1.0);
+        assert_eq!(a.count, b.count);
+        for (x, y) in [
+            (a.p50, b.p50),
+            (a.p90, b.p90),
+            (a.p99, b.p99),
+            (a.p999, b.p999),
+            (a.mean, b.mean),
+            (a.max, b.max),
+        ] {
+            assert!((x - y).abs() < 1e-9, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn an_empty_distribution_is_all_zero() {
+        assert_eq!(Multiset::default().distribution(1.0).count, 0);
+        assert_eq!(Distribution::of(&mut []).p99, 0.0);
+    }
+}

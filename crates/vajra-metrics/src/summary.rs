@@ -1,0 +1,401 @@
+//! Run-level metrics from a [`Collector`].
+
+use crate::collector::Collector;
+use crate::slo::SloConfig;
+use crate::stats::{Distribution, Multiset};
+use serde::Serialize;
+
+/// Facts about the cluster that metrics normalise by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClusterFacts {
+    /// Replicas.
+    pub num_replicas: u32,
+    /// Pipeline stages per replica.
+    pub stages: u32,
+    /// KV blocks per replica.
+    pub num_blocks: u32,
+    /// Peak dense FLOP/s of one replica (all its devices).
+    pub peak_flops: f64,
+    /// Peak memory bandwidth of one replica in bytes/s (all its devices).
+    pub peak_bytes_per_s: f64,
+    /// Requests issued (completed or not).
+    pub issued: u64,
+}
+
+/// Latency distributions, seconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latencies {
+    /// Time to first token.
+    pub ttft: Distribution,
+    /// Pooled gaps between consecutive output tokens.
+    pub tbt: Distribution,
+    /// Per-request (E2E − TTFT)/(n − 1), requests with n ≥ 2.
+    pub tpot: Distribution,
+    /// End to end.
+    pub e2e: Distribution,
+    /// E2E / output tokens.
+    pub normalized_e2e: Distribution,
+    /// First scheduled − arrival.
+    pub scheduling_delay: Distribution,
+}
+
+/// Throughput over the run's span (first arrival to last completion).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Throughput {
+    /// Completed requests per second.
+    pub requests_per_s: f64,
+    /// Output tokens per second.
+    pub output_tokens_per_s: f64,
+    /// Prompt + output tokens per second.
+    pub total_tokens_per_s: f64,
+}
+
+/// SLO results.
+#[derive(Debug, Clone, Serialize)]
+pub struct SloResult {
+    /// Requests meeting every per-request SLO given (all requests when none is given).
+    pub good_requests: u64,
+    /// Good requests per second.
+    pub goodput_rps: f64,
+    /// Fraction of completed requests that are good.
+    pub attainment: f64,
+    /// Each run-level limit: name, limit, measured value, met.
+    pub limits: Vec<SloLimit>,
+    /// Whether every run-level limit is met.
+    pub all_limits_met: bool,
+}
+
+/// One run-level SLO check.
+#[derive(Debug, Clone, Serialize)]
+pub struct SloLimit {
+    /// Which metric.
+    pub metric: String,
+    /// The limit.
+    pub limit: f64,
+    /// What the run measured.
+    pub value: f64,
+    /// `value ≤ limit`.
+    pub met: bool,
+}
+
+/// Deadline metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct Deadlines {
+    /// Requests with a completion deadline.
+    pub requests_with_deadline: u64,
+    /// Fraction of those that completed after it.
+    pub request_deadline_miss_rate: f64,
+    /// Etalon: missed / counted token deadlines over all requests (0 when off).
+    pub token_deadline_miss_rate: f64,
+    /// Etalon: per-request fluidity index (1 − the request's miss rate).
+    pub fluidity_index: Distribution,
+}
+
+/// Batch distributions.
+#[derive(Debug, Clone, Serialize)]
+pub struct Batches {
+    /// Number of batches (scheduler steps that ran something).
+    pub count: u64,
+    /// Requests per batch.
+    pub size: Distribution,
+    /// Tokens per batch.
+    pub tokens: Distribution,
+    /// Prompt tokens per batch.
+    pub prefill_tokens: Distribution,
+    /// Output tokens per batch.
+    pub decode_tokens: Distribution,
+    /// Batch latency, schedule to last stage end (s).
+    pub latency_s: Distribution,
+}
+
+/// One replica's utilisation.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaSummary {
+    /// Replica id.
+    pub replica: u32,
+    /// Requests it completed.
+    pub requests: u64,
+    /// Batches it ran.
+    pub batches: u64,
+    /// Stage busy time / (stages × run span).
+    pub busy_fraction: f64,
+    /// Time-weighted mean fraction of KV blocks in use.
+    pub kv_usage_mean: f64,
+    /// Largest fraction of KV blocks in use.
+    pub kv_usage_max: f64,
+    /// Model FLOPs utilisation while busy.
+    pub mfu: f64,
+    /// Memory-bandwidth utilisation while busy.
+    pub mbu: f64,
+}
+
+/// Everything `summary.json` holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Requests issued.
+    pub requests_issued: u64,
+    /// Requests completed.
+    pub requests_completed: u64,
+    /// Prompt tokens of completed requests.
+    pub prompt_tokens: u64,
+    /// Output tokens of completed requests.
+    pub output_tokens: u64,
+    /// First arrival to last completion (s).
+    pub duration_s: f64,
+    /// Throughput.
+    pub throughput: Throughput,
+    /// Latencies (s).
+    pub latency_s: Latencies,
+    /// Total preemptions.
+    pub preemptions: u64,
+    /// Requests preempted at least once.
+    pub requests_preempted: u64,
+    /// Cached prompt tokens / prompt tokens.
+    pub prefix_cache_hit_rate: f64,
+    /// SLOs.
+    pub slo: SloResult,
+    /// Deadlines.
+    pub deadlines: Deadlines,
+    /// Batches.
+    pub batches: Batches,
+    /// Per replica.
+    pub replicas: Vec<ReplicaSummary>,
+    /// Mean MFU over replicas' busy time (FLOPs / (busy × peak)).
+    pub mfu: f64,
+    /// Mean MBU over replicas' busy time.
+    pub mbu: f64,
+}
+
+fn dist(mut v: Vec<f64>) -> Distribution {
+    Distribution::of(&mut v)
+}
+
+impl Summary {
+    /// Computes the summary.
+    pub fn compute(c: &Collector, slo: &SloConfig, facts: &ClusterFacts) -> Self {
+        let reqs = &c.requests;
+        let first_arrival = reqs
+            .iter()
+            .map(|r| r.arrival_s)
+            .fold(f64::INFINITY, f64::min);
+        let last_done = reqs.iter().map(|r| r.completed_s).fold(0.0, f64::max);
+        let duration = if reqs.is_empty() {
+            0.0
+        } else {
+            (last_done - first_arrival).max(0.0)
+        };
+        let per_s = |x: f64| if duration > 0.0 { x / duration } else { 0.0 };
+        let prompt_tokens: u64 = reqs.iter().map(|r| u64::from(r.prompt_tokens)).sum();
+        let output_tokens: u64 = reqs.iter().map(|r| u64::from(r.output_tokens)).sum();
+        let cached: u64 = reqs.iter().map(|r| u64::from(r.cached_prompt_tokens)).sum();
+
+        let good = |r: &crate::collector::RequestRecord| {
+            slo.ttft_s.is_none_or(|l| r.ttft_s.is_some_and(|x| x <= l))
+                && slo.tpot_s.is_none_or(|l| r.tpot_s.unwrap_or(0.0) <= l)
+                && slo.e2e_s.is_none_or(|l| r.e2e_s <= l)
+        };
+        let good_requests = reqs.iter().filter(|r| good(r)).count() as u64;
+
+        let latency = Latencies {
+            ttft: dist(reqs.iter().filter_map(|r| r.ttft_s).collect()),
+            tbt: c.tbt.distribution(1e-9),
+            tpot: dist(reqs.iter().filter_map(|r| r.tpot_s).collect()),
+            e2e: dist(reqs.iter().map(|r| r.e2e_s).collect()),
+            normalized_e2e: dist(reqs.iter().filter_map(|r| r.normalized_e2e_s).collect()),
+            scheduling_delay: dist(reqs.iter().filter_map(|r| r.scheduling_delay_s).collect()),
+        };
+
+        let with_deadline: Vec<_> = reqs
+            .iter()
+            .filter_map(|r| r.deadline_s.map(|d| (r, d)))
+            .collect();
+        let missed_deadline = with_deadline
+            .iter()
+            .filter(|(r, d)| r.completed_s > *d)
+            .count();
+        let tok_total: u64 = reqs.iter().map(|r| u64::from(r.token_deadlines)).sum();
+        let tok_missed: u64 = reqs
+            .iter()
+            .map(|r| u64::from(r.token_deadline_misses))
+            .sum();
+        let deadlines = Deadlines {
+            requests_with_deadline: with_deadline.len() as u64,
+            request_deadline_miss_rate: if with_deadline.is_empty() {
+                0.0
+            } else {
+                missed_deadline as f64 / with_deadline.len() as f64
+            },
+            token_deadline_miss_rate: if tok_total == 0 {
+                0.0
+            } else {
+                tok_missed as f64 / tok_total as f64
+            },
+            fluidity_index: if tok_total == 0 {
+                Distribution::default()
+            } else {
+                dist(
+                    reqs.iter()
+                        .filter(|r| r.token_deadlines > 0)
+                        .map(|r| {
+                            1.0 - f64::from(r.token_deadline_misses) / f64::from(r.token_deadlines)
+                        })
+                        .collect(),
+                )
+            },
+        };
+
+        let mut limits = Vec::new();
+        let mut check = |metric: &str, limit: Option<f64>, value: f64| {
+            if let Some(l) = limit {
+                limits.push(SloLimit {
+                    metric: metric.into(),
+                    limit: l,
+                    value,
+                    met: value <= l,
+                });
+            }
+        };
+        check("p99_ttft_s", slo.p99_ttft_s, latency.ttft.p99);
+        check("p99_tbt_s", slo.p99_tbt_s, latency.tbt.p99);
+        check(
+            "p50_scheduling_delay_s",
+            slo.p50_scheduling_delay_s,
+            latency.scheduling_delay.p50,
+        );
+        check(
+            "deadline_miss_rate",
+            slo.max_deadline_miss_rate,
+            deadlines.token_deadline_miss_rate,
+        );
+        let all_limits_met = limits.iter().all(|l| l.met) && reqs.len() as u64 == facts.issued;
+
+        let mut sizes = Multiset::default();
+        let mut tokens = Multiset::default();
+        let mut pre = Multiset::default();
+        let mut dec = Multiset::default();
+        let mut lat = Multiset::default();
+        for b in &c.batches {
+            sizes.add(u64::from(b.num_requests));
+            tokens.add(u64::from(b.prefill_tokens + b.decode_tokens));
+            pre.add(u64::from(b.prefill_tokens));
+            dec.add(u64::from(b.decode_tokens));
+            lat.add(b.end.since(b.start).0);
+        }
+        let batches = Batches {
+            count: c.batches.len() as u64,
+            size: sizes.distribution(1.0),
+            tokens: tokens.distribution(1.0),
+            prefill_tokens: pre.distribution(1.0),
+            decode_tokens: dec.distribution(1.0),
+            latency_s: lat.distribution(1e-9),
+        };
+
+        let replicas = replica_summaries(c, facts, duration);
+        let busy_total: f64 = c.batches.iter().map(|b| b.busy.as_secs_f64()).sum();
+        let flops: f64 = c.batches.iter().map(|b| b.flops).sum();
+        let bytes: f64 = c.batches.iter().map(|b| b.bytes).sum();
+        let stage_busy = busy_total / f64::from(facts.stages.max(1));
+        let ratio = |x: f64, peak: f64| {
+            if stage_busy > 0.0 && peak > 0.0 {
+                x / (stage_busy * peak)
+            } else {
+                0.0
+            }
+        };
+        Summary {
+            requests_issued: facts.issued,
+            requests_completed: reqs.len() as u64,
+            prompt_tokens,
+            output_tokens,
+            duration_s: duration,
+            throughput: Throughput {
+                requests_per_s: per_s(reqs.len() as f64),
+                output_tokens_per_s: per_s(output_tokens as f64),
+                total_tokens_per_s: per_s((prompt_tokens + output_tokens) as f64),
+            },
+            latency_s: latency,
+            preemptions: reqs.iter().map(|r| u64::from(r.preemptions)).sum(),
+            requests_preempted: reqs.iter().filter(|r| r.preemptions > 0).count() as u64,
+            prefix_cache_hit_rate: if prompt_tokens == 0 {
+                0.0
+            } else {
+                cached as f64 / prompt_tokens as f64
+            },
+            slo: SloResult {
+                good_requests,
+                goodput_rps: per_s(good_requests as f64),
+                attainment: if reqs.is_empty() {
+                    0.0
+                } else {
+                    good_requests as f64 / reqs.len() as f64
+                },
+                limits,
+                all_limits_met,
+            },
+            deadlines,
+            batches,
+            replicas,
+            mfu: ratio(flops, facts.peak_flops),
+            mbu: ratio(bytes, facts.peak_bytes_per_s),
+        }
+    }
+}
+
+fn replica_summaries(c: &Collector, facts: &ClusterFacts, duration: f64) -> Vec<ReplicaSummary> {
+    let n = facts.num_replicas as usize;
+    let mut out: Vec<ReplicaSummary> = (0..n)
+        .map(|i| ReplicaSummary {
+            replica: i as u32,
+            requests: 0,
+            batches: 0,
+            busy_fraction: 0.0,
+            kv_usage_mean: 0.0,
+            kv_usage_max: 0.0,
+            mfu: 0.0,
+            mbu: 0.0,
+        })
+        .collect();
+    for r in &c.requests {
+        if let Some(s) = out.get_mut(r.replica as usize) {
+            s.requests += 1;
+        }
+    }
+    // Batches per replica in start order; KV usage is a step function between batch starts.
+    let mut per: Vec<Vec<&crate::collector::BatchRecord>> = vec![Vec::new(); n];
+    for b in &c.batches {
+        if let Some(v) = per.get_mut(b.replica as usize) {
+            v.push(b);
+        }
+    }
+    let blocks = f64::from(facts.num_blocks.max(1));
+    let stages = f64::from(facts.stages.max(1));
+    for (i, bs) in per.iter_mut().enumerate() {
+        bs.sort_by_key(|b| (b.start, b.step));
+        let s = &mut out[i];
+        s.batches = bs.len() as u64;
+        let busy: f64 = bs.iter().map(|b| b.busy.as_secs_f64()).sum::<f64>() / stages;
+        if duration > 0.0 {
+            s.busy_fraction = busy / duration;
+        }
+        let mut weighted = 0.0;
+        let mut span = 0.0;
+        for (k, b) in bs.iter().enumerate() {
+            let until = bs.get(k + 1).map_or(b.end, |nx| nx.start);
+            let w = until.since(b.start).as_secs_f64();
+            let u = f64::from(b.kv_blocks_used) / blocks;
+            weighted += u * w;
+            span += w;
+            s.kv_usage_max = s.kv_usage_max.max(u);
+        }
+        if span > 0.0 {
+            s.kv_usage_mean = weighted / span;
+        }
+        if busy > 0.0 {
+            let f: f64 = bs.iter().map(|b| b.flops).sum();
+            let by: f64 = bs.iter().map(|b| b.bytes).sum();
+            s.mfu = f / (busy * facts.peak_flops);
+            s.mbu = by / (busy * facts.peak_bytes_per_s);
+        }
+    }
+    out
+}

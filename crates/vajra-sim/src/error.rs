@@ -1,0 +1,75 @@
+//! Errors of the simulator: each names the field, file or column at fault and what is allowed.
+
+use std::path::PathBuf;
+
+/// What can go wrong setting up or running a simulation.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// A config field holds a value that is not allowed.
+    #[error("invalid value for `{field}`: {value} (allowed: {allowed})")]
+    InvalidField {
+        /// Dotted path of the field.
+        field: String,
+        /// The value, rendered.
+        value: String,
+        /// What is allowed.
+        allowed: String,
+    },
+    /// An experiment file could not be read or parsed.
+    #[error("{path}: {message}")]
+    Experiment {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A profile file is missing, malformed or for another model.
+    #[error("profile {path}: {message}")]
+    Profile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The model does not fit the device memory.
+    #[error("memory: {0}")]
+    Memory(String),
+    /// The simulation cannot make progress.
+    #[error("simulation stalled: {0}")]
+    Stalled(String),
+    /// Shared core rejected a config or request.
+    #[error(transparent)]
+    Core(#[from] vajra_core::CoreError),
+    /// Workload building failed.
+    #[error(transparent)]
+    Workload(#[from] vajra_workload::WorkloadError),
+    /// Metrics or output writing failed.
+    #[error(transparent)]
+    Metrics(#[from] vajra_metrics::MetricsError),
+    /// A file could not be written.
+    #[error("cannot write {path}: {message}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        message: String,
+    },
+}
+
+impl SimError {
+    /// An [`SimError::InvalidField`] from displayable parts.
+    pub fn invalid(
+        field: impl Into<String>,
+        value: impl std::fmt::Display,
+        allowed: impl Into<String>,
+    ) -> Self {
+        SimError::InvalidField {
+            field: field.into(),
+            value: value.to_string(),
+            allowed: allowed.into(),
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, SimError>;

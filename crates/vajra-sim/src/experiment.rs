@@ -1,0 +1,613 @@
+//! Experiment files: one TOML with model, cluster, scheduler, router, cache, predictor,
+//! workload, SLOs, seed and output, plus an optional `[sweep]` table whose keys are dotted paths
+//! into the file and whose values are arrays: the run is the Cartesian product.
+//!
+//! ```toml
+//! name = "quickstart"
+//! seed = 42
+//! [model]
+//! name = "meta-llama/Meta-Llama-3-8B"      # built-in shape, or config = "path/config.json"
+//! [cluster]
+//! device = "h100"
+//! num_replicas = 1
+//! [scheduler]
+//! policy = { type = "sarathi", chunk_size = 512 }
+//! [workload]
+//! num_requests = 1000
+//! arrival = { type = "poisson", qps = 4.0 }
+//! lengths = { type = "trace", path = "../traces/azure_conv_synth.csv" }
+//! [sweep]
+//! "scheduler.policy" = [{ type = "sarathi", chunk_size = 512 }, { type = "vllm_v1" }]
+//! "workload.arrival.qps" = [2.0, 4.0]
+//! ```
+//!
+//! Input paths (traces, profiles, model configs) are relative to the experiment file's folder;
+//! the output folder is relative to the working directory.
+
+use crate::catalog::{self, DeviceSpec};
+use crate::error::{Result, SimError};
+use crate::predictor::PredictorConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use vajra_core::config::{CacheConfig, ModelConfig, ParallelConfig};
+use vajra_core::router::RouterConfig;
+use vajra_core::sched::config::SchedulerConfig;
+use vajra_metrics::SloConfig;
+use vajra_workload::WorkloadConfig;
+
+/// The model of every replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A built-in shape (`vajra-sim list` prints them), e.g. `meta-llama/Meta-Llama-3-8B`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A Hugging Face `config.json` instead of a built-in name.
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// Override of the longest sequence (prompt + output).
+    #[serde(default)]
+    pub max_model_len: Option<u32>,
+}
+
+/// The cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// Device kind (`h100`, `h200`, `a100`).
+    pub device: String,
+    /// Replicas.
+    #[serde(default = "one")]
+    pub num_replicas: u32,
+    /// Tensor-parallel width of a replica.
+    #[serde(default = "one")]
+    pub tensor_parallel: u32,
+    /// Pipeline stages of a replica.
+    #[serde(default = "one")]
+    pub pipeline_parallel: u32,
+    /// Override of the device price per hour (US dollars), for capacity per dollar.
+    #[serde(default)]
+    pub price_per_hour: Option<f64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What a run writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// Output folder (default `runs/<name>`), relative to the working directory.
+    pub dir: Option<PathBuf>,
+    /// Write `trace.json` (Chrome/Perfetto, one slice per batch stage).
+    pub trace: bool,
+    /// Write `requests.parquet` and `batches.parquet`.
+    pub parquet: bool,
+    /// Write `requests.csv`.
+    pub csv: bool,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            dir: None,
+            trace: true,
+            parquet: true,
+            csv: true,
+        }
+    }
+}
+
+fn default_seed() -> u64 {
+    42
+}
+
+/// One experiment (one point of a sweep).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Name (default: the file name without extension).
+    #[serde(default)]
+    pub name: String,
+    /// Root seed: every random stream derives from it.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Model.
+    pub model: ModelSpec,
+    /// Cluster.
+    pub cluster: ClusterSpec,
+    /// Scheduler of every replica.
+    pub scheduler: SchedulerConfig,
+    /// Global router.
+    #[serde(default)]
+    pub router: RouterConfig,
+    /// KV cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Execution-time predictor.
+    #[serde(default)]
+    pub predictor: PredictorConfig,
+    /// Workload.
+    pub workload: WorkloadConfig,
+    /// Service-level objectives.
+    #[serde(default)]
+    pub slo: SloConfig,
+    /// Outputs.
+    #[serde(default)]
+    pub output: OutputConfig,
+}
+
+/// One point of an experiment file.
+#[derive(Debug, Clone)]
+pub struct Point {
+    /// Label (`policy=sarathi,qps=2`), empty without a sweep.
+    pub label: String,
+    /// Folder name under the output folder, empty without a sweep.
+    pub folder: String,
+    /// The values this point sets, by sweep key.
+    pub overrides: Vec<(String, String)>,
+    /// The experiment.
+    pub experiment: Experiment,
+}
+
+/// An experiment file, expanded.
+#[derive(Debug, Clone)]
+pub struct ExperimentFile {
+    /// The file.
+    pub path: PathBuf,
+    /// Its folder (base of relative input paths).
+    pub base: PathBuf,
+    /// Its points (one without a sweep).
+    pub points: Vec<Point>,
+    /// Whether it has a `[sweep]`.
+    pub is_sweep: bool,
+}
+
+fn short_value(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Table(t) => {
+            let mut parts: Vec<String> = Vec::new();
+            if let Some(ty) = t.get("type") {
+                parts.push(short_value(ty));
+            }
+            for (k, x) in t {
+                if k != "type" && !matches!(x, toml::Value::Table(_) | toml::Value::Array(_)) {
+                    parts.push(format!("{k}{}", short_value(x)));
+                }
+            }
+            parts.join("-")
+        }
+        toml::Value::Array(a) => a.iter().map(short_value).collect::<Vec<_>>().join("+"),
+        toml::Value::Datetime(d) => d.to_string(),
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '=') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn set_path(
+    root: &mut toml::Table,
+    key: &str,
+    value: toml::Value,
+) -> std::result::Result<(), String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut t = root;
+    for (i, p) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            t.insert((*p).to_owned(), value);
+            return Ok(());
+        }
+        let entry = t
+            .entry((*p).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = match entry {
+            toml::Value::Table(t) => t,
+            other => {
+                return Err(format!(
+                    "`{}` is a {}, not a table",
+                    parts[..=i].join("."),
+                    other.type_str()
+                ));
+            }
+        };
+    }
+    Ok(())
+}
+
+impl ExperimentFile {
+    /// Reads, expands and validates an experiment file.
+    ///
+    /// # Errors
+    /// An unreadable file, malformed TOML, an unknown key, a bad value, or a bad sweep.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| SimError::Experiment {
+            path: path.to_owned(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let exp_err = |message: String| SimError::Experiment {
+            path: path.to_owned(),
+            message,
+        };
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| exp_err(format!("not valid TOML: {e}")))?;
+        let sweep = match table.remove("sweep") {
+            None => None,
+            Some(toml::Value::Table(s)) => Some(s),
+            Some(other) => {
+                return Err(exp_err(format!(
+                    "`sweep` must be a table of dotted keys to arrays, not a {}",
+                    other.type_str()
+                )));
+            }
+        };
+        let stem = path
+            .file_stem()
+            .map_or_else(|| "experiment".into(), |s| s.to_string_lossy().into_owned());
+        let base = path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+        let is_sweep = sweep.is_some();
+        // Without a sweep, parse the text itself so errors carry line numbers.
+        let mut combos: Vec<Vec<(String, toml::Value)>> = vec![Vec::new()];
+        if let Some(s) = &sweep {
+            if s.is_empty() {
+                return Err(exp_err("`sweep` is empty: give at least one key".into()));
+            }
+            for (k, v) in s {
+                let toml::Value::Array(values) = v else {
+                    return Err(exp_err(format!(
+                        "sweep key `{k}` must be an array of values, not a {}",
+                        v.type_str()
+                    )));
+                };
+                if values.is_empty() {
+                    return Err(exp_err(format!("sweep key `{k}` has no values")));
+                }
+                if k == "sweep" || k.starts_with("sweep.") {
+                    return Err(exp_err(format!("sweep key `{k}` cannot sweep the sweep")));
+                }
+                combos = combos
+                    .into_iter()
+                    .flat_map(|c| {
+                        values.iter().map(move |v| {
+                            let mut c = c.clone();
+                            c.push((k.clone(), v.clone()));
+                            c
+                        })
+                    })
+                    .collect();
+            }
+        }
+        let n = combos.len();
+        let mut points = Vec::with_capacity(n);
+        for (i, combo) in combos.into_iter().enumerate() {
+            let mut experiment: Experiment = if is_sweep {
+                let mut t = table.clone();
+                for (k, v) in &combo {
+                    set_path(&mut t, k, v.clone())
+                        .map_err(|m| exp_err(format!("sweep key `{k}`: {m}")))?;
+                }
+                let label = combo
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", short_value(v)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                toml::Value::Table(t)
+                    .try_into()
+                    .map_err(|e: toml::de::Error| exp_err(format!("sweep point {label}: {e}")))?
+            } else {
+                toml::from_str(&text).map_err(|e| exp_err(e.to_string()))?
+            };
+            if experiment.name.is_empty() {
+                experiment.name = stem.clone();
+            }
+            let overrides: Vec<(String, String)> = combo
+                .iter()
+                .map(|(k, v)| (k.clone(), short_value(v)))
+                .collect();
+            let label = overrides
+                .iter()
+                .map(|(k, v)| format!("{}={v}", k.rsplit('.').next().unwrap_or(k)))
+                .collect::<Vec<_>>()
+                .join(",");
+            let folder = if is_sweep {
+                sanitize(&format!("{i:03}-{label}"))
+            } else {
+                String::new()
+            };
+            validate(&experiment, &base).map_err(|e| match (&e, is_sweep) {
+                (_, true) => exp_err(format!("sweep point {label}: {e}")),
+                _ => e,
+            })?;
+            points.push(Point {
+                label,
+                folder,
+                overrides,
+                experiment,
+            });
+        }
+        Ok(ExperimentFile {
+            path: path.to_owned(),
+            base,
+            points,
+            is_sweep,
+        })
+    }
+}
+
+/// The model config an experiment names.
+///
+/// # Errors
+/// An unknown name, an unreadable `config.json`, both or neither given.
+pub fn resolve_model(spec: &ModelSpec, base: &Path) -> Result<ModelConfig> {
+    let mut m = match (&spec.name, &spec.config) {
+        (Some(n), None) => catalog::model(n).ok_or_else(|| {
+            SimError::invalid(
+                "model.name",
+                n,
+                format!(
+                    "a built-in model ({}) or model.config = path to a config.json",
+                    catalog::model_names()
+                ),
+            )
+        })?,
+        (None, Some(p)) => {
+            let path = base.join(p);
+            let text = std::fs::read_to_string(&path).map_err(|e| SimError::Experiment {
+                path: path.clone(),
+                message: format!("model.config: cannot read: {e}"),
+            })?;
+            let name = path
+                .parent()
+                .and_then(|d| d.file_name())
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+            ModelConfig::from_hf_config_json(&text, &name)?
+        }
+        (Some(_), Some(_)) => {
+            return Err(SimError::invalid(
+                "model",
+                "both name and config",
+                "one of model.name or model.config",
+            ));
+        }
+        (None, None) => {
+            return Err(SimError::invalid(
+                "model",
+                "(neither name nor config)",
+                "model.name = a built-in model, or model.config = a config.json",
+            ));
+        }
+    };
+    if let Some(l) = spec.max_model_len {
+        if l < 2 {
+            return Err(SimError::invalid(
+                "model.max_model_len",
+                l,
+                "an integer ≥ 2",
+            ));
+        }
+        m.max_model_len = l;
+    }
+    Ok(m)
+}
+
+/// The device an experiment names.
+///
+/// # Errors
+/// An unknown device or a bad price.
+pub fn resolve_device(c: &ClusterSpec) -> Result<DeviceSpec> {
+    let mut d = catalog::device(&c.device)
+        .ok_or_else(|| SimError::invalid("cluster.device", &c.device, catalog::device_names()))?;
+    if let Some(p) = c.price_per_hour {
+        if !(p.is_finite() && p >= 0.0) {
+            return Err(SimError::invalid(
+                "cluster.price_per_hour",
+                p,
+                "a finite number of dollars ≥ 0",
+            ));
+        }
+        d.price_per_hour = p;
+    }
+    Ok(d)
+}
+
+/// The replica shape.
+pub fn parallel(c: &ClusterSpec) -> ParallelConfig {
+    ParallelConfig {
+        tensor_parallel: c.tensor_parallel,
+        pipeline_parallel: c.pipeline_parallel,
+    }
+}
+
+/// Checks everything that can be checked without running.
+///
+/// # Errors
+/// The first bad field, named.
+pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
+    let m = resolve_model(&e.model, base)?;
+    resolve_device(&e.cluster)?;
+    if e.cluster.num_replicas < 1 || e.cluster.num_replicas > 100_000 {
+        return Err(SimError::invalid(
+            "cluster.num_replicas",
+            e.cluster.num_replicas,
+            "1 to 100000",
+        ));
+    }
+    parallel(&e.cluster).validate()?;
+    let tp = e.cluster.tensor_parallel;
+    let kv_ok = m.num_kv_heads % tp == 0 || tp % m.num_kv_heads == 0;
+    if m.num_heads % tp != 0 || !kv_ok {
+        return Err(SimError::invalid(
+            "cluster.tensor_parallel",
+            e.cluster.tensor_parallel,
+            format!(
+                "a width dividing the model's {} attention heads ({} KV heads)",
+                m.num_heads, m.num_kv_heads
+            ),
+        ));
+    }
+    if e.cluster.pipeline_parallel > m.num_layers {
+        return Err(SimError::invalid(
+            "cluster.pipeline_parallel",
+            e.cluster.pipeline_parallel,
+            format!("at most the model's {} layers", m.num_layers),
+        ));
+    }
+    e.scheduler.validate()?;
+    e.router.validate()?;
+    e.cache.validate()?;
+    e.predictor.validate()?;
+    e.workload.validate()?;
+    e.slo.validate()?;
+    for (field, p) in [
+        ("predictor.profile", e.predictor.profile.as_ref()),
+        ("predictor.network", e.predictor.network.as_ref()),
+    ] {
+        if let Some(p) = p
+            && p.as_os_str() != "roofline"
+            && !base.join(p).is_dir()
+        {
+            return Err(SimError::invalid(
+                field,
+                base.join(p).display(),
+                "an existing folder (relative to the experiment file), or \"roofline\"",
+            ));
+        }
+    }
+    for p in workload_paths(&e.workload) {
+        let full = base.join(p);
+        if !full.is_file() {
+            return Err(SimError::invalid(
+                "workload trace path",
+                full.display(),
+                "an existing file (relative to the experiment file)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn workload_paths(w: &WorkloadConfig) -> Vec<&Path> {
+    use vajra_workload::config::{ArrivalConfig, LengthsConfig};
+    let mut v = Vec::new();
+    if let ArrivalConfig::Trace(t) = &w.arrival {
+        v.push(t.path.as_path());
+    }
+    let lens = w
+        .lengths
+        .iter()
+        .chain(w.tenants.iter().filter_map(|t| t.lengths.as_ref()));
+    for l in lens {
+        if let LengthsConfig::Trace { path, .. } = l {
+            v.push(path.as_path());
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, body: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vajra-exp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    const BASE: &str = r#"
+[model]
+name = "Llama-2-7b-hf"
+[cluster]
+device = "h100"
+[scheduler]
+policy = { type = "sarathi", chunk_size = 512 }
+[workload]
+num_requests = 10
+arrival = { type = "poisson", qps = 1.0 }
+lengths = { type = "fixed", prompt = 100, output = 10 }
+"#;
+
+    #[test]
+    fn a_sweep_expands_to_the_cartesian_product_with_labels() {
+        let p = write(
+            "sweep.toml",
+            &format!(
+                "{BASE}\n[sweep]\n\"scheduler.policy\" = [{{ type = \"sarathi\", chunk_size = 256 }}, {{ type = \"vllm_v1\" }}]\n\"workload.arrival.qps\" = [1.0, 2.0, 4.0]\n"
+            ),
+        );
+        let f = ExperimentFile::load(&p).unwrap();
+        assert_eq!(f.points.len(), 6);
+        assert_eq!(f.points[0].label, "policy=sarathi-chunk_size256,qps=1");
+        assert_eq!(f.points[5].folder, "005-policy=vllm_v1_qps=4");
+        assert_eq!(f.points[0].experiment.name, "sweep");
+    }
+
+    #[test]
+    fn an_unknown_key_is_rejected_with_its_name_and_line() {
+        let p = write("unk.toml", &format!("{BASE}\n[cache]\nblok_size = 16\n"));
+        let e = ExperimentFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("blok_size") && e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_policy_lists_the_policies() {
+        let p = write("pol.toml", &BASE.replace("\"sarathi\"", "\"fifo\""));
+        let e = ExperimentFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("fifo") && e.contains("vllm_v1"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_model_or_device_names_the_built_ins() {
+        let p = write("m.toml", &BASE.replace("Llama-2-7b-hf", "gpt-5"));
+        let e = ExperimentFile::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("model.name") && e.contains("Meta-Llama-3-8B"),
+            "{e}"
+        );
+        let p = write("d.toml", &BASE.replace("\"h100\"", "\"tpu\""));
+        let e = ExperimentFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("cluster.device") && e.contains("a100"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_trace_file_is_named() {
+        let p = write(
+            "t.toml",
+            &BASE.replace(
+                "lengths = { type = \"fixed\", prompt = 100, output = 10 }",
+                "lengths = { type = \"trace\", path = \"nope.csv\" }",
+            ),
+        );
+        let e = ExperimentFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("nope.csv"), "{e}");
+    }
+
+    #[test]
+    fn a_sweep_value_that_is_not_an_array_is_rejected() {
+        let p = write("s.toml", &format!("{BASE}\n[sweep]\n\"seed\" = 3\n"));
+        let e = ExperimentFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("sweep key `seed`") && e.contains("array"), "{e}");
+    }
+}

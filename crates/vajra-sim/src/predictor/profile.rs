@@ -1,0 +1,411 @@
+//! Reading operator profiles: this project's folders under `profiles/` and Vidur's CSVs, which
+//! share one schema (see `profiles/README.md`).
+//!
+//! - `mlp.csv`: `time_stats.<op>.median` (ms per layer) by `num_tokens` and
+//!   `num_tensor_parallel_workers`, with the model's `n_embd`, `n_head`, `n_kv_head`.
+//! - `attention.csv` (optional): `time_stats.attn_prefill.median` on prefill rows
+//!   (`is_prefill`, `prefill_chunk_size`, `kv_cache_size`), `time_stats.attn_decode.median`
+//!   on decode rows (`batch_size`, `kv_cache_size`), `time_stats.attn_kv_cache_save.median`
+//!   (optional, 0 when absent as in Vidur's older files).
+//! - `all_reduce.csv`, `send_recv.csv` (optional, in the profile folder or a network folder):
+//!   `time_stats.<collective>.median` by `size` (bytes), `num_workers`, `devices_per_node`.
+
+use super::curve::Curve;
+use super::roofline::MLP_OPS;
+use crate::error::SimError;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use vajra_core::config::ModelConfig;
+
+/// A CSV table read as text cells, with column lookup that errors by name.
+struct Table {
+    path: PathBuf,
+    headers: HashMap<String, usize>,
+    names: Vec<String>,
+    rows: Vec<csv::StringRecord>,
+}
+
+impl Table {
+    fn read(path: &Path) -> Result<Self, SimError> {
+        let mut rdr = csv::Reader::from_path(path).map_err(|e| SimError::Profile {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let names: Vec<String> = rdr
+            .headers()
+            .map_err(|e| SimError::Profile {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?
+            .iter()
+            .map(str::to_owned)
+            .collect();
+        let headers = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        let rows = rdr
+            .records()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SimError::Profile {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        Ok(Table {
+            path: path.to_owned(),
+            headers,
+            names,
+            rows,
+        })
+    }
+
+    fn col(&self, name: &str) -> Result<usize, SimError> {
+        self.headers
+            .get(name)
+            .copied()
+            .ok_or_else(|| SimError::Profile {
+                path: self.path.clone(),
+                message: format!(
+                    "missing column `{name}` (found {} columns: {}…)",
+                    self.names.len(),
+                    self.names
+                        .iter()
+                        .take(8)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+    }
+
+    fn num(&self, row: usize, col: usize) -> Result<Option<f64>, SimError> {
+        let cell = self.rows[row].get(col).unwrap_or("").trim();
+        if cell.is_empty() {
+            return Ok(None);
+        }
+        match cell {
+            "True" | "true" => return Ok(Some(1.0)),
+            "False" | "false" => return Ok(Some(0.0)),
+            _ => {}
+        }
+        cell.parse::<f64>()
+            .map(Some)
+            .map_err(|_| SimError::Profile {
+                path: self.path.clone(),
+                message: format!(
+                    "line {}, column `{}`: `{cell}` is not a number",
+                    row + 2,
+                    self.names[col]
+                ),
+            })
+    }
+}
+
+/// Per-layer operator curves (ms by number of tokens) for one TP width.
+#[derive(Debug, Clone)]
+pub struct OpCurves {
+    /// Curve per `mlp.csv` operator present in the file.
+    pub ops: BTreeMap<String, Curve>,
+    /// Largest measured token count.
+    pub max_tokens: f64,
+}
+
+/// Reads `mlp.csv` rows for `tp`, checking that the file describes `model`.
+///
+/// # Errors
+/// A missing file or column, a malformed cell, no rows for `tp`, or a model mismatch.
+pub fn read_mlp(path: &Path, model: &ModelConfig, tp: u32) -> Result<OpCurves, SimError> {
+    let t = Table::read(path)?;
+    let tok = t.col("num_tokens")?;
+    let tpc = t.col("num_tensor_parallel_workers")?;
+    let embd = t.col("n_embd")?;
+    let head = t.col("n_head")?;
+    let mut tps = std::collections::BTreeSet::new();
+    let mut pts: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    let op_cols: Vec<(&str, Option<usize>)> = MLP_OPS
+        .iter()
+        .map(|op| {
+            (
+                *op,
+                t.headers.get(&format!("time_stats.{op}.median")).copied(),
+            )
+        })
+        .collect();
+    for (_, c) in &op_cols {
+        if c.is_none() {
+            continue;
+        }
+    }
+    for r in 0..t.rows.len() {
+        let Some(rtp) = t.num(r, tpc)? else { continue };
+        tps.insert(rtp as u32);
+        if rtp as u32 != tp {
+            continue;
+        }
+        let (e, h) = (t.num(r, embd)?, t.num(r, head)?);
+        if e != Some(f64::from(model.hidden_size)) || h != Some(f64::from(model.num_heads)) {
+            return Err(SimError::Profile {
+                path: path.to_owned(),
+                message: format!(
+                    "line {}: profile is for n_embd = {:?}, n_head = {:?} but the model {} has hidden_size = {}, num_heads = {}",
+                    r + 2,
+                    e,
+                    h,
+                    model.name,
+                    model.hidden_size,
+                    model.num_heads
+                ),
+            });
+        }
+        let Some(n) = t.num(r, tok)? else { continue };
+        for (op, c) in &op_cols {
+            if let Some(c) = c
+                && let Some(v) = t.num(r, *c)?
+            {
+                pts.entry(op).or_default().push((n, v));
+            }
+        }
+    }
+    if tps.is_empty() || !tps.contains(&tp) {
+        return Err(SimError::Profile {
+            path: path.to_owned(),
+            message: format!(
+                "no rows for tensor_parallel = {tp} (the file has {:?})",
+                tps.into_iter().collect::<Vec<_>>()
+            ),
+        });
+    }
+    for need in [
+        "attn_pre_proj",
+        "attn_post_proj",
+        "mlp_up_proj",
+        "mlp_down_proj",
+    ] {
+        if !pts.contains_key(need) {
+            return Err(SimError::Profile {
+                path: path.to_owned(),
+                message: format!("missing column `time_stats.{need}.median`"),
+            });
+        }
+    }
+    let mut ops = BTreeMap::new();
+    let mut max_tokens: f64 = 0.0;
+    for (op, p) in pts {
+        let c = Curve::new(p).ok_or_else(|| SimError::Profile {
+            path: path.to_owned(),
+            message: format!("column `time_stats.{op}.median` has no usable values"),
+        })?;
+        max_tokens = max_tokens.max(c.x_max());
+        ops.insert(op.to_owned(), c);
+    }
+    Ok(OpCurves { ops, max_tokens })
+}
+
+/// Attention fitted from measured rows, ms per layer:
+/// prefill `a + b·c + e·c·(k + c/2)` summed over chunks (one `a` per batch), decode
+/// `a + b·B + e·ΣK`, KV save `a + b·T`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionFit {
+    /// Prefill coefficients.
+    pub prefill: [f64; 3],
+    /// Decode coefficients.
+    pub decode: [f64; 3],
+    /// KV-save coefficients.
+    pub kv_save: [f64; 2],
+    /// Mean absolute percentage error of the fit on its rows (prefill, decode).
+    pub mape: (f64, f64),
+}
+
+/// Weighted (relative-error) least squares for up to 3 features; coefficients clamped at 0.
+fn fit<const N: usize>(rows: &[([f64; N], f64)]) -> [f64; N] {
+    let mut a = [[0.0f64; N]; N];
+    let mut b = [0.0f64; N];
+    for (x, y) in rows {
+        let w = 1.0 / (y * y).max(1e-12);
+        for i in 0..N {
+            b[i] += w * x[i] * y;
+            for j in 0..N {
+                a[i][j] += w * x[i] * x[j];
+            }
+        }
+    }
+    // Gaussian elimination with partial pivoting.
+    let mut idx: Vec<usize> = (0..N).collect();
+    for col in 0..N {
+        let piv = (col..N)
+            .max_by(|&p, &q| a[idx[p]][col].abs().total_cmp(&a[idx[q]][col].abs()))
+            .unwrap_or(col);
+        idx.swap(col, piv);
+        let pr = idx[col];
+        if a[pr][col].abs() < 1e-300 {
+            continue;
+        }
+        for r in (col + 1)..N {
+            let rr = idx[r];
+            let f = a[rr][col] / a[pr][col];
+            for c in col..N {
+                a[rr][c] -= f * a[pr][c];
+            }
+            b[rr] -= f * b[pr];
+        }
+    }
+    let mut x = [0.0f64; N];
+    for col in (0..N).rev() {
+        let pr = idx[col];
+        if a[pr][col].abs() < 1e-300 {
+            continue;
+        }
+        let mut s = b[pr];
+        for c in (col + 1)..N {
+            s -= a[pr][c] * x[c];
+        }
+        x[col] = s / a[pr][col];
+    }
+    x.map(|v| v.max(0.0))
+}
+
+fn mape<const N: usize>(rows: &[([f64; N], f64)], c: &[f64; N]) -> f64 {
+    if rows.is_empty() {
+        return 0.0;
+    }
+    rows.iter()
+        .map(|(x, y)| {
+            let p: f64 = x.iter().zip(c).map(|(a, b)| a * b).sum();
+            ((p - y) / y).abs()
+        })
+        .sum::<f64>()
+        / rows.len() as f64
+}
+
+/// Reads and fits `attention.csv` rows for `tp`.
+///
+/// # Errors
+/// A missing column, a malformed cell, or no prefill or decode rows for `tp`.
+pub fn read_attention(path: &Path, tp: u32) -> Result<AttentionFit, SimError> {
+    let t = Table::read(path)?;
+    let tpc = t.col("num_tensor_parallel_workers")?;
+    let is_pre = t.col("is_prefill")?;
+    let bs = t.col("batch_size")?;
+    let chunk = t.col("prefill_chunk_size")?;
+    let kv = t.col("kv_cache_size")?;
+    let pre_t = t.col("time_stats.attn_prefill.median")?;
+    let dec_t = t.col("time_stats.attn_decode.median")?;
+    let save_t = t
+        .headers
+        .get("time_stats.attn_kv_cache_save.median")
+        .copied();
+    let mut pre: Vec<([f64; 3], f64)> = Vec::new();
+    let mut dec: Vec<([f64; 3], f64)> = Vec::new();
+    let mut save: Vec<([f64; 2], f64)> = Vec::new();
+    for r in 0..t.rows.len() {
+        if t.num(r, tpc)? != Some(f64::from(tp)) {
+            continue;
+        }
+        let k = t.num(r, kv)?.unwrap_or(0.0);
+        let b = t.num(r, bs)?.unwrap_or(1.0);
+        if t.num(r, is_pre)? == Some(1.0) {
+            let c = t.num(r, chunk)?.unwrap_or(0.0);
+            if let Some(y) = t.num(r, pre_t)?
+                && y > 0.0
+                && c > 0.0
+            {
+                pre.push(([1.0, c, c * (k + c / 2.0)], y));
+            }
+            if let Some(c_s) = save_t
+                && let Some(y) = t.num(r, c_s)?
+                && y > 0.0
+            {
+                save.push(([1.0, c], y));
+            }
+        } else {
+            if let Some(y) = t.num(r, dec_t)?
+                && y > 0.0
+            {
+                dec.push(([1.0, b, b * k], y));
+            }
+            if let Some(c_s) = save_t
+                && let Some(y) = t.num(r, c_s)?
+                && y > 0.0
+            {
+                save.push(([1.0, b], y));
+            }
+        }
+    }
+    if pre.is_empty() || dec.is_empty() {
+        return Err(SimError::Profile {
+            path: path.to_owned(),
+            message: format!(
+                "needs prefill and decode rows for tensor_parallel = {tp} (found {} prefill, {} decode)",
+                pre.len(),
+                dec.len()
+            ),
+        });
+    }
+    let p = fit(&pre);
+    let d = fit(&dec);
+    let s = if save.is_empty() {
+        [0.0, 0.0]
+    } else {
+        fit(&save)
+    };
+    Ok(AttentionFit {
+        prefill: p,
+        decode: d,
+        kv_save: s,
+        mape: (mape(&pre, &p), mape(&dec, &d)),
+    })
+}
+
+/// Reads a collective's curve (ms by bytes) from a Vidur network CSV for `workers` devices:
+/// rows with `num_workers == workers`, preferring `devices_per_node == workers` (one node), the
+/// median over ranks.
+///
+/// # Errors
+/// A missing column, a malformed cell or no rows for `workers`.
+pub fn read_collective(path: &Path, collective: &str, workers: u32) -> Result<Curve, SimError> {
+    let t = Table::read(path)?;
+    let nw = t.col("num_workers")?;
+    let size = t.col("size")?;
+    let dpn = t.col("devices_per_node")?;
+    let tc = t.col(&format!("time_stats.{collective}.median"))?;
+    let mut same_node = Vec::new();
+    let mut any = Vec::new();
+    for r in 0..t.rows.len() {
+        if t.num(r, nw)? != Some(f64::from(workers)) {
+            continue;
+        }
+        let (Some(s), Some(y)) = (t.num(r, size)?, t.num(r, tc)?) else {
+            continue;
+        };
+        if t.num(r, dpn)? == Some(f64::from(workers)) {
+            same_node.push((s, y));
+        }
+        any.push((s, y));
+    }
+    let pts = if same_node.is_empty() { any } else { same_node };
+    Curve::new(pts).ok_or_else(|| SimError::Profile {
+        path: path.to_owned(),
+        message: format!("no rows with num_workers = {workers}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn least_squares_recovers_exact_coefficients() {
+        let rows: Vec<([f64; 3], f64)> = (1..20)
+            .map(|i| {
+                let x = [1.0, f64::from(i), f64::from(i * i)];
+                (x, 0.5 + 0.25 * x[1] + 0.125 * x[2])
+            })
+            .collect();
+        let c = fit(&rows);
+        assert!(
+            (c[0] - 0.5).abs() < 1e-9 && (c[1] - 0.25).abs() < 1e-9 && (c[2] - 0.125).abs() < 1e-9,
+            "{c:?}"
+        );
+    }
+}

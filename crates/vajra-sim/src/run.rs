@@ -1,0 +1,316 @@
+//! Running one point of an experiment and writing its run folder.
+
+use crate::catalog::DeviceSpec;
+use crate::error::{Result, SimError};
+use crate::experiment::{self, ExperimentFile, Point};
+use crate::memory::{self, MemoryPlan};
+use crate::predictor::{self, Predictor};
+use crate::sim::{self, SimSpec, StageSlice};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use vajra_core::config::ModelConfig;
+use vajra_metrics::Summary;
+use vajra_metrics::output::{Tables, write_run};
+use vajra_metrics::summary::ClusterFacts;
+use vajra_workload::RequestSource;
+
+/// Facts about how a point was set up (in `summary.json` under `setup`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Setup {
+    /// Model shape.
+    pub model: ModelConfig,
+    /// Device.
+    pub device: DeviceSpec,
+    /// Replicas.
+    pub num_replicas: u32,
+    /// Tensor-parallel width.
+    pub tensor_parallel: u32,
+    /// Pipeline stages.
+    pub pipeline_parallel: u32,
+    /// Memory plan of a replica.
+    pub memory: MemoryPlan,
+    /// Where the predictor's numbers come from.
+    pub predictor: Vec<String>,
+    /// Scheduler policy name.
+    pub policy: String,
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// Experiment name.
+    pub name: String,
+    /// Sweep label (empty without a sweep).
+    pub point: String,
+    /// Root seed.
+    pub seed: u64,
+    /// Setup facts.
+    pub setup: Setup,
+    /// Simulated time at the last event (s).
+    pub simulated_s: f64,
+    /// Metrics.
+    #[serde(flatten)]
+    pub metrics: Summary,
+}
+
+/// The result of one point.
+#[derive(Debug, Clone)]
+pub struct PointResult {
+    /// The point's label.
+    pub label: String,
+    /// Its sweep values.
+    pub overrides: Vec<(String, String)>,
+    /// Where it was written.
+    pub dir: PathBuf,
+    /// Its summary.
+    pub summary: RunSummary,
+    /// Wall time of the event loop (s).
+    pub loop_s: f64,
+    /// Wall time of the whole point including outputs (s).
+    pub wall_s: f64,
+    /// Events processed.
+    pub events: u64,
+    /// Warnings raised while setting it up.
+    pub warnings: Vec<String>,
+}
+
+/// Everything a point needs before its loop runs.
+pub struct Prepared {
+    /// The predictor.
+    pub predictor: Predictor,
+    /// The memory plan.
+    pub memory: MemoryPlan,
+    /// Setup facts.
+    pub setup: Setup,
+    /// Largest batch the scheduler can form, in tokens.
+    pub max_batch_tokens: u32,
+}
+
+/// Builds the predictor and memory plan of a point.
+///
+/// # Errors
+/// Bad model, device, profile, or a model that does not fit.
+pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
+    let e = &point.experiment;
+    let base = &file.base;
+    let model = experiment::resolve_model(&e.model, base)?;
+    let device = experiment::resolve_device(&e.cluster)?;
+    let par = experiment::parallel(&e.cluster);
+    let max_batch_tokens = e
+        .scheduler
+        .policy
+        .token_budget()
+        .unwrap_or(e.scheduler.max_num_seqs.saturating_mul(model.max_model_len))
+        .min(1 << 20);
+    let memory = memory::plan(
+        &model,
+        &device,
+        par,
+        &e.cache,
+        max_batch_tokens.min(1 << 16),
+    )?;
+    let mut warnings = Vec::new();
+    let compute: Option<PathBuf> = match &e.predictor.profile {
+        Some(p) if p.as_os_str() == "roofline" => None,
+        Some(p) => Some(base.join(p)),
+        None => {
+            let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+            let roots = [cwd, base.clone(), base.join("..")];
+            let found = predictor::find_profile(&roots, &device.name, &model);
+            if found.is_none() {
+                warnings.push(format!(
+                    "no profile for {} on {} under profiles/{{measured,generated}}/: using the roofline model (set predictor.profile = \"roofline\" to silence this)",
+                    model.name, device.name
+                ));
+            }
+            found
+        }
+    };
+    let network = e.predictor.network.as_ref().map(|p| base.join(p));
+    let mut predictor = Predictor::new(
+        &model,
+        &device,
+        par,
+        &e.predictor,
+        compute.as_deref(),
+        network.as_deref(),
+        max_batch_tokens,
+    )?;
+    warnings.append(&mut predictor.warnings);
+    predictor.warnings = warnings;
+    let setup = Setup {
+        model,
+        device,
+        num_replicas: e.cluster.num_replicas,
+        tensor_parallel: par.tensor_parallel,
+        pipeline_parallel: par.pipeline_parallel,
+        memory,
+        predictor: predictor.provenance.clone(),
+        policy: e.scheduler.policy.name().to_owned(),
+    };
+    Ok(Prepared {
+        predictor,
+        memory,
+        setup,
+        max_batch_tokens,
+    })
+}
+
+/// Runs one point and writes its folder `dir`.
+///
+/// # Errors
+/// Setup errors, a stalled simulation, or an output that cannot be written.
+pub fn run_point(
+    file: &ExperimentFile,
+    point: &Point,
+    dir: &Path,
+    trace: bool,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Result<PointResult> {
+    let t0 = Instant::now();
+    let e = &point.experiment;
+    let prep = prepare(file, point)?;
+    let mut source = RequestSource::new(
+        &e.workload,
+        e.seed,
+        &file.base,
+        prep.setup.model.max_model_len,
+    )?;
+    let spec = SimSpec {
+        num_replicas: e.cluster.num_replicas,
+        scheduler: &e.scheduler,
+        cache: &e.cache,
+        num_blocks: prep.memory.num_blocks,
+        max_model_len: prep.setup.model.max_model_len,
+        router: e.router,
+        predictor: &prep.predictor,
+        slo: &e.slo,
+        seed: e.seed,
+        trace: trace && e.output.trace,
+        progress,
+    };
+    let t_loop = Instant::now();
+    let res = sim::run(&spec, &mut source)?;
+    let loop_s = t_loop.elapsed().as_secs_f64();
+    let par = experiment::parallel(&e.cluster);
+    let devices = f64::from(par.world_size());
+    let facts = ClusterFacts {
+        num_replicas: e.cluster.num_replicas,
+        stages: par.pipeline_parallel,
+        num_blocks: prep.memory.num_blocks,
+        peak_flops: prep.setup.device.peak_flops * devices,
+        peak_bytes_per_s: prep.setup.device.mem_bandwidth * devices,
+        issued: res.issued,
+    };
+    let metrics = Summary::compute(&res.collector, &e.slo, &facts);
+    let summary = RunSummary {
+        name: e.name.clone(),
+        point: point.label.clone(),
+        seed: e.seed,
+        setup: prep.setup,
+        simulated_s: res.end.as_secs_f64(),
+        metrics,
+    };
+    std::fs::create_dir_all(dir).map_err(|err| SimError::Write {
+        path: dir.to_owned(),
+        message: err.to_string(),
+    })?;
+    let resolved = toml::to_string_pretty(e).map_err(|err| SimError::Write {
+        path: dir.join("config.resolved.toml"),
+        message: err.to_string(),
+    })?;
+    write_file(
+        &dir.join("config.resolved.toml"),
+        format!(
+            "# {} — point {:?} of {}, every default filled in; runnable as is.\n{resolved}",
+            e.name,
+            point.label,
+            file.path.display()
+        )
+        .as_bytes(),
+    )?;
+    write_run(
+        dir,
+        &res.collector,
+        &summary,
+        prep.memory.num_blocks,
+        Tables {
+            csv: e.output.csv,
+            parquet: e.output.parquet,
+        },
+    )?;
+    if spec.trace {
+        write_chrome_trace(
+            &dir.join("trace.json"),
+            &res.slices,
+            e.cluster.num_replicas,
+            par.pipeline_parallel,
+        )?;
+    }
+    Ok(PointResult {
+        label: point.label.clone(),
+        overrides: point.overrides.clone(),
+        dir: dir.to_owned(),
+        summary,
+        loop_s,
+        wall_s: t0.elapsed().as_secs_f64(),
+        events: res.events,
+        warnings: prep.predictor.warnings,
+    })
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| SimError::Write {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Writes a Chrome/Perfetto trace: one complete event per batch stage, `pid` = replica,
+/// `tid` = stage, times in microseconds.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn write_chrome_trace(
+    path: &Path,
+    slices: &[StageSlice],
+    replicas: u32,
+    stages: u32,
+) -> Result<()> {
+    let werr = |e: std::io::Error| SimError::Write {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let f = std::fs::File::create(path).map_err(werr)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    w.write_all(b"{\"displayTimeUnit\":\"ms\",\"traceEvents\":[\n")
+        .map_err(werr)?;
+    let mut first = true;
+    for r in 0..replicas {
+        for s in 0..stages {
+            if !first {
+                w.write_all(b",\n").map_err(werr)?;
+            }
+            first = false;
+            write!(
+                w,
+                "{{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":{r},\"tid\":{s},\"args\":{{\"name\":\"stage {s}\"}}}},\n{{\"ph\":\"M\",\"name\":\"process_name\",\"pid\":{r},\"tid\":{s},\"args\":{{\"name\":\"replica {r}\"}}}}"
+            )
+            .map_err(werr)?;
+        }
+    }
+    for sl in slices {
+        let ts = sl.start.0 as f64 / 1e3;
+        let dur = sl.dur.0 as f64 / 1e3;
+        write!(
+            w,
+            ",\n{{\"ph\":\"X\",\"name\":\"batch {}\",\"pid\":{},\"tid\":{},\"ts\":{ts:.3},\"dur\":{dur:.3},\"args\":{{\"size\":{},\"prefill_tokens\":{},\"decode_tokens\":{}}}}}",
+            sl.step, sl.replica, sl.stage, sl.size, sl.prefill_tokens, sl.decode_tokens
+        )
+        .map_err(werr)?;
+    }
+    w.write_all(b"\n]}\n").map_err(werr)?;
+    w.flush().map_err(werr)
+}

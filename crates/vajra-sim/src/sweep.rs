@@ -1,0 +1,199 @@
+//! Running every point of an experiment file, in parallel, and the sweep summary table.
+
+use crate::error::{Result, SimError};
+use crate::experiment::ExperimentFile;
+use crate::run::{PointResult, run_point};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How to run a file.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Output root (default: the experiment's `output.dir`, else `runs/<name>`).
+    pub out: Option<PathBuf>,
+    /// Worker threads for sweep points (0: one per core).
+    pub jobs: usize,
+    /// Write Chrome traces (when the experiment asks for them).
+    pub trace: bool,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// The output root of a file.
+pub fn out_root(file: &ExperimentFile, opts: &RunOptions) -> PathBuf {
+    opts.out.clone().unwrap_or_else(|| {
+        let e = &file.points[0].experiment;
+        e.output
+            .dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&e.name))
+    })
+}
+
+/// Runs every point; a sweep also gets `sweep.csv` and `sweep.md` in the root. Points are
+/// returned in file order.
+///
+/// # Errors
+/// The first point that fails (naming it), or a summary that cannot be written.
+pub fn run_file(file: &ExperimentFile, opts: &RunOptions) -> Result<Vec<PointResult>> {
+    let root = out_root(file, opts);
+    let total: Option<u64> = file
+        .points
+        .iter()
+        .map(|p| p.experiment.workload.num_requests)
+        .sum();
+    let bar = if opts.progress {
+        let b = ProgressBar::new(total.unwrap_or(0));
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} requests ({per_sec}) {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b.set_message(format!("{} point(s)", file.points.len()));
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.jobs)
+        .build()
+        .map_err(|e| SimError::invalid("--jobs", opts.jobs, e.to_string()))?;
+    let results: Vec<Result<PointResult>> = pool.install(|| {
+        file.points
+            .par_iter()
+            .map(|p| {
+                let dir = if file.is_sweep {
+                    root.join(&p.folder)
+                } else {
+                    root.clone()
+                };
+                let seen = AtomicU64::new(0);
+                let cb = |done: u64| {
+                    let prev = seen.swap(done, Ordering::Relaxed);
+                    bar.inc(done.saturating_sub(prev));
+                };
+                let r = run_point(file, p, &dir, opts.trace, Some(&cb));
+                if let Ok(ok) = &r {
+                    let done = ok.summary.metrics.requests_completed;
+                    bar.inc(done.saturating_sub(seen.load(Ordering::Relaxed)));
+                }
+                r.map_err(|e| match file.is_sweep {
+                    true => SimError::Experiment {
+                        path: file.path.clone(),
+                        message: format!("sweep point {}: {e}", p.label),
+                    },
+                    false => e,
+                })
+            })
+            .collect()
+    });
+    bar.finish_and_clear();
+    let results: Vec<PointResult> = results.into_iter().collect::<Result<_>>()?;
+    if file.is_sweep {
+        write_sweep_tables(&root, &results)?;
+    }
+    Ok(results)
+}
+
+/// Headline columns of a point: (name, value).
+pub fn headline(r: &PointResult) -> Vec<(&'static str, f64)> {
+    let m = &r.summary.metrics;
+    let l = &m.latency_s;
+    let kv = if m.replicas.is_empty() {
+        0.0
+    } else {
+        m.replicas.iter().map(|x| x.kv_usage_mean).sum::<f64>() / m.replicas.len() as f64
+    };
+    vec![
+        ("completed", m.requests_completed as f64),
+        ("req_per_s", m.throughput.requests_per_s),
+        ("out_tok_per_s", m.throughput.output_tokens_per_s),
+        ("ttft_p50_s", l.ttft.p50),
+        ("ttft_p99_s", l.ttft.p99),
+        ("tbt_p50_s", l.tbt.p50),
+        ("tbt_p99_s", l.tbt.p99),
+        ("tpot_p50_s", l.tpot.p50),
+        ("tpot_p99_s", l.tpot.p99),
+        ("e2e_p50_s", l.e2e.p50),
+        ("e2e_p99_s", l.e2e.p99),
+        ("sched_delay_p50_s", l.scheduling_delay.p50),
+        ("goodput_rps", m.slo.goodput_rps),
+        ("slo_attainment", m.slo.attainment),
+        ("preemptions", m.preemptions as f64),
+        ("prefix_hit_rate", m.prefix_cache_hit_rate),
+        ("kv_usage_mean", kv),
+        ("mfu", m.mfu),
+        ("batches", m.batches.count as f64),
+    ]
+}
+
+fn fmt_num(v: f64) -> String {
+    if v == v.trunc() && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// A Markdown table of the points' headline metrics.
+pub fn markdown_table(results: &[PointResult]) -> String {
+    let mut s = String::new();
+    let Some(first) = results.first() else {
+        return s;
+    };
+    let cols: Vec<&str> = headline(first).iter().map(|(n, _)| *n).collect();
+    let _ = writeln!(s, "| point | {} |", cols.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---:|".repeat(cols.len()));
+    for r in results {
+        let label = if r.label.is_empty() {
+            r.summary.name.clone()
+        } else {
+            r.label.clone()
+        };
+        let vals: Vec<String> = headline(r).iter().map(|(_, v)| fmt_num(*v)).collect();
+        let _ = writeln!(s, "| {label} | {} |", vals.join(" | "));
+    }
+    s
+}
+
+fn write_sweep_tables(root: &Path, results: &[PointResult]) -> Result<()> {
+    let werr = |p: &Path, e: String| SimError::Write {
+        path: p.to_owned(),
+        message: e,
+    };
+    std::fs::create_dir_all(root).map_err(|e| werr(root, e.to_string()))?;
+    let p = root.join("sweep.csv");
+    let mut w = csv::Writer::from_path(&p).map_err(|e| werr(&p, e.to_string()))?;
+    let keys: Vec<String> = results
+        .first()
+        .map(|r| r.overrides.iter().map(|(k, _)| k.clone()).collect())
+        .unwrap_or_default();
+    let mut header = vec!["point".to_owned(), "folder".to_owned()];
+    header.extend(keys.iter().cloned());
+    if let Some(r) = results.first() {
+        header.extend(headline(r).iter().map(|(n, _)| (*n).to_owned()));
+    }
+    w.write_record(&header)
+        .map_err(|e| werr(&p, e.to_string()))?;
+    for r in results {
+        let mut row = vec![
+            r.label.clone(),
+            r.dir
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ];
+        row.extend(r.overrides.iter().map(|(_, v)| v.clone()));
+        row.extend(headline(r).iter().map(|(_, v)| v.to_string()));
+        w.write_record(&row).map_err(|e| werr(&p, e.to_string()))?;
+    }
+    w.flush().map_err(|e| werr(&p, e.to_string()))?;
+    let p = root.join("sweep.md");
+    std::fs::write(&p, markdown_table(results)).map_err(|e| werr(&p, e.to_string()))
+}
