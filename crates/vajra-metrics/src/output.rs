@@ -66,6 +66,7 @@ pub fn write_parquet(path: &Path, columns: &[(&str, Column)]) -> Result<()> {
     let props = Arc::new(
         WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
+            .set_dictionary_enabled(false)
             .set_created_by("vajra".into())
             .build(),
     );

@@ -129,6 +129,23 @@ pub struct ReplicaSummary {
     pub mbu: f64,
 }
 
+/// One tenant's share of the service (multi-tenant runs).
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantSummary {
+    /// Tenant id (index in the workload's tenant list).
+    pub tenant: u32,
+    /// Requests completed.
+    pub completed: u64,
+    /// Prompt plus output tokens served.
+    pub tokens_served: u64,
+    /// Time to first token (s).
+    pub ttft: Distribution,
+    /// End-to-end latency (s).
+    pub e2e: Distribution,
+    /// Fraction of its requests meeting every per-request SLO.
+    pub slo_attainment: f64,
+}
+
 /// Everything `summary.json` holds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -160,6 +177,8 @@ pub struct Summary {
     pub batches: Batches,
     /// Per replica.
     pub replicas: Vec<ReplicaSummary>,
+    /// Per tenant (empty with a single tenant).
+    pub tenants: Vec<TenantSummary>,
     /// Mean MFU over replicas' busy time (FLOPs / (busy × peak)).
     pub mfu: f64,
     /// Mean MBU over replicas' busy time.
@@ -291,6 +310,31 @@ impl Summary {
         };
 
         let replicas = replica_summaries(c, facts, duration);
+        let mut tenant_ids: Vec<u32> = reqs.iter().map(|r| r.tenant).collect();
+        tenant_ids.sort_unstable();
+        tenant_ids.dedup();
+        let tenants = if tenant_ids.len() > 1 {
+            tenant_ids
+                .iter()
+                .map(|&t| {
+                    let mine: Vec<_> = reqs.iter().filter(|r| r.tenant == t).collect();
+                    let n_good = mine.iter().filter(|r| good(r)).count();
+                    TenantSummary {
+                        tenant: t,
+                        completed: mine.len() as u64,
+                        tokens_served: mine
+                            .iter()
+                            .map(|r| u64::from(r.prompt_tokens + r.output_tokens))
+                            .sum(),
+                        ttft: dist(mine.iter().filter_map(|r| r.ttft_s).collect()),
+                        e2e: dist(mine.iter().map(|r| r.e2e_s).collect()),
+                        slo_attainment: n_good as f64 / mine.len().max(1) as f64,
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let busy_total: f64 = c.batches.iter().map(|b| b.busy.as_secs_f64()).sum();
         let flops: f64 = c.batches.iter().map(|b| b.flops).sum();
         let bytes: f64 = c.batches.iter().map(|b| b.bytes).sum();
@@ -335,6 +379,7 @@ impl Summary {
             deadlines,
             batches,
             replicas,
+            tenants,
             mfu: ratio(flops, facts.peak_flops),
             mbu: ratio(bytes, facts.peak_bytes_per_s),
         }

@@ -190,6 +190,13 @@ pub fn model(name: &str) -> Option<ModelConfig> {
     })
 }
 
+/// Whether `tp` devices can shard the model's heads: the query heads split evenly, and the KV
+/// heads either split evenly or are replicated (`tp` a multiple of them).
+pub fn tp_divides(m: &ModelConfig, tp: u32) -> bool {
+    m.num_heads.is_multiple_of(tp)
+        && (m.num_kv_heads.is_multiple_of(tp) || tp.is_multiple_of(m.num_kv_heads))
+}
+
 /// Names of the built-in models, for error messages.
 pub fn model_names() -> String {
     models()

@@ -454,8 +454,7 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
     }
     parallel(&e.cluster).validate()?;
     let tp = e.cluster.tensor_parallel;
-    let kv_ok = m.num_kv_heads % tp == 0 || tp % m.num_kv_heads == 0;
-    if m.num_heads % tp != 0 || !kv_ok {
+    if !catalog::tp_divides(&m, tp) {
         return Err(SimError::invalid(
             "cluster.tensor_parallel",
             e.cluster.tensor_parallel,

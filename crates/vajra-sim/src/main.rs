@@ -154,6 +154,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let f = ExperimentFile::load(&file)?;
             for p in &f.points {
                 let prep = vajra_sim::run::prepare(&f, p)?;
+                // Reads traces too, so a missing column is caught before a run.
+                vajra_workload::RequestSource::new(
+                    &p.experiment.workload,
+                    p.experiment.seed,
+                    &f.base,
+                    prep.setup.model.max_model_len,
+                )?;
                 let label = if p.label.is_empty() {
                     "(single point)"
                 } else {

@@ -28,9 +28,7 @@ pub fn token_grid() -> Vec<u32> {
 pub fn tp_widths(m: &ModelConfig) -> Vec<u32> {
     [1, 2, 4, 8]
         .into_iter()
-        .filter(|tp| {
-            m.num_heads % tp == 0 && (m.num_kv_heads % tp == 0 || tp % m.num_kv_heads == 0)
-        })
+        .filter(|&tp| catalog::tp_divides(m, tp))
         .collect()
 }
 

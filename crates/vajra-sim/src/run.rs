@@ -301,13 +301,22 @@ pub fn write_chrome_trace(
             .map_err(werr)?;
         }
     }
+    // Microseconds with three decimals, formatted from integer nanoseconds (exact and fast).
     for sl in slices {
-        let ts = sl.start.0 as f64 / 1e3;
-        let dur = sl.dur.0 as f64 / 1e3;
+        let (ts, dur) = (sl.start.0, sl.dur.0);
         write!(
             w,
-            ",\n{{\"ph\":\"X\",\"name\":\"batch {}\",\"pid\":{},\"tid\":{},\"ts\":{ts:.3},\"dur\":{dur:.3},\"args\":{{\"size\":{},\"prefill_tokens\":{},\"decode_tokens\":{}}}}}",
-            sl.step, sl.replica, sl.stage, sl.size, sl.prefill_tokens, sl.decode_tokens
+            ",\n{{\"ph\":\"X\",\"name\":\"batch {}\",\"pid\":{},\"tid\":{},\"ts\":{}.{:03},\"dur\":{}.{:03},\"args\":{{\"size\":{},\"prefill_tokens\":{},\"decode_tokens\":{}}}}}",
+            sl.step,
+            sl.replica,
+            sl.stage,
+            ts / 1000,
+            ts % 1000,
+            dur / 1000,
+            dur % 1000,
+            sl.size,
+            sl.prefill_tokens,
+            sl.decode_tokens
         )
         .map_err(werr)?;
     }

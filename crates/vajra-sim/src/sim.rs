@@ -258,7 +258,12 @@ pub fn run(spec: &SimSpec<'_>, source: &mut RequestSource) -> Result<SimResult> 
             }
             replica_of[idx] = target;
             let rep = &mut replicas[target as usize];
-            rep.sched.add_request(req, now)?;
+            let (id, prompt, out) = (req.id, req.prompt.len(), req.max_tokens());
+            rep.sched.add_request(req, now).map_err(|e| {
+                SimError::Memory(format!(
+                    "request {id} ({prompt} prompt + {out} output tokens) cannot run on replica {target}: {e} (raise cache.num_blocks or cache.gpu_memory_utilization, or lower workload.max_tokens)"
+                ))
+            })?;
             if !rep.schedule_pending {
                 rep.schedule_pending = true;
                 q.push(now, EventKind::Schedule, target);

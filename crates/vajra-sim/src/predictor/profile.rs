@@ -230,37 +230,33 @@ fn fit<const N: usize>(rows: &[([f64; N], f64)]) -> [f64; N] {
             }
         }
     }
-    // Gaussian elimination with partial pivoting.
-    let mut idx: Vec<usize> = (0..N).collect();
+    // Gaussian elimination with partial pivoting (rows swapped in place).
     for col in 0..N {
         let piv = (col..N)
-            .max_by(|&p, &q| a[idx[p]][col].abs().total_cmp(&a[idx[q]][col].abs()))
+            .max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))
             .unwrap_or(col);
-        idx.swap(col, piv);
-        let pr = idx[col];
-        if a[pr][col].abs() < 1e-300 {
+        a.swap(col, piv);
+        b.swap(col, piv);
+        if a[col][col].abs() < 1e-300 {
             continue;
         }
-        for r in (col + 1)..N {
-            let rr = idx[r];
-            let f = a[rr][col] / a[pr][col];
-            for c in col..N {
-                a[rr][c] -= f * a[pr][c];
+        let pivot_row = a[col];
+        let pivot_b = b[col];
+        for (row, rhs) in a.iter_mut().zip(b.iter_mut()).skip(col + 1) {
+            let f = row[col] / pivot_row[col];
+            for (x, p) in row.iter_mut().zip(pivot_row.iter()).skip(col) {
+                *x -= f * p;
             }
-            b[rr] -= f * b[pr];
+            *rhs -= f * pivot_b;
         }
     }
     let mut x = [0.0f64; N];
     for col in (0..N).rev() {
-        let pr = idx[col];
-        if a[pr][col].abs() < 1e-300 {
+        if a[col][col].abs() < 1e-300 {
             continue;
         }
-        let mut s = b[pr];
-        for c in (col + 1)..N {
-            s -= a[pr][c] * x[c];
-        }
-        x[col] = s / a[pr][col];
+        let s: f64 = b[col] - ((col + 1)..N).map(|c| a[col][c] * x[c]).sum::<f64>();
+        x[col] = s / a[col][col];
     }
     x.map(|v| v.max(0.0))
 }

@@ -1,0 +1,313 @@
+//! End-to-end: the `vajra-sim` binary on the shipped experiments, checked through the files it
+//! writes; determinism; bad input.
+
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::RowAccessor;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vajra-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn sim(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vajra-sim"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("vajra-sim runs")
+}
+
+fn run_ok(file: &str, out: &Path) {
+    let o = sim(&["run", file, "-o", out.to_str().unwrap(), "--quiet"]);
+    assert!(
+        o.status.success(),
+        "{file}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Point folders of a run root (the root itself without a sweep).
+fn points(root: &Path) -> Vec<PathBuf> {
+    if root.join("summary.json").exists() {
+        return vec![root.to_owned()];
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("summary.json").exists())
+        .collect();
+    v.sort();
+    v
+}
+
+fn num(rec: &csv::StringRecord, h: &csv::StringRecord, col: &str) -> Option<f64> {
+    let i = h
+        .iter()
+        .position(|x| x == col)
+        .unwrap_or_else(|| panic!("column {col}"));
+    let s = rec.get(i).unwrap();
+    if s.is_empty() {
+        None
+    } else {
+        Some(s.parse().unwrap())
+    }
+}
+
+/// Every invariant a run folder must satisfy.
+fn check_point(dir: &Path) {
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let issued = summary["requests_issued"].as_u64().unwrap();
+    assert_eq!(
+        summary["requests_completed"].as_u64().unwrap(),
+        issued,
+        "{}",
+        dir.display()
+    );
+    let mut rdr = csv::Reader::from_path(dir.join("requests.csv")).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    let mut rows = 0u64;
+    let mut tbt_samples = 0u64;
+    for rec in rdr.records() {
+        let rec = rec.unwrap();
+        rows += 1;
+        let a = num(&rec, &h, "arrival_s").unwrap();
+        let s = num(&rec, &h, "first_scheduled_s").unwrap();
+        let f = num(&rec, &h, "first_token_s").unwrap();
+        let c = num(&rec, &h, "completed_s").unwrap();
+        assert!(
+            a <= s && s <= f && f <= c,
+            "timestamps out of order: {rec:?}"
+        );
+        let ttft = num(&rec, &h, "ttft_s").unwrap();
+        let e2e = num(&rec, &h, "e2e_s").unwrap();
+        assert!(ttft <= e2e + 1e-12, "TTFT > E2E: {rec:?}");
+        let n = num(&rec, &h, "output_tokens").unwrap() as u64;
+        let k = num(&rec, &h, "tbt_samples").unwrap() as u64;
+        assert_eq!(k, n - 1, "one TBT sample per gap: {rec:?}");
+        tbt_samples += k;
+        assert_eq!(
+            &rec[h.iter().position(|x| x == "finish_reason").unwrap()],
+            "length"
+        );
+    }
+    assert_eq!(rows, issued, "every request has a row");
+    assert_eq!(
+        summary["latency_s"]["tbt"]["count"].as_u64().unwrap(),
+        tbt_samples
+    );
+
+    // Per-replica KV never exceeds capacity, read back from batches.parquet.
+    let blocks = summary["setup"]["memory"]["num_blocks"].as_u64().unwrap() as i64;
+    let r = SerializedFileReader::new(std::fs::File::open(dir.join("batches.parquet")).unwrap())
+        .unwrap();
+    let schema = r.metadata().file_metadata().schema_descr();
+    let kv_col = (0..schema.num_columns())
+        .find(|&i| schema.column(i).name() == "kv_blocks_used")
+        .unwrap();
+    let mut batches = 0u64;
+    for row in r.get_row_iter(None).unwrap() {
+        let row = row.unwrap();
+        assert!(row.get_long(kv_col).unwrap() <= blocks);
+        batches += 1;
+    }
+    assert_eq!(batches, summary["batches"]["count"].as_u64().unwrap());
+    for m in ["ttft_s", "tbt_s", "tpot_s", "e2e_s", "scheduling_delay_s"] {
+        assert!(
+            dir.join("cdf").join(format!("{m}.csv")).exists(),
+            "cdf/{m}.csv"
+        );
+    }
+    if dir.join("trace.json").exists() {
+        let t: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("trace.json")).unwrap())
+                .unwrap();
+        let slices = t["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["ph"] == "X")
+            .count() as u64;
+        let stages = summary["setup"]["pipeline_parallel"].as_u64().unwrap();
+        assert_eq!(slices, batches * stages, "one slice per batch stage");
+    }
+    assert!(dir.join("config.resolved.toml").exists());
+}
+
+#[test]
+fn every_shipped_experiment_runs_and_its_outputs_hold_their_invariants() {
+    for name in ["quickstart", "routing", "prefix_caching", "fairness"] {
+        let out = tmp(name);
+        run_ok(&format!("experiments/{name}.toml"), &out);
+        let pts = points(&out);
+        assert!(!pts.is_empty(), "{name}: no run folders");
+        for p in &pts {
+            check_point(p);
+        }
+        if pts.len() > 1 {
+            assert!(out.join("sweep.csv").exists() && out.join("sweep.md").exists());
+        }
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+#[test]
+fn the_same_experiment_twice_gives_byte_identical_outputs() {
+    let (a, b) = (tmp("det-a"), tmp("det-b"));
+    run_ok("experiments/prefix_caching.toml", &a);
+    run_ok("experiments/prefix_caching.toml", &b);
+    let (pa, pb) = (points(&a), points(&b));
+    assert_eq!(pa.len(), pb.len());
+    for (x, y) in pa.iter().zip(&pb) {
+        for f in ["summary.json", "requests.csv", "trace.json"] {
+            assert!(
+                std::fs::read(x.join(f)).unwrap() == std::fs::read(y.join(f)).unwrap(),
+                "{} differs",
+                x.join(f).display()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&b);
+}
+
+#[test]
+fn a_pipeline_parallel_tensor_parallel_cluster_runs_with_pp_micro_batches() {
+    let dir = tmp("pp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let exp = dir.join("pp.toml");
+    std::fs::write(
+        &exp,
+        r#"
+[model]
+name = "meta-llama/Meta-Llama-3-70B"
+[cluster]
+device = "h100"
+num_replicas = 2
+tensor_parallel = 4
+pipeline_parallel = 2
+[scheduler]
+policy = { type = "vllm_v1", max_num_batched_tokens = 2048 }
+[predictor]
+profile = "roofline"
+[workload]
+num_requests = 200
+arrival = { type = "poisson", qps = 8.0 }
+lengths = { type = "independent", prompt = { type = "uniform", min = 100, max = 3000 }, output = { type = "uniform", min = 1, max = 200 } }
+"#,
+    )
+    .unwrap();
+    let out = dir.join("out");
+    run_ok(exp.to_str().unwrap(), &out);
+    check_point(&out);
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    // Two stages overlap: the stage busy fraction of a loaded replica stays meaningful.
+    assert_eq!(s["setup"]["pipeline_parallel"], 2);
+    assert!(s["replicas"][0]["busy_fraction"].as_f64().unwrap() > 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn validate_accepts_the_shipped_files() {
+    for name in ["quickstart", "routing", "prefix_caching", "fairness"] {
+        let o = sim(&["validate", &format!("experiments/{name}.toml")]);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(String::from_utf8_lossy(&o.stdout).contains("valid"));
+    }
+}
+
+fn fails_with(body: &str, needles: &[&str]) {
+    fails_in(body, needles, &["run", "validate"]);
+}
+
+fn fails_in(body: &str, needles: &[&str], cmds: &[&str]) {
+    let dir = tmp("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("t.csv"), "arrived_at,num_prefill_tokens\n0.0,12\n").unwrap();
+    let f = dir.join("bad.toml");
+    std::fs::write(&f, body).unwrap();
+    for &cmd in cmds {
+        let o = sim(&[
+            cmd,
+            f.to_str().unwrap(),
+            "-o",
+            dir.join("out").to_str().unwrap(),
+        ][..if cmd == "run" { 4 } else { 2 }]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{cmd} should fail");
+        assert!(!err.contains("panicked"), "{err}");
+        for n in needles {
+            assert!(err.contains(n), "{cmd}: `{n}` not in: {err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const GOOD: &str = r#"
+[model]
+name = "Llama-2-7b-hf"
+[cluster]
+device = "h100"
+[scheduler]
+policy = { type = "sarathi" }
+[predictor]
+profile = "roofline"
+[workload]
+num_requests = 10
+arrival = { type = "poisson", qps = 1.0 }
+lengths = { type = "fixed", prompt = 100, output = 10 }
+"#;
+
+#[test]
+fn malformed_toml_is_reported_with_its_location() {
+    fails_with("[model\nname = 1", &["not valid TOML", "line"]);
+}
+
+#[test]
+fn an_unknown_policy_names_the_allowed_ones() {
+    fails_with(
+        &GOOD.replace("\"sarathi\"", "\"lifo\""),
+        &["lifo", "vllm_v1", "sarathi"],
+    );
+}
+
+#[test]
+fn a_trace_missing_a_column_names_the_column() {
+    fails_with(
+        &GOOD.replace(
+            "lengths = { type = \"fixed\", prompt = 100, output = 10 }",
+            "lengths = { type = \"trace\", path = \"t.csv\" }",
+        ),
+        &["num_decode_tokens"],
+    );
+}
+
+#[test]
+fn a_model_too_big_for_the_device_says_so() {
+    fails_with(
+        &GOOD.replace("Llama-2-7b-hf", "Meta-Llama-3-70B"),
+        &["does not fit", "tensor_parallel"],
+    );
+}
+
+#[test]
+fn a_request_longer_than_the_kv_cache_is_an_error_not_a_hang() {
+    fails_in(
+        &GOOD.replace("[predictor]", "[cache]\nnum_blocks = 4\n[predictor]"),
+        &["request 0", "KV cache capacity", "cache.num_blocks"],
+        &["run"],
+    );
+}
