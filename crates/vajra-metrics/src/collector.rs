@@ -1,8 +1,11 @@
 //! Online collection of lifecycle events.
 
+use crate::error::Result;
+use crate::output::BatchSink;
 use crate::slo::{DeadlineState, SloConfig};
 use crate::stats::Multiset;
 use serde::Serialize;
+use std::path::Path;
 use vajra_core::ids::RequestId;
 use vajra_core::request::FinishReason;
 use vajra_core::sched::output::FinishedRecord;
@@ -96,8 +99,65 @@ struct Live {
     deadlines: DeadlineState,
 }
 
-/// Collects lifecycle events into records and pooled distributions.
+/// One replica's batch aggregates, kept online.
 #[derive(Debug, Clone, Default)]
+pub struct ReplicaAgg {
+    /// Batches run.
+    pub batches: u64,
+    /// Sum of stage busy time (ns).
+    pub busy_ns: u128,
+    /// FLOPs.
+    pub flops: f64,
+    /// Bytes moved.
+    pub bytes: f64,
+    /// ∫ KV blocks in use dt (blocks·ns), a step function between batch starts.
+    pub kv_block_ns: f64,
+    /// Span the integral covers (ns).
+    pub kv_span_ns: u64,
+    /// Most KV blocks in use.
+    pub kv_max_blocks: u32,
+    /// Start, KV blocks and end of the latest batch.
+    last: Option<(Timestamp, u32, Timestamp)>,
+}
+
+impl ReplicaAgg {
+    /// The integral and span including the latest batch up to its end.
+    pub fn kv_totals(&self) -> (f64, u64) {
+        match self.last {
+            Some((s, kv, e)) => {
+                let w = e.since(s).0;
+                (
+                    self.kv_block_ns + f64::from(kv) * w as f64,
+                    self.kv_span_ns + w,
+                )
+            }
+            None => (self.kv_block_ns, self.kv_span_ns),
+        }
+    }
+}
+
+/// Batch distributions and per-replica aggregates, kept online so that a run of millions of
+/// batches never holds them in memory (they stream to `batches.parquet` when asked).
+#[derive(Debug, Clone, Default)]
+pub struct BatchStats {
+    /// Batches.
+    pub count: u64,
+    /// Requests per batch.
+    pub size: Multiset,
+    /// Tokens per batch.
+    pub tokens: Multiset,
+    /// Prompt tokens per batch.
+    pub prefill: Multiset,
+    /// Output tokens per batch.
+    pub decode: Multiset,
+    /// Schedule-to-end latency per batch (ns).
+    pub latency: Multiset,
+    /// Per replica.
+    pub replicas: Vec<ReplicaAgg>,
+}
+
+/// Collects lifecycle events into records and pooled distributions.
+#[derive(Debug, Default)]
 pub struct Collector {
     token_deadlines: Option<(Duration, Duration)>,
     live: Vec<Live>,
@@ -105,8 +165,9 @@ pub struct Collector {
     pub tbt: Multiset,
     /// Finished requests, in completion order.
     pub requests: Vec<RequestRecord>,
-    /// Batches, in the order they ended.
-    pub batches: Vec<BatchRecord>,
+    /// Batch aggregates.
+    pub batches: BatchStats,
+    sink: Option<BatchSink>,
 }
 
 fn secs(t: Timestamp) -> f64 {
@@ -114,11 +175,36 @@ fn secs(t: Timestamp) -> f64 {
 }
 
 impl Collector {
-    /// A collector for the given SLOs (token deadlines are tracked when set).
-    pub fn new(slo: &SloConfig) -> Self {
+    /// A collector for the given SLOs (token deadlines are tracked when set) and replicas.
+    pub fn new(slo: &SloConfig, num_replicas: u32) -> Self {
         Collector {
             token_deadlines: slo.token_deadlines(),
+            batches: BatchStats {
+                replicas: vec![ReplicaAgg::default(); num_replicas as usize],
+                ..Default::default()
+            },
             ..Default::default()
+        }
+    }
+
+    /// Streams every batch to a Parquet file at `path` (`num_blocks` per replica gives the
+    /// `kv_usage` column).
+    ///
+    /// # Errors
+    /// The file cannot be created.
+    pub fn stream_batches(&mut self, path: &Path, num_blocks: u32) -> Result<()> {
+        self.sink = Some(BatchSink::create(path, num_blocks)?);
+        Ok(())
+    }
+
+    /// Flushes and closes the batch stream, if any.
+    ///
+    /// # Errors
+    /// A write that failed during the run or now.
+    pub fn finish(&mut self) -> Result<()> {
+        match self.sink.take() {
+            Some(s) => s.close(),
+            None => Ok(()),
         }
     }
 
@@ -199,8 +285,30 @@ impl Collector {
         });
     }
 
-    /// A batch ended.
+    /// A batch ended. Batches of one replica arrive in start order.
     pub fn on_batch(&mut self, b: BatchRecord) {
-        self.batches.push(b);
+        let st = &mut self.batches;
+        st.count += 1;
+        st.size.add(u64::from(b.num_requests));
+        st.tokens.add(u64::from(b.prefill_tokens + b.decode_tokens));
+        st.prefill.add(u64::from(b.prefill_tokens));
+        st.decode.add(u64::from(b.decode_tokens));
+        st.latency.add(b.end.since(b.start).0);
+        if let Some(r) = st.replicas.get_mut(b.replica as usize) {
+            r.batches += 1;
+            r.busy_ns += u128::from(b.busy.0);
+            r.flops += b.flops;
+            r.bytes += b.bytes;
+            r.kv_max_blocks = r.kv_max_blocks.max(b.kv_blocks_used);
+            if let Some((s, kv, _)) = r.last {
+                let w = b.start.since(s).0;
+                r.kv_block_ns += f64::from(kv) * w as f64;
+                r.kv_span_ns += w;
+            }
+            r.last = Some((b.start, b.kv_blocks_used, b.end));
+        }
+        if let Some(sink) = &mut self.sink {
+            sink.push(b);
+        }
     }
 }

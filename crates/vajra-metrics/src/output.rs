@@ -43,69 +43,178 @@ impl Column {
     }
 }
 
-/// Writes named columns of equal length as a Parquet file.
+/// A Parquet file written one row group at a time (bounded memory for any row count).
+pub struct ParquetStream {
+    path: std::path::PathBuf,
+    writer: SerializedFileWriter<std::fs::File>,
+}
+
+impl ParquetStream {
+    /// Creates the file with the schema of `columns` (names and kinds; values ignored).
+    ///
+    /// # Errors
+    /// The file cannot be created.
+    pub fn create(path: &Path, columns: &[(&str, Column)]) -> Result<Self> {
+        let fields: String = columns
+            .iter()
+            .map(|(n, c)| {
+                let utf8 = if matches!(c, Column::Str(_)) {
+                    " (UTF8)"
+                } else {
+                    ""
+                };
+                format!("{} {n}{utf8};", c.parquet_type())
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        let schema = Arc::new(
+            parse_message_type(&format!("message run {{ {fields} }}")).map_err(write_err(path))?,
+        );
+        let props = Arc::new(
+            WriterProperties::builder()
+                .set_compression(Compression::SNAPPY)
+                .set_dictionary_enabled(false)
+                .set_created_by("vajra".into())
+                .build(),
+        );
+        let file = std::fs::File::create(path).map_err(write_err(path))?;
+        let writer = SerializedFileWriter::new(file, schema, props).map_err(write_err(path))?;
+        Ok(ParquetStream {
+            path: path.to_owned(),
+            writer,
+        })
+    }
+
+    /// Appends one row group (columns in schema order, of equal length).
+    ///
+    /// # Errors
+    /// A write error.
+    pub fn write_group(&mut self, columns: &[(&str, Column)]) -> Result<()> {
+        let path = self.path.clone();
+        let path = path.as_path();
+        let mut rg = self.writer.next_row_group().map_err(write_err(path))?;
+        for (_, col) in columns {
+            let mut cw = rg
+                .next_column()
+                .map_err(write_err(path))?
+                .expect("one writer per schema column");
+            match col {
+                Column::I64(v) => cw.typed::<Int64Type>().write_batch(v, None, None),
+                Column::I32(v) => cw.typed::<Int32Type>().write_batch(v, None, None),
+                Column::F64(v) => cw.typed::<DoubleType>().write_batch(v, None, None),
+                Column::OptF64(v) => {
+                    let vals: Vec<f64> = v.iter().flatten().copied().collect();
+                    let defs: Vec<i16> = v.iter().map(|x| i16::from(x.is_some())).collect();
+                    cw.typed::<DoubleType>()
+                        .write_batch(&vals, Some(&defs), None)
+                }
+                Column::Str(v) => {
+                    let vals: Vec<ByteArray> =
+                        v.iter().map(|s| ByteArray::from(s.as_str())).collect();
+                    cw.typed::<ByteArrayType>().write_batch(&vals, None, None)
+                }
+            }
+            .map_err(write_err(path))?;
+            cw.close().map_err(write_err(path))?;
+        }
+        rg.close().map_err(write_err(path))?;
+        Ok(())
+    }
+
+    /// Finishes the file.
+    ///
+    /// # Errors
+    /// A write error.
+    pub fn close(self) -> Result<()> {
+        let path = self.path.clone();
+        self.writer.close().map_err(write_err(&path))?;
+        Ok(())
+    }
+}
+
+/// Writes named columns of equal length as a Parquet file (one row group).
 ///
 /// # Errors
 /// The file cannot be created or written.
 pub fn write_parquet(path: &Path, columns: &[(&str, Column)]) -> Result<()> {
-    let fields: String = columns
-        .iter()
-        .map(|(n, c)| {
-            let utf8 = if matches!(c, Column::Str(_)) {
-                " (UTF8)"
-            } else {
-                ""
-            };
-            format!("{} {n}{utf8};", c.parquet_type())
-        })
-        .collect::<Vec<_>>()
-        .join(" ");
-    let schema = Arc::new(
-        parse_message_type(&format!("message run {{ {fields} }}")).map_err(write_err(path))?,
-    );
-    let props = Arc::new(
-        WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_dictionary_enabled(false)
-            .set_created_by("vajra".into())
-            .build(),
-    );
-    let file = std::fs::File::create(path).map_err(write_err(path))?;
-    let mut w = SerializedFileWriter::new(file, schema, props).map_err(write_err(path))?;
-    let mut rg = w.next_row_group().map_err(write_err(path))?;
-    for (_, col) in columns {
-        let mut cw = rg
-            .next_column()
-            .map_err(write_err(path))?
-            .expect("one writer per schema column");
-        match col {
-            Column::I64(v) => cw.typed::<Int64Type>().write_batch(v, None, None),
-            Column::I32(v) => cw.typed::<Int32Type>().write_batch(v, None, None),
-            Column::F64(v) => cw.typed::<DoubleType>().write_batch(v, None, None),
-            Column::OptF64(v) => {
-                let vals: Vec<f64> = v.iter().flatten().copied().collect();
-                let defs: Vec<i16> = v.iter().map(|x| i16::from(x.is_some())).collect();
-                cw.typed::<DoubleType>()
-                    .write_batch(&vals, Some(&defs), None)
-            }
-            Column::Str(v) => {
-                let vals: Vec<ByteArray> = v.iter().map(|s| ByteArray::from(s.as_str())).collect();
-                cw.typed::<ByteArrayType>().write_batch(&vals, None, None)
-            }
-        }
-        .map_err(write_err(path))?;
-        cw.close().map_err(write_err(path))?;
-    }
-    rg.close().map_err(write_err(path))?;
-    w.close().map_err(write_err(path))?;
-    Ok(())
+    let mut s = ParquetStream::create(path, columns)?;
+    s.write_group(columns)?;
+    s.close()
 }
 
-fn request_columns(r: &[RequestRecord]) -> Vec<(&'static str, Column)> {
-    let i64c = |f: &dyn Fn(&RequestRecord) -> i64| Column::I64(r.iter().map(f).collect());
-    let f64c = |f: &dyn Fn(&RequestRecord) -> f64| Column::F64(r.iter().map(f).collect());
-    let optc =
-        |f: &dyn Fn(&RequestRecord) -> Option<f64>| Column::OptF64(r.iter().map(f).collect());
+/// Rows per row group of streamed tables.
+const GROUP_ROWS: usize = 1 << 16;
+
+/// Streams batch records to `batches.parquet` in row groups.
+pub struct BatchSink {
+    stream: ParquetStream,
+    buf: Vec<BatchRecord>,
+    num_blocks: u32,
+    error: Option<crate::MetricsError>,
+}
+
+impl std::fmt::Debug for BatchSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchSink")
+            .field("buffered", &self.buf.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BatchSink {
+    /// Creates the file.
+    ///
+    /// # Errors
+    /// The file cannot be created.
+    pub fn create(path: &Path, num_blocks: u32) -> Result<Self> {
+        Ok(BatchSink {
+            stream: ParquetStream::create(path, &batch_columns(&[], num_blocks))?,
+            buf: Vec::with_capacity(GROUP_ROWS),
+            num_blocks,
+            error: None,
+        })
+    }
+
+    /// Buffers a record, writing a row group when the buffer is full. A write error is kept
+    /// and reported by [`BatchSink::close`].
+    pub fn push(&mut self, b: BatchRecord) {
+        self.buf.push(b);
+        if self.buf.len() >= GROUP_ROWS && self.error.is_none() {
+            self.flush_group();
+        }
+    }
+
+    fn flush_group(&mut self) {
+        if let Err(e) = self
+            .stream
+            .write_group(&batch_columns(&self.buf, self.num_blocks))
+        {
+            self.error = Some(e);
+        }
+        self.buf.clear();
+    }
+
+    /// Writes what is buffered and closes the file.
+    ///
+    /// # Errors
+    /// Any write error of the run.
+    pub fn close(mut self) -> Result<()> {
+        if !self.buf.is_empty() && self.error.is_none() {
+            self.flush_group();
+        }
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        self.stream.close()
+    }
+}
+
+fn request_columns(r: &[&RequestRecord]) -> Vec<(&'static str, Column)> {
+    let i64c = |f: &dyn Fn(&RequestRecord) -> i64| Column::I64(r.iter().map(|x| f(x)).collect());
+    let f64c = |f: &dyn Fn(&RequestRecord) -> f64| Column::F64(r.iter().map(|x| f(x)).collect());
+    let optc = |f: &dyn Fn(&RequestRecord) -> Option<f64>| {
+        Column::OptF64(r.iter().map(|x| f(x)).collect())
+    };
     vec![
         ("request_id", i64c(&|x| x.request_id as i64)),
         ("replica", i64c(&|x| i64::from(x.replica))),
@@ -181,11 +290,13 @@ fn batch_columns(b: &[BatchRecord], num_blocks: u32) -> Vec<(&'static str, Colum
 pub struct Tables {
     /// `requests.csv`.
     pub csv: bool,
-    /// `requests.parquet` and `batches.parquet`.
+    /// `requests.parquet` (`batches.parquet` streams during the run: see
+    /// [`Collector::stream_batches`]).
     pub parquet: bool,
 }
 
-/// Writes the tables, the summary and the CDFs of a run into `dir` (created if needed).
+/// Writes the request tables, the summary and the CDFs of a run into `dir` (created if
+/// needed).
 ///
 /// # Errors
 /// Any file that cannot be written.
@@ -193,7 +304,6 @@ pub fn write_run(
     dir: &Path,
     c: &Collector,
     summary: &impl serde::Serialize,
-    num_blocks: u32,
     tables: Tables,
 ) -> Result<()> {
     std::fs::create_dir_all(dir.join("cdf")).map_err(write_err(dir))?;
@@ -208,12 +318,12 @@ pub fn write_run(
         w.flush().map_err(write_err(&p))?;
     }
     if tables.parquet {
-        let owned: Vec<RequestRecord> = reqs.iter().map(|r| (*r).clone()).collect();
-        write_parquet(&dir.join("requests.parquet"), &request_columns(&owned))?;
-        write_parquet(
-            &dir.join("batches.parquet"),
-            &batch_columns(&c.batches, num_blocks),
-        )?;
+        let p = dir.join("requests.parquet");
+        let mut s = ParquetStream::create(&p, &request_columns(&[]))?;
+        for chunk in reqs.chunks(GROUP_ROWS) {
+            s.write_group(&request_columns(chunk))?;
+        }
+        s.close()?;
     }
     let p = dir.join("summary.json");
     let mut s = serde_json::to_string_pretty(summary).map_err(write_err(&p))?;

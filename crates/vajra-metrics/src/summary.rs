@@ -2,7 +2,7 @@
 
 use crate::collector::Collector;
 use crate::slo::SloConfig;
-use crate::stats::{Distribution, Multiset};
+use crate::stats::Distribution;
 use serde::Serialize;
 
 /// Facts about the cluster that metrics normalise by.
@@ -288,25 +288,14 @@ impl Summary {
         );
         let all_limits_met = limits.iter().all(|l| l.met) && reqs.len() as u64 == facts.issued;
 
-        let mut sizes = Multiset::default();
-        let mut tokens = Multiset::default();
-        let mut pre = Multiset::default();
-        let mut dec = Multiset::default();
-        let mut lat = Multiset::default();
-        for b in &c.batches {
-            sizes.add(u64::from(b.num_requests));
-            tokens.add(u64::from(b.prefill_tokens + b.decode_tokens));
-            pre.add(u64::from(b.prefill_tokens));
-            dec.add(u64::from(b.decode_tokens));
-            lat.add(b.end.since(b.start).0);
-        }
+        let bs = &c.batches;
         let batches = Batches {
-            count: c.batches.len() as u64,
-            size: sizes.distribution(1.0),
-            tokens: tokens.distribution(1.0),
-            prefill_tokens: pre.distribution(1.0),
-            decode_tokens: dec.distribution(1.0),
-            latency_s: lat.distribution(1e-9),
+            count: bs.count,
+            size: bs.size.distribution(1.0),
+            tokens: bs.tokens.distribution(1.0),
+            prefill_tokens: bs.prefill.distribution(1.0),
+            decode_tokens: bs.decode.distribution(1.0),
+            latency_s: bs.latency.distribution(1e-9),
         };
 
         let replicas = replica_summaries(c, facts, duration);
@@ -335,9 +324,9 @@ impl Summary {
         } else {
             Vec::new()
         };
-        let busy_total: f64 = c.batches.iter().map(|b| b.busy.as_secs_f64()).sum();
-        let flops: f64 = c.batches.iter().map(|b| b.flops).sum();
-        let bytes: f64 = c.batches.iter().map(|b| b.bytes).sum();
+        let busy_total: f64 = bs.replicas.iter().map(|r| r.busy_ns as f64 * 1e-9).sum();
+        let flops: f64 = bs.replicas.iter().map(|r| r.flops).sum();
+        let bytes: f64 = bs.replicas.iter().map(|r| r.bytes).sum();
         let stage_busy = busy_total / f64::from(facts.stages.max(1));
         let ratio = |x: f64, peak: f64| {
             if stage_busy > 0.0 && peak > 0.0 {
@@ -387,60 +376,43 @@ impl Summary {
 }
 
 fn replica_summaries(c: &Collector, facts: &ClusterFacts, duration: f64) -> Vec<ReplicaSummary> {
-    let n = facts.num_replicas as usize;
-    let mut out: Vec<ReplicaSummary> = (0..n)
-        .map(|i| ReplicaSummary {
-            replica: i as u32,
-            requests: 0,
-            batches: 0,
-            busy_fraction: 0.0,
-            kv_usage_mean: 0.0,
-            kv_usage_max: 0.0,
-            mfu: 0.0,
-            mbu: 0.0,
-        })
-        .collect();
+    let mut requests = vec![0u64; facts.num_replicas as usize];
     for r in &c.requests {
-        if let Some(s) = out.get_mut(r.replica as usize) {
-            s.requests += 1;
-        }
-    }
-    // Batches per replica in start order; KV usage is a step function between batch starts.
-    let mut per: Vec<Vec<&crate::collector::BatchRecord>> = vec![Vec::new(); n];
-    for b in &c.batches {
-        if let Some(v) = per.get_mut(b.replica as usize) {
-            v.push(b);
+        if let Some(n) = requests.get_mut(r.replica as usize) {
+            *n += 1;
         }
     }
     let blocks = f64::from(facts.num_blocks.max(1));
     let stages = f64::from(facts.stages.max(1));
-    for (i, bs) in per.iter_mut().enumerate() {
-        bs.sort_by_key(|b| (b.start, b.step));
-        let s = &mut out[i];
-        s.batches = bs.len() as u64;
-        let busy: f64 = bs.iter().map(|b| b.busy.as_secs_f64()).sum::<f64>() / stages;
-        if duration > 0.0 {
-            s.busy_fraction = busy / duration;
-        }
-        let mut weighted = 0.0;
-        let mut span = 0.0;
-        for (k, b) in bs.iter().enumerate() {
-            let until = bs.get(k + 1).map_or(b.end, |nx| nx.start);
-            let w = until.since(b.start).as_secs_f64();
-            let u = f64::from(b.kv_blocks_used) / blocks;
-            weighted += u * w;
-            span += w;
-            s.kv_usage_max = s.kv_usage_max.max(u);
-        }
-        if span > 0.0 {
-            s.kv_usage_mean = weighted / span;
-        }
-        if busy > 0.0 {
-            let f: f64 = bs.iter().map(|b| b.flops).sum();
-            let by: f64 = bs.iter().map(|b| b.bytes).sum();
-            s.mfu = f / (busy * facts.peak_flops);
-            s.mbu = by / (busy * facts.peak_bytes_per_s);
-        }
-    }
-    out
+    c.batches
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let busy = a.busy_ns as f64 * 1e-9 / stages;
+            let (kv_int, kv_span) = a.kv_totals();
+            ReplicaSummary {
+                replica: i as u32,
+                requests: requests.get(i).copied().unwrap_or(0),
+                batches: a.batches,
+                busy_fraction: if duration > 0.0 { busy / duration } else { 0.0 },
+                kv_usage_mean: if kv_span > 0 {
+                    kv_int / kv_span as f64 / blocks
+                } else {
+                    0.0
+                },
+                kv_usage_max: f64::from(a.kv_max_blocks) / blocks,
+                mfu: if busy > 0.0 {
+                    a.flops / (busy * facts.peak_flops)
+                } else {
+                    0.0
+                },
+                mbu: if busy > 0.0 {
+                    a.bytes / (busy * facts.peak_bytes_per_s)
+                } else {
+                    0.0
+                },
+            }
+        })
+        .collect()
 }

@@ -186,15 +186,39 @@ pub fn run_point(
         max_model_len: prep.setup.model.max_model_len,
         router: e.router,
         predictor: &prep.predictor,
-        slo: &e.slo,
         seed: e.seed,
-        trace: trace && e.output.trace,
         progress,
     };
-    let t_loop = Instant::now();
-    let res = sim::run(&spec, &mut source)?;
-    let loop_s = t_loop.elapsed().as_secs_f64();
     let par = experiment::parallel(&e.cluster);
+    std::fs::create_dir_all(dir).map_err(|err| SimError::Write {
+        path: dir.to_owned(),
+        message: err.to_string(),
+    })?;
+    let mut collector = vajra_metrics::Collector::new(&e.slo, e.cluster.num_replicas);
+    if e.output.parquet {
+        collector.stream_batches(&dir.join("batches.parquet"), prep.memory.num_blocks)?;
+    }
+    let mut tracer = if trace && e.output.trace {
+        Some(TraceWriter::create(
+            &dir.join("trace.json"),
+            e.cluster.num_replicas,
+            par.pipeline_parallel,
+        )?)
+    } else {
+        None
+    };
+    let mut on_slice = |sl: &StageSlice| {
+        if let Some(t) = tracer.as_mut() {
+            t.slice(sl);
+        }
+    };
+    let t_loop = Instant::now();
+    let mut res = sim::run(&spec, &mut source, collector, Some(&mut on_slice))?;
+    let loop_s = t_loop.elapsed().as_secs_f64();
+    res.collector.finish()?;
+    if let Some(t) = tracer {
+        t.finish()?;
+    }
     let devices = f64::from(par.world_size());
     let facts = ClusterFacts {
         num_replicas: e.cluster.num_replicas,
@@ -213,10 +237,6 @@ pub fn run_point(
         simulated_s: res.end.as_secs_f64(),
         metrics,
     };
-    std::fs::create_dir_all(dir).map_err(|err| SimError::Write {
-        path: dir.to_owned(),
-        message: err.to_string(),
-    })?;
     let resolved = toml::to_string_pretty(e).map_err(|err| SimError::Write {
         path: dir.join("config.resolved.toml"),
         message: err.to_string(),
@@ -235,20 +255,11 @@ pub fn run_point(
         dir,
         &res.collector,
         &summary,
-        prep.memory.num_blocks,
         Tables {
             csv: e.output.csv,
             parquet: e.output.parquet,
         },
     )?;
-    if spec.trace {
-        write_chrome_trace(
-            &dir.join("trace.json"),
-            &res.slices,
-            e.cluster.num_replicas,
-            par.pipeline_parallel,
-        )?;
-    }
     Ok(PointResult {
         label: point.label.clone(),
         overrides: point.overrides.clone(),
@@ -268,44 +279,57 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Writes a Chrome/Perfetto trace: one complete event per batch stage, `pid` = replica,
-/// `tid` = stage, times in microseconds.
-///
-/// # Errors
-/// The file cannot be written.
-pub fn write_chrome_trace(
-    path: &Path,
-    slices: &[StageSlice],
-    replicas: u32,
-    stages: u32,
-) -> Result<()> {
-    let werr = |e: std::io::Error| SimError::Write {
-        path: path.to_owned(),
-        message: e.to_string(),
-    };
-    let f = std::fs::File::create(path).map_err(werr)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    w.write_all(b"{\"displayTimeUnit\":\"ms\",\"traceEvents\":[\n")
-        .map_err(werr)?;
-    let mut first = true;
-    for r in 0..replicas {
-        for s in 0..stages {
-            if !first {
-                w.write_all(b",\n").map_err(werr)?;
-            }
-            first = false;
-            write!(
-                w,
-                "{{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":{r},\"tid\":{s},\"args\":{{\"name\":\"stage {s}\"}}}},\n{{\"ph\":\"M\",\"name\":\"process_name\",\"pid\":{r},\"tid\":{s},\"args\":{{\"name\":\"replica {r}\"}}}}"
-            )
+/// Streams a Chrome/Perfetto trace: one complete event per batch stage, `pid` = replica,
+/// `tid` = stage, times in microseconds (three decimals, formatted from integer nanoseconds).
+pub struct TraceWriter {
+    path: PathBuf,
+    w: std::io::BufWriter<std::fs::File>,
+    error: Option<std::io::Error>,
+}
+
+impl TraceWriter {
+    /// Creates the file and writes the process and thread names.
+    ///
+    /// # Errors
+    /// The file cannot be created.
+    pub fn create(path: &Path, replicas: u32, stages: u32) -> Result<Self> {
+        let werr = |e: std::io::Error| SimError::Write {
+            path: path.to_owned(),
+            message: e.to_string(),
+        };
+        let f = std::fs::File::create(path).map_err(werr)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        w.write_all(b"{\"displayTimeUnit\":\"ms\",\"traceEvents\":[\n")
             .map_err(werr)?;
+        let mut first = true;
+        for r in 0..replicas {
+            for s in 0..stages {
+                if !first {
+                    w.write_all(b",\n").map_err(werr)?;
+                }
+                first = false;
+                write!(
+                    w,
+                    "{{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":{r},\"tid\":{s},\"args\":{{\"name\":\"stage {s}\"}}}},\n{{\"ph\":\"M\",\"name\":\"process_name\",\"pid\":{r},\"tid\":{s},\"args\":{{\"name\":\"replica {r}\"}}}}"
+                )
+                .map_err(werr)?;
+            }
         }
-    }
-    // Microseconds with three decimals, formatted from integer nanoseconds (exact and fast).
-    for sl in slices {
-        let (ts, dur) = (sl.start.0, sl.dur.0);
-        write!(
+        Ok(TraceWriter {
+            path: path.to_owned(),
             w,
+            error: None,
+        })
+    }
+
+    /// Appends one slice (a write error is kept for [`TraceWriter::finish`]).
+    pub fn slice(&mut self, sl: &StageSlice) {
+        if self.error.is_some() {
+            return;
+        }
+        let (ts, dur) = (sl.start.0, sl.dur.0);
+        if let Err(e) = write!(
+            self.w,
             ",\n{{\"ph\":\"X\",\"name\":\"batch {}\",\"pid\":{},\"tid\":{},\"ts\":{}.{:03},\"dur\":{}.{:03},\"args\":{{\"size\":{},\"prefill_tokens\":{},\"decode_tokens\":{}}}}}",
             sl.step,
             sl.replica,
@@ -317,9 +341,24 @@ pub fn write_chrome_trace(
             sl.size,
             sl.prefill_tokens,
             sl.decode_tokens
-        )
-        .map_err(werr)?;
+        ) {
+            self.error = Some(e);
+        }
     }
-    w.write_all(b"\n]}\n").map_err(werr)?;
-    w.flush().map_err(werr)
+
+    /// Closes the JSON and flushes.
+    ///
+    /// # Errors
+    /// Any write error.
+    pub fn finish(mut self) -> Result<()> {
+        let werr = |e: std::io::Error| SimError::Write {
+            path: self.path.clone(),
+            message: e.to_string(),
+        };
+        if let Some(e) = self.error.take() {
+            return Err(werr(e));
+        }
+        self.w.write_all(b"\n]}\n").map_err(werr)?;
+        self.w.flush().map_err(werr)
+    }
 }

@@ -30,7 +30,7 @@ use vajra_core::sched::Scheduler;
 use vajra_core::sched::config::SchedulerConfig;
 use vajra_core::sched::output::{ModelRunnerOutput, RequestEvent, SchedulerOutput, SchedulerStats};
 use vajra_core::time::{Duration, Timestamp};
-use vajra_metrics::{BatchRecord, Collector, SloConfig};
+use vajra_metrics::{BatchRecord, Collector};
 use vajra_workload::RequestSource;
 
 /// Kind of an event, with its rank at equal times.
@@ -156,12 +156,8 @@ pub struct SimSpec<'a> {
     pub router: RouterConfig,
     /// Predictor (one replica shape).
     pub predictor: &'a Predictor,
-    /// SLOs (token deadlines are tracked online).
-    pub slo: &'a SloConfig,
     /// Root seed (the router's random stream derives from it).
     pub seed: u64,
-    /// Keep a slice per batch stage for the Chrome trace.
-    pub trace: bool,
     /// Called now and then with the number of completed requests.
     pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
 }
@@ -170,8 +166,6 @@ pub struct SimSpec<'a> {
 pub struct SimResult {
     /// Lifecycle records and pooled distributions.
     pub collector: Collector,
-    /// Stage slices (empty unless traced).
-    pub slices: Vec<StageSlice>,
     /// Requests issued.
     pub issued: u64,
     /// Simulated time of the last event.
@@ -182,11 +176,18 @@ pub struct SimResult {
     pub replica_stats: Vec<SchedulerStats>,
 }
 
-/// Runs the workload to completion.
+/// Runs the workload to completion, recording into `collector` (see
+/// [`Collector::stream_batches`]) and handing every batch stage to `on_slice` (the Chrome
+/// trace) when given.
 ///
 /// # Errors
 /// A request the scheduler rejects, or a stall (requests that can never be scheduled).
-pub fn run(spec: &SimSpec<'_>, source: &mut RequestSource) -> Result<SimResult> {
+pub fn run(
+    spec: &SimSpec<'_>,
+    source: &mut RequestSource,
+    mut collector: Collector,
+    mut on_slice: Option<&mut dyn FnMut(&StageSlice)>,
+) -> Result<SimResult> {
     let pp = spec.predictor.stages();
     let mut replicas: Vec<Replica> = (0..spec.num_replicas)
         .map(|_| {
@@ -211,8 +212,6 @@ pub fn run(spec: &SimSpec<'_>, source: &mut RequestSource) -> Result<SimResult> 
     let mut q = EventQueue::default();
     let mut batches: Vec<Option<Batch>> = Vec::new();
     let mut free_slots: Vec<u32> = Vec::new();
-    let mut collector = Collector::new(spec.slo);
-    let mut slices = Vec::new();
     let mut loads = vec![ReplicaLoad::default(); spec.num_replicas as usize];
     let mut replica_of: Vec<u32> = Vec::new();
     let mut now = Timestamp::ZERO;
@@ -316,9 +315,9 @@ pub fn run(spec: &SimSpec<'_>, source: &mut RequestSource) -> Result<SimResult> 
                 let r = b.replica as usize;
                 let s = b.stage;
                 let rep = &mut replicas[r];
-                if spec.trace {
+                if let Some(f) = on_slice.as_mut() {
                     let dur = Duration(b.cost.stage_ns[s]);
-                    slices.push(StageSlice {
+                    f(&StageSlice {
                         replica: b.replica,
                         stage: s as u32,
                         step: b.out.step.0,
@@ -409,7 +408,6 @@ pub fn run(spec: &SimSpec<'_>, source: &mut RequestSource) -> Result<SimResult> 
         issued: source.issued(),
         replica_stats: replicas.iter().map(|r| r.sched.stats()).collect(),
         collector,
-        slices,
         end: now,
         events,
     })
