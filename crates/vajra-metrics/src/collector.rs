@@ -150,7 +150,8 @@ pub struct BatchStats {
     pub prefill: Multiset,
     /// Output tokens per batch.
     pub decode: Multiset,
-    /// Schedule-to-end latency per batch (ns).
+    /// Schedule-to-end latency per batch, in whole microseconds (exact at that resolution;
+    /// nanosecond keys would make the table too large to stay in cache).
     pub latency: Multiset,
     /// Per replica.
     pub replicas: Vec<ReplicaAgg>,
@@ -293,7 +294,7 @@ impl Collector {
         st.tokens.add(u64::from(b.prefill_tokens + b.decode_tokens));
         st.prefill.add(u64::from(b.prefill_tokens));
         st.decode.add(u64::from(b.decode_tokens));
-        st.latency.add(b.end.since(b.start).0);
+        st.latency.add(b.end.since(b.start).0 / 1000);
         if let Some(r) = st.replicas.get_mut(b.replica as usize) {
             r.batches += 1;
             r.busy_ns += u128::from(b.busy.0);

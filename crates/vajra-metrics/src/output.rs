@@ -54,7 +54,11 @@ impl ParquetStream {
     ///
     /// # Errors
     /// The file cannot be created.
-    pub fn create(path: &Path, columns: &[(&str, Column)]) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        columns: &[(&str, Column)],
+        compression: Compression,
+    ) -> Result<Self> {
         let fields: String = columns
             .iter()
             .map(|(n, c)| {
@@ -72,7 +76,7 @@ impl ParquetStream {
         );
         let props = Arc::new(
             WriterProperties::builder()
-                .set_compression(Compression::SNAPPY)
+                .set_compression(compression)
                 .set_dictionary_enabled(false)
                 .set_created_by("vajra".into())
                 .build(),
@@ -137,7 +141,7 @@ impl ParquetStream {
 /// # Errors
 /// The file cannot be created or written.
 pub fn write_parquet(path: &Path, columns: &[(&str, Column)]) -> Result<()> {
-    let mut s = ParquetStream::create(path, columns)?;
+    let mut s = ParquetStream::create(path, columns, Compression::SNAPPY)?;
     s.write_group(columns)?;
     s.close()
 }
@@ -168,7 +172,12 @@ impl BatchSink {
     /// The file cannot be created.
     pub fn create(path: &Path, num_blocks: u32) -> Result<Self> {
         Ok(BatchSink {
-            stream: ParquetStream::create(path, &batch_columns(&[], num_blocks))?,
+            // Uncompressed: Snappy cost a twentieth of the event loop at cluster scale.
+            stream: ParquetStream::create(
+                path,
+                &batch_columns(&[], num_blocks),
+                Compression::UNCOMPRESSED,
+            )?,
             buf: Vec::with_capacity(GROUP_ROWS),
             num_blocks,
             error: None,
@@ -319,7 +328,7 @@ pub fn write_run(
     }
     if tables.parquet {
         let p = dir.join("requests.parquet");
-        let mut s = ParquetStream::create(&p, &request_columns(&[]))?;
+        let mut s = ParquetStream::create(&p, &request_columns(&[]), Compression::SNAPPY)?;
         for chunk in reqs.chunks(GROUP_ROWS) {
             s.write_group(&request_columns(chunk))?;
         }

@@ -111,10 +111,18 @@ impl Distribution {
     }
 }
 
+/// Values below this are counted in a dense array.
+const DENSE: u64 = 1 << 16;
+
 /// An exact multiset of non-negative integers (nanoseconds, token counts).
 #[derive(Debug, Clone, Default)]
 pub struct Multiset {
+    /// Counts of values below [`DENSE`], indexed by value (batch sizes, token counts).
+    dense: Vec<u64>,
     counts: HashMap<u64, u64, BuildHasherDefault<IntHasher>>,
+    /// A run of equal values not yet in `counts` (consecutive tokens of one batch mostly share
+    /// their gap, so this saves most hash-table visits).
+    run: (u64, u64),
     n: u64,
     sum: u128,
 }
@@ -123,9 +131,21 @@ impl Multiset {
     /// Adds one sample.
     #[inline]
     pub fn add(&mut self, v: u64) {
-        *self.counts.entry(v).or_insert(0) += 1;
         self.n += 1;
         self.sum += u128::from(v);
+        if v < DENSE {
+            let i = v as usize;
+            if i >= self.dense.len() {
+                self.dense.resize(i + 1, 0);
+            }
+            self.dense[i] += 1;
+            return;
+        }
+        if self.run.1 > 0 && self.run.0 != v {
+            *self.counts.entry(self.run.0).or_insert(0) += self.run.1;
+            self.run.1 = 0;
+        }
+        self.run = (v, self.run.1 + 1);
     }
 
     /// Number of samples.
@@ -140,8 +160,16 @@ impl Multiset {
 
     /// Merges another multiset into this one.
     pub fn merge(&mut self, other: &Multiset) {
-        for (&v, &c) in &other.counts {
-            *self.counts.entry(v).or_insert(0) += c;
+        for (v, c) in other.sorted() {
+            if v < DENSE {
+                let i = v as usize;
+                if i >= self.dense.len() {
+                    self.dense.resize(i + 1, 0);
+                }
+                self.dense[i] += c;
+            } else {
+                *self.counts.entry(v).or_insert(0) += c;
+            }
         }
         self.n += other.n;
         self.sum += other.sum;
@@ -149,9 +177,19 @@ impl Multiset {
 
     /// Distinct values with their counts, ascending.
     pub fn sorted(&self) -> Vec<(u64, u64)> {
-        let mut v: Vec<(u64, u64)> = self.counts.iter().map(|(&a, &b)| (a, b)).collect();
+        let mut map = self.counts.clone();
+        if self.run.1 > 0 {
+            *map.entry(self.run.0).or_insert(0) += self.run.1;
+        }
+        let mut v: Vec<(u64, u64)> = map.into_iter().collect();
         v.sort_unstable();
-        v
+        let small = self
+            .dense
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, &c)| (i as u64, c));
+        small.chain(v).collect()
     }
 
     /// Summary with every value multiplied by `scale` (e.g. 1e-9 for seconds), exact.

@@ -295,7 +295,7 @@ impl Summary {
             tokens: bs.tokens.distribution(1.0),
             prefill_tokens: bs.prefill.distribution(1.0),
             decode_tokens: bs.decode.distribution(1.0),
-            latency_s: bs.latency.distribution(1e-9),
+            latency_s: bs.latency.distribution(1e-6),
         };
 
         let replicas = replica_summaries(c, facts, duration);

@@ -117,6 +117,8 @@ struct Batch {
     start: Timestamp,
     stage: usize,
     kv_used: u32,
+    prefill_tokens: u32,
+    decode_tokens: u32,
 }
 
 /// One batch on one stage, for the Chrome trace.
@@ -176,6 +178,169 @@ pub struct SimResult {
     pub replica_stats: Vec<SchedulerStats>,
 }
 
+/// The loop's mutable state, so its handlers can be methods.
+struct Loop<'a, 's> {
+    spec: &'a SimSpec<'s>,
+    pp: usize,
+    replicas: Vec<Replica>,
+    q: EventQueue,
+    batches: Vec<Option<Batch>>,
+    free_slots: Vec<u32>,
+    collector: Collector,
+    replica_of: Vec<u32>,
+}
+
+impl Loop<'_, '_> {
+    /// Forms micro-batches on replica `r` while fewer than PP are in flight.
+    fn schedule(&mut self, r: usize, now: Timestamp) {
+        self.replicas[r].schedule_pending = false;
+        let num_blocks = self.spec.num_blocks;
+        while (self.replicas[r].in_flight as usize) < self.pp {
+            let rep = &mut self.replicas[r];
+            let out = rep.sched.schedule(now);
+            if out.is_empty() {
+                break;
+            }
+            let cost = self.spec.predictor.predict(&out);
+            let kv_used = num_blocks - rep.sched.kv().num_free();
+            let slot = match self.free_slots.pop() {
+                Some(s) => s,
+                None => {
+                    self.batches.push(None);
+                    (self.batches.len() - 1) as u32
+                }
+            };
+            let first_ns = cost.stage_ns[0];
+            let (mut pre, mut dec) = (0, 0);
+            for x in &out.scheduled {
+                let p = x.prefill_tokens();
+                pre += p;
+                dec += x.num_tokens - p;
+            }
+            self.batches[slot as usize] = Some(Batch {
+                replica: r as u32,
+                out,
+                cost,
+                start: now,
+                stage: 0,
+                kv_used,
+                prefill_tokens: pre,
+                decode_tokens: dec,
+            });
+            rep.in_flight += 1;
+            if rep.stage_busy[0] {
+                rep.stage_queue[0].push_back(slot);
+            } else {
+                rep.stage_busy[0] = true;
+                self.q
+                    .push(now + Duration(first_ns), EventKind::StageEnd, slot);
+            }
+        }
+    }
+
+    /// Asks replica `r` to schedule at `now`: inline when nothing else can happen at `now`
+    /// before its `Schedule` event would run (no arrival and no stage end at `now` still
+    /// queued), otherwise through the queue.
+    fn request_schedule(&mut self, r: usize, now: Timestamp, next_arrival: Option<Timestamp>) {
+        if self.replicas[r].schedule_pending {
+            return;
+        }
+        let arrival_now = next_arrival == Some(now);
+        let stage_end_now = self
+            .q
+            .peek()
+            .is_some_and(|(t, k)| t == now && k == EventKind::StageEnd);
+        if !arrival_now && !stage_end_now {
+            self.schedule(r, now);
+        } else {
+            self.replicas[r].schedule_pending = true;
+            self.q.push(now, EventKind::Schedule, r as u32);
+        }
+    }
+
+    /// Batch `slot` leaves its current stage at `now`.
+    fn stage_end(
+        &mut self,
+        slot: u32,
+        now: Timestamp,
+        source: &mut RequestSource,
+        on_slice: &mut Option<&mut dyn FnMut(&StageSlice)>,
+    ) {
+        let b = self.batches[slot as usize].as_mut().expect("live batch");
+        let r = b.replica as usize;
+        let s = b.stage;
+        if let Some(f) = on_slice.as_mut() {
+            let dur = Duration(b.cost.stage_ns[s]);
+            f(&StageSlice {
+                replica: b.replica,
+                stage: s as u32,
+                step: b.out.step.0,
+                start: Timestamp(now.0 - dur.0),
+                dur,
+                size: b.out.scheduled.len() as u32,
+                prefill_tokens: b.prefill_tokens,
+                decode_tokens: b.decode_tokens,
+            });
+        }
+        let last_stage = s + 1 == self.pp;
+        if !last_stage {
+            b.stage = s + 1;
+        }
+        let next_ns = (!last_stage).then(|| b.cost.stage_ns[s + 1]);
+        let rep = &mut self.replicas[r];
+        // The stage takes its next batch.
+        rep.stage_busy[s] = false;
+        if let Some(next) = rep.stage_queue[s].pop_front() {
+            rep.stage_busy[s] = true;
+            let ns = self.batches[next as usize]
+                .as_ref()
+                .expect("queued batch")
+                .cost
+                .stage_ns[s];
+            self.q.push(now + Duration(ns), EventKind::StageEnd, next);
+        }
+        if let Some(ns) = next_ns {
+            if rep.stage_busy[s + 1] {
+                rep.stage_queue[s + 1].push_back(slot);
+            } else {
+                rep.stage_busy[s + 1] = true;
+                self.q.push(now + Duration(ns), EventKind::StageEnd, slot);
+            }
+            return;
+        }
+        // Last stage: the batch is done.
+        let b = self.batches[slot as usize].take().expect("live batch");
+        self.free_slots.push(slot);
+        let res = ModelRunnerOutput::uniform(&b.out, 0);
+        for e in rep.sched.update_from_output(&b.out, &res, now) {
+            match e {
+                RequestEvent::Token { id, .. } => self.collector.on_token(id, now),
+                RequestEvent::Finished(f) => {
+                    self.collector
+                        .on_finished(&f, self.replica_of[f.id.0 as usize]);
+                    source.on_finished(f.id, now);
+                }
+            }
+        }
+        self.collector.on_batch(BatchRecord {
+            replica: b.replica,
+            step: b.out.step.0,
+            start: b.start,
+            end: now,
+            busy: Duration(b.cost.stage_ns.iter().sum()),
+            num_requests: b.out.scheduled.len() as u32,
+            prefill_tokens: b.prefill_tokens,
+            decode_tokens: b.decode_tokens,
+            preempted: b.out.preempted.len() as u32,
+            kv_blocks_used: b.kv_used,
+            flops: b.cost.flops,
+            bytes: b.cost.bytes,
+        });
+        rep.in_flight -= 1;
+        self.request_schedule(r, now, source.peek_time());
+    }
+}
+
 /// Runs the workload to completion, recording into `collector` (see
 /// [`Collector::stream_batches`]) and handing every batch stage to `on_slice` (the Chrome
 /// trace) when given.
@@ -185,11 +350,11 @@ pub struct SimResult {
 pub fn run(
     spec: &SimSpec<'_>,
     source: &mut RequestSource,
-    mut collector: Collector,
+    collector: Collector,
     mut on_slice: Option<&mut dyn FnMut(&StageSlice)>,
 ) -> Result<SimResult> {
     let pp = spec.predictor.stages();
-    let mut replicas: Vec<Replica> = (0..spec.num_replicas)
+    let replicas: Vec<Replica> = (0..spec.num_replicas)
         .map(|_| {
             Ok(Replica {
                 sched: Scheduler::new(
@@ -205,22 +370,28 @@ pub fn run(
             })
         })
         .collect::<Result<_>>()?;
+    let mut st = Loop {
+        spec,
+        pp,
+        replicas,
+        q: EventQueue::default(),
+        batches: Vec::new(),
+        free_slots: Vec::new(),
+        collector,
+        replica_of: Vec::new(),
+    };
     let mut router = Router::new(spec.router);
     let mut rng = Rng(StdRng::seed_from_u64(vajra_workload::derive_seed(
         spec.seed, "router",
     )));
-    let mut q = EventQueue::default();
-    let mut batches: Vec<Option<Batch>> = Vec::new();
-    let mut free_slots: Vec<u32> = Vec::new();
     let mut loads = vec![ReplicaLoad::default(); spec.num_replicas as usize];
-    let mut replica_of: Vec<u32> = Vec::new();
     let mut now = Timestamp::ZERO;
     let mut events = 0u64;
-    let mut steps = vec![0u64; spec.num_replicas as usize];
     let num_blocks = spec.num_blocks;
 
     loop {
-        let arrival_first = match (source.peek_time(), q.peek()) {
+        let next_arrival = source.peek_time();
+        let arrival_first = match (next_arrival, st.q.peek()) {
             (None, None) => break,
             (Some(_), None) => true,
             (None, Some(_)) => false,
@@ -230,14 +401,14 @@ pub fn run(
         if events & 0x3fff == 0
             && let Some(p) = spec.progress
         {
-            p(collector.requests.len() as u64);
+            p(st.collector.requests.len() as u64);
         }
         if arrival_first {
             let req = source.pop().expect("peeked");
             now = now.max(req.arrival);
-            collector.on_arrival(req.id, now);
+            st.collector.on_arrival(req.id, now);
             let needs_prefix = router.needs_prefix_lookup();
-            for (i, (l, r)) in loads.iter_mut().zip(replicas.iter_mut()).enumerate() {
+            for (i, (l, r)) in loads.iter_mut().zip(st.replicas.iter_mut()).enumerate() {
                 *l = ReplicaLoad {
                     replica: ReplicaId(i as u32),
                     num_waiting: r.sched.num_waiting() as u32,
@@ -252,148 +423,37 @@ pub fn run(
             }
             let target = router.route(&loads, &mut rng).0;
             let idx = req.id.0 as usize;
-            if idx >= replica_of.len() {
-                replica_of.resize(idx + 1, 0);
+            if idx >= st.replica_of.len() {
+                st.replica_of.resize(idx + 1, 0);
             }
-            replica_of[idx] = target;
-            let rep = &mut replicas[target as usize];
+            st.replica_of[idx] = target;
             let (id, prompt, out) = (req.id, req.prompt.len(), req.max_tokens());
-            rep.sched.add_request(req, now).map_err(|e| {
-                SimError::Memory(format!(
-                    "request {id} ({prompt} prompt + {out} output tokens) cannot run on replica {target}: {e} (raise cache.num_blocks or cache.gpu_memory_utilization, or lower workload.max_tokens)"
-                ))
-            })?;
+            st.replicas[target as usize]
+                .sched
+                .add_request(req, now)
+                .map_err(|e| {
+                    SimError::Memory(format!(
+                        "request {id} ({prompt} prompt + {out} output tokens) cannot run on replica {target}: {e} (raise cache.num_blocks or cache.gpu_memory_utilization, or lower workload.max_tokens)"
+                    ))
+                })?;
+            // Arrivals at the same instant are routed first, then the replica schedules once.
+            let rep = &mut st.replicas[target as usize];
             if !rep.schedule_pending {
                 rep.schedule_pending = true;
-                q.push(now, EventKind::Schedule, target);
+                st.q.push(now, EventKind::Schedule, target);
             }
             continue;
         }
-        let ev = q.pop().expect("peeked");
+        let ev = st.q.pop().expect("peeked");
         now = ev.time;
         match ev.kind {
             EventKind::Arrival => unreachable!("arrivals are not queued"),
-            EventKind::Schedule => {
-                let r = ev.target as usize;
-                replicas[r].schedule_pending = false;
-                while (replicas[r].in_flight as usize) < pp {
-                    let rep = &mut replicas[r];
-                    let out = rep.sched.schedule(now);
-                    if out.is_empty() {
-                        break;
-                    }
-                    let cost = spec.predictor.predict(&out);
-                    let kv_used = num_blocks - rep.sched.kv().num_free();
-                    let slot = match free_slots.pop() {
-                        Some(s) => s,
-                        None => {
-                            batches.push(None);
-                            (batches.len() - 1) as u32
-                        }
-                    };
-                    let first_ns = cost.stage_ns[0];
-                    batches[slot as usize] = Some(Batch {
-                        replica: r as u32,
-                        out,
-                        cost,
-                        start: now,
-                        stage: 0,
-                        kv_used,
-                    });
-                    rep.in_flight += 1;
-                    if rep.stage_busy[0] {
-                        rep.stage_queue[0].push_back(slot);
-                    } else {
-                        rep.stage_busy[0] = true;
-                        q.push(now + Duration(first_ns), EventKind::StageEnd, slot);
-                    }
-                }
-            }
-            EventKind::StageEnd => {
-                let slot = ev.target;
-                let b = batches[slot as usize].as_mut().expect("live batch");
-                let r = b.replica as usize;
-                let s = b.stage;
-                let rep = &mut replicas[r];
-                if let Some(f) = on_slice.as_mut() {
-                    let dur = Duration(b.cost.stage_ns[s]);
-                    f(&StageSlice {
-                        replica: b.replica,
-                        stage: s as u32,
-                        step: b.out.step.0,
-                        start: Timestamp(now.0 - dur.0),
-                        dur,
-                        size: b.out.scheduled.len() as u32,
-                        prefill_tokens: b.out.scheduled.iter().map(|x| x.prefill_tokens()).sum(),
-                        decode_tokens: b.out.scheduled.iter().map(|x| x.decode_tokens()).sum(),
-                    });
-                }
-                // The stage takes its next batch.
-                rep.stage_busy[s] = false;
-                if let Some(next) = rep.stage_queue[s].pop_front() {
-                    rep.stage_busy[s] = true;
-                    let ns = batches[next as usize]
-                        .as_ref()
-                        .expect("queued batch")
-                        .cost
-                        .stage_ns[s];
-                    q.push(now + Duration(ns), EventKind::StageEnd, next);
-                }
-                let b = batches[slot as usize].as_mut().expect("live batch");
-                if s + 1 < pp {
-                    b.stage = s + 1;
-                    let ns = b.cost.stage_ns[s + 1];
-                    if rep.stage_busy[s + 1] {
-                        rep.stage_queue[s + 1].push_back(slot);
-                    } else {
-                        rep.stage_busy[s + 1] = true;
-                        q.push(now + Duration(ns), EventKind::StageEnd, slot);
-                    }
-                    continue;
-                }
-                // Last stage: the batch is done.
-                let b = batches[slot as usize].take().expect("live batch");
-                free_slots.push(slot);
-                let res = ModelRunnerOutput::uniform(&b.out, 0);
-                for e in rep.sched.update_from_output(&b.out, &res, now) {
-                    match e {
-                        RequestEvent::Token { id, .. } => collector.on_token(id, now),
-                        RequestEvent::Finished(f) => {
-                            collector.on_finished(&f, replica_of[f.id.0 as usize]);
-                            source.on_finished(f.id, now);
-                        }
-                    }
-                }
-                steps[r] += 1;
-                let (mut pre, mut dec) = (0, 0);
-                for x in &b.out.scheduled {
-                    pre += x.prefill_tokens();
-                    dec += x.decode_tokens();
-                }
-                collector.on_batch(BatchRecord {
-                    replica: b.replica,
-                    step: b.out.step.0,
-                    start: b.start,
-                    end: now,
-                    busy: Duration(b.cost.stage_ns.iter().sum()),
-                    num_requests: b.out.scheduled.len() as u32,
-                    prefill_tokens: pre,
-                    decode_tokens: dec,
-                    preempted: b.out.preempted.len() as u32,
-                    kv_blocks_used: b.kv_used,
-                    flops: b.cost.flops,
-                    bytes: b.cost.bytes,
-                });
-                rep.in_flight -= 1;
-                if !rep.schedule_pending {
-                    rep.schedule_pending = true;
-                    q.push(now, EventKind::Schedule, r as u32);
-                }
-            }
+            EventKind::Schedule => st.schedule(ev.target as usize, now),
+            EventKind::StageEnd => st.stage_end(ev.target, now, source, &mut on_slice),
         }
     }
 
-    for (i, r) in replicas.iter().enumerate() {
+    for (i, r) in st.replicas.iter().enumerate() {
         if r.sched.has_unfinished() {
             return Err(SimError::Stalled(format!(
                 "replica {i} still has {} waiting and {} running requests that can never be scheduled: its {} KV blocks of {} tokens cannot hold them (raise cache.num_blocks or gpu_memory_utilization, or lower workload.max_tokens)",
@@ -406,8 +466,8 @@ pub fn run(
     }
     Ok(SimResult {
         issued: source.issued(),
-        replica_stats: replicas.iter().map(|r| r.sched.stats()).collect(),
-        collector,
+        replica_stats: st.replicas.iter().map(|r| r.sched.stats()).collect(),
+        collector: st.collector,
         end: now,
         events,
     })
