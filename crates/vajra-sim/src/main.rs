@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 use vajra_sim::experiment::ExperimentFile;
-use vajra_sim::sweep::{RunOptions, markdown_table, out_root, run_file};
+use vajra_sim::sweep::{RunOptions, SHORT, markdown_table, out_root, run_file};
 use vajra_sim::{catalog, profiles};
 
 #[derive(Parser)]
@@ -140,7 +140,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             if !quiet {
-                print!("{}", markdown_table(&results));
+                print!("{}", markdown_table(&results, Some(&SHORT)));
             }
             let loop_s: f64 = results.iter().map(|r| r.loop_s).sum();
             let events: u64 = results.iter().map(|r| r.events).sum();

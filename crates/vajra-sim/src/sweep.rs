@@ -141,13 +141,34 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
-/// A Markdown table of the points' headline metrics.
-pub fn markdown_table(results: &[PointResult]) -> String {
+/// The columns of the short table printed after a run.
+pub const SHORT: [&str; 12] = [
+    "completed",
+    "req_per_s",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "tbt_p50_s",
+    "tbt_p99_s",
+    "tpot_p50_s",
+    "tpot_p99_s",
+    "e2e_p50_s",
+    "goodput_rps",
+    "preemptions",
+    "mfu",
+];
+
+/// A Markdown table of the points' headline metrics (every column, or only `only`).
+pub fn markdown_table(results: &[PointResult], only: Option<&[&str]>) -> String {
     let mut s = String::new();
     let Some(first) = results.first() else {
         return s;
     };
-    let cols: Vec<&str> = headline(first).iter().map(|(n, _)| *n).collect();
+    let keep = |n: &str| only.is_none_or(|o| o.contains(&n));
+    let cols: Vec<&str> = headline(first)
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| keep(n))
+        .collect();
     let _ = writeln!(s, "| point | {} |", cols.join(" | "));
     let _ = writeln!(s, "|---|{}", "---:|".repeat(cols.len()));
     for r in results {
@@ -156,7 +177,11 @@ pub fn markdown_table(results: &[PointResult]) -> String {
         } else {
             r.label.clone()
         };
-        let vals: Vec<String> = headline(r).iter().map(|(_, v)| fmt_num(*v)).collect();
+        let vals: Vec<String> = headline(r)
+            .iter()
+            .filter(|(n, _)| keep(n))
+            .map(|(_, v)| fmt_num(*v))
+            .collect();
         let _ = writeln!(s, "| {label} | {} |", vals.join(" | "));
     }
     s
@@ -195,5 +220,5 @@ fn write_sweep_tables(root: &Path, results: &[PointResult]) -> Result<()> {
     }
     w.flush().map_err(|e| werr(&p, e.to_string()))?;
     let p = root.join("sweep.md");
-    std::fs::write(&p, markdown_table(results)).map_err(|e| werr(&p, e.to_string()))
+    std::fs::write(&p, markdown_table(results, None)).map_err(|e| werr(&p, e.to_string()))
 }

@@ -116,7 +116,7 @@ fn check_point(dir: &Path) {
     let mut batches = 0u64;
     for row in r.get_row_iter(None).unwrap() {
         let row = row.unwrap();
-        assert!(row.get_long(kv_col).unwrap() <= blocks);
+        assert!(i64::from(row.get_int(kv_col).unwrap()) <= blocks);
         batches += 1;
     }
     assert_eq!(batches, summary["batches"]["count"].as_u64().unwrap());
