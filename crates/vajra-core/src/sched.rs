@@ -324,9 +324,11 @@ impl Scheduler {
             total,
             &format!("at most the KV cache capacity of {capacity} tokens"),
         )?;
+        // Sized once: pushing one token per step would otherwise reallocate log(n) times.
+        let output = Vec::with_capacity(req.max_tokens().min(4096) as usize);
         let seq = Seq {
             req,
-            output: Vec::new(),
+            output,
             status: RequestStatus::Waiting,
             num_computed: 0,
             table: BlockTable::default(),

@@ -125,12 +125,17 @@ pub struct Multiset {
     run: (u64, u64),
     n: u64,
     sum: u128,
+    /// Sorted cumulative form, built on first read after the last `add`.
+    cumulative: std::sync::OnceLock<Cumulative>,
 }
 
 impl Multiset {
     /// Adds one sample.
     #[inline]
     pub fn add(&mut self, v: u64) {
+        if self.cumulative.get().is_some() {
+            self.cumulative = std::sync::OnceLock::new();
+        }
         self.n += 1;
         self.sum += u128::from(v);
         if v < DENSE {
@@ -160,6 +165,7 @@ impl Multiset {
 
     /// Merges another multiset into this one.
     pub fn merge(&mut self, other: &Multiset) {
+        self.cumulative = std::sync::OnceLock::new();
         for (v, c) in other.sorted() {
             if v < DENSE {
                 let i = v as usize;
@@ -194,7 +200,7 @@ impl Multiset {
 
     /// Summary with every value multiplied by `scale` (e.g. 1e-9 for seconds), exact.
     pub fn distribution(&self, scale: f64) -> Distribution {
-        let c = Cumulative::new(self);
+        let c = self.cumulative.get_or_init(|| Cumulative::new(self));
         if c.values.is_empty() {
             return Distribution::default();
         }
@@ -214,7 +220,7 @@ impl Multiset {
 
     /// `points` evenly spaced quantiles from 0 to 1, scaled.
     pub fn quantiles(&self, points: usize, scale: f64) -> Vec<(f64, f64)> {
-        let c = Cumulative::new(self);
+        let c = self.cumulative.get_or_init(|| Cumulative::new(self));
         if c.values.is_empty() {
             return Vec::new();
         }
@@ -228,6 +234,7 @@ impl Multiset {
 }
 
 /// Distinct values with running counts, for order statistics by binary search.
+#[derive(Debug, Clone)]
 struct Cumulative {
     values: Vec<u64>,
     /// `ends[i]`: number of samples ≤ `values[i]`.

@@ -104,11 +104,69 @@ enum Attention {
     Roofline,
 }
 
+/// Per-stage durations, inline up to four stages (no allocation per batch in the common case).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageTimes {
+    inline: [u64; 4],
+    spill: Vec<u64>,
+    len: usize,
+}
+
+impl StageTimes {
+    fn collect(it: impl ExactSizeIterator<Item = u64>) -> Self {
+        let len = it.len();
+        let mut t = StageTimes {
+            inline: [0; 4],
+            spill: Vec::new(),
+            len,
+        };
+        if len <= 4 {
+            for (slot, v) in t.inline.iter_mut().zip(it) {
+                *slot = v;
+            }
+        } else {
+            t.spill = it.collect();
+        }
+        t
+    }
+
+    /// The durations, one per stage.
+    pub fn as_slice(&self) -> &[u64] {
+        if self.len <= 4 {
+            &self.inline[..self.len]
+        } else {
+            &self.spill
+        }
+    }
+
+    /// Number of stages.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no stages.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The durations in stage order.
+    pub fn iter(&self) -> std::slice::Iter<'_, u64> {
+        self.as_slice().iter()
+    }
+}
+
+impl std::ops::Index<usize> for StageTimes {
+    type Output = u64;
+    fn index(&self, i: usize) -> &u64 {
+        &self.as_slice()[i]
+    }
+}
+
 /// Cost of one batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchCost {
     /// Duration of each pipeline stage, ns.
-    pub stage_ns: Vec<u64>,
+    pub stage_ns: StageTimes,
     /// FLOPs of the whole replica.
     pub flops: f64,
     /// Bytes moved through device memory, whole replica.
@@ -401,22 +459,20 @@ impl Predictor {
         let sampled = out.scheduled.iter().filter(|r| r.samples).count() as f64;
         let batch = out.scheduled.len() as f64;
         let last = self.layers.len() - 1;
-        let stage_ns = (0..self.layers.len())
-            .map(|s| {
-                let lin = match self.table[s].get(t) {
-                    Some(&ns) => ns as f64,
-                    None => self.linear_stage_ms(s, t as f64) * 1e6,
-                };
-                let mut ns = lin + f64::from(self.layers[s]) * attn_ms * 1e6;
-                if s == last && self.lm_head {
-                    ns += roofline::lm_head(&self.model, &self.device, self.tp, sampled) * 1e9;
-                }
-                if s == 0 {
-                    ns += self.cpu_base_ns + self.cpu_per_req_ns * batch;
-                }
-                ns.round().max(1.0) as u64
-            })
-            .collect();
+        let stage_ns = StageTimes::collect((0..self.layers.len()).map(|s| {
+            let lin = match self.table[s].get(t) {
+                Some(&ns) => ns as f64,
+                None => self.linear_stage_ms(s, t as f64) * 1e6,
+            };
+            let mut ns = lin + f64::from(self.layers[s]) * attn_ms * 1e6;
+            if s == last && self.lm_head {
+                ns += roofline::lm_head(&self.model, &self.device, self.tp, sampled) * 1e9;
+            }
+            if s == 0 {
+                ns += self.cpu_base_ns + self.cpu_per_req_ns * batch;
+            }
+            ns.round().max(1.0) as u64
+        }));
         // MFU/MBU accounting (whole replica).
         let mut attn_flops = 0.0;
         let mut kv_read = 0.0;
