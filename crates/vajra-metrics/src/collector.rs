@@ -3,8 +3,10 @@
 use crate::error::Result;
 use crate::output::BatchSink;
 use crate::slo::{DeadlineState, SloConfig};
-use crate::stats::Multiset;
+use crate::stats::{IntHasher, Multiset};
 use serde::Serialize;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::path::Path;
 use vajra_core::ids::RequestId;
 use vajra_core::request::FinishReason;
@@ -93,6 +95,7 @@ pub struct BatchRecord {
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Live {
+    replica: u32,
     last: Timestamp,
     tokens: u32,
     max_gap: Duration,
@@ -121,6 +124,36 @@ pub struct ReplicaAgg {
 }
 
 impl ReplicaAgg {
+    /// Adds another collector's view of the same replica (one of the two is empty when
+    /// replicas are simulated in disjoint partitions).
+    fn merge(&mut self, o: &ReplicaAgg) {
+        if o.batches == 0 {
+            return;
+        }
+        if self.batches == 0 {
+            *self = o.clone();
+            return;
+        }
+        // Both saw batches of this replica: the sums are still exact; the KV step function
+        // joins at the boundary as if the batches were consecutive.
+        let mut o = o.clone();
+        if let (Some((s, kv, _)), Some((os, _, _))) = (self.last, o.last)
+            && os >= s
+        {
+            let w = os.since(s).0;
+            self.kv_block_ns += f64::from(kv) * w as f64;
+            self.kv_span_ns += w;
+            self.last = o.last.take();
+        }
+        self.batches += o.batches;
+        self.busy_ns += o.busy_ns;
+        self.flops += o.flops;
+        self.bytes += o.bytes;
+        self.kv_block_ns += o.kv_block_ns;
+        self.kv_span_ns += o.kv_span_ns;
+        self.kv_max_blocks = self.kv_max_blocks.max(o.kv_max_blocks);
+    }
+
     /// The integral and span including the latest batch up to its end.
     pub fn kv_totals(&self) -> (f64, u64) {
         match self.last {
@@ -161,7 +194,9 @@ pub struct BatchStats {
 #[derive(Debug, Default)]
 pub struct Collector {
     token_deadlines: Option<(Duration, Duration)>,
-    live: Vec<Live>,
+    /// Requests in flight (removed when they finish, so memory follows concurrency, not run
+    /// length).
+    live: HashMap<u64, Live, BuildHasherDefault<IntHasher>>,
     /// Pooled inter-token gaps (ns).
     pub tbt: Multiset,
     /// Finished requests, in completion order.
@@ -198,6 +233,27 @@ impl Collector {
         Ok(())
     }
 
+    /// Folds the records of a collector that simulated a disjoint set of replicas into this
+    /// one. Request records are appended (sort them by id before computing a summary);
+    /// distributions and per-replica aggregates add exactly.
+    pub fn merge(&mut self, other: Collector) {
+        self.requests.extend(other.requests);
+        self.tbt.merge(&other.tbt);
+        let (a, b) = (&mut self.batches, &other.batches);
+        a.count += b.count;
+        a.size.merge(&b.size);
+        a.tokens.merge(&b.tokens);
+        a.prefill.merge(&b.prefill);
+        a.decode.merge(&b.decode);
+        a.latency.merge(&b.latency);
+        if a.replicas.len() < b.replicas.len() {
+            a.replicas.resize(b.replicas.len(), ReplicaAgg::default());
+        }
+        for (x, y) in a.replicas.iter_mut().zip(&b.replicas) {
+            x.merge(y);
+        }
+    }
+
     /// Flushes and closes the batch stream, if any.
     ///
     /// # Errors
@@ -209,27 +265,32 @@ impl Collector {
         }
     }
 
-    fn slot(&mut self, id: RequestId) -> &mut Live {
-        let i = id.0 as usize;
-        if i >= self.live.len() {
-            self.live.resize(i + 1, Live::default());
-        }
-        &mut self.live[i]
-    }
-
     /// A request arrived.
     pub fn on_arrival(&mut self, id: RequestId, at: Timestamp) {
-        *self.slot(id) = Live {
-            last: at,
-            ..Live::default()
-        };
+        self.live.insert(
+            id.0,
+            Live {
+                last: at,
+                ..Live::default()
+            },
+        );
+    }
+
+    /// A request was routed to `replica`.
+    pub fn on_routed(&mut self, id: RequestId, replica: u32) {
+        if let Some(l) = self.live.get_mut(&id.0) {
+            l.replica = replica;
+        }
     }
 
     /// A request's next output token was produced at `at`.
     #[inline]
     pub fn on_token(&mut self, id: RequestId, at: Timestamp) {
         let deadlines = self.token_deadlines;
-        let l = &mut self.live[id.0 as usize];
+        let l = self
+            .live
+            .get_mut(&id.0)
+            .expect("token of a request that arrived and has not finished");
         let gap = at.since(l.last);
         let first = l.tokens == 0;
         if !first {
@@ -245,9 +306,10 @@ impl Collector {
         }
     }
 
-    /// A request finished on `replica`.
-    pub fn on_finished(&mut self, rec: &FinishedRecord, replica: u32) {
-        let l = self.live[rec.id.0 as usize];
+    /// A request finished (on the replica it was routed to).
+    pub fn on_finished(&mut self, rec: &FinishedRecord) {
+        let l = self.live.remove(&rec.id.0).unwrap_or_default();
+        let replica = l.replica;
         let n = rec.output_tokens;
         let e2e = rec.finished_at.since(rec.arrival);
         let ttft = rec.first_token.map(|t| t.since(rec.arrival));

@@ -294,6 +294,50 @@ fn batch_columns(b: &[BatchRecord], num_blocks: u32) -> Vec<(&'static str, Colum
     ]
 }
 
+/// Concatenates Parquet files written by [`Collector::stream_batches`] (same schema) into
+/// `dest`, copying their encoded column chunks as they are (no decoding), and deletes them.
+///
+/// # Errors
+/// A part that cannot be read or the destination that cannot be written.
+pub fn concat_batch_parts(
+    parts: &[std::path::PathBuf],
+    dest: &Path,
+    num_blocks: u32,
+) -> Result<()> {
+    use parquet::column::writer::ColumnCloseResult;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let mut out =
+        ParquetStream::create(dest, &batch_columns(&[], num_blocks), Compression::SNAPPY)?;
+    for part in parts {
+        let rerr = |e: parquet::errors::ParquetError| crate::MetricsError::Write {
+            path: part.clone(),
+            message: format!("reading back: {e}"),
+        };
+        let file = std::fs::File::open(part).map_err(write_err(part))?;
+        let reader =
+            SerializedFileReader::new(file.try_clone().map_err(write_err(part))?).map_err(rerr)?;
+        for g in 0..reader.num_row_groups() {
+            let meta = reader.metadata().row_group(g);
+            let mut rg = out.writer.next_row_group().map_err(write_err(dest))?;
+            for c in meta.columns() {
+                let close = ColumnCloseResult {
+                    bytes_written: c.compressed_size() as u64,
+                    rows_written: meta.num_rows() as u64,
+                    metadata: c.clone(),
+                    bloom_filter: None,
+                    column_index: None,
+                    offset_index: None,
+                };
+                rg.append_column(&file, close).map_err(write_err(dest))?;
+            }
+            rg.close().map_err(write_err(dest))?;
+        }
+        drop(reader);
+        std::fs::remove_file(part).map_err(write_err(part))?;
+    }
+    out.close()
+}
+
 /// Which tables to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tables {
@@ -382,6 +426,56 @@ fn write_cdfs(dir: &Path, c: &Collector) -> Result<()> {
 mod tests {
     use super::*;
     use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    #[test]
+    fn batch_parts_concatenate_in_order() {
+        use vajra_core::time::{Duration, Timestamp};
+        let dir = std::env::temp_dir().join(format!("vajra-cat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rec = |step: u64| BatchRecord {
+            replica: step as u32 % 3,
+            step,
+            start: Timestamp(step * 10),
+            end: Timestamp(step * 10 + 5),
+            busy: Duration(5),
+            num_requests: 2,
+            prefill_tokens: 7,
+            decode_tokens: 1,
+            preempted: 0,
+            kv_blocks_used: 3,
+            flops: 1.5,
+            bytes: 2.5,
+        };
+        let mut parts = Vec::new();
+        for p in 0..2u64 {
+            let path = dir.join(format!("part{p}.parquet"));
+            let mut sink = BatchSink::create(&path, 10).unwrap();
+            for s in 0..(GROUP_ROWS as u64 + 3) {
+                sink.push(rec(p * 1_000_000 + s));
+            }
+            sink.close().unwrap();
+            parts.push(path);
+        }
+        let dest = dir.join("all.parquet");
+        concat_batch_parts(&parts, &dest, 10).unwrap();
+        assert!(!parts[0].exists(), "parts are removed");
+        let r = SerializedFileReader::new(std::fs::File::open(&dest).unwrap()).unwrap();
+        assert_eq!(
+            r.metadata().file_metadata().num_rows(),
+            2 * (GROUP_ROWS as i64 + 3)
+        );
+        let last = r
+            .get_row_iter(None)
+            .unwrap()
+            .last()
+            .unwrap()
+            .unwrap()
+            .to_string();
+        assert!(
+            last.contains(&format!("step: {}", 1_000_000 + GROUP_ROWS as u64 + 2)),
+            "{last}"
+        );
+    }
 
     #[test]
     fn parquet_round_trips_row_count_and_nulls() {

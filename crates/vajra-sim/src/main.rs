@@ -43,6 +43,9 @@ enum Cmd {
         /// No progress bar and no table on stdout.
         #[arg(short, long)]
         quiet: bool,
+        /// One event loop per point (no replica partitions across threads).
+        #[arg(long)]
+        sequential: bool,
     },
     /// Check an experiment file without running it.
     Validate {
@@ -120,6 +123,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             jobs,
             no_trace,
             quiet,
+            sequential,
         } => {
             let t0 = Instant::now();
             let f = ExperimentFile::load(&file)?;
@@ -128,6 +132,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 jobs,
                 trace: !no_trace,
                 progress: !quiet,
+                sequential,
             };
             let root = out_root(&f, &opts);
             let results = run_file(&f, &opts)?;

@@ -6,6 +6,7 @@ use crate::experiment::{self, ExperimentFile, Point};
 use crate::memory::{self, MemoryPlan};
 use crate::predictor::{self, Predictor};
 use crate::sim::{self, SimSpec, StageSlice};
+use rayon::prelude::*;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -158,7 +159,15 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
     })
 }
 
-/// Runs one point and writes its folder `dir`.
+/// Most replica partitions a point is split into (a fixed number, so that outputs do not
+/// depend on the machine's core count).
+pub const MAX_PARTITIONS: u32 = 8;
+
+/// Runs one point and writes its folder `dir`. With a load-independent router and an
+/// open-loop workload, replicas are simulated in up to [`MAX_PARTITIONS`] partitions on
+/// separate threads (unless `sequential`); `summary.json`, `requests.csv` and the tables are the
+/// same either way, except that `batches.parquet` and `trace.json` list partitions one after
+/// another instead of interleaving replicas in completion order.
 ///
 /// # Errors
 /// Setup errors, a stalled simulation, or an output that cannot be written.
@@ -167,17 +176,12 @@ pub fn run_point(
     point: &Point,
     dir: &Path,
     trace: bool,
+    sequential: bool,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<PointResult> {
     let t0 = Instant::now();
     let e = &point.experiment;
     let prep = prepare(file, point)?;
-    let mut source = RequestSource::new(
-        &e.workload,
-        e.seed,
-        &file.base,
-        prep.setup.model.max_model_len,
-    )?;
     let spec = SimSpec {
         num_replicas: e.cluster.num_replicas,
         scheduler: &e.scheduler,
@@ -194,36 +198,123 @@ pub fn run_point(
         path: dir.to_owned(),
         message: err.to_string(),
     })?;
-    let mut collector = vajra_metrics::Collector::new(&e.slo, e.cluster.num_replicas);
-    if e.output.parquet {
-        collector.stream_batches(&dir.join("batches.parquet"), prep.memory.num_blocks)?;
-    }
-    let mut tracer = if trace && e.output.trace {
-        Some(TraceWriter::create(
-            &dir.join("trace.json"),
-            e.cluster.num_replicas,
-            par.pipeline_parallel,
-        )?)
+    let tracing = trace && e.output.trace;
+    let n = e.cluster.num_replicas;
+    let closed = matches!(
+        e.workload.arrival,
+        vajra_workload::config::ArrivalConfig::ClosedLoop { .. }
+    );
+    let parts = if !sequential && n >= 2 && sim::partitionable(&e.router, closed) {
+        n.min(MAX_PARTITIONS)
     } else {
-        None
+        1
     };
-    let mut on_slice = |sl: &StageSlice| {
-        if let Some(t) = tracer.as_mut() {
-            t.slice(sl);
-        }
+    let new_source = || {
+        RequestSource::new(
+            &e.workload,
+            e.seed,
+            &file.base,
+            prep.setup.model.max_model_len,
+        )
     };
     let t_loop = Instant::now();
-    let slice_sink: Option<&mut dyn FnMut(&StageSlice)> = if trace && e.output.trace {
-        Some(&mut on_slice)
+    let mut res = if parts == 1 {
+        let mut source = new_source()?;
+        let mut collector = vajra_metrics::Collector::new(&e.slo, n);
+        if e.output.parquet {
+            collector.stream_batches(&dir.join("batches.parquet"), prep.memory.num_blocks)?;
+        }
+        let mut tracer = if tracing {
+            Some(TraceWriter::create(
+                &dir.join("trace.json"),
+                n,
+                par.pipeline_parallel,
+            )?)
+        } else {
+            None
+        };
+        let mut on_slice = |sl: &StageSlice| {
+            if let Some(t) = tracer.as_mut() {
+                t.slice(sl);
+            }
+        };
+        let slice_sink: Option<&mut dyn FnMut(&StageSlice)> =
+            if tracing { Some(&mut on_slice) } else { None };
+        let mut res = sim::run(&spec, &mut source, collector, slice_sink)?;
+        res.collector.finish()?;
+        if let Some(t) = tracer {
+            t.finish()?;
+        }
+        res
     } else {
-        None
+        // Replica partitions on separate threads; see `sim::Partition`.
+        let ranges: Vec<(u32, u32)> = (0..parts)
+            .map(|i| (n * i / parts, n * (i + 1) / parts))
+            .collect();
+        let outs: Vec<Result<(sim::SimResult, PathBuf, PathBuf)>> = ranges
+            .par_iter()
+            .enumerate()
+            .map(|(i, &(lo, hi))| {
+                let mut source = sim::Partition::new(new_source()?, e.router, e.seed, n, lo, hi);
+                let pq = dir.join(format!(".batches.part{i:02}.parquet"));
+                let tr = dir.join(format!(".trace.part{i:02}.json"));
+                let mut collector = vajra_metrics::Collector::new(&e.slo, n);
+                if e.output.parquet {
+                    collector.stream_batches(&pq, prep.memory.num_blocks)?;
+                }
+                let mut tracer = if tracing {
+                    Some(TraceWriter::fragment(&tr)?)
+                } else {
+                    None
+                };
+                let mut on_slice = |sl: &StageSlice| {
+                    if let Some(t) = tracer.as_mut() {
+                        t.slice(sl);
+                    }
+                };
+                let slice_sink: Option<&mut dyn FnMut(&StageSlice)> =
+                    if tracing { Some(&mut on_slice) } else { None };
+                let mut res = sim::run_range(&spec, &mut source, collector, slice_sink, lo, hi)?;
+                res.collector.finish()?;
+                if let Some(t) = tracer {
+                    t.finish_fragment()?;
+                }
+                Ok((res, pq, tr))
+            })
+            .collect();
+        let mut merged: Option<sim::SimResult> = None;
+        let (mut pq_parts, mut tr_parts) = (Vec::new(), Vec::new());
+        for o in outs {
+            let (r, pq, tr) = o?;
+            pq_parts.push(pq);
+            tr_parts.push(tr);
+            merged = Some(match merged {
+                None => r,
+                Some(mut m) => {
+                    m.collector.merge(r.collector);
+                    m.issued += r.issued;
+                    m.end = m.end.max(r.end);
+                    m.events += r.events;
+                    m.replica_stats.extend(r.replica_stats);
+                    m
+                }
+            });
+        }
+        if e.output.parquet {
+            vajra_metrics::output::concat_batch_parts(
+                &pq_parts,
+                &dir.join("batches.parquet"),
+                prep.memory.num_blocks,
+            )?;
+        }
+        if tracing {
+            TraceWriter::assemble(&dir.join("trace.json"), n, par.pipeline_parallel, &tr_parts)?;
+        }
+        merged.expect("at least one partition")
     };
-    let mut res = sim::run(&spec, &mut source, collector, slice_sink)?;
     let loop_s = t_loop.elapsed().as_secs_f64();
-    res.collector.finish()?;
-    if let Some(t) = tracer {
-        t.finish()?;
-    }
+    // Completion order depends on how replicas were partitioned; the summary must not.
+    res.collector.requests.sort_by_key(|r| r.request_id);
     let devices = f64::from(par.world_size());
     let facts = ClusterFacts {
         num_replicas: e.cluster.num_replicas,
@@ -354,6 +445,56 @@ impl TraceWriter {
             buf: Vec::with_capacity(256),
             error: None,
         })
+    }
+
+    /// A file of slices only (no header or footer), for [`TraceWriter::assemble`].
+    ///
+    /// # Errors
+    /// The file cannot be created.
+    pub fn fragment(path: &Path) -> Result<Self> {
+        let f = std::fs::File::create(path).map_err(|e| SimError::Write {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Ok(TraceWriter {
+            path: path.to_owned(),
+            w: std::io::BufWriter::with_capacity(1 << 20, f),
+            buf: Vec::with_capacity(256),
+            error: None,
+        })
+    }
+
+    /// Flushes a fragment.
+    ///
+    /// # Errors
+    /// Any write error.
+    pub fn finish_fragment(mut self) -> Result<()> {
+        let werr = |e: std::io::Error| SimError::Write {
+            path: self.path.clone(),
+            message: e.to_string(),
+        };
+        if let Some(e) = self.error.take() {
+            return Err(werr(e));
+        }
+        self.w.flush().map_err(werr)
+    }
+
+    /// Writes `dest` from the header, the fragments in order (deleting them) and the footer.
+    ///
+    /// # Errors
+    /// A fragment that cannot be read or the file that cannot be written.
+    pub fn assemble(dest: &Path, replicas: u32, stages: u32, fragments: &[PathBuf]) -> Result<()> {
+        let mut t = TraceWriter::create(dest, replicas, stages)?;
+        for f in fragments {
+            let rerr = |e: std::io::Error| SimError::Write {
+                path: f.clone(),
+                message: e.to_string(),
+            };
+            let mut src = std::fs::File::open(f).map_err(rerr)?;
+            std::io::copy(&mut src, &mut t.w).map_err(rerr)?;
+            std::fs::remove_file(f).map_err(rerr)?;
+        }
+        t.finish()
     }
 
     /// Appends one slice (a write error is kept for [`TraceWriter::finish`]). Formatted by

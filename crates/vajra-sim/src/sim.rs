@@ -25,6 +25,8 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use vajra_core::config::CacheConfig;
 use vajra_core::ids::ReplicaId;
+use vajra_core::ids::RequestId;
+use vajra_core::request::Request;
 use vajra_core::router::{RandomSource, ReplicaLoad, Router, RouterConfig};
 use vajra_core::sched::Scheduler;
 use vajra_core::sched::config::SchedulerConfig;
@@ -32,6 +34,113 @@ use vajra_core::sched::output::{ModelRunnerOutput, RequestEvent, SchedulerOutput
 use vajra_core::time::{Duration, Timestamp};
 use vajra_metrics::{BatchRecord, Collector};
 use vajra_workload::RequestSource;
+
+/// Where requests come from, in arrival order.
+pub trait Arrivals {
+    /// Arrival time of the next request, if known now.
+    fn peek_time(&self) -> Option<Timestamp>;
+    /// The next request, with its replica (an index among the loop's replicas) when the
+    /// source has routed it already.
+    fn pop(&mut self) -> Option<(Request, Option<u32>)>;
+    /// A request completed (closed loops issue the client's next one).
+    fn on_finished(&mut self, id: RequestId, now: Timestamp);
+    /// Requests issued so far.
+    fn issued(&self) -> u64;
+}
+
+impl Arrivals for RequestSource {
+    fn peek_time(&self) -> Option<Timestamp> {
+        RequestSource::peek_time(self)
+    }
+    fn pop(&mut self) -> Option<(Request, Option<u32>)> {
+        RequestSource::pop(self).map(|r| (r, None))
+    }
+    fn on_finished(&mut self, id: RequestId, now: Timestamp) {
+        RequestSource::on_finished(self, id, now);
+    }
+    fn issued(&self) -> u64 {
+        RequestSource::issued(self)
+    }
+}
+
+/// The requests of replicas `lo..hi` of an open-loop workload under a load-independent router
+/// (`round_robin`, `random`): the router runs over every arrival, in order and with the same
+/// random stream as a whole-cluster run, and only this range's requests come out. Such
+/// replicas never interact, so partitions can be simulated on separate threads with results
+/// identical to one loop over the cluster.
+pub struct Partition {
+    source: RequestSource,
+    router: Router,
+    rng: Rng,
+    loads: Vec<ReplicaLoad>,
+    lo: u32,
+    hi: u32,
+    next: Option<(Request, u32)>,
+    issued: u64,
+}
+
+impl Partition {
+    /// Replicas `lo..hi` of `num_replicas`, routed by `router` (seeded from `seed`).
+    pub fn new(
+        source: RequestSource,
+        router: RouterConfig,
+        seed: u64,
+        num_replicas: u32,
+        lo: u32,
+        hi: u32,
+    ) -> Self {
+        let mut p = Partition {
+            source,
+            router: Router::new(router),
+            rng: Rng(StdRng::seed_from_u64(vajra_workload::derive_seed(
+                seed, "router",
+            ))),
+            loads: (0..num_replicas)
+                .map(|i| ReplicaLoad {
+                    replica: ReplicaId(i),
+                    ..ReplicaLoad::default()
+                })
+                .collect(),
+            lo,
+            hi,
+            next: None,
+            issued: 0,
+        };
+        p.advance();
+        p
+    }
+
+    fn advance(&mut self) {
+        while let Some(r) = self.source.pop() {
+            let t = self.router.route(&self.loads, &mut self.rng).0;
+            if (self.lo..self.hi).contains(&t) {
+                self.next = Some((r, t - self.lo));
+                return;
+            }
+        }
+    }
+}
+
+impl Arrivals for Partition {
+    fn peek_time(&self) -> Option<Timestamp> {
+        self.next.as_ref().map(|(r, _)| r.arrival)
+    }
+    fn pop(&mut self) -> Option<(Request, Option<u32>)> {
+        let (r, t) = self.next.take()?;
+        self.issued += 1;
+        self.advance();
+        Some((r, Some(t)))
+    }
+    fn on_finished(&mut self, _id: RequestId, _now: Timestamp) {}
+    fn issued(&self) -> u64 {
+        self.issued
+    }
+}
+
+/// Whether a workload and router allow partitioned simulation.
+pub fn partitionable(router: &RouterConfig, closed_loop: bool) -> bool {
+    !closed_loop && matches!(router, RouterConfig::RoundRobin | RouterConfig::Random)
+}
 
 /// Kind of an event, with its rank at equal times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -160,7 +269,7 @@ pub struct SimSpec<'a> {
     pub predictor: &'a Predictor,
     /// Root seed (the router's random stream derives from it).
     pub seed: u64,
-    /// Called now and then with the number of completed requests.
+    /// Called now and then with the number of requests completed since the previous call.
     pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
 }
 
@@ -181,13 +290,14 @@ pub struct SimResult {
 /// The loop's mutable state, so its handlers can be methods.
 struct Loop<'a, 's> {
     spec: &'a SimSpec<'s>,
+    /// Global id of the first replica of this loop.
+    base: u32,
     pp: usize,
     replicas: Vec<Replica>,
     q: EventQueue,
     batches: Vec<Option<Batch>>,
     free_slots: Vec<u32>,
     collector: Collector,
-    replica_of: Vec<u32>,
 }
 
 impl Loop<'_, '_> {
@@ -263,7 +373,7 @@ impl Loop<'_, '_> {
         &mut self,
         slot: u32,
         now: Timestamp,
-        source: &mut RequestSource,
+        source: &mut dyn Arrivals,
         on_slice: &mut Option<&mut dyn FnMut(&StageSlice)>,
     ) {
         let b = self.batches[slot as usize].as_mut().expect("live batch");
@@ -272,7 +382,7 @@ impl Loop<'_, '_> {
         if let Some(f) = on_slice.as_mut() {
             let dur = Duration(b.cost.stage_ns[s]);
             f(&StageSlice {
-                replica: b.replica,
+                replica: self.base + b.replica,
                 stage: s as u32,
                 step: b.out.step.0,
                 start: Timestamp(now.0 - dur.0),
@@ -316,14 +426,13 @@ impl Loop<'_, '_> {
             match e {
                 RequestEvent::Token { id, .. } => self.collector.on_token(id, now),
                 RequestEvent::Finished(f) => {
-                    self.collector
-                        .on_finished(&f, self.replica_of[f.id.0 as usize]);
+                    self.collector.on_finished(&f);
                     source.on_finished(f.id, now);
                 }
             }
         }
         self.collector.on_batch(BatchRecord {
-            replica: b.replica,
+            replica: self.base + b.replica,
             step: b.out.step.0,
             start: b.start,
             end: now,
@@ -349,12 +458,28 @@ impl Loop<'_, '_> {
 /// A request the scheduler rejects, or a stall (requests that can never be scheduled).
 pub fn run(
     spec: &SimSpec<'_>,
-    source: &mut RequestSource,
+    source: &mut dyn Arrivals,
+    collector: Collector,
+    on_slice: Option<&mut dyn FnMut(&StageSlice)>,
+) -> Result<SimResult> {
+    run_range(spec, source, collector, on_slice, 0, spec.num_replicas)
+}
+
+/// Runs replicas `lo..hi` (global ids) on requests that `source` routes to them (see
+/// [`Partition`]); [`run`] is the whole cluster.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_range(
+    spec: &SimSpec<'_>,
+    source: &mut dyn Arrivals,
     collector: Collector,
     mut on_slice: Option<&mut dyn FnMut(&StageSlice)>,
+    lo: u32,
+    hi: u32,
 ) -> Result<SimResult> {
     let pp = spec.predictor.stages();
-    let replicas: Vec<Replica> = (0..spec.num_replicas)
+    let replicas: Vec<Replica> = (lo..hi)
         .map(|_| {
             Ok(Replica {
                 sched: Scheduler::new(
@@ -372,21 +497,22 @@ pub fn run(
         .collect::<Result<_>>()?;
     let mut st = Loop {
         spec,
+        base: lo,
         pp,
         replicas,
         q: EventQueue::default(),
         batches: Vec::new(),
         free_slots: Vec::new(),
         collector,
-        replica_of: Vec::new(),
     };
     let mut router = Router::new(spec.router);
     let mut rng = Rng(StdRng::seed_from_u64(vajra_workload::derive_seed(
         spec.seed, "router",
     )));
-    let mut loads = vec![ReplicaLoad::default(); spec.num_replicas as usize];
+    let mut loads = vec![ReplicaLoad::default(); (hi - lo) as usize];
     let mut now = Timestamp::ZERO;
     let mut events = 0u64;
+    let mut reported = 0u64;
     let num_blocks = spec.num_blocks;
 
     loop {
@@ -401,39 +527,44 @@ pub fn run(
         if events & 0x3fff == 0
             && let Some(p) = spec.progress
         {
-            p(st.collector.requests.len() as u64);
+            let done = st.collector.requests.len() as u64;
+            p(done - reported);
+            reported = done;
         }
         if arrival_first {
-            let req = source.pop().expect("peeked");
+            let (req, routed) = source.pop().expect("peeked");
             now = now.max(req.arrival);
             st.collector.on_arrival(req.id, now);
-            let needs_prefix = router.needs_prefix_lookup();
-            for (i, (l, r)) in loads.iter_mut().zip(st.replicas.iter_mut()).enumerate() {
-                *l = ReplicaLoad {
-                    replica: ReplicaId(i as u32),
-                    num_waiting: r.sched.num_waiting() as u32,
-                    num_running: r.sched.num_running() as u32,
-                    kv_usage: 1.0 - f64::from(r.sched.kv().num_free()) / f64::from(num_blocks),
-                    cached_prefix_tokens: if needs_prefix {
-                        r.sched.cached_prefix_tokens(&req)
-                    } else {
-                        0
-                    },
-                };
-            }
-            let target = router.route(&loads, &mut rng).0;
-            let idx = req.id.0 as usize;
-            if idx >= st.replica_of.len() {
-                st.replica_of.resize(idx + 1, 0);
-            }
-            st.replica_of[idx] = target;
+            let target = match routed {
+                Some(t) => t,
+                None => {
+                    let needs_prefix = router.needs_prefix_lookup();
+                    for (i, (l, r)) in loads.iter_mut().zip(st.replicas.iter_mut()).enumerate() {
+                        *l = ReplicaLoad {
+                            replica: ReplicaId(i as u32),
+                            num_waiting: r.sched.num_waiting() as u32,
+                            num_running: r.sched.num_running() as u32,
+                            kv_usage: 1.0
+                                - f64::from(r.sched.kv().num_free()) / f64::from(num_blocks),
+                            cached_prefix_tokens: if needs_prefix {
+                                r.sched.cached_prefix_tokens(&req)
+                            } else {
+                                0
+                            },
+                        };
+                    }
+                    router.route(&loads, &mut rng).0
+                }
+            };
+            st.collector.on_routed(req.id, lo + target);
             let (id, prompt, out) = (req.id, req.prompt.len(), req.max_tokens());
             st.replicas[target as usize]
                 .sched
                 .add_request(req, now)
                 .map_err(|e| {
                     SimError::Memory(format!(
-                        "request {id} ({prompt} prompt + {out} output tokens) cannot run on replica {target}: {e} (raise cache.num_blocks or cache.gpu_memory_utilization, or lower workload.max_tokens)"
+                        "request {id} ({prompt} prompt + {out} output tokens) cannot run on replica {}: {e} (raise cache.num_blocks or cache.gpu_memory_utilization, or lower workload.max_tokens)",
+                        lo + target
                     ))
                 })?;
             // Arrivals at the same instant are routed first, then the replica schedules once.
@@ -455,6 +586,7 @@ pub fn run(
 
     for (i, r) in st.replicas.iter().enumerate() {
         if r.sched.has_unfinished() {
+            let i = lo as usize + i;
             return Err(SimError::Stalled(format!(
                 "replica {i} still has {} waiting and {} running requests that can never be scheduled: its {} KV blocks of {} tokens cannot hold them (raise cache.num_blocks or gpu_memory_utilization, or lower workload.max_tokens)",
                 r.sched.num_waiting(),

@@ -20,6 +20,8 @@ pub struct RunOptions {
     pub trace: bool,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// One event loop per point, even where replicas could be partitioned across threads.
+    pub sequential: bool,
 }
 
 /// The output root of a file.
@@ -72,11 +74,11 @@ pub fn run_file(file: &ExperimentFile, opts: &RunOptions) -> Result<Vec<PointRes
                     root.clone()
                 };
                 let seen = AtomicU64::new(0);
-                let cb = |done: u64| {
-                    let prev = seen.swap(done, Ordering::Relaxed);
-                    bar.inc(done.saturating_sub(prev));
+                let cb = |delta: u64| {
+                    seen.fetch_add(delta, Ordering::Relaxed);
+                    bar.inc(delta);
                 };
-                let r = run_point(file, p, &dir, opts.trace, Some(&cb));
+                let r = run_point(file, p, &dir, opts.trace, opts.sequential, Some(&cb));
                 if let Ok(ok) = &r {
                     let done = ok.summary.metrics.requests_completed;
                     bar.inc(done.saturating_sub(seen.load(Ordering::Relaxed)));

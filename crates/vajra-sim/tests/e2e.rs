@@ -311,3 +311,32 @@ fn a_request_longer_than_the_kv_cache_is_an_error_not_a_hang() {
         &["run"],
     );
 }
+
+#[test]
+fn replica_partitions_on_threads_give_the_same_results_as_one_loop() {
+    let (a, b) = (tmp("part-a"), tmp("part-b"));
+    run_ok("experiments/routing.toml", &a);
+    let o = sim(&[
+        "run",
+        "experiments/routing.toml",
+        "-o",
+        b.to_str().unwrap(),
+        "--quiet",
+        "--sequential",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // round_robin and random are partitioned (load-independent); the others run one loop
+    // either way.
+    for (x, y) in points(&a).iter().zip(points(&b).iter()) {
+        for f in ["summary.json", "requests.csv"] {
+            assert!(
+                std::fs::read(x.join(f)).unwrap() == std::fs::read(y.join(f)).unwrap(),
+                "{} differs between partitioned and sequential runs",
+                x.join(f).display()
+            );
+        }
+        check_point(x);
+    }
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&b);
+}

@@ -62,6 +62,10 @@ pub enum ArrivalConfig {
     Poisson {
         /// Mean rate (requests/s).
         qps: f64,
+        /// Clamp each gap at `3/qps` as Vidur does (which raises the offered rate by 5.2 %);
+        /// only for reproducing Vidur runs.
+        #[serde(default)]
+        vidur_clamp: bool,
     },
     /// Gamma gaps with mean `1/qps` and coefficient of variation `cv` (shape `1/cv²`, scale
     /// `cv²/qps`). `cv = 1` is Poisson; larger is burstier. vLLM's "burstiness" is `1/cv²`.
@@ -410,7 +414,7 @@ impl WorkloadConfig {
             )?;
         }
         match &self.arrival {
-            ArrivalConfig::Poisson { qps } | ArrivalConfig::Constant { qps } => ensure(
+            ArrivalConfig::Poisson { qps, .. } | ArrivalConfig::Constant { qps } => ensure(
                 positive_finite(*qps),
                 "workload.arrival.qps",
                 qps,
