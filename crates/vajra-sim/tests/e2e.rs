@@ -340,3 +340,118 @@ fn replica_partitions_on_threads_give_the_same_results_as_one_loop() {
     let _ = std::fs::remove_dir_all(&a);
     let _ = std::fs::remove_dir_all(&b);
 }
+
+fn run_body(name: &str, body: &str, files: &[(&str, &str)]) -> (PathBuf, serde_json::Value) {
+    let dir = tmp(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (f, text) in files {
+        std::fs::write(dir.join(f), text).unwrap();
+    }
+    let exp = dir.join("e.toml");
+    std::fs::write(&exp, body).unwrap();
+    let out = dir.join("out");
+    run_ok(exp.to_str().unwrap(), &out);
+    check_point(&out);
+    let s =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    (dir, s)
+}
+
+const HEAD: &str = r#"
+[model]
+name = "Llama-2-7b-hf"
+[cluster]
+device = "h100"
+[scheduler]
+policy = { type = "vllm_v1", max_num_batched_tokens = 2048 }
+[predictor]
+profile = "roofline"
+"#;
+
+#[test]
+fn a_closed_loop_keeps_at_most_its_clients_in_flight() {
+    let (dir, s) = run_body(
+        "closed",
+        &format!(
+            "{HEAD}[workload]\nnum_requests = 60\narrival = {{ type = \"closed_loop\", clients = 3, think_time_s = 0.5 }}\nlengths = {{ type = \"fixed\", prompt = 200, output = 20 }}\n"
+        ),
+        &[],
+    );
+    assert_eq!(s["requests_completed"], 60);
+    // Never more than 3 requests between arrival and completion at once.
+    let mut rdr = csv::Reader::from_path(dir.join("out/requests.csv")).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    let mut spans: Vec<(f64, f64)> = rdr
+        .records()
+        .map(|r| {
+            let r = r.unwrap();
+            (
+                num(&r, &h, "arrival_s").unwrap(),
+                num(&r, &h, "completed_s").unwrap(),
+            )
+        })
+        .collect();
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (i, &(a, _)) in spans.iter().enumerate() {
+        let live = spans[..i].iter().filter(|&&(_, c)| c > a).count();
+        assert!(live < 3, "request {i} arrived with {live} others in flight");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn mooncake_hash_ids_produce_prefix_cache_hits() {
+    let mut lines = String::new();
+    for i in 0..40 {
+        // Every request shares its first two 512-token blocks; the third is its own.
+        lines.push_str(&format!(
+            "{{\"timestamp\": {}, \"input_length\": 1500, \"output_length\": 8, \"hash_ids\": [1, 2, {}]}}\n",
+            i * 200,
+            100 + i
+        ));
+    }
+    let (dir, s) = run_body(
+        "mooncake",
+        &format!("{HEAD}[workload]\narrival = {{ type = \"trace\", path = \"m.jsonl\" }}\n"),
+        &[("m.jsonl", &lines)],
+    );
+    assert_eq!(s["requests_completed"], 40);
+    let hit = s["prefix_cache_hit_rate"].as_f64().unwrap();
+    // 39 of 40 requests find 1,024 of their 1,500 tokens cached.
+    assert!(hit > 0.6 && hit < 0.7, "{hit}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_azure_trace_replays_with_time_scaling_and_a_window() {
+    let mut csv_text = String::from("TIMESTAMP,ContextTokens,GeneratedTokens\n");
+    for i in 0..50 {
+        csv_text.push_str(&format!(
+            "2023-11-16 18:{:02}:{:02}.5000000,{},{}\n",
+            15 + i / 60,
+            i % 60,
+            300 + i,
+            10 + i % 7
+        ));
+    }
+    let (dir, s) = run_body(
+        "azure",
+        &format!(
+            "{HEAD}[workload]\narrival = {{ type = \"trace\", path = \"az.csv\", start_s = 10.0, end_s = 30.0, time_scale = 0.5 }}\n"
+        ),
+        &[("az.csv", &csv_text)],
+    );
+    assert_eq!(s["requests_completed"], 20, "rows 10..30 s");
+    let mut rdr = csv::Reader::from_path(dir.join("out/requests.csv")).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    let arrivals: Vec<f64> = rdr
+        .records()
+        .map(|r| num(&r.unwrap(), &h, "arrival_s").unwrap())
+        .collect();
+    assert!(
+        (arrivals[19] - 9.5).abs() < 1e-9,
+        "19 s of trace at half time: {}",
+        arrivals[19]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
