@@ -136,6 +136,32 @@ pub struct Experiment {
     /// Outputs.
     #[serde(default)]
     pub output: OutputConfig,
+    /// Capacity search (`vajra-sim capacity`).
+    #[serde(default)]
+    pub capacity: CapacityConfig,
+}
+
+/// How `vajra-sim capacity` searches for the highest sustainable rate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacityConfig {
+    /// Stop when the bracket [passing, failing] is narrower than this fraction of the passing
+    /// rate.
+    pub precision: f64,
+    /// Lowest rate tried (requests/s); below it the configuration has no capacity.
+    pub min_qps: f64,
+    /// Highest rate tried (requests/s).
+    pub max_qps: f64,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        CapacityConfig {
+            precision: 0.02,
+            min_qps: 0.01,
+            max_qps: 100_000.0,
+        }
+    }
 }
 
 /// One point of an experiment file.
@@ -477,6 +503,22 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
     e.predictor.validate()?;
     e.workload.validate()?;
     e.slo.validate()?;
+    let c = e.capacity;
+    if !(c.precision.is_finite() && c.precision > 0.0 && c.precision < 1.0) {
+        return Err(SimError::invalid(
+            "capacity.precision",
+            c.precision,
+            "a fraction in (0, 1)",
+        ));
+    }
+    if !(c.min_qps.is_finite() && c.min_qps > 0.0 && c.max_qps.is_finite() && c.max_qps > c.min_qps)
+    {
+        return Err(SimError::invalid(
+            "capacity.max_qps",
+            c.max_qps,
+            format!("a finite rate above capacity.min_qps = {}", c.min_qps),
+        ));
+    }
     for (field, p) in [
         ("predictor.profile", e.predictor.profile.as_ref()),
         ("predictor.network", e.predictor.network.as_ref()),

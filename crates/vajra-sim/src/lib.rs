@@ -12,6 +12,7 @@
 //! - [`run`]: one point → a run folder; [`sweep`]: every point, in parallel.
 //! - [`profiles`]: generating roofline profiles and measuring the predictor's error.
 
+pub mod capacity;
 pub mod catalog;
 pub mod error;
 pub mod experiment;

@@ -47,6 +47,19 @@ enum Cmd {
         #[arg(long)]
         sequential: bool,
     },
+    /// The highest request rate each point sustains under its run-level SLOs (`[slo]`
+    /// p99_ttft_s, p99_tbt_s, p50_scheduling_delay_s, max_deadline_miss_rate), probes in
+    /// parallel in-process; writes capacity.{md,csv,json}.
+    Capacity {
+        /// The experiment TOML.
+        file: PathBuf,
+        /// Output folder (default: output.dir of the file, else runs/<name>).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        /// Worker threads (default: one per core).
+        #[arg(short, long, default_value_t = 0)]
+        jobs: usize,
+    },
     /// Check an experiment file without running it.
     Validate {
         /// The experiment TOML.
@@ -156,6 +169,63 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 t0.elapsed().as_secs_f64(),
                 loop_s,
                 events as f64 / loop_s.max(1e-9) / 1e6
+            );
+            Ok(())
+        }
+        Cmd::Capacity { file, out, jobs } => {
+            let t0 = Instant::now();
+            let f = ExperimentFile::load(&file)?;
+            let opts = RunOptions {
+                out,
+                jobs,
+                trace: false,
+                progress: false,
+                sequential: false,
+            };
+            let root = out_root(&f, &opts);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build()?;
+            let caps = pool.install(|| {
+                f.points
+                    .iter()
+                    .map(|p| vajra_sim::capacity::search(&f, p))
+                    .collect::<Result<Vec<_>, _>>()
+            })?;
+            std::fs::create_dir_all(&root)?;
+            let md = vajra_sim::capacity::table(&caps);
+            std::fs::write(root.join("capacity.md"), &md)?;
+            std::fs::write(
+                root.join("capacity.json"),
+                serde_json::to_string_pretty(&caps)? + "\n",
+            )?;
+            let mut w = csv::Writer::from_path(root.join("capacity.csv"))?;
+            w.write_record([
+                "point",
+                "capacity_qps",
+                "failing_qps",
+                "devices",
+                "price_per_hour",
+                "qps_per_dollar_hour",
+                "probes",
+            ])?;
+            let opt = |x: Option<f64>| x.map(|v| v.to_string()).unwrap_or_default();
+            for c in &caps {
+                w.write_record([
+                    c.point.clone(),
+                    opt(c.capacity_qps),
+                    opt(c.failing_qps),
+                    c.devices.to_string(),
+                    c.price_per_hour.to_string(),
+                    opt(c.qps_per_dollar_hour),
+                    c.probes.len().to_string(),
+                ])?;
+            }
+            w.flush()?;
+            print!("{md}");
+            eprintln!(
+                "capacity of {} point(s) → {} in {:.2} s",
+                caps.len(),
+                root.display(),
+                t0.elapsed().as_secs_f64()
             );
             Ok(())
         }

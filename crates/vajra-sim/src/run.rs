@@ -163,25 +163,21 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
 /// depend on the machine's core count).
 pub const MAX_PARTITIONS: u32 = 8;
 
-/// Runs one point and writes its folder `dir`. With a load-independent router and an
-/// open-loop workload, replicas are simulated in up to [`MAX_PARTITIONS`] partitions on
-/// separate threads (unless `sequential`); `summary.json`, `requests.csv` and the tables are the
-/// same either way, except that `batches.parquet` and `trace.json` list partitions one after
-/// another instead of interleaving replicas in completion order.
+/// Runs a point's event loop; with `out`, streams `batches.parquet` and `trace.json` there.
+/// Returns the result (requests sorted by id) and the loop's wall time.
 ///
 /// # Errors
-/// Setup errors, a stalled simulation, or an output that cannot be written.
-pub fn run_point(
+/// A stalled simulation or a stream that cannot be written.
+pub fn simulate(
     file: &ExperimentFile,
     point: &Point,
-    dir: &Path,
+    prep: &Prepared,
+    out: Option<&Path>,
     trace: bool,
     sequential: bool,
     progress: Option<&(dyn Fn(u64) + Sync)>,
-) -> Result<PointResult> {
-    let t0 = Instant::now();
+) -> Result<(sim::SimResult, f64)> {
     let e = &point.experiment;
-    let prep = prepare(file, point)?;
     let spec = SimSpec {
         num_replicas: e.cluster.num_replicas,
         scheduler: &e.scheduler,
@@ -194,11 +190,15 @@ pub fn run_point(
         progress,
     };
     let par = experiment::parallel(&e.cluster);
-    std::fs::create_dir_all(dir).map_err(|err| SimError::Write {
-        path: dir.to_owned(),
-        message: err.to_string(),
-    })?;
-    let tracing = trace && e.output.trace;
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir).map_err(|err| SimError::Write {
+            path: dir.to_owned(),
+            message: err.to_string(),
+        })?;
+    }
+    let tracing = trace && e.output.trace && out.is_some();
+    let parquet = e.output.parquet && out.is_some();
+    let dir = out.unwrap_or(Path::new("."));
     let n = e.cluster.num_replicas;
     let closed = matches!(
         e.workload.arrival,
@@ -221,7 +221,7 @@ pub fn run_point(
     let mut res = if parts == 1 {
         let mut source = new_source()?;
         let mut collector = vajra_metrics::Collector::new(&e.slo, n);
-        if e.output.parquet {
+        if parquet {
             collector.stream_batches(&dir.join("batches.parquet"), prep.memory.num_blocks)?;
         }
         let mut tracer = if tracing {
@@ -259,7 +259,7 @@ pub fn run_point(
                 let pq = dir.join(format!(".batches.part{i:02}.parquet"));
                 let tr = dir.join(format!(".trace.part{i:02}.json"));
                 let mut collector = vajra_metrics::Collector::new(&e.slo, n);
-                if e.output.parquet {
+                if parquet {
                     collector.stream_batches(&pq, prep.memory.num_blocks)?;
                 }
                 let mut tracer = if tracing {
@@ -300,7 +300,7 @@ pub fn run_point(
                 }
             });
         }
-        if e.output.parquet {
+        if parquet {
             vajra_metrics::output::concat_batch_parts(
                 &pq_parts,
                 &dir.join("batches.parquet"),
@@ -315,6 +315,13 @@ pub fn run_point(
     let loop_s = t_loop.elapsed().as_secs_f64();
     // Completion order depends on how replicas were partitioned; the summary must not.
     res.collector.requests.sort_by_key(|r| r.request_id);
+    Ok((res, loop_s))
+}
+
+/// The summary of a finished simulation.
+pub fn summarize(point: &Point, prep: Prepared, res: &sim::SimResult) -> RunSummary {
+    let e = &point.experiment;
+    let par = experiment::parallel(&e.cluster);
     let devices = f64::from(par.world_size());
     let facts = ClusterFacts {
         num_replicas: e.cluster.num_replicas,
@@ -325,14 +332,38 @@ pub fn run_point(
         issued: res.issued,
     };
     let metrics = Summary::compute(&res.collector, &e.slo, &facts);
-    let summary = RunSummary {
+    RunSummary {
         name: e.name.clone(),
         point: point.label.clone(),
         seed: e.seed,
         setup: prep.setup,
         simulated_s: res.end.as_secs_f64(),
         metrics,
-    };
+    }
+}
+
+/// Runs one point and writes its folder `dir`. With a load-independent router and an
+/// open-loop workload, replicas are simulated in up to [`MAX_PARTITIONS`] partitions on
+/// separate threads (unless `sequential`); `summary.json`, `requests.csv` and the tables are the
+/// same either way, except that `batches.parquet` and `trace.json` list partitions one after
+/// another instead of interleaving replicas in completion order.
+///
+/// # Errors
+/// Setup errors, a stalled simulation, or an output that cannot be written.
+pub fn run_point(
+    file: &ExperimentFile,
+    point: &Point,
+    dir: &Path,
+    trace: bool,
+    sequential: bool,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Result<PointResult> {
+    let t0 = Instant::now();
+    let e = &point.experiment;
+    let prep = prepare(file, point)?;
+    let (res, loop_s) = simulate(file, point, &prep, Some(dir), trace, sequential, progress)?;
+    let warnings = prep.predictor.warnings.clone();
+    let summary = summarize(point, prep, &res);
     let resolved = toml::to_string_pretty(e).map_err(|err| SimError::Write {
         path: dir.join("config.resolved.toml"),
         message: err.to_string(),
@@ -364,7 +395,7 @@ pub fn run_point(
         loop_s,
         wall_s: t0.elapsed().as_secs_f64(),
         events: res.events,
-        warnings: prep.predictor.warnings,
+        warnings,
     })
 }
 

@@ -403,7 +403,8 @@ impl Predictor {
     /// Attention time of one layer, ms.
     fn attention_layer_ms(&self, out: &SchedulerOutput) -> f64 {
         let mut t = 0.0;
-        let mut prefill_terms = (0.0, 0.0, 0.0, 0usize); // Σc, Σc(k + c/2), Σ prefill-like tokens, count
+        // Σc, Σc(k + c/2), Σk, count
+        let mut prefill_terms = (0.0, 0.0, 0.0, 0usize);
         let (mut dec_b, mut dec_kv) = (0.0, 0.0);
         let mut pre_flops = 0.0;
         let mut pre_bytes = 0.0;
@@ -416,6 +417,7 @@ impl Predictor {
             } else {
                 prefill_terms.0 += c;
                 prefill_terms.1 += c * (k + c / 2.0);
+                prefill_terms.2 += k;
                 prefill_terms.3 += 1;
                 if matches!(self.attention, Attention::Roofline) {
                     pre_flops += roofline::prefill_flops(&self.model, self.tp, c, k);
@@ -424,14 +426,14 @@ impl Predictor {
             }
             t += c;
         }
-        prefill_terms.2 = prefill_terms.0;
         match &self.attention {
             Attention::Fitted(f) => {
                 let mut ms = f.kv_save[0] + f.kv_save[1] * t;
                 if prefill_terms.3 > 0 {
                     ms += f.prefill[0]
                         + f.prefill[1] * prefill_terms.0
-                        + f.prefill[2] * prefill_terms.1;
+                        + f.prefill[2] * prefill_terms.2
+                        + f.prefill[3] * prefill_terms.1;
                 }
                 if dec_b > 0.0 {
                     ms += f.decode[0] + f.decode[1] * dec_b + f.decode[2] * dec_kv;
@@ -442,7 +444,7 @@ impl Predictor {
                 let mut s = roofline::kv_save(&self.model, &self.device, self.tp, t);
                 if prefill_terms.3 > 0 {
                     s +=
-                        roofline::attn_prefill(&self.device, pre_flops, pre_bytes, prefill_terms.2);
+                        roofline::attn_prefill(&self.device, pre_flops, pre_bytes, prefill_terms.0);
                 }
                 if dec_b > 0.0 {
                     s += roofline::attn_decode(&self.model, &self.device, self.tp, dec_b, dec_kv);

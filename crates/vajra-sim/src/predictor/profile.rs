@@ -203,12 +203,12 @@ pub fn read_mlp(path: &Path, model: &ModelConfig, tp: u32) -> Result<OpCurves, S
 }
 
 /// Attention fitted from measured rows, ms per layer:
-/// prefill `a + b·c + e·c·(k + c/2)` summed over chunks (one `a` per batch), decode
-/// `a + b·B + e·ΣK`, KV save `a + b·T`.
+/// prefill `a + b·c + d·k + e·c·(k + c/2)` summed over chunks (one `a` per batch; `d·k` is the
+/// cached context read), decode `a + b·B + e·ΣK`, KV save `a + b·T`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttentionFit {
     /// Prefill coefficients.
-    pub prefill: [f64; 3],
+    pub prefill: [f64; 4],
     /// Decode coefficients.
     pub decode: [f64; 3],
     /// KV-save coefficients.
@@ -291,7 +291,7 @@ pub fn read_attention(path: &Path, tp: u32) -> Result<AttentionFit, SimError> {
         .headers
         .get("time_stats.attn_kv_cache_save.median")
         .copied();
-    let mut pre: Vec<([f64; 3], f64)> = Vec::new();
+    let mut pre: Vec<([f64; 4], f64)> = Vec::new();
     let mut dec: Vec<([f64; 3], f64)> = Vec::new();
     let mut save: Vec<([f64; 2], f64)> = Vec::new();
     for r in 0..t.rows.len() {
@@ -306,7 +306,7 @@ pub fn read_attention(path: &Path, tp: u32) -> Result<AttentionFit, SimError> {
                 && y > 0.0
                 && c > 0.0
             {
-                pre.push(([1.0, c, c * (k + c / 2.0)], y));
+                pre.push(([1.0, c, k, c * (k + c / 2.0)], y));
             }
             if let Some(c_s) = save_t
                 && let Some(y) = t.num(r, c_s)?

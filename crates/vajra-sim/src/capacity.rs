@@ -1,0 +1,226 @@
+//! Capacity search: the highest request rate a configuration sustains under its run-level SLOs
+//! (`slo.p99_ttft_s`, `slo.p99_tbt_s`, `slo.p50_scheduling_delay_s`,
+//! `slo.max_deadline_miss_rate`), in-process and in parallel.
+//!
+//! A probe simulates the point at one rate (`workload.arrival.qps`) without writing files and
+//! passes when every limit is met and every request completed. The search first brackets the
+//! capacity by doubling (or halving) the experiment's own rate, `k` probes at a time, then
+//! narrows the bracket by probing `k` evenly spaced rates inside it per round, until it is
+//! narrower than `capacity.precision` of the passing rate; `k` is the number of worker
+//! threads (at least 2). Every probe is deterministic, so the answer is too. Latency is assumed
+//! to grow with load (a probe that passes above a failing one is ignored).
+
+use crate::error::{Result, SimError};
+use crate::experiment::{ExperimentFile, Point};
+use crate::run::{prepare, simulate, summarize};
+use rayon::prelude::*;
+use serde::Serialize;
+use vajra_workload::config::ArrivalConfig;
+
+/// One probe.
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    /// Rate (requests/s).
+    pub qps: f64,
+    /// Every limit met and every request completed.
+    pub met: bool,
+    /// Each limit's measured value.
+    pub values: Vec<(String, f64)>,
+}
+
+/// The answer for one point.
+#[derive(Debug, Clone, Serialize)]
+pub struct Capacity {
+    /// Point label (empty without a sweep).
+    pub point: String,
+    /// Highest passing rate found (`None`: even `capacity.min_qps` fails).
+    pub capacity_qps: Option<f64>,
+    /// Lowest failing rate found above it (`None`: `capacity.max_qps` passes).
+    pub failing_qps: Option<f64>,
+    /// Devices in the cluster.
+    pub devices: u32,
+    /// Cluster price per hour (US dollars).
+    pub price_per_hour: f64,
+    /// Capacity per dollar-hour (requests/s per $/h).
+    pub qps_per_dollar_hour: Option<f64>,
+    /// Every probe, by rate.
+    pub probes: Vec<Probe>,
+}
+
+fn with_qps(point: &Point, qps: f64) -> Point {
+    let mut p = point.clone();
+    match &mut p.experiment.workload.arrival {
+        ArrivalConfig::Poisson { qps: q, .. }
+        | ArrivalConfig::Gamma { qps: q, .. }
+        | ArrivalConfig::Constant { qps: q } => *q = qps,
+        _ => {}
+    }
+    p
+}
+
+fn probe(file: &ExperimentFile, point: &Point, qps: f64) -> Result<Probe> {
+    let p = with_qps(point, qps);
+    let prep = prepare(file, &p)?;
+    let (res, _) = simulate(file, &p, &prep, None, false, false, None)?;
+    let s = summarize(&p, prep, &res);
+    Ok(Probe {
+        qps,
+        met: s.metrics.slo.all_limits_met,
+        values: s
+            .metrics
+            .slo
+            .limits
+            .iter()
+            .map(|l| (l.metric.clone(), l.value))
+            .collect(),
+    })
+}
+
+/// Searches one point.
+///
+/// # Errors
+/// An arrival process without a rate, no run-level SLO, or a failing probe.
+pub fn search(file: &ExperimentFile, point: &Point) -> Result<Capacity> {
+    let e = &point.experiment;
+    let start = match e.workload.arrival {
+        ArrivalConfig::Poisson { qps, .. }
+        | ArrivalConfig::Gamma { qps, .. }
+        | ArrivalConfig::Constant { qps } => qps,
+        ref other => {
+            let kind = serde_json::to_value(other)
+                .ok()
+                .and_then(|v| v.get("type").and_then(|t| t.as_str().map(str::to_owned)))
+                .unwrap_or_default();
+            return Err(SimError::invalid(
+                "workload.arrival.type",
+                kind,
+                "poisson, gamma or constant: capacity search varies workload.arrival.qps",
+            ));
+        }
+    };
+    let slo = e.slo;
+    if slo.p99_ttft_s.is_none()
+        && slo.p99_tbt_s.is_none()
+        && slo.p50_scheduling_delay_s.is_none()
+        && slo.max_deadline_miss_rate.is_none()
+    {
+        return Err(SimError::invalid(
+            "slo",
+            "(no run-level limit)",
+            "at least one of slo.p99_ttft_s, slo.p99_tbt_s, slo.p50_scheduling_delay_s, slo.max_deadline_miss_rate",
+        ));
+    }
+    let cfg = e.capacity;
+    let k = rayon::current_num_threads().max(2);
+    let mut probes: Vec<Probe> = Vec::new();
+    let mut run = |rates: Vec<f64>| -> Result<Vec<Probe>> {
+        let got: Vec<Result<Probe>> = rates.par_iter().map(|&q| probe(file, point, q)).collect();
+        let got: Vec<Probe> = got.into_iter().collect::<Result<_>>()?;
+        probes.extend(got.iter().cloned());
+        Ok(got)
+    };
+    let (mut lo, mut hi): (Option<f64>, Option<f64>) = (None, None);
+    // Bracket: upward from the experiment's rate.
+    let mut q = start.clamp(cfg.min_qps, cfg.max_qps);
+    'up: loop {
+        let rates: Vec<f64> = (0..k)
+            .map(|j| q * f64::powi(2.0, j as i32))
+            .take_while(|&r| r <= cfg.max_qps)
+            .collect();
+        if rates.is_empty() {
+            break;
+        }
+        let last = rates[rates.len() - 1];
+        for p in run(rates)? {
+            if p.met {
+                lo = Some(p.qps);
+            } else {
+                hi = Some(p.qps);
+                break 'up;
+            }
+        }
+        if lo.is_none() {
+            break;
+        }
+        q = last * 2.0;
+    }
+    // Nothing passed at the start: downward.
+    if lo.is_none() {
+        let mut q = start.min(hi.unwrap_or(start));
+        'down: loop {
+            let rates: Vec<f64> = (1..=k)
+                .map(|j| q / f64::powi(2.0, j as i32))
+                .take_while(|&r| r >= cfg.min_qps)
+                .collect();
+            if rates.is_empty() {
+                break;
+            }
+            let last = rates[rates.len() - 1];
+            for p in run(rates)? {
+                if p.met {
+                    lo = Some(p.qps);
+                    break 'down;
+                }
+                hi = Some(p.qps);
+            }
+            q = last;
+        }
+    }
+    // Narrow.
+    while let (Some(l), Some(h)) = (lo, hi) {
+        if h / l - 1.0 <= cfg.precision {
+            break;
+        }
+        let rates: Vec<f64> = (1..=k)
+            .map(|i| l + (h - l) * i as f64 / (k + 1) as f64)
+            .collect();
+        for p in run(rates)? {
+            if p.met {
+                lo = Some(p.qps);
+            } else {
+                hi = Some(p.qps);
+                break;
+            }
+        }
+    }
+    probes.sort_by(|a, b| a.qps.total_cmp(&b.qps));
+    let prep = prepare(file, point)?;
+    let devices = e.cluster.num_replicas * e.cluster.tensor_parallel * e.cluster.pipeline_parallel;
+    let price = f64::from(devices) * prep.setup.device.price_per_hour;
+    Ok(Capacity {
+        point: point.label.clone(),
+        capacity_qps: lo,
+        failing_qps: hi,
+        devices,
+        price_per_hour: price,
+        qps_per_dollar_hour: lo.filter(|_| price > 0.0).map(|l| l / price),
+        probes,
+    })
+}
+
+/// A Markdown table of capacities.
+pub fn table(caps: &[Capacity]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::from(
+        "| point | capacity (req/s) | first failing (req/s) | devices | $/h | req/s per $/h | probes |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let f = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), |v| format!("{v:.3}"));
+    for c in caps {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.2} | {} | {} |",
+            if c.point.is_empty() {
+                "(single point)"
+            } else {
+                &c.point
+            },
+            f(c.capacity_qps),
+            f(c.failing_qps),
+            c.devices,
+            c.price_per_hour,
+            f(c.qps_per_dollar_hour),
+            c.probes.len()
+        );
+    }
+    s
+}

@@ -1,0 +1,71 @@
+//! Capacity search: reproducible, and the rate it finds meets the SLOs while 1.05× that rate
+//! does not.
+
+use std::path::PathBuf;
+use vajra_sim::capacity::search;
+use vajra_sim::experiment::ExperimentFile;
+use vajra_sim::run::{prepare, simulate, summarize};
+
+fn file(name: &str) -> ExperimentFile {
+    let dir = std::env::temp_dir().join(format!("vajra-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p: PathBuf = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        r#"
+seed = 3
+[model]
+name = "Llama-2-7b-hf"
+[cluster]
+device = "h100"
+[predictor]
+profile = "roofline"
+[scheduler]
+policy = { type = "vllm_v1", max_num_batched_tokens = 4096 }
+[workload]
+num_requests = 300
+arrival = { type = "poisson", qps = 2.0 }
+lengths = { type = "independent", prompt = { type = "uniform", min = 200, max = 2000 }, output = { type = "uniform", min = 20, max = 200 } }
+[slo]
+p99_ttft_s = 0.5
+"#,
+    )
+    .unwrap();
+    ExperimentFile::load(&p).unwrap()
+}
+
+fn meets(f: &ExperimentFile, qps: f64) -> bool {
+    let mut point = f.points[0].clone();
+    if let vajra_workload::config::ArrivalConfig::Poisson { qps: q, .. } =
+        &mut point.experiment.workload.arrival
+    {
+        *q = qps;
+    }
+    let prep = prepare(f, &point).unwrap();
+    let (res, _) = simulate(f, &point, &prep, None, false, false, None).unwrap();
+    summarize(&point, prep, &res).metrics.slo.all_limits_met
+}
+
+#[test]
+fn the_capacity_meets_the_slo_and_five_percent_more_does_not() {
+    let f = file("meets");
+    let a = search(&f, &f.points[0]).unwrap();
+    let b = search(&f, &f.points[0]).unwrap();
+    let cap = a.capacity_qps.expect("some capacity");
+    assert_eq!(Some(cap), b.capacity_qps, "same seed, same answer");
+    assert!(
+        a.failing_qps.unwrap() / cap - 1.0 <= 0.02 + 1e-12,
+        "bracket within precision"
+    );
+    assert!(meets(&f, cap));
+    assert!(!meets(&f, cap * 1.05));
+}
+
+#[test]
+fn capacity_needs_a_run_level_slo() {
+    let f = file("no-slo");
+    let mut p = f.points[0].clone();
+    p.experiment.slo.p99_ttft_s = None;
+    let e = search(&f, &p).unwrap_err().to_string();
+    assert!(e.contains("slo.p99_ttft_s"), "{e}");
+}
