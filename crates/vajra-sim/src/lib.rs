@@ -19,6 +19,7 @@ pub mod experiment;
 pub mod memory;
 pub mod predictor;
 pub mod profiles;
+pub mod report;
 pub mod run;
 pub mod sim;
 pub mod sweep;

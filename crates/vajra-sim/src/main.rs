@@ -60,6 +60,15 @@ enum Cmd {
         #[arg(short, long, default_value_t = 0)]
         jobs: usize,
     },
+    /// Compare runs: a self-contained HTML report, a Markdown summary and PNG/SVG charts.
+    Report {
+        /// Run folders or sweep folders (e.g. runs/quickstart).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Output folder (default: <first run folder>/report).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
     /// Check an experiment file without running it.
     Validate {
         /// The experiment TOML.
@@ -225,6 +234,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 "capacity of {} point(s) → {} in {:.2} s",
                 caps.len(),
                 root.display(),
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Cmd::Report { runs, out } => {
+            let t0 = Instant::now();
+            let data = vajra_sim::report::collect_runs(&runs)?;
+            let out = out.unwrap_or_else(|| runs[0].join("report"));
+            let images = vajra_sim::report::write_report(&data, &out)?;
+            println!(
+                "{} run(s), {} images → {} in {:.2} s",
+                data.len(),
+                images.len(),
+                out.join("report.html").display(),
                 t0.elapsed().as_secs_f64()
             );
             Ok(())

@@ -1,0 +1,727 @@
+//! `vajra-sim report`: runs side by side — a table of headline metrics with the best value per
+//! column marked, and charts (PNG and SVG) — as a self-contained HTML page (SVGs inline) and a
+//! Markdown summary.
+//!
+//! Charts: CDFs of TTFT, TBT, TPOT and E2E (one line per run, log-scaled latency); for sweeps
+//! over `workload.arrival.qps`, p50/p99 TTFT and TBT, goodput and SLO attainment against load
+//! (one line per configuration); KV usage and batch size over time and the batch-size and
+//! tokens-per-batch distributions (from `batches.parquet`); busy fraction per replica. Text is
+//! drawn with a vendored DejaVu Sans, so charts look the same on every machine.
+
+use crate::error::{Result, SimError};
+use parquet::column::reader::ColumnReader;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use plotters::prelude::*;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+/// One run folder loaded for the report.
+#[derive(Debug, Clone)]
+pub struct RunData {
+    /// Label in legends and the table.
+    pub label: String,
+    /// The folder.
+    pub dir: PathBuf,
+    /// `summary.json`.
+    pub summary: serde_json::Value,
+    /// `workload.arrival.qps` of its config, if any.
+    pub qps: Option<f64>,
+    /// Label without the `qps=` part (groups a load sweep into lines).
+    pub series: String,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SimError + '_ {
+    move |e| SimError::Experiment {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Run folders under each argument: the folder itself if it holds `summary.json`, else its
+/// sub-folders that do (a sweep root), in name order.
+///
+/// # Errors
+/// An argument that is neither.
+pub fn collect_runs(args: &[PathBuf]) -> Result<Vec<RunData>> {
+    let mut runs = Vec::new();
+    let multi = args.len() > 1;
+    for a in args {
+        let mut dirs = Vec::new();
+        if a.join("summary.json").is_file() {
+            dirs.push(a.clone());
+        } else {
+            let rd = std::fs::read_dir(a).map_err(io(a))?;
+            let mut v: Vec<PathBuf> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("summary.json").is_file())
+                .collect();
+            v.sort();
+            dirs.extend(v);
+        }
+        if dirs.is_empty() {
+            return Err(SimError::Experiment {
+                path: a.clone(),
+                message:
+                    "not a run folder (no summary.json) nor a sweep folder holding run folders"
+                        .into(),
+            });
+        }
+        for d in dirs {
+            let p = d.join("summary.json");
+            let summary: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&p).map_err(io(&p))?,
+            )
+            .map_err(|e| SimError::Experiment {
+                path: p.clone(),
+                message: format!("not a summary.json: {e}"),
+            })?;
+            let point = summary["point"].as_str().unwrap_or_default().to_owned();
+            let name = summary["name"].as_str().unwrap_or_default().to_owned();
+            let base = if point.is_empty() {
+                name.clone()
+            } else {
+                point.clone()
+            };
+            let label = if multi && !point.is_empty() {
+                format!("{name}: {point}")
+            } else {
+                base
+            };
+            let qps = std::fs::read_to_string(d.join("config.resolved.toml"))
+                .ok()
+                .and_then(|t| toml::from_str::<toml::Value>(&t).ok())
+                .and_then(|v| v.get("workload")?.get("arrival")?.get("qps")?.as_float());
+            let series = label
+                .split(',')
+                .filter(|part| !part.trim_start().starts_with("qps="))
+                .collect::<Vec<_>>()
+                .join(",");
+            runs.push(RunData {
+                label,
+                dir: d,
+                summary,
+                qps,
+                series: if series.is_empty() {
+                    "all".into()
+                } else {
+                    series
+                },
+            });
+        }
+    }
+    Ok(runs)
+}
+
+/// A line chart.
+struct Chart {
+    file: &'static str,
+    title: String,
+    x: String,
+    y: String,
+    log_x: bool,
+    log_y: bool,
+    series: Vec<(String, Vec<(f64, f64)>)>,
+    points: bool,
+}
+
+impl Chart {
+    /// Load curves rise to the right: their legend goes top left.
+    fn legend(&self) -> SeriesLabelPosition {
+        if self.file.starts_with("load_") && self.file != "load_slo_attainment" {
+            SeriesLabelPosition::UpperLeft
+        } else {
+            SeriesLabelPosition::LowerRight
+        }
+    }
+}
+
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+fn draw<DB: DrawingBackend>(
+    area: DrawingArea<DB, plotters::coord::Shift>,
+    c: &Chart,
+) -> std::result::Result<(), String> {
+    let tx = |v: f64| if c.log_x { v.log10() } else { v };
+    let ty = |v: f64| if c.log_y { v.log10() } else { v };
+    let data: Vec<(String, Vec<(f64, f64)>)> = c
+        .series
+        .iter()
+        .map(|(n, pts)| {
+            let v = pts
+                .iter()
+                .filter(|(x, y)| {
+                    x.is_finite()
+                        && y.is_finite()
+                        && (!c.log_x || *x > 0.0)
+                        && (!c.log_y || *y > 0.0)
+                })
+                .map(|&(x, y)| (tx(x), ty(y)))
+                .collect();
+            (n.clone(), v)
+        })
+        .collect();
+    let all = data.iter().flat_map(|(_, v)| v.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(x, y) in all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if !x0.is_finite() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let pad = |a: f64, b: f64| {
+        if (b - a).abs() < 1e-12 {
+            (a - 0.5, b + 0.5)
+        } else {
+            (a - (b - a) * 0.03, b + (b - a) * 0.03)
+        }
+    };
+    let (x0, x1) = pad(x0, x1);
+    let (y0, y1) = if c.log_y {
+        pad(y0, y1)
+    } else {
+        pad(y0.min(0.0), y1)
+    };
+    area.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&area)
+        .caption(&c.title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| e.to_string())?;
+    let fmt = |log: bool| {
+        move |v: &f64| {
+            let x = if log { 10f64.powf(*v) } else { *v };
+            if x != 0.0 && (x.abs() < 0.01 || x.abs() >= 100_000.0) {
+                format!("{x:.1e}")
+            } else if x.abs() < 1.0 {
+                format!("{x:.3}")
+            } else {
+                format!("{x:.1}")
+            }
+        }
+    };
+    let fx = fmt(c.log_x);
+    let fy = fmt(c.log_y);
+    chart
+        .configure_mesh()
+        .x_desc(if c.log_x {
+            format!("{} (log scale)", c.x)
+        } else {
+            c.x.clone()
+        })
+        .y_desc(if c.log_y {
+            format!("{} (log scale)", c.y)
+        } else {
+            c.y.clone()
+        })
+        .x_label_formatter(&fx)
+        .y_label_formatter(&fy)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, (name, pts)) in data.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        if c.points {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .position(c.legend())
+        .draw()
+        .map_err(|e| e.to_string())?;
+    area.present().map_err(|e| e.to_string())
+}
+
+fn render(c: &Chart, dir: &Path) -> Result<String> {
+    let png = dir.join(format!("{}.png", c.file));
+    let svg = dir.join(format!("{}.svg", c.file));
+    let err = |p: &Path, e: String| SimError::Write {
+        path: p.to_owned(),
+        message: e,
+    };
+    draw(BitMapBackend::new(&png, (960, 600)).into_drawing_area(), c).map_err(|e| err(&png, e))?;
+    draw(SVGBackend::new(&svg, (960, 600)).into_drawing_area(), c).map_err(|e| err(&svg, e))?;
+    std::fs::read_to_string(&svg).map_err(|e| err(&svg, e.to_string()))
+}
+
+fn read_cdf(dir: &Path, metric: &str) -> Vec<(f64, f64)> {
+    let Ok(mut r) = csv::Reader::from_path(dir.join("cdf").join(format!("{metric}.csv"))) else {
+        return Vec::new();
+    };
+    r.records()
+        .flatten()
+        .filter_map(|rec| Some((rec.get(1)?.parse().ok()?, rec.get(0)?.parse().ok()?)))
+        .collect()
+}
+
+/// The columns of one `batches.parquet` row the charts use: (start_s, replica, num_requests,
+/// num_tokens, kv_usage).
+type BatchRow = (f64, i32, i32, i32, f64);
+
+/// A labelled line.
+type Series = (String, Vec<(f64, f64)>);
+
+/// Reads the chart columns of `batches.parquet` (None when absent or unreadable).
+fn read_batches(dir: &Path) -> Option<Vec<BatchRow>> {
+    let f = std::fs::File::open(dir.join("batches.parquet")).ok()?;
+    let r = SerializedFileReader::new(f).ok()?;
+    let schema = r.metadata().file_metadata().schema_descr_ptr();
+    let idx = |n: &str| (0..schema.num_columns()).find(|&i| schema.column(i).name() == n);
+    let cols = [
+        idx("start_s")?,
+        idx("replica")?,
+        idx("num_requests")?,
+        idx("num_tokens")?,
+        idx("kv_usage")?,
+    ];
+    let mut out = Vec::new();
+    for g in 0..r.num_row_groups() {
+        let rg = r.get_row_group(g).ok()?;
+        let n = rg.metadata().num_rows() as usize;
+        let mut f64s: Vec<Vec<f64>> = Vec::new();
+        let mut i32s: Vec<Vec<i32>> = Vec::new();
+        for &c in &cols {
+            match rg.get_column_reader(c).ok()? {
+                ColumnReader::DoubleColumnReader(mut cr) => {
+                    let mut v = Vec::with_capacity(n);
+                    while v.len() < n {
+                        let (k, _, _) = cr.read_records(n - v.len(), None, None, &mut v).ok()?;
+                        if k == 0 {
+                            break;
+                        }
+                    }
+                    f64s.push(v);
+                }
+                ColumnReader::Int32ColumnReader(mut cr) => {
+                    let mut v = Vec::with_capacity(n);
+                    while v.len() < n {
+                        let (k, _, _) = cr.read_records(n - v.len(), None, None, &mut v).ok()?;
+                        if k == 0 {
+                            break;
+                        }
+                    }
+                    i32s.push(v);
+                }
+                _ => return None,
+            }
+        }
+        let (t, kv) = (&f64s[0], &f64s[1]);
+        let (rep, size, tok) = (&i32s[0], &i32s[1], &i32s[2]);
+        for i in 0..t.len().min(kv.len()).min(size.len()) {
+            out.push((t[i], rep[i], size[i], tok[i], kv[i]));
+        }
+    }
+    Some(out)
+}
+
+/// Mean of `value` over batches in `buckets` equal time bins, as (bin middle, mean).
+fn over_time(rows: &[(f64, f64)], buckets: usize) -> Vec<(f64, f64)> {
+    let (t0, t1) = rows
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &(t, _)| {
+            (a.min(t), b.max(t))
+        });
+    if !t0.is_finite() || t1 <= t0 {
+        return rows.to_vec();
+    }
+    let w = (t1 - t0) / buckets as f64;
+    let mut sum = vec![0.0; buckets];
+    let mut n = vec![0u64; buckets];
+    for &(t, v) in rows {
+        let b = (((t - t0) / w) as usize).min(buckets - 1);
+        sum[b] += v;
+        n[b] += 1;
+    }
+    (0..buckets)
+        .filter(|&b| n[b] > 0)
+        .map(|b| (t0 + (b as f64 + 0.5) * w, sum[b] / n[b] as f64))
+        .collect()
+}
+
+fn cdf_points(mut v: Vec<f64>) -> Vec<(f64, f64)> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    (0..=200)
+        .map(|i| {
+            let q = i as f64 / 200.0;
+            (v[((q * (n - 1) as f64).round()) as usize], q)
+        })
+        .collect()
+}
+
+/// Headline columns: (header, JSON pointer, lower is better).
+const COLUMNS: [(&str, &str, Option<bool>); 20] = [
+    ("TTFT p50 (s)", "/latency_s/ttft/p50", Some(true)),
+    ("TTFT p90 (s)", "/latency_s/ttft/p90", Some(true)),
+    ("TTFT p99 (s)", "/latency_s/ttft/p99", Some(true)),
+    ("TBT p50 (s)", "/latency_s/tbt/p50", Some(true)),
+    ("TBT p90 (s)", "/latency_s/tbt/p90", Some(true)),
+    ("TBT p99 (s)", "/latency_s/tbt/p99", Some(true)),
+    ("TPOT p50 (s)", "/latency_s/tpot/p50", Some(true)),
+    ("TPOT p90 (s)", "/latency_s/tpot/p90", Some(true)),
+    ("TPOT p99 (s)", "/latency_s/tpot/p99", Some(true)),
+    ("E2E p50 (s)", "/latency_s/e2e/p50", Some(true)),
+    ("E2E p90 (s)", "/latency_s/e2e/p90", Some(true)),
+    ("E2E p99 (s)", "/latency_s/e2e/p99", Some(true)),
+    ("req/s", "/throughput/requests_per_s", Some(false)),
+    ("out tok/s", "/throughput/output_tokens_per_s", Some(false)),
+    ("goodput (req/s)", "/slo/goodput_rps", Some(false)),
+    ("SLO attainment", "/slo/attainment", Some(false)),
+    ("preemptions", "/preemptions", Some(true)),
+    ("prefix hit rate", "/prefix_cache_hit_rate", Some(false)),
+    ("MFU", "/mfu", Some(false)),
+    ("MBU", "/mbu", None),
+];
+
+fn fmt(v: f64) -> String {
+    if v == v.trunc() && v.abs() < 1e12 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Writes `report.html`, `report.md` and `plots/*.{png,svg}` into `out`. Returns the paths of
+/// the images written.
+///
+/// # Errors
+/// No runs, or a file that cannot be written.
+pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
+    if runs.is_empty() {
+        return Err(SimError::invalid(
+            "report",
+            "(no runs)",
+            "at least one run folder",
+        ));
+    }
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    let plots = out.join("plots");
+    std::fs::create_dir_all(&plots).map_err(io(&plots))?;
+    let mut charts: Vec<Chart> = Vec::new();
+    for (metric, file, title) in [
+        ("ttft_s", "cdf_ttft", "Time to first token"),
+        ("tbt_s", "cdf_tbt", "Time between tokens (pooled gaps)"),
+        ("tpot_s", "cdf_tpot", "Time per output token"),
+        ("e2e_s", "cdf_e2e", "End-to-end latency"),
+    ] {
+        charts.push(Chart {
+            file,
+            title: format!("{title}: CDF"),
+            x: "latency (s)".into(),
+            y: "fraction of samples".into(),
+            log_x: true,
+            log_y: false,
+            series: runs
+                .iter()
+                .map(|r| (r.label.clone(), read_cdf(&r.dir, metric)))
+                .collect(),
+            points: false,
+        });
+    }
+    // Load curves when a rate is swept.
+    let mut qs: Vec<f64> = runs.iter().filter_map(|r| r.qps).collect();
+    qs.sort_by(f64::total_cmp);
+    qs.dedup();
+    if qs.len() >= 2 {
+        let mut series: Vec<String> = runs.iter().map(|r| r.series.clone()).collect();
+        series.dedup();
+        series.sort();
+        series.dedup();
+        let line = |ptr: &str, tag: &str| -> Vec<(String, Vec<(f64, f64)>)> {
+            series
+                .iter()
+                .map(|s| {
+                    let mut pts: Vec<(f64, f64)> = runs
+                        .iter()
+                        .filter(|r| &r.series == s)
+                        .filter_map(|r| Some((r.qps?, r.summary.pointer(ptr)?.as_f64()?)))
+                        .collect();
+                    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    (format!("{s} {tag}"), pts)
+                })
+                .collect()
+        };
+        for (file, title, p50, p99) in [
+            (
+                "load_ttft",
+                "TTFT against load",
+                "/latency_s/ttft/p50",
+                "/latency_s/ttft/p99",
+            ),
+            (
+                "load_tbt",
+                "TBT against load",
+                "/latency_s/tbt/p50",
+                "/latency_s/tbt/p99",
+            ),
+        ] {
+            let mut s = line(p50, "p50");
+            s.extend(line(p99, "p99"));
+            charts.push(Chart {
+                file,
+                title: title.into(),
+                x: "offered load (requests/s)".into(),
+                y: "latency (s)".into(),
+                log_x: false,
+                log_y: true,
+                series: s,
+                points: true,
+            });
+        }
+        charts.push(Chart {
+            file: "load_goodput",
+            title: "Goodput against load".into(),
+            x: "offered load (requests/s)".into(),
+            y: "goodput (requests/s meeting every SLO)".into(),
+            log_x: false,
+            log_y: false,
+            series: line("/slo/goodput_rps", ""),
+            points: true,
+        });
+        charts.push(Chart {
+            file: "load_slo_attainment",
+            title: "SLO attainment against load".into(),
+            x: "offered load (requests/s)".into(),
+            y: "fraction of requests meeting every SLO".into(),
+            log_x: false,
+            log_y: false,
+            series: line("/slo/attainment", ""),
+            points: true,
+        });
+    }
+    // From batches.parquet.
+    let batches: Vec<(String, Vec<BatchRow>)> = runs
+        .iter()
+        .filter_map(|r| Some((r.label.clone(), read_batches(&r.dir)?)))
+        .collect();
+    if !batches.is_empty() {
+        let series = |f: &dyn Fn(&BatchRow) -> f64| -> Vec<Series> {
+            batches
+                .iter()
+                .map(|(l, rows)| {
+                    let pts: Vec<(f64, f64)> = rows.iter().map(|r| (r.0, f(r))).collect();
+                    (l.clone(), over_time(&pts, 300))
+                })
+                .collect()
+        };
+        charts.push(Chart {
+            file: "time_kv_usage",
+            title: "KV-cache usage over time (mean over replicas' batches)".into(),
+            x: "simulated time (s)".into(),
+            y: "fraction of KV blocks in use".into(),
+            log_x: false,
+            log_y: false,
+            series: series(&|r| r.4),
+            points: false,
+        });
+        charts.push(Chart {
+            file: "time_batch_size",
+            title: "Batch size over time".into(),
+            x: "simulated time (s)".into(),
+            y: "requests per batch".into(),
+            log_x: false,
+            log_y: false,
+            series: series(&|r| f64::from(r.2)),
+            points: false,
+        });
+        for (file, title, x, pick) in [
+            (
+                "dist_batch_size",
+                "Batch size distribution",
+                "requests per batch",
+                2usize,
+            ),
+            (
+                "dist_batch_tokens",
+                "Tokens per batch distribution",
+                "tokens per batch",
+                3usize,
+            ),
+        ] {
+            charts.push(Chart {
+                file,
+                title: format!("{title} (CDF)"),
+                x: x.into(),
+                y: "fraction of batches".into(),
+                log_x: false,
+                log_y: false,
+                series: batches
+                    .iter()
+                    .map(|(l, rows)| {
+                        let v: Vec<f64> = rows
+                            .iter()
+                            .map(|r| f64::from(if pick == 2 { r.2 } else { r.3 }))
+                            .collect();
+                        (l.clone(), cdf_points(v))
+                    })
+                    .collect(),
+                points: false,
+            });
+        }
+    }
+    if runs.iter().any(|r| {
+        r.summary["replicas"]
+            .as_array()
+            .is_some_and(|a| a.len() > 1)
+    }) {
+        charts.push(Chart {
+            file: "replica_busy",
+            title: "Per-replica load".into(),
+            x: "replica".into(),
+            y: "busy fraction (stage busy time / run span)".into(),
+            log_x: false,
+            log_y: false,
+            series: runs
+                .iter()
+                .map(|r| {
+                    let pts = r.summary["replicas"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| {
+                                    Some((x["replica"].as_f64()?, x["busy_fraction"].as_f64()?))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (r.label.clone(), pts)
+                })
+                .collect(),
+            points: true,
+        });
+    }
+    // Table.
+    let values: Vec<Vec<Option<f64>>> = runs
+        .iter()
+        .map(|r| {
+            COLUMNS
+                .iter()
+                .map(|(_, p, _)| r.summary.pointer(p).and_then(|v| v.as_f64()))
+                .collect()
+        })
+        .collect();
+    let best: Vec<Option<f64>> = (0..COLUMNS.len())
+        .map(|c| {
+            let lower = COLUMNS[c].2?;
+            let vs = values.iter().filter_map(|row| row[c]);
+            if lower {
+                vs.min_by(f64::total_cmp)
+            } else {
+                vs.max_by(f64::total_cmp)
+            }
+        })
+        .collect();
+    let mut md = String::from("# Vajra report\n\n");
+    let mut html = String::from(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Vajra report</title>\n<style>body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:4px 6px;text-align:right}th:first-child,td:first-child{text-align:left}td.best{font-weight:bold;background:#e6f4ea}.chart{margin:18px 0}</style></head><body>\n<h1>Vajra report</h1>\n",
+    );
+    let _ = writeln!(
+        md,
+        "{} run(s). Best value per column in **bold** (lower is better for latencies and preemptions, higher for throughput, goodput, attainment, hit rate and MFU).\n",
+        runs.len()
+    );
+    let _ = writeln!(
+        html,
+        "<p>{} run(s). Best value per column highlighted (lower is better for latencies and preemptions, higher for throughput, goodput, attainment, hit rate and MFU).</p>\n<table><tr><th>run</th>",
+        runs.len()
+    );
+    let _ = write!(md, "| run |");
+    for (h, _, _) in COLUMNS {
+        let _ = write!(md, " {h} |");
+        let _ = write!(html, "<th>{}</th>", esc(h));
+    }
+    let _ = writeln!(md, "\n|---|{}", "---:|".repeat(COLUMNS.len()));
+    html.push_str("</tr>\n");
+    for (r, row) in runs.iter().zip(&values) {
+        let _ = write!(md, "| {} |", r.label);
+        let _ = write!(html, "<tr><td>{}</td>", esc(&r.label));
+        for (c, v) in row.iter().enumerate() {
+            let is_best = v.is_some() && best[c] == *v && runs.len() > 1;
+            let s = v.map_or_else(|| "–".to_owned(), fmt);
+            if is_best {
+                let _ = write!(md, " **{s}** |");
+                let _ = write!(html, "<td class=\"best\">{s}</td>");
+            } else {
+                let _ = write!(md, " {s} |");
+                let _ = write!(html, "<td>{s}</td>");
+            }
+        }
+        md.push('\n');
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</table>\n");
+    md.push('\n');
+    let mut images = Vec::new();
+    for c in &charts {
+        let svg = render(c, &plots)?;
+        images.push(plots.join(format!("{}.png", c.file)));
+        images.push(plots.join(format!("{}.svg", c.file)));
+        let _ = writeln!(
+            md,
+            "## {}\n\n![{}](plots/{}.png)\n",
+            c.title, c.title, c.file
+        );
+        let svg_body = svg.find("<svg").map_or(svg.as_str(), |i| &svg[i..]);
+        let _ = writeln!(
+            html,
+            "<div class=\"chart\"><h2>{}</h2>{}<p><a href=\"plots/{}.png\">PNG</a> · <a href=\"plots/{}.svg\">SVG</a></p></div>",
+            esc(&c.title),
+            svg_body,
+            c.file,
+            c.file
+        );
+    }
+    html.push_str("</body></html>\n");
+    let p = out.join("report.md");
+    std::fs::write(&p, md).map_err(io(&p))?;
+    let p = out.join("report.html");
+    std::fs::write(&p, html).map_err(io(&p))?;
+    Ok(images)
+}
