@@ -224,3 +224,56 @@ pub fn table(caps: &[Capacity]) -> String {
     }
     s
 }
+
+/// The Pareto chart of a sweep's capacities: capacity per dollar-hour against the latency
+/// measured at capacity (the first run-level limit), one marker per configuration, and the
+/// Pareto front (more capacity per dollar and lower latency) as a line. Writes
+/// `capacity_pareto.{png,svg}` into `dir`; nothing for fewer than two configurations.
+///
+/// # Errors
+/// The images cannot be written.
+pub fn pareto_chart(caps: &[Capacity], dir: &std::path::Path) -> Result<()> {
+    let pts: Vec<(String, f64, f64, String)> = caps
+        .iter()
+        .filter_map(|c| {
+            let cap = c.capacity_qps?;
+            let per_dollar = c.qps_per_dollar_hour?;
+            let probe = c.probes.iter().find(|p| p.qps == cap)?;
+            let (metric, v) = probe.values.first()?;
+            Some((c.point.clone(), per_dollar, *v, metric.clone()))
+        })
+        .collect();
+    if pts.len() < 2 {
+        return Ok(());
+    }
+    // Front: sorted by capacity per dollar, descending; keep points with a lower latency than
+    // every point offering more capacity per dollar.
+    let mut sorted = pts.clone();
+    sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut front = Vec::new();
+    let mut best = f64::INFINITY;
+    for p in &sorted {
+        if p.2 < best {
+            best = p.2;
+            front.push((p.1, p.2));
+        }
+    }
+    front.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // The front first, so every configuration's marker is drawn on top of it.
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = vec![("Pareto front".into(), front)];
+    series.extend(pts.iter().map(|p| (p.0.clone(), vec![(p.1, p.2)])));
+    crate::report::render(
+        &crate::report::Chart {
+            file: "capacity_pareto",
+            title: "Capacity per dollar against latency at capacity".into(),
+            x: "capacity per dollar-hour ((requests/s) per $/h)".into(),
+            y: format!("{} at capacity (s)", pts[0].3),
+            log_x: false,
+            log_y: false,
+            series,
+            points: true,
+        },
+        dir,
+    )?;
+    Ok(())
+}

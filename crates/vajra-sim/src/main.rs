@@ -229,6 +229,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 ])?;
             }
             w.flush()?;
+            vajra_sim::capacity::pareto_chart(&caps, &root)?;
             print!("{md}");
             eprintln!(
                 "capacity of {} point(s) → {} in {:.2} s",

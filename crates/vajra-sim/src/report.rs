@@ -116,15 +116,15 @@ pub fn collect_runs(args: &[PathBuf]) -> Result<Vec<RunData>> {
 }
 
 /// A line chart.
-struct Chart {
-    file: &'static str,
-    title: String,
-    x: String,
-    y: String,
-    log_x: bool,
-    log_y: bool,
-    series: Vec<(String, Vec<(f64, f64)>)>,
-    points: bool,
+pub(crate) struct Chart {
+    pub(crate) file: &'static str,
+    pub(crate) title: String,
+    pub(crate) x: String,
+    pub(crate) y: String,
+    pub(crate) log_x: bool,
+    pub(crate) log_y: bool,
+    pub(crate) series: Vec<(String, Vec<(f64, f64)>)>,
+    pub(crate) points: bool,
 }
 
 impl Chart {
@@ -268,7 +268,9 @@ fn draw<DB: DrawingBackend>(
     area.present().map_err(|e| e.to_string())
 }
 
-fn render(c: &Chart, dir: &Path) -> Result<String> {
+/// Draws `c` as `dir/<file>.png` and `.svg`; returns the SVG text.
+pub(crate) fn render(c: &Chart, dir: &Path) -> Result<String> {
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let png = dir.join(format!("{}.png", c.file));
     let svg = dir.join(format!("{}.svg", c.file));
     let err = |p: &Path, e: String| SimError::Write {
