@@ -1,8 +1,10 @@
-//! Capacity search: the highest request rate a configuration sustains under its run-level SLOs
-//! (`slo.p99_ttft_s`, `slo.p99_tbt_s`, `slo.p50_scheduling_delay_s`,
-//! `slo.max_deadline_miss_rate`), in-process and in parallel.
+//! Capacity search: the highest request rate (or, for a closed loop, the most concurrent
+//! clients) a configuration sustains under its run-level SLOs (`slo.p99_ttft_s`,
+//! `slo.p99_tbt_s`, `slo.p50_scheduling_delay_s`, `slo.max_deadline_miss_rate`), in-process and
+//! in parallel.
 //!
-//! A probe simulates the point at one rate (`workload.arrival.qps`) without writing files and
+//! A probe simulates the point at one load (`workload.arrival.qps`, or
+//! `workload.arrival.clients` rounded to a whole client) without writing files and
 //! passes when every limit is met and every request completed. The search first brackets the
 //! capacity by doubling (or halving) the experiment's own rate, `k` probes at a time, then
 //! narrows the bracket by probing `k` evenly spaced rates inside it per round, until it is
@@ -53,7 +55,8 @@ fn with_qps(point: &Point, qps: f64) -> Point {
         ArrivalConfig::Poisson { qps: q, .. }
         | ArrivalConfig::Gamma { qps: q, .. }
         | ArrivalConfig::Constant { qps: q } => *q = qps,
-        _ => {}
+        ArrivalConfig::ClosedLoop { clients, .. } => *clients = qps.round().max(1.0) as u32,
+        ArrivalConfig::AllAtOnce | ArrivalConfig::Trace(_) => {}
     }
     p
 }
@@ -82,10 +85,12 @@ fn probe(file: &ExperimentFile, point: &Point, qps: f64) -> Result<Probe> {
 /// An arrival process without a rate, no run-level SLO, or a failing probe.
 pub fn search(file: &ExperimentFile, point: &Point) -> Result<Capacity> {
     let e = &point.experiment;
+    let integer = matches!(e.workload.arrival, ArrivalConfig::ClosedLoop { .. });
     let start = match e.workload.arrival {
         ArrivalConfig::Poisson { qps, .. }
         | ArrivalConfig::Gamma { qps, .. }
         | ArrivalConfig::Constant { qps } => qps,
+        ArrivalConfig::ClosedLoop { clients, .. } => f64::from(clients),
         ref other => {
             let kind = serde_json::to_value(other)
                 .ok()
@@ -94,7 +99,7 @@ pub fn search(file: &ExperimentFile, point: &Point) -> Result<Capacity> {
             return Err(SimError::invalid(
                 "workload.arrival.type",
                 kind,
-                "poisson, gamma or constant: capacity search varies workload.arrival.qps",
+                "poisson, gamma or constant (capacity search varies workload.arrival.qps) or closed_loop (it varies workload.arrival.clients)",
             ));
         }
     };
@@ -145,13 +150,16 @@ pub fn search(file: &ExperimentFile, point: &Point) -> Result<Capacity> {
         q = last * 2.0;
     }
     // Nothing passed at the start: downward.
+    let min = if integer { 1.0 } else { cfg.min_qps };
     if lo.is_none() {
         let mut q = start.min(hi.unwrap_or(start));
         'down: loop {
-            let rates: Vec<f64> = (1..=k)
+            let mut rates: Vec<f64> = (1..=k)
                 .map(|j| q / f64::powi(2.0, j as i32))
-                .take_while(|&r| r >= cfg.min_qps)
+                .map(|r| if integer { r.floor() } else { r })
+                .take_while(|&r| r >= min)
                 .collect();
+            rates.dedup();
             if rates.is_empty() {
                 break;
             }
@@ -168,12 +176,18 @@ pub fn search(file: &ExperimentFile, point: &Point) -> Result<Capacity> {
     }
     // Narrow.
     while let (Some(l), Some(h)) = (lo, hi) {
-        if h / l - 1.0 <= cfg.precision {
+        if h / l - 1.0 <= cfg.precision || (integer && h - l <= 1.0) {
             break;
         }
-        let rates: Vec<f64> = (1..=k)
+        let mut rates: Vec<f64> = (1..=k)
             .map(|i| l + (h - l) * i as f64 / (k + 1) as f64)
+            .map(|r| if integer { r.round() } else { r })
+            .filter(|&r| r > l && r < h)
             .collect();
+        rates.dedup();
+        if rates.is_empty() {
+            break;
+        }
         for p in run(rates)? {
             if p.met {
                 lo = Some(p.qps);
@@ -202,7 +216,7 @@ pub fn search(file: &ExperimentFile, point: &Point) -> Result<Capacity> {
 pub fn table(caps: &[Capacity]) -> String {
     use std::fmt::Write as _;
     let mut s = String::from(
-        "| point | capacity (req/s) | first failing (req/s) | devices | $/h | req/s per $/h | probes |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| point | capacity (req/s, or clients for a closed loop) | first failing | devices | $/h | capacity per $/h | probes |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     let f = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), |v| format!("{v:.3}"));
     for c in caps {

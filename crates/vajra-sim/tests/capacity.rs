@@ -69,3 +69,39 @@ fn capacity_needs_a_run_level_slo() {
     let e = search(&f, &p).unwrap_err().to_string();
     assert!(e.contains("slo.p99_ttft_s"), "{e}");
 }
+
+#[test]
+fn a_closed_loop_gets_a_whole_number_of_clients() {
+    let dir = std::env::temp_dir().join(format!("vajra-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("closed.toml");
+    std::fs::write(
+        &p,
+        r#"
+[model]
+name = "Llama-2-7b-hf"
+[cluster]
+device = "h100"
+[predictor]
+profile = "roofline"
+[scheduler]
+policy = { type = "vllm_v1", max_num_batched_tokens = 4096 }
+[workload]
+num_requests = 200
+arrival = { type = "closed_loop", clients = 4, think_time_s = 0.2 }
+lengths = { type = "uniform_placeholder" }
+[slo]
+p99_tbt_s = 0.03
+"#
+        .replace(
+            "lengths = { type = \"uniform_placeholder\" }",
+            "lengths = { type = \"independent\", prompt = { type = \"uniform\", min = 200, max = 2000 }, output = { type = \"uniform\", min = 20, max = 200 } }",
+        ),
+    )
+    .unwrap();
+    let f = ExperimentFile::load(&p).unwrap();
+    let c = search(&f, &f.points[0]).unwrap();
+    let n = c.capacity_qps.expect("some clients pass");
+    assert_eq!(n, n.round(), "whole clients");
+    assert_eq!(c.failing_qps, Some(n + 1.0), "the next client fails");
+}
