@@ -46,13 +46,9 @@ impl CoreError {
     }
 }
 
-/// Returns `Err(InvalidField)` unless `ok` holds. Keeps `validate()` bodies one line per rule.
-pub(crate) fn ensure(
-    ok: bool,
-    field: &str,
-    value: impl std::fmt::Display,
-    allowed: &str,
-) -> Result<()> {
+/// Returns `Err(InvalidField)` unless `ok` holds. Keeps `validate()` bodies one line per rule;
+/// the other crates' config checks use it too (their errors wrap [`CoreError`]).
+pub fn ensure(ok: bool, field: &str, value: impl std::fmt::Display, allowed: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {

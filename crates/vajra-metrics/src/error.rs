@@ -6,15 +6,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     /// A config field holds a value that is not allowed.
-    #[error("invalid value for `{field}`: {value} (allowed: {allowed})")]
-    InvalidField {
-        /// Dotted path of the field.
-        field: String,
-        /// The value, rendered.
-        value: String,
-        /// What is allowed.
-        allowed: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] vajra_core::CoreError),
     /// A file could not be written.
     #[error("cannot write {path}: {message}")]
     Write {
@@ -28,22 +21,14 @@ pub enum MetricsError {
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, MetricsError>;
 
-/// `Err(InvalidField)` unless `ok`.
+/// `Err(invalid field)` unless `ok`.
 pub(crate) fn ensure(
     ok: bool,
     field: &str,
     value: impl std::fmt::Display,
     allowed: &str,
 ) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(MetricsError::InvalidField {
-            field: field.into(),
-            value: value.to_string(),
-            allowed: allowed.into(),
-        })
-    }
+    Ok(vajra_core::error::ensure(ok, field, value, allowed)?)
 }
 
 /// Maps any displayable error on `path` into [`MetricsError::Write`].

@@ -5,16 +5,6 @@ use std::path::PathBuf;
 /// What can go wrong setting up or running a simulation.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    /// A config field holds a value that is not allowed.
-    #[error("invalid value for `{field}`: {value} (allowed: {allowed})")]
-    InvalidField {
-        /// Dotted path of the field.
-        field: String,
-        /// The value, rendered.
-        value: String,
-        /// What is allowed.
-        allowed: String,
-    },
     /// An experiment file could not be read or parsed.
     #[error("{path}: {message}")]
     Experiment {
@@ -57,17 +47,14 @@ pub enum SimError {
 }
 
 impl SimError {
-    /// An [`SimError::InvalidField`] from displayable parts.
+    /// An invalid-field error (a [`vajra_core::CoreError::InvalidField`]) from displayable
+    /// parts.
     pub fn invalid(
         field: impl Into<String>,
         value: impl std::fmt::Display,
         allowed: impl Into<String>,
     ) -> Self {
-        SimError::InvalidField {
-            field: field.into(),
-            value: value.to_string(),
-            allowed: allowed.into(),
-        }
+        SimError::Core(vajra_core::CoreError::invalid(field, value, allowed))
     }
 }
 

@@ -233,15 +233,7 @@ pub fn simulate(
         } else {
             None
         };
-        let mut on_slice = |sl: &StageSlice| {
-            if let Some(t) = tracer.as_mut() {
-                t.slice(sl);
-            }
-        };
-        let slice_sink: Option<&mut dyn FnMut(&StageSlice)> =
-            if tracing { Some(&mut on_slice) } else { None };
-        let mut res = sim::run(&spec, &mut source, collector, slice_sink)?;
-        res.collector.finish()?;
+        let res = traced_loop(&spec, &mut source, collector, &mut tracer, 0, n)?;
         if let Some(t) = tracer {
             t.finish()?;
         }
@@ -267,15 +259,7 @@ pub fn simulate(
                 } else {
                     None
                 };
-                let mut on_slice = |sl: &StageSlice| {
-                    if let Some(t) = tracer.as_mut() {
-                        t.slice(sl);
-                    }
-                };
-                let slice_sink: Option<&mut dyn FnMut(&StageSlice)> =
-                    if tracing { Some(&mut on_slice) } else { None };
-                let mut res = sim::run_range(&spec, &mut source, collector, slice_sink, lo, hi)?;
-                res.collector.finish()?;
+                let res = traced_loop(&spec, &mut source, collector, &mut tracer, lo, hi)?;
                 if let Some(t) = tracer {
                     t.finish_fragment()?;
                 }
@@ -316,6 +300,29 @@ pub fn simulate(
     // Completion order depends on how replicas were partitioned; the summary must not.
     res.collector.requests.sort_by_key(|r| r.request_id);
     Ok((res, loop_s))
+}
+
+/// Runs replicas `lo..hi`, handing every batch stage to `tracer` when there is one, and closes
+/// the collector's batch stream.
+fn traced_loop(
+    spec: &SimSpec<'_>,
+    source: &mut dyn sim::Arrivals,
+    collector: vajra_metrics::Collector,
+    tracer: &mut Option<TraceWriter>,
+    lo: u32,
+    hi: u32,
+) -> Result<sim::SimResult> {
+    let tracing = tracer.is_some();
+    let mut on_slice = |sl: &StageSlice| {
+        if let Some(t) = tracer.as_mut() {
+            t.slice(sl);
+        }
+    };
+    let sink: Option<&mut dyn FnMut(&StageSlice)> =
+        if tracing { Some(&mut on_slice) } else { None };
+    let mut res = sim::run_range(spec, source, collector, sink, lo, hi)?;
+    res.collector.finish()?;
+    Ok(res)
 }
 
 /// The summary of a finished simulation.

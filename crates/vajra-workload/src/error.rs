@@ -7,15 +7,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
     /// A config field holds a value that is not allowed.
-    #[error("invalid value for `{field}`: {value} (allowed: {allowed})")]
-    InvalidField {
-        /// Dotted path of the field.
-        field: String,
-        /// The value, rendered.
-        value: String,
-        /// What is allowed.
-        allowed: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] vajra_core::CoreError),
     /// A trace file could not be opened or read.
     #[error("cannot read trace {path}: {source}")]
     Io {
@@ -64,30 +57,22 @@ pub enum WorkloadError {
 pub type Result<T> = std::result::Result<T, WorkloadError>;
 
 impl WorkloadError {
-    /// An [`WorkloadError::InvalidField`] from displayable parts.
+    /// An invalid-field error from displayable parts.
     pub fn invalid(
         field: impl Into<String>,
         value: impl std::fmt::Display,
         allowed: impl Into<String>,
     ) -> Self {
-        WorkloadError::InvalidField {
-            field: field.into(),
-            value: value.to_string(),
-            allowed: allowed.into(),
-        }
+        WorkloadError::Invalid(vajra_core::CoreError::invalid(field, value, allowed))
     }
 }
 
-/// `Err(InvalidField)` unless `ok`.
+/// `Err(invalid field)` unless `ok`.
 pub(crate) fn ensure(
     ok: bool,
     field: &str,
     value: impl std::fmt::Display,
     allowed: &str,
 ) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(WorkloadError::invalid(field, value, allowed))
-    }
+    Ok(vajra_core::error::ensure(ok, field, value, allowed)?)
 }
