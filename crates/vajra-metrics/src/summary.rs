@@ -179,6 +179,10 @@ pub struct Summary {
     pub replicas: Vec<ReplicaSummary>,
     /// Per tenant (empty with a single tenant).
     pub tenants: Vec<TenantSummary>,
+    /// Mean over replicas of their time-weighted KV usage.
+    pub kv_usage_mean: f64,
+    /// Largest KV usage of any replica.
+    pub kv_usage_max: f64,
     /// Mean MFU over replicas' busy time (FLOPs / (busy × peak)).
     pub mfu: f64,
     /// Mean MBU over replicas' busy time.
@@ -367,6 +371,12 @@ impl Summary {
             },
             deadlines,
             batches,
+            kv_usage_mean: if replicas.is_empty() {
+                0.0
+            } else {
+                replicas.iter().map(|r| r.kv_usage_mean).sum::<f64>() / replicas.len() as f64
+            },
+            kv_usage_max: replicas.iter().map(|r| r.kv_usage_max).fold(0.0, f64::max),
             replicas,
             tenants,
             mfu: ratio(flops, facts.peak_flops),

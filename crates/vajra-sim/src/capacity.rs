@@ -49,6 +49,29 @@ pub struct Capacity {
     pub probes: Vec<Probe>,
 }
 
+/// The points of a file that differ in more than their load: a sweep over
+/// `workload.arrival.qps` (or `clients`) would only restart the same search from another rate,
+/// so each configuration is searched once (from its first point's rate) and labelled without
+/// the load.
+pub fn distinct_configs(points: &[Point]) -> Vec<Point> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for p in points {
+        let key = toml::to_string(&with_qps(p, 1.0).experiment).unwrap_or_default();
+        if seen.insert(key) {
+            let mut q = p.clone();
+            q.label = p
+                .label
+                .split(',')
+                .filter(|part| !part.starts_with("qps=") && !part.starts_with("clients="))
+                .collect::<Vec<_>>()
+                .join(",");
+            out.push(q);
+        }
+    }
+    out
+}
+
 fn with_qps(point: &Point, qps: f64) -> Point {
     let mut p = point.clone();
     match &mut p.experiment.workload.arrival {

@@ -193,8 +193,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             };
             let root = out_root(&f, &opts);
             let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build()?;
+            let configs = vajra_sim::capacity::distinct_configs(&f.points);
             let caps = pool.install(|| {
-                f.points
+                configs
                     .iter()
                     .map(|p| vajra_sim::capacity::search(&f, p))
                     .collect::<Result<Vec<_>, _>>()

@@ -391,7 +391,7 @@ fn cdf_points(mut v: Vec<f64>) -> Vec<(f64, f64)> {
 }
 
 /// Headline columns: (header, JSON pointer, lower is better).
-const COLUMNS: [(&str, &str, Option<bool>); 20] = [
+const COLUMNS: [(&str, &str, Option<bool>); 21] = [
     ("TTFT p50 (s)", "/latency_s/ttft/p50", Some(true)),
     ("TTFT p90 (s)", "/latency_s/ttft/p90", Some(true)),
     ("TTFT p99 (s)", "/latency_s/ttft/p99", Some(true)),
@@ -410,6 +410,7 @@ const COLUMNS: [(&str, &str, Option<bool>); 20] = [
     ("SLO attainment", "/slo/attainment", Some(false)),
     ("preemptions", "/preemptions", Some(true)),
     ("prefix hit rate", "/prefix_cache_hit_rate", Some(false)),
+    ("KV usage (mean)", "/kv_usage_mean", None),
     ("MFU", "/mfu", Some(false)),
     ("MBU", "/mbu", None),
 ];
