@@ -31,12 +31,18 @@ fn bench_decode_step(c: &mut Criterion) {
                     while done < iters {
                         let mut s = decode_state(policy.clone(), 256, waiting);
                         let n = (iters - done).min(STEPS_PER_FIXTURE);
+                        // The executor loop's intended form: buffers reused across steps.
+                        let mut res = ModelRunnerOutput::default();
+                        let mut events = Vec::new();
                         let start = Instant::now();
                         for step in 0..n {
                             let now = Timestamp(step);
                             let out = s.schedule(now);
-                            let res = ModelRunnerOutput::uniform(&out, 1);
-                            black_box(s.update_from_output(&out, &res, now));
+                            res.fill_uniform(&out, 1);
+                            events.clear();
+                            s.update_from_output_into(&out, &res, now, &mut events);
+                            black_box(&events);
+                            s.recycle(out);
                         }
                         total += start.elapsed();
                         done += n;

@@ -146,6 +146,8 @@ pub struct Scheduler {
     num_swapped: u32,
     /// LightLLM: decode-only steps since the last prefill step.
     decode_steps_since_prefill: u32,
+    /// Emptied `scheduled` buffers handed back by [`Scheduler::recycle`].
+    spare_outputs: Vec<Vec<ScheduledRequest>>,
 }
 
 impl Scheduler {
@@ -212,6 +214,7 @@ impl Scheduler {
             num_finished: 0,
             num_swapped: 0,
             decode_steps_since_prefill: 0,
+            spare_outputs: Vec::new(),
         })
     }
 
@@ -373,9 +376,11 @@ impl Scheduler {
 
     /// Builds the next step.
     pub fn schedule(&mut self, now: Timestamp) -> SchedulerOutput {
+        let mut scheduled = self.spare_outputs.pop().unwrap_or_default();
+        scheduled.reserve(self.running.len() + 16);
         let mut out = SchedulerOutput {
             step: StepId(self.steps),
-            scheduled: Vec::with_capacity(self.running.len() + 16),
+            scheduled,
             ..SchedulerOutput::default()
         };
         let max_seqs = self.cfg.max_num_seqs as usize;
@@ -660,12 +665,38 @@ impl Scheduler {
         result: &ModelRunnerOutput,
         now: Timestamp,
     ) -> Vec<RequestEvent> {
+        let mut events = Vec::with_capacity(out.scheduled.len());
+        self.update_from_output_into(out, result, now, &mut events);
+        events
+    }
+
+    /// Hands back a step's output once the caller is done with it, so the next `schedule()`
+    /// reuses its buffer instead of allocating one (optional; a few are kept).
+    pub fn recycle(&mut self, out: SchedulerOutput) {
+        if self.spare_outputs.len() < 4 {
+            let mut v = out.scheduled;
+            v.clear();
+            self.spare_outputs.push(v);
+        }
+    }
+
+    /// [`Scheduler::update_from_output`] appending to a caller's buffer (a simulator reuses
+    /// one buffer for every step instead of allocating one per step).
+    ///
+    /// # Panics
+    /// As [`Scheduler::update_from_output`].
+    pub fn update_from_output_into(
+        &mut self,
+        out: &SchedulerOutput,
+        result: &ModelRunnerOutput,
+        now: Timestamp,
+        events: &mut Vec<RequestEvent>,
+    ) {
         assert_eq!(
             result.sampled.len(),
             out.scheduled.len(),
             "runner output must have one entry per scheduled request"
         );
-        let mut events = Vec::with_capacity(out.scheduled.len());
         for (e, sampled) in out.scheduled.iter().zip(&result.sampled) {
             let Some(seq) = self.slots[e.slot as usize].as_mut() else {
                 continue; // aborted while in flight
@@ -699,7 +730,6 @@ impl Scheduler {
                 events.push(RequestEvent::Finished(Box::new(rec)));
             }
         }
-        events
     }
 
     /// Aborts a live request, freeing its blocks.

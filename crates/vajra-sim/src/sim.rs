@@ -290,6 +290,9 @@ pub struct SimResult {
 /// The loop's mutable state, so its handlers can be methods.
 struct Loop<'a, 's> {
     spec: &'a SimSpec<'s>,
+    /// Reused every step: the token oracle's output and the scheduler's events.
+    runner_out: ModelRunnerOutput,
+    events: Vec<RequestEvent>,
     /// Global id of the first replica of this loop.
     base: u32,
     pp: usize,
@@ -421,8 +424,12 @@ impl Loop<'_, '_> {
         // Last stage: the batch is done.
         let b = self.batches[slot as usize].take().expect("live batch");
         self.free_slots.push(slot);
-        let res = ModelRunnerOutput::uniform(&b.out, 0);
-        for e in rep.sched.update_from_output(&b.out, &res, now) {
+        self.runner_out.fill_uniform(&b.out, 0);
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
+        rep.sched
+            .update_from_output_into(&b.out, &self.runner_out, now, &mut events);
+        for e in events.drain(..) {
             match e {
                 RequestEvent::Token { id, .. } => self.collector.on_token(id, now),
                 RequestEvent::Finished(f) => {
@@ -431,6 +438,7 @@ impl Loop<'_, '_> {
                 }
             }
         }
+        self.events = events;
         self.collector.on_batch(BatchRecord {
             replica: self.base + b.replica,
             step: b.out.step.0,
@@ -446,6 +454,7 @@ impl Loop<'_, '_> {
             bytes: b.cost.bytes,
         });
         rep.in_flight -= 1;
+        rep.sched.recycle(b.out);
         self.request_schedule(r, now, source.peek_time());
     }
 }
@@ -497,6 +506,8 @@ pub fn run_range(
         .collect::<Result<_>>()?;
     let mut st = Loop {
         spec,
+        runner_out: ModelRunnerOutput::default(),
+        events: Vec::new(),
         base: lo,
         pp,
         replicas,

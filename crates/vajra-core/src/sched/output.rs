@@ -113,13 +113,20 @@ impl ModelRunnerOutput {
     /// An output that samples `token` for every request whose step reaches its end (what a
     /// simulator's token oracle returns).
     pub fn uniform(out: &SchedulerOutput, token: u32) -> Self {
-        ModelRunnerOutput {
-            sampled: out
-                .scheduled
+        let mut r = ModelRunnerOutput::default();
+        r.fill_uniform(out, token);
+        r
+    }
+
+    /// Refills this output as [`ModelRunnerOutput::uniform`] would build it, reusing its
+    /// buffer.
+    pub fn fill_uniform(&mut self, out: &SchedulerOutput, token: u32) {
+        self.sampled.clear();
+        self.sampled.extend(
+            out.scheduled
                 .iter()
-                .map(|s| s.samples.then_some(SampledToken { token, stop: false }))
-                .collect(),
-        }
+                .map(|s| s.samples.then_some(SampledToken { token, stop: false })),
+        );
     }
 }
 

@@ -732,3 +732,33 @@ fn every_policy_finishes_a_mixed_workload_with_exact_output_lengths() {
         assert_eq!(f.s.kv().num_free(), 40, "{name}");
     }
 }
+
+#[test]
+fn reused_buffers_give_the_same_steps_and_events_as_fresh_ones() {
+    let cfg = SchedulerConfig::new(v1(64));
+    let mut a = Scheduler::new(cfg.clone(), &CacheConfig::default(), 64, 1024).unwrap();
+    let mut b = Scheduler::new(cfg, &CacheConfig::default(), 64, 1024).unwrap();
+    for i in 0..6 {
+        let r = Request::new(
+            RequestId(i),
+            Prompt::synthetic(40 + 7 * i as u32),
+            9,
+            Timestamp::ZERO,
+        );
+        a.add_request(r.clone(), Timestamp::ZERO).unwrap();
+        b.add_request(r, Timestamp::ZERO).unwrap();
+    }
+    let (mut res, mut events) = (ModelRunnerOutput::default(), Vec::new());
+    for step in 0..40 {
+        let now = Timestamp(step);
+        let (oa, ob) = (a.schedule(now), b.schedule(now));
+        assert_eq!(oa, ob, "step {step}");
+        let ea = a.update_from_output(&oa, &ModelRunnerOutput::uniform(&oa, 5), now);
+        res.fill_uniform(&ob, 5);
+        events.clear();
+        b.update_from_output_into(&ob, &res, now, &mut events);
+        assert_eq!(ea, events, "step {step}");
+        b.recycle(ob);
+    }
+    assert!(!a.has_unfinished() && !b.has_unfinished());
+}
