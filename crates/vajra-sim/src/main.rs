@@ -283,6 +283,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 for w in &prep.predictor.warnings {
                     eprintln!("warning: {w}");
                 }
+                let e = &p.experiment;
+                let longest = e
+                    .workload
+                    .max_tokens
+                    .map_or(prep.setup.model.max_model_len, |m| {
+                        m.min(prep.setup.model.max_model_len)
+                    });
+                let capacity = u64::from(prep.memory.num_blocks) * u64::from(e.cache.block_size);
+                if u64::from(longest) > capacity {
+                    eprintln!(
+                        "warning: {label}: requests may reach {longest} tokens but a replica's KV cache holds {capacity}; such a request stops the run (raise cache.num_blocks or lower workload.max_tokens)"
+                    );
+                }
             }
             println!("{}: {} point(s) valid", file.display(), f.points.len());
             Ok(())
