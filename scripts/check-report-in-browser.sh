@@ -8,7 +8,9 @@ html=$(realpath "$1")
 shot=${2:-$(dirname "$html")/screenshot.png}
 if ! command -v chromium >/dev/null 2>&1; then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        apt-get install -y -q chromium >/dev/null 2>&1 || apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1 || true
+        if ! apt-get install -y -q chromium >/dev/null 2>&1; then
+            apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1 || true
+        fi
     fi
 fi
 if ! command -v chromium >/dev/null 2>&1; then

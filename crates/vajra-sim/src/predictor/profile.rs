@@ -132,11 +132,6 @@ pub fn read_mlp(path: &Path, model: &ModelConfig, tp: u32) -> Result<OpCurves, S
             )
         })
         .collect();
-    for (_, c) in &op_cols {
-        if c.is_none() {
-            continue;
-        }
-    }
     for r in 0..t.rows.len() {
         let Some(rtp) = t.num(r, tpc)? else { continue };
         tps.insert(rtp as u32);
