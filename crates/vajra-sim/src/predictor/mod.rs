@@ -173,6 +173,29 @@ pub struct BatchCost {
     pub bytes: f64,
 }
 
+/// Sums over a batch's requests (`c` new tokens over `k` cached each).
+#[derive(Debug, Default, Clone, Copy)]
+struct Terms {
+    /// Σc.
+    tokens: f64,
+    /// Σ c·(k + (c + 1)/2) over all requests (attention FLOPs / (4·heads·head_dim)).
+    causal: f64,
+    /// Σ (k + c): KV read.
+    kv_read: f64,
+    /// Requests that sample a token.
+    sampled: f64,
+    /// Decoding requests (c = 1) and their Σ (k + 1).
+    dec_b: f64,
+    dec_kv: f64,
+    /// Prefill chunks: count, Σc, Σk, Σ c·(k + c/2), Σ causal work, Σ (k + c).
+    pre_n: usize,
+    pre_c: f64,
+    pre_k: f64,
+    pre_ck: f64,
+    pre_causal: f64,
+    pre_kv: f64,
+}
+
 /// Predicts batch durations for one replica shape.
 pub struct Predictor {
     model: ModelConfig,
@@ -400,54 +423,66 @@ impl Predictor {
         ms
     }
 
-    /// Attention time of one layer, ms.
-    fn attention_layer_ms(&self, out: &SchedulerOutput) -> f64 {
-        let mut t = 0.0;
-        // Σc, Σc(k + c/2), Σk, count
-        let mut prefill_terms = (0.0, 0.0, 0.0, 0usize);
-        let (mut dec_b, mut dec_kv) = (0.0, 0.0);
-        let mut pre_flops = 0.0;
-        let mut pre_bytes = 0.0;
+    /// One pass over a batch's requests, collecting every sum the cost needs.
+    fn terms(out: &SchedulerOutput) -> Terms {
+        let mut x = Terms::default();
         for r in &out.scheduled {
             let c = f64::from(r.num_tokens);
             let k = f64::from(r.num_computed);
+            // Causal attention work: each new token attends to k cached ones plus its place.
+            let causal = c * (k + (c + 1.0) / 2.0);
+            x.tokens += c;
+            x.causal += causal;
+            x.kv_read += k + c;
+            x.sampled += f64::from(u8::from(r.samples));
             if r.num_tokens == 1 {
-                dec_b += 1.0;
-                dec_kv += k + 1.0;
+                x.dec_b += 1.0;
+                x.dec_kv += k + 1.0;
             } else {
-                prefill_terms.0 += c;
-                prefill_terms.1 += c * (k + c / 2.0);
-                prefill_terms.2 += k;
-                prefill_terms.3 += 1;
-                if matches!(self.attention, Attention::Roofline) {
-                    pre_flops += roofline::prefill_flops(&self.model, self.tp, c, k);
-                    pre_bytes += (k + c) * roofline::kv_bytes_per_token_layer(&self.model, self.tp);
-                }
+                x.pre_n += 1;
+                x.pre_c += c;
+                x.pre_k += k;
+                x.pre_ck += c * (k + c / 2.0);
+                x.pre_causal += causal;
+                x.pre_kv += k + c;
             }
-            t += c;
         }
+        x
+    }
+
+    /// Attention time of one layer, ms.
+    fn attention_layer_ms(&self, x: &Terms) -> f64 {
         match &self.attention {
             Attention::Fitted(f) => {
-                let mut ms = f.kv_save[0] + f.kv_save[1] * t;
-                if prefill_terms.3 > 0 {
+                let mut ms = f.kv_save[0] + f.kv_save[1] * x.tokens;
+                if x.pre_n > 0 {
                     ms += f.prefill[0]
-                        + f.prefill[1] * prefill_terms.0
-                        + f.prefill[2] * prefill_terms.2
-                        + f.prefill[3] * prefill_terms.1;
+                        + f.prefill[1] * x.pre_c
+                        + f.prefill[2] * x.pre_k
+                        + f.prefill[3] * x.pre_ck;
                 }
-                if dec_b > 0.0 {
-                    ms += f.decode[0] + f.decode[1] * dec_b + f.decode[2] * dec_kv;
+                if x.dec_b > 0.0 {
+                    ms += f.decode[0] + f.decode[1] * x.dec_b + f.decode[2] * x.dec_kv;
                 }
                 ms
             }
             Attention::Roofline => {
-                let mut s = roofline::kv_save(&self.model, &self.device, self.tp, t);
-                if prefill_terms.3 > 0 {
-                    s +=
-                        roofline::attn_prefill(&self.device, pre_flops, pre_bytes, prefill_terms.0);
+                let mut s = roofline::kv_save(&self.model, &self.device, self.tp, x.tokens);
+                if x.pre_n > 0 {
+                    let flops =
+                        4.0 * x.pre_causal * f64::from(self.model.num_heads * self.model.head_dim)
+                            / f64::from(self.tp);
+                    let bytes = x.pre_kv * roofline::kv_bytes_per_token_layer(&self.model, self.tp);
+                    s += roofline::attn_prefill(&self.device, flops, bytes, x.pre_c);
                 }
-                if dec_b > 0.0 {
-                    s += roofline::attn_decode(&self.model, &self.device, self.tp, dec_b, dec_kv);
+                if x.dec_b > 0.0 {
+                    s += roofline::attn_decode(
+                        &self.model,
+                        &self.device,
+                        self.tp,
+                        x.dec_b,
+                        x.dec_kv,
+                    );
                 }
                 s * 1e3
             }
@@ -457,8 +492,8 @@ impl Predictor {
     /// The cost of a batch.
     pub fn predict(&self, out: &SchedulerOutput) -> BatchCost {
         let t = out.num_batched_tokens as usize;
-        let attn_ms = self.attention_layer_ms(out);
-        let sampled = out.scheduled.iter().filter(|r| r.samples).count() as f64;
+        let x = Self::terms(out);
+        let attn_ms = self.attention_layer_ms(&x);
         let batch = out.scheduled.len() as f64;
         let last = self.layers.len() - 1;
         let stage_ns = StageTimes::collect((0..self.layers.len()).map(|s| {
@@ -468,7 +503,7 @@ impl Predictor {
             };
             let mut ns = lin + f64::from(self.layers[s]) * attn_ms * 1e6;
             if s == last && self.lm_head {
-                ns += roofline::lm_head(&self.model, &self.device, self.tp, sampled) * 1e9;
+                ns += roofline::lm_head(&self.model, &self.device, self.tp, x.sampled) * 1e9;
             }
             if s == 0 {
                 ns += self.cpu_base_ns + self.cpu_per_req_ns * batch;
@@ -476,25 +511,17 @@ impl Predictor {
             ns.round().max(1.0) as u64
         }));
         // MFU/MBU accounting (whole replica).
-        let mut attn_flops = 0.0;
-        let mut kv_read = 0.0;
-        for r in &out.scheduled {
-            let c = f64::from(r.num_tokens);
-            let k = f64::from(r.num_computed);
-            attn_flops += roofline::prefill_flops(&self.model, 1, c, k);
-            kv_read += k + c;
-        }
         let l = f64::from(self.model.num_layers);
-        let tokens = t as f64;
+        let attn_flops = 4.0 * x.causal * f64::from(self.model.num_heads * self.model.head_dim);
         let head_flops = if self.lm_head {
-            2.0 * sampled * f64::from(self.model.hidden_size) * f64::from(self.model.vocab_size)
+            2.0 * x.sampled * f64::from(self.model.hidden_size) * f64::from(self.model.vocab_size)
         } else {
             0.0
         };
         BatchCost {
             stage_ns,
-            flops: self.dense_flops_per_token * tokens + l * attn_flops + head_flops,
-            bytes: self.weight_bytes + kv_read * self.kv_bytes_per_token,
+            flops: self.dense_flops_per_token * t as f64 + l * attn_flops + head_flops,
+            bytes: self.weight_bytes + x.kv_read * self.kv_bytes_per_token,
         }
     }
 }
