@@ -92,9 +92,7 @@ impl Partition {
         let mut p = Partition {
             source,
             router: Router::new(router),
-            rng: Rng(StdRng::seed_from_u64(vajra_workload::derive_seed(
-                seed, "router",
-            ))),
+            rng: Rng::router(seed),
             loads: (0..num_replicas)
                 .map(|i| ReplicaLoad {
                     replica: ReplicaId(i),
@@ -204,6 +202,16 @@ impl EventQueue {
 }
 
 struct Rng(StdRng);
+
+impl Rng {
+    /// The router's stream of a run. Whole-cluster loops and partitions must draw the same
+    /// stream, or their routing (and results) would differ.
+    fn router(seed: u64) -> Self {
+        Rng(StdRng::seed_from_u64(vajra_workload::derive_seed(
+            seed, "router",
+        )))
+    }
+}
 
 impl RandomSource for Rng {
     fn next_u64(&mut self) -> u64 {
@@ -517,9 +525,7 @@ pub fn run_range(
         collector,
     };
     let mut router = Router::new(spec.router);
-    let mut rng = Rng(StdRng::seed_from_u64(vajra_workload::derive_seed(
-        spec.seed, "router",
-    )));
+    let mut rng = Rng::router(spec.seed);
     let mut loads = vec![ReplicaLoad::default(); (hi - lo) as usize];
     let mut now = Timestamp::ZERO;
     let mut events = 0u64;
