@@ -14,7 +14,7 @@
 
 use crate::error::{Result, SimError};
 use crate::experiment::{ExperimentFile, Point};
-use crate::run::{prepare, simulate, summarize};
+use crate::run::{Prepared, prepare, simulate, summarize};
 use rayon::prelude::*;
 use serde::Serialize;
 use vajra_workload::config::ArrivalConfig;
@@ -84,10 +84,11 @@ fn with_qps(point: &Point, qps: f64) -> Point {
     p
 }
 
-fn probe(file: &ExperimentFile, point: &Point, qps: f64) -> Result<Probe> {
+/// One probe. `prep` (predictor, memory plan) does not depend on the load, so a search builds
+/// it once for all its probes.
+fn probe(file: &ExperimentFile, point: &Point, prep: &Prepared, qps: f64) -> Result<Probe> {
     let p = with_qps(point, qps);
-    let prep = prepare(file, &p)?;
-    let (res, _) = simulate(file, &p, &prep, None, false, false, None)?;
+    let (res, _) = simulate(file, &p, prep, None, false, false, None)?;
     let s = summarize(&p, prep, &res);
     Ok(Probe {
         qps,
@@ -139,10 +140,14 @@ pub fn search(file: &ExperimentFile, point: &Point) -> Result<Capacity> {
         ));
     }
     let cfg = e.capacity;
+    let prep = prepare(file, point)?;
     let k = rayon::current_num_threads().max(2);
     let mut probes: Vec<Probe> = Vec::new();
     let mut run = |rates: Vec<f64>| -> Result<Vec<Probe>> {
-        let got: Vec<Result<Probe>> = rates.par_iter().map(|&q| probe(file, point, q)).collect();
+        let got: Vec<Result<Probe>> = rates
+            .par_iter()
+            .map(|&q| probe(file, point, &prep, q))
+            .collect();
         let got: Vec<Probe> = got.into_iter().collect::<Result<_>>()?;
         probes.extend(got.iter().cloned());
         Ok(got)
@@ -221,7 +226,6 @@ pub fn search(file: &ExperimentFile, point: &Point) -> Result<Capacity> {
         }
     }
     probes.sort_by(|a, b| a.qps.total_cmp(&b.qps));
-    let prep = prepare(file, point)?;
     let devices = e.cluster.num_replicas * e.cluster.tensor_parallel * e.cluster.pipeline_parallel;
     let price = f64::from(devices) * prep.setup.device.price_per_hour;
     Ok(Capacity {

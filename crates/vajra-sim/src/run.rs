@@ -326,7 +326,7 @@ fn traced_loop(
 }
 
 /// The summary of a finished simulation.
-pub fn summarize(point: &Point, prep: Prepared, res: &sim::SimResult) -> RunSummary {
+pub fn summarize(point: &Point, prep: &Prepared, res: &sim::SimResult) -> RunSummary {
     let e = &point.experiment;
     let par = experiment::parallel(&e.cluster);
     let devices = f64::from(par.world_size());
@@ -343,7 +343,7 @@ pub fn summarize(point: &Point, prep: Prepared, res: &sim::SimResult) -> RunSumm
         name: e.name.clone(),
         point: point.label.clone(),
         seed: e.seed,
-        setup: prep.setup,
+        setup: prep.setup.clone(),
         simulated_s: res.end.as_secs_f64(),
         metrics,
     }
@@ -369,8 +369,7 @@ pub fn run_point(
     let e = &point.experiment;
     let prep = prepare(file, point)?;
     let (res, loop_s) = simulate(file, point, &prep, Some(dir), trace, sequential, progress)?;
-    let warnings = prep.predictor.warnings.clone();
-    let summary = summarize(point, prep, &res);
+    let summary = summarize(point, &prep, &res);
     let resolved = toml::to_string_pretty(e).map_err(|err| SimError::Write {
         path: dir.join("config.resolved.toml"),
         message: err.to_string(),
@@ -402,7 +401,7 @@ pub fn run_point(
         loop_s,
         wall_s: t0.elapsed().as_secs_f64(),
         events: res.events,
-        warnings,
+        warnings: prep.predictor.warnings,
     })
 }
 

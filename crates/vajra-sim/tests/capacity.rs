@@ -43,7 +43,7 @@ fn meets(f: &ExperimentFile, qps: f64) -> bool {
     }
     let prep = prepare(f, &point).unwrap();
     let (res, _) = simulate(f, &point, &prep, None, false, false, None).unwrap();
-    summarize(&point, prep, &res).metrics.slo.all_limits_met
+    summarize(&point, &prep, &res).metrics.slo.all_limits_met
 }
 
 #[test]
