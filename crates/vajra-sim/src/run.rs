@@ -209,17 +209,16 @@ pub fn simulate(
     } else {
         1
     };
-    let new_source = || {
-        RequestSource::new(
-            &e.workload,
-            e.seed,
-            &file.base,
-            prep.setup.model.max_model_len,
-        )
-    };
+    // Read the traces once; partitions start from clones of this source.
+    let source = RequestSource::new(
+        &e.workload,
+        e.seed,
+        &file.base,
+        prep.setup.model.max_model_len,
+    )?;
     let t_loop = Instant::now();
     let mut res = if parts == 1 {
-        let mut source = new_source()?;
+        let mut source = source;
         let mut collector = vajra_metrics::Collector::new(&e.slo, n);
         if parquet {
             collector.stream_batches(&dir.join("batches.parquet"), prep.memory.num_blocks)?;
@@ -247,7 +246,7 @@ pub fn simulate(
             .par_iter()
             .enumerate()
             .map(|(i, &(lo, hi))| {
-                let mut source = sim::Partition::new(new_source()?, e.router, e.seed, n, lo, hi);
+                let mut source = sim::Partition::new(source.clone(), e.router, e.seed, n, lo, hi);
                 let pq = dir.join(format!(".batches.part{i:02}.parquet"));
                 let tr = dir.join(format!(".trace.part{i:02}.json"));
                 let mut collector = vajra_metrics::Collector::new(&e.slo, n);

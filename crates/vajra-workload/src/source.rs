@@ -26,6 +26,7 @@ use vajra_core::ids::{RequestId, TenantId};
 use vajra_core::request::{Prompt, Request, SyntheticPrompt};
 use vajra_core::time::{Duration, Timestamp};
 
+#[derive(Clone)]
 enum Mode {
     Open {
         process: ArrivalProcess,
@@ -44,6 +45,7 @@ enum Mode {
     },
 }
 
+#[derive(Clone)]
 struct Tenant {
     cumulative_weight: f64,
     priority: i32,
@@ -52,7 +54,9 @@ struct Tenant {
     lengths: usize,
 }
 
-/// Requests in arrival order.
+/// Requests in arrival order. A clone continues independently from the same state (replica
+/// partitions each walk the whole workload without reading its traces again).
+#[derive(Clone)]
 pub struct RequestSource {
     mode: Mode,
     samplers: Vec<LengthSampler>,
