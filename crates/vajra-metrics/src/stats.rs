@@ -183,12 +183,15 @@ impl Multiset {
 
     /// Distinct values with their counts, ascending.
     pub fn sorted(&self) -> Vec<(u64, u64)> {
-        let mut map = self.counts.clone();
-        if self.run.1 > 0 {
-            *map.entry(self.run.0).or_insert(0) += self.run.1;
-        }
-        let mut v: Vec<(u64, u64)> = map.into_iter().collect();
+        let mut v: Vec<(u64, u64)> = self.counts.iter().map(|(&a, &b)| (a, b)).collect();
         v.sort_unstable();
+        // Fold in the pending run (its value may already have a count).
+        if self.run.1 > 0 {
+            match v.binary_search_by_key(&self.run.0, |e| e.0) {
+                Ok(i) => v[i].1 += self.run.1,
+                Err(i) => v.insert(i, self.run),
+            }
+        }
         let small = self
             .dense
             .iter()
