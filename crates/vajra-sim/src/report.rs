@@ -9,8 +9,10 @@
 //! drawn with a vendored DejaVu Sans, so charts look the same on every machine.
 
 use crate::error::{Result, SimError};
-use parquet::column::reader::ColumnReader;
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::basic::Type as PhysicalType;
+use parquet::column::reader::get_typed_column_reader;
+use parquet::data_type::{DataType, DoubleType, Int32Type};
+use parquet::file::reader::{FileReader, RowGroupReader, SerializedFileReader};
 use plotters::prelude::*;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -304,52 +306,47 @@ fn read_batches(dir: &Path) -> Option<Vec<BatchRow>> {
     let f = std::fs::File::open(dir.join("batches.parquet")).ok()?;
     let r = SerializedFileReader::new(f).ok()?;
     let schema = r.metadata().file_metadata().schema_descr_ptr();
-    let idx = |n: &str| (0..schema.num_columns()).find(|&i| schema.column(i).name() == n);
-    let cols = [
-        idx("start_s")?,
-        idx("replica")?,
-        idx("num_requests")?,
-        idx("num_tokens")?,
-        idx("kv_usage")?,
-    ];
+    // A column by name, if it has the physical type this reader expects.
+    let idx = |n: &str, t: PhysicalType| {
+        (0..schema.num_columns())
+            .find(|&i| schema.column(i).name() == n && schema.column(i).physical_type() == t)
+    };
+    let (start, replica, size, tokens, kv) = (
+        idx("start_s", PhysicalType::DOUBLE)?,
+        idx("replica", PhysicalType::INT32)?,
+        idx("num_requests", PhysicalType::INT32)?,
+        idx("num_tokens", PhysicalType::INT32)?,
+        idx("kv_usage", PhysicalType::DOUBLE)?,
+    );
     let mut out = Vec::new();
     for g in 0..r.num_row_groups() {
         let rg = r.get_row_group(g).ok()?;
         let n = rg.metadata().num_rows() as usize;
-        let mut f64s: Vec<Vec<f64>> = Vec::new();
-        let mut i32s: Vec<Vec<i32>> = Vec::new();
-        for &c in &cols {
-            match rg.get_column_reader(c).ok()? {
-                ColumnReader::DoubleColumnReader(mut cr) => {
-                    let mut v = Vec::with_capacity(n);
-                    while v.len() < n {
-                        let (k, _, _) = cr.read_records(n - v.len(), None, None, &mut v).ok()?;
-                        if k == 0 {
-                            break;
-                        }
-                    }
-                    f64s.push(v);
-                }
-                ColumnReader::Int32ColumnReader(mut cr) => {
-                    let mut v = Vec::with_capacity(n);
-                    while v.len() < n {
-                        let (k, _, _) = cr.read_records(n - v.len(), None, None, &mut v).ok()?;
-                        if k == 0 {
-                            break;
-                        }
-                    }
-                    i32s.push(v);
-                }
-                _ => return None,
-            }
-        }
-        let (t, kv) = (&f64s[0], &f64s[1]);
-        let (rep, size, tok) = (&i32s[0], &i32s[1], &i32s[2]);
-        for i in 0..t.len().min(kv.len()).min(size.len()) {
-            out.push((t[i], rep[i], size[i], tok[i], kv[i]));
-        }
+        let t = read_column::<DoubleType>(rg.as_ref(), start, n)?;
+        let rep = read_column::<Int32Type>(rg.as_ref(), replica, n)?;
+        let sz = read_column::<Int32Type>(rg.as_ref(), size, n)?;
+        let tok = read_column::<Int32Type>(rg.as_ref(), tokens, n)?;
+        let u = read_column::<DoubleType>(rg.as_ref(), kv, n)?;
+        let m = [t.len(), rep.len(), sz.len(), tok.len(), u.len()]
+            .into_iter()
+            .min()
+            .unwrap_or(0);
+        out.extend((0..m).map(|i| (t[i], rep[i], sz[i], tok[i], u[i])));
     }
     Some(out)
+}
+
+/// Every value of a required column of one row group (the caller checked its type).
+fn read_column<T: DataType>(rg: &dyn RowGroupReader, col: usize, n: usize) -> Option<Vec<T::T>> {
+    let mut cr = get_typed_column_reader::<T>(rg.get_column_reader(col).ok()?);
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        let (k, _, _) = cr.read_records(n - v.len(), None, None, &mut v).ok()?;
+        if k == 0 {
+            break;
+        }
+    }
+    Some(v)
 }
 
 /// Mean of `value` over batches in `buckets` equal time bins, as (bin middle, mean).
