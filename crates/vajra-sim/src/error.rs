@@ -58,5 +58,15 @@ impl SimError {
     }
 }
 
+/// Maps any displayable error about `path` into [`SimError::Write`].
+pub(crate) fn write_err<E: std::fmt::Display>(
+    path: &std::path::Path,
+) -> impl FnOnce(E) -> SimError + '_ {
+    move |e| SimError::Write {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, SimError>;

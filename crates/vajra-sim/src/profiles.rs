@@ -2,7 +2,7 @@
 //! measured ones.
 
 use crate::catalog::{self, DeviceSpec};
-use crate::error::{Result, SimError};
+use crate::error::{Result, write_err};
 use crate::predictor::curve::Curve;
 use crate::predictor::profile::read_mlp;
 use crate::predictor::roofline::{self, MLP_OPS};
@@ -41,11 +41,7 @@ fn stats(ms: f64) -> String {
 /// # Errors
 /// The folder cannot be written.
 pub fn generate(model: &ModelConfig, device: &DeviceSpec, dir: &Path, command: &str) -> Result<()> {
-    let werr = |p: &Path, e: std::io::Error| SimError::Write {
-        path: p.to_owned(),
-        message: e.to_string(),
-    };
-    std::fs::create_dir_all(dir).map_err(|e| werr(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
     let mut mlp = String::new();
     for op in MLP_OPS {
         for s in ["min", "max", "mean", "median", "std"] {
@@ -72,7 +68,7 @@ pub fn generate(model: &ModelConfig, device: &DeviceSpec, dir: &Path, command: &
         }
     }
     let p = dir.join("mlp.csv");
-    std::fs::write(&p, mlp).map_err(|e| werr(&p, e))?;
+    std::fs::write(&p, mlp).map_err(write_err(&p))?;
 
     let mut att = String::from(
         "n_embd,n_q_head,n_kv_head,block_size,num_tensor_parallel_workers,max_model_len,attention_backend,batch_size,prefill_chunk_size,kv_cache_size,is_prefill",
@@ -122,7 +118,7 @@ pub fn generate(model: &ModelConfig, device: &DeviceSpec, dir: &Path, command: &
         }
     }
     let p = dir.join("attention.csv");
-    std::fs::write(&p, att).map_err(|e| werr(&p, e))?;
+    std::fs::write(&p, att).map_err(write_err(&p))?;
     let prov = serde_json::json!({
         "kind": "generated",
         "generator": "roofline (crates/vajra-sim/src/predictor/roofline.rs)",
@@ -133,12 +129,9 @@ pub fn generate(model: &ModelConfig, device: &DeviceSpec, dir: &Path, command: &
         "note": "Not measured: FLOPs and bytes over datasheet peaks with size-dependent efficiency. Prefer a measured profile where one exists.",
     });
     let p = dir.join("provenance.json");
-    let mut s = serde_json::to_string_pretty(&prov).map_err(|e| SimError::Write {
-        path: p.clone(),
-        message: e.to_string(),
-    })?;
+    let mut s = serde_json::to_string_pretty(&prov).map_err(write_err(&p))?;
     s.push('\n');
-    std::fs::write(&p, s).map_err(|e| werr(&p, e))
+    std::fs::write(&p, s).map_err(write_err(&p))
 }
 
 /// One row of the error report.

@@ -8,7 +8,7 @@
 //! tokens-per-batch distributions (from `batches.parquet`); busy fraction per replica. Text is
 //! drawn with a vendored DejaVu Sans, so charts look the same on every machine.
 
-use crate::error::{Result, SimError};
+use crate::error::{Result, SimError, write_err};
 use parquet::basic::Type as PhysicalType;
 use parquet::column::reader::get_typed_column_reader;
 use parquet::data_type::{DataType, DoubleType, Int32Type};
@@ -275,13 +275,9 @@ pub(crate) fn render(c: &Chart, dir: &Path) -> Result<String> {
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let png = dir.join(format!("{}.png", c.file));
     let svg = dir.join(format!("{}.svg", c.file));
-    let err = |p: &Path, e: String| SimError::Write {
-        path: p.to_owned(),
-        message: e,
-    };
-    draw(BitMapBackend::new(&png, (960, 600)).into_drawing_area(), c).map_err(|e| err(&png, e))?;
-    draw(SVGBackend::new(&svg, (960, 600)).into_drawing_area(), c).map_err(|e| err(&svg, e))?;
-    std::fs::read_to_string(&svg).map_err(|e| err(&svg, e.to_string()))
+    draw(BitMapBackend::new(&png, (960, 600)).into_drawing_area(), c).map_err(write_err(&png))?;
+    draw(SVGBackend::new(&svg, (960, 600)).into_drawing_area(), c).map_err(write_err(&svg))?;
+    std::fs::read_to_string(&svg).map_err(write_err(&svg))
 }
 
 fn read_cdf(dir: &Path, metric: &str) -> Vec<(f64, f64)> {

@@ -1,7 +1,7 @@
 //! Running one point of an experiment and writing its run folder.
 
 use crate::catalog::DeviceSpec;
-use crate::error::{Result, SimError};
+use crate::error::{Result, write_err};
 use crate::experiment::{self, ExperimentFile, Point};
 use crate::memory::{self, MemoryPlan};
 use crate::predictor::{self, Predictor};
@@ -191,10 +191,7 @@ pub fn simulate(
     };
     let par = experiment::parallel(&e.cluster);
     if let Some(dir) = out {
-        std::fs::create_dir_all(dir).map_err(|err| SimError::Write {
-            path: dir.to_owned(),
-            message: err.to_string(),
-        })?;
+        std::fs::create_dir_all(dir).map_err(write_err(dir))?;
     }
     let tracing = trace && e.output.trace && out.is_some();
     let parquet = e.output.parquet && out.is_some();
@@ -369,10 +366,8 @@ pub fn run_point(
     let prep = prepare(file, point)?;
     let (res, loop_s) = simulate(file, point, &prep, Some(dir), trace, sequential, progress)?;
     let summary = summarize(point, &prep, &res);
-    let resolved = toml::to_string_pretty(e).map_err(|err| SimError::Write {
-        path: dir.join("config.resolved.toml"),
-        message: err.to_string(),
-    })?;
+    let resolved_path = dir.join("config.resolved.toml");
+    let resolved = toml::to_string_pretty(e).map_err(write_err(&resolved_path))?;
     write_file(
         &dir.join("config.resolved.toml"),
         format!(
@@ -405,10 +400,7 @@ pub fn run_point(
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|e| SimError::Write {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })
+    std::fs::write(path, bytes).map_err(write_err(path))
 }
 
 /// Streams a Chrome/Perfetto trace: one complete event per batch stage, `pid` = replica,
@@ -453,26 +445,22 @@ impl TraceWriter {
     /// # Errors
     /// The file cannot be created.
     pub fn create(path: &Path, replicas: u32, stages: u32) -> Result<Self> {
-        let werr = |e: std::io::Error| SimError::Write {
-            path: path.to_owned(),
-            message: e.to_string(),
-        };
-        let f = std::fs::File::create(path).map_err(werr)?;
+        let f = std::fs::File::create(path).map_err(write_err(path))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
         w.write_all(b"{\"displayTimeUnit\":\"ms\",\"traceEvents\":[\n")
-            .map_err(werr)?;
+            .map_err(write_err(path))?;
         let mut first = true;
         for r in 0..replicas {
             for s in 0..stages {
                 if !first {
-                    w.write_all(b",\n").map_err(werr)?;
+                    w.write_all(b",\n").map_err(write_err(path))?;
                 }
                 first = false;
                 write!(
                     w,
                     "{{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":{r},\"tid\":{s},\"args\":{{\"name\":\"stage {s}\"}}}},\n{{\"ph\":\"M\",\"name\":\"process_name\",\"pid\":{r},\"tid\":{s},\"args\":{{\"name\":\"replica {r}\"}}}}"
                 )
-                .map_err(werr)?;
+                .map_err(write_err(path))?;
             }
         }
         Ok(TraceWriter {
@@ -488,10 +476,7 @@ impl TraceWriter {
     /// # Errors
     /// The file cannot be created.
     pub fn fragment(path: &Path) -> Result<Self> {
-        let f = std::fs::File::create(path).map_err(|e| SimError::Write {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let f = std::fs::File::create(path).map_err(write_err(path))?;
         Ok(TraceWriter {
             path: path.to_owned(),
             w: std::io::BufWriter::with_capacity(1 << 20, f),
@@ -505,14 +490,10 @@ impl TraceWriter {
     /// # Errors
     /// Any write error.
     pub fn finish_fragment(mut self) -> Result<()> {
-        let werr = |e: std::io::Error| SimError::Write {
-            path: self.path.clone(),
-            message: e.to_string(),
-        };
         if let Some(e) = self.error.take() {
-            return Err(werr(e));
+            return Err(write_err(&self.path)(e));
         }
-        self.w.flush().map_err(werr)
+        self.w.flush().map_err(write_err(&self.path))
     }
 
     /// Writes `dest` from the header, the fragments in order (deleting them) and the footer.
@@ -522,13 +503,9 @@ impl TraceWriter {
     pub fn assemble(dest: &Path, replicas: u32, stages: u32, fragments: &[PathBuf]) -> Result<()> {
         let mut t = TraceWriter::create(dest, replicas, stages)?;
         for f in fragments {
-            let rerr = |e: std::io::Error| SimError::Write {
-                path: f.clone(),
-                message: e.to_string(),
-            };
-            let mut src = std::fs::File::open(f).map_err(rerr)?;
-            std::io::copy(&mut src, &mut t.w).map_err(rerr)?;
-            std::fs::remove_file(f).map_err(rerr)?;
+            let mut src = std::fs::File::open(f).map_err(write_err(f))?;
+            std::io::copy(&mut src, &mut t.w).map_err(write_err(f))?;
+            std::fs::remove_file(f).map_err(write_err(f))?;
         }
         t.finish()
     }
@@ -568,15 +545,11 @@ impl TraceWriter {
     /// # Errors
     /// Any write error.
     pub fn finish(mut self) -> Result<()> {
-        let werr = |e: std::io::Error| SimError::Write {
-            path: self.path.clone(),
-            message: e.to_string(),
-        };
         if let Some(e) = self.error.take() {
-            return Err(werr(e));
+            return Err(write_err(&self.path)(e));
         }
-        self.w.write_all(b"\n]}\n").map_err(werr)?;
-        self.w.flush().map_err(werr)
+        self.w.write_all(b"\n]}\n").map_err(write_err(&self.path))?;
+        self.w.flush().map_err(write_err(&self.path))
     }
 }
 

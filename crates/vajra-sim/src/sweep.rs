@@ -1,6 +1,6 @@
 //! Running every point of an experiment file, in parallel, and the sweep summary table.
 
-use crate::error::{Result, SimError};
+use crate::error::{Result, SimError, write_err};
 use crate::experiment::ExperimentFile;
 use crate::run::{PointResult, run_point};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -190,13 +190,9 @@ pub fn markdown_table(results: &[PointResult], only: Option<&[&str]>) -> String 
 }
 
 fn write_sweep_tables(root: &Path, results: &[PointResult]) -> Result<()> {
-    let werr = |p: &Path, e: String| SimError::Write {
-        path: p.to_owned(),
-        message: e,
-    };
-    std::fs::create_dir_all(root).map_err(|e| werr(root, e.to_string()))?;
+    std::fs::create_dir_all(root).map_err(write_err(root))?;
     let p = root.join("sweep.csv");
-    let mut w = csv::Writer::from_path(&p).map_err(|e| werr(&p, e.to_string()))?;
+    let mut w = csv::Writer::from_path(&p).map_err(write_err(&p))?;
     let keys: Vec<String> = results
         .first()
         .map(|r| r.overrides.iter().map(|(k, _)| k.clone()).collect())
@@ -206,8 +202,7 @@ fn write_sweep_tables(root: &Path, results: &[PointResult]) -> Result<()> {
     if let Some(r) = results.first() {
         header.extend(headline(r).iter().map(|(n, _)| (*n).to_owned()));
     }
-    w.write_record(&header)
-        .map_err(|e| werr(&p, e.to_string()))?;
+    w.write_record(&header).map_err(write_err(&p))?;
     for r in results {
         let mut row = vec![
             r.label.clone(),
@@ -218,9 +213,9 @@ fn write_sweep_tables(root: &Path, results: &[PointResult]) -> Result<()> {
         ];
         row.extend(r.overrides.iter().map(|(_, v)| v.clone()));
         row.extend(headline(r).iter().map(|(_, v)| v.to_string()));
-        w.write_record(&row).map_err(|e| werr(&p, e.to_string()))?;
+        w.write_record(&row).map_err(write_err(&p))?;
     }
-    w.flush().map_err(|e| werr(&p, e.to_string()))?;
+    w.flush().map_err(write_err(&p))?;
     let p = root.join("sweep.md");
-    std::fs::write(&p, markdown_table(results, None)).map_err(|e| werr(&p, e.to_string()))
+    std::fs::write(&p, markdown_table(results, None)).map_err(write_err(&p))
 }
