@@ -1,0 +1,103 @@
+//! The interface every backend implements (CPU here; CUDA behind its own feature), and the
+//! plain data that crosses it.
+//!
+//! A step is what the scheduler handed out: for each scheduled request, a run of new tokens at
+//! consecutive positions starting at `context` (tokens whose K/V already sit in the paged cache)
+//! and the request's block table. Prefill chunks and decodes mix freely in one step. The backend
+//! writes the new tokens' K/V into the cache at the slots the block table gives
+//!
+//! ```text
+//!   position p  ->  block = table[p / block_size], offset = p % block_size
+//! ```
+//!
+//! and returns logits for the last token of every request that samples this step (or for every
+//! token, for fidelity checks).
+
+pub mod cpu;
+pub mod linalg;
+
+use crate::error::Result;
+use crate::spec::ModelSpec;
+use vajra_core::ids::{BlockId, HostBlockId};
+
+/// One request's share of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    /// The new tokens.
+    pub tokens: &'a [u32],
+    /// Tokens of this request already in the KV cache (position of the first new token).
+    pub context: u32,
+    /// The request's whole block table; covers `context + tokens.len()` positions.
+    pub block_table: &'a [BlockId],
+    /// Whether the logits of this request's last new token are wanted.
+    pub sample: bool,
+}
+
+/// Which logits a step returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// The last token of each request with `sample` set, in batch order.
+    Sampled,
+    /// Every token of the step, in batch order.
+    AllTokens,
+}
+
+/// A step's input.
+#[derive(Debug, Clone)]
+pub struct StepInput<'a> {
+    /// Requests in batch order.
+    pub seqs: Vec<SeqInput<'a>>,
+    /// Which logits to return.
+    pub logits_for: LogitsFor,
+}
+
+impl StepInput<'_> {
+    /// Tokens in the step.
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.tokens.len()).sum()
+    }
+}
+
+/// Logits, one row of `vocab` values per returned position.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Logits {
+    /// Vocabulary size (row length).
+    pub vocab: usize,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.data.len().checked_div(self.vocab).unwrap_or(0)
+    }
+    /// One row.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+}
+
+/// A model executor.
+pub trait Backend: Send {
+    /// A short name for logs and errors (`cpu`, `cuda`).
+    fn name(&self) -> &'static str;
+    /// The model it runs.
+    fn spec(&self) -> &ModelSpec;
+    /// Device KV blocks it holds (the scheduler's pool size).
+    fn num_blocks(&self) -> u32;
+    /// Host blocks it holds for swap preemption.
+    fn num_host_blocks(&self) -> u32;
+    /// Runs one step.
+    ///
+    /// # Errors
+    /// A block table too short for the positions, a token id outside the vocabulary, or a
+    /// device failure.
+    fn execute(&mut self, input: &StepInput<'_>) -> Result<Logits>;
+    /// Copies device blocks to host blocks (swap out) and host blocks to device blocks (swap
+    /// in), in that order.
+    ///
+    /// # Errors
+    /// A block id out of range.
+    fn swap(&mut self, out: &[(BlockId, HostBlockId)], ins: &[(HostBlockId, BlockId)]) -> Result<()>;
+}

@@ -1,0 +1,417 @@
+//! The CPU reference backend: a Llama-family forward pass in f32 over a paged KV cache.
+//!
+//! Every other backend is checked against this one, and this one against Hugging Face
+//! `transformers` (tests/fixtures). It favours clarity over speed but is not naive: products go
+//! through [`super::linalg::matmul_t`] on rayon, attention runs in parallel over (token, head).
+//!
+//! KV cache layout, per layer, for K and V alike (f32):
+//!
+//! ```text
+//!   [block][offset in block][kv head][head dim]      block = table[p / bs], offset = p % bs
+//! ```
+//!
+//! Q/K/V and gate/up projections are fused into one matrix each at load time, so a layer makes
+//! four products: QKV, O, gate-up, down.
+
+use super::linalg::{matmul_t, rms_norm, silu_mul};
+use super::{Backend, Logits, LogitsFor, StepInput};
+use crate::error::{EngineError, Result};
+use crate::spec::ModelSpec;
+use crate::weights::Checkpoint;
+use rayon::prelude::*;
+use std::path::Path;
+use vajra_core::ids::{BlockId, HostBlockId};
+
+/// Default KV-cache size of the CPU backend, in MiB.
+pub const DEFAULT_KV_CACHE_MIB: u64 = 1024;
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// `[(heads + 2·kv_heads)·head_dim, hidden]`.
+    qkv: Vec<f32>,
+    qkv_bias: Option<Vec<f32>>,
+    /// `[hidden, heads·head_dim]`.
+    o: Vec<f32>,
+    mlp_norm: Vec<f32>,
+    /// `[2·intermediate, hidden]`: gate rows then up rows.
+    gate_up: Vec<f32>,
+    /// `[hidden, intermediate]`.
+    down: Vec<f32>,
+}
+
+/// Model weights in the CPU backend's layout.
+pub struct CpuWeights {
+    embed: Vec<f32>,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Vec<f32>>,
+    final_norm: Vec<f32>,
+    layers: Vec<Layer>,
+}
+
+impl CpuWeights {
+    /// Loads the weights of the model folder `dir` for `spec`.
+    ///
+    /// # Errors
+    /// A missing file or tensor, or a tensor whose shape differs from what `config.json` implies.
+    pub fn load(dir: &Path, spec: &ModelSpec) -> Result<Self> {
+        let mut ck = Checkpoint::load(dir)?;
+        Self::from_checkpoint(&mut ck, spec)
+    }
+
+    /// Takes the weights out of a loaded checkpoint.
+    ///
+    /// # Errors
+    /// As [`CpuWeights::load`].
+    pub fn from_checkpoint(ck: &mut Checkpoint, spec: &ModelSpec) -> Result<Self> {
+        let c = &spec.config;
+        let (h, v, i) = (
+            c.hidden_size as usize,
+            c.vocab_size as usize,
+            c.intermediate_size as usize,
+        );
+        let (q, kv) = (
+            (c.num_heads * c.head_dim) as usize,
+            (c.num_kv_heads * c.head_dim) as usize,
+        );
+        let embed = ck.take("model.embed_tokens.weight", &[v, h])?;
+        let lm_head = if c.tie_word_embeddings || !ck.contains("lm_head.weight") {
+            if !c.tie_word_embeddings {
+                return Err(EngineError::Tensor {
+                    name: "lm_head.weight".into(),
+                    message: "missing, and config.json does not set tie_word_embeddings".into(),
+                });
+            }
+            None
+        } else {
+            Some(ck.take("lm_head.weight", &[v, h])?)
+        };
+        let final_norm = ck.take("model.norm.weight", &[h])?;
+        let mut layers = Vec::with_capacity(c.num_layers as usize);
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut qkv = ck.take(&format!("{p}.self_attn.q_proj.weight"), &[q, h])?;
+            qkv.extend(ck.take(&format!("{p}.self_attn.k_proj.weight"), &[kv, h])?);
+            qkv.extend(ck.take(&format!("{p}.self_attn.v_proj.weight"), &[kv, h])?);
+            let qkv_bias = if c.attention_bias {
+                let mut b = ck.take(&format!("{p}.self_attn.q_proj.bias"), &[q])?;
+                b.extend(ck.take(&format!("{p}.self_attn.k_proj.bias"), &[kv])?);
+                b.extend(ck.take(&format!("{p}.self_attn.v_proj.bias"), &[kv])?);
+                Some(b)
+            } else {
+                None
+            };
+            let mut gate_up = ck.take(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?;
+            gate_up.extend(ck.take(&format!("{p}.mlp.up_proj.weight"), &[i, h])?);
+            layers.push(Layer {
+                attn_norm: ck.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                qkv,
+                qkv_bias,
+                o: ck.take(&format!("{p}.self_attn.o_proj.weight"), &[h, q])?,
+                mlp_norm: ck.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_up,
+                down: ck.take(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+            });
+        }
+        Ok(CpuWeights {
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+        })
+    }
+}
+
+/// Sizes of the paged cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    /// Tokens per block.
+    pub block_size: u32,
+    /// Device blocks.
+    pub num_blocks: u32,
+    /// Host blocks for swap.
+    pub num_host_blocks: u32,
+}
+
+impl CacheShape {
+    /// As many blocks as fit `mib` MiB of f32 K and V for `spec`.
+    pub fn for_memory(spec: &ModelSpec, block_size: u32, mib: u64) -> Self {
+        let per_block = spec.config.kv_bytes_per_token(1) / u64::from(spec.config.dtype_bytes)
+            * 4
+            * u64::from(block_size);
+        CacheShape {
+            block_size,
+            num_blocks: u32::try_from((mib << 20) / per_block.max(1)).unwrap_or(u32::MAX),
+            num_host_blocks: 0,
+        }
+    }
+}
+
+/// The CPU backend.
+pub struct CpuBackend {
+    spec: ModelSpec,
+    w: CpuWeights,
+    shape: CacheShape,
+    /// Per layer: K then V caches, each `num_blocks · block_size · kv_heads · head_dim`.
+    k_cache: Vec<Vec<f32>>,
+    v_cache: Vec<Vec<f32>>,
+    /// Host copies for swap, same layout, `num_host_blocks` blocks.
+    k_host: Vec<Vec<f32>>,
+    v_host: Vec<Vec<f32>>,
+    /// Rotary (cos, sin) tables grow with the longest position seen.
+    inv_freq: Vec<f64>,
+}
+
+impl CpuBackend {
+    /// A backend over loaded weights with a cache of the given shape.
+    pub fn new(spec: ModelSpec, w: CpuWeights, shape: CacheShape) -> Self {
+        let c = &spec.config;
+        let per_block = (shape.block_size * c.num_kv_heads * c.head_dim) as usize;
+        let layers = c.num_layers as usize;
+        let dev = per_block * shape.num_blocks as usize;
+        let host = per_block * shape.num_host_blocks as usize;
+        let inv_freq = spec.rope_inv_freq();
+        CpuBackend {
+            k_cache: vec![vec![0.0; dev]; layers],
+            v_cache: vec![vec![0.0; dev]; layers],
+            k_host: vec![vec![0.0; host]; layers],
+            v_host: vec![vec![0.0; host]; layers],
+            spec,
+            w,
+            shape,
+            inv_freq,
+        }
+    }
+
+    /// Loads `dir` and sizes the cache.
+    ///
+    /// # Errors
+    /// As [`ModelSpec::from_dir`] and [`CpuWeights::load`].
+    pub fn load(dir: &Path, shape_of: impl FnOnce(&ModelSpec) -> CacheShape) -> Result<Self> {
+        let spec = ModelSpec::from_dir(dir)?;
+        let w = CpuWeights::load(dir, &spec)?;
+        let shape = shape_of(&spec);
+        Ok(Self::new(spec, w, shape))
+    }
+
+    /// End-of-sequence ids named by `config.json`.
+    pub fn spec_eos(&self) -> Vec<u32> {
+        self.spec.eos_token_ids.clone()
+    }
+
+    fn err(&self, message: String) -> EngineError {
+        EngineError::Backend {
+            backend: "cpu".into(),
+            message,
+        }
+    }
+
+    /// Checks a step against the cache and vocabulary and returns per-token (seq, position).
+    fn plan(&self, input: &StepInput<'_>) -> Result<Vec<(usize, u32)>> {
+        let bs = self.shape.block_size;
+        let mut at = Vec::with_capacity(input.num_tokens());
+        for (s, seq) in input.seqs.iter().enumerate() {
+            let end = seq.context + seq.tokens.len() as u32;
+            if seq.block_table.len() < end.div_ceil(bs) as usize {
+                return Err(self.err(format!(
+                    "request {s} of the step has {} blocks for {end} positions of {bs}-token blocks",
+                    seq.block_table.len()
+                )));
+            }
+            if let Some(b) = seq.block_table.iter().find(|b| b.0 >= self.shape.num_blocks) {
+                return Err(self.err(format!("block {} ≥ num_blocks {}", b.0, self.shape.num_blocks)));
+            }
+            if let Some(t) = seq.tokens.iter().find(|&&t| t >= self.spec.config.vocab_size) {
+                return Err(self.err(format!(
+                    "token id {t} ≥ vocab_size {}",
+                    self.spec.config.vocab_size
+                )));
+            }
+            at.extend((seq.context..end).map(|p| (s, p)));
+        }
+        Ok(at)
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn num_blocks(&self) -> u32 {
+        self.shape.num_blocks
+    }
+
+    fn num_host_blocks(&self) -> u32 {
+        self.shape.num_host_blocks
+    }
+
+    fn execute(&mut self, input: &StepInput<'_>) -> Result<Logits> {
+        let at = self.plan(input)?;
+        let c = &self.spec.config;
+        let t = at.len();
+        let (h, hd) = (c.hidden_size as usize, c.head_dim as usize);
+        let (nh, nkv) = (c.num_heads as usize, c.num_kv_heads as usize);
+        let (q_w, kv_w) = (nh * hd, nkv * hd);
+        let qkv_w = q_w + 2 * kv_w;
+        let inter = c.intermediate_size as usize;
+        let eps = c.rms_norm_eps as f32;
+        let bs = self.shape.block_size as usize;
+
+        let mut x = Vec::with_capacity(t * h);
+        for s in &input.seqs {
+            for &tok in s.tokens {
+                x.extend_from_slice(&self.w.embed[tok as usize * h..(tok as usize + 1) * h]);
+            }
+        }
+        // Rotary angles per token and frequency (f64, rounded once).
+        let half = hd / 2;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = at
+            .iter()
+            .flat_map(|&(_, p)| self.inv_freq.iter().map(move |f| f64::from(p) * f))
+            .map(|a| (a.cos() as f32, a.sin() as f32))
+            .unzip();
+        // Cache slot of each token.
+        let slot: Vec<usize> = at
+            .iter()
+            .map(|&(s, p)| {
+                let table = input.seqs[s].block_table;
+                table[p as usize / bs].0 as usize * bs + p as usize % bs
+            })
+            .collect();
+
+        let mut hn = vec![0.0; t * h];
+        let mut qkv = vec![0.0; t * qkv_w];
+        let mut attn = vec![0.0; t * q_w];
+        let mut proj = vec![0.0; t * h];
+        let mut gu = vec![0.0; t * 2 * inter];
+        let mut act = vec![0.0; t * inter];
+        let scale = 1.0 / (hd as f32).sqrt();
+        let window = self.spec.sliding_window;
+
+        for (l, layer) in self.w.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, eps, &mut hn);
+            matmul_t(&hn, t, h, &layer.qkv, qkv_w, &mut qkv);
+            if let Some(b) = &layer.qkv_bias {
+                for row in qkv.chunks_exact_mut(qkv_w) {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+            }
+            // Rotary on Q and K heads (rotate-half convention, as Hugging Face Llama).
+            for (i, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
+                let (cs, sn) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+                for head in row[..q_w + kv_w].chunks_exact_mut(hd) {
+                    let (a, b) = head.split_at_mut(half);
+                    for j in 0..half {
+                        let (x1, x2) = (a[j], b[j]);
+                        a[j] = x1 * cs[j] - x2 * sn[j];
+                        b[j] = x2 * cs[j] + x1 * sn[j];
+                    }
+                }
+            }
+            // Write this step's K and V into the paged cache.
+            let (kc, vc) = (&mut self.k_cache[l], &mut self.v_cache[l]);
+            for (row, &sl) in qkv.chunks_exact(qkv_w).zip(&slot) {
+                kc[sl * kv_w..(sl + 1) * kv_w].copy_from_slice(&row[q_w..q_w + kv_w]);
+                vc[sl * kv_w..(sl + 1) * kv_w].copy_from_slice(&row[q_w + kv_w..]);
+            }
+            let (kc, vc) = (&*kc, &*vc);
+            // Attention of every new token over its request's cached context (causal).
+            attn.par_chunks_mut(q_w).enumerate().for_each(|(i, out)| {
+                let (s, p) = at[i];
+                let table = input.seqs[s].block_table;
+                let p = p as usize;
+                let lo = window.map_or(0, |w| (p + 1).saturating_sub(w as usize));
+                let mut scores = vec![0.0f32; p + 1 - lo];
+                let q_row = &qkv[i * qkv_w..i * qkv_w + q_w];
+                for (hq, o) in out.chunks_exact_mut(hd).enumerate() {
+                    let kvh = hq / (nh / nkv);
+                    let q = &q_row[hq * hd..(hq + 1) * hd];
+                    let kv_at = |j: usize| (table[j / bs].0 as usize * bs + j % bs) * kv_w + kvh * hd;
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sc) in (lo..=p).zip(scores.iter_mut()) {
+                        let k0 = kv_at(j);
+                        *sc = super::linalg::dot(q, &kc[k0..k0 + hd]) * scale;
+                        max = max.max(*sc);
+                    }
+                    let mut sum = 0.0;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    o.fill(0.0);
+                    for (j, sc) in (lo..=p).zip(&scores) {
+                        let v0 = kv_at(j);
+                        let wgt = sc / sum;
+                        o.iter_mut().zip(&vc[v0..v0 + hd]).for_each(|(o, v)| *o += wgt * v);
+                    }
+                }
+            });
+            matmul_t(&attn, t, q_w, &layer.o, h, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+            rms_norm(&x, &layer.mlp_norm, eps, &mut hn);
+            matmul_t(&hn, t, h, &layer.gate_up, 2 * inter, &mut gu);
+            silu_mul(&gu, inter, &mut act);
+            matmul_t(&act, t, inter, &layer.down, h, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+        }
+
+        // Final norm and LM head on the rows wanted.
+        let rows: Vec<usize> = match input.logits_for {
+            LogitsFor::AllTokens => (0..t).collect(),
+            LogitsFor::Sampled => {
+                let mut end = 0;
+                let mut rows = Vec::new();
+                for s in &input.seqs {
+                    end += s.tokens.len();
+                    if s.sample && !s.tokens.is_empty() {
+                        rows.push(end - 1);
+                    }
+                }
+                rows
+            }
+        };
+        let mut sel = Vec::with_capacity(rows.len() * h);
+        for &r in &rows {
+            sel.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let mut normed = vec![0.0; sel.len()];
+        rms_norm(&sel, &self.w.final_norm, eps, &mut normed);
+        let vocab = c.vocab_size as usize;
+        let head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
+        let mut data = vec![0.0; rows.len() * vocab];
+        matmul_t(&normed, rows.len(), h, head, vocab, &mut data);
+        Ok(Logits { vocab, data })
+    }
+
+    fn swap(&mut self, out: &[(BlockId, HostBlockId)], ins: &[(HostBlockId, BlockId)]) -> Result<()> {
+        let c = &self.spec.config;
+        let per_block = (self.shape.block_size * c.num_kv_heads * c.head_dim) as usize;
+        let (nd, nh) = (self.shape.num_blocks, self.shape.num_host_blocks);
+        for &(d, hb) in out {
+            if d.0 >= nd || hb.0 >= nh {
+                return Err(self.err(format!("swap out {d:?} → {hb:?} outside {nd} device / {nh} host blocks")));
+            }
+        }
+        for &(hb, d) in ins {
+            if d.0 >= nd || hb.0 >= nh {
+                return Err(self.err(format!("swap in {hb:?} → {d:?} outside {nd} device / {nh} host blocks")));
+            }
+        }
+        let r = |b: u32| b as usize * per_block..(b as usize + 1) * per_block;
+        for l in 0..self.k_cache.len() {
+            for &(d, hb) in out {
+                self.k_host[l][r(hb.0)].copy_from_slice(&self.k_cache[l][r(d.0)]);
+                self.v_host[l][r(hb.0)].copy_from_slice(&self.v_cache[l][r(d.0)]);
+            }
+            for &(hb, d) in ins {
+                self.k_cache[l][r(d.0)].copy_from_slice(&self.k_host[l][r(hb.0)]);
+                self.v_cache[l][r(d.0)].copy_from_slice(&self.v_host[l][r(hb.0)]);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,455 @@
+//! The engine loop: the vajra-core scheduler decides each step, a [`Backend`] runs it, the
+//! [`RequestSampler`] picks tokens, and an incremental detokenizer turns them into text deltas.
+//!
+//! ```text
+//!   add_request ─► Scheduler::schedule ─► Backend::execute ─► sample ─► detokenize, stop checks
+//!                        ▲                                                   │
+//!                        └────────── Scheduler::update_from_output ◄─────────┘  ─► RequestOutput
+//! ```
+//!
+//! The engine keeps, per live request, its tokens (prompt and output), its block table (rebuilt
+//! from `new` data after admission or preemption, extended by `new_blocks` otherwise), its
+//! sampler and its detokenizer. End-of-sequence tokens and stop strings are decided here (the
+//! executor's side of the seam); stop token ids and `max_tokens` by the scheduler. Stop strings
+//! are held back from streamed text until they can no longer start a match. Time is the wall
+//! clock since the engine started, as integer nanoseconds, so lifecycle records have the form
+//! the simulator's metrics use.
+
+use crate::backend::{Backend, LogitsFor, SeqInput, StepInput};
+use crate::error::{EngineError, Result};
+use crate::sampler::RequestSampler;
+use crate::tokenizer::{IncrementalDetokenizer, TextCodec};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+use vajra_core::config::{CacheConfig, SchedulerConfig};
+use vajra_core::ids::{BlockId, IdAllocator, RequestId};
+use vajra_core::request::{FinishReason, Prompt, Request};
+use vajra_core::sampling::SamplingParams;
+use vajra_core::sched::Scheduler;
+use vajra_core::sched::output::{
+    FinishedRecord, ModelRunnerOutput, RequestEvent, SampledToken, SchedulerStats,
+};
+use vajra_core::time::{Duration, Timestamp};
+
+/// How the engine schedules and caches.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// The scheduler (any vajra-core policy).
+    pub scheduler: SchedulerConfig,
+    /// Block size, prefix caching, watermark, swap blocks (the block count comes from the
+    /// backend).
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Longest prompt + output accepted; at most the model's `max_position_embeddings`.
+    #[serde(default)]
+    pub max_model_len: Option<u32>,
+    /// Seed of the random streams of requests that set no seed of their own.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            scheduler: SchedulerConfig::new(vajra_core::config::PolicyConfig::VllmV1(
+                Default::default(),
+            )),
+            cache: CacheConfig::default(),
+            max_model_len: None,
+            seed: 0,
+        }
+    }
+}
+
+/// What a caller asks the engine to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Scheduling priority (lower first).
+    pub priority: i32,
+}
+
+/// A token's log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token chosen.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// Most likely tokens with their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What one step produced for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestOutput {
+    /// The request.
+    pub id: RequestId,
+    /// Tokens appended in this step.
+    pub tokens: Vec<u32>,
+    /// Text that became final in this step.
+    pub text: String,
+    /// Log-probabilities of the new tokens (when the request asked for them).
+    pub logprobs: Vec<TokenLogprob>,
+    /// Set when the request finished.
+    pub finish: Option<FinishReason>,
+    /// The lifecycle record, when the request finished.
+    pub record: Option<Box<FinishedRecord>>,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Output tokens so far.
+    pub output_tokens: u32,
+    /// Time from arrival to this output's first token, when this step made the request's first token.
+    pub ttft: Option<Duration>,
+    /// Time since the previous token, for a later token.
+    pub itl: Option<Duration>,
+}
+
+struct Live {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    table: Vec<BlockId>,
+    sampler: RequestSampler,
+    detok: IncrementalDetokenizer,
+    /// Output text decided so far (after stop-string truncation).
+    text: String,
+    /// Bytes of `text` already handed out.
+    emitted: usize,
+    arrival: Timestamp,
+    last_token: Option<Timestamp>,
+    pending: RequestOutput,
+}
+
+/// The engine: scheduler, backend, tokenizer and live request state.
+pub struct Engine {
+    sched: Scheduler,
+    backend: Box<dyn Backend>,
+    codec: Arc<TextCodec>,
+    live: HashMap<RequestId, Live>,
+    ids: IdAllocator,
+    start: Instant,
+    seed: u64,
+    max_model_len: u32,
+}
+
+impl Engine {
+    /// An engine over `backend`.
+    ///
+    /// # Errors
+    /// An invalid scheduler or cache config, or `max_model_len` above the model's.
+    pub fn new(cfg: EngineConfig, backend: Box<dyn Backend>, codec: Arc<TextCodec>) -> Result<Self> {
+        let model_len = backend.spec().config.max_model_len;
+        let max_model_len = cfg.max_model_len.unwrap_or(model_len);
+        if max_model_len == 0 || max_model_len > model_len {
+            return Err(EngineError::invalid(
+                "max_model_len",
+                max_model_len,
+                format!("1 to the model's max_position_embeddings = {model_len}"),
+            ));
+        }
+        let mut cache = cfg.cache.clone();
+        cache.swap_blocks = backend.num_host_blocks();
+        let sched = Scheduler::new(cfg.scheduler, &cache, backend.num_blocks(), max_model_len)?;
+        Ok(Engine {
+            sched,
+            backend,
+            codec,
+            live: HashMap::new(),
+            ids: IdAllocator::new(),
+            start: Instant::now(),
+            seed: cfg.seed,
+            max_model_len,
+        })
+    }
+
+    /// The tokenizer.
+    pub fn codec(&self) -> &Arc<TextCodec> {
+        &self.codec
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    /// Longest prompt + output accepted.
+    pub fn max_model_len(&self) -> u32 {
+        self.max_model_len
+    }
+
+    /// Scheduler counters (running, waiting, KV usage, preemptions, prefix-cache hits).
+    pub fn stats(&self) -> SchedulerStats {
+        self.sched.stats()
+    }
+
+    /// Blocks currently held by requests.
+    pub fn allocated_blocks(&self) -> u32 {
+        self.sched.kv().num_blocks() - self.sched.kv().num_free()
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_unfinished(&self) -> bool {
+        self.sched.has_unfinished()
+    }
+
+    /// Wall time since the engine started.
+    pub fn now(&self) -> Timestamp {
+        Timestamp(self.start.elapsed().as_nanos() as u64)
+    }
+
+    /// Queues a request and returns its id.
+    ///
+    /// # Errors
+    /// Invalid sampling parameters, an empty prompt, or prompt + `max_tokens` over
+    /// `max_model_len` or the KV cache.
+    pub fn add_request(&mut self, req: GenerateRequest) -> Result<RequestId> {
+        let id = self.ids.next_request();
+        let now = self.now();
+        let mut r = Request::new(id, Prompt::Tokens(req.prompt.clone()), req.sampling.max_tokens, now);
+        r.sampling = req.sampling.clone();
+        r.priority = req.priority;
+        self.sched.add_request(r, now)?;
+        let prompt_len = req.prompt.len();
+        let fallback = self.seed ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.live.insert(
+            id,
+            Live {
+                sampler: RequestSampler::new(req.sampling, &req.prompt, fallback),
+                detok: IncrementalDetokenizer::new(prompt_len),
+                tokens: req.prompt,
+                prompt_len,
+                table: Vec::new(),
+                text: String::new(),
+                emitted: 0,
+                arrival: now,
+                last_token: None,
+                pending: empty_output(id, prompt_len as u32),
+            },
+        );
+        Ok(id)
+    }
+
+    /// Aborts a request and frees its blocks; `None` if it already finished.
+    pub fn abort(&mut self, id: RequestId) -> Option<RequestOutput> {
+        let rec = self.sched.abort(id, self.now()).ok()?;
+        let live = self.live.remove(&id)?;
+        let mut out = live.pending;
+        out.output_tokens = (live.tokens.len() - live.prompt_len) as u32;
+        out.finish = Some(FinishReason::Abort);
+        out.record = Some(Box::new(rec));
+        Some(out)
+    }
+
+    /// Runs one step; returns an output for every request that gained text or tokens or
+    /// finished. Returns nothing when no request is waiting or running.
+    ///
+    /// # Errors
+    /// A backend failure or a tokenizer failure; the step's requests stay as they were before
+    /// the failed step only in the scheduler's view, so callers should abort them.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        let now = self.now();
+        let out = self.sched.schedule(now);
+        for id in &out.preempted {
+            if let Some(l) = self.live.get_mut(id) {
+                l.table.clear();
+            }
+        }
+        if out.is_empty() {
+            self.sched.recycle(out);
+            return Ok(Vec::new());
+        }
+        for s in &out.scheduled {
+            let l = self.live.get_mut(&s.id).expect("scheduled request is live in the engine");
+            match &s.new {
+                Some(new) => l.table.clone_from(&new.block_table),
+                None => l.table.extend_from_slice(&s.new_blocks),
+            }
+        }
+        self.backend.swap(&out.swap_out, &out.swap_in)?;
+        let input = StepInput {
+            seqs: out
+                .scheduled
+                .iter()
+                .map(|s| {
+                    let l = &self.live[&s.id];
+                    let a = s.num_computed as usize;
+                    SeqInput {
+                        tokens: &l.tokens[a..a + s.num_tokens as usize],
+                        context: s.num_computed,
+                        block_table: &l.table,
+                        sample: s.samples,
+                    }
+                })
+                .collect(),
+            logits_for: LogitsFor::Sampled,
+        };
+        let logits = self.backend.execute(&input)?;
+        drop(input);
+
+        let mut runner = ModelRunnerOutput::default();
+        let mut row = 0;
+        for s in &out.scheduled {
+            if !s.samples {
+                runner.sampled.push(None);
+                continue;
+            }
+            let mut lg = logits.row(row).to_vec();
+            row += 1;
+            let l = self.live.get_mut(&s.id).expect("scheduled request is live");
+            let picked = l.sampler.sample(&mut lg);
+            l.sampler.observe(picked.token);
+            l.tokens.push(picked.token);
+            let delta = l.detok.step(&self.codec, &l.tokens)?;
+            let p = l.sampler.params();
+            let mut stop = !p.ignore_eos && self.codec.eos_ids().contains(&picked.token);
+            if !delta.is_empty() {
+                let from = l.text.len().saturating_sub(max_stop_len(p).saturating_sub(1));
+                l.text.push_str(&delta);
+                if let Some(at) = find_stop(&l.text, from, &p.stop) {
+                    l.text.truncate(at);
+                    stop = true;
+                }
+            }
+            if p.logprobs.is_some() {
+                l.pending.logprobs.push(TokenLogprob {
+                    token: picked.token,
+                    logprob: picked.logprob,
+                    top: picked.top,
+                });
+            }
+            runner.sampled.push(Some(SampledToken {
+                token: picked.token,
+                stop,
+            }));
+        }
+        let events = self.sched.update_from_output(&out, &runner, self.now());
+        self.sched.recycle(out);
+        let now = self.now();
+        let mut touched = Vec::new();
+        for ev in events {
+            match ev {
+                RequestEvent::Token { id, token, .. } => {
+                    let l = self.live.get_mut(&id).expect("token for a live request");
+                    l.pending.tokens.push(token);
+                    match l.last_token {
+                        None => l.pending.ttft = Some(now.since(l.arrival)),
+                        Some(t) => l.pending.itl = Some(now.since(t)),
+                    }
+                    l.last_token = Some(now);
+                    touched.push(id);
+                }
+                RequestEvent::Finished(rec) => {
+                    let l = self.live.get_mut(&rec.id).expect("finish of a live request");
+                    l.pending.finish = Some(rec.reason);
+                    l.pending.record = Some(rec.clone());
+                    touched.push(rec.id);
+                }
+            }
+        }
+        let mut outputs = Vec::with_capacity(touched.len());
+        for id in touched {
+            let Some(l) = self.live.get_mut(&id) else {
+                continue; // already handed out (a token and a finish in the same step)
+            };
+            let finished = l.pending.finish.is_some();
+            let mut upto = if finished {
+                l.text.len()
+            } else {
+                let hold = max_stop_len(l.sampler.params()).saturating_sub(1);
+                l.text.len().saturating_sub(hold).max(l.emitted)
+            };
+            while !l.text.is_char_boundary(upto) {
+                upto -= 1;
+            }
+            let mut o = std::mem::replace(&mut l.pending, empty_output(id, l.prompt_len as u32));
+            o.text = l.text[l.emitted..upto].to_owned();
+            o.output_tokens = (l.tokens.len() - l.prompt_len) as u32;
+            l.emitted = upto;
+            if finished {
+                self.live.remove(&id);
+            }
+            outputs.push(o);
+        }
+        Ok(outputs)
+    }
+
+    /// Runs steps until every request finished; collects all outputs per request.
+    ///
+    /// # Errors
+    /// As [`Engine::step`].
+    pub fn run_to_completion(&mut self) -> Result<Vec<RequestOutput>> {
+        let mut all: Vec<RequestOutput> = Vec::new();
+        let mut at: HashMap<RequestId, usize> = HashMap::new();
+        while self.has_unfinished() {
+            for o in self.step()? {
+                match at.get(&o.id) {
+                    Some(&i) => merge(&mut all[i], o),
+                    None => {
+                        at.insert(o.id, all.len());
+                        all.push(o);
+                    }
+                }
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// Appends a later output of the same request to an earlier one.
+pub fn merge(into: &mut RequestOutput, o: RequestOutput) {
+    into.tokens.extend(o.tokens);
+    into.text.push_str(&o.text);
+    into.logprobs.extend(o.logprobs);
+    into.finish = o.finish.or(into.finish);
+    into.record = o.record.or(into.record.take());
+    into.output_tokens = o.output_tokens;
+    into.ttft = into.ttft.or(o.ttft);
+    into.itl = o.itl.or(into.itl);
+}
+
+fn empty_output(id: RequestId, prompt_tokens: u32) -> RequestOutput {
+    RequestOutput {
+        id,
+        tokens: Vec::new(),
+        text: String::new(),
+        logprobs: Vec::new(),
+        finish: None,
+        record: None,
+        prompt_tokens,
+        output_tokens: 0,
+        ttft: None,
+        itl: None,
+    }
+}
+
+fn max_stop_len(p: &SamplingParams) -> usize {
+    p.stop.iter().map(String::len).max().unwrap_or(0)
+}
+
+/// The earliest start at or after `from` (clamped to a char boundary) of any stop string.
+fn find_stop(text: &str, mut from: usize, stops: &[String]) -> Option<usize> {
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    stops
+        .iter()
+        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_search_starts_at_a_char_boundary_and_takes_the_earliest() {
+        let t = "héllo world, bye";
+        assert_eq!(find_stop(t, 2, &["bye".into(), "o w".into()]), Some(5));
+        assert_eq!(find_stop(t, 0, &["zzz".into()]), None);
+    }
+}
