@@ -35,6 +35,9 @@ PROMPTS = [
     "Paris is",
 ]
 CONTINUATION = 12
+# A plain role-prefixed template, so the server's chat endpoint can be tested on the tiny models.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def tokenizer():
@@ -70,7 +73,7 @@ def build(out, name, config, cls, dtype, tok):
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
-    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}) + "\n")
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE}) + "\n")
     # Reload exactly what the engine will read, in float32.
     model = cls.from_pretrained(d, dtype=torch.float32).eval()
     tensors, cases = {}, []

@@ -1,2 +1,331 @@
 //! `vajra-engine`: run a Hugging Face model folder on the shared scheduler.
-fn main() {}
+//!
+//! - `generate --model DIR --prompt TEXT`: one completion, streamed to stdout.
+//! - `serve --model DIR`: the OpenAI-compatible server.
+//! - `throughput --model DIR`: prefill and decode tokens per second at given batch sizes.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use vajra_core::config::PolicyConfig;
+use vajra_core::sampling::SamplingParams;
+use vajra_engine::backend::cpu::DEFAULT_KV_CACHE_MIB;
+use vajra_engine::engine::{EngineConfig, GenerateRequest};
+use vajra_engine::server::{DEFAULT_MAX_CONCURRENT, ServerConfig};
+use vajra_engine::tokenizer::ChatMessage;
+
+#[derive(Parser)]
+#[command(name = "vajra-engine", version, about = "Run Llama-family models on Vajra's scheduler")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate one completion and stream it to stdout.
+    Generate(GenerateArgs),
+    /// Serve the OpenAI-compatible API.
+    Serve(ServeArgs),
+    /// Measure prefill and decode throughput with random prompts.
+    Throughput(ThroughputArgs),
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Engine config TOML: `[scheduler]` (any vajra-core policy), `[cache]`, `max_model_len`, `seed`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Scheduling policy, replacing the config's: vllm_v1, sarathi, vllm_v0, orca, faster_transformer, lightllm.
+    #[arg(long)]
+    policy: Option<String>,
+    /// KV-cache memory of the CPU backend, in MiB.
+    #[arg(long, default_value_t = DEFAULT_KV_CACHE_MIB)]
+    kv_cache_mib: u64,
+    /// Longest prompt + output accepted (default: the model's max_position_embeddings).
+    #[arg(long)]
+    max_model_len: Option<u32>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Treat the prompt as a user chat message and apply the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Top-k (-1 = off).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    top_k: i32,
+    /// Seed of the sampling stream.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop strings.
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Model name clients send (default: the folder's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Requests in flight beyond which new ones get 429.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONCURRENT)]
+    max_concurrent: usize,
+    /// Append each finished request's lifecycle record to this JSON-lines file.
+    #[arg(long)]
+    requests_log: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ThroughputArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    batch: Vec<u32>,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: u32,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 32)]
+    output_len: u32,
+}
+
+fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
+    let mut cfg = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str::<EngineConfig>(&text).with_context(|| format!("{}", p.display()))?
+        }
+        None => EngineConfig::default(),
+    };
+    if let Some(name) = &a.policy {
+        let policy: PolicyConfig = toml::from_str::<toml::Table>(&format!("type = {name:?}"))
+            .ok()
+            .and_then(|t| toml::Value::Table(t).try_into().ok())
+            .with_context(|| {
+                format!("--policy {name}: allowed vllm_v1, sarathi, vllm_v0, orca, faster_transformer, lightllm")
+            })?;
+        cfg.scheduler.policy = policy;
+    }
+    if a.max_model_len.is_some() {
+        cfg.max_model_len = a.max_model_len;
+    }
+    Ok(cfg)
+}
+
+fn load(a: &EngineArgs) -> Result<vajra_engine::engine::Engine> {
+    let cfg = engine_config(a)?;
+    let t = Instant::now();
+    let e = vajra_engine::load_cpu_engine(&a.model, cfg, a.kv_cache_mib)?;
+    tracing::info!(
+        model = %a.model.display(),
+        blocks = e.backend().num_blocks(),
+        secs = t.elapsed().as_secs_f64(),
+        "loaded on the cpu backend"
+    );
+    Ok(e)
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let mut engine = load(&a.engine)?;
+    let codec = engine.codec().clone();
+    let prompt = if a.chat {
+        let text = codec.apply_chat_template(&[ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        }])?;
+        codec.encode(&text, false)?
+    } else {
+        codec.encode(&a.prompt, true)?
+    };
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        max_tokens: a.max_tokens,
+        seed: a.seed,
+        stop: a.stop.clone(),
+        ..SamplingParams::default()
+    };
+    let n_prompt = prompt.len();
+    engine.add_request(GenerateRequest {
+        prompt,
+        sampling,
+        priority: 0,
+    })?;
+    let start = Instant::now();
+    let mut first = None;
+    let mut generated = 0;
+    let mut stdout = std::io::stdout().lock();
+    let mut reason = None;
+    while engine.has_unfinished() {
+        for o in engine.step()? {
+            if first.is_none() && !o.tokens.is_empty() {
+                first = Some(start.elapsed());
+            }
+            generated += o.tokens.len();
+            write!(stdout, "{}", o.text)?;
+            stdout.flush()?;
+            reason = o.finish.or(reason);
+        }
+    }
+    writeln!(stdout)?;
+    let total = start.elapsed().as_secs_f64();
+    let ttft = first.map_or(0.0, |d| d.as_secs_f64());
+    eprintln!(
+        "prompt {n_prompt} tokens, output {generated} tokens ({reason:?}); time to first token {ttft:.3} s, decode {:.1} tokens/s",
+        generated.saturating_sub(1) as f64 / (total - ttft).max(1e-9)
+    );
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let engine = load(&a.engine)?;
+    let name = a.served_model_name.clone().unwrap_or_else(|| folder_name(&a.engine.model));
+    let app = vajra_engine::server::router(
+        engine,
+        ServerConfig {
+            model_name: name.clone(),
+            max_concurrent: a.max_concurrent,
+            requests_log: a.requests_log.clone(),
+        },
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .with_context(|| format!("binding {}:{}", a.host, a.port))?;
+        let addr = listener.local_addr()?;
+        // The one line scripts and tests wait for.
+        eprintln!("vajra-engine serving `{name}` on http://{addr}");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(())
+    })
+}
+
+fn folder_name(p: &Path) -> String {
+    std::fs::canonicalize(p)
+        .ok()
+        .as_deref()
+        .unwrap_or(p)
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+}
+
+fn throughput(a: ThroughputArgs) -> Result<()> {
+    let vocab = {
+        let spec = vajra_engine::spec::ModelSpec::from_dir(&a.engine.model)?;
+        spec.config.vocab_size
+    };
+    if a.prompt_len == 0 || a.output_len < 2 {
+        bail!("--prompt-len must be ≥ 1 and --output-len ≥ 2");
+    }
+    let mut engine = load(&a.engine)?;
+    println!("| batch | prompt | output | prefill tokens/s | decode tokens/s | decode step ms |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for &b in &a.batch {
+        // Deterministic pseudo-random prompts (distinct, so no prefix-cache hits).
+        let mut x = 0x2545_f491_4f6c_dd1du64 ^ u64::from(b);
+        for _ in 0..b {
+            let prompt = (0..a.prompt_len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % u64::from(vocab)) as u32
+                })
+                .collect();
+            let mut sampling = SamplingParams::greedy(a.output_len);
+            sampling.ignore_eos = true;
+            engine.add_request(GenerateRequest {
+                prompt,
+                sampling,
+                priority: 0,
+            })?;
+        }
+        // Steps until every request has its first token are prefill; the rest decode.
+        let t0 = Instant::now();
+        let mut started = 0;
+        let mut prefill_secs = 0.0;
+        let mut decode_steps = 0u32;
+        let mut decode_tokens = 0usize;
+        let mut decode_secs = 0.0;
+        while engine.has_unfinished() {
+            let t = Instant::now();
+            let outs = engine.step()?;
+            let dt = t.elapsed().as_secs_f64();
+            if started < b as usize {
+                started += outs.iter().filter(|o| o.ttft.is_some()).count();
+                prefill_secs += dt;
+            } else {
+                decode_steps += 1;
+                decode_tokens += outs.iter().map(|o| o.tokens.len()).sum::<usize>();
+                decode_secs += dt;
+            }
+        }
+        let _ = t0;
+        println!(
+            "| {b} | {} | {} | {:.0} | {:.1} | {:.1} |",
+            a.prompt_len,
+            a.output_len,
+            f64::from(b * a.prompt_len) / prefill_secs,
+            decode_tokens as f64 / decode_secs,
+            1e3 * decode_secs / f64::from(decode_steps.max(1)),
+        );
+    }
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "vajra_engine=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Generate(a) => generate(a),
+        Cmd::Serve(a) => serve(a),
+        Cmd::Throughput(a) => throughput(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,508 @@
-//! placeholder
+//! The OpenAI-compatible HTTP server.
+//!
+//! The engine runs on its own thread; HTTP handlers (axum on tokio) talk to it over channels:
+//!
+//! ```text
+//!   handler ──Command::Add(request, sink)──► engine thread: add, step, step, ...
+//!   handler ◄──── RequestOutput per step ───┘   (a closed sink aborts the request)
+//! ```
+//!
+//! A client that disconnects drops its handler (non-streaming) or its event stream
+//! (streaming), which closes the sink; the engine thread sees the closed sink after its next
+//! step and aborts the request, freeing its blocks. A concurrency limit answers 429 beyond it.
+//! Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
+//! `GET /health`, `GET /metrics`.
+
+pub mod metrics;
+pub mod openai;
+
+use crate::engine::{Engine, GenerateRequest, RequestOutput};
+use crate::tokenizer::TextCodec;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use metrics::EngineMetrics;
+use openai::{ApiError, ChatBody, CompletionBody, PromptInput};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc as tmpsc, oneshot};
+use vajra_core::ids::RequestId;
+use vajra_core::request::FinishReason;
+
+/// Default limit on requests in flight.
+pub const DEFAULT_MAX_CONCURRENT: usize = 256;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Name clients must send as `model`.
+    pub model_name: String,
+    /// Requests in flight beyond which new ones get 429.
+    pub max_concurrent: usize,
+    /// Append each finished request's lifecycle record (JSON lines) to this file.
+    pub requests_log: Option<std::path::PathBuf>,
+}
+
+enum Command {
+    Add {
+        req: GenerateRequest,
+        sink: tmpsc::UnboundedSender<RequestOutput>,
+        reply: oneshot::Sender<Result<RequestId, String>>,
+    },
+}
+
+struct AppState {
+    cfg: ServerConfig,
+    codec: Arc<TextCodec>,
+    max_model_len: u32,
+    commands: mpsc::Sender<Command>,
+    metrics: EngineMetrics,
+    in_flight: AtomicUsize,
+}
+
+/// Holds one slot of the concurrency limit until dropped.
+struct Slot(Arc<AppState>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn acquire(state: &Arc<AppState>) -> Result<Slot, ApiError> {
+    let n = state.in_flight.fetch_add(1, Ordering::AcqRel);
+    let slot = Slot(state.clone());
+    if n >= state.cfg.max_concurrent {
+        state.metrics.rejected();
+        return Err(ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "the server is at its limit of {} concurrent requests; retry later",
+                state.cfg.max_concurrent
+            ),
+            param: None,
+            code: "rate_limit_exceeded",
+        });
+    }
+    Ok(slot)
+}
+
+/// Starts the engine thread and returns the router.
+pub fn router(engine: Engine, cfg: ServerConfig) -> Router {
+    let metrics = EngineMetrics::new();
+    let (tx, rx) = mpsc::channel();
+    let state = Arc::new(AppState {
+        codec: engine.codec().clone(),
+        max_model_len: engine.max_model_len(),
+        commands: tx,
+        metrics: metrics.clone(),
+        in_flight: AtomicUsize::new(0),
+        cfg: cfg.clone(),
+    });
+    std::thread::Builder::new()
+        .name("vajra-engine-loop".into())
+        .spawn(move || engine_loop(engine, rx, metrics, cfg.requests_log))
+        .expect("spawn the engine thread");
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .with_state(state)
+}
+
+fn engine_loop(
+    mut engine: Engine,
+    rx: mpsc::Receiver<Command>,
+    metrics: EngineMetrics,
+    log: Option<std::path::PathBuf>,
+) {
+    let mut sinks: HashMap<RequestId, tmpsc::UnboundedSender<RequestOutput>> = HashMap::new();
+    let mut log = log.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| tracing::error!(path = %p.display(), error = %e, "cannot open the requests log"))
+            .ok()
+    });
+    let handle = |engine: &mut Engine, sinks: &mut HashMap<_, _>, c: Command| match c {
+        Command::Add { req, sink, reply } => {
+            let n = req.prompt.len();
+            match engine.add_request(req) {
+                Ok(id) => {
+                    metrics.admitted(n);
+                    sinks.insert(id, sink);
+                    let _ = reply.send(Ok(id));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    };
+    loop {
+        if !engine.has_unfinished() {
+            metrics.update(&engine.stats());
+            match rx.recv() {
+                Ok(c) => handle(&mut engine, &mut sinks, c),
+                Err(_) => return, // server gone
+            }
+        }
+        while let Ok(c) = rx.try_recv() {
+            handle(&mut engine, &mut sinks, c);
+        }
+        let outputs = match engine.step() {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "engine step failed; aborting its requests");
+                let ids: Vec<RequestId> = sinks.keys().copied().collect();
+                ids.into_iter()
+                    .filter_map(|id| engine.abort(id))
+                    .collect()
+            }
+        };
+        for o in outputs {
+            metrics.observe(&o);
+            if let (Some(rec), Some(f)) = (&o.record, log.as_mut()) {
+                use std::io::Write;
+                let line = serde_json::to_string(rec).expect("records serialize");
+                let _ = writeln!(f, "{line}");
+            }
+            let id = o.id;
+            let done = o.finish.is_some();
+            let delivered = sinks.get(&id).is_some_and(|s| s.send(o).is_ok());
+            if done || !delivered {
+                sinks.remove(&id);
+            }
+            if !delivered && !done && let Some(a) = engine.abort(id) {
+                metrics.observe(&a);
+            }
+        }
+        // Clients gone without a new output this step (waiting requests, or disconnects).
+        let closed: Vec<RequestId> = sinks
+            .iter()
+            .filter(|(_, s)| s.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in closed {
+            sinks.remove(&id);
+            if let Some(a) = engine.abort(id) {
+                tracing::debug!(request = %id, "client disconnected; aborted");
+                metrics.observe(&a);
+            }
+        }
+        metrics.update(&engine.stats());
+    }
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{
+        "id": s.cfg.model_name, "object": "model", "created": 0, "owned_by": "vajra",
+        "max_model_len": s.max_model_len,
+    }]}))
+}
+
+async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+fn check_model(s: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != s.cfg.model_name => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("the model `{m}` does not exist; this server serves `{}`", s.cfg.model_name),
+            param: Some("model".into()),
+            code: "model_not_found",
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Submits a request to the engine thread; returns its output stream.
+async fn submit(
+    s: &AppState,
+    req: GenerateRequest,
+) -> Result<(RequestId, tmpsc::UnboundedReceiver<RequestOutput>), ApiError> {
+    let (sink, outputs) = tmpsc::unbounded_channel();
+    let (reply, answer) = oneshot::channel();
+    let gone = || ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the engine thread has stopped".into(),
+        param: None,
+        code: "engine_stopped",
+    };
+    s.commands
+        .send(Command::Add { req, sink, reply })
+        .map_err(|_| gone())?;
+    match answer.await.map_err(|_| gone())? {
+        Ok(id) => Ok((id, outputs)),
+        Err(msg) => Err(ApiError::bad("body", msg)),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn finish_name(f: Option<FinishReason>) -> Value {
+    match f {
+        None => Value::Null,
+        Some(FinishReason::Length) => json!("length"),
+        Some(FinishReason::Stop) => json!("stop"),
+        Some(FinishReason::Abort) => json!("abort"),
+    }
+}
+
+fn usage(prompt: u32, completion: u32) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// Which endpoint a response is for.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+struct Shaped {
+    kind: Kind,
+    id: String,
+    model: String,
+    created: u64,
+    codec: Arc<TextCodec>,
+    /// Top-N logprobs asked for (completion: `logprobs`; chat: `top_logprobs` when `logprobs`).
+    logprobs: Option<u32>,
+}
+
+impl Shaped {
+    fn logprobs(&self, o: &RequestOutput) -> Value {
+        if self.logprobs.is_none() {
+            return Value::Null;
+        }
+        let text = |t: u32| self.codec.decode(&[t]).unwrap_or_default();
+        match self.kind {
+            Kind::Completion => json!({
+                "tokens": o.logprobs.iter().map(|l| text(l.token)).collect::<Vec<_>>(),
+                "token_logprobs": o.logprobs.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                "top_logprobs": o.logprobs.iter().map(|l| {
+                    l.top.iter().map(|&(t, lp)| (text(t), json!(lp))).collect::<serde_json::Map<_, _>>()
+                }).collect::<Vec<_>>(),
+                "text_offset": Value::Array(Vec::new()),
+            }),
+            Kind::Chat => json!({"content": o.logprobs.iter().map(|l| json!({
+                "token": text(l.token), "logprob": l.logprob, "bytes": text(l.token).into_bytes(),
+                "top_logprobs": l.top.iter().map(|&(t, lp)| json!({"token": text(t), "logprob": lp, "bytes": text(t).into_bytes()})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>()}),
+        }
+    }
+
+    fn chunk(&self, o: &RequestOutput, first: bool) -> Value {
+        let (object, choice) = match self.kind {
+            Kind::Completion => (
+                "text_completion",
+                json!({"index": 0, "text": o.text, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)}),
+            ),
+            Kind::Chat => {
+                let mut delta = json!({"content": o.text});
+                if first {
+                    delta["role"] = json!("assistant");
+                }
+                ("chat.completion.chunk", json!({"index": 0, "delta": delta, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)}))
+            }
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]})
+    }
+
+    fn whole(&self, o: &RequestOutput) -> Value {
+        let choice = match self.kind {
+            Kind::Completion => json!({"index": 0, "text": o.text, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)}),
+            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)}),
+        };
+        let object = if self.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [choice], "usage": usage(o.prompt_tokens, o.output_tokens)})
+    }
+}
+
+async fn respond(
+    s: Arc<AppState>,
+    slot: Slot,
+    shaped: Shaped,
+    req: GenerateRequest,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let (_id, mut outputs) = submit(&s, req).await?;
+    if !stream {
+        let mut all: Option<RequestOutput> = None;
+        while let Some(o) = outputs.recv().await {
+            let done = o.finish.is_some();
+            match &mut all {
+                None => all = Some(o),
+                Some(a) => crate::engine::merge(a, o),
+            }
+            if done {
+                break;
+            }
+        }
+        drop(slot);
+        let o = all.ok_or_else(|| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: "the engine dropped the request".into(),
+            param: None,
+            code: "internal_error",
+        })?;
+        return Ok(Json(shaped.whole(&o)).into_response());
+    }
+    let events = sse_events(slot, shaped, outputs, include_usage);
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+}
+
+fn sse_events(
+    slot: Slot,
+    shaped: Shaped,
+    mut outputs: tmpsc::UnboundedReceiver<RequestOutput>,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Event, std::convert::Infallible>> {
+    let (tx, rx) = tmpsc::unbounded_channel::<Event>();
+    // The stream owns `outputs` through this task's lifetime: when the client goes, axum drops
+    // the stream, `rx` closes, the task ends and drops `outputs`, which closes the engine's sink.
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut first = true;
+        loop {
+            let o = tokio::select! {
+                o = outputs.recv() => o,
+                () = tx.closed() => return,
+            };
+            let Some(o) = o else { return };
+            let done = o.finish.is_some();
+            if tx.send(Event::default().data(shaped.chunk(&o, first).to_string())).is_err() {
+                return;
+            }
+            first = false;
+            if done {
+                if include_usage {
+                    let u = json!({"id": shaped.id, "object": if shaped.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+                        "created": shaped.created, "model": shaped.model, "choices": [], "usage": usage(o.prompt_tokens, o.output_tokens)});
+                    let _ = tx.send(Event::default().data(u.to_string()));
+                }
+                let _ = tx.send(Event::default().data("[DONE]"));
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map_ok()
+}
+
+trait MapOk: Sized {
+    fn map_ok(self) -> futures_util::stream::Map<Self, fn(Event) -> Result<Event, std::convert::Infallible>>;
+}
+
+impl<S: Stream<Item = Event>> MapOk for S {
+    fn map_ok(self) -> futures_util::stream::Map<Self, fn(Event) -> Result<Event, std::convert::Infallible>> {
+        futures_util::StreamExt::map(self, Ok)
+    }
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+fn response_id(prefix: &str) -> String {
+    format!("{prefix}-{:x}-{}", unix_now(), NEXT_ID.fetch_add(1, Ordering::Relaxed))
+}
+
+async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let b: CompletionBody = openai::parse(&body)?;
+    check_model(&s, b.common.model.as_deref())?;
+    if b.echo == Some(true) {
+        return Err(ApiError::bad("echo", "echo is not supported"));
+    }
+    if b.best_of.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad("best_of", "only best_of = 1 is supported"));
+    }
+    if b.suffix.is_some() {
+        return Err(ApiError::bad("suffix", "suffix is not supported"));
+    }
+    let prompt = match &b.prompt {
+        PromptInput::Text(t) => s.codec.encode(t, true),
+        PromptInput::TextBatch(v) if v.len() == 1 => s.codec.encode(&v[0], true),
+        PromptInput::TextBatch(v) => {
+            return Err(ApiError::bad("prompt", format!("a list of {} prompts: only one prompt per request is supported", v.len())));
+        }
+        PromptInput::Tokens(t) => Ok(t.clone()),
+    }
+    .map_err(|e| ApiError::bad("prompt", e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::bad("prompt", "the prompt is empty"));
+    }
+    let vocab = s.codec.vocab_size();
+    if let Some(t) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::bad("prompt", format!("token id {t} is outside the vocabulary of {vocab}")));
+    }
+    let max = openai::max_tokens(b.common.max_tokens, "max_tokens", prompt.len(), s.max_model_len, false)?;
+    let sampling = openai::sampling(&b.common, max, b.logprobs)?;
+    let slot = acquire(&s)?;
+    let shaped = Shaped {
+        kind: Kind::Completion,
+        id: response_id("cmpl"),
+        model: s.cfg.model_name.clone(),
+        created: unix_now(),
+        codec: s.codec.clone(),
+        logprobs: sampling.logprobs,
+    };
+    let include_usage = b.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let req = GenerateRequest { prompt, sampling, priority: b.common.priority.unwrap_or(0) };
+    respond(s.clone(), slot, shaped, req, b.common.stream, include_usage).await
+}
+
+async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let b: ChatBody = openai::parse(&body)?;
+    check_model(&s, b.common.model.as_deref())?;
+    if b.messages.is_empty() {
+        return Err(ApiError::bad("messages", "messages is empty: at least one message is required"));
+    }
+    let text = s
+        .codec
+        .apply_chat_template(&b.messages)
+        .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    let prompt = s.codec.encode(&text, false).map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    let (given, field) = match (b.max_completion_tokens, b.common.max_tokens) {
+        (Some(n), _) => (Some(n), "max_completion_tokens"),
+        (None, n) => (n, "max_tokens"),
+    };
+    let max = openai::max_tokens(given, field, prompt.len(), s.max_model_len, true)?;
+    let top = match (b.logprobs, b.top_logprobs) {
+        (Some(true), n) => Some(n.unwrap_or(0)),
+        (_, Some(_)) => return Err(ApiError::bad("top_logprobs", "top_logprobs needs logprobs = true")),
+        _ => None,
+    };
+    let sampling = openai::sampling(&b.common, max, top)?;
+    let slot = acquire(&s)?;
+    let shaped = Shaped {
+        kind: Kind::Chat,
+        id: response_id("chatcmpl"),
+        model: s.cfg.model_name.clone(),
+        created: unix_now(),
+        codec: s.codec.clone(),
+        logprobs: sampling.logprobs,
+    };
+    let include_usage = b.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let req = GenerateRequest { prompt, sampling, priority: b.common.priority.unwrap_or(0) };
+    respond(s.clone(), slot, shaped, req, b.common.stream, include_usage).await
+}
