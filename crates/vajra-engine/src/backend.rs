@@ -99,5 +99,9 @@ pub trait Backend: Send {
     ///
     /// # Errors
     /// A block id out of range.
-    fn swap(&mut self, out: &[(BlockId, HostBlockId)], ins: &[(HostBlockId, BlockId)]) -> Result<()>;
+    fn swap(
+        &mut self,
+        out: &[(BlockId, HostBlockId)],
+        ins: &[(HostBlockId, BlockId)],
+    ) -> Result<()>;
 }

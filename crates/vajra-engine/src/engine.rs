@@ -142,7 +142,11 @@ impl Engine {
     ///
     /// # Errors
     /// An invalid scheduler or cache config, or `max_model_len` above the model's.
-    pub fn new(cfg: EngineConfig, backend: Box<dyn Backend>, codec: Arc<TextCodec>) -> Result<Self> {
+    pub fn new(
+        cfg: EngineConfig,
+        backend: Box<dyn Backend>,
+        codec: Arc<TextCodec>,
+    ) -> Result<Self> {
         let model_len = backend.spec().config.max_model_len;
         let max_model_len = cfg.max_model_len.unwrap_or(model_len);
         if max_model_len == 0 || max_model_len > model_len {
@@ -210,7 +214,12 @@ impl Engine {
     pub fn add_request(&mut self, req: GenerateRequest) -> Result<RequestId> {
         let id = self.ids.next_request();
         let now = self.now();
-        let mut r = Request::new(id, Prompt::Tokens(req.prompt.clone()), req.sampling.max_tokens, now);
+        let mut r = Request::new(
+            id,
+            Prompt::Tokens(req.prompt.clone()),
+            req.sampling.max_tokens,
+            now,
+        );
         r.sampling = req.sampling.clone();
         r.priority = req.priority;
         self.sched.add_request(r, now)?;
@@ -264,7 +273,10 @@ impl Engine {
             return Ok(Vec::new());
         }
         for s in &out.scheduled {
-            let l = self.live.get_mut(&s.id).expect("scheduled request is live in the engine");
+            let l = self
+                .live
+                .get_mut(&s.id)
+                .expect("scheduled request is live in the engine");
             match &s.new {
                 Some(new) => l.table.clone_from(&new.block_table),
                 None => l.table.extend_from_slice(&s.new_blocks),
@@ -308,7 +320,10 @@ impl Engine {
             let p = l.sampler.params();
             let mut stop = !p.ignore_eos && self.codec.eos_ids().contains(&picked.token);
             if !delta.is_empty() {
-                let from = l.text.len().saturating_sub(max_stop_len(p).saturating_sub(1));
+                let from = l
+                    .text
+                    .len()
+                    .saturating_sub(max_stop_len(p).saturating_sub(1));
                 l.text.push_str(&delta);
                 if let Some(at) = find_stop(&l.text, from, &p.stop) {
                     l.text.truncate(at);
@@ -344,7 +359,10 @@ impl Engine {
                     touched.push(id);
                 }
                 RequestEvent::Finished(rec) => {
-                    let l = self.live.get_mut(&rec.id).expect("finish of a live request");
+                    let l = self
+                        .live
+                        .get_mut(&rec.id)
+                        .expect("finish of a live request");
                     l.pending.finish = Some(rec.reason);
                     l.pending.record = Some(rec.clone());
                     touched.push(rec.id);

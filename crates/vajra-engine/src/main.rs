@@ -4,6 +4,8 @@
 //! - `serve --model DIR`: the OpenAI-compatible server.
 //! - `throughput --model DIR`: prefill and decode tokens per second at given batch sizes.
 
+#![allow(clippy::print_stdout)] // a command-line tool: its results go to stdout
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -17,7 +19,11 @@ use vajra_engine::server::{DEFAULT_MAX_CONCURRENT, ServerConfig};
 use vajra_engine::tokenizer::ChatMessage;
 
 #[derive(Parser)]
-#[command(name = "vajra-engine", version, about = "Run Llama-family models on Vajra's scheduler")]
+#[command(
+    name = "vajra-engine",
+    version,
+    about = "Run Llama-family models on Vajra's scheduler"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -121,7 +127,8 @@ struct ThroughputArgs {
 fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
     let mut cfg = match &a.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             toml::from_str::<EngineConfig>(&text).with_context(|| format!("{}", p.display()))?
         }
         None => EngineConfig::default(),
@@ -209,7 +216,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 fn serve(a: ServeArgs) -> Result<()> {
     let engine = load(&a.engine)?;
-    let name = a.served_model_name.clone().unwrap_or_else(|| folder_name(&a.engine.model));
+    let name = a
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| folder_name(&a.engine.model));
     let app = vajra_engine::server::router(
         engine,
         ServerConfig {

@@ -193,7 +193,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         let mut s = RequestSampler::new(SamplingParams::greedy(4), &[], 0);
-        assert_eq!(s.sample(&mut vec![0.0, 3.0, 3.0, 1.0]).token, 1);
+        assert_eq!(s.sample(&mut [0.0, 3.0, 3.0, 1.0]).token, 1);
     }
 
     #[test]
@@ -201,7 +201,9 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let run = |seed| {
             let mut s = RequestSampler::new(params(|p| p.seed = Some(seed)), &[], 0);
-            (0..40).map(|_| s.sample(&mut logits.clone()).token).collect::<Vec<_>>()
+            (0..40)
+                .map(|_| s.sample(&mut logits.clone()).token)
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -250,7 +252,7 @@ mod tests {
             0,
         );
         s.observe(0);
-        assert_eq!(s.sample(&mut vec![1.0, 0.0]).token, 1);
+        assert_eq!(s.sample(&mut [1.0, 0.0]).token, 1);
         let mut r = RequestSampler::new(
             params(|p| {
                 p.temperature = 0.0;
@@ -259,7 +261,7 @@ mod tests {
             &[0],
             0,
         );
-        assert_eq!(r.sample(&mut vec![1.0, 0.5]).token, 1);
+        assert_eq!(r.sample(&mut [1.0, 0.5]).token, 1);
     }
 
     #[test]
@@ -272,7 +274,7 @@ mod tests {
             &[],
             0,
         );
-        let out = s.sample(&mut vec![0.0, 2.0, 1.0]);
+        let out = s.sample(&mut [0.0, 2.0, 1.0]);
         let lse = (1.0f32 + 2f32.exp() + 1f32.exp()).ln();
         assert_eq!(out.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
         assert!((out.logprob - (2.0 - lse)).abs() < 1e-6);

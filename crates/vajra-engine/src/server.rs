@@ -166,9 +166,7 @@ fn engine_loop(
             Err(e) => {
                 tracing::error!(error = %e, "engine step failed; aborting its requests");
                 let ids: Vec<RequestId> = sinks.keys().copied().collect();
-                ids.into_iter()
-                    .filter_map(|id| engine.abort(id))
-                    .collect()
+                ids.into_iter().filter_map(|id| engine.abort(id)).collect()
             }
         };
         for o in outputs {
@@ -184,7 +182,10 @@ fn engine_loop(
             if done || !delivered {
                 sinks.remove(&id);
             }
-            if !delivered && !done && let Some(a) = engine.abort(id) {
+            if !delivered
+                && !done
+                && let Some(a) = engine.abort(id)
+            {
                 metrics.observe(&a);
             }
         }
@@ -224,7 +225,10 @@ fn check_model(s: &AppState, model: Option<&str>) -> Result<(), ApiError> {
     match model {
         Some(m) if m != s.cfg.model_name => Err(ApiError {
             status: StatusCode::NOT_FOUND,
-            message: format!("the model `{m}` does not exist; this server serves `{}`", s.cfg.model_name),
+            message: format!(
+                "the model `{m}` does not exist; this server serves `{}`",
+                s.cfg.model_name
+            ),
             param: Some("model".into()),
             code: "model_not_found",
         }),
@@ -323,7 +327,10 @@ impl Shaped {
                 if first {
                     delta["role"] = json!("assistant");
                 }
-                ("chat.completion.chunk", json!({"index": 0, "delta": delta, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)}))
+                (
+                    "chat.completion.chunk",
+                    json!({"index": 0, "delta": delta, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)}),
+                )
             }
         };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]})
@@ -331,10 +338,18 @@ impl Shaped {
 
     fn whole(&self, o: &RequestOutput) -> Value {
         let choice = match self.kind {
-            Kind::Completion => json!({"index": 0, "text": o.text, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)}),
-            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)}),
+            Kind::Completion => {
+                json!({"index": 0, "text": o.text, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)})
+            }
+            Kind::Chat => {
+                json!({"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)})
+            }
         };
-        let object = if self.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+        let object = if self.kind == Kind::Chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
                "choices": [choice], "usage": usage(o.prompt_tokens, o.output_tokens)})
     }
@@ -371,7 +386,9 @@ async fn respond(
         return Ok(Json(shaped.whole(&o)).into_response());
     }
     let events = sse_events(slot, shaped, outputs, include_usage);
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 fn sse_events(
@@ -393,7 +410,10 @@ fn sse_events(
             };
             let Some(o) = o else { return };
             let done = o.finish.is_some();
-            if tx.send(Event::default().data(shaped.chunk(&o, first).to_string())).is_err() {
+            if tx
+                .send(Event::default().data(shaped.chunk(&o, first).to_string()))
+                .is_err()
+            {
                 return;
             }
             first = false;
@@ -408,23 +428,20 @@ fn sse_events(
             }
         }
     });
-    tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map_ok()
-}
-
-trait MapOk: Sized {
-    fn map_ok(self) -> futures_util::stream::Map<Self, fn(Event) -> Result<Event, std::convert::Infallible>>;
-}
-
-impl<S: Stream<Item = Event>> MapOk for S {
-    fn map_ok(self) -> futures_util::stream::Map<Self, fn(Event) -> Result<Event, std::convert::Infallible>> {
-        futures_util::StreamExt::map(self, Ok)
-    }
+    futures_util::StreamExt::map(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        Ok::<Event, std::convert::Infallible>,
+    )
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
 fn response_id(prefix: &str) -> String {
-    format!("{prefix}-{:x}-{}", unix_now(), NEXT_ID.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{:x}-{}",
+        unix_now(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
@@ -443,7 +460,13 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Resp
         PromptInput::Text(t) => s.codec.encode(t, true),
         PromptInput::TextBatch(v) if v.len() == 1 => s.codec.encode(&v[0], true),
         PromptInput::TextBatch(v) => {
-            return Err(ApiError::bad("prompt", format!("a list of {} prompts: only one prompt per request is supported", v.len())));
+            return Err(ApiError::bad(
+                "prompt",
+                format!(
+                    "a list of {} prompts: only one prompt per request is supported",
+                    v.len()
+                ),
+            ));
         }
         PromptInput::Tokens(t) => Ok(t.clone()),
     }
@@ -453,9 +476,18 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Resp
     }
     let vocab = s.codec.vocab_size();
     if let Some(t) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::bad("prompt", format!("token id {t} is outside the vocabulary of {vocab}")));
+        return Err(ApiError::bad(
+            "prompt",
+            format!("token id {t} is outside the vocabulary of {vocab}"),
+        ));
     }
-    let max = openai::max_tokens(b.common.max_tokens, "max_tokens", prompt.len(), s.max_model_len, false)?;
+    let max = openai::max_tokens(
+        b.common.max_tokens,
+        "max_tokens",
+        prompt.len(),
+        s.max_model_len,
+        false,
+    )?;
     let sampling = openai::sampling(&b.common, max, b.logprobs)?;
     let slot = acquire(&s)?;
     let shaped = Shaped {
@@ -466,8 +498,16 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Resp
         codec: s.codec.clone(),
         logprobs: sampling.logprobs,
     };
-    let include_usage = b.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let req = GenerateRequest { prompt, sampling, priority: b.common.priority.unwrap_or(0) };
+    let include_usage = b
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let req = GenerateRequest {
+        prompt,
+        sampling,
+        priority: b.common.priority.unwrap_or(0),
+    };
     respond(s.clone(), slot, shaped, req, b.common.stream, include_usage).await
 }
 
@@ -475,13 +515,19 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, A
     let b: ChatBody = openai::parse(&body)?;
     check_model(&s, b.common.model.as_deref())?;
     if b.messages.is_empty() {
-        return Err(ApiError::bad("messages", "messages is empty: at least one message is required"));
+        return Err(ApiError::bad(
+            "messages",
+            "messages is empty: at least one message is required",
+        ));
     }
     let text = s
         .codec
         .apply_chat_template(&b.messages)
         .map_err(|e| ApiError::bad("messages", e.to_string()))?;
-    let prompt = s.codec.encode(&text, false).map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    let prompt = s
+        .codec
+        .encode(&text, false)
+        .map_err(|e| ApiError::bad("messages", e.to_string()))?;
     let (given, field) = match (b.max_completion_tokens, b.common.max_tokens) {
         (Some(n), _) => (Some(n), "max_completion_tokens"),
         (None, n) => (n, "max_tokens"),
@@ -489,7 +535,12 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, A
     let max = openai::max_tokens(given, field, prompt.len(), s.max_model_len, true)?;
     let top = match (b.logprobs, b.top_logprobs) {
         (Some(true), n) => Some(n.unwrap_or(0)),
-        (_, Some(_)) => return Err(ApiError::bad("top_logprobs", "top_logprobs needs logprobs = true")),
+        (_, Some(_)) => {
+            return Err(ApiError::bad(
+                "top_logprobs",
+                "top_logprobs needs logprobs = true",
+            ));
+        }
         _ => None,
     };
     let sampling = openai::sampling(&b.common, max, top)?;
@@ -502,7 +553,59 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, A
         codec: s.codec.clone(),
         logprobs: sampling.logprobs,
     };
-    let include_usage = b.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let req = GenerateRequest { prompt, sampling, priority: b.common.priority.unwrap_or(0) };
+    let include_usage = b
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let req = GenerateRequest {
+        prompt,
+        sampling,
+        priority: b.common.priority.unwrap_or(0),
+    };
     respond(s.clone(), slot, shaped, req, b.common.stream, include_usage).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(max_concurrent: usize) -> Arc<AppState> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tiny-llama");
+        let (tx, _rx) = mpsc::channel();
+        Arc::new(AppState {
+            cfg: ServerConfig {
+                model_name: "m".into(),
+                max_concurrent,
+                requests_log: None,
+            },
+            codec: Arc::new(TextCodec::load(&dir, &[]).unwrap()),
+            max_model_len: 16,
+            commands: tx,
+            metrics: EngineMetrics::new(),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    #[test]
+    fn requests_beyond_the_concurrency_limit_get_429_until_a_slot_frees() {
+        let s = state(2);
+        let a = acquire(&s).unwrap();
+        let _b = acquire(&s).unwrap();
+        let refused = acquire(&s).err().unwrap();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            refused.message.contains("limit of 2"),
+            "{}",
+            refused.message
+        );
+        drop(a);
+        assert!(acquire(&s).is_ok(), "a freed slot admits again");
+        assert!(
+            s.metrics
+                .render()
+                .contains("vajra_requests_rejected_total 1")
+        );
+    }
 }

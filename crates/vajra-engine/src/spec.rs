@@ -156,8 +156,9 @@ impl ModelSpec {
             (Architecture::Mistral, _, Some(v)) if !v.is_null() => Some(
                 v.as_u64()
                     .filter(|&w| w >= 1 && w <= u64::from(u32::MAX))
-                    .ok_or_else(|| EngineError::invalid("sliding_window", v, "null or an integer ≥ 1"))?
-                    as u32,
+                    .ok_or_else(|| {
+                        EngineError::invalid("sliding_window", v, "null or an integer ≥ 1")
+                    })? as u32,
             ),
             _ => None,
         };
@@ -198,8 +199,8 @@ impl ModelSpec {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth =
-                                (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -296,9 +297,14 @@ mod tests {
     #[test]
     fn unsupported_architecture_activation_and_rope_type_name_the_field() {
         let base = r#""hidden_size":64,"intermediate_size":128,"num_attention_heads":4,"num_hidden_layers":2,"vocab_size":100"#;
-        let e = ModelSpec::from_json(&format!(r#"{{"model_type":"gpt2",{base}}}"#), "t").unwrap_err();
-        assert!(e.to_string().contains("model_type") && e.to_string().contains("qwen2"), "{e}");
-        let e = ModelSpec::from_json(&format!(r#"{{"hidden_act":"gelu",{base}}}"#), "t").unwrap_err();
+        let e =
+            ModelSpec::from_json(&format!(r#"{{"model_type":"gpt2",{base}}}"#), "t").unwrap_err();
+        assert!(
+            e.to_string().contains("model_type") && e.to_string().contains("qwen2"),
+            "{e}"
+        );
+        let e =
+            ModelSpec::from_json(&format!(r#"{{"hidden_act":"gelu",{base}}}"#), "t").unwrap_err();
         assert!(e.to_string().contains("hidden_act"), "{e}");
         let e = ModelSpec::from_json(
             &format!(r#"{{"rope_scaling":{{"type":"yarn","factor":2.0}},{base}}}"#),

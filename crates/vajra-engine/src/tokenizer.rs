@@ -69,7 +69,8 @@ impl TextCodec {
                 what: "the Hugging Face tokenizer".into(),
             });
         }
-        let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::model_file(&path, e))?;
+        let tok = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| EngineError::model_file(&path, e))?;
         let tc = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let mut chat_template = match tc.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
@@ -81,15 +82,19 @@ impl TextCodec {
         };
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.exists() {
-            chat_template =
-                Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::model_file(&jinja, e))?);
+            chat_template = Some(
+                std::fs::read_to_string(&jinja).map_err(|e| EngineError::model_file(&jinja, e))?,
+            );
         }
         let bos_token = token_text(tc.get("bos_token")).unwrap_or_default();
         let eos_token = token_text(tc.get("eos_token")).unwrap_or_default();
         let gen_path = dir.join("generation_config.json");
         let generation = read_json(&gen_path)?;
         let mut eos_ids = match &generation {
-            Some(g) => token_ids(g.get("eos_token_id"), "generation_config.json: eos_token_id")?,
+            Some(g) => token_ids(
+                g.get("eos_token_id"),
+                "generation_config.json: eos_token_id",
+            )?,
             None => Vec::new(),
         };
         eos_ids.extend_from_slice(config_eos);
@@ -148,12 +153,20 @@ impl TextCodec {
         })?;
         let mut env = minijinja::Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template("chat", src)
             .map_err(|e| EngineError::Template(e.to_string()))?;
-        let tmpl = env.get_template("chat").map_err(|e| EngineError::Template(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| EngineError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => true,

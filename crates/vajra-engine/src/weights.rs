@@ -35,12 +35,14 @@ impl Checkpoint {
     pub fn load(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| EngineError::model_file(&index, e))?;
+            let text =
+                std::fs::read_to_string(&index).map_err(|e| EngineError::model_file(&index, e))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| EngineError::model_file(&index, e))?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                EngineError::model_file(&index, "no `weight_map` object")
-            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| EngineError::model_file(&index, "no `weight_map` object"))?;
             let shards: BTreeSet<&str> = map.values().filter_map(|s| s.as_str()).collect();
             shards.into_iter().map(|s| dir.join(s)).collect()
         } else {
@@ -57,10 +59,15 @@ impl Checkpoint {
             let bytes = std::fs::read(f).map_err(|e| EngineError::model_file(f, e))?;
             let st = SafeTensors::deserialize(&bytes).map_err(|e| EngineError::model_file(f, e))?;
             for (name, view) in st.tensors() {
-                let data = to_f32(view.dtype(), view.data()).ok_or_else(|| EngineError::Tensor {
-                    name: name.clone(),
-                    message: format!("dtype {:?} in {} (allowed: F32, F16, BF16)", view.dtype(), f.display()),
-                })?;
+                let data =
+                    to_f32(view.dtype(), view.data()).ok_or_else(|| EngineError::Tensor {
+                        name: name.clone(),
+                        message: format!(
+                            "dtype {:?} in {} (allowed: F32, F16, BF16)",
+                            view.dtype(),
+                            f.display()
+                        ),
+                    })?;
                 ck.tensors.insert(
                     name,
                     Tensor {
@@ -89,10 +96,13 @@ impl Checkpoint {
     /// # Errors
     /// The tensor is absent or has another shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let t = self.tensors.remove(name).ok_or_else(|| EngineError::Tensor {
-            name: name.into(),
-            message: format!("missing from {}", self.describe_files()),
-        })?;
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| EngineError::Tensor {
+                name: name.into(),
+                message: format!("missing from {}", self.describe_files()),
+            })?;
         if t.shape != shape {
             return Err(EngineError::Tensor {
                 name: name.into(),
@@ -109,7 +119,11 @@ impl Checkpoint {
 }
 
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    let pairs = || bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    let pairs = || {
+        bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+    };
     match dtype {
         Dtype::F32 => Some(
             bytes
@@ -130,8 +144,14 @@ mod tests {
     #[test]
     fn bf16_and_f16_widen_exactly() {
         let v = [1.5f32, -0.25, 3.0];
-        let bf: Vec<u8> = v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
-        let f: Vec<u8> = v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
+        let bf: Vec<u8> = v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect();
+        let f: Vec<u8> = v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect();
         assert_eq!(to_f32(Dtype::BF16, &bf).unwrap(), v);
         assert_eq!(to_f32(Dtype::F16, &f).unwrap(), v);
         assert!(to_f32(Dtype::I64, &[0; 8]).is_none());
@@ -142,6 +162,9 @@ mod tests {
         let dir = std::env::temp_dir().join("vajra-engine-no-weights");
         std::fs::create_dir_all(&dir).unwrap();
         let e = Checkpoint::load(&dir).unwrap_err().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("missing"), "{e}");
+        assert!(
+            e.contains("model.safetensors") && e.contains("missing"),
+            "{e}"
+        );
     }
 }

@@ -23,7 +23,15 @@ impl Drop for Server {
 fn start(extra: &[&str]) -> Server {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
     let mut child = Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
-        .args(["serve", "--port", "0", "--kv-cache-mib", "8", "--served-model-name", "tiny"])
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--kv-cache-mib",
+            "8",
+            "--served-model-name",
+            "tiny",
+        ])
         .arg("--model")
         .arg(&model)
         .args(extra)
@@ -33,7 +41,10 @@ fn start(extra: &[&str]) -> Server {
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let addr = loop {
-        let line = lines.next().expect("server exited before listening").unwrap();
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
         if let Some(at) = line.split("http://").nth(1) {
             break at.trim().to_owned();
         }
@@ -64,7 +75,10 @@ fn call(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Strin
     let text = String::from_utf8(raw).unwrap();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(rest)
     } else {
         rest.to_owned()
@@ -74,8 +88,7 @@ fn call(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Strin
 
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
-    loop {
-        let Some((size, rest)) = s.split_once("\r\n") else { break };
+    while let Some((size, rest)) = s.split_once("\r\n") {
         let n = usize::from_str_radix(size.trim(), 16).unwrap();
         if n == 0 {
             break;
@@ -101,7 +114,10 @@ fn events(body: &str) -> Vec<String> {
 /// A metric's value; a labelled series never observed yet counts as 0.
 fn metric(addr: &str, name: &str) -> f64 {
     let (_, text) = call(addr, "GET", "/metrics", None);
-    match text.lines().find(|l| l.starts_with(name) && !l.starts_with('#')) {
+    match text
+        .lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+    {
         Some(l) => l.rsplit(' ').next().unwrap().parse().unwrap(),
         None if name.contains('{') => 0.0,
         None => panic!("metric {name} missing:\n{text}"),
@@ -111,7 +127,10 @@ fn metric(addr: &str, name: &str) -> f64 {
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {
-        assert!(t.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -125,28 +144,64 @@ fn completions_chat_streaming_models_and_health_answer_in_openai_form() {
     assert_eq!(st, 200);
     assert_eq!(json(&body)["data"][0]["id"], "tiny");
 
-    let (st, body) = call(a, "POST", "/v1/completions", Some(r#"{"model":"tiny","prompt":"Paris is","max_tokens":5,"temperature":0,"ignore_eos":true,"logprobs":2}"#));
+    let (st, body) = call(
+        a,
+        "POST",
+        "/v1/completions",
+        Some(
+            r#"{"model":"tiny","prompt":"Paris is","max_tokens":5,"temperature":0,"ignore_eos":true,"logprobs":2}"#,
+        ),
+    );
     assert_eq!(st, 200, "{body}");
     let v = json(&body);
     assert_eq!(v["object"], "text_completion");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 5);
     assert_eq!(v["usage"]["prompt_tokens"], 4); // tests/fixtures/tiny-llama/cases.json
-    assert_eq!(v["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().len(), 5);
-    assert_eq!(v["choices"][0]["logprobs"]["top_logprobs"][0].as_object().unwrap().len(), 2);
+    assert_eq!(
+        v["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    assert_eq!(
+        v["choices"][0]["logprobs"]["top_logprobs"][0]
+            .as_object()
+            .unwrap()
+            .len(),
+        2
+    );
 
     // Same request streamed: same text, chunks then [DONE], usage chunk on request.
     let text = v["choices"][0]["text"].as_str().unwrap().to_owned();
-    let (st, body) = call(a, "POST", "/v1/completions", Some(r#"{"prompt":"Paris is","max_tokens":5,"temperature":0,"ignore_eos":true,"stream":true,"stream_options":{"include_usage":true}}"#));
+    let (st, body) = call(
+        a,
+        "POST",
+        "/v1/completions",
+        Some(
+            r#"{"prompt":"Paris is","max_tokens":5,"temperature":0,"ignore_eos":true,"stream":true,"stream_options":{"include_usage":true}}"#,
+        ),
+    );
     assert_eq!(st, 200);
     let ev = events(&body);
     assert_eq!(ev.last().unwrap(), "[DONE]");
     let chunks: Vec<serde_json::Value> = ev[..ev.len() - 1].iter().map(|e| json(e)).collect();
-    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
     assert_eq!(streamed, text);
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 5);
 
-    let (st, body) = call(a, "POST", "/v1/chat/completions", Some(r#"{"model":"tiny","messages":[{"role":"user","content":"hello"}],"max_tokens":4,"stream":true,"seed":5,"temperature":0.7}"#));
+    let (st, body) = call(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        Some(
+            r#"{"model":"tiny","messages":[{"role":"user","content":"hello"}],"max_tokens":4,"stream":true,"seed":5,"temperature":0.7}"#,
+        ),
+    );
     assert_eq!(st, 200);
     let ev = events(&body);
     let first = json(&ev[0]);
@@ -154,14 +209,31 @@ fn completions_chat_streaming_models_and_health_answer_in_openai_form() {
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(ev.last().unwrap(), "[DONE]");
 
-    let (st, body) = call(a, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"user","content":"hello"}],"max_completion_tokens":3,"seed":5,"temperature":0.7,"ignore_eos":true}"#));
+    let (st, body) = call(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        Some(
+            r#"{"messages":[{"role":"user","content":"hello"}],"max_completion_tokens":3,"seed":5,"temperature":0.7,"ignore_eos":true}"#,
+        ),
+    );
     assert_eq!(st, 200, "{body}");
     let v = json(&body);
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     assert_eq!(v["usage"]["completion_tokens"], 3);
     // A seeded request gives the same answer twice.
-    let (_, again) = call(a, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"user","content":"hello"}],"max_completion_tokens":3,"seed":5,"temperature":0.7,"ignore_eos":true}"#));
-    assert_eq!(json(&again)["choices"][0]["message"], v["choices"][0]["message"]);
+    let (_, again) = call(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        Some(
+            r#"{"messages":[{"role":"user","content":"hello"}],"max_completion_tokens":3,"seed":5,"temperature":0.7,"ignore_eos":true}"#,
+        ),
+    );
+    assert_eq!(
+        json(&again)["choices"][0]["message"],
+        v["choices"][0]["message"]
+    );
 }
 
 #[test]
@@ -170,29 +242,83 @@ fn bad_requests_get_4xx_with_a_message_naming_the_problem() {
     let a = &srv.addr;
     let cases: &[(&str, &str, u16, &str)] = &[
         ("/v1/completions", r#"{"prompt": "x", "#, 400, "malformed"),
-        ("/v1/completions", r#"{"model":"gpt-9","prompt":"x"}"#, 404, "gpt-9"),
-        ("/v1/completions", r#"{"prompt":"x","max_tokens":0}"#, 400, "max_tokens"),
-        ("/v1/completions", r#"{"prompt":"x","max_tokens":-1}"#, 400, "max_tokens"),
-        ("/v1/completions", r#"{"prompt":"x","temperature":-1}"#, 400, "temperature"),
-        ("/v1/completions", r#"{"prompt":"x","top_p":0}"#, 400, "top_p"),
+        (
+            "/v1/completions",
+            r#"{"model":"gpt-9","prompt":"x"}"#,
+            404,
+            "gpt-9",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","max_tokens":0}"#,
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","max_tokens":-1}"#,
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","temperature":-1}"#,
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","top_p":0}"#,
+            400,
+            "top_p",
+        ),
         ("/v1/completions", r#"{"prompt":"x","n":2}"#, 400, "n = 2"),
-        ("/v1/completions", r#"{"prompt":"x","bogus_field":1}"#, 400, "bogus_field"),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","bogus_field":1}"#,
+            400,
+            "bogus_field",
+        ),
         ("/v1/completions", r#"{"prompt":[1,2,99999]}"#, 400, "99999"),
-        ("/v1/chat/completions", r#"{"messages":[]}"#, 400, "messages"),
-        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"x"}],"max_completion_tokens":-1}"#, 400, "max_completion_tokens"),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[]}"#,
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"x"}],"max_completion_tokens":-1}"#,
+            400,
+            "max_completion_tokens",
+        ),
     ];
     for (path, body, status, needle) in cases {
         let (st, resp) = call(a, "POST", path, Some(body));
         assert_eq!(st, *status, "{body} → {resp}");
         let v = json(&resp);
         let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains(needle), "{body}: message {msg:?} does not mention {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "{body}: message {msg:?} does not mention {needle:?}"
+        );
     }
     // A prompt longer than max_model_len (256 tokens for the tiny model).
     let long = "tokens ".repeat(400);
-    let (st, resp) = call(a, "POST", "/v1/completions", Some(&format!(r#"{{"prompt":"{long}","max_tokens":4}}"#)));
+    let (st, resp) = call(
+        a,
+        "POST",
+        "/v1/completions",
+        Some(&format!(r#"{{"prompt":"{long}","max_tokens":4}}"#)),
+    );
     assert_eq!(st, 400, "{resp}");
-    assert!(json(&resp)["error"]["message"].as_str().unwrap().contains("max_model_len"), "{resp}");
+    assert!(
+        json(&resp)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_model_len"),
+        "{resp}"
+    );
     // Still serving.
     assert_eq!(call(a, "GET", "/health", None).0, 200);
 }
@@ -221,16 +347,29 @@ fn fifty_concurrent_streams_all_complete_and_free_every_block() {
     for t in threads {
         t.join().unwrap();
     }
-    wait_for("the engine to go idle", || metric(&addr, "vajra_num_requests_running") == 0.0);
+    wait_for("the engine to go idle", || {
+        metric(&addr, "vajra_num_requests_running") == 0.0
+    });
     assert_eq!(metric(&addr, "vajra_kv_blocks_allocated"), 0.0);
-    assert_eq!(metric(&addr, "vajra_request_success_total{finished_reason=\"length\"}"), 50.0);
+    assert_eq!(
+        metric(
+            &addr,
+            "vajra_request_success_total{finished_reason=\"length\"}"
+        ),
+        50.0
+    );
 }
 
 #[test]
 fn a_client_that_disconnects_mid_stream_leaves_no_blocks_allocated() {
     let srv = start(&["--policy", "sarathi"]);
     let a = srv.addr.clone();
-    let mut s = request(&a, "POST", "/v1/completions", Some(r#"{"prompt":"Paris is","max_tokens":250,"stream":true,"ignore_eos":true}"#));
+    let mut s = request(
+        &a,
+        "POST",
+        "/v1/completions",
+        Some(r#"{"prompt":"Paris is","max_tokens":250,"stream":true,"ignore_eos":true}"#),
+    );
     // Read until the first event, then hang up.
     let mut buf = [0u8; 256];
     let n = s.read(&mut buf).unwrap();
@@ -242,7 +381,10 @@ fn a_client_that_disconnects_mid_stream_leaves_no_blocks_allocated() {
     };
     wait_for("the request to end", || ended(&a) == 1.0);
     // Aborted, not finished: the engine noticed the closed stream long before 250 tokens.
-    assert_eq!(metric(&a, "vajra_request_success_total{finished_reason=\"abort\"}"), 1.0);
+    assert_eq!(
+        metric(&a, "vajra_request_success_total{finished_reason=\"abort\"}"),
+        1.0
+    );
     assert!(metric(&a, "vajra_generation_tokens_total") < 250.0);
     assert_eq!(metric(&a, "vajra_num_requests_running"), 0.0);
     assert_eq!(metric(&a, "vajra_kv_blocks_allocated"), 0.0);

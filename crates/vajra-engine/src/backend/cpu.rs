@@ -217,10 +217,21 @@ impl CpuBackend {
                     seq.block_table.len()
                 )));
             }
-            if let Some(b) = seq.block_table.iter().find(|b| b.0 >= self.shape.num_blocks) {
-                return Err(self.err(format!("block {} ≥ num_blocks {}", b.0, self.shape.num_blocks)));
+            if let Some(b) = seq
+                .block_table
+                .iter()
+                .find(|b| b.0 >= self.shape.num_blocks)
+            {
+                return Err(self.err(format!(
+                    "block {} ≥ num_blocks {}",
+                    b.0, self.shape.num_blocks
+                )));
             }
-            if let Some(t) = seq.tokens.iter().find(|&&t| t >= self.spec.config.vocab_size) {
+            if let Some(t) = seq
+                .tokens
+                .iter()
+                .find(|&&t| t >= self.spec.config.vocab_size)
+            {
                 return Err(self.err(format!(
                     "token id {t} ≥ vocab_size {}",
                     self.spec.config.vocab_size
@@ -302,7 +313,10 @@ impl Backend for CpuBackend {
             }
             // Rotary on Q and K heads (rotate-half convention, as Hugging Face Llama).
             for (i, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
-                let (cs, sn) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+                let (cs, sn) = (
+                    &cos[i * half..(i + 1) * half],
+                    &sin[i * half..(i + 1) * half],
+                );
                 for head in row[..q_w + kv_w].chunks_exact_mut(hd) {
                     let (a, b) = head.split_at_mut(half);
                     for j in 0..half {
@@ -330,7 +344,8 @@ impl Backend for CpuBackend {
                 for (hq, o) in out.chunks_exact_mut(hd).enumerate() {
                     let kvh = hq / (nh / nkv);
                     let q = &q_row[hq * hd..(hq + 1) * hd];
-                    let kv_at = |j: usize| (table[j / bs].0 as usize * bs + j % bs) * kv_w + kvh * hd;
+                    let kv_at =
+                        |j: usize| (table[j / bs].0 as usize * bs + j % bs) * kv_w + kvh * hd;
                     let mut max = f32::NEG_INFINITY;
                     for (j, sc) in (lo..=p).zip(scores.iter_mut()) {
                         let k0 = kv_at(j);
@@ -346,7 +361,9 @@ impl Backend for CpuBackend {
                     for (j, sc) in (lo..=p).zip(&scores) {
                         let v0 = kv_at(j);
                         let wgt = sc / sum;
-                        o.iter_mut().zip(&vc[v0..v0 + hd]).for_each(|(o, v)| *o += wgt * v);
+                        o.iter_mut()
+                            .zip(&vc[v0..v0 + hd])
+                            .for_each(|(o, v)| *o += wgt * v);
                     }
                 }
             });
@@ -387,18 +404,26 @@ impl Backend for CpuBackend {
         Ok(Logits { vocab, data })
     }
 
-    fn swap(&mut self, out: &[(BlockId, HostBlockId)], ins: &[(HostBlockId, BlockId)]) -> Result<()> {
+    fn swap(
+        &mut self,
+        out: &[(BlockId, HostBlockId)],
+        ins: &[(HostBlockId, BlockId)],
+    ) -> Result<()> {
         let c = &self.spec.config;
         let per_block = (self.shape.block_size * c.num_kv_heads * c.head_dim) as usize;
         let (nd, nh) = (self.shape.num_blocks, self.shape.num_host_blocks);
         for &(d, hb) in out {
             if d.0 >= nd || hb.0 >= nh {
-                return Err(self.err(format!("swap out {d:?} → {hb:?} outside {nd} device / {nh} host blocks")));
+                return Err(self.err(format!(
+                    "swap out {d:?} → {hb:?} outside {nd} device / {nh} host blocks"
+                )));
             }
         }
         for &(hb, d) in ins {
             if d.0 >= nd || hb.0 >= nh {
-                return Err(self.err(format!("swap in {hb:?} → {d:?} outside {nd} device / {nh} host blocks")));
+                return Err(self.err(format!(
+                    "swap in {hb:?} → {d:?} outside {nd} device / {nh} host blocks"
+                )));
             }
         }
         let r = |b: u32| b as usize * per_block..(b as usize + 1) * per_block;

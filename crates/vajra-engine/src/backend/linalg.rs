@@ -140,8 +140,12 @@ mod tests {
     fn both_product_paths_match_a_naive_product() {
         let (k, n) = (37, 131);
         for m in [1, 3, 16, 17, 70] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 7.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 7.0)
+                .collect();
             let mut o = vec![0.0; m * n];
             matmul_t(&x, m, k, &w, n, &mut o);
             for (a, b) in o.iter().zip(naive(&x, m, k, &w, n)) {

@@ -45,24 +45,70 @@ impl EngineMetrics {
     pub fn new() -> Self {
         let m = EngineMetrics {
             registry: Registry::new(),
-            ttft: hist("vajra_time_to_first_token_seconds", "Time from arrival to the first output token."),
-            itl: hist("vajra_inter_token_latency_seconds", "Time between consecutive output tokens of a request."),
-            e2e: hist("vajra_e2e_request_latency_seconds", "Time from arrival to the last token of finished requests."),
-            running: IntGauge::new("vajra_num_requests_running", "Requests holding KV blocks and being scheduled.").expect("gauge"),
-            waiting: IntGauge::new("vajra_num_requests_waiting", "Requests waiting to be scheduled.").expect("gauge"),
-            kv_usage: Gauge::new("vajra_kv_cache_usage_perc", "Fraction of KV blocks held by requests (0 to 1).").expect("gauge"),
-            kv_blocks: IntGauge::new("vajra_kv_blocks_allocated", "KV blocks held by requests.").expect("gauge"),
-            preemptions: IntCounter::new("vajra_num_preemptions_total", "Requests preempted.").expect("counter"),
-            prefix_queries: IntCounter::new("vajra_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.").expect("counter"),
-            prefix_hits: IntCounter::new("vajra_prefix_cache_hits_total", "Prompt tokens found in the prefix cache.").expect("counter"),
-            prompt_tokens: IntCounter::new("vajra_prompt_tokens_total", "Prompt tokens of admitted requests.").expect("counter"),
-            generation_tokens: IntCounter::new("vajra_generation_tokens_total", "Output tokens generated.").expect("counter"),
+            ttft: hist(
+                "vajra_time_to_first_token_seconds",
+                "Time from arrival to the first output token.",
+            ),
+            itl: hist(
+                "vajra_inter_token_latency_seconds",
+                "Time between consecutive output tokens of a request.",
+            ),
+            e2e: hist(
+                "vajra_e2e_request_latency_seconds",
+                "Time from arrival to the last token of finished requests.",
+            ),
+            running: IntGauge::new(
+                "vajra_num_requests_running",
+                "Requests holding KV blocks and being scheduled.",
+            )
+            .expect("gauge"),
+            waiting: IntGauge::new(
+                "vajra_num_requests_waiting",
+                "Requests waiting to be scheduled.",
+            )
+            .expect("gauge"),
+            kv_usage: Gauge::new(
+                "vajra_kv_cache_usage_perc",
+                "Fraction of KV blocks held by requests (0 to 1).",
+            )
+            .expect("gauge"),
+            kv_blocks: IntGauge::new("vajra_kv_blocks_allocated", "KV blocks held by requests.")
+                .expect("gauge"),
+            preemptions: IntCounter::new("vajra_num_preemptions_total", "Requests preempted.")
+                .expect("counter"),
+            prefix_queries: IntCounter::new(
+                "vajra_prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache.",
+            )
+            .expect("counter"),
+            prefix_hits: IntCounter::new(
+                "vajra_prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache.",
+            )
+            .expect("counter"),
+            prompt_tokens: IntCounter::new(
+                "vajra_prompt_tokens_total",
+                "Prompt tokens of admitted requests.",
+            )
+            .expect("counter"),
+            generation_tokens: IntCounter::new(
+                "vajra_generation_tokens_total",
+                "Output tokens generated.",
+            )
+            .expect("counter"),
             finished: IntCounterVec::new(
-                Opts::new("vajra_request_success_total", "Finished requests by reason."),
+                Opts::new(
+                    "vajra_request_success_total",
+                    "Finished requests by reason.",
+                ),
                 &["finished_reason"],
             )
             .expect("counter vec"),
-            rejected: IntCounter::new("vajra_requests_rejected_total", "Requests answered 429 because the concurrency limit was reached.").expect("counter"),
+            rejected: IntCounter::new(
+                "vajra_requests_rejected_total",
+                "Requests answered 429 because the concurrency limit was reached.",
+            )
+            .expect("counter"),
         };
         let r = &m.registry;
         for c in [&m.ttft, &m.itl, &m.e2e] {
@@ -71,7 +117,8 @@ impl EngineMetrics {
         for g in [&m.running, &m.waiting, &m.kv_blocks] {
             r.register(Box::new(g.clone())).expect("unique metric");
         }
-        r.register(Box::new(m.kv_usage.clone())).expect("unique metric");
+        r.register(Box::new(m.kv_usage.clone()))
+            .expect("unique metric");
         for c in [
             &m.preemptions,
             &m.prefix_queries,
@@ -82,7 +129,8 @@ impl EngineMetrics {
         ] {
             r.register(Box::new(c.clone())).expect("unique metric");
         }
-        r.register(Box::new(m.finished.clone())).expect("unique metric");
+        r.register(Box::new(m.finished.clone()))
+            .expect("unique metric");
         m
     }
 

@@ -187,22 +187,37 @@ fn float(v: Option<f64>, default: f32) -> f32 {
 ///
 /// # Errors
 /// A value out of range or an unsupported option, naming the parameter.
-pub fn sampling(c: &CommonParams, max_tokens: u32, logprobs: Option<i64>) -> Result<SamplingParams, ApiError> {
+pub fn sampling(
+    c: &CommonParams,
+    max_tokens: u32,
+    logprobs: Option<i64>,
+) -> Result<SamplingParams, ApiError> {
     if let Some(n) = c.n
         && n != 1
     {
-        return Err(ApiError::bad("n", format!("n = {n}: only n = 1 is supported")));
+        return Err(ApiError::bad(
+            "n",
+            format!("n = {n}: only n = 1 is supported"),
+        ));
     }
     if c.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
         return Err(ApiError::bad("logit_bias", "logit_bias is not supported"));
     }
     let top_k = match c.top_k {
         None => -1,
-        Some(k) => i32::try_from(k).map_err(|_| ApiError::bad("top_k", format!("top_k = {k}: allowed -1, 0 or an integer ≥ 1")))?,
+        Some(k) => i32::try_from(k).map_err(|_| {
+            ApiError::bad(
+                "top_k",
+                format!("top_k = {k}: allowed -1, 0 or an integer ≥ 1"),
+            )
+        })?,
     };
     let logprobs = match logprobs {
         None => None,
-        Some(n) => Some(u32::try_from(n).map_err(|_| ApiError::bad("logprobs", format!("{n}: allowed 0 to 20")))?),
+        Some(n) => Some(
+            u32::try_from(n)
+                .map_err(|_| ApiError::bad("logprobs", format!("{n}: allowed 0 to 20")))?,
+        ),
     };
     let p = SamplingParams {
         temperature: float(c.temperature, 1.0),
@@ -238,19 +253,33 @@ pub fn sampling(c: &CommonParams, max_tokens: u32, logprobs: Option<i64>) -> Res
 ///
 /// # Errors
 /// A value below 1 or a prompt that leaves no room in the context.
-pub fn max_tokens(given: Option<i64>, field: &str, prompt_len: usize, max_model_len: u32, chat: bool) -> Result<u32, ApiError> {
+pub fn max_tokens(
+    given: Option<i64>,
+    field: &str,
+    prompt_len: usize,
+    max_model_len: u32,
+    chat: bool,
+) -> Result<u32, ApiError> {
     let room = i64::from(max_model_len) - prompt_len as i64;
     if room < 1 {
         return Err(ApiError::bad(
             "prompt",
-            format!("the prompt has {prompt_len} tokens; this model's context (max_model_len) is {max_model_len} tokens, so at most {} prompt tokens leave room for output", max_model_len.saturating_sub(1)),
+            format!(
+                "the prompt has {prompt_len} tokens; this model's context (max_model_len) is {max_model_len} tokens, so at most {} prompt tokens leave room for output",
+                max_model_len.saturating_sub(1)
+            ),
         ));
     }
     match given {
-        Some(n) if n < 1 => Err(ApiError::bad(field, format!("{field} = {n}: allowed an integer ≥ 1"))),
+        Some(n) if n < 1 => Err(ApiError::bad(
+            field,
+            format!("{field} = {n}: allowed an integer ≥ 1"),
+        )),
         Some(n) if n > room => Err(ApiError::bad(
             field,
-            format!("{field} = {n} with a {prompt_len}-token prompt exceeds the context of {max_model_len} tokens (at most {room})"),
+            format!(
+                "{field} = {n} with a {prompt_len}-token prompt exceeds the context of {max_model_len} tokens (at most {room})"
+            ),
         )),
         Some(n) => Ok(n as u32),
         None if chat => Ok(room as u32),
