@@ -14,6 +14,8 @@
 //! token, for fidelity checks).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod linalg;
 
 use crate::error::Result;
@@ -94,6 +96,18 @@ pub trait Backend: Send {
     /// A block table too short for the positions, a token id outside the vocabulary, or a
     /// device failure.
     fn execute(&mut self, input: &StepInput<'_>) -> Result<Logits>;
+    /// Runs one step and returns the greedy token (first maximum) of each sampled request, in
+    /// batch order. Backends that can pick it on the device override this to skip copying
+    /// logits back.
+    ///
+    /// # Errors
+    /// As [`Backend::execute`].
+    fn execute_greedy(&mut self, input: &StepInput<'_>) -> Result<Vec<u32>> {
+        let logits = self.execute(input)?;
+        Ok((0..logits.rows())
+            .map(|r| crate::sampler::argmax(logits.row(r)))
+            .collect())
+    }
     /// Copies device blocks to host blocks (swap out) and host blocks to device blocks (swap
     /// in), in that order.
     ///

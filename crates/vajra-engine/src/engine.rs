@@ -17,7 +17,7 @@
 
 use crate::backend::{Backend, LogitsFor, SeqInput, StepInput};
 use crate::error::{EngineError, Result};
-use crate::sampler::RequestSampler;
+use crate::sampler::{RequestSampler, Sampled};
 use crate::tokenizer::{IncrementalDetokenizer, TextCodec};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -300,20 +300,49 @@ impl Engine {
                 .collect(),
             logits_for: LogitsFor::Sampled,
         };
-        let logits = self.backend.execute(&input)?;
+        let greedy_only = out
+            .scheduled
+            .iter()
+            .filter(|s| s.samples)
+            .all(|s| self.live[&s.id].sampler.plain_greedy());
+        // Greedy-only steps let the backend pick tokens on the device.
+        let result = if greedy_only {
+            Err(self.backend.execute_greedy(&input)?)
+        } else {
+            Ok(self.backend.execute(&input)?)
+        };
         drop(input);
+        let picks: Vec<Sampled> = match result {
+            Err(ids) => ids
+                .into_iter()
+                .map(|token| Sampled {
+                    token,
+                    logprob: 0.0,
+                    top: Vec::new(),
+                })
+                .collect(),
+            Ok(logits) => out
+                .scheduled
+                .iter()
+                .filter(|s| s.samples)
+                .enumerate()
+                .map(|(row, s)| {
+                    let mut lg = logits.row(row).to_vec();
+                    let l = self.live.get_mut(&s.id).expect("scheduled request is live");
+                    l.sampler.sample(&mut lg)
+                })
+                .collect(),
+        };
 
         let mut runner = ModelRunnerOutput::default();
-        let mut row = 0;
+        let mut picks = picks.into_iter();
         for s in &out.scheduled {
             if !s.samples {
                 runner.sampled.push(None);
                 continue;
             }
-            let mut lg = logits.row(row).to_vec();
-            row += 1;
+            let picked = picks.next().expect("one pick per sampling request");
             let l = self.live.get_mut(&s.id).expect("scheduled request is live");
-            let picked = l.sampler.sample(&mut lg);
             l.sampler.observe(picked.token);
             l.tokens.push(picked.token);
             let delta = l.detok.step(&self.codec, &l.tokens)?;

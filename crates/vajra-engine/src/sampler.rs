@@ -51,6 +51,17 @@ impl RequestSampler {
         &self.params
     }
 
+    /// Whether the token is the plain argmax of the raw logits (greedy, no penalties, no
+    /// log-probabilities), so a backend may pick it on the device.
+    pub fn plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.is_greedy()
+            && p.logprobs.is_none()
+            && p.repetition_penalty == 1.0
+            && p.frequency_penalty == 0.0
+            && p.presence_penalty == 0.0
+    }
+
     /// Records an output token (penalties count it from now on).
     pub fn observe(&mut self, token: u32) {
         *self.counts.entry(token).or_default() += 1;

@@ -25,27 +25,28 @@ use vajra_core::ids::{BlockId, HostBlockId};
 /// Default KV-cache size of the CPU backend, in MiB.
 pub const DEFAULT_KV_CACHE_MIB: u64 = 1024;
 
-struct Layer {
-    attn_norm: Vec<f32>,
+/// One layer's weights, projections fused (the CUDA backend uploads the same layout).
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
     /// `[(heads + 2·kv_heads)·head_dim, hidden]`.
-    qkv: Vec<f32>,
-    qkv_bias: Option<Vec<f32>>,
+    pub(crate) qkv: Vec<f32>,
+    pub(crate) qkv_bias: Option<Vec<f32>>,
     /// `[hidden, heads·head_dim]`.
-    o: Vec<f32>,
-    mlp_norm: Vec<f32>,
+    pub(crate) o: Vec<f32>,
+    pub(crate) mlp_norm: Vec<f32>,
     /// `[2·intermediate, hidden]`: gate rows then up rows.
-    gate_up: Vec<f32>,
+    pub(crate) gate_up: Vec<f32>,
     /// `[hidden, intermediate]`.
-    down: Vec<f32>,
+    pub(crate) down: Vec<f32>,
 }
 
 /// Model weights in the CPU backend's layout.
 pub struct CpuWeights {
-    embed: Vec<f32>,
+    pub(crate) embed: Vec<f32>,
     /// `None` when tied to the embedding.
-    lm_head: Option<Vec<f32>>,
-    final_norm: Vec<f32>,
-    layers: Vec<Layer>,
+    pub(crate) lm_head: Option<Vec<f32>>,
+    pub(crate) final_norm: Vec<f32>,
+    pub(crate) layers: Vec<Layer>,
 }
 
 impl CpuWeights {

@@ -12,8 +12,9 @@ use rayon::prelude::*;
 const GEMV_MAX_ROWS: usize = 16;
 /// Output features per rayon task in the dot-product path.
 const FEATURES_PER_TASK: usize = 64;
-/// Input rows per rayon task in the SGEMM path.
-const ROWS_PER_TASK: usize = 32;
+/// Fewest input rows per rayon task in the SGEMM path (each task packs the whole weight
+/// matrix, so tasks are few and large).
+const MIN_ROWS_PER_TASK: usize = 64;
 
 /// `out[m × n] = x[m × k] · w[n × k]ᵀ`.
 ///
@@ -31,13 +32,8 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f
         let blocks: Vec<Vec<f32>> = w
             .par_chunks(FEATURES_PER_TASK * k)
             .map(|wb| {
-                let nb = wb.len() / k;
-                let mut o = vec![0.0; m * nb];
-                for (j, wr) in wb.chunks_exact(k).enumerate() {
-                    for i in 0..m {
-                        o[i * nb + j] = dot(&x[i * k..(i + 1) * k], wr);
-                    }
-                }
+                let mut o = vec![0.0; m * (wb.len() / k)];
+                gemv_block(x, m, k, wb, &mut o);
                 o
             })
             .collect();
@@ -49,9 +45,43 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f
             }
         }
     } else {
-        out.par_chunks_mut(ROWS_PER_TASK * n)
-            .zip(x.par_chunks(ROWS_PER_TASK * k))
+        let rows = m
+            .div_ceil(rayon::current_num_threads())
+            .max(MIN_ROWS_PER_TASK);
+        out.par_chunks_mut(rows * n)
+            .zip(x.par_chunks(rows * k))
             .for_each(|(o, xb)| sgemm_t(xb, xb.len() / k, k, w, n, o));
+    }
+}
+
+/// `o[i · nb + j] = x_i · wb_j` for a block of weight rows: each weight row is read once for
+/// all input rows. Compiled twice, for AVX2+FMA (chosen at run time) and for the baseline.
+fn gemv_block(x: &[f32], m: usize, k: usize, wb: &[f32], o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe {
+            return gemv_block_avx2(x, m, k, wb, o);
+        }
+    }
+    gemv_block_portable(x, m, k, wb, o);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_block_avx2(x: &[f32], m: usize, k: usize, wb: &[f32], o: &mut [f32]) {
+    gemv_block_portable(x, m, k, wb, o);
+}
+
+#[inline(always)]
+fn gemv_block_portable(x: &[f32], m: usize, k: usize, wb: &[f32], o: &mut [f32]) {
+    let nb = wb.len() / k;
+    for (j, wr) in wb.chunks_exact(k).enumerate() {
+        for i in 0..m {
+            o[i * nb + j] = dot(&x[i * k..(i + 1) * k], wr);
+        }
     }
 }
 
@@ -81,19 +111,24 @@ fn sgemm_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, o: &mut [f32]) {
     }
 }
 
-/// Dot product with eight independent accumulators (vectorises; fixed summation order, so
-/// results are reproducible run to run).
+/// Dot product with sixteen independent accumulators (two 8-wide vectors under AVX2; a fixed
+/// summation order, so results are reproducible run to run).
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
+    const W: usize = 16;
+    let mut acc = [0.0f32; W];
+    let ca = a.chunks_exact(W);
+    let cb = b.chunks_exact(W);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
+        for l in 0..W {
             acc[l] += x[l] * y[l];
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut s = 0.0;
+    for v in acc {
+        s += v;
+    }
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
     }

@@ -1,0 +1,106 @@
+// Element-wise and row kernels of one transformer layer: embedding gather, residual add fused
+// with RMSNorm, bias add, rotary embedding, KV-cache write into paged blocks, SiLU-and-mul, and
+// random weight fill (for shape-only models). One block per token row unless stated.
+
+// x[t, :] = table[ids[t], :] (residual stream kept in f32).
+extern "C" __global__ void embed(const int* ids, const bf16* table, float* x, int hidden) {
+    const bf16* row = table + (size_t)ids[blockIdx.x] * hidden;
+    float* out = x + (size_t)blockIdx.x * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[i] = bf2f(row[i]);
+}
+
+// x += delta (when delta is not null; delta is a bf16 projection output), then
+// out = x / sqrt(mean(x^2) + eps) * w, rounded to bf16 (HF rounds the normed value to the
+// model dtype before the weight multiply; we do the same).
+extern "C" __global__ void add_rms_norm(float* x, const bf16* delta, const bf16* w, bf16* out,
+                                        int hidden, float eps) {
+    __shared__ float scratch[32];
+    float* xr = x + (size_t)blockIdx.x * hidden;
+    const bf16* dr = delta ? delta + (size_t)blockIdx.x * hidden : 0;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = xr[i];
+        if (dr) { v += bf2f(dr[i]); xr[i] = v; }
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    float inv = rsqrtf(ss / hidden + eps);
+    bf16* orow = out + (size_t)blockIdx.x * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        orow[i] = f2bf(bf2f(w[i]) * bf2f(f2bf(xr[i] * inv)));
+}
+
+// Final norm of selected rows: out[r] = norm(x[rows[r]]) (f32 residual in, bf16 out).
+extern "C" __global__ void rms_norm_rows(const float* x, const int* rows, const bf16* w, bf16* out,
+                                         int hidden, float eps) {
+    __shared__ float scratch[32];
+    const float* xr = x + (size_t)rows[blockIdx.x] * hidden;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, scratch);
+    float inv = rsqrtf(ss / hidden + eps);
+    bf16* orow = out + (size_t)blockIdx.x * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        orow[i] = f2bf(bf2f(w[i]) * bf2f(f2bf(xr[i] * inv)));
+}
+
+// y[t, :] += b (Qwen2's Q/K/V biases).
+extern "C" __global__ void add_bias(bf16* y, const bf16* b, int width) {
+    bf16* row = y + (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) row[i] = f2bf(bf2f(row[i]) + bf2f(b[i]));
+}
+
+// Rotary embedding in place on the Q and K heads of each token's fused QKV row, rotate-half
+// convention (pairs i and i + head_dim/2), angle = pos * inv_freq[i] in f32 as HF computes it.
+extern "C" __global__ void rope(bf16* qkv, const int* pos, const float* inv_freq, int qkv_width,
+                                int rot_heads, int head_dim) {
+    int half = head_dim / 2;
+    bf16* row = qkv + (size_t)blockIdx.x * qkv_width;
+    float p = (float)pos[blockIdx.x];
+    for (int idx = threadIdx.x; idx < rot_heads * half; idx += blockDim.x) {
+        int h = idx / half, i = idx % half;
+        float s, c;
+        sincosf(p * inv_freq[i], &s, &c);
+        bf16* head = row + h * head_dim;
+        float a = bf2f(head[i]), b = bf2f(head[i + half]);
+        head[i] = f2bf(a * c - b * s);
+        head[i + half] = f2bf(b * c + a * s);
+    }
+}
+
+// Copies each token's K and V (from the fused QKV row) into the paged cache at its slot
+// (block * block_size + offset). Cache layout per layer: [slot][kv_head][head_dim].
+extern "C" __global__ void kv_write(const bf16* qkv, bf16* k_cache, bf16* v_cache, const int* slots,
+                                    int qkv_width, int q_width, int kv_width) {
+    const bf16* row = qkv + (size_t)blockIdx.x * qkv_width;
+    size_t base = (size_t)slots[blockIdx.x] * kv_width;
+    for (int i = threadIdx.x; i < kv_width; i += blockDim.x) {
+        k_cache[base + i] = row[q_width + i];
+        v_cache[base + i] = row[q_width + kv_width + i];
+    }
+}
+
+// out[t, i] = silu(gate[t, i]) * up[t, i] over rows laid out [gate (inter) | up (inter)].
+extern "C" __global__ void silu_mul(const bf16* gate_up, bf16* out, int inter) {
+    const bf16* row = gate_up + (size_t)blockIdx.x * 2 * inter;
+    bf16* orow = out + (size_t)blockIdx.x * inter;
+    for (int i = threadIdx.x; i < inter; i += blockDim.x) {
+        float g = bf2f(row[i]);
+        float silu = bf2f(f2bf(g / (1.0f + __expf(-g))));
+        orow[i] = f2bf(silu * bf2f(row[inter + i]));
+    }
+}
+
+// Deterministic pseudo-random fill, uniform in [-scale, scale] (shape-only models for
+// benchmarks and profiling; no host transfer of gigabytes of weights).
+extern "C" __global__ void fill_uniform(bf16* x, unsigned long long n, unsigned long long seed, float scale) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long z = i + seed * 0x9e3779b97f4a7c15ull;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+        x[i] = f2bf((2.0f * u - 1.0f) * scale);
+    }
+}
