@@ -6,6 +6,10 @@
 
 typedef unsigned short bf16;
 
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 __device__ __forceinline__ float bf2f(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
 
 __device__ __forceinline__ bf16 f2bf(float f) {

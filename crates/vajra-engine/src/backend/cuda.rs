@@ -1,0 +1,652 @@
+//! The CUDA backend (cargo feature `cuda`): the CPU backend's forward pass on an NVIDIA GPU.
+//!
+//! - Weights and the paged KV cache in bf16; the residual stream in f32; products through
+//!   cuBLAS (`cublasGemmEx`, bf16 in, f32 compute; the LM head writes f32 logits).
+//! - Kernels from `kernels/*.cu`, embedded with `include_str!`, compiled by NVRTC at start-up
+//!   for the device's compute capability (PTX cached per architecture in the process).
+//! - cudarc with dynamic loading: the build needs no CUDA toolkit, and with no driver
+//!   [`probe`] says why instead of panicking (cudarc panics when a library is missing, so each
+//!   library's presence is checked first).
+//!
+//! Per layer a step launches: `add_rms_norm`, QKV GEMM, (`add_bias`), `rope`, `kv_write`,
+//! `paged_attention` (+ `attention_combine` when split), O GEMM, `add_rms_norm`, gate-up GEMM,
+//! `silu_mul`, down GEMM. Greedy steps pick tokens with `argmax_rows` on the device.
+
+#![allow(unsafe_code)] // kernel launches and cuBLAS calls are unsafe FFI; each is commented.
+
+use super::cpu::{CacheShape, CpuWeights};
+use super::{Backend, Logits, LogitsFor, StepInput};
+use crate::error::{EngineError, Result};
+use crate::spec::ModelSpec;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
+};
+use half::bf16;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use vajra_core::ids::{BlockId, HostBlockId};
+
+/// Kernel sources, in the order they are compiled; each is prefixed with `common.cuh`.
+pub const KERNEL_SOURCES: &[(&str, &str)] = &[
+    ("layers.cu", include_str!("../../../../kernels/layers.cu")),
+    ("attention.cu", include_str!("../../../../kernels/attention.cu")),
+    ("sample.cu", include_str!("../../../../kernels/sample.cu")),
+];
+const COMMON: &str = include_str!("../../../../kernels/common.cuh");
+
+/// Threads per block of the row kernels.
+const ROW_THREADS: u32 = 256;
+/// Threads per block of `paged_attention` (ATT_THREADS in attention.cu).
+const ATT_THREADS: u32 = 128;
+/// Keys per split-K partition of a long context.
+const KEYS_PER_SPLIT: u32 = 256;
+/// Most split-K partitions.
+const MAX_SPLITS: u32 = 32;
+
+fn err(message: impl std::fmt::Display) -> EngineError {
+    EngineError::Backend {
+        backend: "cuda".into(),
+        message: message.to_string(),
+    }
+}
+
+/// Whether a CUDA device can be used, and if not, why (missing driver library, NVRTC or
+/// cuBLAS, or no device).
+///
+/// # Errors
+/// A message saying what is missing.
+pub fn probe() -> std::result::Result<(), String> {
+    // SAFETY: these only try to dlopen the libraries; they call nothing in them.
+    let (driver, nvrtc, cublas) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+            cudarc::cublas::sys::is_culib_present(),
+        )
+    };
+    if !driver {
+        return Err("no CUDA driver (libcuda.so) on this machine".into());
+    }
+    if !nvrtc {
+        return Err("no NVRTC (libnvrtc.so.13) on the library path".into());
+    }
+    if !cublas {
+        return Err("no cuBLAS (libcublas.so.13) on the library path".into());
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => Ok(()),
+        Ok(_) => Err("the CUDA driver reports no device".into()),
+        Err(e) => Err(format!("the CUDA driver failed to start: {e}")),
+    }
+}
+
+/// Compiles every kernel source to PTX for `arch` (e.g. `sm_90`).
+///
+/// # Errors
+/// NVRTC is missing, or a source fails to compile (the log names the file and line).
+pub fn compile_kernels(arch: &'static str) -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> {
+    /// PTX text of every source, per architecture.
+    type PtxCache = HashMap<&'static str, Vec<(&'static str, String)>>;
+    static CACHE: OnceLock<Mutex<PtxCache>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(hit) = cache.lock().expect("ptx cache lock").get(arch) {
+        return Ok(hit
+            .iter()
+            .map(|(n, src)| (*n, cudarc::nvrtc::Ptx::from_src(src.clone())))
+            .collect());
+    }
+    // SAFETY: only dlopen.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(err("no NVRTC (libnvrtc.so.13) on the library path"));
+    }
+    let mut out = Vec::new();
+    let mut texts = Vec::new();
+    for (name, src) in KERNEL_SOURCES {
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            name: Some((*name).into()),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(format!("{COMMON}\n{src}"), opts)
+            .map_err(|e| err(format!("NVRTC compiling kernels/{name} for {arch}: {e}")))?;
+        texts.push((*name, ptx.to_src()));
+        out.push((*name, ptx));
+    }
+    cache.lock().expect("ptx cache lock").insert(arch, texts);
+    Ok(out)
+}
+
+struct Kernels {
+    embed: CudaFunction,
+    add_rms_norm: CudaFunction,
+    rms_norm_rows: CudaFunction,
+    add_bias: CudaFunction,
+    rope: CudaFunction,
+    kv_write: CudaFunction,
+    silu_mul: CudaFunction,
+    fill_uniform: CudaFunction,
+    paged_attention: CudaFunction,
+    attention_combine: CudaFunction,
+    argmax_rows: CudaFunction,
+}
+
+struct GpuLayer {
+    attn_norm: CudaSlice<bf16>,
+    qkv: CudaSlice<bf16>,
+    qkv_bias: Option<CudaSlice<bf16>>,
+    o: CudaSlice<bf16>,
+    mlp_norm: CudaSlice<bf16>,
+    gate_up: CudaSlice<bf16>,
+    down: CudaSlice<bf16>,
+}
+
+/// The CUDA backend.
+pub struct CudaBackend {
+    spec: ModelSpec,
+    shape: CacheShape,
+    device_name: String,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+    embed: CudaSlice<bf16>,
+    lm_head: Option<CudaSlice<bf16>>,
+    final_norm: CudaSlice<bf16>,
+    layers: Vec<GpuLayer>,
+    inv_freq: CudaSlice<f32>,
+    k_cache: Vec<CudaSlice<bf16>>,
+    v_cache: Vec<CudaSlice<bf16>>,
+    k_host: Vec<Vec<bf16>>,
+    v_host: Vec<Vec<bf16>>,
+}
+
+// SAFETY: the backend is used by one thread at a time (the engine loop moves it, never shares
+// it); every CUDA object in it belongs to its own context and stream, and cudarc binds the
+// context to the calling thread before each call.
+unsafe impl Send for CudaBackend {}
+
+/// Which weights to put on the device.
+pub enum WeightSource<'a> {
+    /// Weights loaded from a model folder (widened to f32 on the host, then rounded to bf16).
+    Loaded(&'a CpuWeights),
+    /// Uniform random weights of the model's shape, made on the device (benchmarks, profiles).
+    Random {
+        /// Seed of the fill.
+        seed: u64,
+    },
+}
+
+impl CudaBackend {
+    /// Loads the model folder `dir` onto device 0.
+    ///
+    /// # Errors
+    /// No usable device (the message says what is missing), a model file error, or a device
+    /// failure (out of memory, kernel compilation).
+    pub fn load(dir: &Path, shape_of: impl FnOnce(&ModelSpec) -> CacheShape) -> Result<Self> {
+        probe().map_err(err)?;
+        let spec = ModelSpec::from_dir(dir)?;
+        let w = CpuWeights::load(dir, &spec)?;
+        let shape = shape_of(&spec);
+        Self::new(spec, WeightSource::Loaded(&w), shape)
+    }
+
+    /// A backend for `spec` with the given weights and cache on device 0.
+    ///
+    /// # Errors
+    /// As [`CudaBackend::load`].
+    pub fn new(spec: ModelSpec, weights: WeightSource<'_>, shape: CacheShape) -> Result<Self> {
+        probe().map_err(err)?;
+        let ctx = CudaContext::new(0).map_err(err)?;
+        let (major, minor) = ctx.compute_capability().map_err(err)?;
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let device_name = ctx.name().map_err(err)?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(err)?;
+        let mut funcs = HashMap::new();
+        for (name, ptx) in compile_kernels(arch)? {
+            let module = ctx.load_module(ptx).map_err(|e| err(format!("loading kernels/{name}: {e}")))?;
+            for f in kernel_names(name) {
+                funcs.insert(*f, module.load_function(f).map_err(|e| err(format!("kernel {f}: {e}")))?);
+            }
+        }
+        let take = |n: &str| funcs.get(n).cloned().expect("every kernel name is loaded");
+        let k = Kernels {
+            embed: take("embed"),
+            add_rms_norm: take("add_rms_norm"),
+            rms_norm_rows: take("rms_norm_rows"),
+            add_bias: take("add_bias"),
+            rope: take("rope"),
+            kv_write: take("kv_write"),
+            silu_mul: take("silu_mul"),
+            fill_uniform: take("fill_uniform"),
+            paged_attention: take("paged_attention"),
+            attention_combine: take("attention_combine"),
+            argmax_rows: take("argmax_rows"),
+        };
+        let c = &spec.config;
+        let (h, v, i) = (c.hidden_size as usize, c.vocab_size as usize, c.intermediate_size as usize);
+        let (q, kv) = ((c.num_heads * c.head_dim) as usize, (c.num_kv_heads * c.head_dim) as usize);
+        let up = |x: &[f32]| -> Result<CudaSlice<bf16>> {
+            let b: Vec<bf16> = x.iter().map(|&f| bf16::from_f32(f)).collect();
+            stream.clone_htod(&b).map_err(err)
+        };
+        let mut seed_counter = 0u64;
+        let mut rand = |n: usize, scale: f32, seed: u64| -> Result<CudaSlice<bf16>> {
+            let mut s = stream.alloc_zeros::<bf16>(n).map_err(err)?;
+            seed_counter += 1;
+            let (n64, sd) = (n as u64, seed.wrapping_mul(1_000_003).wrapping_add(seed_counter));
+            let mut b = stream.launch_builder(&k.fill_uniform);
+            b.arg(&mut s).arg(&n64).arg(&sd).arg(&scale);
+            // SAFETY: fill_uniform(bf16*, u64 n, u64 seed, float) writes n elements of `s`.
+            unsafe { b.launch(LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }
+                .map_err(err)?;
+            Ok(s)
+        };
+        let (embed, lm_head, final_norm, layers) = match weights {
+            WeightSource::Loaded(w) => {
+                let layers = w
+                    .layers
+                    .iter()
+                    .map(|l| {
+                        Ok(GpuLayer {
+                            attn_norm: up(&l.attn_norm)?,
+                            qkv: up(&l.qkv)?,
+                            qkv_bias: l.qkv_bias.as_deref().map(up).transpose()?,
+                            o: up(&l.o)?,
+                            mlp_norm: up(&l.mlp_norm)?,
+                            gate_up: up(&l.gate_up)?,
+                            down: up(&l.down)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                (up(&w.embed)?, w.lm_head.as_deref().map(up).transpose()?, up(&w.final_norm)?, layers)
+            }
+            WeightSource::Random { seed } => {
+                let wscale = 1.0 / (h as f32).sqrt();
+                let layers = (0..c.num_layers)
+                    .map(|_| {
+                        Ok(GpuLayer {
+                            attn_norm: rand(h, 1.0, seed)?,
+                            qkv: rand((q + 2 * kv) * h, wscale, seed)?,
+                            qkv_bias: if c.attention_bias { Some(rand(q + 2 * kv, 0.1, seed)?) } else { None },
+                            o: rand(h * q, wscale, seed)?,
+                            mlp_norm: rand(h, 1.0, seed)?,
+                            gate_up: rand(2 * i * h, wscale, seed)?,
+                            down: rand(h * i, 1.0 / (i as f32).sqrt(), seed)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let head = if c.tie_word_embeddings { None } else { Some(rand(v * h, wscale, seed)?) };
+                (rand(v * h, 1.0, seed)?, head, rand(h, 1.0, seed)?, layers)
+            }
+        };
+        let inv: Vec<f32> = spec.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        let inv_freq = stream.clone_htod(&inv).map_err(err)?;
+        let per_layer = shape.num_blocks as usize * shape.block_size as usize * kv;
+        let host = shape.num_host_blocks as usize * shape.block_size as usize * kv;
+        let mut k_cache = Vec::new();
+        let mut v_cache = Vec::new();
+        for _ in 0..c.num_layers {
+            k_cache.push(stream.alloc_zeros::<bf16>(per_layer).map_err(err)?);
+            v_cache.push(stream.alloc_zeros::<bf16>(per_layer).map_err(err)?);
+        }
+        stream.synchronize().map_err(err)?;
+        tracing::info!(device = %device_name, arch, blocks = shape.num_blocks, "cuda backend ready");
+        Ok(CudaBackend {
+            k_host: vec![vec![bf16::ZERO; host]; c.num_layers as usize],
+            v_host: vec![vec![bf16::ZERO; host]; c.num_layers as usize],
+            spec,
+            shape,
+            device_name,
+            stream,
+            blas,
+            k,
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            inv_freq,
+            k_cache,
+            v_cache,
+        })
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// The stream all work runs on (for timing with events).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Blocks until all queued work finished.
+    ///
+    /// # Errors
+    /// A device failure.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(err)
+    }
+
+    /// `y[t × n] = x[t × k] · w[n × k]ᵀ` (row-major, bf16) through cuBLAS.
+    fn gemm(&self, x: &CudaSlice<bf16>, t: usize, k: usize, w: &CudaSlice<bf16>, n: usize, y: &mut CudaSlice<bf16>) -> Result<()> {
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: t as i32,
+            k: k as i32,
+            alpha: bf16::ONE,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: bf16::ZERO,
+            ldc: n as i32,
+        };
+        // SAFETY: column-major view of the row-major product: C(n×t) = Wᵀ(n×k)·X(k×t); the
+        // slices hold n·k, t·k and t·n elements (allocated by the caller for these sizes).
+        unsafe { self.blas.gemm(cfg, w, x, y) }.map_err(err)
+    }
+
+    /// Logits in f32: `y[r × v] = x[r × h] · head[v × h]ᵀ`.
+    fn gemm_logits(&self, x: &CudaSlice<bf16>, r: usize, h: usize, head: &CudaSlice<bf16>, v: usize, y: &mut CudaSlice<f32>) -> Result<()> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (hp, _g1) = head.device_ptr(&self.stream);
+        let (xp, _g2) = x.device_ptr(&self.stream);
+        let (yp, _g3) = y.device_ptr_mut(&self.stream);
+        // SAFETY: as `gemm`, with an f32 output of r·v elements.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                v as i32,
+                r as i32,
+                h as i32,
+                (&alpha) as *const f32 as *const _,
+                hp as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                h as i32,
+                xp as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                h as i32,
+                (&beta) as *const f32 as *const _,
+                yp as *mut _,
+                cudaDataType_t::CUDA_R_32F,
+                v as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(err)
+    }
+
+    /// Runs the forward pass and leaves f32 logits of the wanted rows on the device.
+    fn forward(&mut self, input: &StepInput<'_>) -> Result<(CudaSlice<f32>, usize)> {
+        let c = self.spec.config.clone();
+        let bs = self.shape.block_size as usize;
+        let (h, hd) = (c.hidden_size as usize, c.head_dim as usize);
+        let (nh, nkv) = (c.num_heads as usize, c.num_kv_heads as usize);
+        let (q_w, kv_w) = (nh * hd, nkv * hd);
+        let qkv_w = q_w + 2 * kv_w;
+        let inter = c.intermediate_size as usize;
+        let vocab = c.vocab_size as usize;
+        let eps = c.rms_norm_eps as f32;
+
+        // Host-side step description.
+        let max_blocks = input.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(1).max(1);
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        let mut tok_seq = Vec::new();
+        let mut slots = Vec::new();
+        let mut tables = vec![0i32; input.seqs.len() * max_blocks];
+        let mut rows = Vec::new();
+        let mut max_ctx = 0u32;
+        for (si, s) in input.seqs.iter().enumerate() {
+            let end = s.context as usize + s.tokens.len();
+            if s.block_table.len() < end.div_ceil(bs) {
+                return Err(err(format!("request {si} of the step has {} blocks for {end} positions", s.block_table.len())));
+            }
+            for (bi, b) in s.block_table.iter().enumerate() {
+                if b.0 >= self.shape.num_blocks {
+                    return Err(err(format!("block {} ≥ num_blocks {}", b.0, self.shape.num_blocks)));
+                }
+                tables[si * max_blocks + bi] = b.0 as i32;
+            }
+            for (i, &t) in s.tokens.iter().enumerate() {
+                if t >= c.vocab_size {
+                    return Err(err(format!("token id {t} ≥ vocab_size {}", c.vocab_size)));
+                }
+                let p = s.context as usize + i;
+                ids.push(t as i32);
+                pos.push(p as i32);
+                tok_seq.push(si as i32);
+                slots.push((s.block_table[p / bs].0 as usize * bs + p % bs) as i32);
+                if input.logits_for == LogitsFor::AllTokens || (s.sample && i + 1 == s.tokens.len()) {
+                    rows.push((ids.len() - 1) as i32);
+                }
+            }
+            max_ctx = max_ctx.max(end as u32);
+        }
+        let t = ids.len();
+        let st = self.stream.clone();
+        let up = |v: &[i32]| st.clone_htod(v).map_err(err);
+        let (d_ids, d_pos, d_seq, d_slots, d_tables, d_rows) =
+            (up(&ids)?, up(&pos)?, up(&tok_seq)?, up(&slots)?, up(&tables)?, up(&rows)?);
+        let alloc_bf = |n: usize| unsafe { st.alloc::<bf16>(n.max(1)) }.map_err(err);
+        let mut x = st.alloc_zeros::<f32>(t * h).map_err(err)?;
+        let mut hn = alloc_bf(t * h)?;
+        let mut qkv = alloc_bf(t * qkv_w)?;
+        let mut attn = alloc_bf(t * q_w)?;
+        let mut proj = alloc_bf(t * h)?;
+        let mut gu = alloc_bf(t * 2 * inter)?;
+        let mut act = alloc_bf(t * inter)?;
+        let sms = 132u32;
+        let splits = if (t * nh) as u32 >= 2 * sms {
+            1
+        } else {
+            max_ctx.div_ceil(KEYS_PER_SPLIT).clamp(1, MAX_SPLITS)
+        };
+        let mut ws_acc = st.alloc_zeros::<f32>((t * nh * splits as usize * hd).max(1)).map_err(err)?;
+        let mut ws_ml = st.alloc_zeros::<f32>((t * nh * splits as usize * 2).max(1)).map_err(err)?;
+        let rows_cfg = |n: usize| LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (h_i, qkv_i, q_i, kv_i, inter_i, hd_i) = (h as i32, qkv_w as i32, q_w as i32, kv_w as i32, inter as i32, hd as i32);
+        let rot_heads = (nh + nkv) as i32;
+        let (nh_i, nkv_i, bs_i, mb_i) = (nh as i32, nkv as i32, bs as i32, max_blocks as i32);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let window = self.spec.sliding_window.map_or(0, |w| w as i32);
+        let null = 0u64;
+        let splits_i = splits as i32;
+
+        // SAFETY (every launch below): argument lists match the kernel signatures in kernels/,
+        // and every buffer is allocated above for the t rows (or r rows) it is launched over.
+        unsafe {
+            let mut b = st.launch_builder(&self.k.embed);
+            b.arg(&d_ids).arg(&self.embed).arg(&mut x).arg(&h_i);
+            b.launch(rows_cfg(t)).map_err(err)?;
+        }
+        for l in 0..self.layers.len() {
+            let layer = &self.layers[l];
+            unsafe {
+                let mut b = st.launch_builder(&self.k.add_rms_norm);
+                b.arg(&mut x);
+                if l == 0 { b.arg(&null); } else { b.arg(&proj); }
+                b.arg(&layer.attn_norm).arg(&mut hn).arg(&h_i).arg(&eps);
+                b.launch(rows_cfg(t)).map_err(err)?;
+            }
+            self.gemm(&hn, t, h, &layer.qkv, qkv_w, &mut qkv)?;
+            if let Some(bias) = &layer.qkv_bias {
+                unsafe {
+                    let mut b = st.launch_builder(&self.k.add_bias);
+                    b.arg(&mut qkv).arg(bias).arg(&qkv_i);
+                    b.launch(rows_cfg(t)).map_err(err)?;
+                }
+            }
+            unsafe {
+                let mut b = st.launch_builder(&self.k.rope);
+                b.arg(&mut qkv).arg(&d_pos).arg(&self.inv_freq).arg(&qkv_i).arg(&rot_heads).arg(&hd_i);
+                b.launch(rows_cfg(t)).map_err(err)?;
+                let mut b = st.launch_builder(&self.k.kv_write);
+                b.arg(&qkv).arg(&mut self.k_cache[l]).arg(&mut self.v_cache[l]).arg(&d_slots).arg(&qkv_i).arg(&q_i).arg(&kv_i);
+                b.launch(rows_cfg(t)).map_err(err)?;
+                let mut b = st.launch_builder(&self.k.paged_attention);
+                b.arg(&qkv).arg(&self.k_cache[l]).arg(&self.v_cache[l]).arg(&mut attn).arg(&mut ws_acc).arg(&mut ws_ml)
+                    .arg(&d_seq).arg(&d_pos).arg(&d_tables).arg(&mb_i).arg(&bs_i).arg(&nh_i).arg(&nkv_i).arg(&hd_i)
+                    .arg(&qkv_i).arg(&scale).arg(&window);
+                b.launch(LaunchConfig { grid_dim: (t as u32, nh as u32, splits), block_dim: (ATT_THREADS, 1, 1), shared_mem_bytes: 0 })
+                    .map_err(err)?;
+                if splits > 1 {
+                    let mut b = st.launch_builder(&self.k.attention_combine);
+                    b.arg(&ws_acc).arg(&ws_ml).arg(&mut attn).arg(&nh_i).arg(&hd_i).arg(&splits_i);
+                    b.launch(LaunchConfig { grid_dim: (t as u32, nh as u32, 1), block_dim: (ATT_THREADS, 1, 1), shared_mem_bytes: 0 })
+                        .map_err(err)?;
+                }
+            }
+            self.gemm(&attn, t, q_w, &layer.o, h, &mut proj)?;
+            unsafe {
+                let mut b = st.launch_builder(&self.k.add_rms_norm);
+                b.arg(&mut x).arg(&proj).arg(&layer.mlp_norm).arg(&mut hn).arg(&h_i).arg(&eps);
+                b.launch(rows_cfg(t)).map_err(err)?;
+            }
+            self.gemm(&hn, t, h, &layer.gate_up, 2 * inter, &mut gu)?;
+            unsafe {
+                let mut b = st.launch_builder(&self.k.silu_mul);
+                b.arg(&gu).arg(&mut act).arg(&inter_i);
+                b.launch(rows_cfg(t)).map_err(err)?;
+            }
+            self.gemm(&act, t, inter, &layer.down, h, &mut proj)?;
+        }
+        // Last residual add (the normed output is unused), then the final norm of the rows wanted.
+        let r = rows.len();
+        let mut sel = alloc_bf(r * h)?;
+        unsafe {
+            let mut b = st.launch_builder(&self.k.add_rms_norm);
+            b.arg(&mut x).arg(&proj).arg(&self.final_norm).arg(&mut hn).arg(&h_i).arg(&eps);
+            b.launch(rows_cfg(t)).map_err(err)?;
+            let mut b = st.launch_builder(&self.k.rms_norm_rows);
+            b.arg(&x).arg(&d_rows).arg(&self.final_norm).arg(&mut sel).arg(&h_i).arg(&eps);
+            if r > 0 {
+                b.launch(rows_cfg(r)).map_err(err)?;
+            }
+        }
+        let mut logits = st.alloc_zeros::<f32>((r * vocab).max(1)).map_err(err)?;
+        if r > 0 {
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            self.gemm_logits(&sel, r, h, head, vocab, &mut logits)?;
+        }
+        Ok((logits, r))
+    }
+}
+
+fn kernel_names(file: &str) -> &'static [&'static str] {
+    match file {
+        "layers.cu" => &["embed", "add_rms_norm", "rms_norm_rows", "add_bias", "rope", "kv_write", "silu_mul", "fill_uniform"],
+        "attention.cu" => &["paged_attention", "attention_combine"],
+        "sample.cu" => &["argmax_rows"],
+        _ => &[],
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn num_blocks(&self) -> u32 {
+        self.shape.num_blocks
+    }
+
+    fn num_host_blocks(&self) -> u32 {
+        self.shape.num_host_blocks
+    }
+
+    fn execute(&mut self, input: &StepInput<'_>) -> Result<Logits> {
+        let (logits, r) = self.forward(input)?;
+        let vocab = self.spec.config.vocab_size as usize;
+        let mut data = self.stream.clone_dtoh(&logits).map_err(err)?;
+        data.truncate(r * vocab);
+        Ok(Logits { vocab, data })
+    }
+
+    fn execute_greedy(&mut self, input: &StepInput<'_>) -> Result<Vec<u32>> {
+        let (logits, r) = self.forward(input)?;
+        if r == 0 {
+            return Ok(Vec::new());
+        }
+        let mut ids = self.stream.alloc_zeros::<i32>(r).map_err(err)?;
+        let vocab = self.spec.config.vocab_size as i32;
+        // SAFETY: argmax_rows(const float*, int vocab, int* out) over r rows of `logits`.
+        unsafe {
+            let mut b = self.stream.launch_builder(&self.k.argmax_rows);
+            b.arg(&logits).arg(&vocab).arg(&mut ids);
+            b.launch(LaunchConfig { grid_dim: (r as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })
+                .map_err(err)?;
+        }
+        let host = self.stream.clone_dtoh(&ids).map_err(err)?;
+        Ok(host.into_iter().map(|i| i as u32).collect())
+    }
+
+    fn swap(&mut self, out: &[(BlockId, HostBlockId)], ins: &[(HostBlockId, BlockId)]) -> Result<()> {
+        let c = &self.spec.config;
+        let per = self.shape.block_size as usize * (c.num_kv_heads * c.head_dim) as usize;
+        let (nd, nhb) = (self.shape.num_blocks, self.shape.num_host_blocks);
+        if out.iter().any(|(d, hb)| d.0 >= nd || hb.0 >= nhb) || ins.iter().any(|(hb, d)| d.0 >= nd || hb.0 >= nhb) {
+            return Err(err(format!("swap outside {nd} device / {nhb} host blocks")));
+        }
+        let r = |b: u32| b as usize * per..(b as usize + 1) * per;
+        for l in 0..self.k_cache.len() {
+            for &(d, hb) in out {
+                self.stream.memcpy_dtoh(&self.k_cache[l].slice(r(d.0)), &mut self.k_host[l][r(hb.0)]).map_err(err)?;
+                self.stream.memcpy_dtoh(&self.v_cache[l].slice(r(d.0)), &mut self.v_host[l][r(hb.0)]).map_err(err)?;
+            }
+            for &(hb, d) in ins {
+                self.stream.memcpy_htod(&self.k_host[l][r(hb.0)], &mut self.k_cache[l].slice_mut(r(d.0))).map_err(err)?;
+                self.stream.memcpy_htod(&self.v_host[l][r(hb.0)], &mut self.v_cache[l].slice_mut(r(d.0))).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs where libnvrtc.so.13 can be loaded (CI downloads the `nvidia-cuda-nvrtc` wheel);
+    /// needs no GPU.
+    #[test]
+    fn nvrtc_compiles_every_kernel_for_sm90() {
+        // SAFETY: only dlopen.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!(
+                "SKIPPED nvrtc_compiles_every_kernel_for_sm90: libnvrtc.so.13 is not on the library \
+                 path (pip download nvidia-cuda-nvrtc; .ci/run does)"
+            );
+            return;
+        }
+        let ptx = compile_kernels("sm_90").unwrap();
+        assert_eq!(ptx.len(), KERNEL_SOURCES.len());
+        for (name, p) in &ptx {
+            let text = p.to_src();
+            assert!(text.contains(".target sm_90"), "{name}: not compiled for sm_90");
+            for k in kernel_names(name) {
+                assert!(text.contains(&format!(".entry {k}(")), "{name}: kernel {k} missing from the PTX");
+            }
+        }
+    }
+
+    #[test]
+    fn probe_explains_a_missing_device_instead_of_panicking() {
+        match probe() {
+            Ok(()) => eprintln!("a CUDA device is present"),
+            Err(why) => assert!(!why.is_empty()),
+        }
+    }
+}
