@@ -17,8 +17,11 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod gpu_tools;
 pub mod sampler;
 pub mod server;
+pub mod shapes;
 pub mod spec;
 pub mod tokenizer;
 pub mod weights;
@@ -31,16 +34,65 @@ use std::path::Path;
 use std::sync::Arc;
 use tokenizer::TextCodec;
 
+/// Which executor runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The CPU reference backend (f32).
+    Cpu,
+    /// The CUDA backend (bf16; needs the `cuda` feature and a device).
+    Cuda,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(BackendKind::Cpu),
+            "cuda" => Ok(BackendKind::Cuda),
+            other => Err(EngineError::invalid("backend", other, "cpu or cuda")),
+        }
+    }
+}
+
 /// Loads a model folder onto the CPU backend with a KV cache of `kv_cache_mib` MiB.
 ///
 /// # Errors
 /// A missing or malformed model file, or an invalid engine config.
 pub fn load_cpu_engine(dir: &Path, cfg: EngineConfig, kv_cache_mib: u64) -> Result<Engine> {
+    load_engine(dir, cfg, BackendKind::Cpu, kv_cache_mib)
+}
+
+/// Loads a model folder onto the chosen backend with a KV cache of `kv_cache_mib` MiB.
+///
+/// # Errors
+/// A missing or malformed model file, an invalid engine config, or (CUDA) no usable device or a
+/// build without the `cuda` feature — the message says which.
+pub fn load_engine(
+    dir: &Path,
+    cfg: EngineConfig,
+    kind: BackendKind,
+    kv_cache_mib: u64,
+) -> Result<Engine> {
     let block_size = cfg.cache.block_size;
-    let backend = CpuBackend::load(dir, |spec| CacheShape {
-        num_host_blocks: cfg.cache.swap_blocks,
-        ..CacheShape::for_memory(spec, block_size, kv_cache_mib)
-    })?;
-    let codec = TextCodec::load(dir, &backend.spec_eos())?;
-    Engine::new(cfg, Box::new(backend), Arc::new(codec))
+    let host_blocks = cfg.cache.swap_blocks;
+    let backend: Box<dyn backend::Backend> = match kind {
+        BackendKind::Cpu => Box::new(CpuBackend::load(dir, |spec| CacheShape {
+            num_host_blocks: host_blocks,
+            ..CacheShape::for_memory(spec, block_size, kv_cache_mib)
+        })?),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Box::new(backend::cuda::CudaBackend::load(dir, |spec| CacheShape {
+            num_host_blocks: host_blocks,
+            ..CacheShape::for_memory_of(spec, block_size, kv_cache_mib, 2)
+        })?),
+        #[cfg(not(feature = "cuda"))]
+        BackendKind::Cuda => {
+            return Err(EngineError::Backend {
+                backend: "cuda".into(),
+                message: "this binary was built without the `cuda` feature (cargo build --features cuda); the cpu backend is available".into(),
+            });
+        }
+    };
+    let codec = TextCodec::load(dir, &backend.spec().eos_token_ids)?;
+    Engine::new(cfg, backend, Arc::new(codec))
 }

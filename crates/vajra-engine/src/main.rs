@@ -37,6 +37,44 @@ enum Cmd {
     Serve(ServeArgs),
     /// Measure prefill and decode throughput with random prompts.
     Throughput(ThroughputArgs),
+    /// CUDA: decode step time against the bandwidth floor and prefill TFLOP/s against cuBLAS,
+    /// on a named shape with random weights (needs `--features cuda` and a device).
+    GpuBench(GpuBenchArgs),
+    /// CUDA: per-operator times over a grid, written as `<out>/<model>/{mlp,attention}.csv` in
+    /// Vidur's schema with provenance (needs `--features cuda` and a device).
+    Profile(ProfileArgs),
+}
+
+#[derive(Args)]
+struct GpuBenchArgs {
+    /// Model shape (Meta-Llama-3-8B, Llama-2-7b-hf, SmolLM2-135M).
+    #[arg(long, default_value = "Meta-Llama-3-8B")]
+    shape: String,
+    /// Decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
+    decode_batches: Vec<usize>,
+    /// Context length of every decoding request.
+    #[arg(long, default_value_t = 512)]
+    decode_context: u32,
+    /// Prefill lengths (one request each).
+    #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+    prefill: Vec<usize>,
+    /// Also write the numbers as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    /// Model shape (Meta-Llama-3-8B, Llama-2-7b-hf, SmolLM2-135M).
+    #[arg(long, default_value = "Meta-Llama-3-8B")]
+    shape: String,
+    /// Output folder: writes `<out>/<model>/`.
+    #[arg(long)]
+    out: PathBuf,
+    /// A small grid (seconds instead of minutes).
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Args)]
@@ -50,7 +88,10 @@ struct EngineArgs {
     /// Scheduling policy, replacing the config's: vllm_v1, sarathi, vllm_v0, orca, faster_transformer, lightllm.
     #[arg(long)]
     policy: Option<String>,
-    /// KV-cache memory of the CPU backend, in MiB.
+    /// Executor: cpu (f32 reference) or cuda (bf16; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// KV-cache memory, in MiB.
     #[arg(long, default_value_t = DEFAULT_KV_CACHE_MIB)]
     kv_cache_mib: u64,
     /// Longest prompt + output accepted (default: the model's max_position_embeddings).
@@ -151,12 +192,14 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
 fn load(a: &EngineArgs) -> Result<vajra_engine::engine::Engine> {
     let cfg = engine_config(a)?;
     let t = Instant::now();
-    let e = vajra_engine::load_cpu_engine(&a.model, cfg, a.kv_cache_mib)?;
+    let kind: vajra_engine::BackendKind = a.backend.parse()?;
+    let e = vajra_engine::load_engine(&a.model, cfg, kind, a.kv_cache_mib)?;
     tracing::info!(
         model = %a.model.display(),
+        backend = e.backend().name(),
         blocks = e.backend().num_blocks(),
         secs = t.elapsed().as_secs_f64(),
-        "loaded on the cpu backend"
+        "loaded"
     );
     Ok(e)
 }
@@ -320,6 +363,45 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "cuda")]
+fn gpu_bench(a: GpuBenchArgs) -> Result<()> {
+    let spec = vajra_engine::shapes::named(&a.shape)?;
+    if a.decode_context < 2 {
+        bail!("--decode-context must be ≥ 2");
+    }
+    let (md, json) =
+        vajra_engine::gpu_tools::bench(&spec, &a.decode_batches, a.decode_context, &a.prefill)?;
+    println!("{md}");
+    if let Some(p) = a.out {
+        std::fs::write(&p, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn profile(a: ProfileArgs) -> Result<()> {
+    let spec = vajra_engine::shapes::named(&a.shape)?;
+    let cmd: Vec<String> = std::env::args().collect();
+    let dir = vajra_engine::gpu_tools::profile(&spec, &a.out, a.quick, &cmd.join(" "))?;
+    println!("wrote {}", dir.display());
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_bench(_: GpuBenchArgs) -> Result<()> {
+    bail!(
+        "gpu-bench needs the CUDA backend: build with `cargo build --release -p vajra-engine --features cuda`"
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profile(_: ProfileArgs) -> Result<()> {
+    bail!(
+        "profile needs the CUDA backend: build with `cargo build --release -p vajra-engine --features cuda`"
+    )
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -333,6 +415,8 @@ fn main() {
         Cmd::Generate(a) => generate(a),
         Cmd::Serve(a) => serve(a),
         Cmd::Throughput(a) => throughput(a),
+        Cmd::GpuBench(a) => gpu_bench(a),
+        Cmd::Profile(a) => profile(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

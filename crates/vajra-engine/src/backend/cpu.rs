@@ -136,8 +136,13 @@ pub struct CacheShape {
 impl CacheShape {
     /// As many blocks as fit `mib` MiB of f32 K and V for `spec`.
     pub fn for_memory(spec: &ModelSpec, block_size: u32, mib: u64) -> Self {
+        Self::for_memory_of(spec, block_size, mib, 4)
+    }
+
+    /// As many blocks as fit `mib` MiB of K and V stored in `elem_bytes`-byte elements.
+    pub fn for_memory_of(spec: &ModelSpec, block_size: u32, mib: u64, elem_bytes: u64) -> Self {
         let per_block = spec.config.kv_bytes_per_token(1) / u64::from(spec.config.dtype_bytes)
-            * 4
+            * elem_bytes
             * u64::from(block_size);
         CacheShape {
             block_size,
@@ -192,11 +197,6 @@ impl CpuBackend {
         let w = CpuWeights::load(dir, &spec)?;
         let shape = shape_of(&spec);
         Ok(Self::new(spec, w, shape))
-    }
-
-    /// End-of-sequence ids named by `config.json`.
-    pub fn spec_eos(&self) -> Vec<u32> {
-        self.spec.eos_token_ids.clone()
     }
 
     fn err(&self, message: String) -> EngineError {

@@ -18,14 +18,17 @@ use super::cpu::{CacheShape, CpuWeights};
 use super::{Backend, Logits, LogitsFor, StepInput};
 use crate::error::{EngineError, Result};
 use crate::spec::ModelSpec;
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
 };
 use half::bf16;
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use vajra_core::ids::{BlockId, HostBlockId};
@@ -33,7 +36,10 @@ use vajra_core::ids::{BlockId, HostBlockId};
 /// Kernel sources, in the order they are compiled; each is prefixed with `common.cuh`.
 pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("layers.cu", include_str!("../../../../kernels/layers.cu")),
-    ("attention.cu", include_str!("../../../../kernels/attention.cu")),
+    (
+        "attention.cu",
+        include_str!("../../../../kernels/attention.cu"),
+    ),
     ("sample.cu", include_str!("../../../../kernels/sample.cu")),
 ];
 const COMMON: &str = include_str!("../../../../kernels/common.cuh");
@@ -43,7 +49,7 @@ const ROW_THREADS: u32 = 256;
 /// Threads per block of `paged_attention` (ATT_THREADS in attention.cu).
 const ATT_THREADS: u32 = 128;
 /// Keys per split-K partition of a long context.
-const KEYS_PER_SPLIT: u32 = 256;
+const KEYS_PER_SPLIT: u32 = 64;
 /// Most split-K partitions.
 const MAX_SPLITS: u32 = 32;
 
@@ -161,6 +167,8 @@ pub struct CudaBackend {
     v_cache: Vec<CudaSlice<bf16>>,
     k_host: Vec<Vec<bf16>>,
     v_host: Vec<Vec<bf16>>,
+    /// While profiling: an event recorded after each operator, with the operator's name.
+    marks: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
 }
 
 // SAFETY: the backend is used by one thread at a time (the engine loop moves it, never shares
@@ -207,9 +215,16 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone()).map_err(err)?;
         let mut funcs = HashMap::new();
         for (name, ptx) in compile_kernels(arch)? {
-            let module = ctx.load_module(ptx).map_err(|e| err(format!("loading kernels/{name}: {e}")))?;
+            let module = ctx
+                .load_module(ptx)
+                .map_err(|e| err(format!("loading kernels/{name}: {e}")))?;
             for f in kernel_names(name) {
-                funcs.insert(*f, module.load_function(f).map_err(|e| err(format!("kernel {f}: {e}")))?);
+                funcs.insert(
+                    *f,
+                    module
+                        .load_function(f)
+                        .map_err(|e| err(format!("kernel {f}: {e}")))?,
+                );
             }
         }
         let take = |n: &str| funcs.get(n).cloned().expect("every kernel name is loaded");
@@ -227,8 +242,15 @@ impl CudaBackend {
             argmax_rows: take("argmax_rows"),
         };
         let c = &spec.config;
-        let (h, v, i) = (c.hidden_size as usize, c.vocab_size as usize, c.intermediate_size as usize);
-        let (q, kv) = ((c.num_heads * c.head_dim) as usize, (c.num_kv_heads * c.head_dim) as usize);
+        let (h, v, i) = (
+            c.hidden_size as usize,
+            c.vocab_size as usize,
+            c.intermediate_size as usize,
+        );
+        let (q, kv) = (
+            (c.num_heads * c.head_dim) as usize,
+            (c.num_kv_heads * c.head_dim) as usize,
+        );
         let up = |x: &[f32]| -> Result<CudaSlice<bf16>> {
             let b: Vec<bf16> = x.iter().map(|&f| bf16::from_f32(f)).collect();
             stream.clone_htod(&b).map_err(err)
@@ -237,12 +259,21 @@ impl CudaBackend {
         let mut rand = |n: usize, scale: f32, seed: u64| -> Result<CudaSlice<bf16>> {
             let mut s = stream.alloc_zeros::<bf16>(n).map_err(err)?;
             seed_counter += 1;
-            let (n64, sd) = (n as u64, seed.wrapping_mul(1_000_003).wrapping_add(seed_counter));
+            let (n64, sd) = (
+                n as u64,
+                seed.wrapping_mul(1_000_003).wrapping_add(seed_counter),
+            );
             let mut b = stream.launch_builder(&k.fill_uniform);
             b.arg(&mut s).arg(&n64).arg(&sd).arg(&scale);
             // SAFETY: fill_uniform(bf16*, u64 n, u64 seed, float) writes n elements of `s`.
-            unsafe { b.launch(LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }
-                .map_err(err)?;
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (1024, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(err)?;
             Ok(s)
         };
         let (embed, lm_head, final_norm, layers) = match weights {
@@ -262,7 +293,12 @@ impl CudaBackend {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                (up(&w.embed)?, w.lm_head.as_deref().map(up).transpose()?, up(&w.final_norm)?, layers)
+                (
+                    up(&w.embed)?,
+                    w.lm_head.as_deref().map(up).transpose()?,
+                    up(&w.final_norm)?,
+                    layers,
+                )
             }
             WeightSource::Random { seed } => {
                 let wscale = 1.0 / (h as f32).sqrt();
@@ -271,7 +307,11 @@ impl CudaBackend {
                         Ok(GpuLayer {
                             attn_norm: rand(h, 1.0, seed)?,
                             qkv: rand((q + 2 * kv) * h, wscale, seed)?,
-                            qkv_bias: if c.attention_bias { Some(rand(q + 2 * kv, 0.1, seed)?) } else { None },
+                            qkv_bias: if c.attention_bias {
+                                Some(rand(q + 2 * kv, 0.1, seed)?)
+                            } else {
+                                None
+                            },
                             o: rand(h * q, wscale, seed)?,
                             mlp_norm: rand(h, 1.0, seed)?,
                             gate_up: rand(2 * i * h, wscale, seed)?,
@@ -279,7 +319,11 @@ impl CudaBackend {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let head = if c.tie_word_embeddings { None } else { Some(rand(v * h, wscale, seed)?) };
+                let head = if c.tie_word_embeddings {
+                    None
+                } else {
+                    Some(rand(v * h, wscale, seed)?)
+                };
                 (rand(v * h, 1.0, seed)?, head, rand(h, 1.0, seed)?, layers)
             }
         };
@@ -311,7 +355,103 @@ impl CudaBackend {
             inv_freq,
             k_cache,
             v_cache,
+            marks: RefCell::new(None),
         })
+    }
+
+    /// The CUDA driver's version, e.g. `13.0`.
+    pub fn driver_version() -> String {
+        let mut v = 0i32;
+        // SAFETY: writes one int; the driver library was found by `probe` before any backend exists.
+        let ok = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+        if ok == cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS {
+            format!("{}.{}", v / 1000, (v % 1000) / 10)
+        } else {
+            "unknown".into()
+        }
+    }
+
+    /// Device-to-device copy bandwidth, GB/s counting bytes read plus bytes written (as
+    /// `profiles/measured/h100/device.json` does), over `mib` MiB buffers.
+    ///
+    /// # Errors
+    /// A device failure (e.g. out of memory).
+    pub fn copy_bandwidth(&self, mib: usize, reps: usize) -> Result<f64> {
+        let n = mib << 19; // bf16 elements
+        let src = self.stream.alloc_zeros::<bf16>(n).map_err(err)?;
+        let mut dst = self.stream.alloc_zeros::<bf16>(n).map_err(err)?;
+        let ev = || {
+            self.stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(err)
+        };
+        for _ in 0..2 {
+            self.stream.memcpy_dtod(&src, &mut dst).map_err(err)?;
+        }
+        let a = ev()?;
+        for _ in 0..reps {
+            self.stream.memcpy_dtod(&src, &mut dst).map_err(err)?;
+        }
+        let b = ev()?;
+        let ms = f64::from(a.elapsed_ms(&b).map_err(err)?) / reps as f64;
+        Ok(2.0 * (n * 2) as f64 / (ms * 1e-3) / 1e9)
+    }
+
+    /// cuBLAS bf16 GEMM rate, TFLOP/s, for `y[t × n] = x[t × k] · w[n × k]ᵀ`.
+    ///
+    /// # Errors
+    /// A device failure.
+    pub fn gemm_tflops(&self, t: usize, k: usize, n: usize, reps: usize) -> Result<f64> {
+        let x = self.stream.alloc_zeros::<bf16>(t * k).map_err(err)?;
+        let w = self.stream.alloc_zeros::<bf16>(n * k).map_err(err)?;
+        let mut y = self.stream.alloc_zeros::<bf16>(t * n).map_err(err)?;
+        let ev = || {
+            self.stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(err)
+        };
+        for _ in 0..3 {
+            self.gemm(&x, t, k, &w, n, &mut y)?;
+        }
+        let a = ev()?;
+        for _ in 0..reps {
+            self.gemm(&x, t, k, &w, n, &mut y)?;
+        }
+        let b = ev()?;
+        let ms = f64::from(a.elapsed_ms(&b).map_err(err)?) / reps as f64;
+        Ok(2.0 * (t * k * n) as f64 / (ms * 1e-3) / 1e12)
+    }
+
+    /// Records the end of operator `op` while profiling.
+    fn mark(&self, op: &'static str) -> Result<()> {
+        if let Some(m) = self.marks.borrow_mut().as_mut() {
+            let e = self
+                .stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(err)?;
+            m.push((op, e));
+        }
+        Ok(())
+    }
+
+    /// Runs one step with an event after every operator and returns each operator's device
+    /// time summed over the step, in ms (per-layer operators summed over all layers).
+    ///
+    /// # Errors
+    /// As [`Backend::execute`].
+    pub fn profile_step(&mut self, input: &StepInput<'_>) -> Result<BTreeMap<&'static str, f64>> {
+        *self.marks.borrow_mut() = Some(Vec::new());
+        self.mark("start")?;
+        let run = self.forward(input);
+        let marks = self.marks.borrow_mut().take().unwrap_or_default();
+        run?;
+        self.stream.synchronize().map_err(err)?;
+        let mut out = BTreeMap::new();
+        for w in marks.windows(2) {
+            let ms = w[0].1.elapsed_ms(&w[1].1).map_err(err)?;
+            *out.entry(w[1].0).or_insert(0.0) += f64::from(ms);
+        }
+        Ok(out)
     }
 
     /// The device's name.
@@ -333,7 +473,15 @@ impl CudaBackend {
     }
 
     /// `y[t × n] = x[t × k] · w[n × k]ᵀ` (row-major, bf16) through cuBLAS.
-    fn gemm(&self, x: &CudaSlice<bf16>, t: usize, k: usize, w: &CudaSlice<bf16>, n: usize, y: &mut CudaSlice<bf16>) -> Result<()> {
+    fn gemm(
+        &self,
+        x: &CudaSlice<bf16>,
+        t: usize,
+        k: usize,
+        w: &CudaSlice<bf16>,
+        n: usize,
+        y: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
             transb: cublasOperation_t::CUBLAS_OP_N,
@@ -352,7 +500,15 @@ impl CudaBackend {
     }
 
     /// Logits in f32: `y[r × v] = x[r × h] · head[v × h]ᵀ`.
-    fn gemm_logits(&self, x: &CudaSlice<bf16>, r: usize, h: usize, head: &CudaSlice<bf16>, v: usize, y: &mut CudaSlice<f32>) -> Result<()> {
+    fn gemm_logits(
+        &self,
+        x: &CudaSlice<bf16>,
+        r: usize,
+        h: usize,
+        head: &CudaSlice<bf16>,
+        v: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (hp, _g1) = head.device_ptr(&self.stream);
         let (xp, _g2) = x.device_ptr(&self.stream);
@@ -397,7 +553,13 @@ impl CudaBackend {
         let eps = c.rms_norm_eps as f32;
 
         // Host-side step description.
-        let max_blocks = input.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(1).max(1);
+        let max_blocks = input
+            .seqs
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let mut ids = Vec::new();
         let mut pos = Vec::new();
         let mut tok_seq = Vec::new();
@@ -408,11 +570,17 @@ impl CudaBackend {
         for (si, s) in input.seqs.iter().enumerate() {
             let end = s.context as usize + s.tokens.len();
             if s.block_table.len() < end.div_ceil(bs) {
-                return Err(err(format!("request {si} of the step has {} blocks for {end} positions", s.block_table.len())));
+                return Err(err(format!(
+                    "request {si} of the step has {} blocks for {end} positions",
+                    s.block_table.len()
+                )));
             }
             for (bi, b) in s.block_table.iter().enumerate() {
                 if b.0 >= self.shape.num_blocks {
-                    return Err(err(format!("block {} ≥ num_blocks {}", b.0, self.shape.num_blocks)));
+                    return Err(err(format!(
+                        "block {} ≥ num_blocks {}",
+                        b.0, self.shape.num_blocks
+                    )));
                 }
                 tables[si * max_blocks + bi] = b.0 as i32;
             }
@@ -425,7 +593,8 @@ impl CudaBackend {
                 pos.push(p as i32);
                 tok_seq.push(si as i32);
                 slots.push((s.block_table[p / bs].0 as usize * bs + p % bs) as i32);
-                if input.logits_for == LogitsFor::AllTokens || (s.sample && i + 1 == s.tokens.len()) {
+                if input.logits_for == LogitsFor::AllTokens || (s.sample && i + 1 == s.tokens.len())
+                {
                     rows.push((ids.len() - 1) as i32);
                 }
             }
@@ -433,9 +602,19 @@ impl CudaBackend {
         }
         let t = ids.len();
         let st = self.stream.clone();
-        let up = |v: &[i32]| st.clone_htod(v).map_err(err);
-        let (d_ids, d_pos, d_seq, d_slots, d_tables, d_rows) =
-            (up(&ids)?, up(&pos)?, up(&tok_seq)?, up(&slots)?, up(&tables)?, up(&rows)?);
+        // Zero-length device buffers are not allowed: an empty list uploads one unused element.
+        let up = |v: &[i32]| {
+            st.clone_htod(if v.is_empty() { &[0][..] } else { v })
+                .map_err(err)
+        };
+        let (d_ids, d_pos, d_seq, d_slots, d_tables, d_rows) = (
+            up(&ids)?,
+            up(&pos)?,
+            up(&tok_seq)?,
+            up(&slots)?,
+            up(&tables)?,
+            up(&rows)?,
+        );
         let alloc_bf = |n: usize| unsafe { st.alloc::<bf16>(n.max(1)) }.map_err(err);
         let mut x = st.alloc_zeros::<f32>(t * h).map_err(err)?;
         let mut hn = alloc_bf(t * h)?;
@@ -450,10 +629,27 @@ impl CudaBackend {
         } else {
             max_ctx.div_ceil(KEYS_PER_SPLIT).clamp(1, MAX_SPLITS)
         };
-        let mut ws_acc = st.alloc_zeros::<f32>((t * nh * splits as usize * hd).max(1)).map_err(err)?;
-        let mut ws_ml = st.alloc_zeros::<f32>((t * nh * splits as usize * 2).max(1)).map_err(err)?;
-        let rows_cfg = |n: usize| LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
-        let (h_i, qkv_i, q_i, kv_i, inter_i, hd_i) = (h as i32, qkv_w as i32, q_w as i32, kv_w as i32, inter as i32, hd as i32);
+        // Split-K partials (unused with one split).
+        let ws_len = if splits > 1 {
+            t * nh * splits as usize
+        } else {
+            1
+        };
+        let mut ws_acc = st.alloc_zeros::<f32>(ws_len * hd).map_err(err)?;
+        let mut ws_ml = st.alloc_zeros::<f32>(ws_len * 2).map_err(err)?;
+        let rows_cfg = |n: usize| LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (h_i, qkv_i, q_i, kv_i, inter_i, hd_i) = (
+            h as i32,
+            qkv_w as i32,
+            q_w as i32,
+            kv_w as i32,
+            inter as i32,
+            hd as i32,
+        );
         let rot_heads = (nh + nkv) as i32;
         let (nh_i, nkv_i, bs_i, mb_i) = (nh as i32, nkv as i32, bs as i32, max_blocks as i32);
         let scale = 1.0 / (hd as f32).sqrt();
@@ -468,15 +664,21 @@ impl CudaBackend {
             b.arg(&d_ids).arg(&self.embed).arg(&mut x).arg(&h_i);
             b.launch(rows_cfg(t)).map_err(err)?;
         }
+        self.mark("emb")?;
         for l in 0..self.layers.len() {
             let layer = &self.layers[l];
             unsafe {
                 let mut b = st.launch_builder(&self.k.add_rms_norm);
                 b.arg(&mut x);
-                if l == 0 { b.arg(&null); } else { b.arg(&proj); }
+                if l == 0 {
+                    b.arg(&null);
+                } else {
+                    b.arg(&proj);
+                }
                 b.arg(&layer.attn_norm).arg(&mut hn).arg(&h_i).arg(&eps);
                 b.launch(rows_cfg(t)).map_err(err)?;
             }
+            self.mark("input_layernorm")?;
             self.gemm(&hn, t, h, &layer.qkv, qkv_w, &mut qkv)?;
             if let Some(bias) = &layer.qkv_bias {
                 unsafe {
@@ -485,65 +687,142 @@ impl CudaBackend {
                     b.launch(rows_cfg(t)).map_err(err)?;
                 }
             }
+            self.mark("attn_pre_proj")?;
             unsafe {
                 let mut b = st.launch_builder(&self.k.rope);
-                b.arg(&mut qkv).arg(&d_pos).arg(&self.inv_freq).arg(&qkv_i).arg(&rot_heads).arg(&hd_i);
+                b.arg(&mut qkv)
+                    .arg(&d_pos)
+                    .arg(&self.inv_freq)
+                    .arg(&qkv_i)
+                    .arg(&rot_heads)
+                    .arg(&hd_i);
                 b.launch(rows_cfg(t)).map_err(err)?;
+            }
+            self.mark("attn_rope")?;
+            unsafe {
                 let mut b = st.launch_builder(&self.k.kv_write);
-                b.arg(&qkv).arg(&mut self.k_cache[l]).arg(&mut self.v_cache[l]).arg(&d_slots).arg(&qkv_i).arg(&q_i).arg(&kv_i);
+                b.arg(&qkv)
+                    .arg(&mut self.k_cache[l])
+                    .arg(&mut self.v_cache[l])
+                    .arg(&d_slots)
+                    .arg(&qkv_i)
+                    .arg(&q_i)
+                    .arg(&kv_i);
                 b.launch(rows_cfg(t)).map_err(err)?;
+            }
+            self.mark("attn_kv_cache_save")?;
+            unsafe {
                 let mut b = st.launch_builder(&self.k.paged_attention);
-                b.arg(&qkv).arg(&self.k_cache[l]).arg(&self.v_cache[l]).arg(&mut attn).arg(&mut ws_acc).arg(&mut ws_ml)
-                    .arg(&d_seq).arg(&d_pos).arg(&d_tables).arg(&mb_i).arg(&bs_i).arg(&nh_i).arg(&nkv_i).arg(&hd_i)
-                    .arg(&qkv_i).arg(&scale).arg(&window);
-                b.launch(LaunchConfig { grid_dim: (t as u32, nh as u32, splits), block_dim: (ATT_THREADS, 1, 1), shared_mem_bytes: 0 })
-                    .map_err(err)?;
+                b.arg(&qkv)
+                    .arg(&self.k_cache[l])
+                    .arg(&self.v_cache[l])
+                    .arg(&mut attn)
+                    .arg(&mut ws_acc)
+                    .arg(&mut ws_ml)
+                    .arg(&d_seq)
+                    .arg(&d_pos)
+                    .arg(&d_tables)
+                    .arg(&mb_i)
+                    .arg(&bs_i)
+                    .arg(&nh_i)
+                    .arg(&nkv_i)
+                    .arg(&hd_i)
+                    .arg(&qkv_i)
+                    .arg(&scale)
+                    .arg(&window);
+                b.launch(LaunchConfig {
+                    grid_dim: (t as u32, nh as u32, splits),
+                    block_dim: (ATT_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+                .map_err(err)?;
                 if splits > 1 {
                     let mut b = st.launch_builder(&self.k.attention_combine);
-                    b.arg(&ws_acc).arg(&ws_ml).arg(&mut attn).arg(&nh_i).arg(&hd_i).arg(&splits_i);
-                    b.launch(LaunchConfig { grid_dim: (t as u32, nh as u32, 1), block_dim: (ATT_THREADS, 1, 1), shared_mem_bytes: 0 })
-                        .map_err(err)?;
+                    b.arg(&ws_acc)
+                        .arg(&ws_ml)
+                        .arg(&mut attn)
+                        .arg(&nh_i)
+                        .arg(&hd_i)
+                        .arg(&splits_i);
+                    b.launch(LaunchConfig {
+                        grid_dim: (t as u32, nh as u32, 1),
+                        block_dim: (ATT_THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                    .map_err(err)?;
                 }
             }
+            self.mark("attn")?;
             self.gemm(&attn, t, q_w, &layer.o, h, &mut proj)?;
+            self.mark("attn_post_proj")?;
             unsafe {
                 let mut b = st.launch_builder(&self.k.add_rms_norm);
-                b.arg(&mut x).arg(&proj).arg(&layer.mlp_norm).arg(&mut hn).arg(&h_i).arg(&eps);
+                b.arg(&mut x)
+                    .arg(&proj)
+                    .arg(&layer.mlp_norm)
+                    .arg(&mut hn)
+                    .arg(&h_i)
+                    .arg(&eps);
                 b.launch(rows_cfg(t)).map_err(err)?;
             }
+            self.mark("post_attention_layernorm")?;
             self.gemm(&hn, t, h, &layer.gate_up, 2 * inter, &mut gu)?;
+            self.mark("mlp_up_proj")?;
             unsafe {
                 let mut b = st.launch_builder(&self.k.silu_mul);
                 b.arg(&gu).arg(&mut act).arg(&inter_i);
                 b.launch(rows_cfg(t)).map_err(err)?;
             }
+            self.mark("mlp_act")?;
             self.gemm(&act, t, inter, &layer.down, h, &mut proj)?;
+            self.mark("mlp_down_proj")?;
         }
         // Last residual add (the normed output is unused), then the final norm of the rows wanted.
         let r = rows.len();
         let mut sel = alloc_bf(r * h)?;
         unsafe {
             let mut b = st.launch_builder(&self.k.add_rms_norm);
-            b.arg(&mut x).arg(&proj).arg(&self.final_norm).arg(&mut hn).arg(&h_i).arg(&eps);
+            b.arg(&mut x)
+                .arg(&proj)
+                .arg(&self.final_norm)
+                .arg(&mut hn)
+                .arg(&h_i)
+                .arg(&eps);
             b.launch(rows_cfg(t)).map_err(err)?;
             let mut b = st.launch_builder(&self.k.rms_norm_rows);
-            b.arg(&x).arg(&d_rows).arg(&self.final_norm).arg(&mut sel).arg(&h_i).arg(&eps);
+            b.arg(&x)
+                .arg(&d_rows)
+                .arg(&self.final_norm)
+                .arg(&mut sel)
+                .arg(&h_i)
+                .arg(&eps);
             if r > 0 {
                 b.launch(rows_cfg(r)).map_err(err)?;
             }
         }
+        self.mark("final_norm")?;
         let mut logits = st.alloc_zeros::<f32>((r * vocab).max(1)).map_err(err)?;
         if r > 0 {
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
             self.gemm_logits(&sel, r, h, head, vocab, &mut logits)?;
         }
+        self.mark("lm_head")?;
         Ok((logits, r))
     }
 }
 
 fn kernel_names(file: &str) -> &'static [&'static str] {
     match file {
-        "layers.cu" => &["embed", "add_rms_norm", "rms_norm_rows", "add_bias", "rope", "kv_write", "silu_mul", "fill_uniform"],
+        "layers.cu" => &[
+            "embed",
+            "add_rms_norm",
+            "rms_norm_rows",
+            "add_bias",
+            "rope",
+            "kv_write",
+            "silu_mul",
+            "fill_uniform",
+        ],
         "attention.cu" => &["paged_attention", "attention_combine"],
         "sample.cu" => &["argmax_rows"],
         _ => &[],
@@ -586,29 +865,53 @@ impl Backend for CudaBackend {
         unsafe {
             let mut b = self.stream.launch_builder(&self.k.argmax_rows);
             b.arg(&logits).arg(&vocab).arg(&mut ids);
-            b.launch(LaunchConfig { grid_dim: (r as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 })
-                .map_err(err)?;
+            b.launch(LaunchConfig {
+                grid_dim: (r as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            })
+            .map_err(err)?;
         }
         let host = self.stream.clone_dtoh(&ids).map_err(err)?;
         Ok(host.into_iter().map(|i| i as u32).collect())
     }
 
-    fn swap(&mut self, out: &[(BlockId, HostBlockId)], ins: &[(HostBlockId, BlockId)]) -> Result<()> {
+    fn swap(
+        &mut self,
+        out: &[(BlockId, HostBlockId)],
+        ins: &[(HostBlockId, BlockId)],
+    ) -> Result<()> {
         let c = &self.spec.config;
         let per = self.shape.block_size as usize * (c.num_kv_heads * c.head_dim) as usize;
         let (nd, nhb) = (self.shape.num_blocks, self.shape.num_host_blocks);
-        if out.iter().any(|(d, hb)| d.0 >= nd || hb.0 >= nhb) || ins.iter().any(|(hb, d)| d.0 >= nd || hb.0 >= nhb) {
+        if out.iter().any(|(d, hb)| d.0 >= nd || hb.0 >= nhb)
+            || ins.iter().any(|(hb, d)| d.0 >= nd || hb.0 >= nhb)
+        {
             return Err(err(format!("swap outside {nd} device / {nhb} host blocks")));
         }
         let r = |b: u32| b as usize * per..(b as usize + 1) * per;
         for l in 0..self.k_cache.len() {
             for &(d, hb) in out {
-                self.stream.memcpy_dtoh(&self.k_cache[l].slice(r(d.0)), &mut self.k_host[l][r(hb.0)]).map_err(err)?;
-                self.stream.memcpy_dtoh(&self.v_cache[l].slice(r(d.0)), &mut self.v_host[l][r(hb.0)]).map_err(err)?;
+                self.stream
+                    .memcpy_dtoh(&self.k_cache[l].slice(r(d.0)), &mut self.k_host[l][r(hb.0)])
+                    .map_err(err)?;
+                self.stream
+                    .memcpy_dtoh(&self.v_cache[l].slice(r(d.0)), &mut self.v_host[l][r(hb.0)])
+                    .map_err(err)?;
             }
             for &(hb, d) in ins {
-                self.stream.memcpy_htod(&self.k_host[l][r(hb.0)], &mut self.k_cache[l].slice_mut(r(d.0))).map_err(err)?;
-                self.stream.memcpy_htod(&self.v_host[l][r(hb.0)], &mut self.v_cache[l].slice_mut(r(d.0))).map_err(err)?;
+                self.stream
+                    .memcpy_htod(
+                        &self.k_host[l][r(hb.0)],
+                        &mut self.k_cache[l].slice_mut(r(d.0)),
+                    )
+                    .map_err(err)?;
+                self.stream
+                    .memcpy_htod(
+                        &self.v_host[l][r(hb.0)],
+                        &mut self.v_cache[l].slice_mut(r(d.0)),
+                    )
+                    .map_err(err)?;
             }
         }
         Ok(())
@@ -633,11 +936,25 @@ mod tests {
         }
         let ptx = compile_kernels("sm_90").unwrap();
         assert_eq!(ptx.len(), KERNEL_SOURCES.len());
+        // scripts/gpu-check.sh assembles these with ptxas for the register/spill report.
+        if let Some(dir) = std::env::var_os("VAJRA_PTX_DIR") {
+            std::fs::create_dir_all(&dir).unwrap();
+            for (name, p) in &ptx {
+                let file = std::path::Path::new(&dir).join(name.replace(".cu", ".ptx"));
+                std::fs::write(file, p.to_src()).unwrap();
+            }
+        }
         for (name, p) in &ptx {
             let text = p.to_src();
-            assert!(text.contains(".target sm_90"), "{name}: not compiled for sm_90");
+            assert!(
+                text.contains(".target sm_90"),
+                "{name}: not compiled for sm_90"
+            );
             for k in kernel_names(name) {
-                assert!(text.contains(&format!(".entry {k}(")), "{name}: kernel {k} missing from the PTX");
+                assert!(
+                    text.contains(&format!(".entry {k}(")),
+                    "{name}: kernel {k} missing from the PTX"
+                );
             }
         }
     }
