@@ -940,7 +940,7 @@ mod tests {
         if let Some(dir) = std::env::var_os("VAJRA_PTX_DIR") {
             std::fs::create_dir_all(&dir).unwrap();
             for (name, p) in &ptx {
-                let file = std::path::Path::new(&dir).join(name.replace(".cu", ".ptx"));
+                let file = Path::new(&dir).join(name.replace(".cu", ".ptx"));
                 std::fs::write(file, p.to_src()).unwrap();
             }
         }
