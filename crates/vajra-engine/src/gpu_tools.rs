@@ -284,7 +284,7 @@ pub fn profile(
     let dec_batches: &[usize] = if quick {
         &[1, 16, 64]
     } else {
-        &[1, 2, 4, 8, 16, 32, 64, 128]
+        &[1, 2, 4, 8, 16, 32, 64]
     };
     let dec_kv: &[u32] = if quick {
         &[512, 2048]

@@ -50,6 +50,8 @@ const ROW_THREADS: u32 = 256;
 const ATT_THREADS: u32 = 128;
 /// Keys per split-K partition of a long context.
 const KEYS_PER_SPLIT: u32 = 64;
+/// Prefill chunks at least this long run attention as GEMMs over gathered K/V.
+const GEMM_PREFILL_MIN: usize = 64;
 /// Most split-K partitions.
 const MAX_SPLITS: u32 = 32;
 
@@ -137,6 +139,8 @@ struct Kernels {
     fill_uniform: CudaFunction,
     paged_attention: CudaFunction,
     attention_combine: CudaFunction,
+    gather_kv: CudaFunction,
+    causal_softmax: CudaFunction,
     argmax_rows: CudaFunction,
 }
 
@@ -239,9 +243,18 @@ impl CudaBackend {
             fill_uniform: take("fill_uniform"),
             paged_attention: take("paged_attention"),
             attention_combine: take("attention_combine"),
+            gather_kv: take("gather_kv"),
+            causal_softmax: take("causal_softmax"),
             argmax_rows: take("argmax_rows"),
         };
         let c = &spec.config;
+        if c.num_heads / c.num_kv_heads > 8 || c.head_dim > 256 {
+            return Err(err(format!(
+                "{} query heads per KV head and head_dim {}: the attention kernel takes at most 8 and 256",
+                c.num_heads / c.num_kv_heads,
+                c.head_dim
+            )));
+        }
         let (h, v, i) = (
             c.hidden_size as usize,
             c.vocab_size as usize,
@@ -540,6 +553,161 @@ impl CudaBackend {
         .map_err(err)
     }
 
+    /// Attention of one long prefill chunk as GEMMs (tensor cores): gather the request's
+    /// context K/V from the paged cache into contiguous buffers, then per KV head
+    /// `S = scale · Q Kᵀ` (f32, batched over the group's query heads), a causal softmax into
+    /// bf16 `P`, and `O = P V` written straight into the chunk's rows of `attn`.
+    fn gemm_attention(
+        &self,
+        layer: usize,
+        qkv: &CudaSlice<bf16>,
+        attn: &mut CudaSlice<bf16>,
+        tables: &CudaSlice<i32>,
+        max_blocks: usize,
+        ch: &GemmChunk,
+    ) -> Result<()> {
+        let c = &self.spec.config;
+        let st = &self.stream;
+        let (hd, nh, nkv) = (
+            c.head_dim as usize,
+            c.num_heads as usize,
+            c.num_kv_heads as usize,
+        );
+        let group = nh / nkv;
+        let (q_w, qkv_w) = (nh * hd, (nh + 2 * nkv) * hd);
+        let (tq, ctx) = (ch.len, ch.context + ch.len);
+        let mut kbuf = unsafe { st.alloc::<bf16>(nkv * ctx * hd) }.map_err(err)?;
+        let mut vbuf = unsafe { st.alloc::<bf16>(nkv * ctx * hd) }.map_err(err)?;
+        let mut sbuf = unsafe { st.alloc::<f32>(group * tq * ctx) }.map_err(err)?;
+        let mut pbuf = unsafe { st.alloc::<bf16>(group * tq * ctx) }.map_err(err)?;
+        let table = tables.slice(ch.seq * max_blocks..(ch.seq + 1) * max_blocks);
+        let (bs_i, nkv_i, hd_i, ctx_i, tq_i) = (
+            self.shape.block_size as i32,
+            nkv as i32,
+            hd as i32,
+            ctx as i32,
+            tq as i32,
+        );
+        let start = ch.context as i32;
+        let window = self.spec.sliding_window.map_or(0, |w| w as i32);
+        // SAFETY: gather_kv(k_cache, v_cache, table, block_size, kv_heads, head_dim, ctx, k_out,
+        // v_out) over (ctx, kv_heads) blocks of head_dim threads; buffers hold nkv·ctx·hd.
+        unsafe {
+            let mut b = st.launch_builder(&self.k.gather_kv);
+            b.arg(&self.k_cache[layer])
+                .arg(&self.v_cache[layer])
+                .arg(&table)
+                .arg(&bs_i)
+                .arg(&nkv_i)
+                .arg(&hd_i)
+                .arg(&ctx_i)
+                .arg(&mut kbuf)
+                .arg(&mut vbuf);
+            b.launch(LaunchConfig {
+                grid_dim: (ctx as u32, nkv as u32, 1),
+                block_dim: (hd as u32, 1, 1),
+                shared_mem_bytes: 0,
+            })
+            .map_err(err)?;
+        }
+        let scale = 1.0f32 / (hd as f32).sqrt();
+        let (one, zero) = (1.0f32, 0.0f32);
+        let elem = size_of::<bf16>() as u64;
+        for g in 0..nkv {
+            {
+                let (kp, _a) = kbuf.device_ptr(st);
+                let (qp, _b) = qkv.device_ptr(st);
+                let (sp, _c) = sbuf.device_ptr_mut(st);
+                let k0 = kp + (g * ctx * hd) as u64 * elem;
+                let q0 = qp + ((ch.first * qkv_w + g * group * hd) as u64) * elem;
+                // SAFETY: Sᵀ(ctx × tq) per head = K_g(ctx × hd) · Q_hᵀ(hd × tq), column-major:
+                // K_g row-major [ctx][hd] read transposed (lda = hd), Q_h rows of the fused
+                // QKV (ldb = qkv_w, next head hd further), S_h contiguous (ldc = ctx).
+                unsafe {
+                    cudarc::cublas::result::gemm_strided_batched_ex(
+                        *self.blas.handle(),
+                        cublasOperation_t::CUBLAS_OP_T,
+                        cublasOperation_t::CUBLAS_OP_N,
+                        ctx as i32,
+                        tq as i32,
+                        hd as i32,
+                        (&scale) as *const f32 as *const _,
+                        k0 as *const _,
+                        cudaDataType_t::CUDA_R_16BF,
+                        hd as i32,
+                        0,
+                        q0 as *const _,
+                        cudaDataType_t::CUDA_R_16BF,
+                        qkv_w as i32,
+                        hd as i64,
+                        (&zero) as *const f32 as *const _,
+                        sp as *mut _,
+                        cudaDataType_t::CUDA_R_32F,
+                        ctx as i32,
+                        (tq * ctx) as i64,
+                        group as i32,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(err)?;
+            }
+            // SAFETY: causal_softmax(s, p, rows, ctx, start, window) over (tq, group) blocks.
+            unsafe {
+                let mut b = st.launch_builder(&self.k.causal_softmax);
+                b.arg(&sbuf)
+                    .arg(&mut pbuf)
+                    .arg(&tq_i)
+                    .arg(&ctx_i)
+                    .arg(&start)
+                    .arg(&window);
+                b.launch(LaunchConfig {
+                    grid_dim: (tq as u32, group as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+                .map_err(err)?;
+            }
+            let (vp, _a) = vbuf.device_ptr(st);
+            let (pp, _b) = pbuf.device_ptr(st);
+            let (op, _c) = attn.device_ptr_mut(st);
+            let v0 = vp + (g * ctx * hd) as u64 * elem;
+            let o0 = op + ((ch.first * q_w + g * group * hd) as u64) * elem;
+            // SAFETY: O_hᵀ(hd × tq) = V_gᵀ(hd × ctx) · P_hᵀ(ctx × tq), column-major: V_g
+            // row-major [ctx][hd] (lda = hd), P_h row-major [tq][ctx] (ldb = ctx), O_h into the
+            // chunk's rows of attn (ldc = q_w, next head hd further).
+            unsafe {
+                cudarc::cublas::result::gemm_strided_batched_ex(
+                    *self.blas.handle(),
+                    cublasOperation_t::CUBLAS_OP_N,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    hd as i32,
+                    tq as i32,
+                    ctx as i32,
+                    (&one) as *const f32 as *const _,
+                    v0 as *const _,
+                    cudaDataType_t::CUDA_R_16BF,
+                    hd as i32,
+                    0,
+                    pp as *const _,
+                    cudaDataType_t::CUDA_R_16BF,
+                    ctx as i32,
+                    (tq * ctx) as i64,
+                    (&zero) as *const f32 as *const _,
+                    o0 as *mut _,
+                    cudaDataType_t::CUDA_R_16BF,
+                    q_w as i32,
+                    hd as i64,
+                    group as i32,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(err)?;
+        }
+        Ok(())
+    }
+
     /// Runs the forward pass and leaves f32 logits of the wanted rows on the device.
     fn forward(&mut self, input: &StepInput<'_>) -> Result<(CudaSlice<f32>, usize)> {
         let c = self.spec.config.clone();
@@ -567,6 +735,9 @@ impl CudaBackend {
         let mut tables = vec![0i32; input.seqs.len() * max_blocks];
         let mut rows = Vec::new();
         let mut max_ctx = 0u32;
+        // Tokens for the paged kernel; long prefill chunks go to the GEMM path instead.
+        let mut tok_list = Vec::new();
+        let mut gemm_chunks = Vec::new();
         for (si, s) in input.seqs.iter().enumerate() {
             let end = s.context as usize + s.tokens.len();
             if s.block_table.len() < end.div_ceil(bs) {
@@ -584,6 +755,17 @@ impl CudaBackend {
                 }
                 tables[si * max_blocks + bi] = b.0 as i32;
             }
+            let first = ids.len();
+            if s.tokens.len() >= GEMM_PREFILL_MIN {
+                gemm_chunks.push(GemmChunk {
+                    seq: si,
+                    first,
+                    len: s.tokens.len(),
+                    context: s.context as usize,
+                });
+            } else {
+                tok_list.extend((first..first + s.tokens.len()).map(|i| i as i32));
+            }
             for (i, &t) in s.tokens.iter().enumerate() {
                 if t >= c.vocab_size {
                     return Err(err(format!("token id {t} ≥ vocab_size {}", c.vocab_size)));
@@ -598,7 +780,9 @@ impl CudaBackend {
                     rows.push((ids.len() - 1) as i32);
                 }
             }
-            max_ctx = max_ctx.max(end as u32);
+            if s.tokens.len() < GEMM_PREFILL_MIN {
+                max_ctx = max_ctx.max(end as u32);
+            }
         }
         let t = ids.len();
         let st = self.stream.clone();
@@ -607,16 +791,19 @@ impl CudaBackend {
             st.clone_htod(if v.is_empty() { &[0][..] } else { v })
                 .map_err(err)
         };
-        let (d_ids, d_pos, d_seq, d_slots, d_tables, d_rows) = (
+        let (d_ids, d_pos, d_seq, d_slots, d_tables, d_rows, d_list) = (
             up(&ids)?,
             up(&pos)?,
             up(&tok_seq)?,
             up(&slots)?,
             up(&tables)?,
             up(&rows)?,
+            up(&tok_list)?,
         );
+        let listed = tok_list.len();
         let alloc_bf = |n: usize| unsafe { st.alloc::<bf16>(n.max(1)) }.map_err(err);
-        let mut x = st.alloc_zeros::<f32>(t * h).map_err(err)?;
+        // SAFETY: `embed` writes every element of x before anything reads it.
+        let mut x = unsafe { st.alloc::<f32>((t * h).max(1)) }.map_err(err)?;
         let mut hn = alloc_bf(t * h)?;
         let mut qkv = alloc_bf(t * qkv_w)?;
         let mut attn = alloc_bf(t * q_w)?;
@@ -624,7 +811,7 @@ impl CudaBackend {
         let mut gu = alloc_bf(t * 2 * inter)?;
         let mut act = alloc_bf(t * inter)?;
         let sms = 132u32;
-        let splits = if (t * nh) as u32 >= 2 * sms {
+        let splits = if (listed * nkv) as u32 >= 2 * sms {
             1
         } else {
             max_ctx.div_ceil(KEYS_PER_SPLIT).clamp(1, MAX_SPLITS)
@@ -711,45 +898,52 @@ impl CudaBackend {
                 b.launch(rows_cfg(t)).map_err(err)?;
             }
             self.mark("attn_kv_cache_save")?;
-            unsafe {
-                let mut b = st.launch_builder(&self.k.paged_attention);
-                b.arg(&qkv)
-                    .arg(&self.k_cache[l])
-                    .arg(&self.v_cache[l])
-                    .arg(&mut attn)
-                    .arg(&mut ws_acc)
-                    .arg(&mut ws_ml)
-                    .arg(&d_seq)
-                    .arg(&d_pos)
-                    .arg(&d_tables)
-                    .arg(&mb_i)
-                    .arg(&bs_i)
-                    .arg(&nh_i)
-                    .arg(&nkv_i)
-                    .arg(&hd_i)
-                    .arg(&qkv_i)
-                    .arg(&scale)
-                    .arg(&window);
-                b.launch(LaunchConfig {
-                    grid_dim: (t as u32, nh as u32, splits),
-                    block_dim: (ATT_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                })
-                .map_err(err)?;
-                if splits > 1 {
-                    let mut b = st.launch_builder(&self.k.attention_combine);
-                    b.arg(&ws_acc)
-                        .arg(&ws_ml)
+            for ch in &gemm_chunks {
+                self.gemm_attention(l, &qkv, &mut attn, &d_tables, max_blocks, ch)?;
+            }
+            if listed > 0 {
+                unsafe {
+                    let mut b = st.launch_builder(&self.k.paged_attention);
+                    b.arg(&qkv)
+                        .arg(&self.k_cache[l])
+                        .arg(&self.v_cache[l])
                         .arg(&mut attn)
+                        .arg(&mut ws_acc)
+                        .arg(&mut ws_ml)
+                        .arg(&d_list)
+                        .arg(&d_seq)
+                        .arg(&d_pos)
+                        .arg(&d_tables)
+                        .arg(&mb_i)
+                        .arg(&bs_i)
                         .arg(&nh_i)
+                        .arg(&nkv_i)
                         .arg(&hd_i)
-                        .arg(&splits_i);
+                        .arg(&qkv_i)
+                        .arg(&scale)
+                        .arg(&window);
                     b.launch(LaunchConfig {
-                        grid_dim: (t as u32, nh as u32, 1),
+                        grid_dim: (listed as u32, nkv as u32, splits),
                         block_dim: (ATT_THREADS, 1, 1),
                         shared_mem_bytes: 0,
                     })
                     .map_err(err)?;
+                    if splits > 1 {
+                        let mut b = st.launch_builder(&self.k.attention_combine);
+                        b.arg(&ws_acc)
+                            .arg(&ws_ml)
+                            .arg(&mut attn)
+                            .arg(&d_list)
+                            .arg(&nh_i)
+                            .arg(&hd_i)
+                            .arg(&splits_i);
+                        b.launch(LaunchConfig {
+                            grid_dim: (listed as u32, nh as u32, 1),
+                            block_dim: (ATT_THREADS, 1, 1),
+                            shared_mem_bytes: 0,
+                        })
+                        .map_err(err)?;
+                    }
                 }
             }
             self.mark("attn")?;
@@ -811,6 +1005,18 @@ impl CudaBackend {
     }
 }
 
+/// A prefill chunk whose attention runs as GEMMs.
+struct GemmChunk {
+    /// Index of the request in the step.
+    seq: usize,
+    /// Index of its first token in the step.
+    first: usize,
+    /// Tokens in the chunk.
+    len: usize,
+    /// Tokens already in the cache before it.
+    context: usize,
+}
+
 fn kernel_names(file: &str) -> &'static [&'static str] {
     match file {
         "layers.cu" => &[
@@ -823,7 +1029,12 @@ fn kernel_names(file: &str) -> &'static [&'static str] {
             "silu_mul",
             "fill_uniform",
         ],
-        "attention.cu" => &["paged_attention", "attention_combine"],
+        "attention.cu" => &[
+            "paged_attention",
+            "attention_combine",
+            "gather_kv",
+            "causal_softmax",
+        ],
         "sample.cu" => &["argmax_rows"],
         _ => &[],
     }
