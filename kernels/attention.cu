@@ -13,7 +13,8 @@
 // softmax each (running max m, sum l, accumulator); with splits > 1 the partials go to a
 // workspace and attention_combine merges them, so long decode contexts use many SMs at batch 1.
 // Scores: one warp per key (lanes over head_dim, coalesced), every head of the group per key;
-// then threads over (head, dim) for the V sum (coalesced). head_dim ≤ 256, group ≤ 8.
+// then threads over head dims for the V sum (coalesced; each V element read once for all the
+// group's heads). Key slots are looked up once per tile. head_dim ≤ 256, group ≤ 8.
 //
 // Long prefill chunks take another path (host side: gathered K/V, cuBLAS GEMMs, then
 // causal_softmax below), because a per-token kernel re-reads the context once per query.
@@ -22,6 +23,7 @@
 #define ATT_TILE 64
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 8
+// Accumulators per thread: (head dims it owns) × (heads of the group).
 #define ACC_PER_THREAD (MAX_GROUP * MAX_HEAD_DIM / ATT_THREADS)
 
 extern "C" __global__ void paged_attention(
@@ -51,12 +53,17 @@ extern "C" __global__ void paged_attention(
     float acc[ACC_PER_THREAD];
 #pragma unroll
     for (int a = 0; a < ACC_PER_THREAD; ++a) acc[a] = 0.0f;
+    __shared__ long long slot_s[ATT_TILE];
     for (int tile = begin; tile < end; tile += ATT_TILE) {
         int count = min(ATT_TILE, end - tile);
-        for (int k = warp; k < count; k += warps) {
+        // Each key's cache slot, looked up once per tile.
+        for (int k = threadIdx.x; k < count; k += blockDim.x) {
             int j = tile + k;
-            size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-            const bf16* krow = k_cache + slot * kv_width + g * head_dim;
+            slot_s[k] = (long long)table[j / block_size] * block_size + j % block_size;
+        }
+        __syncthreads();
+        for (int k = warp; k < count; k += warps) {
+            const bf16* krow = k_cache + (size_t)slot_s[k] * kv_width + g * head_dim;
             float kv[MAX_HEAD_DIM / 32];
 #pragma unroll
             for (int c = 0; c < MAX_HEAD_DIM / 32; ++c) {
@@ -96,34 +103,39 @@ extern "C" __global__ void paged_attention(
             }
         }
         __syncthreads();
+        // V sum: each thread owns head dims; every V element is read once for the whole group.
 #pragma unroll
-        for (int a = 0; a < ACC_PER_THREAD; ++a) {
-            int e = threadIdx.x + a * ATT_THREADS;
-            if (e < width) {
-                int h = e / head_dim, d = e % head_dim;
-                float sum = acc[a] * corr_s[h];
+        for (int c = 0; c < MAX_HEAD_DIM / ATT_THREADS; ++c) {
+            int d = threadIdx.x + c * ATT_THREADS;
+            if (d < head_dim) {
+                float sums[MAX_GROUP];
+#pragma unroll
+                for (int h = 0; h < MAX_GROUP; ++h) sums[h] = h < group ? acc[c * MAX_GROUP + h] * corr_s[h] : 0.0f;
                 for (int k = 0; k < count; ++k) {
-                    int j = tile + k;
-                    size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-                    sum += scores[h][k] * bf2f(v_cache[slot * kv_width + g * head_dim + d]);
+                    float v = bf2f(v_cache[(size_t)slot_s[k] * kv_width + g * head_dim + d]);
+#pragma unroll
+                    for (int h = 0; h < MAX_GROUP; ++h)
+                        if (h < group) sums[h] += scores[h][k] * v;
                 }
-                acc[a] = sum;
+#pragma unroll
+                for (int h = 0; h < MAX_GROUP; ++h) acc[c * MAX_GROUP + h] = sums[h];
             }
         }
         __syncthreads();
     }
 #pragma unroll
-    for (int a = 0; a < ACC_PER_THREAD; ++a) {
-        int e = threadIdx.x + a * ATT_THREADS;
-        if (e < width) {
-            int h = e / head_dim, d = e % head_dim;
+    for (int c = 0; c < MAX_HEAD_DIM / ATT_THREADS; ++c) {
+        int d = threadIdx.x + c * ATT_THREADS;
+        if (d >= head_dim) continue;
+        for (int h = 0; h < group; ++h) {
+            float a = acc[c * MAX_GROUP + h];
             int qh = g * group + h;
             if (splits == 1) {
                 float l = l_s[h];
-                out[(size_t)t * q_heads * head_dim + qh * head_dim + d] = f2bf(l > 0.0f ? acc[a] / l : 0.0f);
+                out[(size_t)t * q_heads * head_dim + qh * head_dim + d] = f2bf(l > 0.0f ? a / l : 0.0f);
             } else {
                 size_t part = ((size_t)t * q_heads + qh) * splits + s;
-                ws_acc[part * head_dim + d] = acc[a];
+                ws_acc[part * head_dim + d] = a;
                 if (d == 0) {
                     ws_ml[2 * part] = m_s[h];
                     ws_ml[2 * part + 1] = l_s[h];

@@ -212,6 +212,11 @@ impl CudaBackend {
     pub fn new(spec: ModelSpec, weights: WeightSource<'_>, shape: CacheShape) -> Result<Self> {
         probe().map_err(err)?;
         let ctx = CudaContext::new(0).map_err(err)?;
+        // One stream does all the work, so cudarc's per-argument event tracking (for safety
+        // across streams) is pure overhead: it recorded events on every kernel argument, which
+        // made small decode kernels launch-bound (measured: 15–40 µs per launch).
+        // SAFETY: every buffer of this backend is used on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(err)?;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         let device_name = ctx.name().map_err(err)?;
