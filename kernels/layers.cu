@@ -81,14 +81,15 @@ extern "C" __global__ void kv_write(const bf16* qkv, bf16* k_cache, bf16* v_cach
 }
 
 // out[t, i] = silu(gate[t, i]) * up[t, i] over rows laid out [gate (inter) | up (inter)].
+// grid = (ceil(inter / blockDim.x), tokens): one thread per element, so a single decode row
+// spreads over many SMs.
 extern "C" __global__ void silu_mul(const bf16* gate_up, bf16* out, int inter) {
-    const bf16* row = gate_up + (size_t)blockIdx.x * 2 * inter;
-    bf16* orow = out + (size_t)blockIdx.x * inter;
-    for (int i = threadIdx.x; i < inter; i += blockDim.x) {
-        float g = bf2f(row[i]);
-        float silu = bf2f(f2bf(g / (1.0f + __expf(-g))));
-        orow[i] = f2bf(silu * bf2f(row[inter + i]));
-    }
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= inter) return;
+    const bf16* row = gate_up + (size_t)blockIdx.y * 2 * inter;
+    float g = bf2f(row[i]);
+    float silu = bf2f(f2bf(g / (1.0f + __expf(-g))));
+    out[(size_t)blockIdx.y * inter + i] = f2bf(silu * bf2f(row[inter + i]));
 }
 
 // Deterministic pseudo-random fill, uniform in [-scale, scale] (shape-only models for

@@ -46,14 +46,17 @@ const COMMON: &str = include_str!("../../../../kernels/common.cuh");
 
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
+/// Threads per block of the RMSNorm kernels (one block per row: a decode step has few rows, so
+/// each block should be wide).
+const NORM_THREADS: u32 = 1024;
 /// Threads per block of `paged_attention` (ATT_THREADS in attention.cu).
 const ATT_THREADS: u32 = 128;
 /// Keys per split-K partition of a long context.
-const KEYS_PER_SPLIT: u32 = 64;
+const KEYS_PER_SPLIT: u32 = 32;
 /// Prefill chunks at least this long run attention as GEMMs over gathered K/V.
 const GEMM_PREFILL_MIN: usize = 64;
 /// Most split-K partitions.
-const MAX_SPLITS: u32 = 32;
+const MAX_SPLITS: u32 = 64;
 
 fn err(message: impl std::fmt::Display) -> EngineError {
     EngineError::Backend {
@@ -790,6 +793,11 @@ impl CudaBackend {
             }
         }
         let t = ids.len();
+        if t > 65_535 {
+            return Err(err(format!(
+                "{t} tokens in one step: at most 65535 (a CUDA grid dimension)"
+            )));
+        }
         let st = self.stream.clone();
         // Zero-length device buffers are not allowed: an empty list uploads one unused element.
         let up = |v: &[i32]| {
@@ -834,6 +842,10 @@ impl CudaBackend {
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let norm_cfg = |n: usize| LaunchConfig {
+            block_dim: (NORM_THREADS, 1, 1),
+            ..rows_cfg(n)
+        };
         let (h_i, qkv_i, q_i, kv_i, inter_i, hd_i) = (
             h as i32,
             qkv_w as i32,
@@ -868,7 +880,7 @@ impl CudaBackend {
                     b.arg(&proj);
                 }
                 b.arg(&layer.attn_norm).arg(&mut hn).arg(&h_i).arg(&eps);
-                b.launch(rows_cfg(t)).map_err(err)?;
+                b.launch(norm_cfg(t)).map_err(err)?;
             }
             self.mark("input_layernorm")?;
             self.gemm(&hn, t, h, &layer.qkv, qkv_w, &mut qkv)?;
@@ -962,7 +974,7 @@ impl CudaBackend {
                     .arg(&mut hn)
                     .arg(&h_i)
                     .arg(&eps);
-                b.launch(rows_cfg(t)).map_err(err)?;
+                b.launch(norm_cfg(t)).map_err(err)?;
             }
             self.mark("post_attention_layernorm")?;
             self.gemm(&hn, t, h, &layer.gate_up, 2 * inter, &mut gu)?;
@@ -970,7 +982,12 @@ impl CudaBackend {
             unsafe {
                 let mut b = st.launch_builder(&self.k.silu_mul);
                 b.arg(&gu).arg(&mut act).arg(&inter_i);
-                b.launch(rows_cfg(t)).map_err(err)?;
+                b.launch(LaunchConfig {
+                    grid_dim: (inter.div_ceil(ROW_THREADS as usize) as u32, t as u32, 1),
+                    block_dim: (ROW_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+                .map_err(err)?;
             }
             self.mark("mlp_act")?;
             self.gemm(&act, t, inter, &layer.down, h, &mut proj)?;
@@ -987,7 +1004,7 @@ impl CudaBackend {
                 .arg(&mut hn)
                 .arg(&h_i)
                 .arg(&eps);
-            b.launch(rows_cfg(t)).map_err(err)?;
+            b.launch(norm_cfg(t)).map_err(err)?;
             let mut b = st.launch_builder(&self.k.rms_norm_rows);
             b.arg(&x)
                 .arg(&d_rows)
@@ -996,7 +1013,7 @@ impl CudaBackend {
                 .arg(&h_i)
                 .arg(&eps);
             if r > 0 {
-                b.launch(rows_cfg(r)).map_err(err)?;
+                b.launch(norm_cfg(r)).map_err(err)?;
             }
         }
         self.mark("final_norm")?;
