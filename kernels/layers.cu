@@ -52,20 +52,17 @@ extern "C" __global__ void add_bias(bf16* y, const bf16* b, int width) {
 
 // Rotary embedding in place on the Q and K heads of each token's fused QKV row, rotate-half
 // convention (pairs i and i + head_dim/2), angle = pos * inv_freq[i] in f32 as HF computes it.
+// grid = (tokens, q_heads + kv_heads), block = head_dim / 2 threads: one pair per thread.
 extern "C" __global__ void rope(bf16* qkv, const int* pos, const float* inv_freq, int qkv_width,
-                                int rot_heads, int head_dim) {
-    int half = head_dim / 2;
-    bf16* row = qkv + (size_t)blockIdx.x * qkv_width;
-    float p = (float)pos[blockIdx.x];
-    for (int idx = threadIdx.x; idx < rot_heads * half; idx += blockDim.x) {
-        int h = idx / half, i = idx % half;
-        float s, c;
-        sincosf(p * inv_freq[i], &s, &c);
-        bf16* head = row + h * head_dim;
-        float a = bf2f(head[i]), b = bf2f(head[i + half]);
-        head[i] = f2bf(a * c - b * s);
-        head[i + half] = f2bf(b * c + a * s);
-    }
+                                int head_dim) {
+    int half = head_dim / 2, i = threadIdx.x;
+    if (i >= half) return;
+    bf16* head = qkv + (size_t)blockIdx.x * qkv_width + blockIdx.y * head_dim;
+    float s, c;
+    sincosf((float)pos[blockIdx.x] * inv_freq[i], &s, &c);
+    float a = bf2f(head[i]), b = bf2f(head[i + half]);
+    head[i] = f2bf(a * c - b * s);
+    head[i + half] = f2bf(b * c + a * s);
 }
 
 // Copies each token's K and V (from the fused QKV row) into the paged cache at its slot

@@ -854,7 +854,7 @@ impl CudaBackend {
             inter as i32,
             hd as i32,
         );
-        let rot_heads = (nh + nkv) as i32;
+        let rot_heads = (nh + nkv) as u32;
         let (nh_i, nkv_i, bs_i, mb_i) = (nh as i32, nkv as i32, bs as i32, max_blocks as i32);
         let scale = 1.0 / (hd as f32).sqrt();
         let window = self.spec.sliding_window.map_or(0, |w| w as i32);
@@ -898,9 +898,13 @@ impl CudaBackend {
                     .arg(&d_pos)
                     .arg(&self.inv_freq)
                     .arg(&qkv_i)
-                    .arg(&rot_heads)
                     .arg(&hd_i);
-                b.launch(rows_cfg(t)).map_err(err)?;
+                b.launch(LaunchConfig {
+                    grid_dim: (t as u32, rot_heads, 1),
+                    block_dim: ((hd as u32 / 2).div_ceil(32) * 32, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+                .map_err(err)?;
             }
             self.mark("attn_rope")?;
             unsafe {
