@@ -20,7 +20,7 @@
 // causal_softmax below), because a per-token kernel re-reads the context once per query.
 
 #define ATT_THREADS 128
-#define ATT_TILE 32
+#define ATT_TILE 64
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 8
 // Accumulators per thread: (head dims it owns) × (heads of the group).
@@ -54,10 +54,6 @@ extern "C" __global__ void paged_attention(
 #pragma unroll
     for (int a = 0; a < ACC_PER_THREAD; ++a) acc[a] = 0.0f;
     __shared__ long long slot_s[ATT_TILE];
-    // The tile's K and V rows, staged with every load in flight at once (the loads of a
-    // per-key loop would each wait out the memory latency).
-    __shared__ bf16 k_s[ATT_TILE * MAX_HEAD_DIM];
-    __shared__ bf16 v_s[ATT_TILE * MAX_HEAD_DIM];
     for (int tile = begin; tile < end; tile += ATT_TILE) {
         int count = min(ATT_TILE, end - tile);
         // Each key's cache slot, looked up once per tile.
@@ -66,15 +62,8 @@ extern "C" __global__ void paged_attention(
             slot_s[k] = (long long)table[j / block_size] * block_size + j % block_size;
         }
         __syncthreads();
-        for (int e = threadIdx.x; e < count * head_dim; e += blockDim.x) {
-            int k = e / head_dim, d = e % head_dim;
-            size_t src = (size_t)slot_s[k] * kv_width + g * head_dim + d;
-            k_s[k * head_dim + d] = k_cache[src];
-            v_s[k * head_dim + d] = v_cache[src];
-        }
-        __syncthreads();
         for (int k = warp; k < count; k += warps) {
-            const bf16* krow = k_s + k * head_dim;
+            const bf16* krow = k_cache + (size_t)slot_s[k] * kv_width + g * head_dim;
             float kv[MAX_HEAD_DIM / 32];
 #pragma unroll
             for (int c = 0; c < MAX_HEAD_DIM / 32; ++c) {
@@ -123,7 +112,7 @@ extern "C" __global__ void paged_attention(
 #pragma unroll
                 for (int h = 0; h < MAX_GROUP; ++h) sums[h] = h < group ? acc[c * MAX_GROUP + h] * corr_s[h] : 0.0f;
                 for (int k = 0; k < count; ++k) {
-                    float v = bf2f(v_s[k * head_dim + d]);
+                    float v = bf2f(v_cache[(size_t)slot_s[k] * kv_width + g * head_dim + d]);
 #pragma unroll
                     for (int h = 0; h < MAX_GROUP; ++h)
                         if (h < group) sums[h] += scores[h][k] * v;
