@@ -80,6 +80,28 @@ impl Logits {
     }
 }
 
+/// Checks swap pairs against the device and host pool sizes.
+///
+/// # Errors
+/// A message naming the first pair outside the pools.
+pub fn check_swap(
+    out: &[(BlockId, HostBlockId)],
+    ins: &[(HostBlockId, BlockId)],
+    device_blocks: u32,
+    host_blocks: u32,
+) -> std::result::Result<(), String> {
+    let pairs = out.iter().copied().chain(ins.iter().map(|&(h, d)| (d, h)));
+    for (d, h) in pairs {
+        if d.0 >= device_blocks || h.0 >= host_blocks {
+            return Err(format!(
+                "swap between device block {} and host block {} outside {device_blocks} device / {host_blocks} host blocks",
+                d.0, h.0
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A model executor.
 pub trait Backend: Send {
     /// A short name for logs and errors (`cpu`, `cuda`).

@@ -489,26 +489,40 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Resp
         false,
     )?;
     let sampling = openai::sampling(&b.common, max, b.logprobs)?;
+    generate(s, Kind::Completion, prompt, sampling, &b.common).await
+}
+
+/// Admits a validated request under the concurrency limit and answers it, whole or streamed.
+async fn generate(
+    s: Arc<AppState>,
+    kind: Kind,
+    prompt: Vec<u32>,
+    sampling: vajra_core::sampling::SamplingParams,
+    common: &openai::CommonParams,
+) -> Result<Response, ApiError> {
     let slot = acquire(&s)?;
     let shaped = Shaped {
-        kind: Kind::Completion,
-        id: response_id("cmpl"),
+        kind,
+        id: response_id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
         model: s.cfg.model_name.clone(),
         created: unix_now(),
         codec: s.codec.clone(),
         logprobs: sampling.logprobs,
     };
-    let include_usage = b
-        .common
+    let include_usage = common
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let req = GenerateRequest {
         prompt,
         sampling,
-        priority: b.common.priority.unwrap_or(0),
+        priority: common.priority.unwrap_or(0),
     };
-    respond(s.clone(), slot, shaped, req, b.common.stream, include_usage).await
+    respond(s.clone(), slot, shaped, req, common.stream, include_usage).await
 }
 
 async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
@@ -544,26 +558,7 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, A
         _ => None,
     };
     let sampling = openai::sampling(&b.common, max, top)?;
-    let slot = acquire(&s)?;
-    let shaped = Shaped {
-        kind: Kind::Chat,
-        id: response_id("chatcmpl"),
-        model: s.cfg.model_name.clone(),
-        created: unix_now(),
-        codec: s.codec.clone(),
-        logprobs: sampling.logprobs,
-    };
-    let include_usage = b
-        .common
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
-    let req = GenerateRequest {
-        prompt,
-        sampling,
-        priority: b.common.priority.unwrap_or(0),
-    };
-    respond(s.clone(), slot, shaped, req, b.common.stream, include_usage).await
+    generate(s, Kind::Chat, prompt, sampling, &b.common).await
 }
 
 #[cfg(test)]

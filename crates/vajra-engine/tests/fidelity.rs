@@ -9,7 +9,7 @@
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
 use vajra_core::config::CacheConfig;
-use vajra_core::ids::BlockId;
+use vajra_core::ids::{BlockId, HostBlockId};
 use vajra_core::sampling::SamplingParams;
 use vajra_engine::backend::cpu::{CacheShape, CpuBackend};
 use vajra_engine::backend::{Backend, LogitsFor, SeqInput, StepInput};
@@ -503,4 +503,71 @@ mod cuda {
             "MEASURED cuda vs cpu, 200-token context (GEMM prefill chunks, split-K decode): max error {worst:.3e} of row scale"
         );
     }
+}
+
+#[test]
+fn swapping_blocks_out_and_back_in_elsewhere_preserves_the_kv_cache() {
+    let dir = fixture("tiny-llama");
+    let swap_shape = |_: &vajra_engine::spec::ModelSpec| CacheShape {
+        block_size: BLOCK,
+        num_blocks: 48,
+        num_host_blocks: 16,
+    };
+    let mut b = CpuBackend::load(&dir, swap_shape).unwrap();
+    let c = &cases(&dir)[1];
+    let n = c.prompt_len;
+    let first: Vec<BlockId> = (0..n.div_ceil(BLOCK as usize) as u32 + 1)
+        .map(BlockId)
+        .collect();
+    fn step<'a>(tokens: &'a [u32], context: usize, table: &'a [BlockId]) -> StepInput<'a> {
+        StepInput {
+            seqs: vec![SeqInput {
+                tokens,
+                context: context as u32,
+                block_table: table,
+                sample: true,
+            }],
+            logits_for: LogitsFor::Sampled,
+        }
+    }
+    b.execute(&step(&c.ids[..n], 0, &first)).unwrap();
+    // Swap the prompt's blocks to the host, then in again to other device blocks, and scribble
+    // over the originals with another request.
+    let moved: Vec<BlockId> = first.iter().map(|b| BlockId(b.0 + 24)).collect();
+    let out: Vec<_> = first
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| (d, HostBlockId(i as u32)))
+        .collect();
+    let ins: Vec<_> = moved
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| (HostBlockId(i as u32), d))
+        .collect();
+    b.swap(&out, &[]).unwrap();
+    let other = &cases(&dir)[0];
+    b.execute(&StepInput {
+        seqs: vec![SeqInput {
+            tokens: &other.ids,
+            context: 0,
+            block_table: &first,
+            sample: true,
+        }],
+        logits_for: LogitsFor::Sampled,
+    })
+    .unwrap();
+    b.swap(&[], &ins).unwrap();
+    let got = b.execute(&step(&c.ids[n..n + 1], n, &moved)).unwrap();
+    let vocab = b.spec().config.vocab_size as usize;
+    assert_close(
+        "decode after swap",
+        got.row(0),
+        &c.logits[n * vocab..(n + 1) * vocab],
+        F32,
+    );
+    let e = b
+        .swap(&[(BlockId(50), HostBlockId(0))], &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("device block 50"), "{e}");
 }

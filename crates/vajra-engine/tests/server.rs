@@ -2,57 +2,12 @@
 //! endpoints (plain and streaming), bad requests answered 4xx with a message, 50 concurrent
 //! streams that leave no block allocated, and a client that disconnects mid-stream.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::start;
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(extra: &[&str]) -> Server {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
-        .args([
-            "serve",
-            "--port",
-            "0",
-            "--kv-cache-mib",
-            "8",
-            "--served-model-name",
-            "tiny",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start vajra-engine serve");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(at) = line.split("http://").nth(1) {
-            break at.trim().to_owned();
-        }
-    };
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, addr }
-}
 
 fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();

@@ -412,21 +412,8 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let c = &self.spec.config;
         let per_block = (self.shape.block_size * c.num_kv_heads * c.head_dim) as usize;
-        let (nd, nh) = (self.shape.num_blocks, self.shape.num_host_blocks);
-        for &(d, hb) in out {
-            if d.0 >= nd || hb.0 >= nh {
-                return Err(self.err(format!(
-                    "swap out {d:?} → {hb:?} outside {nd} device / {nh} host blocks"
-                )));
-            }
-        }
-        for &(hb, d) in ins {
-            if d.0 >= nd || hb.0 >= nh {
-                return Err(self.err(format!(
-                    "swap in {hb:?} → {d:?} outside {nd} device / {nh} host blocks"
-                )));
-            }
-        }
+        super::check_swap(out, ins, self.shape.num_blocks, self.shape.num_host_blocks)
+            .map_err(|m| self.err(m))?;
         let r = |b: u32| b as usize * per_block..(b as usize + 1) * per_block;
         for l in 0..self.k_cache.len() {
             for &(d, hb) in out {

@@ -1120,12 +1120,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let c = &self.spec.config;
         let per = self.shape.block_size as usize * (c.num_kv_heads * c.head_dim) as usize;
-        let (nd, nhb) = (self.shape.num_blocks, self.shape.num_host_blocks);
-        if out.iter().any(|(d, hb)| d.0 >= nd || hb.0 >= nhb)
-            || ins.iter().any(|(hb, d)| d.0 >= nd || hb.0 >= nhb)
-        {
-            return Err(err(format!("swap outside {nd} device / {nhb} host blocks")));
-        }
+        super::check_swap(out, ins, self.shape.num_blocks, self.shape.num_host_blocks)
+            .map_err(err)?;
         let r = |b: u32| b as usize * per..(b as usize + 1) * per;
         for l in 0..self.k_cache.len() {
             for &(d, hb) in out {

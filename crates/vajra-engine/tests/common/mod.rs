@@ -1,0 +1,58 @@
+//! Shared by the server tests: start `vajra-engine serve` on the tiny Llama fixture on a free
+//! port and wait for the address it prints.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A running server, killed when dropped.
+pub struct Server {
+    child: Child,
+    /// `host:port` it listens on.
+    pub addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `vajra-engine serve` (model name `tiny`, 8 MiB of KV cache) with `extra` arguments.
+pub fn start(extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--kv-cache-mib",
+            "8",
+            "--served-model-name",
+            "tiny",
+        ])
+        .arg("--model")
+        .arg(root().join("tests/fixtures/tiny-llama"))
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vajra-engine serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(at) = line.split("http://").nth(1) {
+            break at.trim().to_owned();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, addr }
+}
