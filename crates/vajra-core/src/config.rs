@@ -19,6 +19,22 @@ pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
 /// Default seed of the prefix-cache hash.
 pub const DEFAULT_HASH_SEED: u64 = 0x5eed_ba5e;
 
+/// The operators of an operator profile's `mlp.csv` (Vidur's schema, which this project's
+/// profiles share), in its column order: the simulator's predictor reads them and the engine's
+/// profiler writes them.
+pub const MLP_OPS: [&str; 10] = [
+    "emb",
+    "input_layernorm",
+    "attn_pre_proj",
+    "attn_rope",
+    "attn_post_proj",
+    "post_attention_layernorm",
+    "mlp_up_proj",
+    "mlp_act",
+    "mlp_down_proj",
+    "add",
+];
+
 /// The shape of a decoder-only transformer (Llama family).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
+use vajra_core::config::MLP_OPS;
 use vajra_core::ids::BlockId;
 
 const BLOCK: u32 = 16;
@@ -188,19 +189,7 @@ pub fn bench(
     Ok((md, record))
 }
 
-/// Vidur `mlp.csv` operators, in its column order; `add` is fused into the norms here (0).
-const MLP_OPS: &[&str] = &[
-    "emb",
-    "input_layernorm",
-    "attn_pre_proj",
-    "attn_rope",
-    "attn_post_proj",
-    "post_attention_layernorm",
-    "mlp_up_proj",
-    "mlp_act",
-    "mlp_down_proj",
-    "add",
-];
+// `add` of `MLP_OPS` is fused into the norms here, so its column is 0.
 
 fn stats(xs: &[f64]) -> [f64; 5] {
     let mut v = xs.to_vec();

@@ -35,19 +35,8 @@ fn elementwise_eff(op: &str) -> f64 {
     }
 }
 
-/// The operators of Vidur's `mlp.csv`, in its column order.
-pub const MLP_OPS: [&str; 10] = [
-    "emb",
-    "input_layernorm",
-    "attn_pre_proj",
-    "attn_rope",
-    "attn_post_proj",
-    "post_attention_layernorm",
-    "mlp_up_proj",
-    "mlp_act",
-    "mlp_down_proj",
-    "add",
-];
+/// The operators of Vidur's `mlp.csv`, in its column order (the schema is vajra-core's).
+pub use vajra_core::config::MLP_OPS;
 
 /// One GEMM of `m × k` by `k × n` (bf16 in and out), seconds.
 pub fn gemm(dev: &DeviceSpec, m: f64, k: f64, n: f64, dtype: f64) -> f64 {
