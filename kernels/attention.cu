@@ -23,7 +23,6 @@
 #define ATT_TILE 64
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 8
-#define KEYS_IN_FLIGHT 4
 // Accumulators per thread: (head dims it owns) × (heads of the group).
 #define ACC_PER_THREAD (MAX_GROUP * MAX_HEAD_DIM / ATT_THREADS)
 
@@ -63,34 +62,23 @@ extern "C" __global__ void paged_attention(
             slot_s[k] = (long long)table[j / block_size] * block_size + j % block_size;
         }
         __syncthreads();
-        // Keys in groups of KEYS_IN_FLIGHT per warp, with all of a group's K loads issued before
-        // any is used (one memory latency per group instead of one per key).
-        for (int k0 = warp; k0 < count; k0 += KEYS_IN_FLIGHT * warps) {
-            float kv[KEYS_IN_FLIGHT][MAX_HEAD_DIM / 32];
+        for (int k = warp; k < count; k += warps) {
+            const bf16* krow = k_cache + (size_t)slot_s[k] * kv_width + g * head_dim;
+            float kv[MAX_HEAD_DIM / 32];
 #pragma unroll
-            for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
-                int k = k0 + u * warps;
-                const bf16* krow = k_cache + (size_t)slot_s[k < count ? k : 0] * kv_width + g * head_dim;
+            for (int c = 0; c < MAX_HEAD_DIM / 32; ++c) {
+                int d = lane + 32 * c;
+                kv[c] = d < head_dim ? bf2f(krow[d]) : 0.0f;
+            }
+            for (int h = 0; h < group; ++h) {
+                float dot = 0.0f;
 #pragma unroll
                 for (int c = 0; c < MAX_HEAD_DIM / 32; ++c) {
                     int d = lane + 32 * c;
-                    kv[u][c] = (k < count && d < head_dim) ? bf2f(krow[d]) : 0.0f;
+                    if (d < head_dim) dot += q[h * head_dim + d] * kv[c];
                 }
-            }
-#pragma unroll
-            for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
-                int k = k0 + u * warps;
-                if (k >= count) break;
-                for (int h = 0; h < group; ++h) {
-                    float dot = 0.0f;
-#pragma unroll
-                    for (int c = 0; c < MAX_HEAD_DIM / 32; ++c) {
-                        int d = lane + 32 * c;
-                        if (d < head_dim) dot += q[h * head_dim + d] * kv[u][c];
-                    }
-                    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                    if (lane == 0) scores[h][k] = dot;
-                }
+                for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                if (lane == 0) scores[h][k] = dot;
             }
         }
         __syncthreads();
@@ -123,7 +111,6 @@ extern "C" __global__ void paged_attention(
                 float sums[MAX_GROUP];
 #pragma unroll
                 for (int h = 0; h < MAX_GROUP; ++h) sums[h] = h < group ? acc[c * MAX_GROUP + h] * corr_s[h] : 0.0f;
-#pragma unroll 8
                 for (int k = 0; k < count; ++k) {
                     float v = bf2f(v_cache[(size_t)slot_s[k] * kv_width + g * head_dim + d]);
 #pragma unroll
