@@ -247,13 +247,25 @@ fn profile_point(
 ///
 /// # Errors
 /// No device, out of memory, a kernel failure, or a file that cannot be written.
+/// What to profile: a named shape with random weights, or a model folder's real weights.
+pub enum ProfileModel<'a> {
+    /// Random bf16 weights of this shape.
+    Shape(&'a ModelSpec),
+    /// The weights of a Hugging Face model folder.
+    Folder(&'a Path),
+}
+
+/// Writes `<out>/<model>/{mlp.csv, attention.csv, provenance.json}` and returns the folder.
+///
+/// # Errors
+/// No device, out of memory, a kernel failure, a model file error, or a file that cannot be
+/// written.
 pub fn profile(
-    spec: &ModelSpec,
+    model: ProfileModel<'_>,
     out: &Path,
     quick: bool,
     command: &str,
 ) -> Result<std::path::PathBuf> {
-    let c = &spec.config;
     let reps = if quick { 3 } else { 10 };
     let tokens: &[usize] = if quick {
         &[1, 16, 128, 512, 2048]
@@ -284,7 +296,22 @@ pub fn profile(
     let blocks = Batch::blocks(1, *tokens.iter().chain(chunks).max().unwrap_or(&1), max_kv).max(
         Batch::blocks(*dec_batches.iter().max().unwrap_or(&1), 1, max_kv),
     );
-    let mut b = random_backend(spec, blocks)?;
+    let (mut b, weights) = match model {
+        ProfileModel::Shape(spec) => (
+            random_backend(spec, blocks)?,
+            "random bf16 weights of the model's shape",
+        ),
+        ProfileModel::Folder(dir) => (
+            CudaBackend::load(dir, |_| CacheShape {
+                block_size: BLOCK,
+                num_blocks: blocks,
+                num_host_blocks: 0,
+            })?,
+            "the model folder's weights in bf16",
+        ),
+    };
+    let spec = b.spec().clone();
+    let c = &spec.config;
     let dir = out.join(&c.name);
     std::fs::create_dir_all(&dir).map_err(|e| crate::EngineError::model_file(&dir, e))?;
 
@@ -362,7 +389,7 @@ pub fn profile(
         "date": std::env::var("VAJRA_DATE").unwrap_or_default(),
         "commit": std::env::var("VAJRA_COMMIT").unwrap_or_default(),
         "command": command,
-        "method": "vajra-engine's CUDA backend with random bf16 weights of the model's shape: cuBLAS bf16 GEMMs, NVRTC kernels (residual add fused into RMSNorm, so `add` is 0), paged attention over 16-token blocks",
+        "method": format!("vajra-engine's CUDA backend with {weights}: cuBLAS bf16 GEMMs, NVRTC kernels (residual add fused into RMSNorm, so `add` is 0), paged attention over 16-token blocks (prefill chunks of 64 tokens or more as GEMMs)"),
         "timing": format!("CUDA events between operators, 1 warm-up + {reps} timed steps per point, ms per layer (emb per step)"),
     });
     write(

@@ -66,9 +66,12 @@ struct GpuBenchArgs {
 
 #[derive(Args)]
 struct ProfileArgs {
-    /// Model shape (Meta-Llama-3-8B, Llama-2-7b-hf, SmolLM2-135M).
-    #[arg(long, default_value = "Meta-Llama-3-8B")]
+    /// Model shape with random weights (Meta-Llama-3-8B, Llama-2-7b-hf, SmolLM2-135M).
+    #[arg(long, default_value = "Meta-Llama-3-8B", conflicts_with = "model")]
     shape: String,
+    /// A Hugging Face model folder to profile with its own weights, instead of a named shape.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Output folder: writes `<out>/<model>/`.
     #[arg(long)]
     out: PathBuf,
@@ -381,9 +384,17 @@ fn gpu_bench(a: GpuBenchArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn profile(a: ProfileArgs) -> Result<()> {
-    let spec = vajra_engine::shapes::named(&a.shape)?;
+    use vajra_engine::gpu_tools::ProfileModel;
     let cmd: Vec<String> = std::env::args().collect();
-    let dir = vajra_engine::gpu_tools::profile(&spec, &a.out, a.quick, &cmd.join(" "))?;
+    let spec;
+    let model = match &a.model {
+        Some(dir) => ProfileModel::Folder(dir),
+        None => {
+            spec = vajra_engine::shapes::named(&a.shape)?;
+            ProfileModel::Shape(&spec)
+        }
+    };
+    let dir = vajra_engine::gpu_tools::profile(model, &a.out, a.quick, &cmd.join(" "))?;
     println!("wrote {}", dir.display());
     Ok(())
 }
