@@ -247,6 +247,43 @@ fn profile_point(
 ///
 /// # Errors
 /// No device, out of memory, a kernel failure, or a file that cannot be written.
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (civil date from days since 1970, as in
+/// Howard Hinnant's `civil_from_days`).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `git rev-parse HEAD` of the working directory, or `unknown`.
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "unknown".into(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        )
+}
+
 /// What to profile: a named shape with random weights, or a model folder's real weights.
 pub enum ProfileModel<'a> {
     /// Random bf16 weights of this shape.
@@ -386,8 +423,8 @@ pub fn profile(
     let prov = json!({
         "kind": "measured", "model": c.name,
         "device": {"gpu": b.device_name(), "driver_cuda": CudaBackend::driver_version()},
-        "date": std::env::var("VAJRA_DATE").unwrap_or_default(),
-        "commit": std::env::var("VAJRA_COMMIT").unwrap_or_default(),
+        "date": std::env::var("VAJRA_DATE").unwrap_or_else(|_| utc_now()),
+        "commit": std::env::var("VAJRA_COMMIT").unwrap_or_else(|_| git_commit()),
         "command": command,
         "method": format!("vajra-engine's CUDA backend with {weights}: cuBLAS bf16 GEMMs, NVRTC kernels (residual add fused into RMSNorm, so `add` is 0), paged attention over 16-token blocks (prefill chunks of 64 tokens or more as GEMMs)"),
         "timing": format!("CUDA events between operators, 1 warm-up + {reps} timed steps per point, ms per layer (emb per step)"),
