@@ -37,12 +37,43 @@ enum Cmd {
     Serve(ServeArgs),
     /// Measure prefill and decode throughput with random prompts.
     Throughput(ThroughputArgs),
+    /// Replay an experiment's workload against an OpenAI-compatible server and write a run
+    /// folder with the simulator's metrics.
+    Bench(BenchArgs),
     /// CUDA: decode step time against the bandwidth floor and prefill TFLOP/s against cuBLAS,
     /// on a named shape with random weights (needs `--features cuda` and a device).
     GpuBench(GpuBenchArgs),
     /// CUDA: per-operator times over a grid, written as `<out>/<model>/{mlp,attention}.csv` in
     /// Vidur's schema with provenance (needs `--features cuda` and a device).
     Profile(ProfileArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Server base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Experiment file: its `seed`, `[workload]` and `[slo]` are used.
+    #[arg(long)]
+    experiment: PathBuf,
+    /// The served model's folder (prompt token ids are drawn from its vocabulary).
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// The `model` field to send (default: the first model the server lists).
+    #[arg(long)]
+    model: Option<String>,
+    /// Replace the workload's number of requests.
+    #[arg(long)]
+    num_requests: Option<u64>,
+    /// Per-request timeout, seconds.
+    #[arg(long, default_value_t = 600.0)]
+    timeout_s: f64,
+    /// Output run folder.
+    #[arg(short, long, default_value = "runs/bench")]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -366,6 +397,42 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench(a: BenchArgs) -> Result<()> {
+    if !(a.timeout_s.is_finite() && a.timeout_s > 0.0) {
+        bail!(
+            "--timeout-s {}: allowed a number of seconds > 0",
+            a.timeout_s
+        );
+    }
+    let vocab = vajra_engine::spec::ModelSpec::from_dir(&a.model_dir)?
+        .config
+        .vocab_size;
+    let cfg = vajra_engine::bench::BenchConfig {
+        url: a.url,
+        model: a.model,
+        experiment: a.experiment,
+        out: a.out.clone(),
+        timeout: std::time::Duration::from_secs_f64(a.timeout_s),
+        num_requests: a.num_requests,
+        progress: !a.quiet,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let facts = rt.block_on(vajra_engine::bench::run(&cfg, vocab))?;
+    println!(
+        "{} sent, {} completed, {} failed {:?}, {} length mismatches, {:.1} s → {}",
+        facts.sent,
+        facts.completed,
+        facts.errors.values().sum::<u64>(),
+        facts.errors,
+        facts.length_mismatches,
+        facts.wall_s,
+        a.out.display()
+    );
+    Ok(())
+}
+
 #[cfg(feature = "cuda")]
 fn gpu_bench(a: GpuBenchArgs) -> Result<()> {
     let spec = vajra_engine::shapes::named(&a.shape)?;
@@ -426,6 +493,7 @@ fn main() {
         Cmd::Generate(a) => generate(a),
         Cmd::Serve(a) => serve(a),
         Cmd::Throughput(a) => throughput(a),
+        Cmd::Bench(a) => bench(a),
         Cmd::GpuBench(a) => gpu_bench(a),
         Cmd::Profile(a) => profile(a),
     };

@@ -1,0 +1,175 @@
+//! `vajra-engine bench` end to end: against our own server on the tiny fixture (a complete run
+//! folder whose request count, token counts and timestamp order are right), and against a
+//! server whose completions all fail (errors counted, results still written).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+
+fn experiment(dir: &Path, n: u32) -> std::path::PathBuf {
+    let p = dir.join("bench.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"name = "tiny-bench"
+seed = 7
+[scheduler]
+policy = {{ type = "sarathi", chunk_size = 64 }}
+[workload]
+num_requests = {n}
+arrival = {{ type = "poisson", qps = 200.0 }}
+lengths = {{ type = "independent", prompt = {{ type = "uniform", min = 8, max = 60 }}, output = {{ type = "uniform", min = 2, max = 25 }} }}
+[slo]
+ttft_s = 1.0
+"#
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn bench(url: &str, exp: &Path, out: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
+        .args(["bench", "--quiet", "--timeout-s", "30", "--url", url])
+        .arg("--experiment")
+        .arg(exp)
+        .arg("--model-dir")
+        .arg(common::root().join("tests/fixtures/tiny-llama"))
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("vajra-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn bench_against_our_server_writes_a_complete_run_folder() {
+    let srv = common::start(&[]);
+    let dir = tmp("ok");
+    let exp = experiment(&dir, 40);
+    let out = dir.join("run");
+    let o = bench(&format!("http://{}", srv.addr), &exp, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["bench"]["sent"], 40);
+    assert_eq!(summary["bench"]["completed"], 40);
+    assert_eq!(summary["bench"]["length_mismatches"], 0);
+    for f in [
+        "requests.csv",
+        "requests.parquet",
+        "batches.parquet",
+        "cdf/ttft_s.csv",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let mut rdr = csv::Reader::from_path(out.join("requests.csv")).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    let col = |n: &str| h.iter().position(|x| x == n).unwrap();
+    let (arr, first, done, pt, ot) = (
+        col("arrival_s"),
+        col("first_token_s"),
+        col("completed_s"),
+        col("prompt_tokens"),
+        col("output_tokens"),
+    );
+    let mut rows = 0;
+    for r in rdr.records() {
+        let r = r.unwrap();
+        let f = |i: usize| r[i].parse::<f64>().unwrap();
+        assert!(
+            f(arr) <= f(first) && f(first) <= f(done),
+            "timestamps out of order: {r:?}"
+        );
+        assert!((8.0..=60.0).contains(&f(pt)), "prompt tokens {}", f(pt));
+        assert!((2.0..=25.0).contains(&f(ot)), "output tokens {}", f(ot));
+        rows += 1;
+    }
+    assert_eq!(rows, 40);
+    // The same workload the simulator would run: prompt lengths follow the seed.
+    let o2 = bench(&format!("http://{}", srv.addr), &exp, &dir.join("run2"));
+    assert!(o2.status.success());
+    let lens = |p: &Path| {
+        let mut rdr = csv::Reader::from_path(p.join("requests.csv")).unwrap();
+        rdr.records()
+            .map(|r| r.unwrap()[pt].to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lens(&out), lens(&dir.join("run2")));
+}
+
+/// A server that lists a model and answers every completion with 503.
+fn failing_server() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = r.read_line(&mut first);
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = std::io::Read::read_exact(&mut r, &mut body);
+            let (status, text) = if first.contains("/v1/models") {
+                ("200 OK", r#"{"object":"list","data":[{"id":"flaky"}]}"#)
+            } else {
+                (
+                    "503 Service Unavailable",
+                    r#"{"error":{"message":"overloaded"}}"#,
+                )
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                text.len()
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn bench_counts_a_failing_servers_errors_and_still_writes_its_results() {
+    let addr = failing_server();
+    let dir = tmp("fail");
+    let exp = experiment(&dir, 12);
+    let out = dir.join("run");
+    let o = bench(&format!("http://{addr}"), &exp, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["bench"]["sent"], 12);
+    assert_eq!(summary["bench"]["completed"], 0);
+    assert_eq!(summary["bench"]["errors"]["status 503"], 12);
+    assert_eq!(summary["bench"]["model"], "flaky");
+    assert!(out.join("requests.csv").is_file());
+}
+
+#[test]
+fn bench_against_no_server_is_a_clear_error() {
+    let dir = tmp("none");
+    let exp = experiment(&dir, 3);
+    let o = bench("http://127.0.0.1:9", &exp, &dir.join("run"));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("url") && err.contains("reachable"), "{err}");
+}
