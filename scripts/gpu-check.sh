@@ -53,5 +53,5 @@ echo "== 3. gpu-bench"
 .gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --out "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.md"
 
 echo "== 4. profile"
-.gpu/vajra-engine profile --shape Meta-Llama-3-8B --out "$out/profile" 2>&1 | tee -a "$log"
+.gpu/vajra-engine profile --backend cuda --shape Meta-Llama-3-8B --out "$out/profile" 2>&1 | tee -a "$log"
 echo "== done $(date -u)" | tee -a "$log"

@@ -22,6 +22,7 @@ pub mod engine;
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu_tools;
+pub mod profile;
 pub mod sampler;
 pub mod server;
 pub mod shapes;

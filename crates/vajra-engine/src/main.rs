@@ -43,8 +43,8 @@ enum Cmd {
     /// CUDA: decode step time against the bandwidth floor and prefill TFLOP/s against cuBLAS,
     /// on a named shape with random weights (needs `--features cuda` and a device).
     GpuBench(GpuBenchArgs),
-    /// CUDA: per-operator times over a grid, written as `<out>/<model>/{mlp,attention}.csv` in
-    /// Vidur's schema with provenance (needs `--features cuda` and a device).
+    /// Per-operator times of the CPU or CUDA backend over a grid, written as
+    /// `<out>/<model>/{mlp,attention}.csv` in Vidur's schema with provenance.
     Profile(ProfileArgs),
 }
 
@@ -100,9 +100,13 @@ struct ProfileArgs {
     /// Model shape with random weights (Meta-Llama-3-8B, Llama-2-7b-hf, SmolLM2-135M).
     #[arg(long, default_value = "Meta-Llama-3-8B", conflicts_with = "model")]
     shape: String,
-    /// A Hugging Face model folder to profile with its own weights, instead of a named shape.
+    /// A Hugging Face model folder to profile with its own weights, instead of a named shape
+    /// (required for the CPU backend).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Backend to profile: cpu or cuda.
+    #[arg(long, default_value = "cuda")]
+    backend: String,
     /// Output folder: writes `<out>/<model>/`.
     #[arg(long)]
     out: PathBuf,
@@ -449,23 +453,6 @@ fn gpu_bench(a: GpuBenchArgs) -> Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "cuda")]
-fn profile(a: ProfileArgs) -> Result<()> {
-    use vajra_engine::gpu_tools::ProfileModel;
-    let cmd: Vec<String> = std::env::args().collect();
-    let spec;
-    let model = match &a.model {
-        Some(dir) => ProfileModel::Folder(dir),
-        None => {
-            spec = vajra_engine::shapes::named(&a.shape)?;
-            ProfileModel::Shape(&spec)
-        }
-    };
-    let dir = vajra_engine::gpu_tools::profile(model, &a.out, a.quick, &cmd.join(" "))?;
-    println!("wrote {}", dir.display());
-    Ok(())
-}
-
 #[cfg(not(feature = "cuda"))]
 fn gpu_bench(_: GpuBenchArgs) -> Result<()> {
     bail!(
@@ -473,10 +460,47 @@ fn gpu_bench(_: GpuBenchArgs) -> Result<()> {
     )
 }
 
+fn profile(a: ProfileArgs) -> Result<()> {
+    use vajra_engine::profile::{Grid, profile};
+    let cmd = std::env::args().collect::<Vec<_>>().join(" ");
+    let dir = match (a.backend.parse::<vajra_engine::BackendKind>()?, &a.model) {
+        (vajra_engine::BackendKind::Cpu, None) => {
+            bail!("--backend cpu profiles a model folder: give --model DIR")
+        }
+        (vajra_engine::BackendKind::Cpu, Some(dir)) => {
+            let grid = Grid::cpu(a.quick);
+            let mut b = vajra_engine::profile::cpu_backend(dir, &grid)?;
+            profile(&mut b, &grid, &a.out, &cmd)?
+        }
+        (vajra_engine::BackendKind::Cuda, model) => cuda_profile(model.as_deref(), &a, &cmd)?,
+    };
+    println!("wrote {}", dir.display());
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_profile(model: Option<&Path>, a: &ProfileArgs, cmd: &str) -> Result<PathBuf> {
+    use vajra_engine::backend::cpu::CacheShape;
+    use vajra_engine::profile::{BLOCK, Grid, profile};
+    let grid = Grid::gpu(a.quick);
+    let mut b = match model {
+        Some(dir) => vajra_engine::backend::cuda::CudaBackend::load(dir, |_| CacheShape {
+            block_size: BLOCK,
+            num_blocks: grid.blocks(),
+            num_host_blocks: 0,
+        })?,
+        None => vajra_engine::gpu_tools::random_backend(
+            &vajra_engine::shapes::named(&a.shape)?,
+            grid.blocks(),
+        )?,
+    };
+    Ok(profile(&mut b, &grid, &a.out, cmd)?)
+}
+
 #[cfg(not(feature = "cuda"))]
-fn profile(_: ProfileArgs) -> Result<()> {
+fn cuda_profile(_: Option<&Path>, _: &ProfileArgs, _: &str) -> Result<PathBuf> {
     bail!(
-        "profile needs the CUDA backend: build with `cargo build --release -p vajra-engine --features cuda`"
+        "--backend cuda needs a build with `--features cuda` (cargo build --release -p vajra-engine --features cuda)"
     )
 }
 

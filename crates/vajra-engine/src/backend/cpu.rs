@@ -122,6 +122,17 @@ impl CpuWeights {
     }
 }
 
+/// Records the end of operator `op` while profiling (a free function, so it borrows only the
+/// marks while the caches are borrowed mutably).
+fn mark(
+    marks: &std::cell::RefCell<Option<Vec<(&'static str, std::time::Instant)>>>,
+    op: &'static str,
+) {
+    if let Some(m) = marks.borrow_mut().as_mut() {
+        m.push((op, std::time::Instant::now()));
+    }
+}
+
 /// Sizes of the paged cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheShape {
@@ -163,8 +174,10 @@ pub struct CpuBackend {
     /// Host copies for swap, same layout, `num_host_blocks` blocks.
     k_host: Vec<Vec<f32>>,
     v_host: Vec<Vec<f32>>,
-    /// Rotary (cos, sin) tables grow with the longest position seen.
+    /// Rotary inverse frequencies.
     inv_freq: Vec<f64>,
+    /// While profiling: the time each operator ended, with its name.
+    marks: std::cell::RefCell<Option<Vec<(&'static str, std::time::Instant)>>>,
 }
 
 impl CpuBackend {
@@ -185,7 +198,28 @@ impl CpuBackend {
             w,
             shape,
             inv_freq,
+            marks: std::cell::RefCell::new(None),
         }
+    }
+
+    /// Runs one step and returns each operator's wall time summed over the step, in ms
+    /// (per-layer operators summed over all layers; `add` is the two residual adds).
+    ///
+    /// # Errors
+    /// As [`Backend::execute`].
+    pub fn profile_step(
+        &mut self,
+        input: &StepInput<'_>,
+    ) -> Result<std::collections::BTreeMap<&'static str, f64>> {
+        *self.marks.borrow_mut() = Some(vec![("start", std::time::Instant::now())]);
+        let run = self.execute(input);
+        let marks = self.marks.borrow_mut().take().unwrap_or_default();
+        run?;
+        let mut out = std::collections::BTreeMap::new();
+        for w in marks.windows(2) {
+            *out.entry(w[1].0).or_insert(0.0) += (w[1].1 - w[0].1).as_secs_f64() * 1e3;
+        }
+        Ok(out)
     }
 
     /// Loads `dir` and sizes the cache.
@@ -296,6 +330,7 @@ impl Backend for CpuBackend {
             .collect();
 
         let mut hn = vec![0.0; t * h];
+        mark(&self.marks, "emb");
         let mut qkv = vec![0.0; t * qkv_w];
         let mut attn = vec![0.0; t * q_w];
         let mut proj = vec![0.0; t * h];
@@ -306,12 +341,14 @@ impl Backend for CpuBackend {
 
         for (l, layer) in self.w.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, eps, &mut hn);
+            mark(&self.marks, "input_layernorm");
             matmul_t(&hn, t, h, &layer.qkv, qkv_w, &mut qkv);
             if let Some(b) = &layer.qkv_bias {
                 for row in qkv.chunks_exact_mut(qkv_w) {
                     row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
                 }
             }
+            mark(&self.marks, "attn_pre_proj");
             // Rotary on Q and K heads (rotate-half convention, as Hugging Face Llama).
             for (i, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
                 let (cs, sn) = (
@@ -327,6 +364,7 @@ impl Backend for CpuBackend {
                     }
                 }
             }
+            mark(&self.marks, "attn_rope");
             // Write this step's K and V into the paged cache.
             let (kc, vc) = (&mut self.k_cache[l], &mut self.v_cache[l]);
             for (row, &sl) in qkv.chunks_exact(qkv_w).zip(&slot) {
@@ -334,6 +372,7 @@ impl Backend for CpuBackend {
                 vc[sl * kv_w..(sl + 1) * kv_w].copy_from_slice(&row[q_w + kv_w..]);
             }
             let (kc, vc) = (&*kc, &*vc);
+            mark(&self.marks, "attn_kv_cache_save");
             // Attention of every new token over its request's cached context (causal).
             attn.par_chunks_mut(q_w).enumerate().for_each(|(i, out)| {
                 let (s, p) = at[i];
@@ -368,13 +407,21 @@ impl Backend for CpuBackend {
                     }
                 }
             });
+            mark(&self.marks, "attn");
             matmul_t(&attn, t, q_w, &layer.o, h, &mut proj);
+            mark(&self.marks, "attn_post_proj");
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+            mark(&self.marks, "add");
             rms_norm(&x, &layer.mlp_norm, eps, &mut hn);
+            mark(&self.marks, "post_attention_layernorm");
             matmul_t(&hn, t, h, &layer.gate_up, 2 * inter, &mut gu);
+            mark(&self.marks, "mlp_up_proj");
             silu_mul(&gu, inter, &mut act);
+            mark(&self.marks, "mlp_act");
             matmul_t(&act, t, inter, &layer.down, h, &mut proj);
+            mark(&self.marks, "mlp_down_proj");
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+            mark(&self.marks, "add");
         }
 
         // Final norm and LM head on the rows wanted.
@@ -398,10 +445,12 @@ impl Backend for CpuBackend {
         }
         let mut normed = vec![0.0; sel.len()];
         rms_norm(&sel, &self.w.final_norm, eps, &mut normed);
+        mark(&self.marks, "final_norm");
         let vocab = c.vocab_size as usize;
         let head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
         let mut data = vec![0.0; rows.len() * vocab];
         matmul_t(&normed, rows.len(), h, head, vocab, &mut data);
+        mark(&self.marks, "lm_head");
         Ok(Logits { vocab, data })
     }
 
