@@ -66,7 +66,8 @@ pub fn load_cpu_engine(dir: &Path, cfg: EngineConfig, kv_cache_mib: u64) -> Resu
     load_engine(dir, cfg, BackendKind::Cpu, kv_cache_mib)
 }
 
-/// Loads a model folder onto the chosen backend with a KV cache of `kv_cache_mib` MiB.
+/// Loads a model folder onto the chosen backend with a KV cache of `kv_cache_mib` MiB (or
+/// `cfg.cache.num_blocks` blocks when set).
 ///
 /// # Errors
 /// A missing or malformed model file, an invalid engine config, or (CUDA) no usable device or a
@@ -79,15 +80,21 @@ pub fn load_engine(
 ) -> Result<Engine> {
     let block_size = cfg.cache.block_size;
     let host_blocks = cfg.cache.swap_blocks;
+    // `cache.num_blocks`, when set, wins over the memory budget (so an experiment file gives
+    // the engine and the simulator the same pool).
+    let fixed = cfg.cache.num_blocks;
+    let shape = move |s: CacheShape| CacheShape {
+        num_host_blocks: host_blocks,
+        num_blocks: fixed.unwrap_or(s.num_blocks),
+        ..s
+    };
     let backend: Box<dyn backend::Backend> = match kind {
-        BackendKind::Cpu => Box::new(CpuBackend::load(dir, |spec| CacheShape {
-            num_host_blocks: host_blocks,
-            ..CacheShape::for_memory(spec, block_size, kv_cache_mib)
+        BackendKind::Cpu => Box::new(CpuBackend::load(dir, |spec| {
+            shape(CacheShape::for_memory(spec, block_size, kv_cache_mib))
         })?),
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => Box::new(backend::cuda::CudaBackend::load(dir, |spec| CacheShape {
-            num_host_blocks: host_blocks,
-            ..CacheShape::for_memory_of(spec, block_size, kv_cache_mib, 2)
+        BackendKind::Cuda => Box::new(backend::cuda::CudaBackend::load(dir, |spec| {
+            shape(CacheShape::for_memory_of(spec, block_size, kv_cache_mib, 2))
         })?),
         #[cfg(not(feature = "cuda"))]
         BackendKind::Cuda => {

@@ -121,8 +121,12 @@ struct EngineArgs {
     #[arg(long)]
     model: PathBuf,
     /// Engine config TOML: `[scheduler]` (any vajra-core policy), `[cache]`, `max_model_len`, `seed`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "experiment")]
     config: Option<PathBuf>,
+    /// Take `[scheduler]`, `[cache]` and `seed` from a vajra-sim experiment file, so the engine
+    /// runs what the simulator simulates (`cache.num_blocks` sets the pool size).
+    #[arg(long)]
+    experiment: Option<PathBuf>,
     /// Scheduling policy, replacing the config's: vllm_v1, sarathi, vllm_v0, orca, faster_transformer, lightllm.
     #[arg(long)]
     policy: Option<String>,
@@ -204,13 +208,28 @@ struct ThroughputArgs {
 }
 
 fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
-    let mut cfg = match &a.config {
-        Some(p) => {
+    let mut cfg = match (&a.config, &a.experiment) {
+        (Some(p), _) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             toml::from_str::<EngineConfig>(&text).with_context(|| format!("{}", p.display()))?
         }
-        None => EngineConfig::default(),
+        (None, Some(p)) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let t: toml::Table =
+                toml::from_str(&text).with_context(|| format!("{}", p.display()))?;
+            let mut picked = toml::Table::new();
+            for k in ["scheduler", "cache", "seed"] {
+                if let Some(v) = t.get(k) {
+                    picked.insert(k.into(), v.clone());
+                }
+            }
+            toml::Value::Table(picked)
+                .try_into::<EngineConfig>()
+                .with_context(|| format!("{}: [scheduler], [cache], seed", p.display()))?
+        }
+        (None, None) => EngineConfig::default(),
     };
     if let Some(name) = &a.policy {
         let policy: PolicyConfig = toml::from_str::<toml::Table>(&format!("type = {name:?}"))
