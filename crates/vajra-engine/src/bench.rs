@@ -84,6 +84,34 @@ pub struct BenchFacts {
     pub length_mismatches: u64,
     /// Wall time of the run, seconds.
     pub wall_s: f64,
+    /// Engine steps during the run, from the server's Prometheus counters (vajra servers).
+    pub server_steps: Option<u64>,
+    /// Mean requests per step, from the same counters.
+    pub server_mean_batch_size: Option<f64>,
+    /// Mean tokens per step, from the same counters.
+    pub server_mean_batch_tokens: Option<f64>,
+}
+
+/// The server's step counters, when it exposes vajra's Prometheus metrics.
+async fn step_counters(client: &reqwest::Client, url: &str) -> Option<[f64; 3]> {
+    let text = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let get = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    Some([
+        get("vajra_engine_steps_total")?,
+        get("vajra_engine_scheduled_requests_total")?,
+        get("vajra_engine_batched_tokens_total")?,
+    ])
 }
 
 #[derive(Serialize)]
@@ -93,6 +121,7 @@ struct BenchSummary<'a> {
     seed: u64,
     kind: &'static str,
     bench: &'a BenchFacts,
+    #[serde(flatten)]
     metrics: Summary,
 }
 
@@ -318,6 +347,7 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
     let mut source = RequestSource::new(&workload, exp.seed, base, max_tokens)
         .map_err(|e| EngineError::model_file(&cfg.experiment, e))?;
 
+    let counters_before = step_counters(&client, &url).await;
     let start = Instant::now();
     let now = || Timestamp(start.elapsed().as_nanos() as u64);
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
@@ -377,6 +407,14 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
     }
     bar.finish_and_clear();
     facts.wall_s = start.elapsed().as_secs_f64();
+    if let (Some(a), Some(b)) = (counters_before, step_counters(&client, &url).await) {
+        let steps = b[0] - a[0];
+        facts.server_steps = Some(steps as u64);
+        if steps > 0.0 {
+            facts.server_mean_batch_size = Some((b[1] - a[1]) / steps);
+            facts.server_mean_batch_tokens = Some((b[2] - a[2]) / steps);
+        }
+    }
     collector
         .finish()
         .map_err(|e| EngineError::model_file(&cfg.out, e))?;

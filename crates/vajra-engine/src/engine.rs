@@ -135,6 +135,18 @@ pub struct Engine {
     start: Instant,
     seed: u64,
     max_model_len: u32,
+    counters: StepCounters,
+}
+
+/// Cumulative counts of the steps an engine ran.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepCounters {
+    /// Steps that ran a batch.
+    pub steps: u64,
+    /// Sum over steps of the requests in the batch.
+    pub scheduled_requests: u64,
+    /// Sum over steps of the tokens in the batch.
+    pub batched_tokens: u64,
 }
 
 impl Engine {
@@ -168,6 +180,7 @@ impl Engine {
             start: Instant::now(),
             seed: cfg.seed,
             max_model_len,
+            counters: StepCounters::default(),
         })
     }
 
@@ -189,6 +202,11 @@ impl Engine {
     /// Scheduler counters (running, waiting, KV usage, preemptions, prefix-cache hits).
     pub fn stats(&self) -> SchedulerStats {
         self.sched.stats()
+    }
+
+    /// Steps, batched requests and batched tokens so far.
+    pub fn counters(&self) -> StepCounters {
+        self.counters
     }
 
     /// Blocks currently held by requests.

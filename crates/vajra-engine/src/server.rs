@@ -152,7 +152,7 @@ fn engine_loop(
     };
     loop {
         if !engine.has_unfinished() {
-            metrics.update(&engine.stats());
+            metrics.update(&engine.stats(), engine.counters());
             match rx.recv() {
                 Ok(c) => handle(&mut engine, &mut sinks, c),
                 Err(_) => return, // server gone
@@ -202,7 +202,7 @@ fn engine_loop(
                 metrics.observe(&a);
             }
         }
-        metrics.update(&engine.stats());
+        metrics.update(&engine.stats(), engine.counters());
     }
 }
 

@@ -33,6 +33,9 @@ pub struct EngineMetrics {
     generation_tokens: IntCounter,
     finished: IntCounterVec,
     rejected: IntCounter,
+    steps: IntCounter,
+    scheduled: IntCounter,
+    batched_tokens: IntCounter,
 }
 
 fn hist(name: &str, help: &str) -> Histogram {
@@ -104,6 +107,18 @@ impl EngineMetrics {
                 &["finished_reason"],
             )
             .expect("counter vec"),
+            steps: IntCounter::new("vajra_engine_steps_total", "Engine steps that ran a batch.")
+                .expect("counter"),
+            scheduled: IntCounter::new(
+                "vajra_engine_scheduled_requests_total",
+                "Sum over steps of the requests in the batch.",
+            )
+            .expect("counter"),
+            batched_tokens: IntCounter::new(
+                "vajra_engine_batched_tokens_total",
+                "Sum over steps of the tokens in the batch.",
+            )
+            .expect("counter"),
             rejected: IntCounter::new(
                 "vajra_requests_rejected_total",
                 "Requests answered 429 because the concurrency limit was reached.",
@@ -126,6 +141,9 @@ impl EngineMetrics {
             &m.prompt_tokens,
             &m.generation_tokens,
             &m.rejected,
+            &m.steps,
+            &m.scheduled,
+            &m.batched_tokens,
         ] {
             r.register(Box::new(c.clone())).expect("unique metric");
         }
@@ -165,8 +183,11 @@ impl EngineMetrics {
         self.rejected.inc();
     }
 
-    /// Refreshes gauges and cumulative counters from the scheduler.
-    pub fn update(&self, s: &SchedulerStats) {
+    /// Refreshes gauges and cumulative counters from the scheduler and the engine.
+    pub fn update(&self, s: &SchedulerStats, c: crate::engine::StepCounters) {
+        catch_up(&self.steps, c.steps);
+        catch_up(&self.scheduled, c.scheduled_requests);
+        catch_up(&self.batched_tokens, c.batched_tokens);
         self.running.set(i64::from(s.num_running));
         self.waiting.set(i64::from(s.num_waiting));
         self.kv_usage.set(s.kv.usage);
