@@ -290,6 +290,9 @@ impl Engine {
             self.sched.recycle(out);
             return Ok(Vec::new());
         }
+        self.counters.steps += 1;
+        self.counters.scheduled_requests += out.scheduled.len() as u64;
+        self.counters.batched_tokens += u64::from(out.num_batched_tokens);
         for s in &out.scheduled {
             let l = self
                 .live
