@@ -68,7 +68,10 @@ fn bench_against_our_server_writes_a_complete_run_folder() {
     let steps = summary["bench"]["server_steps"].as_u64().unwrap();
     assert!(steps > 0, "{summary}");
     assert!(summary["bench"]["server_mean_batch_size"].as_f64().unwrap() >= 1.0);
-    assert_eq!(summary["requests_completed"], 40, "metrics at the top level, as the simulator's");
+    assert_eq!(
+        summary["requests_completed"], 40,
+        "metrics at the top level, as the simulator's"
+    );
     for f in [
         "requests.csv",
         "requests.parquet",

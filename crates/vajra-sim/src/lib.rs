@@ -16,6 +16,7 @@ pub mod capacity;
 pub mod catalog;
 pub mod error;
 pub mod experiment;
+pub mod fidelity;
 pub mod memory;
 pub mod predictor;
 pub mod profiles;

@@ -69,6 +69,18 @@ enum Cmd {
         #[arg(short, long)]
         out: Option<PathBuf>,
     },
+    /// Fidelity of a simulated run against a measured one (`vajra-engine bench`): a table of
+    /// latency percentiles, throughput and batches with relative errors, and the report of both
+    /// runs (overlaid CDFs).
+    Compare {
+        /// The simulated run folder.
+        simulated: PathBuf,
+        /// The measured run folder.
+        measured: PathBuf,
+        /// Output folder (default: <measured>/fidelity).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
     /// Check an experiment file without running it.
     Validate {
         /// The experiment TOML.
@@ -252,6 +264,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 out.join("report.html").display(),
                 t0.elapsed().as_secs_f64()
             );
+            Ok(())
+        }
+        Cmd::Compare {
+            simulated,
+            measured,
+            out,
+        } => {
+            let out = out.unwrap_or_else(|| measured.join("fidelity"));
+            let rows = vajra_sim::fidelity::compare(&simulated, &measured)?;
+            vajra_sim::fidelity::write(&rows, &out)?;
+            let data = vajra_sim::report::collect_runs(&[simulated, measured])?;
+            vajra_sim::report::write_report(&data, &out)?;
+            print!("{}", vajra_sim::fidelity::markdown(&rows));
+            println!("→ {}", out.display());
             Ok(())
         }
         Cmd::Validate { file } => {
