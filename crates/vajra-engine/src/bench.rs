@@ -90,10 +90,14 @@ pub struct BenchFacts {
     pub server_mean_batch_size: Option<f64>,
     /// Mean tokens per step, from the same counters.
     pub server_mean_batch_tokens: Option<f64>,
+    /// Mean wall time of a step on the server, ms (scheduling, forward, sampling, detokenizing).
+    pub server_mean_step_ms: Option<f64>,
+    /// Mean time of a step's forward pass, ms; the rest of the step is CPU overhead.
+    pub server_mean_forward_ms: Option<f64>,
 }
 
 /// The server's step counters, when it exposes vajra's Prometheus metrics.
-async fn step_counters(client: &reqwest::Client, url: &str) -> Option<[f64; 3]> {
+async fn step_counters(client: &reqwest::Client, url: &str) -> Option<[f64; 5]> {
     let text = client
         .get(format!("{url}/metrics"))
         .send()
@@ -111,6 +115,8 @@ async fn step_counters(client: &reqwest::Client, url: &str) -> Option<[f64; 3]> 
         get("vajra_engine_steps_total")?,
         get("vajra_engine_scheduled_requests_total")?,
         get("vajra_engine_batched_tokens_total")?,
+        get("vajra_engine_step_microseconds_total")?,
+        get("vajra_engine_forward_microseconds_total")?,
     ])
 }
 
@@ -413,6 +419,8 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
         if steps > 0.0 {
             facts.server_mean_batch_size = Some((b[1] - a[1]) / steps);
             facts.server_mean_batch_tokens = Some((b[2] - a[2]) / steps);
+            facts.server_mean_step_ms = Some((b[3] - a[3]) / steps / 1e3);
+            facts.server_mean_forward_ms = Some((b[4] - a[4]) / steps / 1e3);
         }
     }
     collector

@@ -147,6 +147,10 @@ pub struct StepCounters {
     pub scheduled_requests: u64,
     /// Sum over steps of the tokens in the batch.
     pub batched_tokens: u64,
+    /// Wall time of the steps, from scheduling to the outputs, in nanoseconds.
+    pub step_ns: u64,
+    /// The part of it spent in the backend's forward pass (and its argmax).
+    pub forward_ns: u64,
 }
 
 impl Engine {
@@ -279,6 +283,15 @@ impl Engine {
     /// A backend failure or a tokenizer failure; the step's requests stay as they were before
     /// the failed step only in the scheduler's view, so callers should abort them.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        let began = Instant::now();
+        let outputs = self.step_inner()?;
+        if !outputs.is_empty() || self.has_unfinished() {
+            self.counters.step_ns += began.elapsed().as_nanos() as u64;
+        }
+        Ok(outputs)
+    }
+
+    fn step_inner(&mut self) -> Result<Vec<RequestOutput>> {
         let now = self.now();
         let out = self.sched.schedule(now);
         for id in &out.preempted {
@@ -327,11 +340,13 @@ impl Engine {
             .filter(|s| s.samples)
             .all(|s| self.live[&s.id].sampler.plain_greedy());
         // Greedy-only steps let the backend pick tokens on the device.
+        let forward = Instant::now();
         let result = if greedy_only {
             Err(self.backend.execute_greedy(&input)?)
         } else {
             Ok(self.backend.execute(&input)?)
         };
+        self.counters.forward_ns += forward.elapsed().as_nanos() as u64;
         drop(input);
         let picks: Vec<Sampled> = match result {
             Err(ids) => ids

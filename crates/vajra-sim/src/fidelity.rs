@@ -1,8 +1,8 @@
 //! `vajra-sim compare SIMULATED MEASURED`: the fidelity table of a simulated run against a
 //! measured one (`vajra-engine bench` writes measured run folders with the same metrics code).
 //!
-//! Rows: TTFT, TBT, TPOT and E2E at p50/p90/p99, throughput, and the number of batches and mean
-//! batch size (the measured side's come from the server's step counters when it exposes them).
+//! Rows: TTFT, TBT, TPOT and E2E at p50/p90/p99, throughput, and the number of batches, mean
+//! batch size and mean batch time (the measured side's come from the server's step counters when it exposes them).
 //! Each row has the simulated value, the measured value and the relative error
 //! (simulated − measured) / measured. The CDFs are overlaid by the report written beside it.
 
@@ -87,6 +87,11 @@ pub fn compare(simulated: &Path, measured: &Path) -> Result<Vec<Row>, SimError> 
         metric: "mean batch size (requests)".into(),
         simulated: num(&s, &["batches", "size", "mean"]),
         measured: num(&m, &["bench", "server_mean_batch_size"]),
+    });
+    rows.push(Row {
+        metric: "mean batch time (ms)".into(),
+        simulated: num(&s, &["batches", "latency_s", "mean"]).map(|x| x * 1e3),
+        measured: num(&m, &["bench", "server_mean_step_ms"]),
     });
     rows.push(Row {
         metric: "mean batch tokens".into(),

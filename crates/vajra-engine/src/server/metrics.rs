@@ -36,6 +36,8 @@ pub struct EngineMetrics {
     steps: IntCounter,
     scheduled: IntCounter,
     batched_tokens: IntCounter,
+    step_us: IntCounter,
+    forward_us: IntCounter,
 }
 
 fn hist(name: &str, help: &str) -> Histogram {
@@ -119,6 +121,16 @@ impl EngineMetrics {
                 "Sum over steps of the tokens in the batch.",
             )
             .expect("counter"),
+            step_us: IntCounter::new(
+                "vajra_engine_step_microseconds_total",
+                "Wall time of engine steps, scheduling to outputs.",
+            )
+            .expect("counter"),
+            forward_us: IntCounter::new(
+                "vajra_engine_forward_microseconds_total",
+                "Part of the step time spent in the backend's forward pass.",
+            )
+            .expect("counter"),
             rejected: IntCounter::new(
                 "vajra_requests_rejected_total",
                 "Requests answered 429 because the concurrency limit was reached.",
@@ -144,6 +156,8 @@ impl EngineMetrics {
             &m.steps,
             &m.scheduled,
             &m.batched_tokens,
+            &m.step_us,
+            &m.forward_us,
         ] {
             r.register(Box::new(c.clone())).expect("unique metric");
         }
@@ -188,6 +202,8 @@ impl EngineMetrics {
         catch_up(&self.steps, c.steps);
         catch_up(&self.scheduled, c.scheduled_requests);
         catch_up(&self.batched_tokens, c.batched_tokens);
+        catch_up(&self.step_us, c.step_ns / 1000);
+        catch_up(&self.forward_us, c.forward_ns / 1000);
         self.running.set(i64::from(s.num_running));
         self.waiting.set(i64::from(s.num_waiting));
         self.kv_usage.set(s.kv.usage);

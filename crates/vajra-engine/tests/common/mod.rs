@@ -1,5 +1,6 @@
 //! Shared by the server tests: start `vajra-engine serve` on the tiny Llama fixture on a free
-//! port and wait for the address it prints.
+//! port and wait for the address it prints. Each test binary uses part of it.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The fidelity loop: profile the engine's backend, simulate an experiment with that profile,
+# serve the same model with the same scheduler and cache, benchmark it with the same workload,
+# and compare (issue "vajra-engine bench and the fidelity loop").
+#
+#   scripts/calibrate.sh EXPERIMENT MODEL_DIR OUT [BACKEND]      # BACKEND: cpu (default) or cuda
+#
+# Steps (release builds of vajra-engine and vajra-sim):
+#   1. vajra-engine profile --backend B --model MODEL_DIR --out OUT/profile   (skipped if present)
+#   2. vajra-sim run EXPERIMENT -o OUT/sim, its predictor.profile pointed at OUT/profile/<model>
+#   3. for every point of the sweep: vajra-engine serve --experiment <point's config.resolved.toml>,
+#      vajra-engine bench with the same file → OUT/measured/<point>,
+#      vajra-sim compare → OUT/fidelity/<point>/fidelity.{md,csv} and the overlaid report
+#   4. OUT/fidelity.md: every point's headline rows side by side.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exp=${1:?usage: scripts/calibrate.sh EXPERIMENT MODEL_DIR OUT [cpu|cuda]}
+model=${2:?model folder}
+out=${3:?output folder}
+backend=${4:-cpu}
+features=""
+[[ "$backend" == cuda ]] && features="--features cuda"
+cargo build --release --locked -q -p vajra-engine $features
+cargo build --release --locked -q -p vajra-sim
+engine=target/release/vajra-engine
+sim=target/release/vajra-sim
+mkdir -p "$out"
+name=$(basename "$(cd "$model" && pwd)")
+if [[ ! -f "$out/profile/$name/mlp.csv" ]]; then
+    echo "== 1. profile ($backend)"
+    "$engine" profile --backend "$backend" --model "$model" --out "$out/profile"
+fi
+echo "== 2. simulate (with the profile just measured)"
+# A copy of the experiment beside the original (relative paths still resolve), reading OUT's profile.
+copy="$(dirname "$exp")/.calibrate-$(basename "$exp")"
+prof=$(cd "$out/profile/$name" && pwd)
+sed -E "s|^profile = .*|profile = \"$prof\"|" "$exp" > "$copy"
+trap 'rm -f "$copy"' EXIT
+"$sim" run "$copy" -o "$out/sim" --quiet
+port=$((20000 + RANDOM % 20000))
+summary="$out/fidelity.md"
+echo "# Fidelity: $(basename "$exp"), $name on the $backend backend ($(date -u +%Y-%m-%d))" > "$summary"
+echo >> "$summary"
+echo "| point | metric | simulated | measured | error |" >> "$summary"
+echo "|---|---|---:|---:|---:|" >> "$summary"
+for point in "$out"/sim/*/; do
+    point=${point%/}
+    label=$(basename "$point")
+    cfg="$point/config.resolved.toml"
+    echo "== 3. $label: serve, bench, compare"
+    "$engine" serve --backend "$backend" --model "$model" --experiment "$cfg" --port "$port" \
+        --served-model-name "$name" 2> "$out/serve-$label.log" &
+    pid=$!
+    for _ in $(seq 1 120); do
+        grep -q "serving" "$out/serve-$label.log" 2>/dev/null && break
+        sleep 0.5
+    done
+    "$engine" bench --url "http://127.0.0.1:$port" --experiment "$cfg" --model-dir "$model" \
+        -o "$out/measured/$label" --quiet
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    "$sim" compare "$point" "$out/measured/$label" -o "$out/fidelity/$label" > /dev/null
+    grep -E "^\| (ttft_s p50|ttft_s p90|tpot_s p50|tpot_s p90|e2e_s p50|batches|mean batch size|mean batch time)" \
+        "$out/fidelity/$label/fidelity.md" | sed "s/^| /| $label | /" >> "$summary"
+done
+echo "== 4. $summary"
+cat "$summary"
