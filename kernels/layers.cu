@@ -9,9 +9,17 @@ extern "C" __global__ void embed(const int* ids, const bf16* table, float* x, in
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[i] = bf2f(row[i]);
 }
 
+// orow = xr / sqrt(sum_sq / hidden + eps) * w, rounded to bf16 (HF rounds the normed value to
+// the model dtype before the weight multiply; we do the same). The block's threads share a row.
+__device__ __forceinline__ void write_normed(const float* xr, float sum_sq, const bf16* w,
+                                             bf16* orow, int hidden, float eps) {
+    float inv = rsqrtf(sum_sq / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        orow[i] = f2bf(bf2f(w[i]) * bf2f(f2bf(xr[i] * inv)));
+}
+
 // x += delta (when delta is not null; delta is a bf16 projection output), then
-// out = x / sqrt(mean(x^2) + eps) * w, rounded to bf16 (HF rounds the normed value to the
-// model dtype before the weight multiply; we do the same).
+// out = norm(x) * w (write_normed).
 extern "C" __global__ void add_rms_norm(float* x, const bf16* delta, const bf16* w, bf16* out,
                                         int hidden, float eps) {
     __shared__ float scratch[32];
@@ -23,11 +31,7 @@ extern "C" __global__ void add_rms_norm(float* x, const bf16* delta, const bf16*
         if (dr) { v += bf2f(dr[i]); xr[i] = v; }
         ss += v * v;
     }
-    ss = block_sum(ss, scratch);
-    float inv = rsqrtf(ss / hidden + eps);
-    bf16* orow = out + (size_t)blockIdx.x * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        orow[i] = f2bf(bf2f(w[i]) * bf2f(f2bf(xr[i] * inv)));
+    write_normed(xr, block_sum(ss, scratch), w, out + (size_t)blockIdx.x * hidden, hidden, eps);
 }
 
 // Final norm of selected rows: out[r] = norm(x[rows[r]]) (f32 residual in, bf16 out).
@@ -37,11 +41,7 @@ extern "C" __global__ void rms_norm_rows(const float* x, const int* rows, const 
     const float* xr = x + (size_t)rows[blockIdx.x] * hidden;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += xr[i] * xr[i];
-    ss = block_sum(ss, scratch);
-    float inv = rsqrtf(ss / hidden + eps);
-    bf16* orow = out + (size_t)blockIdx.x * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        orow[i] = f2bf(bf2f(w[i]) * bf2f(f2bf(xr[i] * inv)));
+    write_normed(xr, block_sum(ss, scratch), w, out + (size_t)blockIdx.x * hidden, hidden, eps);
 }
 
 // y[t, :] += b (Qwen2's Q/K/V biases).

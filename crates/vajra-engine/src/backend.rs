@@ -58,6 +58,36 @@ impl StepInput<'_> {
     pub fn num_tokens(&self) -> usize {
         self.seqs.iter().map(|s| s.tokens.len()).sum()
     }
+
+    /// Checks the step against a cache of `num_blocks` blocks of `block_size` tokens and a
+    /// vocabulary of `vocab` tokens: every block table covers its request's positions with
+    /// blocks inside the pool, and every token id is in the vocabulary.
+    ///
+    /// # Errors
+    /// A message naming the first violation.
+    pub fn check(
+        &self,
+        num_blocks: u32,
+        block_size: u32,
+        vocab: u32,
+    ) -> std::result::Result<(), String> {
+        for (s, seq) in self.seqs.iter().enumerate() {
+            let end = seq.context + seq.tokens.len() as u32;
+            if seq.block_table.len() < end.div_ceil(block_size) as usize {
+                return Err(format!(
+                    "request {s} of the step has {} blocks for {end} positions of {block_size}-token blocks",
+                    seq.block_table.len()
+                ));
+            }
+            if let Some(b) = seq.block_table.iter().find(|b| b.0 >= num_blocks) {
+                return Err(format!("block {} ≥ num_blocks {num_blocks}", b.0));
+            }
+            if let Some(t) = seq.tokens.iter().find(|&&t| t >= vocab) {
+                return Err(format!("token id {t} ≥ vocab_size {vocab}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Logits, one row of `vocab` values per returned position.

@@ -50,7 +50,8 @@ pub struct BenchConfig {
 }
 
 /// The parts of an experiment file a benchmark uses; the rest (scheduler, cluster, predictor)
-/// is the server's configuration.
+/// is the server's configuration, so unknown top-level keys are ignored (`vajra-sim validate`
+/// checks the whole file).
 #[derive(Debug, serde::Deserialize)]
 struct BenchExperiment {
     #[serde(default)]
@@ -313,28 +314,11 @@ async fn server_model(client: &reqwest::Client, url: &str) -> Result<(String, Op
 pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
     let text = std::fs::read_to_string(&cfg.experiment)
         .map_err(|e| EngineError::model_file(&cfg.experiment, e))?;
-    let exp: BenchExperiment = toml::from_str::<toml::Table>(&text)
-        .map_err(|e| EngineError::model_file(&cfg.experiment, e))
-        .and_then(|mut t| {
-            // Sections the server owns are not the bench's to check.
-            for k in [
-                "model",
-                "cluster",
-                "scheduler",
-                "router",
-                "cache",
-                "predictor",
-                "output",
-                "capacity",
-                "sweep",
-            ] {
-                t.remove(k);
-            }
-            toml::Value::Table(t)
-                .try_into()
-                .map_err(|e| EngineError::model_file(&cfg.experiment, e))
-        })?;
-    let mut workload = exp.workload.clone();
+    // Other sections (scheduler, cluster, predictor, ...) are the server's and are ignored
+    // here; `[workload]` and `[slo]` are checked field by field.
+    let exp: BenchExperiment =
+        toml::from_str(&text).map_err(|e| EngineError::model_file(&cfg.experiment, e))?;
+    let mut workload = exp.workload;
     if let Some(n) = cfg.num_requests {
         workload.num_requests = Some(n);
     }

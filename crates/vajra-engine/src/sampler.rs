@@ -12,7 +12,8 @@ use vajra_core::sampling::SamplingParams;
 pub struct Sampled {
     /// The token.
     pub token: u32,
-    /// Its log-probability under the raw distribution.
+    /// Its log-probability under the raw distribution (0 unless the request asked for
+    /// log-probabilities).
     pub logprob: f32,
     /// The most likely tokens and their log-probabilities (`logprobs` of them), best first.
     pub top: Vec<(u32, f32)>,
@@ -74,8 +75,12 @@ impl RequestSampler {
             Some(n) if n > 0 => top_logprobs(logits, n as usize),
             _ => Vec::new(),
         };
-        let raw_lse = log_sum_exp(logits);
-        let raw = logits.to_vec();
+        // The raw distribution is kept only when the request reports log-probabilities (a copy
+        // of the vocabulary's logits per token otherwise wasted).
+        let raw = p
+            .logprobs
+            .is_some()
+            .then(|| (log_sum_exp(logits), logits.to_vec()));
         self.apply_penalties(logits);
         let token = if p.is_greedy() {
             argmax(logits)
@@ -85,7 +90,7 @@ impl RequestSampler {
         };
         Sampled {
             token,
-            logprob: raw[token as usize] - raw_lse,
+            logprob: raw.map_or(0.0, |(lse, raw)| raw[token as usize] - lse),
             top,
         }
     }

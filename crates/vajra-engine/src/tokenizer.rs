@@ -21,7 +21,9 @@ pub struct ChatMessage {
 /// A model's tokenizer and chat template.
 pub struct TextCodec {
     tok: tokenizers::Tokenizer,
-    chat_template: Option<String>,
+    /// The chat template, compiled once at load (an error kept for the first chat request, so a
+    /// broken template does not stop plain completions).
+    chat: std::result::Result<minijinja::Environment<'static>, String>,
     bos_token: String,
     eos_token: String,
     eos_ids: Vec<u32>,
@@ -31,7 +33,7 @@ impl std::fmt::Debug for TextCodec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextCodec")
             .field("eos_ids", &self.eos_ids)
-            .field("has_chat_template", &self.chat_template.is_some())
+            .field("has_chat_template", &self.chat.is_ok())
             .finish()
     }
 }
@@ -105,7 +107,7 @@ impl TextCodec {
         eos_ids.dedup();
         Ok(TextCodec {
             tok,
-            chat_template,
+            chat: compile_chat_template(chat_template),
             bos_token,
             eos_token,
             eos_ids,
@@ -148,22 +150,10 @@ impl TextCodec {
     /// # Errors
     /// The model has no chat template, or the template fails (e.g. `raise_exception`).
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
-        let src = self.chat_template.as_deref().ok_or_else(|| {
-            EngineError::Template("the model folder has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)".into())
-        })?;
-        let mut env = minijinja::Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", src)
-            .map_err(|e| EngineError::Template(e.to_string()))?;
+        let env = self
+            .chat
+            .as_ref()
+            .map_err(|e| EngineError::Template(e.clone()))?;
         let tmpl = env
             .get_template("chat")
             .map_err(|e| EngineError::Template(e.to_string()))?;
@@ -175,6 +165,28 @@ impl TextCodec {
         })
         .map_err(|e| EngineError::Template(e.to_string()))
     }
+}
+
+/// A minijinja environment holding the chat template as `chat`, with the Python string methods
+/// and the `raise_exception` function Hugging Face templates use.
+fn compile_chat_template(
+    src: Option<String>,
+) -> std::result::Result<minijinja::Environment<'static>, String> {
+    let src = src.ok_or("the model folder has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)")?;
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template_owned("chat", src)
+        .map_err(|e| e.to_string())?;
+    Ok(env)
 }
 
 /// Turns a growing list of token ids into text deltas, holding back bytes that do not yet form

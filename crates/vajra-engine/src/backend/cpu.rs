@@ -242,37 +242,16 @@ impl CpuBackend {
 
     /// Checks a step against the cache and vocabulary and returns per-token (seq, position).
     fn plan(&self, input: &StepInput<'_>) -> Result<Vec<(usize, u32)>> {
-        let bs = self.shape.block_size;
+        input
+            .check(
+                self.shape.num_blocks,
+                self.shape.block_size,
+                self.spec.config.vocab_size,
+            )
+            .map_err(|m| self.err(m))?;
         let mut at = Vec::with_capacity(input.num_tokens());
         for (s, seq) in input.seqs.iter().enumerate() {
-            let end = seq.context + seq.tokens.len() as u32;
-            if seq.block_table.len() < end.div_ceil(bs) as usize {
-                return Err(self.err(format!(
-                    "request {s} of the step has {} blocks for {end} positions of {bs}-token blocks",
-                    seq.block_table.len()
-                )));
-            }
-            if let Some(b) = seq
-                .block_table
-                .iter()
-                .find(|b| b.0 >= self.shape.num_blocks)
-            {
-                return Err(self.err(format!(
-                    "block {} ≥ num_blocks {}",
-                    b.0, self.shape.num_blocks
-                )));
-            }
-            if let Some(t) = seq
-                .tokens
-                .iter()
-                .find(|&&t| t >= self.spec.config.vocab_size)
-            {
-                return Err(self.err(format!(
-                    "token id {t} ≥ vocab_size {}",
-                    self.spec.config.vocab_size
-                )));
-            }
-            at.extend((seq.context..end).map(|p| (s, p)));
+            at.extend((seq.context..seq.context + seq.tokens.len() as u32).map(|p| (s, p)));
         }
         Ok(at)
     }

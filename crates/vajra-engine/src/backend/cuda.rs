@@ -718,7 +718,7 @@ impl CudaBackend {
 
     /// Runs the forward pass and leaves f32 logits of the wanted rows on the device.
     fn forward(&mut self, input: &StepInput<'_>) -> Result<(CudaSlice<f32>, usize)> {
-        let c = self.spec.config.clone();
+        let c = &self.spec.config;
         let bs = self.shape.block_size as usize;
         let (h, hd) = (c.hidden_size as usize, c.head_dim as usize);
         let (nh, nkv) = (c.num_heads as usize, c.num_kv_heads as usize);
@@ -729,6 +729,9 @@ impl CudaBackend {
         let eps = c.rms_norm_eps as f32;
 
         // Host-side step description.
+        input
+            .check(self.shape.num_blocks, self.shape.block_size, c.vocab_size)
+            .map_err(err)?;
         let max_blocks = input
             .seqs
             .iter()
@@ -748,19 +751,7 @@ impl CudaBackend {
         let mut gemm_chunks = Vec::new();
         for (si, s) in input.seqs.iter().enumerate() {
             let end = s.context as usize + s.tokens.len();
-            if s.block_table.len() < end.div_ceil(bs) {
-                return Err(err(format!(
-                    "request {si} of the step has {} blocks for {end} positions",
-                    s.block_table.len()
-                )));
-            }
             for (bi, b) in s.block_table.iter().enumerate() {
-                if b.0 >= self.shape.num_blocks {
-                    return Err(err(format!(
-                        "block {} ≥ num_blocks {}",
-                        b.0, self.shape.num_blocks
-                    )));
-                }
                 tables[si * max_blocks + bi] = b.0 as i32;
             }
             let first = ids.len();
@@ -775,9 +766,6 @@ impl CudaBackend {
                 tok_list.extend((first..first + s.tokens.len()).map(|i| i as i32));
             }
             for (i, &t) in s.tokens.iter().enumerate() {
-                if t >= c.vocab_size {
-                    return Err(err(format!("token id {t} ≥ vocab_size {}", c.vocab_size)));
-                }
                 let p = s.context as usize + i;
                 ids.push(t as i32);
                 pos.push(p as i32);
