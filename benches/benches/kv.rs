@@ -50,6 +50,7 @@ fn bench_prefix(c: &mut Criterion) {
         request: RequestId(0),
         prompt: &prompt,
         output: &[],
+        num_output: 0,
         salt: None,
     };
     let mut t = BlockTable::default();

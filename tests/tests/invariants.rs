@@ -187,6 +187,7 @@ fn identical_prefixes_return_identical_blocks_over_random_allocations() {
             request: RequestId(i),
             prompt: &prompt,
             output: &[],
+            num_output: 0,
             salt: None,
         };
         let mut t = BlockTable::default();

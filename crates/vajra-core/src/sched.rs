@@ -36,9 +36,9 @@ mod vllm_v1;
 
 use crate::config::CacheConfig;
 use crate::error::{CoreError, Result, ensure};
-use crate::ids::{HostBlockId, RequestId, StepId};
+use crate::ids::{HostBlockId, RequestId, StepId, TenantId};
 use crate::kv::{AllocSpec, BlockTable, HostBlockPool, KvCacheManager, SeqContent};
-use crate::request::{FinishReason, Request, RequestStatus};
+use crate::request::{FinishReason, Prompt, Request, RequestStatus};
 use crate::time::Timestamp;
 use config::{PolicyConfig, PreemptionMode, QueuePolicy, SchedulerConfig};
 use output::{
@@ -49,29 +49,50 @@ use queue::{EntryInfo, Key, WaitingQueue};
 use std::collections::HashMap;
 
 /// A request inside the scheduler.
+///
+/// Laid out by hand: a decode step reads and writes only the first two cache lines (the
+/// fields up to the block table's ids), so 256 running requests touch 32 KiB rather than all of their
+/// ~450-byte records.
 #[derive(Debug, Clone)]
+#[repr(C, align(64))]
 struct Seq {
-    req: Request,
-    output: Vec<u32>,
-    status: RequestStatus,
+    id: RequestId,
     num_computed: u32,
-    table: BlockTable,
-    swapped: Vec<HostBlockId>,
+    /// Tokens generated so far.
+    num_output: u32,
+    /// `req.prompt.len()`, `req.max_tokens()`, `req.tenant` and whether `req` has stop token
+    /// ids, kept here so a decode step reads neither the prompt enum nor the sampling
+    /// parameters.
+    prompt_len: u32,
+    max_tokens: u32,
     in_flight: u32,
-    num_preemptions: u32,
+    tenant: TenantId,
+    status: RequestStatus,
+    has_stop_ids: bool,
+    send_full: bool,
+    /// The prompt is token ids, so generated tokens are kept (see `output`).
+    keeps_tokens: bool,
+    /// Generated tokens, kept for a token prompt only: a synthetic request's tokens are an
+    /// oracle's placeholders that nothing reads, and storing them would cost a cache-missing
+    /// store per request per decode step.
+    output: Vec<u32>,
     first_scheduled: Option<Timestamp>,
     first_token: Option<Timestamp>,
+    table: BlockTable,
+    // Cold: read at admission, preemption and finish.
+    req: Request,
+    swapped: Vec<HostBlockId>,
+    num_preemptions: u32,
     cached_prompt_tokens: Option<u32>,
     queue_key: Option<Key>,
-    send_full: bool,
 }
 
 impl Seq {
     fn prompt_len(&self) -> u32 {
-        self.req.prompt.len()
+        self.prompt_len
     }
     fn num_tokens(&self) -> u32 {
-        self.prompt_len() + self.output.len() as u32
+        self.prompt_len() + self.num_output
     }
     fn remaining(&self) -> u32 {
         self.num_tokens() - self.num_computed
@@ -80,17 +101,16 @@ impl Seq {
         self.num_computed >= self.prompt_len()
     }
     fn remaining_output(&self) -> u32 {
-        self.req
-            .max_tokens()
-            .saturating_sub(self.output.len() as u32)
+        self.max_tokens.saturating_sub(self.num_output)
     }
 }
 
-fn content<'a>(req: &'a Request, output: &'a [u32]) -> SeqContent<'a> {
+fn content<'a>(req: &'a Request, output: &'a [u32], num_output: u32) -> SeqContent<'a> {
     SeqContent {
         request: req.id,
         prompt: &req.prompt,
         output,
+        num_output,
         salt: req.cache_salt,
     }
 }
@@ -146,8 +166,8 @@ pub struct Scheduler {
     num_swapped: u32,
     /// LightLLM: decode-only steps since the last prefill step.
     decode_steps_since_prefill: u32,
-    /// Emptied `scheduled` buffers handed back by [`Scheduler::recycle`].
-    spare_outputs: Vec<Vec<ScheduledRequest>>,
+    /// Emptied `scheduled` and `block_ids` buffers handed back by [`Scheduler::recycle`].
+    spare_outputs: Vec<(Vec<ScheduledRequest>, Vec<crate::ids::BlockId>)>,
 }
 
 impl Scheduler {
@@ -230,7 +250,7 @@ impl Scheduler {
 
     /// Tokens of `req`'s prompt found in this scheduler's prefix cache (for routing).
     pub fn cached_prefix_tokens(&mut self, req: &Request) -> u32 {
-        self.kv.cached_prefix_tokens(&content(req, &[]))
+        self.kv.cached_prefix_tokens(&content(req, &[], 0))
     }
 
     /// Requests waiting (including swapped ones).
@@ -272,7 +292,7 @@ impl Scheduler {
 
     /// VTC: a tenant's virtual token counter (None under other queue policies or for a tenant
     /// never seen).
-    pub fn vtc_counter(&self, tenant: crate::ids::TenantId) -> Option<f64> {
+    pub fn vtc_counter(&self, tenant: TenantId) -> Option<f64> {
         match self.cfg.queue {
             QueuePolicy::Vtc { .. } => self.waiting.counter(tenant),
             _ => None,
@@ -328,10 +348,22 @@ impl Scheduler {
             &format!("at most the KV cache capacity of {capacity} tokens"),
         )?;
         // Sized once: pushing one token per step would otherwise reallocate log(n) times.
-        let output = Vec::with_capacity(req.max_tokens().min(4096) as usize);
+        let keeps_tokens = matches!(req.prompt, Prompt::Tokens(_));
+        let output = if keeps_tokens {
+            Vec::with_capacity(req.max_tokens().min(4096) as usize)
+        } else {
+            Vec::new()
+        };
         let seq = Seq {
+            id: req.id,
+            tenant: req.tenant,
+            prompt_len: req.prompt.len(),
+            max_tokens: req.max_tokens(),
+            has_stop_ids: !req.sampling.stop_token_ids.is_empty(),
+            keeps_tokens,
             req,
             output,
+            num_output: 0,
             status: RequestStatus::Waiting,
             num_computed: 0,
             table: BlockTable::default(),
@@ -376,11 +408,12 @@ impl Scheduler {
 
     /// Builds the next step.
     pub fn schedule(&mut self, now: Timestamp) -> SchedulerOutput {
-        let mut scheduled = self.spare_outputs.pop().unwrap_or_default();
+        let (mut scheduled, block_ids) = self.spare_outputs.pop().unwrap_or_default();
         scheduled.reserve(self.running.len() + 16);
         let mut out = SchedulerOutput {
             step: StepId(self.steps),
             scheduled,
+            block_ids,
             ..SchedulerOutput::default()
         };
         let max_seqs = self.cfg.max_num_seqs as usize;
@@ -401,7 +434,7 @@ impl Scheduler {
     /// Advances computed tokens, caches newly full blocks and charges tenants.
     fn finish_step(&mut self, out: &mut SchedulerOutput, now: Timestamp) {
         let mut total = 0;
-        let block_size = self.kv.block_size();
+        let charge = matches!(self.cfg.queue, QueuePolicy::Vtc { .. });
         for e in &out.scheduled {
             total += e.num_tokens;
             let seq = self.slots[e.slot as usize]
@@ -411,12 +444,17 @@ impl Scheduler {
             seq.in_flight += 1;
             seq.first_scheduled.get_or_insert(now);
             let upto = seq.num_computed;
-            if upto / block_size > (upto - e.num_tokens) / block_size {
-                self.kv
-                    .cache_full_blocks(&mut seq.table, &content(&seq.req, &seq.output), upto);
+            if self.kv.full_blocks(upto) > self.kv.full_blocks(upto - e.num_tokens) {
+                self.kv.cache_full_blocks(
+                    &mut seq.table,
+                    &content(&seq.req, &seq.output, seq.num_output),
+                    upto,
+                );
             }
-            self.waiting
-                .charge(e.tenant, e.prefill_tokens(), e.decode_tokens());
+            if charge {
+                self.waiting
+                    .charge(e.tenant, e.prefill_tokens(), e.decode_tokens());
+            }
         }
         out.num_batched_tokens = total;
         out.finished = std::mem::take(&mut self.finished_ids);
@@ -428,31 +466,7 @@ impl Scheduler {
     /// Appends `slot`'s share of the step; `appended` blocks were added to its table this step.
     fn push_scheduled(&mut self, out: &mut SchedulerOutput, slot: u32, n: u32, appended: u32) {
         let seq = self.slots[slot as usize].as_mut().expect("live slot");
-        let len = seq.table.blocks.len();
-        let new_blocks = seq.table.blocks[len - appended as usize..].to_vec();
-        let new = if seq.send_full {
-            seq.send_full = false;
-            Some(Box::new(NewRequestData {
-                prompt: seq.req.prompt.clone(),
-                output: seq.output.clone(),
-                sampling: seq.req.sampling.clone(),
-                block_table: seq.table.blocks.clone(),
-                resumed: seq.num_preemptions > 0,
-            }))
-        } else {
-            None
-        };
-        out.scheduled.push(ScheduledRequest {
-            id: seq.req.id,
-            num_tokens: n,
-            num_computed: seq.num_computed,
-            prompt_len: seq.prompt_len(),
-            samples: seq.num_computed + n == seq.num_tokens(),
-            new_blocks,
-            new,
-            tenant: seq.req.tenant,
-            slot,
-        });
+        push_scheduled(seq, out, slot, n, appended);
     }
 
     /// Tries to admit the head of the waiting queue. Returns the tokens scheduled for it, or
@@ -467,8 +481,10 @@ impl Scheduler {
         let (hits, hit_tokens) = if swapped {
             (Vec::new(), 0)
         } else {
-            self.kv
-                .get_computed_blocks(&mut seq.table, &content(&seq.req, &seq.output))
+            self.kv.get_computed_blocks(
+                &mut seq.table,
+                &content(&seq.req, &seq.output, seq.num_output),
+            )
         };
         let computed = if swapped {
             seq.num_computed
@@ -613,12 +629,11 @@ impl Scheduler {
             Some(p) => out.scheduled.remove(p).num_tokens,
             None => 0,
         };
-        let block_size = self.kv.block_size();
         let seq = self.slots[slot as usize]
             .as_mut()
             .expect("running slot is live");
         assert_eq!(seq.in_flight, 0, "a request in flight is never preempted");
-        let keep = seq.num_computed.div_ceil(block_size);
+        let keep = self.kv.blocks_for(seq.num_computed);
         let host = match self.cfg.preemption {
             PreemptionMode::Swap if keep > 0 => self.host.allocate(keep),
             PreemptionMode::Swap | PreemptionMode::Recompute => None,
@@ -674,9 +689,10 @@ impl Scheduler {
     /// reuses its buffer instead of allocating one (optional; a few are kept).
     pub fn recycle(&mut self, out: SchedulerOutput) {
         if self.spare_outputs.len() < 4 {
-            let mut v = out.scheduled;
+            let (mut v, mut b) = (out.scheduled, out.block_ids);
             v.clear();
-            self.spare_outputs.push(v);
+            b.clear();
+            self.spare_outputs.push((v, b));
         }
     }
 
@@ -701,7 +717,7 @@ impl Scheduler {
             let Some(seq) = self.slots[e.slot as usize].as_mut() else {
                 continue; // aborted while in flight
             };
-            if seq.req.id != e.id {
+            if seq.id != e.id {
                 continue; // aborted while in flight, slot reused
             }
             seq.in_flight -= 1;
@@ -709,18 +725,22 @@ impl Scheduler {
                 continue;
             }
             let tok = sampled.expect("executor must sample a token when a step reaches the end");
-            let index = seq.output.len() as u32;
-            seq.output.push(tok.token);
+            let index = seq.num_output;
+            seq.num_output += 1;
+            if seq.keeps_tokens {
+                seq.output.push(tok.token);
+            }
             seq.first_token.get_or_insert(now);
             events.push(RequestEvent::Token {
                 id: e.id,
                 token: tok.token,
                 index,
             });
-            let stop = tok.stop || seq.req.sampling.stop_token_ids.contains(&tok.token);
+            let stop = tok.stop
+                || (seq.has_stop_ids && seq.req.sampling.stop_token_ids.contains(&tok.token));
             let reason = if stop {
                 Some(FinishReason::Stop)
-            } else if index + 1 >= seq.req.max_tokens() {
+            } else if index + 1 >= seq.max_tokens {
                 Some(FinishReason::Length)
             } else {
                 None
@@ -783,7 +803,7 @@ impl Scheduler {
             first_token: seq.first_token,
             finished_at: now,
             prompt_tokens: seq.prompt_len(),
-            output_tokens: seq.output.len() as u32,
+            output_tokens: seq.num_output,
             cached_prompt_tokens: seq.cached_prompt_tokens.unwrap_or(0),
             num_preemptions: seq.num_preemptions,
         }
@@ -800,9 +820,19 @@ impl Scheduler {
     ) {
         let mut i = 0;
         while i < self.running.len() {
-            let seq = self.seq(self.running[i]);
+            let slot = self.running[i];
+            let seq = self.slots[slot as usize]
+                .as_mut()
+                .expect("running slot is live");
             let n = cap(seq, *budget).min(seq.remaining());
             if n == 0 {
+                i += 1;
+                continue;
+            }
+            // Fast path (most decodes): the table's last block has room for the new tokens.
+            if self.kv.blocks_for(seq.num_computed + n) <= seq.table.len() as u32 {
+                push_scheduled(seq, out, slot, n, 0);
+                *budget = budget.saturating_sub(n);
                 i += 1;
                 continue;
             }
@@ -821,6 +851,39 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// Appends `seq`'s share of the step; `appended` blocks were added to its table this step.
+fn push_scheduled(seq: &mut Seq, out: &mut SchedulerOutput, slot: u32, n: u32, appended: u32) {
+    let blocks = &seq.table.blocks;
+    let start = out.block_ids.len() as u32;
+    if appended > 0 {
+        out.block_ids
+            .extend_from_slice(&blocks[blocks.len() - appended as usize..]);
+    }
+    let new = if seq.send_full {
+        seq.send_full = false;
+        Some(Box::new(NewRequestData {
+            prompt: seq.req.prompt.clone(),
+            output: seq.output.clone(),
+            sampling: seq.req.sampling.clone(),
+            block_table: blocks.clone(),
+            resumed: seq.num_preemptions > 0,
+        }))
+    } else {
+        None
+    };
+    out.scheduled.push(ScheduledRequest {
+        id: seq.id,
+        num_tokens: n,
+        num_computed: seq.num_computed,
+        prompt_len: seq.prompt_len,
+        samples: seq.num_computed + n == seq.num_tokens(),
+        new_blocks: (start, appended),
+        new,
+        tenant: seq.tenant,
+        slot,
+    });
 }
 
 /// Checks the scheduler's internal invariants (block conservation, reference counts equal

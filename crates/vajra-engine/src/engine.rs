@@ -313,7 +313,7 @@ impl Engine {
                 .expect("scheduled request is live in the engine");
             match &s.new {
                 Some(new) => l.table.clone_from(&new.block_table),
-                None => l.table.extend_from_slice(&s.new_blocks),
+                None => l.table.extend_from_slice(out.new_blocks(s)),
             }
         }
         self.backend.swap(&out.swap_out, &out.swap_in)?;

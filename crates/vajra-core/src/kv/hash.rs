@@ -12,7 +12,13 @@
 //! Content is either the token ids (real prompts and outputs), or for synthetic prompts the
 //! prefix-group ids covering the block plus the block's offset inside its first group (so two
 //! requests that list the same groups hash identically, as Mooncake's `hash_ids` intend).
-//! Blocks not fully inside the prefix groups are made unique to the request (its id).
+//!
+//! Synthetic blocks not fully inside the prefix groups (the rest of the prompt, and every
+//! output block) can only ever be found again by their own request, after it is preempted and
+//! re-admitted. They get a *private* hash, `(request id, block index)` under a tag
+//! ([`BlockHash::is_private`]), with no XXH3 call; the pool does not index private hashes, and
+//! the request's own table finds them again (`KvCacheManager::get_computed_blocks`). A shared
+//! hash that happens to carry the tag has one bit flipped, so the two kinds never mix.
 //!
 //! The hash is XXH3-128 with a configured seed: reproducible across runs, processes and
 //! machines (unlike Python's `hash()` in vLLM without `PYTHONHASHSEED`). Cost: one XXH3 call over
@@ -28,11 +34,37 @@ use xxhash_rust::xxh3::xxh3_128_with_seed;
 #[serde(transparent)]
 pub struct BlockHash(pub u128);
 
+/// Top 32 bits of a private hash ("priv").
+const PRIVATE_TAG: u32 = 0x7072_6976;
+
+impl BlockHash {
+    /// The hash of block `index` of `request`, which no other request can share.
+    pub fn private(request: RequestId, index: u32) -> Self {
+        BlockHash(
+            (u128::from(PRIVATE_TAG) << 96) | (u128::from(request.0) << 32) | u128::from(index),
+        )
+    }
+
+    /// Whether this hash belongs to a block only its own request can hit.
+    pub fn is_private(self) -> bool {
+        (self.0 >> 96) as u32 == PRIVATE_TAG
+    }
+
+    /// A content hash, kept out of the private range.
+    fn shared(h: u128) -> Self {
+        let h = BlockHash(h);
+        if h.is_private() {
+            BlockHash(h.0 ^ (1 << 96))
+        } else {
+            h
+        }
+    }
+}
+
 /// Stand-in parent of the first block.
 const NONE_PARENT: u128 = 0x7661_6a72_615f_6e6f_6e65_5f70_6172_656e;
 const TAG_TOKENS: u8 = 1;
 const TAG_GROUPS: u8 = 2;
-const TAG_UNIQUE: u8 = 3;
 
 /// What a sequence holds, as far as hashing is concerned: its prompt and its generated tokens.
 #[derive(Debug, Clone, Copy)]
@@ -41,8 +73,10 @@ pub struct SeqContent<'a> {
     pub request: RequestId,
     /// The prompt.
     pub prompt: &'a Prompt,
-    /// Tokens generated so far.
+    /// Tokens generated so far (empty for a synthetic prompt, whose content is never read).
     pub output: &'a [u32],
+    /// How many tokens were generated so far (`output.len()` for a token prompt).
+    pub num_output: u32,
     /// Extra key mixed into the first block (LoRA, cache salt, tenant isolation).
     pub salt: Option<u64>,
 }
@@ -50,7 +84,7 @@ pub struct SeqContent<'a> {
 impl SeqContent<'_> {
     /// Total tokens (prompt + output).
     pub fn num_tokens(&self) -> u32 {
-        self.prompt.len() + self.output.len() as u32
+        self.prompt.len() + self.num_output
     }
 
     fn token(&self, i: u32) -> u32 {
@@ -93,6 +127,12 @@ impl BlockHasher {
         let bs = self.block_size;
         let (start, end) = (index * bs, (index + 1) * bs);
         assert!(end <= seq.num_tokens(), "only full blocks are hashed");
+        if let Prompt::Synthetic(s) = seq.prompt {
+            let covered = s.prefix_groups.len() as u64 * u64::from(s.group_tokens.max(1));
+            if end > s.len || u64::from(end) > covered {
+                return BlockHash::private(seq.request, index);
+            }
+        }
         let buf = &mut self.buf;
         buf.clear();
         buf.extend_from_slice(&parent.map_or(NONE_PARENT, |p| p.0).to_le_bytes());
@@ -109,23 +149,16 @@ impl BlockHasher {
                 }
             }
             Prompt::Synthetic(s) => {
+                // Inside the prefix groups (checked above).
                 let gt = s.group_tokens.max(1);
-                let covered = s.prefix_groups.len() as u64 * u64::from(gt);
-                let in_prompt = end <= s.len;
-                if in_prompt && u64::from(end) <= covered {
-                    buf.push(TAG_GROUPS);
-                    for g in (start / gt)..=((end - 1) / gt) {
-                        buf.extend_from_slice(&s.prefix_groups[g as usize].to_le_bytes());
-                    }
-                    buf.extend_from_slice(&(start % gt).to_le_bytes());
-                } else {
-                    buf.push(TAG_UNIQUE);
-                    buf.extend_from_slice(&seq.request.0.to_le_bytes());
-                    buf.extend_from_slice(&index.to_le_bytes());
+                buf.push(TAG_GROUPS);
+                for g in (start / gt)..=((end - 1) / gt) {
+                    buf.extend_from_slice(&s.prefix_groups[g as usize].to_le_bytes());
                 }
+                buf.extend_from_slice(&(start % gt).to_le_bytes());
             }
         }
-        BlockHash(xxh3_128_with_seed(buf, self.seed))
+        BlockHash::shared(xxh3_128_with_seed(buf, self.seed))
     }
 }
 
@@ -139,6 +172,7 @@ mod tests {
             request: RequestId(id),
             prompt,
             output: &[],
+            num_output: 0,
             salt,
         }
     }
@@ -163,6 +197,14 @@ mod tests {
         let hb = chain(&mut h, &content(2, &b, None), 3);
         assert_eq!(ha[..2], hb[..2]);
         assert_ne!(ha[2], hb[2]);
+    }
+
+    #[test]
+    fn content_hashes_never_look_private() {
+        let tagged = (u128::from(PRIVATE_TAG) << 96) | 12_345;
+        assert!(BlockHash(tagged).is_private());
+        assert!(!BlockHash::shared(tagged).is_private());
+        assert!(!BlockHash::shared(7).is_private());
     }
 
     #[test]
@@ -207,10 +249,12 @@ mod tests {
         let hb = chain(&mut h, &content(2, &b, None), 6);
         assert_eq!(ha[..2], hb[..2], "group 10 covers blocks 0 and 1");
         assert_ne!(ha[2], hb[2], "groups 11 and 12 differ");
-        // Blocks past the groups are unique per request even with equal parents.
+        // Blocks past the groups are private to their request even with equal parents.
         let c = mk(vec![10, 11], 24);
         let hc = chain(&mut h, &content(3, &c, None), 6);
         assert_eq!(ha[..4], hc[..4]);
         assert_ne!(ha[4], hc[4]);
+        assert!(ha[4].is_private() && ha[5].is_private() && !ha[3].is_private());
+        assert_eq!(ha[4], BlockHash::private(RequestId(1), 4));
     }
 }

@@ -23,13 +23,17 @@ use serde::Serialize;
 
 /// The KV blocks of one request, in token order, and the hashes of its full blocks.
 #[derive(Debug, Clone, Default)]
+#[repr(C)]
 pub struct BlockTable {
     /// Block ids, block `i` holding tokens `[i·B, (i+1)·B)`.
     pub blocks: Vec<BlockId>,
-    /// Hashes of full blocks computed so far (valid across preemption: tokens do not change).
-    hashes: Vec<BlockHash>,
     /// How many leading blocks of `blocks` have been offered to the cache.
     num_cached: usize,
+    /// Hashes of full blocks computed so far (valid across preemption: tokens do not change).
+    hashes: Vec<BlockHash>,
+    /// The blocks held when the table was last freed, where a re-admitted request looks for
+    /// its private blocks.
+    freed: Vec<BlockId>,
 }
 
 impl BlockTable {
@@ -81,11 +85,14 @@ pub struct KvStats {
 pub struct KvCacheManager {
     pool: BlockPool,
     block_size: u32,
+    /// `log2(block_size)` when it is a power of two (every block size vLLM offers): token →
+    /// block arithmetic then shifts instead of dividing (a `div` is ~25 cycles, and a decode
+    /// step does several per request).
+    block_shift: Option<u32>,
     prefix_caching: bool,
     watermark_blocks: u32,
     hasher: BlockHasher,
     stats: KvStats,
-    scratch: Vec<BlockId>,
 }
 
 impl KvCacheManager {
@@ -94,11 +101,14 @@ impl KvCacheManager {
         KvCacheManager {
             pool: BlockPool::new(num_blocks),
             block_size: cfg.block_size,
+            block_shift: cfg
+                .block_size
+                .is_power_of_two()
+                .then(|| cfg.block_size.trailing_zeros()),
             prefix_caching: cfg.enable_prefix_caching,
             watermark_blocks: (cfg.watermark * f64::from(num_blocks)).floor() as u32,
             hasher: BlockHasher::new(cfg.hash_seed, cfg.block_size),
             stats: KvStats::default(),
-            scratch: Vec::new(),
         }
     }
 
@@ -129,7 +139,16 @@ impl KvCacheManager {
 
     /// Blocks needed to hold `tokens` tokens.
     pub fn blocks_for(&self, tokens: u32) -> u32 {
-        tokens.div_ceil(self.block_size)
+        let full = self.full_blocks(tokens);
+        full + u32::from(full * self.block_size != tokens)
+    }
+
+    /// Blocks that `tokens` tokens fill completely.
+    pub fn full_blocks(&self, tokens: u32) -> u32 {
+        match self.block_shift {
+            Some(s) => tokens >> s,
+            None => tokens / self.block_size,
+        }
     }
 
     /// Current counters.
@@ -165,11 +184,21 @@ impl KvCacheManager {
             return (Vec::new(), 0);
         }
         let num_tokens = seq.num_tokens();
-        let max_blocks = (num_tokens.saturating_sub(1) / self.block_size) as usize;
+        let max_blocks = self.full_blocks(num_tokens.saturating_sub(1)) as usize;
         let mut hits = Vec::new();
         for i in 0..max_blocks {
             self.ensure_hashes(table, seq, i + 1);
-            match self.pool.lookup(table.hashes[i]) {
+            let h = table.hashes[i];
+            let hit = if h.is_private() {
+                table
+                    .freed
+                    .get(i)
+                    .copied()
+                    .filter(|&b| self.pool.holds(b, h))
+            } else {
+                self.pool.lookup(h)
+            };
+            match hit {
                 Some(b) => hits.push(b),
                 None => break,
             }
@@ -192,7 +221,7 @@ impl KvCacheManager {
         if !self.prefix_caching {
             return 0;
         }
-        let max_blocks = seq.num_tokens().saturating_sub(1) / self.block_size;
+        let max_blocks = self.full_blocks(seq.num_tokens().saturating_sub(1));
         let mut parent = None;
         let mut n = 0;
         for i in 0..max_blocks {
@@ -261,7 +290,7 @@ impl KvCacheManager {
         if !self.prefix_caching {
             return;
         }
-        let full = ((num_tokens / self.block_size) as usize).min(table.blocks.len());
+        let full = (self.full_blocks(num_tokens) as usize).min(table.blocks.len());
         if full <= table.num_cached {
             return;
         }
@@ -273,11 +302,12 @@ impl KvCacheManager {
     }
 
     /// Drops the table's hold on all its blocks, tail first. The blocks stay cached (and
-    /// findable) until reused; the table keeps its hashes for a later re-admission.
+    /// findable) until reused; the table keeps its hashes and the freed ids for a later
+    /// re-admission.
     pub fn free(&mut self, table: &mut BlockTable) {
-        self.scratch.clear();
-        self.scratch.extend(table.blocks.drain(..).rev());
-        self.pool.free(self.scratch.iter().copied());
+        self.pool.free(table.blocks.iter().rev().copied());
+        std::mem::swap(&mut table.freed, &mut table.blocks);
+        table.blocks.clear();
         table.num_cached = 0;
     }
 
@@ -307,6 +337,7 @@ mod tests {
             request: RequestId(id),
             prompt: p,
             output: &[],
+            num_output: 0,
             salt: None,
         }
     }
@@ -413,6 +444,44 @@ mod tests {
         assert_eq!(m.allocate_slots(&mut b, &spec(0, &hits, 5)), None);
         assert_eq!(m.allocate_slots(&mut b, &spec(0, &hits, 1)), Some(2));
         m.pool().check_invariants();
+    }
+
+    #[test]
+    fn a_readmitted_request_finds_its_private_blocks_until_they_are_evicted() {
+        let mut m = mgr(8, 0.0);
+        let p = Prompt::synthetic(13);
+        let mut a = BlockTable::default();
+        m.allocate_slots(&mut a, &spec(0, &[], 13)).unwrap();
+        m.cache_full_blocks(&mut a, &seq(1, &p), 13);
+        assert_eq!(m.pool().num_cached(), 0, "private blocks are not indexed");
+        let held = a.blocks.clone();
+        m.free(&mut a);
+        // The same request, re-admitted, hits its three full blocks; another request with the
+        // same synthetic length hits nothing.
+        let (hits, tokens) = m.get_computed_blocks(&mut a, &seq(1, &p));
+        assert_eq!((hits, tokens), (held[..3].to_vec(), 12));
+        let mut b = BlockTable::default();
+        assert_eq!(m.get_computed_blocks(&mut b, &seq(2, &p)).1, 0);
+        // Taking every free block evicts them; the owner then finds nothing.
+        m.allocate_slots(&mut b, &spec(0, &[], 32)).unwrap();
+        m.free(&mut b);
+        assert_eq!(m.get_computed_blocks(&mut a, &seq(1, &p)).1, 0);
+        m.pool().check_invariants();
+    }
+
+    #[test]
+    fn block_arithmetic_matches_division_for_any_block_size() {
+        for bs in [1, 3, 16, 24] {
+            let cfg = CacheConfig {
+                block_size: bs,
+                ..Default::default()
+            };
+            let m = KvCacheManager::new(&cfg, 4);
+            for t in 0..100 {
+                assert_eq!(m.blocks_for(t), t.div_ceil(bs), "blocks_for({t}), B = {bs}");
+                assert_eq!(m.full_blocks(t), t / bs, "full_blocks({t}), B = {bs}");
+            }
+        }
     }
 
     #[test]

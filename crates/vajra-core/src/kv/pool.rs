@@ -13,6 +13,9 @@
 //!          evicted first                          freed last
 //! ```
 //!
+//! Private hashes ([`BlockHash::is_private`]: blocks only their own request can hit) are kept
+//! on the block but not indexed; the owner checks its old block ids with [`BlockPool::holds`].
+//!
 //! Identical blocks are not de-duplicated: when a full block's hash is already mapped to
 //! another block, the newcomer stays uncached, so block tables stay append-only.
 
@@ -114,7 +117,7 @@ impl BlockPool {
         self.evictions
     }
 
-    /// Number of blocks findable by hash.
+    /// Number of blocks findable by a shared hash.
     pub fn num_cached(&self) -> usize {
         self.cached.len()
     }
@@ -142,7 +145,7 @@ impl BlockPool {
             let b = &mut self.blocks[id as usize];
             b.ref_cnt = 1;
             if let Some(h) = b.hash.take() {
-                if self.cached.get(&h) == Some(&BlockId(id)) {
+                if !h.is_private() && self.cached.get(&h) == Some(&BlockId(id)) {
                     self.cached.remove(&h);
                 }
                 self.evictions += 1;
@@ -180,16 +183,25 @@ impl BlockPool {
     }
 
     /// Makes a full block findable by `hash`. A block already cached, or a hash already mapped
-    /// to another block, is left as it is.
+    /// to another block, is left as it is. A private hash is recorded on the block only.
     pub fn cache(&mut self, b: BlockId, hash: BlockHash) {
         let blk = &mut self.blocks[b.index()];
         if blk.hash.is_some() {
+            return;
+        }
+        if hash.is_private() {
+            blk.hash = Some(hash);
             return;
         }
         if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
             e.insert(b);
             blk.hash = Some(hash);
         }
+    }
+
+    /// Whether block `b` still holds the content cached under `hash` (not evicted since).
+    pub fn holds(&self, b: BlockId, hash: BlockHash) -> bool {
+        self.blocks[b.index()].hash == Some(hash)
     }
 
     /// The hash a block is cached under, if any.

@@ -19,7 +19,8 @@ use serde::Serialize;
 pub struct NewRequestData {
     /// The prompt.
     pub prompt: Prompt,
-    /// Tokens generated before a preemption (empty for a fresh request).
+    /// Tokens generated before a preemption (empty for a fresh request, and always empty for
+    /// a synthetic prompt, whose generated tokens are not kept).
     pub output: Vec<u32>,
     /// Sampling parameters.
     pub sampling: SamplingParams,
@@ -43,8 +44,9 @@ pub struct ScheduledRequest {
     pub prompt_len: u32,
     /// Whether this step reaches the end of the known tokens, so a token is sampled.
     pub samples: bool,
-    /// Blocks appended to the request's table in this step.
-    pub new_blocks: Vec<BlockId>,
+    /// Blocks appended to the request's table in this step, as a range of
+    /// [`SchedulerOutput::block_ids`] (read them with [`SchedulerOutput::new_blocks`]).
+    pub(crate) new_blocks: (u32, u32),
     /// Full data, the first time the request runs after (re)admission.
     pub new: Option<Box<NewRequestData>>,
     /// Tenant (for accounting and fairness).
@@ -72,6 +74,9 @@ pub struct SchedulerOutput {
     pub step: StepId,
     /// Requests in batch order.
     pub scheduled: Vec<ScheduledRequest>,
+    /// The blocks appended in this step, every request's run end to end (one buffer per step
+    /// instead of one per request).
+    pub block_ids: Vec<BlockId>,
     /// Sum of `num_tokens` over `scheduled`.
     pub num_batched_tokens: u32,
     /// Requests preempted in this step.
@@ -88,6 +93,12 @@ impl SchedulerOutput {
     /// Whether nothing runs in this step.
     pub fn is_empty(&self) -> bool {
         self.scheduled.is_empty()
+    }
+
+    /// Blocks appended to `e`'s table in this step (`e` must come from this output).
+    pub fn new_blocks(&self, e: &ScheduledRequest) -> &[BlockId] {
+        let (start, len) = e.new_blocks;
+        &self.block_ids[start as usize..(start + len) as usize]
     }
 }
 

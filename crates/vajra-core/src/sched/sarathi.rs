@@ -27,17 +27,24 @@ impl Scheduler {
         };
         // Pass 1: decodes.
         let mut unlimited = u32::MAX;
-        self.run_running(out, &mut unlimited, |seq, _| u32::from(seq.prefill_done()));
-        let used: u32 = out.scheduled.iter().map(|e| e.num_tokens).sum();
-        // Pass 2: partial prefills.
-        let mut budget = total.saturating_sub(used);
-        self.run_running(out, &mut budget, |seq, b| {
-            if seq.prefill_done() {
-                0
-            } else {
-                chunk_for(seq).saturating_sub(total - b)
-            }
+        let mut partial = 0;
+        self.run_running(out, &mut unlimited, |seq, _| {
+            let done = seq.prefill_done();
+            partial += u32::from(!done);
+            u32::from(done)
         });
+        let used: u32 = out.scheduled.iter().map(|e| e.num_tokens).sum();
+        // Pass 2: partial prefills (skipped when every running request decodes).
+        let mut budget = total.saturating_sub(used);
+        if partial > 0 {
+            self.run_running(out, &mut budget, |seq, b| {
+                if seq.prefill_done() {
+                    0
+                } else {
+                    chunk_for(seq).saturating_sub(total - b)
+                }
+            });
+        }
         // Pass 3: new requests.
         let reserve = match c.admission {
             AdmissionMode::Reserve => Reserve::Remaining,
