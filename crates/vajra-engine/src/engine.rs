@@ -311,7 +311,7 @@ impl Engine {
                 .live
                 .get_mut(&s.id)
                 .expect("scheduled request is live in the engine");
-            match &s.new {
+            match out.new_data(s) {
                 Some(new) => l.table.clone_from(&new.block_table),
                 None => l.table.extend_from_slice(out.new_blocks(s)),
             }

@@ -498,13 +498,16 @@ pub fn run_range(
     let pp = spec.predictor.stages();
     let replicas: Vec<Replica> = (lo..hi)
         .map(|_| {
+            let mut sched = Scheduler::new(
+                spec.scheduler.clone(),
+                spec.cache,
+                spec.num_blocks,
+                spec.max_model_len,
+            )?;
+            // The simulated executor reads token counts only.
+            sched.omit_request_data();
             Ok(Replica {
-                sched: Scheduler::new(
-                    spec.scheduler.clone(),
-                    spec.cache,
-                    spec.num_blocks,
-                    spec.max_model_len,
-                )?,
+                sched,
                 stage_busy: vec![false; pp],
                 stage_queue: vec![VecDeque::new(); pp],
                 in_flight: 0,

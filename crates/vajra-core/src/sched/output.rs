@@ -31,7 +31,7 @@ pub struct NewRequestData {
 }
 
 /// One request's share of a step.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScheduledRequest {
     /// The request.
     pub id: RequestId,
@@ -47,8 +47,11 @@ pub struct ScheduledRequest {
     /// Blocks appended to the request's table in this step, as a range of
     /// [`SchedulerOutput::block_ids`] (read them with [`SchedulerOutput::new_blocks`]).
     pub(crate) new_blocks: (u32, u32),
-    /// Full data, the first time the request runs after (re)admission.
-    pub new: Option<Box<NewRequestData>>,
+    /// Full data, the first time the request runs after (re)admission, as an index into
+    /// [`SchedulerOutput::request_data`] (read it with [`SchedulerOutput::new_data`]). Kept out
+    /// of line so that this entry is plain `Copy` data and a step's buffer is reused without
+    /// visiting its entries.
+    pub(crate) new: Option<u32>,
     /// Tenant (for accounting and fairness).
     pub tenant: TenantId,
     pub(crate) slot: u32,
@@ -77,6 +80,8 @@ pub struct SchedulerOutput {
     /// The blocks appended in this step, every request's run end to end (one buffer per step
     /// instead of one per request).
     pub block_ids: Vec<BlockId>,
+    /// Full data of the requests (re)admitted in this step.
+    pub request_data: Vec<NewRequestData>,
     /// Sum of `num_tokens` over `scheduled`.
     pub num_batched_tokens: u32,
     /// Requests preempted in this step.
@@ -93,6 +98,11 @@ impl SchedulerOutput {
     /// Whether nothing runs in this step.
     pub fn is_empty(&self) -> bool {
         self.scheduled.is_empty()
+    }
+
+    /// `e`'s full data if it was (re)admitted in this step (`e` must come from this output).
+    pub fn new_data(&self, e: &ScheduledRequest) -> Option<&NewRequestData> {
+        e.new.map(|i| &self.request_data[i as usize])
     }
 
     /// Blocks appended to `e`'s table in this step (`e` must come from this output).

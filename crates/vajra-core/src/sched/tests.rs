@@ -143,13 +143,27 @@ fn shares(out: &SchedulerOutput) -> Vec<(u64, u32)> {
 // ---------------------------------------------------------------- lifecycle and API
 
 #[test]
+fn a_scheduler_told_to_omit_request_data_schedules_the_same_shares_without_it() {
+    let mut with = fx(v1(100)).build();
+    let mut without = fx(v1(100)).build();
+    without.s.omit_request_data();
+    for f in [&mut with, &mut without] {
+        f.add(10, 3);
+    }
+    let (a, b) = (with.sched(), without.sched());
+    assert_eq!(shares(&a), shares(&b));
+    assert_eq!(a.new_blocks(&a.scheduled[0]), b.new_blocks(&b.scheduled[0]));
+    assert!(a.new_data(&a.scheduled[0]).is_some() && b.new_data(&b.scheduled[0]).is_none());
+}
+
+#[test]
 fn a_request_runs_prefill_then_one_decode_per_step_and_finishes_by_length() {
     let mut f = fx(v1(100)).build();
     let id = f.add(10, 3);
     assert_eq!(f.s.status(id), Some(RequestStatus::Waiting));
     let out = f.sched();
     assert_eq!(shares(&out), vec![(0, 10)]);
-    assert!(out.scheduled[0].samples && out.scheduled[0].new.is_some());
+    assert!(out.scheduled[0].samples && out.new_data(&out.scheduled[0]).is_some());
     assert_eq!(out.new_blocks(&out.scheduled[0]).len(), 3);
     let ev = f.finish(&out);
     assert!(matches!(ev[0], RequestEvent::Token { index: 0, .. }));
@@ -157,7 +171,7 @@ fn a_request_runs_prefill_then_one_decode_per_step_and_finishes_by_length() {
     let out = f.step();
     assert_eq!(shares(&out), vec![(0, 1)]);
     assert!(
-        out.scheduled[0].new.is_none(),
+        out.new_data(&out.scheduled[0]).is_none(),
         "full data only on the first step"
     );
     let out = f.sched();
