@@ -98,8 +98,12 @@ pub struct KvCacheManager {
 impl KvCacheManager {
     /// A manager of `num_blocks` blocks with the given cache settings.
     pub fn new(cfg: &CacheConfig, num_blocks: u32) -> Self {
+        let mut pool = BlockPool::new(num_blocks);
+        if !cfg.enable_prefix_caching {
+            pool.reuse_most_recent_first();
+        }
         KvCacheManager {
-            pool: BlockPool::new(num_blocks),
+            pool,
             block_size: cfg.block_size,
             block_shift: cfg
                 .block_size
