@@ -419,27 +419,33 @@ impl Scheduler {
 
     /// Builds the next step.
     pub fn schedule(&mut self, now: Timestamp) -> SchedulerOutput {
-        let (mut scheduled, block_ids) = self.spare_outputs.pop().unwrap_or_default();
-        scheduled.reserve(self.running.len() + 16);
+        let (scheduled, block_ids) = self.spare_outputs.pop().unwrap_or_default();
         let mut out = SchedulerOutput {
-            step: StepId(self.steps),
             scheduled,
             block_ids,
             ..SchedulerOutput::default()
         };
+        self.schedule_into(now, &mut out);
+        out
+    }
+
+    /// [`Scheduler::schedule`] into a caller's output, which is cleared first and whose
+    /// buffers are reused (a simulator keeps one per batch in flight, so a step neither
+    /// allocates nor moves its output).
+    pub fn schedule_into(&mut self, now: Timestamp, out: &mut SchedulerOutput) {
+        out.clear();
+        out.step = StepId(self.steps);
+        out.scheduled.reserve(self.running.len() + 16);
         let max_seqs = self.cfg.max_num_seqs as usize;
         match self.cfg.policy {
-            PolicyConfig::VllmV1(c) => self.schedule_vllm_v1(&c, max_seqs, &mut out),
-            PolicyConfig::Sarathi(c) => self.schedule_sarathi(&c, max_seqs, &mut out),
-            PolicyConfig::VllmV0(c) => self.schedule_vllm_v0(&c, max_seqs, &mut out),
-            PolicyConfig::Orca(_) => self.schedule_orca(max_seqs, &mut out),
-            PolicyConfig::FasterTransformer(_) => {
-                self.schedule_faster_transformer(max_seqs, &mut out)
-            }
-            PolicyConfig::Lightllm(c) => self.schedule_lightllm(&c, max_seqs, &mut out),
+            PolicyConfig::VllmV1(c) => self.schedule_vllm_v1(&c, max_seqs, out),
+            PolicyConfig::Sarathi(c) => self.schedule_sarathi(&c, max_seqs, out),
+            PolicyConfig::VllmV0(c) => self.schedule_vllm_v0(&c, max_seqs, out),
+            PolicyConfig::Orca(_) => self.schedule_orca(max_seqs, out),
+            PolicyConfig::FasterTransformer(_) => self.schedule_faster_transformer(max_seqs, out),
+            PolicyConfig::Lightllm(c) => self.schedule_lightllm(&c, max_seqs, out),
         }
-        self.finish_step(&mut out, now);
-        out
+        self.finish_step(out, now);
     }
 
     /// Advances computed tokens, caches newly full blocks and charges tenants.
@@ -468,7 +474,7 @@ impl Scheduler {
             }
         }
         out.num_batched_tokens = total;
-        out.finished = std::mem::take(&mut self.finished_ids);
+        std::mem::swap(&mut out.finished, &mut self.finished_ids);
         if !out.scheduled.is_empty() {
             self.steps += 1;
         }

@@ -227,6 +227,7 @@ struct Replica {
     schedule_pending: bool,
 }
 
+#[derive(Default)]
 struct Batch {
     replica: u32,
     out: SchedulerOutput,
@@ -306,7 +307,8 @@ struct Loop<'a, 's> {
     pp: usize,
     replicas: Vec<Replica>,
     q: EventQueue,
-    batches: Vec<Option<Batch>>,
+    /// Batch slots, reused (with their output buffers) through `free_slots`.
+    batches: Vec<Batch>,
     free_slots: Vec<u32>,
     collector: Collector,
 }
@@ -318,36 +320,33 @@ impl Loop<'_, '_> {
         let num_blocks = self.spec.num_blocks;
         while (self.replicas[r].in_flight as usize) < self.pp {
             let rep = &mut self.replicas[r];
-            let out = rep.sched.schedule(now);
-            if out.is_empty() {
-                break;
-            }
-            let cost = self.spec.predictor.predict(&out);
-            let kv_used = num_blocks - rep.sched.kv().num_free();
             let slot = match self.free_slots.pop() {
                 Some(s) => s,
                 None => {
-                    self.batches.push(None);
+                    self.batches.push(Batch::default());
                     (self.batches.len() - 1) as u32
                 }
             };
-            let first_ns = cost.stage_ns[0];
+            let b = &mut self.batches[slot as usize];
+            rep.sched.schedule_into(now, &mut b.out);
+            if b.out.is_empty() {
+                self.free_slots.push(slot);
+                break;
+            }
+            b.cost = self.spec.predictor.predict(&b.out);
+            b.kv_used = num_blocks - rep.sched.kv().num_free();
+            let first_ns = b.cost.stage_ns[0];
             let (mut pre, mut dec) = (0, 0);
-            for x in &out.scheduled {
+            for x in &b.out.scheduled {
                 let p = x.prefill_tokens();
                 pre += p;
                 dec += x.num_tokens - p;
             }
-            self.batches[slot as usize] = Some(Batch {
-                replica: r as u32,
-                out,
-                cost,
-                start: now,
-                stage: 0,
-                kv_used,
-                prefill_tokens: pre,
-                decode_tokens: dec,
-            });
+            b.replica = r as u32;
+            b.start = now;
+            b.stage = 0;
+            b.prefill_tokens = pre;
+            b.decode_tokens = dec;
             rep.in_flight += 1;
             if rep.stage_busy[0] {
                 rep.stage_queue[0].push_back(slot);
@@ -387,7 +386,7 @@ impl Loop<'_, '_> {
         source: &mut dyn Arrivals,
         on_slice: &mut Option<&mut dyn FnMut(&StageSlice)>,
     ) {
-        let b = self.batches[slot as usize].as_mut().expect("live batch");
+        let b = &mut self.batches[slot as usize];
         let r = b.replica as usize;
         let s = b.stage;
         if let Some(f) = on_slice.as_mut() {
@@ -413,11 +412,7 @@ impl Loop<'_, '_> {
         rep.stage_busy[s] = false;
         if let Some(next) = rep.stage_queue[s].pop_front() {
             rep.stage_busy[s] = true;
-            let ns = self.batches[next as usize]
-                .as_ref()
-                .expect("queued batch")
-                .cost
-                .stage_ns[s];
+            let ns = self.batches[next as usize].cost.stage_ns[s];
             self.q.push(now + Duration(ns), EventKind::StageEnd, next);
         }
         if let Some(ns) = next_ns {
@@ -430,7 +425,7 @@ impl Loop<'_, '_> {
             return;
         }
         // Last stage: the batch is done.
-        let b = self.batches[slot as usize].take().expect("live batch");
+        let b = &self.batches[slot as usize];
         self.free_slots.push(slot);
         self.runner_out.fill_uniform(&b.out, 0);
         let mut events = std::mem::take(&mut self.events);
@@ -462,7 +457,6 @@ impl Loop<'_, '_> {
             bytes: b.cost.bytes,
         });
         rep.in_flight -= 1;
-        rep.sched.recycle(b.out);
         self.request_schedule(r, now, source.peek_time());
     }
 }

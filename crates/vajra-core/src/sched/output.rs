@@ -100,6 +100,19 @@ impl SchedulerOutput {
         self.scheduled.is_empty()
     }
 
+    /// Empties every list, keeping the buffers.
+    pub fn clear(&mut self) {
+        self.step = StepId::default();
+        self.scheduled.clear();
+        self.block_ids.clear();
+        self.request_data.clear();
+        self.num_batched_tokens = 0;
+        self.preempted.clear();
+        self.finished.clear();
+        self.swap_out.clear();
+        self.swap_in.clear();
+    }
+
     /// `e`'s full data if it was (re)admitted in this step (`e` must come from this output).
     pub fn new_data(&self, e: &ScheduledRequest) -> Option<&NewRequestData> {
         e.new.map(|i| &self.request_data[i as usize])

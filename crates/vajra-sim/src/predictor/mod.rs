@@ -105,7 +105,7 @@ enum Attention {
 }
 
 /// Per-stage durations, inline up to four stages (no allocation per batch in the common case).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StageTimes {
     inline: [u64; 4],
     spill: Vec<u64>,
@@ -163,7 +163,7 @@ impl std::ops::Index<usize> for StageTimes {
 }
 
 /// Cost of one batch.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct BatchCost {
     /// Duration of each pipeline stage, ns.
     pub stage_ns: StageTimes,
