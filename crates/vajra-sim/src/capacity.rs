@@ -88,7 +88,7 @@ fn with_qps(point: &Point, qps: f64) -> Point {
 /// it once for all its probes.
 fn probe(file: &ExperimentFile, point: &Point, prep: &Prepared, qps: f64) -> Result<Probe> {
     let p = with_qps(point, qps);
-    let (res, _) = simulate(file, &p, prep, None, false, false, None)?;
+    let (res, _, _) = simulate(file, &p, prep, None, false, false, None)?;
     let s = summarize(&p, prep, &res);
     Ok(Probe {
         qps,

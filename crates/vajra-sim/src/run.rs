@@ -163,8 +163,34 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
 /// depend on the machine's core count).
 pub const MAX_PARTITIONS: u32 = 8;
 
-/// Runs a point's event loop; with `out`, streams `batches.parquet` and `trace.json` there.
-/// Returns the result (requests sorted by id) and the loop's wall time.
+/// Output assembly left after a partitioned run's event loops: joining the partitions'
+/// `batches.parquet` and `trace.json` parts. It depends on nothing else of the run, so
+/// [`run_point`] does it alongside the summary and the request tables.
+#[derive(Debug, Default)]
+pub struct PendingParts {
+    batches: Option<(Vec<PathBuf>, PathBuf, u32)>,
+    trace: Option<(PathBuf, u32, u32, Vec<PathBuf>)>,
+}
+
+impl PendingParts {
+    /// Joins the parts into their files (and deletes the parts).
+    ///
+    /// # Errors
+    /// A part that cannot be read or a file that cannot be written.
+    pub fn finish(self) -> Result<()> {
+        if let Some((parts, dest, num_blocks)) = self.batches {
+            vajra_metrics::output::concat_batch_parts(&parts, &dest, num_blocks)?;
+        }
+        if let Some((dest, n, pp, parts)) = self.trace {
+            TraceWriter::assemble(&dest, n, pp, &parts)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a point's event loop; with `out`, streams `batches.parquet` and `trace.json` there
+/// (for a partitioned run, as parts that the returned [`PendingParts`] joins). Returns the
+/// result (requests sorted by id) and the loops' wall time.
 ///
 /// # Errors
 /// A stalled simulation or a stream that cannot be written.
@@ -176,7 +202,7 @@ pub fn simulate(
     trace: bool,
     sequential: bool,
     progress: Option<&(dyn Fn(u64) + Sync)>,
-) -> Result<(sim::SimResult, f64)> {
+) -> Result<(sim::SimResult, f64, PendingParts)> {
     let e = &point.experiment;
     let spec = SimSpec {
         num_replicas: e.cluster.num_replicas,
@@ -214,6 +240,7 @@ pub fn simulate(
         prep.setup.model.max_model_len,
     )?;
     let t_loop = Instant::now();
+    let mut pending = PendingParts::default();
     let mut res = if parts == 1 {
         let mut source = source;
         let mut collector = vajra_metrics::Collector::new(&e.slo, n);
@@ -281,21 +308,21 @@ pub fn simulate(
             });
         }
         if parquet {
-            vajra_metrics::output::concat_batch_parts(
-                &pq_parts,
-                &dir.join("batches.parquet"),
+            pending.batches = Some((
+                pq_parts,
+                dir.join("batches.parquet"),
                 prep.memory.num_blocks,
-            )?;
+            ));
         }
         if tracing {
-            TraceWriter::assemble(&dir.join("trace.json"), n, par.pipeline_parallel, &tr_parts)?;
+            pending.trace = Some((dir.join("trace.json"), n, par.pipeline_parallel, tr_parts));
         }
         merged.expect("at least one partition")
     };
     let loop_s = t_loop.elapsed().as_secs_f64();
     // Completion order depends on how replicas were partitioned; the summary must not.
     res.collector.requests.sort_by_key(|r| r.request_id);
-    Ok((res, loop_s))
+    Ok((res, loop_s, pending))
 }
 
 /// Runs replicas `lo..hi`, handing every batch stage to `tracer` when there is one, and closes
@@ -362,10 +389,41 @@ pub fn run_point(
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<PointResult> {
     let t0 = Instant::now();
-    let e = &point.experiment;
     let prep = prepare(file, point)?;
-    let (res, loop_s) = simulate(file, point, &prep, Some(dir), trace, sequential, progress)?;
-    let summary = summarize(point, &prep, &res);
+    let (res, loop_s, pending) =
+        simulate(file, point, &prep, Some(dir), trace, sequential, progress)?;
+    // The partitions' parts are joined on another thread while this one writes the rest.
+    let (joined, summary) = rayon::join(
+        || pending.finish(),
+        || -> Result<_> {
+            let summary = summarize(point, &prep, &res);
+            write_point_files(file, point, dir, &res, &summary)?;
+            Ok(summary)
+        },
+    );
+    joined?;
+    let summary = summary?;
+    Ok(PointResult {
+        label: point.label.clone(),
+        overrides: point.overrides.clone(),
+        dir: dir.to_owned(),
+        summary,
+        loop_s,
+        wall_s: t0.elapsed().as_secs_f64(),
+        events: res.events,
+        warnings: prep.predictor.warnings,
+    })
+}
+
+/// `config.resolved.toml`, `summary.json`, the request tables and the CDFs of one point.
+fn write_point_files(
+    file: &ExperimentFile,
+    point: &Point,
+    dir: &Path,
+    res: &sim::SimResult,
+    summary: &RunSummary,
+) -> Result<()> {
+    let e = &point.experiment;
     let resolved_path = dir.join("config.resolved.toml");
     let resolved = toml::to_string_pretty(e).map_err(write_err(&resolved_path))?;
     write_file(
@@ -381,22 +439,13 @@ pub fn run_point(
     write_run(
         dir,
         &res.collector,
-        &summary,
+        summary,
         Tables {
             csv: e.output.csv,
             parquet: e.output.parquet,
         },
     )?;
-    Ok(PointResult {
-        label: point.label.clone(),
-        overrides: point.overrides.clone(),
-        dir: dir.to_owned(),
-        summary,
-        loop_s,
-        wall_s: t0.elapsed().as_secs_f64(),
-        events: res.events,
-        warnings: prep.predictor.warnings,
-    })
+    Ok(())
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -42,7 +42,7 @@ fn meets(f: &ExperimentFile, qps: f64) -> bool {
         *q = qps;
     }
     let prep = prepare(f, &point).unwrap();
-    let (res, _) = simulate(f, &point, &prep, None, false, false, None).unwrap();
+    let (res, _, _) = simulate(f, &point, &prep, None, false, false, None).unwrap();
     summarize(&point, &prep, &res).metrics.slo.all_limits_met
 }
 
