@@ -10,6 +10,10 @@ use std::path::Path;
 use std::process::Command;
 
 fn experiment(dir: &Path, n: u32) -> std::path::PathBuf {
+    experiment_with(dir, n, r#"{ type = "poisson", qps = 200.0 }"#)
+}
+
+fn experiment_with(dir: &Path, n: u32, arrival: &str) -> std::path::PathBuf {
     let p = dir.join("bench.toml");
     std::fs::write(
         &p,
@@ -20,7 +24,7 @@ seed = 7
 policy = {{ type = "sarathi", chunk_size = 64 }}
 [workload]
 num_requests = {n}
-arrival = {{ type = "poisson", qps = 200.0 }}
+arrival = {arrival}
 lengths = {{ type = "independent", prompt = {{ type = "uniform", min = 8, max = 60 }}, output = {{ type = "uniform", min = 2, max = 25 }} }}
 [slo]
 ttft_s = 1.0
@@ -113,6 +117,50 @@ fn bench_against_our_server_writes_a_complete_run_folder() {
             .collect::<Vec<_>>()
     };
     assert_eq!(lens(&out), lens(&dir.join("run2")));
+}
+
+#[test]
+fn closed_loop_bench_never_has_more_requests_in_flight_than_clients() {
+    let srv = common::start(&[]);
+    let dir = tmp("closed");
+    let exp = experiment_with(
+        &dir,
+        24,
+        r#"{ type = "closed_loop", clients = 3, think_time_s = 0.01 }"#,
+    );
+    let out = dir.join("run");
+    let o = bench(&format!("http://{}", srv.addr), &exp, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["bench"]["sent"], 24);
+    assert_eq!(summary["bench"]["completed"], 24);
+    let mut rdr = csv::Reader::from_path(out.join("requests.csv")).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    let col = |n: &str| h.iter().position(|x| x == n).unwrap();
+    let (arr, done) = (col("arrival_s"), col("completed_s"));
+    // +1 at each arrival, -1 at each completion; a completion at the same instant as an
+    // arrival (a client's next request after zero think time) is counted first.
+    let mut edges: Vec<(f64, i32)> = rdr
+        .records()
+        .flat_map(|r| {
+            let r = r.unwrap();
+            let t = |i: usize| r[i].parse::<f64>().unwrap();
+            [(t(arr), 1), (t(done), -1)]
+        })
+        .collect();
+    assert_eq!(edges.len(), 48);
+    edges.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut live, mut most) = (0, 0);
+    for (_, d) in edges {
+        live += d;
+        most = most.max(live);
+    }
+    assert!(most <= 3, "{most} requests in flight with 3 clients");
+    assert!(
+        most >= 2,
+        "the clients ran concurrently (at most {most} in flight)"
+    );
 }
 
 /// A server that lists a model and answers every completion with 503.
