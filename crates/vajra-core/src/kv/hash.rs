@@ -87,11 +87,18 @@ impl SeqContent<'_> {
         self.prompt.len() + self.num_output
     }
 
-    fn token(&self, i: u32) -> u32 {
-        match self.prompt {
-            Prompt::Tokens(t) if (i as usize) < t.len() => t[i as usize],
-            _ => self.output[(i - self.prompt.len()) as usize],
-        }
+    /// Token ids `[start, end)` of a token prompt and its output, as the part in the prompt
+    /// and the part in the output.
+    fn token_runs<'t>(
+        prompt: &'t [u32],
+        output: &'t [u32],
+        start: u32,
+        end: u32,
+    ) -> [&'t [u32]; 2] {
+        let (s, e, p) = (start as usize, end as usize, prompt.len());
+        let from_prompt = &prompt[s.min(p)..e.min(p)];
+        let from_output = &output[s.max(p) - p..e.max(p) - p];
+        [from_prompt, from_output]
     }
 }
 
@@ -142,10 +149,16 @@ impl BlockHasher {
             buf.extend_from_slice(&salt.to_le_bytes());
         }
         match seq.prompt {
-            Prompt::Tokens(_) => {
+            Prompt::Tokens(t) => {
                 buf.push(TAG_TOKENS);
-                for i in start..end {
-                    buf.extend_from_slice(&seq.token(i).to_le_bytes());
+                // Sized once and filled in place: extending by 4 bytes a token reloaded the
+                // buffer's length every time (half of a token prompt's hashing).
+                for run in SeqContent::token_runs(t, seq.output, start, end) {
+                    let n = buf.len();
+                    buf.resize(n + 4 * run.len(), 0);
+                    for (dst, &tok) in buf[n..].chunks_exact_mut(4).zip(run) {
+                        dst.copy_from_slice(&tok.to_le_bytes());
+                    }
                 }
             }
             Prompt::Synthetic(s) => {
@@ -197,6 +210,24 @@ mod tests {
         let hb = chain(&mut h, &content(2, &b, None), 3);
         assert_eq!(ha[..2], hb[..2]);
         assert_ne!(ha[2], hb[2]);
+    }
+
+    #[test]
+    fn a_block_hashes_by_its_tokens_wherever_the_prompt_ends() {
+        let mut h = BlockHasher::new(7, 4);
+        let whole = Prompt::Tokens((1..=8).collect());
+        let short = Prompt::Tokens((1..=3).collect());
+        let out: Vec<u32> = (4..=8).collect();
+        let split = SeqContent {
+            request: RequestId(2),
+            prompt: &short,
+            output: &out,
+            num_output: 5,
+            salt: None,
+        };
+        let a = chain(&mut h, &content(1, &whole, None), 2);
+        let b = chain(&mut h, &split, 2);
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -99,7 +99,9 @@ impl KvCacheManager {
     /// A manager of `num_blocks` blocks with the given cache settings.
     pub fn new(cfg: &CacheConfig, num_blocks: u32) -> Self {
         let mut pool = BlockPool::new(num_blocks);
-        if !cfg.enable_prefix_caching {
+        if cfg.enable_prefix_caching {
+            pool.reserve_hash_index();
+        } else {
             pool.reuse_most_recent_first();
         }
         KvCacheManager {

@@ -145,6 +145,14 @@ impl BlockPool {
         self.cached.get(&h).copied()
     }
 
+    /// Sizes the hash index for every block at once. It never holds more entries than blocks
+    /// (a block is indexed under one hash at most), so it then never rehashes while a run
+    /// fills it; growing it step by step was a visible part of a decode step with token
+    /// prompts.
+    pub fn reserve_hash_index(&mut self) {
+        self.cached.reserve(self.blocks.len());
+    }
+
     /// Reuse the most recently freed block first (the tail of the free list) instead of the
     /// least recently freed one. Only for a pool whose blocks are never cached (prefix caching
     /// off): no content is then worth keeping, and the most recently freed block is the one
