@@ -51,8 +51,8 @@ use std::collections::HashMap;
 /// A request inside the scheduler.
 ///
 /// Laid out by hand: a decode step reads and writes only the first two cache lines (the
-/// fields up to the block table's ids), so 256 running requests touch 32 KiB rather than all of their
-/// ~450-byte records.
+/// fields up to the block table's ids), so 256 running requests touch 32 KiB rather than all
+/// of their ~450-byte records.
 #[derive(Debug, Clone)]
 #[repr(C, align(64))]
 struct Seq {
@@ -242,8 +242,8 @@ impl Scheduler {
     }
 
     /// Stops attaching [`NewRequestData`] (prompt, sampling parameters, whole block table) to
-    /// requests scheduled after admission: `SchedulerOutput::new_data` stays `None`. For an executor
-    /// that keeps no per-request state, such as the simulator, whose executor needs only the
+    /// requests scheduled after admission: `SchedulerOutput::new_data` stays `None`. For an
+    /// executor that keeps no per-request state, such as the simulator's, which needs only the
     /// token counts; building and dropping the copies was ~5 % of a large simulation.
     pub fn omit_request_data(&mut self) {
         self.request_data = false;
