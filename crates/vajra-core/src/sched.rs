@@ -166,7 +166,8 @@ pub struct Scheduler {
     num_swapped: u32,
     /// LightLLM: decode-only steps since the last prefill step.
     decode_steps_since_prefill: u32,
-    /// Whether scheduled requests carry [`NewRequestData`] after (re)admission.
+    /// Whether scheduled requests carry [`NewRequestData`] after (re)admission: what a
+    /// request's `send_full` is set to when it is added or preempted.
     request_data: bool,
     /// Emptied `scheduled` and `block_ids` buffers handed back by [`Scheduler::recycle`].
     spare_outputs: Vec<(Vec<ScheduledRequest>, Vec<crate::ids::BlockId>)>,
@@ -247,6 +248,9 @@ impl Scheduler {
     /// token counts; building and dropping the copies was ~5 % of a large simulation.
     pub fn omit_request_data(&mut self) {
         self.request_data = false;
+        for seq in self.slots.iter_mut().flatten() {
+            seq.send_full = false;
+        }
     }
 
     /// The configuration.
@@ -385,7 +389,7 @@ impl Scheduler {
             first_token: None,
             cached_prompt_tokens: None,
             queue_key: None,
-            send_full: true,
+            send_full: self.request_data,
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {
@@ -480,15 +484,6 @@ impl Scheduler {
         }
     }
 
-    /// Appends `slot`'s share of the step; `appended` blocks were added to its table this step.
-    fn push_scheduled(&mut self, out: &mut SchedulerOutput, slot: u32, n: u32, appended: u32) {
-        let seq = self.slots[slot as usize].as_mut().expect("live slot");
-        if !self.request_data {
-            seq.send_full = false;
-        }
-        push_scheduled(seq, out, slot, n, appended);
-    }
-
     /// Tries to admit the head of the waiting queue. Returns the tokens scheduled for it, or
     /// `None` (leaving the queue as it was) when it does not fit.
     fn admit(&mut self, spec: AdmitSpec, out: &mut SchedulerOutput) -> Option<u32> {
@@ -556,7 +551,8 @@ impl Scheduler {
         let tenant = seq.req.tenant;
         self.waiting.running_changed(tenant, true);
         self.running.push(slot);
-        self.push_scheduled(out, slot, n, appended);
+        let seq = self.slots[slot as usize].as_mut().expect("live slot");
+        push_scheduled(seq, out, slot, n, appended);
         Some(n)
     }
 
@@ -678,7 +674,7 @@ impl Scheduler {
         }
         self.kv.free(&mut seq.table);
         seq.num_preemptions += 1;
-        seq.send_full = true;
+        seq.send_full = self.request_data;
         out.preempted.push(seq.req.id);
         let tenant = seq.req.tenant;
         self.num_preemptions += 1;
@@ -862,7 +858,8 @@ impl Scheduler {
             match grow {
                 Grow::Allocated(appended) => {
                     let slot = self.running[i];
-                    self.push_scheduled(out, slot, n, appended);
+                    let seq = self.slots[slot as usize].as_mut().expect("live slot");
+                    push_scheduled(seq, out, slot, n, appended);
                     *budget = budget.saturating_sub(n);
                     i += 1;
                 }
