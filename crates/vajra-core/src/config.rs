@@ -205,11 +205,21 @@ impl ModelConfig {
             * u64::from(self.dtype_bytes)
     }
 
+    /// Width of the query projection's output (query heads × head_dim).
+    pub fn q_width(&self) -> u32 {
+        self.num_heads * self.head_dim
+    }
+
+    /// Width of the key (or value) projection's output (KV heads × head_dim).
+    pub fn kv_width(&self) -> u32 {
+        self.num_kv_heads * self.head_dim
+    }
+
     /// Number of parameters (embedding, LM head unless tied, attention, gated MLP, norms).
     pub fn num_params(&self) -> u64 {
         let h = u64::from(self.hidden_size);
-        let q = u64::from(self.num_heads * self.head_dim);
-        let kv = u64::from(self.num_kv_heads * self.head_dim);
+        let q = u64::from(self.q_width());
+        let kv = u64::from(self.kv_width());
         let i = u64::from(self.intermediate_size);
         let v = u64::from(self.vocab_size);
         let bias = if self.attention_bias { q + 2 * kv } else { 0 };

@@ -211,11 +211,7 @@ async fn send(
     {
         Ok(r) => r,
         Err(e) => {
-            out.error = Some(if e.is_timeout() {
-                "timeout".into()
-            } else {
-                "connect".into()
-            });
+            out.error = Some(failure(&e, "connect"));
             return out;
         }
     };
@@ -231,11 +227,7 @@ async fn send(
             Ok(Some(c)) => c,
             Ok(None) => break,
             Err(e) => {
-                out.error = Some(if e.is_timeout() {
-                    "timeout".into()
-                } else {
-                    "stream".into()
-                });
+                out.error = Some(failure(&e, "stream"));
                 return out;
             }
         };
@@ -489,6 +481,11 @@ fn record(c: &mut Collector, facts: &mut BenchFacts, o: Outcome) {
         cached_prompt_tokens: 0,
         num_preemptions: 0,
     });
+}
+
+/// How a request failed, as counted in the summary: `timeout`, or `what` went wrong otherwise.
+fn failure(e: &reqwest::Error, what: &str) -> String {
+    if e.is_timeout() { "timeout" } else { what }.to_owned()
 }
 
 #[cfg(test)]

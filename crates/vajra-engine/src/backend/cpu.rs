@@ -70,10 +70,7 @@ impl CpuWeights {
             c.vocab_size as usize,
             c.intermediate_size as usize,
         );
-        let (q, kv) = (
-            (c.num_heads * c.head_dim) as usize,
-            (c.num_kv_heads * c.head_dim) as usize,
-        );
+        let (q, kv) = (c.q_width() as usize, c.kv_width() as usize);
         let embed = ck.take("model.embed_tokens.weight", &[v, h])?;
         let lm_head = if c.tie_word_embeddings || !ck.contains("lm_head.weight") {
             if !c.tie_word_embeddings {

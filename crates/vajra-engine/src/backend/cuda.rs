@@ -268,10 +268,7 @@ impl CudaBackend {
             c.vocab_size as usize,
             c.intermediate_size as usize,
         );
-        let (q, kv) = (
-            (c.num_heads * c.head_dim) as usize,
-            (c.num_kv_heads * c.head_dim) as usize,
-        );
+        let (q, kv) = (c.q_width() as usize, c.kv_width() as usize);
         let up = |x: &[f32]| -> Result<CudaSlice<bf16>> {
             let b: Vec<bf16> = x.iter().map(|&f| bf16::from_f32(f)).collect();
             stream.clone_htod(&b).map_err(err)

@@ -57,8 +57,8 @@ pub fn op_time(m: &ModelConfig, dev: &DeviceSpec, tp: u32, op: &str, t: f64) -> 
     let d = f64::from(m.dtype_bytes);
     let tpf = f64::from(tp);
     let h = f64::from(m.hidden_size);
-    let q = f64::from(m.num_heads * m.head_dim);
-    let kv = f64::from(m.num_kv_heads * m.head_dim);
+    let q = f64::from(m.q_width());
+    let kv = f64::from(m.kv_width());
     let i = f64::from(m.intermediate_size);
     match op {
         "attn_pre_proj" => gemm(dev, t, h, (q + 2.0 * kv) / tpf, d),
