@@ -1,5 +1,6 @@
 //! Per-operator profiles of a backend in the simulator's schema (Vidur's `mlp.csv` and
-//! `attention.csv`, with `provenance.json`): `vajra-engine profile --backend cpu|cuda`.
+//! `attention.csv`; `lm_head.csv`, which Vidur does not have; `provenance.json`):
+//! `vajra-engine profile --backend cpu|cuda`.
 //!
 //! Each grid point is one forward step of the real backend over a hand-built batch (no
 //! scheduler), timed between operators (CUDA events on the GPU, the wall clock on the CPU), per
@@ -337,9 +338,19 @@ pub fn profile(b: &mut dyn Profiled, grid: &Grid, out: &Path, command: &str) -> 
             );
         }
     }
+    // The final norm and LM head run once per step over the sampled rows: every decode point
+    // of `n` sequences samples `n`, so those points' times (all contexts) make `lm_head.csv`.
+    let mut head = format!(
+        "n_embd,vocab_size,num_tensor_parallel_workers,num_sampled,{},{}\n",
+        stat_cols("final_norm"),
+        stat_cols("lm_head")
+    );
     for &n in &grid.dec_batches {
+        let (mut norm, mut lm) = (Vec::new(), Vec::new());
         for &kv in &grid.dec_kv {
             let times = profile_point(b, &Batch::new(n, 1, kv, c.vocab_size), reps)?;
+            norm.extend_from_slice(series(&times, "final_norm"));
+            lm.extend_from_slice(series(&times, "lm_head"));
             let _ = writeln!(
                 att,
                 "{},{},{},{BLOCK},1,{},{backend},{n},0,{kv},False,{empty},{},{}",
@@ -351,6 +362,14 @@ pub fn profile(b: &mut dyn Profiled, grid: &Grid, out: &Path, command: &str) -> 
                 fmt_stats(stats(series(&times, "attn")))
             );
         }
+        let _ = writeln!(
+            head,
+            "{},{},1,{n},{},{}",
+            c.hidden_size,
+            c.vocab_size,
+            fmt_stats(stats(&norm)),
+            fmt_stats(stats(&lm))
+        );
     }
     let write = |name: &str, text: &str| {
         let p = dir.join(name);
@@ -358,6 +377,7 @@ pub fn profile(b: &mut dyn Profiled, grid: &Grid, out: &Path, command: &str) -> 
     };
     write("mlp.csv", &mlp)?;
     write("attention.csv", &att)?;
+    write("lm_head.csv", &head)?;
     let prov = json!({
         "kind": "measured", "model": c.name, "backend": b.name(), "device": b.device(),
         "date": std::env::var("VAJRA_DATE").unwrap_or_else(|_| utc_now()),

@@ -1,5 +1,5 @@
-//! `vajra-engine profile --backend cpu` writes Vidur's schema: every grid point a row, every
-//! operator's median positive (the simulator reads these files unchanged; `add` is measured on
+//! `vajra-engine profile --backend cpu` writes Vidur's schema (and `lm_head.csv`): every grid
+//! point a row, every operator's median positive (the simulator reads these files unchanged; `add` is measured on
 //! the CPU, where the residual adds are separate).
 
 mod common;
@@ -45,6 +45,18 @@ fn cpu_profile_writes_every_grid_point_in_the_simulators_schema() {
     );
     let pre = h.iter().position(|c| c == "is_prefill").unwrap();
     assert_eq!(rows.iter().filter(|r| &r[pre] == "True").count(), 4);
+    let mut head = csv::Reader::from_path(dir.join("lm_head.csv")).unwrap();
+    let h = head.headers().unwrap().clone();
+    let rows: Vec<_> = head.records().map(Result::unwrap).collect();
+    let col = |name: &str| h.iter().position(|c| c == name).unwrap();
+    let sampled: Vec<&str> = rows.iter().map(|r| &r[col("num_sampled")]).collect();
+    assert_eq!(sampled, ["1", "8"], "one row per decode batch size");
+    for r in &rows {
+        for op in ["final_norm", "lm_head"] {
+            let m: f64 = r[col(&format!("time_stats.{op}.median"))].parse().unwrap();
+            assert!(m > 0.0, "{op} median not positive");
+        }
+    }
     let prov: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("provenance.json")).unwrap())
             .unwrap();

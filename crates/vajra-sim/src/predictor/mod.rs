@@ -13,7 +13,8 @@
 //! ```
 //!
 //! Linear operators come from a measured `mlp.csv` (piecewise-linear in `T`, proportional
-//! beyond the grid) or from the [`roofline`] model; attention from a fit of a measured
+//! beyond the grid) or from the [`roofline`] model; the final norm and LM head from a measured
+//! `lm_head.csv` (by sampled rows) or the roofline; attention from a fit of a measured
 //! `attention.csv` or the roofline; collectives from Vidur's `all_reduce.csv`/`send_recv.csv`
 //! or the roofline. The per-stage linear part is tabulated for every `T` up to the largest
 //! batch the scheduler can form, so predicting a batch costs one table read per stage plus one
@@ -206,6 +207,8 @@ pub struct Predictor {
     attention: Attention,
     all_reduce: Option<Curve>,
     send_recv: Option<Curve>,
+    /// Measured final norm + LM head, ms by sampled rows (`lm_head.csv`).
+    head: Option<Curve>,
     /// Per stage, ns for `T` tokens, `T` in `0..table[s].len()`.
     table: Vec<Vec<u64>>,
     cpu_base_ns: f64,
@@ -295,6 +298,19 @@ impl Predictor {
                 Attention::Roofline
             }
         };
+        let head = match compute.map(|d| d.join("lm_head.csv")) {
+            Some(p) if cfg.lm_head && p.exists() => {
+                let c = profile::read_lm_head(&p, model, tp)?;
+                provenance.push(format!("final norm + LM head: {}", p.display()));
+                Some(c)
+            }
+            _ => {
+                if cfg.lm_head {
+                    provenance.push(format!("LM head: roofline ({})", device.name));
+                }
+                None
+            }
+        };
         let net_dir = network.or(compute);
         let collective =
             |file: &str, name: &str, workers: u32| -> Result<Option<Curve>, SimError> {
@@ -336,6 +352,7 @@ impl Predictor {
             attention,
             all_reduce,
             send_recv,
+            head,
             table: Vec::new(),
             cpu_base_ns: cfg.cpu_overhead_us * 1e3,
             cpu_per_req_ns: cfg.cpu_overhead_per_request_us * 1e3,
@@ -502,8 +519,11 @@ impl Predictor {
                 None => self.linear_stage_ms(s, t as f64) * 1e6,
             };
             let mut ns = lin + f64::from(self.layers[s]) * attn_ms * 1e6;
-            if s == last && self.lm_head {
-                ns += roofline::lm_head(&self.model, &self.device, self.tp, x.sampled) * 1e9;
+            if s == last && self.lm_head && x.sampled > 0.0 {
+                ns += match &self.head {
+                    Some(c) => c.at(x.sampled) * 1e6,
+                    None => roofline::lm_head(&self.model, &self.device, self.tp, x.sampled) * 1e9,
+                };
             }
             if s == 0 {
                 ns += self.cpu_base_ns + self.cpu_per_req_ns * batch;
@@ -664,5 +684,62 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("n_embd") && e.contains("Llama-2-7b-hf"), "{e}");
+    }
+
+    /// A profile folder for Llama-2-7B with flat linear operators and the given `lm_head.csv`.
+    fn folder_with_head(name: &str, head_csv: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vajra-head-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ops = ["attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj"];
+        let mut mlp = String::from("n_head,n_embd,num_tokens,num_tensor_parallel_workers");
+        for op in ops {
+            mlp += &format!(",time_stats.{op}.median");
+        }
+        mlp += "\n32,4096,1,1,0.1,0.1,0.1,0.1\n32,4096,4096,1,1,1,1,1\n";
+        std::fs::write(dir.join("mlp.csv"), mlp).unwrap();
+        std::fs::write(dir.join("lm_head.csv"), head_csv).unwrap();
+        dir
+    }
+
+    fn measured(dir: &Path, lm_head: bool) -> Result<Predictor, SimError> {
+        Predictor::new(
+            &model("Llama-2-7b-hf").unwrap(),
+            &device("h100").unwrap(),
+            ParallelConfig::default(),
+            &PredictorConfig {
+                lm_head,
+                ..PredictorConfig::default()
+            },
+            Some(dir),
+            None,
+            4096,
+        )
+    }
+
+    #[test]
+    fn a_measured_lm_head_replaces_the_roofline_by_sampled_rows() {
+        let dir = folder_with_head(
+            "ok",
+            "n_embd,vocab_size,num_tensor_parallel_workers,num_sampled,time_stats.final_norm.median,time_stats.lm_head.median\n\
+             4096,32000,1,1,0.5,1.5\n4096,32000,1,4,0.5,4.5\n",
+        );
+        let with = measured(&dir, true).unwrap();
+        let without = measured(&dir, false).unwrap();
+        assert!(with.provenance.iter().any(|p| p.contains("lm_head.csv")));
+        // One prompt samples one row (2 ms); three prompts sample three (interpolated: 4 ms).
+        for (prompts, ms) in [(&[128u32][..], 2.0), (&[64, 64, 64][..], 4.0)] {
+            let b = batch(prompts);
+            let d = with.predict(&b).stage_ns[0] - without.predict(&b).stage_ns[0];
+            assert_eq!(d, (ms * 1e6) as u64, "{prompts:?}");
+        }
+        let wrong = folder_with_head(
+            "wrong",
+            "n_embd,vocab_size,num_tensor_parallel_workers,num_sampled,time_stats.final_norm.median,time_stats.lm_head.median\n\
+             4096,151936,1,1,0.5,1.5\n",
+        );
+        let e = measured(&wrong, true).unwrap_err().to_string();
+        assert!(e.contains("vocab_size") && e.contains("151936"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(wrong);
     }
 }

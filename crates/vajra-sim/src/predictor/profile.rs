@@ -7,6 +7,8 @@
 //!   (`is_prefill`, `prefill_chunk_size`, `kv_cache_size`), `time_stats.attn_decode.median`
 //!   on decode rows (`batch_size`, `kv_cache_size`), `time_stats.attn_kv_cache_save.median`
 //!   (optional, 0 when absent as in Vidur's older files).
+//! - `lm_head.csv` (optional, this project's own): `time_stats.final_norm.median` plus
+//!   `time_stats.lm_head.median` (ms per step) by `num_sampled`, with `n_embd`, `vocab_size`.
 //! - `all_reduce.csv`, `send_recv.csv` (optional, in the profile folder or a network folder):
 //!   `time_stats.<collective>.median` by `size` (bytes), `num_workers`, `devices_per_node`.
 
@@ -195,6 +197,48 @@ pub fn read_mlp(path: &Path, model: &ModelConfig, tp: u32) -> Result<OpCurves, S
         ops.insert(op.to_owned(), c);
     }
     Ok(OpCurves { ops, max_tokens })
+}
+
+/// Reads `lm_head.csv` (this project's, not Vidur's): the final norm plus the LM head, ms per
+/// step, by `num_sampled` (rows whose logits are computed) for `tp`, checking `n_embd` and
+/// `vocab_size` against `model`.
+///
+/// # Errors
+/// A missing column, a malformed cell, a model mismatch or no rows for `tp`.
+pub fn read_lm_head(path: &Path, model: &ModelConfig, tp: u32) -> Result<Curve, SimError> {
+    let t = Table::read(path)?;
+    let (embd, vocab) = (t.col("n_embd")?, t.col("vocab_size")?);
+    let (tpc, sampled) = (t.col("num_tensor_parallel_workers")?, t.col("num_sampled")?);
+    let (norm, head) = (
+        t.col("time_stats.final_norm.median")?,
+        t.col("time_stats.lm_head.median")?,
+    );
+    let mut pts = Vec::new();
+    for r in 0..t.rows.len() {
+        if t.num(r, tpc)? != Some(f64::from(tp)) {
+            continue;
+        }
+        let (e, v) = (t.num(r, embd)?, t.num(r, vocab)?);
+        if e != Some(f64::from(model.hidden_size)) || v != Some(f64::from(model.vocab_size)) {
+            return Err(SimError::Profile {
+                path: path.to_owned(),
+                message: format!(
+                    "line {}: profile is for n_embd = {e:?}, vocab_size = {v:?} but the model {} has hidden_size = {}, vocab_size = {}",
+                    r + 2,
+                    model.name,
+                    model.hidden_size,
+                    model.vocab_size
+                ),
+            });
+        }
+        if let (Some(s), Some(h)) = (t.num(r, sampled)?, t.num(r, head)?) {
+            pts.push((s, h + t.num(r, norm)?.unwrap_or(0.0)));
+        }
+    }
+    Curve::new(pts).ok_or_else(|| SimError::Profile {
+        path: path.to_owned(),
+        message: format!("no rows with num_tensor_parallel_workers = {tp}"),
+    })
 }
 
 /// Attention fitted from measured rows, ms per layer:
