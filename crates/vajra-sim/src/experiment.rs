@@ -254,6 +254,37 @@ fn set_path(
     Ok(())
 }
 
+impl Experiment {
+    /// A copy whose relative input paths (model config, profile and network folders, traces)
+    /// are made absolute against `base`, so that it runs from any folder (what
+    /// `config.resolved.toml` holds). The output folder stays relative to the working
+    /// directory, as documented.
+    pub fn with_absolute_paths(&self, base: &Path) -> Experiment {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                let joined = base.join(&*p);
+                *p = std::fs::canonicalize(&joined).unwrap_or(joined);
+            }
+        };
+        let mut e = self.clone();
+        if let Some(p) = &mut e.model.config {
+            abs(p);
+        }
+        if let Some(p) = &mut e.predictor.profile
+            && p.as_os_str() != "roofline"
+        {
+            abs(p);
+        }
+        if let Some(p) = &mut e.predictor.network {
+            abs(p);
+        }
+        for p in e.workload.input_paths_mut() {
+            abs(p);
+        }
+        e
+    }
+}
+
 impl ExperimentFile {
     /// Reads, expands and validates an experiment file.
     ///

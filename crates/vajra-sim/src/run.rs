@@ -425,7 +425,8 @@ fn write_point_files(
 ) -> Result<()> {
     let e = &point.experiment;
     let resolved_path = dir.join("config.resolved.toml");
-    let resolved = toml::to_string_pretty(e).map_err(write_err(&resolved_path))?;
+    let resolved = toml::to_string_pretty(&e.with_absolute_paths(&file.base))
+        .map_err(write_err(&resolved_path))?;
     write_file(
         &dir.join("config.resolved.toml"),
         format!(

@@ -139,7 +139,10 @@ fn check_point(dir: &Path) {
         let stages = summary["setup"]["pipeline_parallel"].as_u64().unwrap();
         assert_eq!(slices, batches * stages, "one slice per batch stage");
     }
-    assert!(dir.join("config.resolved.toml").exists());
+    // The resolved file runs as is from its own folder: relative inputs were made absolute.
+    let resolved = dir.join("config.resolved.toml");
+    let o = sim(&["validate", resolved.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]

@@ -342,6 +342,24 @@ impl LengthDist {
     }
 }
 
+impl WorkloadConfig {
+    /// Every input file the workload names (trace arrivals, trace lengths, tenants' trace
+    /// lengths), to rebase relative paths.
+    pub fn input_paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        let mut out = Vec::new();
+        if let ArrivalConfig::Trace(t) = &mut self.arrival {
+            out.push(&mut t.path);
+        }
+        let tenant_lengths = self.tenants.iter_mut().filter_map(|t| t.lengths.as_mut());
+        for l in self.lengths.as_mut().into_iter().chain(tenant_lengths) {
+            if let LengthsConfig::Trace { path, .. } = l {
+                out.push(path);
+            }
+        }
+        out
+    }
+}
+
 impl LengthsConfig {
     fn validate(&self, field: &str) -> Result<()> {
         match self {
