@@ -10,7 +10,9 @@
 #   2. vajra-sim run EXPERIMENT -o OUT/sim, its predictor.profile pointed at OUT/profile/<model>
 #   3. for every point of the sweep: vajra-engine serve --experiment <point's config.resolved.toml>,
 #      vajra-engine bench with the same file → OUT/measured/<point>,
-#      vajra-sim compare → OUT/fidelity/<point>/fidelity.{md,csv} and the overlaid report
+#      (the server logs every step to OUT/steps-<point>.csv),
+#      vajra-sim compare --steps → OUT/fidelity/<point>/fidelity.{md,csv}, steps.csv (every
+#      logged batch priced by the simulator's predictor) and the overlaid report
 #   4. OUT/fidelity.md: every point's headline rows side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +51,7 @@ for point in "$out"/sim/*/; do
     cfg="$point/config.resolved.toml"
     echo "== 3. $label: serve, bench, compare"
     "$engine" serve --backend "$backend" --model "$model" --experiment "$cfg" --port "$port" \
-        --served-model-name "$name" 2> "$out/serve-$label.log" &
+        --served-model-name "$name" --steps-log "$out/steps-$label.csv" 2> "$out/serve-$label.log" &
     pid=$!
     for _ in $(seq 1 120); do
         grep -q "serving" "$out/serve-$label.log" 2>/dev/null && break
@@ -58,8 +60,9 @@ for point in "$out"/sim/*/; do
     "$engine" bench --url "http://127.0.0.1:$port" --experiment "$cfg" --model-dir "$model" \
         -o "$out/measured/$label" --quiet
     kill "$pid"; wait "$pid" 2>/dev/null || true
-    "$sim" compare "$point" "$out/measured/$label" -o "$out/fidelity/$label" > /dev/null
-    grep -E "^\| (ttft_s p50|ttft_s p90|tpot_s p50|tpot_s p90|e2e_s p50|batches|mean batch size|mean batch time)" \
+    "$sim" compare "$point" "$out/measured/$label" -o "$out/fidelity/$label" \
+        --steps "$out/steps-$label.csv" > /dev/null
+    grep -E "^\| (ttft_s p50|ttft_s p90|tpot_s p50|tpot_s p90|e2e_s p50|batches|mean batch size|mean batch time|step time|per-step error p50|outside)" \
         "$out/fidelity/$label/fidelity.md" | sed "s/^| /| $label | /" >> "$summary"
 done
 echo "== 4. $summary"

@@ -136,6 +136,20 @@ pub struct Engine {
     seed: u64,
     max_model_len: u32,
     counters: StepCounters,
+    step_log: Option<StepLog>,
+}
+
+/// The header of [`Engine::log_steps`]'s CSV.
+pub const STEP_LOG_HEADER: &str =
+    "step,start_s,step_ms,forward_ms,num_requests,num_tokens,num_sampled,requests";
+
+/// Where [`Engine::log_steps`] writes, and the step being recorded.
+struct StepLog {
+    out: Box<dyn std::io::Write + Send>,
+    /// (new tokens, cached context, samples) of the step's requests.
+    batch: Vec<(u32, u32, bool)>,
+    forward_ns: u64,
+    line: String,
 }
 
 /// Cumulative counts of the steps an engine ran.
@@ -151,6 +165,31 @@ pub struct StepCounters {
     pub step_ns: u64,
     /// The part of it spent in the backend's forward pass (and its argmax).
     pub forward_ns: u64,
+}
+
+impl StepLog {
+    fn write(&mut self, step: u64, start_s: f64, step_ns: u64) -> std::io::Result<()> {
+        use std::fmt::Write as _;
+        let l = &mut self.line;
+        l.clear();
+        let tokens: u32 = self.batch.iter().map(|r| r.0).sum();
+        let sampled = self.batch.iter().filter(|r| r.2).count();
+        let _ = write!(
+            l,
+            "{step},{start_s:.6},{:.4},{:.4},{},{tokens},{sampled},",
+            step_ns as f64 / 1e6,
+            self.forward_ns as f64 / 1e6,
+            self.batch.len()
+        );
+        for (i, &(c, k, s)) in self.batch.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            let star = if s { "*" } else { "" };
+            let _ = write!(l, "{sep}{c}@{k}{star}");
+        }
+        l.push('\n');
+        self.out.write_all(l.as_bytes())?;
+        self.out.flush()
+    }
 }
 
 impl Engine {
@@ -185,7 +224,28 @@ impl Engine {
             seed: cfg.seed,
             max_model_len,
             counters: StepCounters::default(),
+            step_log: None,
         })
+    }
+
+    /// Writes one CSV line per step from now on ([`STEP_LOG_HEADER`]): the step's start (s
+    /// since the engine was built), its wall time and its forward pass (ms), and its requests
+    /// as `tokens@context` items, `*` marking the ones that sample — what the simulator's
+    /// predictor takes, so `vajra-sim compare --steps` can price the very batches that ran.
+    /// Each line is flushed, so a killed server loses none.
+    ///
+    /// # Errors
+    /// The header cannot be written.
+    pub fn log_steps(&mut self, mut out: Box<dyn std::io::Write + Send>) -> std::io::Result<()> {
+        writeln!(out, "{STEP_LOG_HEADER}")?;
+        out.flush()?;
+        self.step_log = Some(StepLog {
+            out,
+            batch: Vec::new(),
+            forward_ns: 0,
+            line: String::new(),
+        });
+        Ok(())
     }
 
     /// The tokenizer.
@@ -284,9 +344,20 @@ impl Engine {
     /// the failed step only in the scheduler's view, so callers should abort them.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         let began = Instant::now();
+        let steps = self.counters.steps;
         let outputs = self.step_inner()?;
         if !outputs.is_empty() || self.has_unfinished() {
             self.counters.step_ns += began.elapsed().as_nanos() as u64;
+        }
+        if self.counters.steps > steps
+            && let Some(log) = &mut self.step_log
+        {
+            let step_ns = began.elapsed().as_nanos() as u64;
+            let start_s = began.duration_since(self.start).as_secs_f64();
+            if let Err(e) = log.write(self.counters.steps - 1, start_s, step_ns) {
+                tracing::error!(error = %e, "step log: cannot write; logging stops");
+                self.step_log = None;
+            }
         }
         Ok(outputs)
     }
@@ -346,7 +417,17 @@ impl Engine {
         } else {
             Ok(self.backend.execute(&input)?)
         };
-        self.counters.forward_ns += forward.elapsed().as_nanos() as u64;
+        let forward_ns = forward.elapsed().as_nanos() as u64;
+        self.counters.forward_ns += forward_ns;
+        if let Some(log) = &mut self.step_log {
+            log.forward_ns = forward_ns;
+            log.batch.clear();
+            log.batch.extend(
+                out.scheduled
+                    .iter()
+                    .map(|s| (s.num_tokens, s.num_computed, s.samples)),
+            );
+        }
         drop(input);
         let picks: Vec<Sampled> = match result {
             Err(ids) => ids

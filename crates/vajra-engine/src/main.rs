@@ -190,6 +190,10 @@ struct ServeArgs {
     /// Append each finished request's lifecycle record to this JSON-lines file.
     #[arg(long)]
     requests_log: Option<PathBuf>,
+    /// Write one CSV line per engine step (start, wall and forward time, and every request's
+    /// new tokens and context) to this file, for `vajra-sim compare --steps`.
+    #[arg(long)]
+    steps_log: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -315,7 +319,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
-    let engine = load(&a.engine)?;
+    let mut engine = load(&a.engine)?;
+    if let Some(p) = &a.steps_log {
+        let f = std::fs::File::create(p).with_context(|| format!("--steps-log {}", p.display()))?;
+        engine
+            .log_steps(Box::new(std::io::BufWriter::new(f)))
+            .with_context(|| format!("--steps-log {}", p.display()))?;
+    }
     let name = a
         .served_model_name
         .clone()

@@ -7,6 +7,7 @@
 //! (simulated − measured) / measured. The CDFs are overlaid by the report written beside it.
 
 use crate::error::SimError;
+use crate::predictor::Predictor;
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -148,6 +149,208 @@ pub fn write(rows: &[Row], out: &Path) -> Result<(), SimError> {
     w.flush().map_err(crate::error::write_err(&csv_path))
 }
 
+/// One logged engine step, priced by the predictor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PricedStep {
+    /// Step number in the log.
+    pub step: u64,
+    /// Start, seconds since the engine was built.
+    pub start_s: f64,
+    /// Measured wall time of the step (scheduling to outputs), ms.
+    pub step_ms: f64,
+    /// Measured forward pass, ms.
+    pub forward_ms: f64,
+    /// The predictor's time for the same batch, ms (all stages).
+    pub predicted_ms: f64,
+    /// Requests in the batch.
+    pub num_requests: u32,
+    /// Tokens in the batch.
+    pub num_tokens: u32,
+    /// Whether a prompt chunk (more than one new token) ran in it.
+    pub has_prefill: bool,
+}
+
+fn steps_err(path: &Path, line: usize, message: impl Into<String>) -> SimError {
+    SimError::Experiment {
+        path: path.to_owned(),
+        message: format!("line {line}: {}", message.into()),
+    }
+}
+
+/// Reads a step log (`vajra-engine serve --steps-log`) and prices every logged batch with
+/// `predictor`: the predictor's error on the very batches the engine ran, apart from the
+/// scheduling dynamics a whole-run comparison mixes in.
+///
+/// # Errors
+/// An unreadable file, a missing column or a malformed cell (named with its line).
+pub fn price_steps(path: &Path, predictor: &Predictor) -> Result<Vec<PricedStep>, SimError> {
+    let mut rdr = csv::Reader::from_path(path).map_err(|e| steps_err(path, 1, e.to_string()))?;
+    let h = rdr
+        .headers()
+        .map_err(|e| steps_err(path, 1, e.to_string()))?
+        .clone();
+    let col = |name: &str| {
+        h.iter().position(|c| c == name).ok_or_else(|| {
+            steps_err(
+                path,
+                1,
+                format!("missing column `{name}` (a step log has: {STEP_COLUMNS})"),
+            )
+        })
+    };
+    let (c_step, c_start, c_wall, c_fwd, c_reqs) = (
+        col("step")?,
+        col("start_s")?,
+        col("step_ms")?,
+        col("forward_ms")?,
+        col("requests")?,
+    );
+    let mut out = Vec::new();
+    let mut batch: Vec<(u32, u32, bool)> = Vec::new();
+    for (i, rec) in rdr.records().enumerate() {
+        let line = i + 2;
+        let rec = rec.map_err(|e| steps_err(path, line, e.to_string()))?;
+        let cell = |c: usize| rec.get(c).unwrap_or("");
+        let num = |c: usize| -> Result<f64, SimError> {
+            cell(c).parse::<f64>().map_err(|_| {
+                steps_err(
+                    path,
+                    line,
+                    format!("`{}` = `{}` is not a number", &h[c], cell(c)),
+                )
+            })
+        };
+        batch.clear();
+        for item in cell(c_reqs).split_whitespace() {
+            let samples = item.ends_with('*');
+            let parsed = item
+                .trim_end_matches('*')
+                .split_once('@')
+                .and_then(|(c, k)| Some((c.parse::<u32>().ok()?, k.parse::<u32>().ok()?)));
+            let Some((c, k)) = parsed.filter(|&(c, _)| c > 0) else {
+                return Err(steps_err(
+                    path,
+                    line,
+                    format!(
+                        "request `{item}` is not `TOKENS@CONTEXT` or `TOKENS@CONTEXT*` with TOKENS ≥ 1"
+                    ),
+                ));
+            };
+            batch.push((c, k, samples));
+        }
+        if batch.is_empty() {
+            return Err(steps_err(path, line, "a step with no requests"));
+        }
+        let cost = predictor.predict_step(&batch);
+        out.push(PricedStep {
+            step: num(c_step)? as u64,
+            start_s: num(c_start)?,
+            step_ms: num(c_wall)?,
+            forward_ms: num(c_fwd)?,
+            predicted_ms: cost.stage_ns.iter().sum::<u64>() as f64 / 1e6,
+            num_requests: batch.len() as u32,
+            num_tokens: batch.iter().map(|r| r.0).sum(),
+            has_prefill: batch.iter().any(|r| r.0 > 1),
+        });
+    }
+    Ok(out)
+}
+
+/// The columns of a step log, for error messages.
+const STEP_COLUMNS: &str =
+    "step, start_s, step_ms, forward_ms, num_requests, num_tokens, num_sampled, requests";
+
+fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    Some(sorted[i])
+}
+
+/// Fidelity rows of the predictor on logged steps: mean step time over all steps, decode-only
+/// steps and steps with a prompt chunk (predicted against measured wall time), the per-step
+/// error's p10/p50/p90 (as a relative error in the `simulated` column), and the measured share
+/// of the step outside the forward pass.
+pub fn step_rows(steps: &[PricedStep]) -> Vec<Row> {
+    let mean = |f: &dyn Fn(&PricedStep) -> f64, keep: &dyn Fn(&PricedStep) -> bool| {
+        let v: Vec<f64> = steps.iter().filter(|s| keep(s)).map(f).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let mut rows = vec![Row {
+        metric: "logged steps".into(),
+        simulated: None,
+        measured: Some(steps.len() as f64),
+    }];
+    let classes: [(&str, &dyn Fn(&PricedStep) -> bool); 3] = [
+        ("all", &|_| true),
+        ("decode-only", &|s| !s.has_prefill),
+        ("with a prompt chunk", &|s| s.has_prefill),
+    ];
+    for (name, keep) in classes {
+        let n = steps.iter().filter(|s| keep(s)).count();
+        rows.push(Row {
+            metric: format!("step time, {name} ({n} steps; ms)"),
+            simulated: mean(&|s| s.predicted_ms, keep),
+            measured: mean(&|s| s.step_ms, keep),
+        });
+    }
+    let mut err: Vec<f64> = steps
+        .iter()
+        .filter(|s| s.step_ms > 0.0)
+        .map(|s| s.predicted_ms / s.step_ms - 1.0)
+        .collect();
+    err.sort_by(f64::total_cmp);
+    for (q, name) in [(0.1, "p10"), (0.5, "p50"), (0.9, "p90")] {
+        rows.push(Row {
+            metric: format!("per-step error {name} (fraction)"),
+            simulated: quantile(&err, q),
+            measured: None,
+        });
+    }
+    rows.push(Row {
+        metric: "outside the forward pass (ms per step)".into(),
+        simulated: None,
+        measured: mean(&|s| s.step_ms - s.forward_ms, &|_| true),
+    });
+    rows
+}
+
+/// Writes `steps.csv` (every logged step with its predicted time) into `out`.
+///
+/// # Errors
+/// A file that cannot be written.
+pub fn write_steps(steps: &[PricedStep], out: &Path) -> Result<(), SimError> {
+    std::fs::create_dir_all(out).map_err(crate::error::write_err(out))?;
+    let p = out.join("steps.csv");
+    let mut w = csv::Writer::from_path(&p).map_err(crate::error::write_err(&p))?;
+    w.write_record([
+        "step",
+        "start_s",
+        "step_ms",
+        "forward_ms",
+        "predicted_ms",
+        "num_requests",
+        "num_tokens",
+        "has_prefill",
+    ])
+    .map_err(crate::error::write_err(&p))?;
+    for s in steps {
+        w.write_record([
+            s.step.to_string(),
+            s.start_s.to_string(),
+            s.step_ms.to_string(),
+            s.forward_ms.to_string(),
+            format!("{:.4}", s.predicted_ms),
+            s.num_requests.to_string(),
+            s.num_tokens.to_string(),
+            s.has_prefill.to_string(),
+        ])
+        .map_err(crate::error::write_err(&p))?;
+    }
+    w.flush().map_err(crate::error::write_err(&p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +370,81 @@ mod tests {
         };
         assert_eq!(none.rel_error(), None);
         assert!(markdown(&[r, none]).contains("+10.0 %"));
+    }
+
+    fn roofline() -> Predictor {
+        Predictor::new(
+            &crate::catalog::model("Llama-2-7b-hf").unwrap(),
+            &crate::catalog::device("h100").unwrap(),
+            vajra_core::config::ParallelConfig::default(),
+            &crate::predictor::PredictorConfig::default(),
+            None,
+            None,
+            4096,
+        )
+        .unwrap()
+    }
+
+    fn log(name: &str, body: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("vajra-steps-{name}-{}.csv", std::process::id()));
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    #[test]
+    fn logged_steps_are_priced_as_the_batches_they_name() {
+        let p = log(
+            "ok",
+            "step,start_s,step_ms,forward_ms,num_requests,num_tokens,num_sampled,requests\n\
+             0,0.5,20,19,1,512,0,512@0\n\
+             1,0.6,30,29,3,258,2,256@512* 1@40* 1@900\n",
+        );
+        let pr = roofline();
+        let steps = price_steps(&p, &pr).unwrap();
+        assert_eq!(steps.len(), 2);
+        let want = |b: &[(u32, u32, bool)]| pr.predict_step(b).stage_ns[0] as f64 / 1e6;
+        assert_eq!(steps[0].predicted_ms, want(&[(512, 0, false)]));
+        assert_eq!(
+            steps[1].predicted_ms,
+            want(&[(256, 512, true), (1, 40, true), (1, 900, false)])
+        );
+        assert!(steps[1].predicted_ms > steps[0].predicted_ms * 0.3);
+        assert_eq!((steps[1].num_requests, steps[1].num_tokens), (3, 258));
+        assert!(steps[0].has_prefill && steps[1].has_prefill);
+        let rows = step_rows(&steps);
+        let all = rows
+            .iter()
+            .find(|r| r.metric.starts_with("step time, all"))
+            .unwrap();
+        assert_eq!(all.measured, Some(25.0));
+        let outside = rows
+            .iter()
+            .find(|r| r.metric.starts_with("outside"))
+            .unwrap();
+        assert_eq!(outside.measured, Some(1.0));
+        let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn a_malformed_step_log_names_the_line_and_what_is_wrong() {
+        let pr = roofline();
+        let bad_item = log(
+            "item",
+            "step,start_s,step_ms,forward_ms,requests\n0,0,1,1,1@0*\n1,0,1,1,12-3\n",
+        );
+        let e = price_steps(&bad_item, &pr).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("`12-3`"), "{e}");
+        let no_col = log("col", "step,start_s,step_ms,requests\n0,0,1,1@0\n");
+        let e = price_steps(&no_col, &pr).unwrap_err().to_string();
+        assert!(e.contains("forward_ms"), "{e}");
+        let bad_num = log(
+            "num",
+            "step,start_s,step_ms,forward_ms,requests\n0,x,1,1,1@0\n",
+        );
+        let e = price_steps(&bad_num, &pr).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("start_s"), "{e}");
+        for p in [bad_item, no_col, bad_num] {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }

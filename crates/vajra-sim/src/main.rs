@@ -80,6 +80,11 @@ enum Cmd {
         /// Output folder (default: <measured>/fidelity).
         #[arg(short, long)]
         out: Option<PathBuf>,
+        /// The server's step log (`vajra-engine serve --steps-log`): every logged batch is
+        /// priced with the simulated run's predictor, separating the predictor's error from the
+        /// scheduling dynamics (rows after the run's, and `steps.csv`).
+        #[arg(long)]
+        steps: Option<PathBuf>,
     },
     /// Check an experiment file without running it.
     Validate {
@@ -270,9 +275,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             simulated,
             measured,
             out,
+            steps,
         } => {
             let out = out.unwrap_or_else(|| measured.join("fidelity"));
-            let rows = vajra_sim::fidelity::compare(&simulated, &measured)?;
+            let mut rows = vajra_sim::fidelity::compare(&simulated, &measured)?;
+            if let Some(log) = steps {
+                // The simulated point's own predictor, from its resolved config.
+                let file = ExperimentFile::load(&simulated.join("config.resolved.toml"))?;
+                let prep = vajra_sim::run::prepare(&file, &file.points[0])?;
+                let priced = vajra_sim::fidelity::price_steps(&log, &prep.predictor)?;
+                rows.extend(vajra_sim::fidelity::step_rows(&priced));
+                vajra_sim::fidelity::write_steps(&priced, &out)?;
+            }
             vajra_sim::fidelity::write(&rows, &out)?;
             let data = vajra_sim::report::collect_runs(&[simulated, measured])?;
             vajra_sim::report::write_report(&data, &out)?;

@@ -440,19 +440,20 @@ impl Predictor {
         ms
     }
 
-    /// One pass over a batch's requests, collecting every sum the cost needs.
-    fn terms(out: &SchedulerOutput) -> Terms {
+    /// One pass over a batch's requests — (new tokens, cached context, samples) each —
+    /// collecting every sum the cost needs.
+    fn terms(reqs: impl Iterator<Item = (u32, u32, bool)>) -> Terms {
         let mut x = Terms::default();
-        for r in &out.scheduled {
-            let c = f64::from(r.num_tokens);
-            let k = f64::from(r.num_computed);
+        for (num_tokens, num_computed, samples) in reqs {
+            let c = f64::from(num_tokens);
+            let k = f64::from(num_computed);
             // Causal attention work: each new token attends to k cached ones plus its place.
             let causal = c * (k + (c + 1.0) / 2.0);
             x.tokens += c;
             x.causal += causal;
             x.kv_read += k + c;
-            x.sampled += f64::from(u8::from(r.samples));
-            if r.num_tokens == 1 {
+            x.sampled += f64::from(u8::from(samples));
+            if num_tokens == 1 {
                 x.dec_b += 1.0;
                 x.dec_kv += k + 1.0;
             } else {
@@ -508,10 +509,30 @@ impl Predictor {
 
     /// The cost of a batch.
     pub fn predict(&self, out: &SchedulerOutput) -> BatchCost {
-        let t = out.num_batched_tokens as usize;
-        let x = Self::terms(out);
+        let reqs = out
+            .scheduled
+            .iter()
+            .map(|r| (r.num_tokens, r.num_computed, r.samples));
+        self.cost(out.num_batched_tokens, out.scheduled.len(), reqs)
+    }
+
+    /// The cost of a batch given by its requests' (new tokens, cached context, samples), e.g.
+    /// one a real engine ran (`vajra-sim compare --steps`).
+    pub fn predict_step(&self, reqs: &[(u32, u32, bool)]) -> BatchCost {
+        let tokens = reqs.iter().map(|r| r.0).sum();
+        self.cost(tokens, reqs.len(), reqs.iter().copied())
+    }
+
+    fn cost(
+        &self,
+        tokens: u32,
+        num_reqs: usize,
+        reqs: impl Iterator<Item = (u32, u32, bool)>,
+    ) -> BatchCost {
+        let t = tokens as usize;
+        let x = Self::terms(reqs);
         let attn_ms = self.attention_layer_ms(&x);
-        let batch = out.scheduled.len() as f64;
+        let batch = num_reqs as f64;
         let last = self.layers.len() - 1;
         let stage_ns = StageTimes::collect((0..self.layers.len()).map(|s| {
             let lin = match self.table[s].get(t) {
@@ -690,7 +711,12 @@ mod tests {
     fn folder_with_head(name: &str, head_csv: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("vajra-head-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ops = ["attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj"];
+        let ops = [
+            "attn_pre_proj",
+            "attn_post_proj",
+            "mlp_up_proj",
+            "mlp_down_proj",
+        ];
         let mut mlp = String::from("n_head,n_embd,num_tokens,num_tensor_parallel_workers");
         for op in ops {
             mlp += &format!(",time_stats.{op}.median");
