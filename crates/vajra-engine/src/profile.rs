@@ -4,7 +4,9 @@
 //!
 //! Each grid point is one forward step of the real backend over a hand-built batch (no
 //! scheduler), timed between operators (CUDA events on the GPU, the wall clock on the CPU), per
-//! layer. The simulator reads the folder unchanged (`predictor.profile = ...`).
+//! layer. The grid runs in rounds (every point once per round, a warm-up round first) and each
+//! point keeps the median of its rounds. The simulator reads the folder unchanged
+//! (`predictor.profile = ...`).
 
 use crate::backend::cpu::{CacheShape, CpuBackend};
 use crate::backend::{Backend, LogitsFor, SeqInput, StepInput};
@@ -79,7 +81,7 @@ pub struct Grid {
     pub dec_batches: Vec<usize>,
     /// … at these contexts.
     pub dec_kv: Vec<u32>,
-    /// Timed steps per point (after one warm-up).
+    /// Timed rounds (after one warm-up round): timed steps per point.
     pub reps: usize,
 }
 
@@ -119,12 +121,12 @@ impl Grid {
             }
         } else {
             Grid {
-                tokens: vec![1, 2, 4, 8, 16, 32, 64, 128, 256],
+                tokens: vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
                 chunks: vec![16, 32, 64, 128, 256],
                 kv_sizes: vec![0, 128, 256, 512],
                 dec_batches: vec![1, 2, 4, 8, 16, 32],
                 dec_kv: vec![64, 128, 256, 512],
-                reps: 3,
+                reps: 5,
             }
         }
     }
@@ -252,24 +254,31 @@ fn fmt_stats(s: [f64; 5]) -> String {
         .join(",")
 }
 
-/// Per-layer ms of every operator over `reps` profiled steps of `batch`.
-fn profile_point(
+/// Per-layer ms of every operator, per point of `batches`, over `reps` rounds. A round runs
+/// every point once, after one warm-up round, so each point's samples spread over the whole
+/// profile (a slow minute on a shared machine touches every point alike instead of bending the
+/// curves) and every timed step follows a step of another shape, as in serving.
+fn profile_rounds(
     b: &mut dyn Profiled,
-    batch: &Batch,
+    batches: &[Batch],
     reps: usize,
-) -> Result<BTreeMap<&'static str, Vec<f64>>> {
+) -> Result<Vec<BTreeMap<&'static str, Vec<f64>>>> {
     let layers = f64::from(b.spec().config.num_layers);
-    let input = batch.input();
-    b.profile_step(&input)?; // warm-up
-    let mut out: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
-    for _ in 0..reps {
-        for (op, ms) in b.profile_step(&input)? {
-            let per_layer = if matches!(op, "emb" | "final_norm" | "lm_head") {
-                ms
-            } else {
-                ms / layers
-            };
-            out.entry(op).or_default().push(per_layer);
+    let mut out: Vec<BTreeMap<&'static str, Vec<f64>>> = vec![BTreeMap::new(); batches.len()];
+    for round in 0..=reps {
+        for (batch, times) in batches.iter().zip(&mut out) {
+            let step = b.profile_step(&batch.input())?;
+            if round == 0 {
+                continue; // warm-up
+            }
+            for (op, ms) in step {
+                let per_layer = if matches!(op, "emb" | "final_norm" | "lm_head") {
+                    ms
+                } else {
+                    ms / layers
+                };
+                times.entry(op).or_default().push(per_layer);
+            }
         }
     }
     Ok(out)
@@ -298,11 +307,30 @@ pub fn profile(b: &mut dyn Profiled, grid: &Grid, out: &Path, command: &str) -> 
             .collect::<Vec<_>>()
             .join(",")
     );
+    // Every point's batch, in the order the rows are written: token counts, prefill chunks
+    // over contexts, decode batches over contexts.
+    let mut batches: Vec<Batch> = grid
+        .tokens
+        .iter()
+        .map(|&t| Batch::new(1, t, 0, c.vocab_size))
+        .collect();
+    for &chunk in &grid.chunks {
+        for &kv in &grid.kv_sizes {
+            batches.push(Batch::new(1, chunk, kv, c.vocab_size));
+        }
+    }
+    for &n in &grid.dec_batches {
+        for &kv in &grid.dec_kv {
+            batches.push(Batch::new(n, 1, kv, c.vocab_size));
+        }
+    }
+    let measured = profile_rounds(b, &batches, reps)?;
+    let mut points = measured.iter();
     for &t in &grid.tokens {
-        let times = profile_point(b, &Batch::new(1, t, 0, c.vocab_size), reps)?;
+        let times = points.next().expect("a point per token count");
         let cols: Vec<String> = MLP_OPS
             .iter()
-            .map(|op| fmt_stats(stats(series(&times, op))))
+            .map(|op| fmt_stats(stats(series(times, op))))
             .collect();
         let _ = writeln!(
             mlp,
@@ -325,7 +353,7 @@ pub fn profile(b: &mut dyn Profiled, grid: &Grid, out: &Path, command: &str) -> 
     let backend = format!("vajra_{}", b.name());
     for &chunk in &grid.chunks {
         for &kv in &grid.kv_sizes {
-            let times = profile_point(b, &Batch::new(1, chunk, kv, c.vocab_size), reps)?;
+            let times = points.next().expect("a point per chunk and context");
             let _ = writeln!(
                 att,
                 "{},{},{},{BLOCK},1,{},{backend},1,{chunk},{kv},True,{},{},{empty}",
@@ -333,8 +361,8 @@ pub fn profile(b: &mut dyn Profiled, grid: &Grid, out: &Path, command: &str) -> 
                 c.num_heads,
                 c.num_kv_heads,
                 c.max_model_len,
-                fmt_stats(stats(series(&times, "attn"))),
-                fmt_stats(stats(series(&times, "attn_kv_cache_save")))
+                fmt_stats(stats(series(times, "attn"))),
+                fmt_stats(stats(series(times, "attn_kv_cache_save")))
             );
         }
     }
@@ -348,9 +376,9 @@ pub fn profile(b: &mut dyn Profiled, grid: &Grid, out: &Path, command: &str) -> 
     for &n in &grid.dec_batches {
         let (mut norm, mut lm) = (Vec::new(), Vec::new());
         for &kv in &grid.dec_kv {
-            let times = profile_point(b, &Batch::new(n, 1, kv, c.vocab_size), reps)?;
-            norm.extend_from_slice(series(&times, "final_norm"));
-            lm.extend_from_slice(series(&times, "lm_head"));
+            let times = points.next().expect("a point per batch and context");
+            norm.extend_from_slice(series(times, "final_norm"));
+            lm.extend_from_slice(series(times, "lm_head"));
             let _ = writeln!(
                 att,
                 "{},{},{},{BLOCK},1,{},{backend},{n},0,{kv},False,{empty},{},{}",
@@ -358,8 +386,8 @@ pub fn profile(b: &mut dyn Profiled, grid: &Grid, out: &Path, command: &str) -> 
                 c.num_heads,
                 c.num_kv_heads,
                 c.max_model_len,
-                fmt_stats(stats(series(&times, "attn_kv_cache_save"))),
-                fmt_stats(stats(series(&times, "attn")))
+                fmt_stats(stats(series(times, "attn_kv_cache_save"))),
+                fmt_stats(stats(series(times, "attn")))
             );
         }
         let _ = writeln!(
@@ -384,7 +412,7 @@ pub fn profile(b: &mut dyn Profiled, grid: &Grid, out: &Path, command: &str) -> 
         "commit": std::env::var("VAJRA_COMMIT").unwrap_or_else(|_| git_commit()),
         "command": command,
         "method": b.method(),
-        "timing": format!("1 warm-up + {reps} timed steps per point, ms per layer (emb, final_norm, lm_head per step)"),
+        "timing": format!("1 warm-up round + {reps} timed rounds, each round one step of every grid point in turn; median per point, ms per layer (emb, final_norm, lm_head per step)"),
     });
     write(
         "provenance.json",
