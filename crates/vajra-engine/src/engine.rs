@@ -346,13 +346,13 @@ impl Engine {
         let began = Instant::now();
         let steps = self.counters.steps;
         let outputs = self.step_inner()?;
+        let step_ns = began.elapsed().as_nanos() as u64;
         if !outputs.is_empty() || self.has_unfinished() {
-            self.counters.step_ns += began.elapsed().as_nanos() as u64;
+            self.counters.step_ns += step_ns;
         }
         if self.counters.steps > steps
             && let Some(log) = &mut self.step_log
         {
-            let step_ns = began.elapsed().as_nanos() as u64;
             let start_s = began.duration_since(self.start).as_secs_f64();
             if let Err(e) = log.write(self.counters.steps - 1, start_s, step_ns) {
                 tracing::error!(error = %e, "step log: cannot write; logging stops");

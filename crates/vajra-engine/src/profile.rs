@@ -126,7 +126,7 @@ impl Grid {
                 kv_sizes: vec![0, 128, 256, 512],
                 dec_batches: vec![1, 2, 4, 8, 16, 32],
                 dec_kv: vec![64, 128, 256, 512],
-                reps: 5,
+                reps: 8,
             }
         }
     }
