@@ -64,6 +64,12 @@ for point in "$out"/sim/*/; do
         --steps "$out/steps-$label.csv" > /dev/null
     grep -E "^\| (ttft_s p50|ttft_s p90|tpot_s p50|tpot_s p90|e2e_s p50|batches|mean batch size|mean batch time|step time|per-step error p50|outside)" \
         "$out/fidelity/$label/fidelity.md" | sed "s/^| /| $label | /" >> "$summary"
+    # compare's warning when the logged batches themselves are mispriced (machine speed drift)
+    grep "^> Warning" "$out/fidelity/$label/fidelity.md" | sed "s/^> /> $label: /" >> "$summary.notes" || true
 done
+if [[ -s "$summary.notes" ]]; then
+    { echo; cat "$summary.notes"; } >> "$summary"
+fi
+rm -f "$summary.notes"
 echo "== 4. $summary"
 cat "$summary"

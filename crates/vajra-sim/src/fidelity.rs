@@ -124,14 +124,18 @@ pub fn markdown(rows: &[Row]) -> String {
     s
 }
 
-/// Writes `fidelity.md` and `fidelity.csv` into `out`.
+/// Writes `fidelity.md` (the table, then each note as a quote) and `fidelity.csv` into `out`.
 ///
 /// # Errors
 /// A file that cannot be written.
-pub fn write(rows: &[Row], out: &Path) -> Result<(), SimError> {
+pub fn write(rows: &[Row], notes: &[String], out: &Path) -> Result<(), SimError> {
     std::fs::create_dir_all(out).map_err(crate::error::write_err(out))?;
     let md = out.join("fidelity.md");
-    std::fs::write(&md, markdown(rows)).map_err(crate::error::write_err(&md))?;
+    let mut text = markdown(rows);
+    for n in notes {
+        let _ = write!(text, "\n> {n}\n");
+    }
+    std::fs::write(&md, text).map_err(crate::error::write_err(&md))?;
     let csv_path = out.join("fidelity.csv");
     let mut w = csv::Writer::from_path(&csv_path).map_err(crate::error::write_err(&csv_path))?;
     w.write_record(["metric", "simulated", "measured", "rel_error"])
@@ -282,7 +286,8 @@ pub fn step_rows(steps: &[PricedStep]) -> Vec<Row> {
         simulated: None,
         measured: Some(steps.len() as f64),
     }];
-    let classes: [(&str, &dyn Fn(&PricedStep) -> bool); 3] = [
+    type Keep<'a> = &'a dyn Fn(&PricedStep) -> bool;
+    let classes: [(&str, Keep); 3] = [
         ("all", &|_| true),
         ("decode-only", &|s| !s.has_prefill),
         ("with a prompt chunk", &|s| s.has_prefill),
@@ -314,6 +319,32 @@ pub fn step_rows(steps: &[PricedStep]) -> Vec<Row> {
         measured: mean(&|s| s.step_ms - s.forward_ms, &|_| true),
     });
     rows
+}
+
+/// Beyond this relative error on the logged batches, the run compared a different machine
+/// speed (or another backend) than the profile measured.
+pub const STEP_ERROR_WARN: f64 = 0.05;
+
+/// The total predicted time of the logged steps against their measured total, (predicted −
+/// measured) / measured; `None` without steps.
+pub fn step_error(steps: &[PricedStep]) -> Option<f64> {
+    let measured: f64 = steps.iter().map(|s| s.step_ms).sum();
+    let predicted: f64 = steps.iter().map(|s| s.predicted_ms).sum();
+    (measured > 0.0).then(|| predicted / measured - 1.0)
+}
+
+/// A warning when the predictor misses the very batches that ran by more than
+/// [`STEP_ERROR_WARN`]: the whole-run errors then measure that first (on a shared machine,
+/// usually its speed changing between the profile and the run).
+pub fn step_warning(steps: &[PricedStep]) -> Option<String> {
+    let e = step_error(steps)?;
+    (e.abs() > STEP_ERROR_WARN).then(|| {
+        format!(
+            "on the logged batches themselves the predictor is {:+.1} % off the measured step time (more than {:.0} %): the engine ran at another speed than the profile measured (a shared machine's load changing, another build or backend), so the whole-run errors above measure that first; re-profile next to the run",
+            100.0 * e,
+            100.0 * STEP_ERROR_WARN
+        )
+    })
 }
 
 /// Writes `steps.csv` (every logged step with its predicted time) into `out`.
@@ -422,6 +453,15 @@ mod tests {
             .find(|r| r.metric.starts_with("outside"))
             .unwrap();
         assert_eq!(outside.measured, Some(1.0));
+        // The warning fires exactly when the logged batches are mispriced beyond 5 %.
+        let at = |predicted: f64| {
+            let mut s = steps[0].clone();
+            (s.step_ms, s.predicted_ms) = (100.0, predicted);
+            step_warning(&[s])
+        };
+        assert!(at(104.0).is_none() && at(96.0).is_none());
+        assert!(at(106.0).unwrap().contains("+6.0 %"));
+        assert!(at(80.0).unwrap().contains("-20.0 %"));
         let _ = std::fs::remove_file(p);
     }
 

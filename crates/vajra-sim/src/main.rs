@@ -279,15 +279,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let out = out.unwrap_or_else(|| measured.join("fidelity"));
             let mut rows = vajra_sim::fidelity::compare(&simulated, &measured)?;
+            let mut notes = Vec::new();
             if let Some(log) = steps {
                 // The simulated point's own predictor, from its resolved config.
                 let file = ExperimentFile::load(&simulated.join("config.resolved.toml"))?;
                 let prep = vajra_sim::run::prepare(&file, &file.points[0])?;
                 let priced = vajra_sim::fidelity::price_steps(&log, &prep.predictor)?;
                 rows.extend(vajra_sim::fidelity::step_rows(&priced));
+                if let Some(w) = vajra_sim::fidelity::step_warning(&priced) {
+                    eprintln!("warning: {w}");
+                    notes.push(format!("Warning: {w}."));
+                }
                 vajra_sim::fidelity::write_steps(&priced, &out)?;
             }
-            vajra_sim::fidelity::write(&rows, &out)?;
+            vajra_sim::fidelity::write(&rows, &notes, &out)?;
             let data = vajra_sim::report::collect_runs(&[simulated, measured])?;
             vajra_sim::report::write_report(&data, &out)?;
             print!("{}", vajra_sim::fidelity::markdown(&rows));
