@@ -45,6 +45,7 @@ echo "# Fidelity: $(basename "$exp"), $name on the $backend backend ($(date -u +
 echo >> "$summary"
 echo "| point | metric | simulated | measured | error |" >> "$summary"
 echo "|---|---|---:|---:|---:|" >> "$summary"
+rm -f "$summary.notes"
 for point in "$out"/sim/*/; do
     point=${point%/}
     label=$(basename "$point")

@@ -2,7 +2,9 @@
 //!
 //! Every other backend is checked against this one, and this one against Hugging Face
 //! `transformers` (tests/fixtures). It favours clarity over speed but is not naive: products go
-//! through [`super::linalg::matmul_t`] on rayon, attention runs in parallel over (token, head).
+//! through [`super::linalg::matmul_t`] on rayon, attention runs in parallel over tokens (all of
+//! a token's heads in one task; splitting heads too measured slower under serving, see
+//! `benches/results/fidelity-2026-11-27-smollm2-cpu/`).
 //!
 //! KV cache layout, per layer, for K and V alike (f32):
 //!
@@ -350,19 +352,17 @@ impl Backend for CpuBackend {
             let (kc, vc) = (&*kc, &*vc);
             mark(&self.marks, "attn_kv_cache_save");
             // Attention of every new token over its request's cached context (causal), one task
-            // per (token, head): a lone decode's heads spread over the cores too.
-            attn.par_chunks_mut(hd).enumerate().for_each_init(
-                Vec::new,
-                |scores: &mut Vec<f32>, (idx, o)| {
-                    let (i, hq) = (idx / nh, idx % nh);
-                    let (s, p) = at[i];
-                    let table = input.seqs[s].block_table;
-                    let p = p as usize;
-                    let lo = window.map_or(0, |w| (p + 1).saturating_sub(w as usize));
-                    scores.clear();
-                    scores.resize(p + 1 - lo, 0.0);
+            // per token.
+            attn.par_chunks_mut(q_w).enumerate().for_each(|(i, out)| {
+                let (s, p) = at[i];
+                let table = input.seqs[s].block_table;
+                let p = p as usize;
+                let lo = window.map_or(0, |w| (p + 1).saturating_sub(w as usize));
+                let mut scores = vec![0.0f32; p + 1 - lo];
+                let q_row = &qkv[i * qkv_w..i * qkv_w + q_w];
+                for (hq, o) in out.chunks_exact_mut(hd).enumerate() {
                     let kvh = hq / (nh / nkv);
-                    let q = &qkv[i * qkv_w + hq * hd..i * qkv_w + (hq + 1) * hd];
+                    let q = &q_row[hq * hd..(hq + 1) * hd];
                     let kv_at =
                         |j: usize| (table[j / bs].0 as usize * bs + j % bs) * kv_w + kvh * hd;
                     let mut max = f32::NEG_INFINITY;
@@ -377,15 +377,15 @@ impl Backend for CpuBackend {
                         sum += *sc;
                     }
                     o.fill(0.0);
-                    for (j, sc) in (lo..=p).zip(scores.iter()) {
+                    for (j, sc) in (lo..=p).zip(&scores) {
                         let v0 = kv_at(j);
                         let wgt = sc / sum;
                         o.iter_mut()
                             .zip(&vc[v0..v0 + hd])
                             .for_each(|(o, v)| *o += wgt * v);
                     }
-                },
-            );
+                }
+            });
             mark(&self.marks, "attn");
             matmul_t(&attn, t, q_w, &layer.o, h, &mut proj);
             mark(&self.marks, "attn_post_proj");
