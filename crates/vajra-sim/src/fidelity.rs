@@ -264,14 +264,6 @@ pub fn price_steps(path: &Path, predictor: &Predictor) -> Result<Vec<PricedStep>
 const STEP_COLUMNS: &str =
     "step, start_s, step_ms, forward_ms, num_requests, num_tokens, num_sampled, requests";
 
-fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    Some(sorted[i])
-}
-
 /// Fidelity rows of the predictor on logged steps: mean step time over all steps, decode-only
 /// steps and steps with a prompt chunk (predicted against measured wall time), the per-step
 /// error's p10/p50/p90 (as a relative error in the `simulated` column), and the measured share
@@ -309,7 +301,7 @@ pub fn step_rows(steps: &[PricedStep]) -> Vec<Row> {
     for (q, name) in [(0.1, "p10"), (0.5, "p50"), (0.9, "p90")] {
         rows.push(Row {
             metric: format!("per-step error {name} (fraction)"),
-            simulated: quantile(&err, q),
+            simulated: vajra_metrics::stats::quantile_sorted(&err, q),
             measured: None,
         });
     }
