@@ -1,8 +1,15 @@
 // Attention over the paged KV cache, for mixed batches (the cache already holds this step's K/V:
 // kv_write runs first).
 //
-// paged_attention: every listed token attends causally to its request's context through the
-// block table. One block per (token, KV head, split) serves all the query heads of that KV
+// Two generations of kernels live here; the backend picks one with its `KernelSet` setting
+// (`VAJRA_CUDA_KERNELS=v1|v2`, v2 by default) so one build can measure both on the same GPU.
+//   v1: paged_attention_scalar for decode tokens and short chunks; long prefill chunks as cuBLAS
+//       GEMMs over gathered K/V with causal_softmax (gather_kv, causal_softmax below).
+//   v2: paged_attention_g4/_g8 (16-byte K/V loads) and flash_prefill_<head_dim> (tensor-core
+//       mma.sync, online softmax in registers, K/V read straight from the paged cache).
+//
+// paged_attention_scalar (v1): every listed token attends causally to its request's context
+// through the block table. One block per (token, KV head, split) serves all the query heads of that KV
 // head's group (GQA), so each K/V row is read once per group, not once per query head.
 //
 //   grid  = (listed tokens, kv_heads, splits)     block = 128 threads (4 warps)
@@ -26,7 +33,7 @@
 // Accumulators per thread: (head dims it owns) × (heads of the group).
 #define ACC_PER_THREAD (MAX_GROUP * MAX_HEAD_DIM / ATT_THREADS)
 
-extern "C" __global__ void paged_attention(
+extern "C" __global__ void paged_attention_scalar(
     const bf16* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out,
     float* ws_acc, float* ws_ml, const int* tok_list,
     const int* tok_seq, const int* tok_pos, const int* block_tables, int max_blocks,
@@ -205,3 +212,394 @@ extern "C" __global__ void causal_softmax(const float* s, bf16* p, int rows, int
     for (int j = threadIdx.x; j < ctx; j += blockDim.x)
         prow[j] = (j >= lo && j <= hi) ? f2bf(__expf(row[j] - mx) * inv) : (bf16)0;
 }
+
+// ---------------------------------------------------------------------------------------------
+// paged_attention_g4 / _g8 (v2): the same grid, arguments, split-K ranges and workspace layout as
+// paged_attention_scalar, but a key row is read with 16-byte loads: LPK lanes share a row
+// (LPK = head_dim / 8 rounded up to a power of two, each lane 8 dims), so a 128-thread block
+// reads 128 / LPK keys at once, DEC_UNROLL rows in flight per lane. Scores reduce across the
+// LPK lanes with shuffles; the V sum keeps each lane's 8 dims × group accumulators in registers
+// and the key slots' partial sums meet in shared memory at the end. head_dim % 8 == 0.
+
+#define DEC_TILE 64
+#define DEC_UNROLL 4
+
+__device__ __forceinline__ void unpack8(uint4 u, float* f) {
+    f[0] = __uint_as_float(u.x << 16); f[1] = __uint_as_float(u.x & 0xffff0000u);
+    f[2] = __uint_as_float(u.y << 16); f[3] = __uint_as_float(u.y & 0xffff0000u);
+    f[4] = __uint_as_float(u.z << 16); f[5] = __uint_as_float(u.z & 0xffff0000u);
+    f[6] = __uint_as_float(u.w << 16); f[7] = __uint_as_float(u.w & 0xffff0000u);
+}
+
+template <int MG>
+__device__ __forceinline__ void paged_attention_vec(
+    const bf16* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out,
+    float* ws_acc, float* ws_ml, const int* tok_list,
+    const int* tok_seq, const int* tok_pos, const int* block_tables, int max_blocks,
+    int block_size, int q_heads, int kv_heads, int head_dim, int qkv_width, float scale,
+    int window) {
+    __shared__ float scores[MG][DEC_TILE];
+    __shared__ long long slot_s[DEC_TILE];
+    __shared__ float m_s[MG], l_s[MG], corr_s[MG];
+    // Partial V sums of every key slot: group × (128 / LPK) × head_dim ≤ MG × 1024 floats.
+    __shared__ float red[MG * 1024];
+    int t = tok_list[blockIdx.x], g = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
+    int group = q_heads / kv_heads;
+    int seq = tok_seq[t], pos = tok_pos[t];
+    int kv_width = kv_heads * head_dim;
+    int lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    int n = pos + 1 - lo;
+    int per = (n + splits - 1) / splits;
+    int begin = lo + s * per, end = min(pos + 1, begin + per);
+    int lpk = 1;
+    while (lpk * 8 < head_dim) lpk <<= 1;
+    int li = threadIdx.x & (lpk - 1), hw = threadIdx.x / lpk, nhw = blockDim.x / lpk;
+    int d0 = li * 8;
+    bool active = d0 < head_dim;
+    const bf16* qrow = qkv + (size_t)t * qkv_width + g * group * head_dim;
+    float qr[MG][8], acc[MG][8];
+#pragma unroll
+    for (int h = 0; h < MG; ++h) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            qr[h][j] = (h < group && active) ? bf2f(qrow[h * head_dim + d0 + j]) * scale : 0.0f;
+            acc[h][j] = 0.0f;
+        }
+    }
+    if (threadIdx.x < MG) {
+        m_s[threadIdx.x] = -INFINITY;
+        l_s[threadIdx.x] = 0.0f;
+        corr_s[threadIdx.x] = 1.0f;
+    }
+    const int* table = block_tables + (size_t)seq * max_blocks;
+    size_t hoff = (size_t)g * head_dim + d0;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int tile = begin; tile < end; tile += DEC_TILE) {
+        int count = min(DEC_TILE, end - tile);
+        __syncthreads();  // the previous tile's readers of slot_s and scores are done
+        for (int k = threadIdx.x; k < count; k += blockDim.x) {
+            int j = tile + k;
+            slot_s[k] = (long long)table[j / block_size] * block_size + j % block_size;
+        }
+        __syncthreads();
+        // Scores: key k of the tile goes to key slot k % nhw; DEC_UNROLL rows loaded at once.
+        for (int kb = 0; kb < count; kb += nhw * DEC_UNROLL) {
+            uint4 kr[DEC_UNROLL];
+#pragma unroll
+            for (int u = 0; u < DEC_UNROLL; ++u) {
+                int k = kb + u * nhw + hw;
+                kr[u] = (active && k < count)
+                            ? *(const uint4*)(k_cache + slot_s[k] * kv_width + hoff)
+                            : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < DEC_UNROLL; ++u) {
+                int k = kb + u * nhw + hw;
+                float kf[8];
+                unpack8(kr[u], kf);
+#pragma unroll
+                for (int h = 0; h < MG; ++h) {
+                    if (h < group) {  // uniform over the block
+                        float dot = 0.0f;
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) dot += qr[h][j] * kf[j];
+                        for (int o = lpk >> 1; o > 0; o >>= 1)
+                            dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                        if (li == 0 && k < count) scores[h][k] = dot;
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        // Online softmax, one warp per head of the group.
+        for (int h = warp; h < group; h += warps) {
+            float mx = -INFINITY;
+            for (int k = lane; k < count; k += 32) mx = fmaxf(mx, scores[h][k]);
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            float m_new = fmaxf(m_s[h], mx);
+            float sum = 0.0f;
+            for (int k = lane; k < count; k += 32) {
+                float p = __expf(scores[h][k] - m_new);
+                scores[h][k] = p;
+                sum += p;
+            }
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (lane == 0) {
+                float c = __expf(m_s[h] - m_new);
+                corr_s[h] = c;
+                l_s[h] = l_s[h] * c + sum;
+                m_s[h] = m_new;
+            }
+        }
+        __syncthreads();
+        // V sum: the same key slots, 8 dims per lane, every head of the group.
+#pragma unroll
+        for (int h = 0; h < MG; ++h) {
+            float c = h < group ? corr_s[h] : 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[h][j] *= c;
+        }
+        for (int kb = 0; kb < count; kb += nhw * DEC_UNROLL) {
+            uint4 vr[DEC_UNROLL];
+#pragma unroll
+            for (int u = 0; u < DEC_UNROLL; ++u) {
+                int k = kb + u * nhw + hw;
+                vr[u] = (active && k < count)
+                            ? *(const uint4*)(v_cache + slot_s[k] * kv_width + hoff)
+                            : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < DEC_UNROLL; ++u) {
+                int k = kb + u * nhw + hw;
+                if (k < count) {
+                    float vf[8];
+                    unpack8(vr[u], vf);
+#pragma unroll
+                    for (int h = 0; h < MG; ++h) {
+                        if (h < group) {
+                            float p = scores[h][k];
+#pragma unroll
+                            for (int j = 0; j < 8; ++j) acc[h][j] += p * vf[j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (active) {
+#pragma unroll
+        for (int h = 0; h < MG; ++h) {
+            if (h < group) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) red[(h * nhw + hw) * head_dim + d0 + j] = acc[h][j];
+            }
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
+        int h = i / head_dim, d = i % head_dim;
+        float a = 0.0f;
+        for (int w = 0; w < nhw; ++w) a += red[(h * nhw + w) * head_dim + d];
+        int qh = g * group + h;
+        if (splits == 1) {
+            float l = l_s[h];
+            out[(size_t)t * q_heads * head_dim + qh * head_dim + d] = f2bf(l > 0.0f ? a / l : 0.0f);
+        } else {
+            size_t part = ((size_t)t * q_heads + qh) * splits + s;
+            ws_acc[part * head_dim + d] = a;
+            if (d == 0) {
+                ws_ml[2 * part] = m_s[h];
+                ws_ml[2 * part + 1] = l_s[h];
+            }
+        }
+    }
+}
+
+// Two register budgets: groups of up to 4 query heads per KV head (Llama-3, Qwen2: far fewer
+// registers, more blocks per SM) and up to 8.
+#define PAGED_ATTENTION(NAME, MG)                                                              \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME(                            \
+        const bf16* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out, float* ws_acc,   \
+        float* ws_ml, const int* tok_list, const int* tok_seq, const int* tok_pos,             \
+        const int* block_tables, int max_blocks, int block_size, int q_heads, int kv_heads,    \
+        int head_dim, int qkv_width, float scale, int window) {                                \
+        paged_attention_vec<MG>(qkv, k_cache, v_cache, out, ws_acc, ws_ml, tok_list, tok_seq,  \
+                                tok_pos, block_tables, max_blocks, block_size, q_heads,        \
+                                kv_heads, head_dim, qkv_width, scale, window);                 \
+    }
+PAGED_ATTENTION(paged_attention_g4, 4)
+PAGED_ATTENTION(paged_attention_g8, 8)
+
+// ---------------------------------------------------------------------------------------------
+// flash_prefill_<HD> (v2): attention of one long prefill chunk on tensor cores, FlashAttention-2
+// style. grid = (ceil(chunk / 64), q_heads), block = 128 threads (4 warps × 16 query rows).
+// Per key tile of 64: the tile's K and V rows are copied from the paged cache (through the
+// request's block table) into shared memory; S = Q Kᵀ with mma.sync m16n8k16 (bf16 in, f32
+// accumulate; Q fragments stay in registers), the causal/window mask and an online softmax on
+// the accumulator fragments, then O += P V with P reused from S's registers as the A operand.
+// Query i of the chunk sits at position start + i and sees keys lo(i) ..= start + i; rows past
+// the chunk are computed and dropped. Needs sm_80+ (the host checks); HD ∈ {16, 32, 64, 128}.
+
+#define FL_BQ 64
+#define FL_BK 64
+#define FL_THREADS 128
+
+__device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
+    return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, unsigned b0,
+                                               unsigned b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+template <int HD>
+__device__ __forceinline__ void flash_prefill(const bf16* __restrict__ qkv,
+                                              const bf16* __restrict__ k_cache,
+                                              const bf16* __restrict__ v_cache,
+                                              const int* __restrict__ table, int block_size,
+                                              bf16* __restrict__ out, int first, int tq, int start,
+                                              int window, int q_heads, int kv_heads,
+                                              int qkv_width, float scale_log2) {
+    const int LD = HD + 8;  // padded rows: the fragment loads below hit 32 distinct banks
+    __shared__ __align__(16) bf16 ks[FL_BK * (HD + 8)];
+    __shared__ __align__(16) bf16 vs[FL_BK * (HD + 8)];
+    __shared__ long long slot_s[FL_BK];
+    int qh = blockIdx.y, g = qh / (q_heads / kv_heads);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int gid = lane >> 2, tig = lane & 3;
+    int qb = blockIdx.x * FL_BQ, q0 = qb + warp * 16;
+    int kv_width = kv_heads * HD, q_width = q_heads * HD;
+    // A fragments of Q (rows q0+gid and q0+gid+8; cols tig*2 and tig*2+8 of each 16-wide slice).
+    unsigned qf[HD / 16][4];
+    const bf16* qbase = qkv + (size_t)first * qkv_width + qh * HD;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            int row = q0 + gid + (r & 1) * 8, col = kk * 16 + tig * 2 + (r >> 1) * 8;
+            qf[kk][r] = row < tq ? *(const unsigned*)(qbase + (size_t)row * qkv_width + col) : 0u;
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // rows gid and gid + 8
+    int p0 = start + q0 + gid, p1 = p0 + 8;
+    int last = start + min(qb + FL_BQ, tq) - 1;  // the block's last query position
+    int blo = window > 0 ? max(0, start + qb + 1 - window) : 0;
+    int wlast = start + q0 + 15, wfirst = window > 0 ? max(0, start + q0 + 1 - window) : 0;
+    for (int kt = (blo / FL_BK) * FL_BK; kt <= last; kt += FL_BK) {
+        __syncthreads();  // the previous tile's readers are done
+        for (int k = threadIdx.x; k < FL_BK; k += FL_THREADS) {
+            int j = kt + k;
+            slot_s[k] = j <= last ? (long long)table[j / block_size] * block_size + j % block_size
+                                  : -1;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < FL_BK * (HD / 8); i += FL_THREADS) {
+            int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
+            long long sl = slot_s[r];
+            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = make_uint4(0u, 0u, 0u, 0u);
+            if (sl >= 0) {
+                kv = *(const uint4*)(k_cache + sl * kv_width + g * HD + c);
+                vv = *(const uint4*)(v_cache + sl * kv_width + g * HD + c);
+            }
+            *(uint4*)(ks + r * LD + c) = kv;
+            *(uint4*)(vs + r * LD + c) = vv;
+        }
+        __syncthreads();
+        // Warp-uniform: a tile wholly outside this warp's rows' ranges (or no rows) is skipped.
+        if (q0 >= tq || kt > wlast || kt + FL_BK <= wfirst) continue;
+        float s[FL_BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FL_BK / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            const bf16* krow = ks + (nt * 8 + gid) * LD + tig * 2;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                unsigned b0 = *(const unsigned*)(krow + kk * 16);
+                unsigned b1 = *(const unsigned*)(krow + kk * 16 + 8);
+                mma_bf16_16816(s[nt], qf[kk], b0, b1);
+            }
+        }
+        // Mask, scale (log2 domain) and the rows' running maxima (a row's 4 lanes share it).
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < FL_BK / 8; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int key = kt + nt * 8 + tig * 2 + (i & 1);
+                int qp = i < 2 ? p0 : p1;
+                bool ok = key <= qp && (window <= 0 || key > qp - window);
+                float v = ok ? s[nt][i] * scale_log2 : -INFINITY;
+                s[nt][i] = v;
+                if (i < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        // A row with no visible key yet keeps a zero base, so no (-inf) - (-inf).
+        float b0 = mn0 == -INFINITY ? 0.0f : mn0, b1 = mn1 == -INFINITY ? 0.0f : mn1;
+        float c0 = exp2f(m0 - b0), c1 = exp2f(m1 - b1);
+        m0 = mn0;
+        m1 = mn1;
+        float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < FL_BK / 8; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - b0);
+            s[nt][1] = exp2f(s[nt][1] - b0);
+            s[nt][2] = exp2f(s[nt][2] - b1);
+            s[nt][3] = exp2f(s[nt][3] - b1);
+            rs0 += s[nt][0] + s[nt][1];
+            rs1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * c0 + rs0;
+        l1 = l1 * c1 + rs1;
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; ++nt) {
+            o[nt][0] *= c0;
+            o[nt][1] *= c0;
+            o[nt][2] *= c1;
+            o[nt][3] *= c1;
+        }
+        // O += P V: S's accumulators of key columns [16j, 16j+16) are P's A fragment for slice j.
+#pragma unroll
+        for (int j = 0; j < FL_BK / 16; ++j) {
+            unsigned pa[4];
+            pa[0] = pack_bf2(s[2 * j][0], s[2 * j][1]);
+            pa[1] = pack_bf2(s[2 * j][2], s[2 * j][3]);
+            pa[2] = pack_bf2(s[2 * j + 1][0], s[2 * j + 1][1]);
+            pa[3] = pack_bf2(s[2 * j + 1][2], s[2 * j + 1][3]);
+            const bf16* vcol = vs + (j * 16 + tig * 2) * LD + gid;
+#pragma unroll
+            for (int nt = 0; nt < HD / 8; ++nt) {
+                const bf16* vp = vcol + nt * 8;
+                unsigned vb0 = (unsigned)vp[0] | ((unsigned)vp[LD] << 16);
+                unsigned vb1 = (unsigned)vp[8 * LD] | ((unsigned)vp[9 * LD] << 16);
+                mma_bf16_16816(o[nt], pa, vb0, vb1);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    int r0 = q0 + gid, r1 = r0 + 8;
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt) {
+        int col = qh * HD + nt * 8 + tig * 2;
+        if (r0 < tq)
+            *(unsigned*)(out + (size_t)(first + r0) * q_width + col) =
+                pack_bf2(o[nt][0] * inv0, o[nt][1] * inv0);
+        if (r1 < tq)
+            *(unsigned*)(out + (size_t)(first + r1) * q_width + col) =
+                pack_bf2(o[nt][2] * inv1, o[nt][3] * inv1);
+    }
+}
+
+#define FLASH_PREFILL(HD)                                                                      \
+    extern "C" __global__ void __launch_bounds__(FL_THREADS) flash_prefill_##HD(               \
+        const bf16* qkv, const bf16* k_cache, const bf16* v_cache, const int* table,           \
+        int block_size, bf16* out, int first, int tq, int start, int window, int q_heads,      \
+        int kv_heads, int qkv_width, float scale_log2) {                                       \
+        flash_prefill<HD>(qkv, k_cache, v_cache, table, block_size, out, first, tq, start,     \
+                          window, q_heads, kv_heads, qkv_width, scale_log2);                   \
+    }
+FLASH_PREFILL(16)
+FLASH_PREFILL(32)
+FLASH_PREFILL(64)
+FLASH_PREFILL(128)

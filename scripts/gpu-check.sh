@@ -9,8 +9,9 @@
 #      backend, greedy tokens through the engine) and NVRTC compilation of every kernel;
 #   2. ptxas -v over the kernels' PTX (registers, spills), when ptxas is on the machine;
 #   3. gpu-bench on Meta-Llama-3-8B's shape with random weights: decode at batch 1/8/32/128
-#      against the bandwidth floor, prefill at 512/2,048 tokens against a cuBLAS GEMM;
-#   4. vajra-engine profile: per-operator times → profile/Meta-Llama-3-8B/{mlp,attention}.csv.
+#      against the bandwidth floor, prefill at 512/2,048 tokens against a cuBLAS GEMM; with the
+#      default (v2) kernels, then again with VAJRA_CUDA_KERNELS=v1 (appended to gpu-bench.md);
+#   4. vajra-engine profile: per-operator times → profile/{mlp,attention,lm_head}.csv.
 # Everything lands in OUT_DIR (at most 8 files, as the device tool returns).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,8 +50,10 @@ export VAJRA_FIXTURES="$PWD/tests/fixtures" RUST_BACKTRACE=1 VAJRA_DATE="$(date 
     fi
 } 2>&1 | tee "$out/ptxas.txt"
 
-echo "== 3. gpu-bench"
+echo "== 3. gpu-bench (v2 kernels, the default; then v1's for comparison, appended)"
 .gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --out "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.md"
+echo | tee -a "$out/gpu-bench.md"
+VAJRA_CUDA_KERNELS=v1 .gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --out /tmp/gpu-bench-v1.json 2>&1 | tee -a "$out/gpu-bench.md"
 
 echo "== 4. profile"
 .gpu/vajra-engine profile --backend cuda --shape Meta-Llama-3-8B --out "$out/profile" 2>&1 | tee -a "$log"

@@ -9,7 +9,8 @@
 //!   library's presence is checked first).
 //!
 //! Per layer a step launches: `add_rms_norm`, QKV GEMM, (`add_bias`), `rope`, `kv_write`,
-//! `paged_attention` (+ `attention_combine` when split), O GEMM, `add_rms_norm`, gate-up GEMM,
+//! `paged_attention_g4`/`_g8` (+ `attention_combine` when split; long prefill chunks
+//! `flash_prefill_<head_dim>`), O GEMM, `add_rms_norm`, gate-up GEMM,
 //! `silu_mul`, down GEMM. Greedy steps pick tokens with `argmax_rows` on the device.
 
 #![allow(unsafe_code)] // kernel launches and cuBLAS calls are unsafe FFI; each is commented.
@@ -49,14 +50,53 @@ const ROW_THREADS: u32 = 256;
 /// Threads per block of the RMSNorm kernels (one block per row: a decode step has few rows, so
 /// each block should be wide).
 const NORM_THREADS: u32 = 1024;
-/// Threads per block of `paged_attention` (ATT_THREADS in attention.cu).
+/// Threads per block of the paged attention kernels (ATT_THREADS in attention.cu).
 const ATT_THREADS: u32 = 128;
-/// Keys per split-K partition of a long context.
+/// Keys per split-K partition of a long context (v1).
 const KEYS_PER_SPLIT: u32 = 32;
-/// Prefill chunks at least this long run attention as GEMMs over gathered K/V.
+/// Fewest keys per split-K partition (v2: one 64-key tile per block at most contexts).
+const MIN_KEYS_PER_SPLIT_V2: u32 = 64;
+/// Prefill chunks at least this long run attention as one chunk-wide kernel (v2: flash_prefill;
+/// v1: GEMMs over gathered K/V) instead of per-token paged attention.
 const GEMM_PREFILL_MIN: usize = 64;
+/// Head dims with a `flash_prefill_<d>` kernel.
+const FLASH_HEAD_DIMS: [u32; 4] = [16, 32, 64, 128];
 /// Most split-K partitions.
 const MAX_SPLITS: u32 = 64;
+
+/// Which generation of kernels a backend runs (see `kernels/attention.cu`). Both are built into
+/// every binary so that one GPU run can measure one against the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelSet {
+    /// `paged_attention_scalar` (2-byte loads, a warp per key); for long prefill chunks, cuBLAS
+    /// GEMMs over gathered K/V with a separate causal softmax; `silu_mul` (2-byte loads).
+    V1,
+    /// `paged_attention_g4`/`_g8` (16-byte loads, LPK lanes per key), `flash_prefill_<head_dim>`
+    /// (tensor-core mma.sync, online softmax) and `silu_mul8`; v1's kernel wherever a v2 kernel
+    /// does not fit (head dims outside 16/32/64/128 or a GPU older than sm_80 for flash, head
+    /// dims not a multiple of 8 for paged attention, intermediate sizes not a multiple of 8).
+    V2,
+}
+
+impl KernelSet {
+    /// The setting from `VAJRA_CUDA_KERNELS` (`v1` or `v2`; unset means `v2`).
+    ///
+    /// # Errors
+    /// Any other value, named with the allowed ones.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("VAJRA_CUDA_KERNELS") {
+            Err(std::env::VarError::NotPresent) => Ok(KernelSet::V2),
+            Ok(v) if v == "v2" => Ok(KernelSet::V2),
+            Ok(v) if v == "v1" => Ok(KernelSet::V1),
+            Ok(v) => Err(EngineError::invalid("VAJRA_CUDA_KERNELS", &v, "v1, v2")),
+            Err(e) => Err(EngineError::invalid(
+                "VAJRA_CUDA_KERNELS",
+                e.to_string(),
+                "v1, v2",
+            )),
+        }
+    }
+}
 
 fn err(message: impl std::fmt::Display) -> EngineError {
     EngineError::Backend {
@@ -139,8 +179,14 @@ struct Kernels {
     rope: CudaFunction,
     kv_write: CudaFunction,
     silu_mul: CudaFunction,
+    silu_mul8: CudaFunction,
     fill_uniform: CudaFunction,
-    paged_attention: CudaFunction,
+    paged_attention_scalar: CudaFunction,
+    /// v2 decode attention for groups of at most 4 and at most 8 query heads per KV head.
+    paged_attention_g4: CudaFunction,
+    paged_attention_g8: CudaFunction,
+    /// `flash_prefill_<d>` for each of FLASH_HEAD_DIMS, in order.
+    flash_prefill: Vec<CudaFunction>,
     attention_combine: CudaFunction,
     gather_kv: CudaFunction,
     causal_softmax: CudaFunction,
@@ -176,6 +222,12 @@ pub struct CudaBackend {
     v_host: Vec<Vec<bf16>>,
     /// While profiling: an event recorded after each operator, with the operator's name.
     marks: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
+    /// Which generation of kernels runs.
+    kernel_set: KernelSet,
+    /// Streaming multiprocessors (split-K sizing).
+    sms: u32,
+    /// Compute capability major version (flash_prefill needs 8+).
+    cc_major: i32,
 }
 
 // SAFETY: the backend is used by one thread at a time (the engine loop moves it, never shares
@@ -220,7 +272,14 @@ impl CudaBackend {
         // made small decode kernels launch-bound (measured: 15–40 µs per launch).
         // SAFETY: every buffer of this backend is used on `stream` only.
         unsafe { ctx.disable_event_tracking() };
+        let kernel_set = KernelSet::from_env()?;
         let (major, minor) = ctx.compute_capability().map_err(err)?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(err)?
+            .max(1) as u32;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         let device_name = ctx.name().map_err(err)?;
         let stream = ctx.default_stream();
@@ -248,8 +307,15 @@ impl CudaBackend {
             rope: take("rope"),
             kv_write: take("kv_write"),
             silu_mul: take("silu_mul"),
+            silu_mul8: take("silu_mul8"),
             fill_uniform: take("fill_uniform"),
-            paged_attention: take("paged_attention"),
+            paged_attention_scalar: take("paged_attention_scalar"),
+            paged_attention_g4: take("paged_attention_g4"),
+            paged_attention_g8: take("paged_attention_g8"),
+            flash_prefill: FLASH_HEAD_DIMS
+                .iter()
+                .map(|d| take(&format!("flash_prefill_{d}")))
+                .collect(),
             attention_combine: take("attention_combine"),
             gather_kv: take("gather_kv"),
             causal_softmax: take("causal_softmax"),
@@ -374,7 +440,86 @@ impl CudaBackend {
             k_cache,
             v_cache,
             marks: RefCell::new(None),
+            kernel_set,
+            sms,
+            cc_major: major,
         })
+    }
+
+    /// Chooses the kernel generation (the default comes from `VAJRA_CUDA_KERNELS`).
+    pub fn set_kernels(&mut self, set: KernelSet) {
+        self.kernel_set = set;
+    }
+
+    /// The kernel generation in use.
+    pub fn kernels(&self) -> KernelSet {
+        self.kernel_set
+    }
+
+    /// The `flash_prefill` kernel for this model, if v2 runs and one fits.
+    fn flash_kernel(&self) -> Option<&CudaFunction> {
+        let hd = self.spec.config.head_dim;
+        if self.kernel_set != KernelSet::V2 || self.cc_major < 8 {
+            return None;
+        }
+        FLASH_HEAD_DIMS
+            .iter()
+            .position(|&d| d == hd)
+            .map(|i| &self.k.flash_prefill[i])
+    }
+
+    /// Attention of one long prefill chunk with `flash_prefill_<head_dim>`: K/V read from the
+    /// paged cache through the request's block table, output into the chunk's rows of `attn`.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention(
+        &self,
+        f: &CudaFunction,
+        layer: usize,
+        qkv: &CudaSlice<bf16>,
+        attn: &mut CudaSlice<bf16>,
+        tables: &CudaSlice<i32>,
+        max_blocks: usize,
+        ch: &GemmChunk,
+    ) -> Result<()> {
+        let c = &self.spec.config;
+        let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
+        let table = tables.slice(ch.seq * max_blocks..(ch.seq + 1) * max_blocks);
+        let (bs_i, first, tq, start) = (
+            self.shape.block_size as i32,
+            ch.first as i32,
+            ch.len as i32,
+            ch.context as i32,
+        );
+        let window = self.spec.sliding_window.map_or(0, |w| w as i32);
+        let (nh_i, nkv_i, qkv_w) = (nh as i32, nkv as i32, ((nh + 2 * nkv) * hd) as i32);
+        let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
+        // SAFETY: flash_prefill_<hd>(qkv, k_cache, v_cache, table, block_size, out, first, tq,
+        // start, window, q_heads, kv_heads, qkv_width, scale_log2) over (⌈tq/64⌉, q_heads)
+        // blocks of 128 threads; qkv and attn hold the step's rows, the table this request's.
+        unsafe {
+            let mut b = self.stream.launch_builder(f);
+            b.arg(qkv)
+                .arg(&self.k_cache[layer])
+                .arg(&self.v_cache[layer])
+                .arg(&table)
+                .arg(&bs_i)
+                .arg(attn)
+                .arg(&first)
+                .arg(&tq)
+                .arg(&start)
+                .arg(&window)
+                .arg(&nh_i)
+                .arg(&nkv_i)
+                .arg(&qkv_w)
+                .arg(&scale_log2);
+            b.launch(LaunchConfig {
+                grid_dim: ((ch.len as u32).div_ceil(64), nh, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            })
+            .map_err(err)?;
+        }
+        Ok(())
     }
 
     /// The CUDA driver's version, e.g. `13.0`.
@@ -808,12 +953,29 @@ impl CudaBackend {
         let mut proj = alloc_bf(t * h)?;
         let mut gu = alloc_bf(t * 2 * inter)?;
         let mut act = alloc_bf(t * inter)?;
-        let sms = 132u32;
-        let splits = if (listed * nkv) as u32 >= 2 * sms {
+        let sms = self.sms;
+        let pairs = (listed * nkv).max(1) as u32;
+        // The vectorized kernel needs head_dim % 8 == 0; otherwise v1's kernel runs.
+        let vectorized = self.kernel_set == KernelSet::V2 && hd.is_multiple_of(8);
+        let splits = if pairs >= 2 * sms {
             1
+        } else if vectorized {
+            // Enough blocks to fill the GPU twice over, but at least one 64-key tile each.
+            (2 * sms)
+                .div_ceil(pairs)
+                .min(max_ctx.div_ceil(MIN_KEYS_PER_SPLIT_V2))
+                .clamp(1, MAX_SPLITS)
         } else {
             max_ctx.div_ceil(KEYS_PER_SPLIT).clamp(1, MAX_SPLITS)
         };
+        let decode_kernel = if vectorized && nh / nkv <= 4 {
+            self.k.paged_attention_g4.clone()
+        } else if vectorized {
+            self.k.paged_attention_g8.clone()
+        } else {
+            self.k.paged_attention_scalar.clone()
+        };
+        let flash = self.flash_kernel().cloned();
         // Split-K partials (unused with one split).
         let ws_len = if splits > 1 {
             t * nh * splits as usize
@@ -905,11 +1067,16 @@ impl CudaBackend {
             }
             self.mark("attn_kv_cache_save")?;
             for ch in &gemm_chunks {
-                self.gemm_attention(l, &qkv, &mut attn, &d_tables, max_blocks, ch)?;
+                match &flash {
+                    Some(f) => {
+                        self.flash_attention(f, l, &qkv, &mut attn, &d_tables, max_blocks, ch)?
+                    }
+                    None => self.gemm_attention(l, &qkv, &mut attn, &d_tables, max_blocks, ch)?,
+                }
             }
             if listed > 0 {
                 unsafe {
-                    let mut b = st.launch_builder(&self.k.paged_attention);
+                    let mut b = st.launch_builder(&decode_kernel);
                     b.arg(&qkv)
                         .arg(&self.k_cache[l])
                         .arg(&self.v_cache[l])
@@ -969,10 +1136,20 @@ impl CudaBackend {
             self.gemm(&hn, t, h, &layer.gate_up, 2 * inter, &mut gu)?;
             self.mark("mlp_up_proj")?;
             unsafe {
-                let mut b = st.launch_builder(&self.k.silu_mul);
+                let (f, per_thread) = if self.kernel_set == KernelSet::V2 && inter.is_multiple_of(8)
+                {
+                    (&self.k.silu_mul8, 8)
+                } else {
+                    (&self.k.silu_mul, 1)
+                };
+                let mut b = st.launch_builder(f);
                 b.arg(&gu).arg(&mut act).arg(&inter_i);
                 b.launch(LaunchConfig {
-                    grid_dim: (inter.div_ceil(ROW_THREADS as usize) as u32, t as u32, 1),
+                    grid_dim: (
+                        inter.div_ceil(per_thread * ROW_THREADS as usize) as u32,
+                        t as u32,
+                        1,
+                    ),
                     block_dim: (ROW_THREADS, 1, 1),
                     shared_mem_bytes: 0,
                 })
@@ -1038,10 +1215,17 @@ fn kernel_names(file: &str) -> &'static [&'static str] {
             "rope",
             "kv_write",
             "silu_mul",
+            "silu_mul8",
             "fill_uniform",
         ],
         "attention.cu" => &[
-            "paged_attention",
+            "paged_attention_scalar",
+            "paged_attention_g4",
+            "paged_attention_g8",
+            "flash_prefill_16",
+            "flash_prefill_32",
+            "flash_prefill_64",
+            "flash_prefill_128",
             "attention_combine",
             "gather_kv",
             "causal_softmax",
