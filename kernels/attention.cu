@@ -214,15 +214,17 @@ extern "C" __global__ void causal_softmax(const float* s, bf16* p, int rows, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// paged_attention_g4 / _g8 (v2): the same grid, arguments, split-K ranges and workspace layout as
-// paged_attention_scalar, but a key row is read with 16-byte loads: LPK lanes share a row
+// paged_attention_g4 / _g8 (v2): the same grid, arguments, split-K ranges and workspace layout
+// as paged_attention_scalar, but a key row is read with 16-byte loads: LPK lanes share a row
 // (LPK = head_dim / 8 rounded up to a power of two, each lane 8 dims), so a 128-thread block
-// reads 128 / LPK keys at once, DEC_UNROLL rows in flight per lane. Scores reduce across the
-// LPK lanes with shuffles; the V sum keeps each lane's 8 dims × group accumulators in registers
+// covers NHW = 128 / LPK keys at once. A tile is NHW × DEC_UNROLL keys; each lane loads its
+// DEC_UNROLL K rows and V rows of the tile together (one memory round trip per tile), and the
+// next tile's cache slots are looked up while those loads are in flight. Scores reduce across
+// the LPK lanes with shuffles; each lane keeps its 8 dims × group V accumulators in registers,
 // and the key slots' partial sums meet in shared memory at the end. head_dim % 8 == 0.
 
-#define DEC_TILE 64
 #define DEC_UNROLL 4
+#define DEC_MAX_TILE 256
 
 __device__ __forceinline__ void unpack8(uint4 u, float* f) {
     f[0] = __uint_as_float(u.x << 16); f[1] = __uint_as_float(u.x & 0xffff0000u);
@@ -238,10 +240,9 @@ __device__ __forceinline__ void paged_attention_vec(
     const int* tok_seq, const int* tok_pos, const int* block_tables, int max_blocks,
     int block_size, int q_heads, int kv_heads, int head_dim, int qkv_width, float scale,
     int window) {
-    __shared__ float scores[MG][DEC_TILE];
-    __shared__ long long slot_s[DEC_TILE];
+    __shared__ float scores[MG][DEC_MAX_TILE];
     __shared__ float m_s[MG], l_s[MG], corr_s[MG];
-    // Partial V sums of every key slot: group × (128 / LPK) × head_dim ≤ MG × 1024 floats.
+    // Partial V sums of every key slot: group × NHW × head_dim ≤ MG × 1024 floats.
     __shared__ float red[MG * 1024];
     int t = tok_list[blockIdx.x], g = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
     int group = q_heads / kv_heads;
@@ -254,6 +255,8 @@ __device__ __forceinline__ void paged_attention_vec(
     int lpk = 1;
     while (lpk * 8 < head_dim) lpk <<= 1;
     int li = threadIdx.x & (lpk - 1), hw = threadIdx.x / lpk, nhw = blockDim.x / lpk;
+    int unroll = min(DEC_UNROLL, DEC_MAX_TILE / nhw);  // 4 unless head_dim < 16
+    int tile_len = nhw * unroll;
     int d0 = li * 8;
     bool active = d0 < head_dim;
     const bf16* qrow = qkv + (size_t)t * qkv_width + g * group * head_dim;
@@ -274,27 +277,33 @@ __device__ __forceinline__ void paged_attention_vec(
     const int* table = block_tables + (size_t)seq * max_blocks;
     size_t hoff = (size_t)g * head_dim + d0;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int tile = begin; tile < end; tile += DEC_TILE) {
-        int count = min(DEC_TILE, end - tile);
-        __syncthreads();  // the previous tile's readers of slot_s and scores are done
-        for (int k = threadIdx.x; k < count; k += blockDim.x) {
-            int j = tile + k;
-            slot_s[k] = (long long)table[j / block_size] * block_size + j % block_size;
+    // This lane's keys of a tile: tile + u * nhw + hw. Slots of the first tile:
+    long long slot[DEC_UNROLL];
+#pragma unroll
+    for (int u = 0; u < DEC_UNROLL; ++u) {
+        int j = begin + u * nhw + hw;
+        slot[u] = (u < unroll && j < end) ? (long long)table[j / block_size] * block_size + j % block_size : -1;
+    }
+    for (int tile = begin; tile < end; tile += tile_len) {
+        int count = min(tile_len, end - tile);
+        uint4 kr[DEC_UNROLL], vr[DEC_UNROLL];
+#pragma unroll
+        for (int u = 0; u < DEC_UNROLL; ++u) {
+            bool ok = active && slot[u] >= 0;
+            kr[u] = ok ? *(const uint4*)(k_cache + slot[u] * kv_width + hoff) : make_uint4(0u, 0u, 0u, 0u);
+            vr[u] = ok ? *(const uint4*)(v_cache + slot[u] * kv_width + hoff) : make_uint4(0u, 0u, 0u, 0u);
         }
-        __syncthreads();
-        // Scores: key k of the tile goes to key slot k % nhw; DEC_UNROLL rows loaded at once.
-        for (int kb = 0; kb < count; kb += nhw * DEC_UNROLL) {
-            uint4 kr[DEC_UNROLL];
+        // The next tile's slots, while the loads above are in flight.
 #pragma unroll
-            for (int u = 0; u < DEC_UNROLL; ++u) {
-                int k = kb + u * nhw + hw;
-                kr[u] = (active && k < count)
-                            ? *(const uint4*)(k_cache + slot_s[k] * kv_width + hoff)
-                            : make_uint4(0u, 0u, 0u, 0u);
-            }
+        for (int u = 0; u < DEC_UNROLL; ++u) {
+            int j = tile + tile_len + u * nhw + hw;
+            slot[u] = (u < unroll && j < end) ? (long long)table[j / block_size] * block_size + j % block_size : -1;
+        }
+        __syncthreads();  // the previous tile's readers of scores are done
 #pragma unroll
-            for (int u = 0; u < DEC_UNROLL; ++u) {
-                int k = kb + u * nhw + hw;
+        for (int u = 0; u < DEC_UNROLL; ++u) {
+            int k = u * nhw + hw;
+            if (u < unroll) {  // uniform over the block
                 float kf[8];
                 unpack8(kr[u], kf);
 #pragma unroll
@@ -332,35 +341,25 @@ __device__ __forceinline__ void paged_attention_vec(
             }
         }
         __syncthreads();
-        // V sum: the same key slots, 8 dims per lane, every head of the group.
+        // V sum from the rows already in registers.
 #pragma unroll
         for (int h = 0; h < MG; ++h) {
             float c = h < group ? corr_s[h] : 0.0f;
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[h][j] *= c;
         }
-        for (int kb = 0; kb < count; kb += nhw * DEC_UNROLL) {
-            uint4 vr[DEC_UNROLL];
 #pragma unroll
-            for (int u = 0; u < DEC_UNROLL; ++u) {
-                int k = kb + u * nhw + hw;
-                vr[u] = (active && k < count)
-                            ? *(const uint4*)(v_cache + slot_s[k] * kv_width + hoff)
-                            : make_uint4(0u, 0u, 0u, 0u);
-            }
+        for (int u = 0; u < DEC_UNROLL; ++u) {
+            int k = u * nhw + hw;
+            if (u < unroll && k < count) {
+                float vf[8];
+                unpack8(vr[u], vf);
 #pragma unroll
-            for (int u = 0; u < DEC_UNROLL; ++u) {
-                int k = kb + u * nhw + hw;
-                if (k < count) {
-                    float vf[8];
-                    unpack8(vr[u], vf);
+                for (int h = 0; h < MG; ++h) {
+                    if (h < group) {
+                        float p = scores[h][k];
 #pragma unroll
-                    for (int h = 0; h < MG; ++h) {
-                        if (h < group) {
-                            float p = scores[h][k];
-#pragma unroll
-                            for (int j = 0; j < 8; ++j) acc[h][j] += p * vf[j];
-                        }
+                        for (int j = 0; j < 8; ++j) acc[h][j] += p * vf[j];
                     }
                 }
             }
@@ -399,7 +398,7 @@ __device__ __forceinline__ void paged_attention_vec(
 // Two register budgets: groups of up to 4 query heads per KV head (Llama-3, Qwen2: far fewer
 // registers, more blocks per SM) and up to 8.
 #define PAGED_ATTENTION(NAME, MG)                                                              \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME(                            \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 8 / MG * 2) NAME(               \
         const bf16* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out, float* ws_acc,   \
         float* ws_ml, const int* tok_list, const int* tok_seq, const int* tok_pos,             \
         const int* block_tables, int max_blocks, int block_size, int q_heads, int kv_heads,    \

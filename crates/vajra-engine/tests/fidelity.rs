@@ -519,8 +519,9 @@ mod cuda {
     /// v1's (scalar paged decode, cuBLAS GEMMs over gathered K/V, silu_mul) on the same random weights, at
     /// the head dims and GQA groups of the real models (128 × group 4 like Llama-3-8B, 64 ×
     /// group 8), which the tiny fixtures (head dim 16) do not reach: a long prompt in two chunks
-    /// (the second over cached context), a one-chunk prompt, a short per-token chunk, then
-    /// decodes of all three with split-K over the longest context.
+    /// (the second over cached context), a one-chunk prompt, short per-token chunks (steps of 12
+    /// and 20 tokens: the skinny GEMMs' wider kernels), then decodes of all three with split-K
+    /// over the longest context.
     #[test]
     fn cuda_kernels_v2_match_v1_at_real_head_dims() {
         use vajra_engine::backend::cuda::{KernelSet, WeightSource};
@@ -552,11 +553,11 @@ mod cuda {
             let ids = |n: usize, k: u32| -> Vec<u32> {
                 (0..n as u32).map(|i| (i * 37 + k) % 512).collect()
             };
-            let (a, b, c) = (ids(760, 3), ids(150, 5), ids(40, 9));
-            // Block tables, scattered: request a has 48 blocks, b 10, c 3.
+            let (a, b, c) = (ids(760, 3), ids(150, 5), ids(80, 9));
+            // Block tables, scattered: request a has 48 blocks, b 10, c 5.
             let ta: Vec<BlockId> = (0..48u32).map(|i| BlockId(127 - 2 * i)).collect();
             let tb: Vec<BlockId> = (0..10u32).map(|i| BlockId(2 * i)).collect();
-            let tc: Vec<BlockId> = (0..3u32).map(|i| BlockId(21 + 2 * i)).collect();
+            let tc: Vec<BlockId> = (0..5u32).map(|i| BlockId(21 + 2 * i)).collect();
             // Tokens [lo, hi) of a request, over the lo tokens already cached.
             fn part<'a>(ids: &'a [u32], lo: usize, hi: usize, t: &'a [BlockId]) -> SeqInput<'a> {
                 SeqInput {
@@ -576,12 +577,15 @@ mod cuda {
                     part(&c, 30, 36, &tc),
                 ],
             ];
+            // Steps of 12 and 20 tokens (the skinny GEMM's 16- and 32-row kernels).
+            steps.push(vec![part(&c, 36, 48, &tc)]);
+            steps.push(vec![part(&c, 48, 68, &tc)]);
             // Then one token a step for each.
             for k in 0..4 {
                 steps.push(vec![
                     part(&a, 712 + k, 713 + k, &ta),
                     part(&b, 100 + k, 101 + k, &tb),
-                    part(&c, 36 + k, 37 + k, &tc),
+                    part(&c, 68 + k, 69 + k, &tc),
                 ]);
             }
             // And a alone (batch 1: the most split-K partitions).
