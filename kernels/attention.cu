@@ -153,27 +153,34 @@ extern "C" __global__ void paged_attention_scalar(
 }
 
 // Merges split-K partials: out = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M).
-// grid = (listed tokens, q_heads).
-extern "C" __global__ void attention_combine(const float* ws_acc, const float* ws_ml, bf16* out,
-                                             const int* tok_list, int q_heads, int head_dim,
-                                             int splits) {
+// grid = (listed tokens, q_heads), block = 128 threads. The partials' (m, l) pairs are read once,
+// in parallel, into shared memory (a loop of dependent-looking loads over the splits would be a
+// memory round trip per split), then each thread sums its head dims over the splits.
+extern "C" __global__ void attention_combine(const float* __restrict__ ws_acc,
+                                             const float* __restrict__ ws_ml, bf16* __restrict__ out,
+                                             const int* __restrict__ tok_list, int q_heads,
+                                             int head_dim, int splits) {
+    __shared__ float wgt[64];  // e^(m_s - M) per split (MAX_SPLITS = 64)
+    __shared__ float scratch[32];
     int t = tok_list[blockIdx.x], h = blockIdx.y;
     size_t base = ((size_t)t * q_heads + h) * splits;
-    float mx = -INFINITY;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, ws_ml[2 * (base + s)]);
-    float denom = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-        float ms = ws_ml[2 * (base + s)];
-        if (ms > -INFINITY) denom += ws_ml[2 * (base + s) + 1] * __expf(ms - mx);
+    float ms = -INFINITY, ls = 0.0f;
+    if (threadIdx.x < splits) {
+        ms = ws_ml[2 * (base + threadIdx.x)];
+        ls = ws_ml[2 * (base + threadIdx.x) + 1];
     }
+    float mx = block_max(ms, scratch);
+    float w = ms > -INFINITY ? __expf(ms - mx) : 0.0f;
+    float denom = block_sum(ls * w, scratch);
+    if (threadIdx.x < splits) wgt[threadIdx.x] = w;
+    __syncthreads();
+    float inv = denom > 0.0f ? 1.0f / denom : 0.0f;
     bf16* orow = out + (size_t)t * q_heads * head_dim + h * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float num = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-            float ms = ws_ml[2 * (base + s)];
-            if (ms > -INFINITY) num += ws_acc[(base + s) * head_dim + d] * __expf(ms - mx);
-        }
-        orow[d] = f2bf(denom > 0.0f ? num / denom : 0.0f);
+#pragma unroll 8
+        for (int s = 0; s < splits; ++s) num += ws_acc[(base + s) * head_dim + d] * wgt[s];
+        orow[d] = f2bf(num * inv);
     }
 }
 
@@ -215,16 +222,19 @@ extern "C" __global__ void causal_softmax(const float* s, bf16* p, int rows, int
 
 // ---------------------------------------------------------------------------------------------
 // paged_attention_g4 / _g8 (v2): the same grid, arguments, split-K ranges and workspace layout
-// as paged_attention_scalar, but a key row is read with 16-byte loads: LPK lanes share a row
-// (LPK = head_dim / 8 rounded up to a power of two, each lane 8 dims), so a 128-thread block
-// covers NHW = 128 / LPK keys at once. A tile is NHW × DEC_UNROLL keys; each lane loads its
-// DEC_UNROLL K rows and V rows of the tile together (one memory round trip per tile), and the
-// next tile's cache slots are looked up while those loads are in flight. Scores reduce across
-// the LPK lanes with shuffles; each lane keeps its 8 dims × group V accumulators in registers,
-// and the key slots' partial sums meet in shared memory at the end. head_dim % 8 == 0.
+// as paged_attention_scalar, with no block-wide barrier in the key loop:
+// - A key row is read with 16-byte loads by LPK lanes (LPK = head_dim / 8 rounded up to a
+//   power of two, 8 dims a lane), so a warp covers KPW = 32 / LPK keys at once; each lane
+//   loads DEC_UNROLL K rows and V rows together (one memory round trip per step of
+//   KPW × DEC_UNROLL keys) and looks up the next step's cache slots while they are in flight.
+// - Each warp runs its own online softmax over the steps it takes (steps are dealt to the 4
+//   warps in turn): scores reduce across a key's LPK lanes with shuffles, the step's maximum
+//   across the warp's key slots, and each lane keeps 8 dims × group V accumulators.
+// - At the end the key slots of a warp are summed with shuffles and the 4 warps' (m, l, acc)
+//   merged in shared memory. head_dim % 8 == 0, head_dim ≤ 256.
 
 #define DEC_UNROLL 4
-#define DEC_MAX_TILE 256
+#define DEC_WARPS (ATT_THREADS / 32)
 
 __device__ __forceinline__ void unpack8(uint4 u, float* f) {
     f[0] = __uint_as_float(u.x << 16); f[1] = __uint_as_float(u.x & 0xffff0000u);
@@ -235,15 +245,14 @@ __device__ __forceinline__ void unpack8(uint4 u, float* f) {
 
 template <int MG>
 __device__ __forceinline__ void paged_attention_vec(
-    const bf16* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out,
-    float* ws_acc, float* ws_ml, const int* tok_list,
-    const int* tok_seq, const int* tok_pos, const int* block_tables, int max_blocks,
+    const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
+    const bf16* __restrict__ v_cache, bf16* __restrict__ out, float* __restrict__ ws_acc,
+    float* __restrict__ ws_ml, const int* __restrict__ tok_list, const int* __restrict__ tok_seq,
+    const int* __restrict__ tok_pos, const int* __restrict__ block_tables, int max_blocks,
     int block_size, int q_heads, int kv_heads, int head_dim, int qkv_width, float scale,
     int window) {
-    __shared__ float scores[MG][DEC_MAX_TILE];
-    __shared__ float m_s[MG], l_s[MG], corr_s[MG];
-    // Partial V sums of every key slot: group × NHW × head_dim ≤ MG × 1024 floats.
-    __shared__ float red[MG * 1024];
+    __shared__ float wm[DEC_WARPS][MG], wl[DEC_WARPS][MG];
+    __shared__ float wacc[DEC_WARPS][MG * MAX_HEAD_DIM];
     int t = tok_list[blockIdx.x], g = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
     int group = q_heads / kv_heads;
     int seq = tok_seq[t], pos = tok_pos[t];
@@ -254,151 +263,146 @@ __device__ __forceinline__ void paged_attention_vec(
     int begin = lo + s * per, end = min(pos + 1, begin + per);
     int lpk = 1;
     while (lpk * 8 < head_dim) lpk <<= 1;
-    int li = threadIdx.x & (lpk - 1), hw = threadIdx.x / lpk, nhw = blockDim.x / lpk;
-    int unroll = min(DEC_UNROLL, DEC_MAX_TILE / nhw);  // 4 unless head_dim < 16
-    int tile_len = nhw * unroll;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int li = lane & (lpk - 1), slot_of_lane = lane / lpk, kpw = 32 / lpk;
     int d0 = li * 8;
     bool active = d0 < head_dim;
     const bf16* qrow = qkv + (size_t)t * qkv_width + g * group * head_dim;
-    float qr[MG][8], acc[MG][8];
+    float qr[MG][8], acc[MG][8], m[MG], l[MG];
 #pragma unroll
     for (int h = 0; h < MG; ++h) {
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             qr[h][j] = (h < group && active) ? bf2f(qrow[h * head_dim + d0 + j]) * scale : 0.0f;
             acc[h][j] = 0.0f;
         }
     }
-    if (threadIdx.x < MG) {
-        m_s[threadIdx.x] = -INFINITY;
-        l_s[threadIdx.x] = 0.0f;
-        corr_s[threadIdx.x] = 1.0f;
-    }
     const int* table = block_tables + (size_t)seq * max_blocks;
-    size_t hoff = (size_t)g * head_dim + d0;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    // This lane's keys of a tile: tile + u * nhw + hw. Slots of the first tile:
-    long long slot[DEC_UNROLL];
+    size_t hoff = (size_t)g * head_dim + (active ? d0 : 0);
+    int step = kpw * DEC_UNROLL, stride = step * DEC_WARPS;
+    int first = begin + warp * step;
+    int slot[DEC_UNROLL];
 #pragma unroll
     for (int u = 0; u < DEC_UNROLL; ++u) {
-        int j = begin + u * nhw + hw;
-        slot[u] = (u < unroll && j < end) ? (long long)table[j / block_size] * block_size + j % block_size : -1;
+        int j = first + u * kpw + slot_of_lane;
+        slot[u] = j < end ? table[j / block_size] * block_size + j % block_size : -1;
     }
-    for (int tile = begin; tile < end; tile += tile_len) {
-        int count = min(tile_len, end - tile);
+    for (int base = first; base < end; base += stride) {
         uint4 kr[DEC_UNROLL], vr[DEC_UNROLL];
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; ++u) {
-            bool ok = active && slot[u] >= 0;
-            kr[u] = ok ? *(const uint4*)(k_cache + slot[u] * kv_width + hoff) : make_uint4(0u, 0u, 0u, 0u);
-            vr[u] = ok ? *(const uint4*)(v_cache + slot[u] * kv_width + hoff) : make_uint4(0u, 0u, 0u, 0u);
+            bool ok = slot[u] >= 0;
+            size_t off = (size_t)slot[u] * kv_width + hoff;
+            kr[u] = ok ? *(const uint4*)(k_cache + off) : make_uint4(0u, 0u, 0u, 0u);
+            vr[u] = ok ? *(const uint4*)(v_cache + off) : make_uint4(0u, 0u, 0u, 0u);
         }
-        // The next tile's slots, while the loads above are in flight.
+        // The warp's next step's slots, while the loads above are in flight.
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; ++u) {
-            int j = tile + tile_len + u * nhw + hw;
-            slot[u] = (u < unroll && j < end) ? (long long)table[j / block_size] * block_size + j % block_size : -1;
+            int j = base + stride + u * kpw + slot_of_lane;
+            slot[u] = j < end ? table[j / block_size] * block_size + j % block_size : -1;
         }
-        __syncthreads();  // the previous tile's readers of scores are done
+        // Scores of this lane's keys (every lane of a key ends with its full dot product).
+        float sc[DEC_UNROLL][MG];
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; ++u) {
-            int k = u * nhw + hw;
-            if (u < unroll) {  // uniform over the block
-                float kf[8];
-                unpack8(kr[u], kf);
+            float kf[8];
+            unpack8(kr[u], kf);
+            bool valid = base + u * kpw + slot_of_lane < end;
 #pragma unroll
-                for (int h = 0; h < MG; ++h) {
-                    if (h < group) {  // uniform over the block
-                        float dot = 0.0f;
+            for (int h = 0; h < MG; ++h) {
+                float dot = 0.0f;
+                if (h < group) {  // uniform over the block
 #pragma unroll
-                        for (int j = 0; j < 8; ++j) dot += qr[h][j] * kf[j];
-                        for (int o = lpk >> 1; o > 0; o >>= 1)
-                            dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                        if (li == 0 && k < count) scores[h][k] = dot;
-                    }
+                    for (int j = 0; j < 8; ++j) dot += qr[h][j] * kf[j];
+                    for (int o = lpk >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
                 }
+                sc[u][h] = valid ? dot : -INFINITY;
             }
         }
-        __syncthreads();
-        // Online softmax, one warp per head of the group.
-        for (int h = warp; h < group; h += warps) {
-            float mx = -INFINITY;
-            for (int k = lane; k < count; k += 32) mx = fmaxf(mx, scores[h][k]);
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            float m_new = fmaxf(m_s[h], mx);
-            float sum = 0.0f;
-            for (int k = lane; k < count; k += 32) {
-                float p = __expf(scores[h][k] - m_new);
-                scores[h][k] = p;
-                sum += p;
-            }
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            if (lane == 0) {
-                float c = __expf(m_s[h] - m_new);
-                corr_s[h] = c;
-                l_s[h] = l_s[h] * c + sum;
-                m_s[h] = m_new;
-            }
-        }
-        __syncthreads();
-        // V sum from the rows already in registers.
+        // Online softmax over the step's keys (the key u = 0 of slot 0, at base < end, is valid).
 #pragma unroll
         for (int h = 0; h < MG; ++h) {
-            float c = h < group ? corr_s[h] : 0.0f;
+            if (h < group) {
+                float mx = sc[0][h];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) acc[h][j] *= c;
+                for (int u = 1; u < DEC_UNROLL; ++u) mx = fmaxf(mx, sc[u][h]);
+                for (int o = lpk; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+                float mn = fmaxf(m[h], mx);
+                float c = __expf(m[h] - mn);
+                m[h] = mn;
+                l[h] *= c;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[h][j] *= c;
+            }
         }
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; ++u) {
-            int k = u * nhw + hw;
-            if (u < unroll && k < count) {
-                float vf[8];
-                unpack8(vr[u], vf);
+            float vf[8];
+            unpack8(vr[u], vf);
 #pragma unroll
-                for (int h = 0; h < MG; ++h) {
-                    if (h < group) {
-                        float p = scores[h][k];
+            for (int h = 0; h < MG; ++h) {
+                if (h < group) {
+                    float p = __expf(sc[u][h] - m[h]);  // 0 for keys past the end
+                    l[h] += p;
 #pragma unroll
-                        for (int j = 0; j < 8; ++j) acc[h][j] += p * vf[j];
-                    }
+                    for (int j = 0; j < 8; ++j) acc[h][j] += p * vf[j];
                 }
             }
         }
     }
-    __syncthreads();
-    if (active) {
+    // Sum the warp's key slots (lanes with the same dims), then merge the warps.
 #pragma unroll
-        for (int h = 0; h < MG; ++h) {
-            if (h < group) {
+    for (int h = 0; h < MG; ++h) {
+        if (h < group) {
+            for (int o = lpk; o < 32; o <<= 1) {
+                l[h] += __shfl_xor_sync(0xffffffffu, l[h], o);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) red[(h * nhw + hw) * head_dim + d0 + j] = acc[h][j];
+                for (int j = 0; j < 8; ++j) acc[h][j] += __shfl_xor_sync(0xffffffffu, acc[h][j], o);
+            }
+            if (slot_of_lane == 0 && active) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) wacc[warp][h * head_dim + d0 + j] = acc[h][j];
+            }
+            if (lane == 0) {
+                wm[warp][h] = m[h];
+                wl[warp][h] = l[h];
             }
         }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
         int h = i / head_dim, d = i % head_dim;
-        float a = 0.0f;
-        for (int w = 0; w < nhw; ++w) a += red[(h * nhw + w) * head_dim + d];
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, wm[w][h]);
+        float num = 0.0f, den = 0.0f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) {
+            float e = wm[w][h] > -INFINITY ? __expf(wm[w][h] - mx) : 0.0f;
+            num += wacc[w][i] * e;
+            den += wl[w][h] * e;
+        }
         int qh = g * group + h;
         if (splits == 1) {
-            float l = l_s[h];
-            out[(size_t)t * q_heads * head_dim + qh * head_dim + d] = f2bf(l > 0.0f ? a / l : 0.0f);
+            out[(size_t)t * q_heads * head_dim + qh * head_dim + d] = f2bf(den > 0.0f ? num / den : 0.0f);
         } else {
             size_t part = ((size_t)t * q_heads + qh) * splits + s;
-            ws_acc[part * head_dim + d] = a;
+            ws_acc[part * head_dim + d] = num;
             if (d == 0) {
-                ws_ml[2 * part] = m_s[h];
-                ws_ml[2 * part + 1] = l_s[h];
+                ws_ml[2 * part] = mx;
+                ws_ml[2 * part + 1] = den;
             }
         }
     }
 }
 
 // Two register budgets: groups of up to 4 query heads per KV head (Llama-3, Qwen2: far fewer
-// registers, more blocks per SM) and up to 8.
-#define PAGED_ATTENTION(NAME, MG)                                                              \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 8 / MG * 2) NAME(               \
+// registers, 3 blocks per SM without spills) and up to 8 (2 blocks per SM).
+#define PAGED_ATTENTION(NAME, MG, MIN_BLOCKS)                                                  \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, MIN_BLOCKS) NAME(                \
         const bf16* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out, float* ws_acc,   \
         float* ws_ml, const int* tok_list, const int* tok_seq, const int* tok_pos,             \
         const int* block_tables, int max_blocks, int block_size, int q_heads, int kv_heads,    \
@@ -407,8 +411,8 @@ __device__ __forceinline__ void paged_attention_vec(
                                 tok_pos, block_tables, max_blocks, block_size, q_heads,        \
                                 kv_heads, head_dim, qkv_width, scale, window);                 \
     }
-PAGED_ATTENTION(paged_attention_g4, 4)
-PAGED_ATTENTION(paged_attention_g8, 8)
+PAGED_ATTENTION(paged_attention_g4, 4, 3)
+PAGED_ATTENTION(paged_attention_g8, 8, 2)
 
 // ---------------------------------------------------------------------------------------------
 // flash_prefill_<HD> (v2): attention of one long prefill chunk on tensor cores, FlashAttention-2

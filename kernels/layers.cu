@@ -3,7 +3,8 @@
 // random weight fill (for shape-only models). One block per token row unless stated.
 
 // x[t, :] = table[ids[t], :] (residual stream kept in f32).
-extern "C" __global__ void embed(const int* ids, const bf16* table, float* x, int hidden) {
+extern "C" __global__ void embed(const int* __restrict__ ids, const bf16* __restrict__ table,
+                                 float* __restrict__ x, int hidden) {
     const bf16* row = table + (size_t)ids[blockIdx.x] * hidden;
     float* out = x + (size_t)blockIdx.x * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[i] = bf2f(row[i]);
@@ -11,16 +12,19 @@ extern "C" __global__ void embed(const int* ids, const bf16* table, float* x, in
 
 // orow = xr / sqrt(sum_sq / hidden + eps) * w, rounded to bf16 (HF rounds the normed value to
 // the model dtype before the weight multiply; we do the same). The block's threads share a row.
-__device__ __forceinline__ void write_normed(const float* xr, float sum_sq, const bf16* w,
-                                             bf16* orow, int hidden, float eps) {
+__device__ __forceinline__ void write_normed(const float* __restrict__ xr, float sum_sq,
+                                             const bf16* __restrict__ w, bf16* __restrict__ orow,
+                                             int hidden, float eps) {
     float inv = rsqrtf(sum_sq / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
         orow[i] = f2bf(bf2f(w[i]) * bf2f(f2bf(xr[i] * inv)));
 }
 
 // x += delta (when delta is not null; delta is a bf16 projection output), then
-// out = norm(x) * w (write_normed).
-extern "C" __global__ void add_rms_norm(float* x, const bf16* delta, const bf16* w, bf16* out,
+// out = norm(x) * w (write_normed). The buffers never overlap (__restrict__: without it every
+// store to x orders the next element's loads after it, one memory round trip per element).
+extern "C" __global__ void add_rms_norm(float* __restrict__ x, const bf16* __restrict__ delta,
+                                        const bf16* __restrict__ w, bf16* __restrict__ out,
                                         int hidden, float eps) {
     __shared__ float scratch[32];
     float* xr = x + (size_t)blockIdx.x * hidden;
@@ -35,7 +39,8 @@ extern "C" __global__ void add_rms_norm(float* x, const bf16* delta, const bf16*
 }
 
 // Final norm of selected rows: out[r] = norm(x[rows[r]]) (f32 residual in, bf16 out).
-extern "C" __global__ void rms_norm_rows(const float* x, const int* rows, const bf16* w, bf16* out,
+extern "C" __global__ void rms_norm_rows(const float* __restrict__ x, const int* __restrict__ rows,
+                                         const bf16* __restrict__ w, bf16* __restrict__ out,
                                          int hidden, float eps) {
     __shared__ float scratch[32];
     const float* xr = x + (size_t)rows[blockIdx.x] * hidden;
@@ -67,7 +72,8 @@ extern "C" __global__ void rope(bf16* qkv, const int* pos, const float* inv_freq
 
 // Copies each token's K and V (from the fused QKV row) into the paged cache at its slot
 // (block * block_size + offset). Cache layout per layer: [slot][kv_head][head_dim].
-extern "C" __global__ void kv_write(const bf16* qkv, bf16* k_cache, bf16* v_cache, const int* slots,
+extern "C" __global__ void kv_write(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache,
+                                    bf16* __restrict__ v_cache, const int* __restrict__ slots,
                                     int qkv_width, int q_width, int kv_width) {
     const bf16* row = qkv + (size_t)blockIdx.x * qkv_width;
     size_t base = (size_t)slots[blockIdx.x] * kv_width;

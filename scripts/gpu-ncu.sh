@@ -45,8 +45,9 @@ for f in sorted(glob.glob(os.path.join(out, "ncu-b*.csv"))):
     by = {}
     for r in rows:
         by.setdefault(r["Kernel Name"][:60], []).append(r)
-    for name, rs in sorted(by.items(), key=lambda kv: -sum(float(r["gpu__time_duration.sum"]) for r in kv[1])):
-        med = lambda k: statistics.median(float(r[k].replace(",", "")) for r in rs)
+    num = lambda v: float(v.replace(",", ""))
+    for name, rs in sorted(by.items(), key=lambda kv: -sum(num(r["gpu__time_duration.sum"]) for r in kv[1])):
+        med = lambda k: statistics.median(num(r[k]) for r in rs)
         lines.append(f"| {os.path.basename(f)[4:-4]} | `{name}` | {len(rs)} | {med('gpu__time_duration.sum')/1e3:.1f} | "
                      f"{med('dram__throughput.avg.pct_of_peak_sustained_elapsed'):.0f} | {med('dram__bytes_read.sum')/1e6:.1f} |")
 open(os.path.join(out, "ncu-summary.md"), "w").write("\n".join(lines) + "\n")

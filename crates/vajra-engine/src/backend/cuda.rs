@@ -42,7 +42,6 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
         include_str!("../../../../kernels/attention.cu"),
     ),
     ("sample.cu", include_str!("../../../../kernels/sample.cu")),
-    ("gemm.cu", include_str!("../../../../kernels/gemm.cu")),
 ];
 const COMMON: &str = include_str!("../../../../kernels/common.cuh");
 
@@ -73,11 +72,9 @@ pub enum KernelSet {
     /// GEMMs over gathered K/V with a separate causal softmax; `silu_mul` (2-byte loads).
     V1,
     /// `paged_attention_g4`/`_g8` (16-byte loads, LPK lanes per key), `flash_prefill_<head_dim>`
-    /// (tensor-core mma.sync, online softmax), `silu_mul8` and `skinny_gemm_<nt>` for the
-    /// projections of steps of at most 32 tokens (cuBLAS above); v1's kernel wherever a v2 kernel
+    /// (tensor-core mma.sync, online softmax) and `silu_mul8`; v1's kernel wherever a v2 kernel
     /// does not fit (head dims outside 16/32/64/128 or a GPU older than sm_80 for flash, head
-    /// dims not a multiple of 8 for paged attention, intermediate sizes not a multiple of 8,
-    /// projections whose k is not a multiple of 32 or n of 16).
+    /// dims not a multiple of 8 for paged attention, intermediate sizes not a multiple of 8).
     V2,
 }
 
@@ -194,8 +191,6 @@ struct Kernels {
     gather_kv: CudaFunction,
     causal_softmax: CudaFunction,
     argmax_rows: CudaFunction,
-    /// `skinny_gemm_<nt>` for up to 8, 16 and 32 token rows.
-    skinny_gemm: [CudaFunction; 3],
 }
 
 struct GpuLayer {
@@ -325,11 +320,6 @@ impl CudaBackend {
             gather_kv: take("gather_kv"),
             causal_softmax: take("causal_softmax"),
             argmax_rows: take("argmax_rows"),
-            skinny_gemm: [
-                take("skinny_gemm_1"),
-                take("skinny_gemm_2"),
-                take("skinny_gemm_4"),
-            ],
         };
         let c = &spec.config;
         if c.num_heads / c.num_kv_heads > 8 || c.head_dim > 256 {
@@ -655,32 +645,6 @@ impl CudaBackend {
         n: usize,
         y: &mut CudaSlice<bf16>,
     ) -> Result<()> {
-        if self.kernel_set == KernelSet::V2
-            && self.cc_major >= 8
-            && t <= 32
-            && k.is_multiple_of(32)
-            && n.is_multiple_of(16)
-        {
-            let f = &self.k.skinny_gemm[match t {
-                0..=8 => 0,
-                9..=16 => 1,
-                _ => 2,
-            }];
-            let (t_i, k_i, n_i) = (t as i32, k as i32, n as i32);
-            // SAFETY: skinny_gemm_<nt>(x, w, y, t, k, n) over n / 16 blocks of 256 threads;
-            // x holds t·k, w n·k and y t·n elements (the caller's sizes, as for cuBLAS below).
-            unsafe {
-                let mut b = self.stream.launch_builder(f);
-                b.arg(x).arg(w).arg(y).arg(&t_i).arg(&k_i).arg(&n_i);
-                b.launch(LaunchConfig {
-                    grid_dim: ((n / 16) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                })
-                .map_err(err)?;
-            }
-            return Ok(());
-        }
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
             transb: cublasOperation_t::CUBLAS_OP_N,
@@ -1267,7 +1231,6 @@ fn kernel_names(file: &str) -> &'static [&'static str] {
             "causal_softmax",
         ],
         "sample.cu" => &["argmax_rows"],
-        "gemm.cu" => &["skinny_gemm_1", "skinny_gemm_2", "skinny_gemm_4"],
         _ => &[],
     }
 }
