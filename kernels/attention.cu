@@ -5,8 +5,8 @@
 // (`VAJRA_CUDA_KERNELS=v1|v2`, v2 by default) so one build can measure both on the same GPU.
 //   v1: paged_attention_scalar for decode tokens and short chunks; long prefill chunks as cuBLAS
 //       GEMMs over gathered K/V with causal_softmax (gather_kv, causal_softmax below).
-//   v2: paged_attention_g4/_g8 (16-byte K/V loads) and flash_prefill_<head_dim> (tensor-core
-//       mma.sync, online softmax in registers, K/V read straight from the paged cache).
+//   v2: paged_decode_<head_dim> and flash_prefill_<head_dim>: tensor-core mma.sync, online
+//       softmax on the accumulator fragments, K/V read straight from the paged cache.
 //
 // paged_attention_scalar (v1): every listed token attends causally to its request's context
 // through the block table. One block per (token, KV head, split) serves all the query heads of that KV
@@ -221,199 +221,6 @@ extern "C" __global__ void causal_softmax(const float* s, bf16* p, int rows, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// paged_attention_g4 / _g8 (v2): the same grid, arguments, split-K ranges and workspace layout
-// as paged_attention_scalar, with no block-wide barrier in the key loop:
-// - A key row is read with 16-byte loads by LPK lanes (LPK = head_dim / 8 rounded up to a
-//   power of two, 8 dims a lane), so a warp covers KPW = 32 / LPK keys at once; each lane
-//   loads DEC_UNROLL K rows and V rows together (one memory round trip per step of
-//   KPW × DEC_UNROLL keys) and looks up the next step's cache slots while they are in flight.
-// - Each warp runs its own online softmax over the steps it takes (steps are dealt to the 4
-//   warps in turn): scores reduce across a key's LPK lanes with shuffles, the step's maximum
-//   across the warp's key slots, and each lane keeps 8 dims × group V accumulators.
-// - At the end the key slots of a warp are summed with shuffles and the 4 warps' (m, l, acc)
-//   merged in shared memory. head_dim % 8 == 0, head_dim ≤ 256.
-
-#define DEC_UNROLL 4
-#define DEC_WARPS (ATT_THREADS / 32)
-
-__device__ __forceinline__ void unpack8(uint4 u, float* f) {
-    f[0] = __uint_as_float(u.x << 16); f[1] = __uint_as_float(u.x & 0xffff0000u);
-    f[2] = __uint_as_float(u.y << 16); f[3] = __uint_as_float(u.y & 0xffff0000u);
-    f[4] = __uint_as_float(u.z << 16); f[5] = __uint_as_float(u.z & 0xffff0000u);
-    f[6] = __uint_as_float(u.w << 16); f[7] = __uint_as_float(u.w & 0xffff0000u);
-}
-
-template <int MG>
-__device__ __forceinline__ void paged_attention_vec(
-    const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
-    const bf16* __restrict__ v_cache, bf16* __restrict__ out, float* __restrict__ ws_acc,
-    float* __restrict__ ws_ml, const int* __restrict__ tok_list, const int* __restrict__ tok_seq,
-    const int* __restrict__ tok_pos, const int* __restrict__ block_tables, int max_blocks,
-    int block_size, int q_heads, int kv_heads, int head_dim, int qkv_width, float scale,
-    int window) {
-    __shared__ float wm[DEC_WARPS][MG], wl[DEC_WARPS][MG];
-    __shared__ float wacc[DEC_WARPS][MG * MAX_HEAD_DIM];
-    int t = tok_list[blockIdx.x], g = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
-    int group = q_heads / kv_heads;
-    int seq = tok_seq[t], pos = tok_pos[t];
-    int kv_width = kv_heads * head_dim;
-    int lo = window > 0 ? max(0, pos + 1 - window) : 0;
-    int n = pos + 1 - lo;
-    int per = (n + splits - 1) / splits;
-    int begin = lo + s * per, end = min(pos + 1, begin + per);
-    int lpk = 1;
-    while (lpk * 8 < head_dim) lpk <<= 1;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int li = lane & (lpk - 1), slot_of_lane = lane / lpk, kpw = 32 / lpk;
-    int d0 = li * 8;
-    bool active = d0 < head_dim;
-    const bf16* qrow = qkv + (size_t)t * qkv_width + g * group * head_dim;
-    float qr[MG][8], acc[MG][8], m[MG], l[MG];
-#pragma unroll
-    for (int h = 0; h < MG; ++h) {
-        m[h] = -INFINITY;
-        l[h] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            qr[h][j] = (h < group && active) ? bf2f(qrow[h * head_dim + d0 + j]) * scale : 0.0f;
-            acc[h][j] = 0.0f;
-        }
-    }
-    const int* table = block_tables + (size_t)seq * max_blocks;
-    size_t hoff = (size_t)g * head_dim + (active ? d0 : 0);
-    int step = kpw * DEC_UNROLL, stride = step * DEC_WARPS;
-    int first = begin + warp * step;
-    int slot[DEC_UNROLL];
-#pragma unroll
-    for (int u = 0; u < DEC_UNROLL; ++u) {
-        int j = first + u * kpw + slot_of_lane;
-        slot[u] = j < end ? table[j / block_size] * block_size + j % block_size : -1;
-    }
-    for (int base = first; base < end; base += stride) {
-        uint4 kr[DEC_UNROLL], vr[DEC_UNROLL];
-#pragma unroll
-        for (int u = 0; u < DEC_UNROLL; ++u) {
-            bool ok = slot[u] >= 0;
-            size_t off = (size_t)slot[u] * kv_width + hoff;
-            kr[u] = ok ? *(const uint4*)(k_cache + off) : make_uint4(0u, 0u, 0u, 0u);
-            vr[u] = ok ? *(const uint4*)(v_cache + off) : make_uint4(0u, 0u, 0u, 0u);
-        }
-        // The warp's next step's slots, while the loads above are in flight.
-#pragma unroll
-        for (int u = 0; u < DEC_UNROLL; ++u) {
-            int j = base + stride + u * kpw + slot_of_lane;
-            slot[u] = j < end ? table[j / block_size] * block_size + j % block_size : -1;
-        }
-        // Scores of this lane's keys (every lane of a key ends with its full dot product).
-        float sc[DEC_UNROLL][MG];
-#pragma unroll
-        for (int u = 0; u < DEC_UNROLL; ++u) {
-            float kf[8];
-            unpack8(kr[u], kf);
-            bool valid = base + u * kpw + slot_of_lane < end;
-#pragma unroll
-            for (int h = 0; h < MG; ++h) {
-                float dot = 0.0f;
-                if (h < group) {  // uniform over the block
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) dot += qr[h][j] * kf[j];
-                    for (int o = lpk >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                }
-                sc[u][h] = valid ? dot : -INFINITY;
-            }
-        }
-        // Online softmax over the step's keys (the key u = 0 of slot 0, at base < end, is valid).
-#pragma unroll
-        for (int h = 0; h < MG; ++h) {
-            if (h < group) {
-                float mx = sc[0][h];
-#pragma unroll
-                for (int u = 1; u < DEC_UNROLL; ++u) mx = fmaxf(mx, sc[u][h]);
-                for (int o = lpk; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-                float mn = fmaxf(m[h], mx);
-                float c = __expf(m[h] - mn);
-                m[h] = mn;
-                l[h] *= c;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc[h][j] *= c;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < DEC_UNROLL; ++u) {
-            float vf[8];
-            unpack8(vr[u], vf);
-#pragma unroll
-            for (int h = 0; h < MG; ++h) {
-                if (h < group) {
-                    float p = __expf(sc[u][h] - m[h]);  // 0 for keys past the end
-                    l[h] += p;
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[h][j] += p * vf[j];
-                }
-            }
-        }
-    }
-    // Sum the warp's key slots (lanes with the same dims), then merge the warps.
-#pragma unroll
-    for (int h = 0; h < MG; ++h) {
-        if (h < group) {
-            for (int o = lpk; o < 32; o <<= 1) {
-                l[h] += __shfl_xor_sync(0xffffffffu, l[h], o);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc[h][j] += __shfl_xor_sync(0xffffffffu, acc[h][j], o);
-            }
-            if (slot_of_lane == 0 && active) {
-#pragma unroll
-                for (int j = 0; j < 8; ++j) wacc[warp][h * head_dim + d0 + j] = acc[h][j];
-            }
-            if (lane == 0) {
-                wm[warp][h] = m[h];
-                wl[warp][h] = l[h];
-            }
-        }
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
-        int h = i / head_dim, d = i % head_dim;
-        float mx = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, wm[w][h]);
-        float num = 0.0f, den = 0.0f;
-#pragma unroll
-        for (int w = 0; w < DEC_WARPS; ++w) {
-            float e = wm[w][h] > -INFINITY ? __expf(wm[w][h] - mx) : 0.0f;
-            num += wacc[w][i] * e;
-            den += wl[w][h] * e;
-        }
-        int qh = g * group + h;
-        if (splits == 1) {
-            out[(size_t)t * q_heads * head_dim + qh * head_dim + d] = f2bf(den > 0.0f ? num / den : 0.0f);
-        } else {
-            size_t part = ((size_t)t * q_heads + qh) * splits + s;
-            ws_acc[part * head_dim + d] = num;
-            if (d == 0) {
-                ws_ml[2 * part] = mx;
-                ws_ml[2 * part + 1] = den;
-            }
-        }
-    }
-}
-
-// Two register budgets: groups of up to 4 query heads per KV head (Llama-3, Qwen2: far fewer
-// registers, 3 blocks per SM without spills) and up to 8 (2 blocks per SM).
-#define PAGED_ATTENTION(NAME, MG, MIN_BLOCKS)                                                  \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS, MIN_BLOCKS) NAME(                \
-        const bf16* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out, float* ws_acc,   \
-        float* ws_ml, const int* tok_list, const int* tok_seq, const int* tok_pos,             \
-        const int* block_tables, int max_blocks, int block_size, int q_heads, int kv_heads,    \
-        int head_dim, int qkv_width, float scale, int window) {                                \
-        paged_attention_vec<MG>(qkv, k_cache, v_cache, out, ws_acc, ws_ml, tok_list, tok_seq,  \
-                                tok_pos, block_tables, max_blocks, block_size, q_heads,        \
-                                kv_heads, head_dim, qkv_width, scale, window);                 \
-    }
-PAGED_ATTENTION(paged_attention_g4, 4, 3)
-PAGED_ATTENTION(paged_attention_g8, 8, 2)
-
 // ---------------------------------------------------------------------------------------------
 // flash_prefill_<HD> (v2): attention of one long prefill chunk on tensor cores, FlashAttention-2
 // style. grid = (ceil(chunk / 64), q_heads), block = 128 threads (4 warps × 16 query rows).
@@ -606,3 +413,180 @@ FLASH_PREFILL(16)
 FLASH_PREFILL(32)
 FLASH_PREFILL(64)
 FLASH_PREFILL(128)
+
+// ---------------------------------------------------------------------------------------------
+// paged_decode_<HD> (v2): attention of the listed tokens (decodes and short chunks) on tensor
+// cores. The same grid, arguments, split-K ranges and workspace layout as
+// paged_attention_scalar: a block per (token, KV head, split), 128 threads. A token's group of
+// query heads (≤ 8) is the MMA's row tile (rows past the group are zero padding), so each key is
+// multiplied against every head of its group at once:
+// - the block's key range is dealt to its 4 warps in tiles of 16 keys; a warp copies its tile's
+//   K and V rows from the paged cache into its own shared memory (16-byte loads, all in flight
+//   together), then S = Q Kᵀ (2 MMAs a 16-dim slice), the online softmax on the accumulator
+//   fragments, and O += P V as in flash_prefill (no block barrier in the key loop);
+// - the warps' (m, l, O) are merged through shared memory at the end. The running maximum is
+//   kept in log2 units (exp2f), the workspace's in natural units (attention_combine's __expf).
+// HD ∈ {16, 32, 64, 128}; sm_80+ (the host checks).
+
+#define DM_KEYS 16
+#define DM_WARPS (ATT_THREADS / 32)
+
+template <int HD>
+__device__ __forceinline__ void paged_decode(
+    const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
+    const bf16* __restrict__ v_cache, bf16* __restrict__ out, float* __restrict__ ws_acc,
+    float* __restrict__ ws_ml, const int* __restrict__ tok_list, const int* __restrict__ tok_seq,
+    const int* __restrict__ tok_pos, const int* __restrict__ block_tables, int max_blocks,
+    int block_size, int q_heads, int kv_heads, float scale_log2, int window) {
+    const int LD = HD + 8;
+    // Per warp: its K and V tile; reused after the key loop for the warps' O (8 rows × HD f32).
+    __shared__ __align__(16) bf16 kvs[DM_WARPS][2 * DM_KEYS * (HD + 8)];
+    __shared__ float wm[DM_WARPS][8], wl[DM_WARPS][8];
+    int t = tok_list[blockIdx.x], g = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
+    int group = q_heads / kv_heads;
+    int seq = tok_seq[t], pos = tok_pos[t];
+    int kv_width = kv_heads * HD;
+    int lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    int n = pos + 1 - lo;
+    int per = (n + splits - 1) / splits;
+    int begin = lo + s * per, end = min(pos + 1, begin + per);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    // A fragments of Q: row gid is the group's head gid (rows gid + 8 are padding).
+    unsigned qf[HD / 16][2];
+    const bf16* qrow = qkv + (size_t)t * (q_heads + 2 * kv_heads) * HD + (g * group + gid) * HD;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        qf[kk][0] = gid < group ? *(const unsigned*)(qrow + kk * 16 + tig * 2) : 0u;
+        qf[kk][1] = gid < group ? *(const unsigned*)(qrow + kk * 16 + 8 + tig * 2) : 0u;
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    float m0 = -INFINITY, l0 = 0.0f;
+    const int* table = block_tables + (size_t)seq * max_blocks;
+    bf16* kw = kvs[warp];
+    bf16* vw = kw + DM_KEYS * LD;
+    const int VEC = DM_KEYS * HD / 8 / 32;  // 16-byte pieces per lane per matrix
+    for (int ts = begin + warp * DM_KEYS; ts < end; ts += DM_WARPS * DM_KEYS) {
+        uint4 kr[VEC > 0 ? VEC : 1], vr[VEC > 0 ? VEC : 1];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            int e = lane + 32 * i, r = e / (HD / 8), c = (e % (HD / 8)) * 8, j = ts + r;
+            int slot = j < end ? table[j / block_size] * block_size + j % block_size : -1;
+            size_t off = (size_t)slot * kv_width + g * HD + c;
+            kr[i] = slot >= 0 ? *(const uint4*)(k_cache + off) : make_uint4(0u, 0u, 0u, 0u);
+            vr[i] = slot >= 0 ? *(const uint4*)(v_cache + off) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            int e = lane + 32 * i, r = e / (HD / 8), c = (e % (HD / 8)) * 8;
+            *(uint4*)(kw + r * LD + c) = kr[i];
+            *(uint4*)(vw + r * LD + c) = vr[i];
+        }
+        __syncwarp();
+        float sc[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            const bf16* krow = kw + (nt * 8 + gid) * LD + tig * 2;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                unsigned a[4] = {qf[kk][0], 0u, qf[kk][1], 0u};
+                mma_bf16_16816(sc[nt], a, *(const unsigned*)(krow + kk * 16),
+                               *(const unsigned*)(krow + kk * 16 + 8));
+            }
+        }
+        // Row gid's scores of keys ts + nt*8 + 2*tig + i (i < 2); keys past the end masked.
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                int key = ts + nt * 8 + tig * 2 + i;
+                float v = key < end ? sc[nt][i] * scale_log2 : -INFINITY;
+                sc[nt][i] = v;
+                mx = fmaxf(mx, v);
+            }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float mn = fmaxf(m0, mx);  // finite: the tile's first key (ts < end) is visible
+        float c = exp2f(m0 - mn);
+        m0 = mn;
+        float rs = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+            sc[nt][0] = exp2f(sc[nt][0] - mn);
+            sc[nt][1] = exp2f(sc[nt][1] - mn);
+            rs += sc[nt][0] + sc[nt][1];
+        }
+        l0 = l0 * c + rs;
+        unsigned pa[4] = {pack_bf2(sc[0][0], sc[0][1]), 0u, pack_bf2(sc[1][0], sc[1][1]), 0u};
+        const bf16* vcol = vw + (tig * 2) * LD + gid;
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; ++nt) {
+            o[nt][0] *= c;
+            o[nt][1] *= c;
+            const bf16* vp = vcol + nt * 8;
+            unsigned vb0 = (unsigned)vp[0] | ((unsigned)vp[LD] << 16);
+            unsigned vb1 = (unsigned)vp[8 * LD] | ((unsigned)vp[9 * LD] << 16);
+            mma_bf16_16816(o[nt], pa, vb0, vb1);
+        }
+        __syncwarp();  // the tile's readers are done before the next copy overwrites it
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    __syncthreads();  // every warp is done with its tile: the tiles' memory now holds O
+    float* wo = (float*)&kvs[0][0];  // DM_WARPS × 8 × HD floats fit in the tiles' bytes
+    if (gid < group) {
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; ++nt) {
+            wo[(warp * 8 + gid) * HD + nt * 8 + tig * 2] = o[nt][0];
+            wo[(warp * 8 + gid) * HD + nt * 8 + tig * 2 + 1] = o[nt][1];
+        }
+        if (tig == 0) {
+            wm[warp][gid] = m0;
+            wl[warp][gid] = l0;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        int h = i / HD, d = i % HD;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < DM_WARPS; ++w) mx = fmaxf(mx, wm[w][h]);
+        float num = 0.0f, den = 0.0f;
+#pragma unroll
+        for (int w = 0; w < DM_WARPS; ++w) {
+            float e = wm[w][h] > -INFINITY ? exp2f(wm[w][h] - mx) : 0.0f;
+            num += wo[(w * 8 + h) * HD + d] * e;
+            den += wl[w][h] * e;
+        }
+        int qh = g * group + h;
+        if (splits == 1) {
+            out[(size_t)t * q_heads * HD + qh * HD + d] = f2bf(den > 0.0f ? num / den : 0.0f);
+        } else {
+            size_t part = ((size_t)t * q_heads + qh) * splits + s;
+            ws_acc[part * HD + d] = num;
+            if (d == 0) {
+                ws_ml[2 * part] = mx * 0.69314718f;  // log2 units → natural
+                ws_ml[2 * part + 1] = den;
+            }
+        }
+    }
+}
+
+#define PAGED_DECODE(HD)                                                                       \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_decode_##HD(              \
+        const bf16* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out, float* ws_acc,   \
+        float* ws_ml, const int* tok_list, const int* tok_seq, const int* tok_pos,             \
+        const int* block_tables, int max_blocks, int block_size, int q_heads, int kv_heads,    \
+        float scale_log2, int window) {                                                        \
+        paged_decode<HD>(qkv, k_cache, v_cache, out, ws_acc, ws_ml, tok_list, tok_seq, tok_pos, \
+                         block_tables, max_blocks, block_size, q_heads, kv_heads, scale_log2,  \
+                         window);                                                              \
+    }
+PAGED_DECODE(16)
+PAGED_DECODE(32)
+PAGED_DECODE(64)
+PAGED_DECODE(128)

@@ -9,7 +9,7 @@
 //!   library's presence is checked first).
 //!
 //! Per layer a step launches: `add_rms_norm`, QKV GEMM, (`add_bias`), `rope`, `kv_write`,
-//! `paged_attention_g4`/`_g8` (+ `attention_combine` when split; long prefill chunks
+//! `paged_decode_<head_dim>` (+ `attention_combine` when split; long prefill chunks
 //! `flash_prefill_<head_dim>`), O GEMM, `add_rms_norm`, gate-up GEMM,
 //! `silu_mul`, down GEMM. Greedy steps pick tokens with `argmax_rows` on the device.
 
@@ -54,13 +54,13 @@ const NORM_THREADS: u32 = 1024;
 const ATT_THREADS: u32 = 128;
 /// Keys per split-K partition of a long context (v1).
 const KEYS_PER_SPLIT: u32 = 32;
-/// Fewest keys per split-K partition (v2: one 64-key tile per block at most contexts).
+/// Fewest keys per split-K partition (v2: a 16-key tile for each of a block's 4 warps).
 const MIN_KEYS_PER_SPLIT_V2: u32 = 64;
 /// Prefill chunks at least this long run attention as one chunk-wide kernel (v2: flash_prefill;
 /// v1: GEMMs over gathered K/V) instead of per-token paged attention.
 const GEMM_PREFILL_MIN: usize = 64;
-/// Head dims with a `flash_prefill_<d>` kernel.
-const FLASH_HEAD_DIMS: [u32; 4] = [16, 32, 64, 128];
+/// Head dims with `flash_prefill_<d>` and `paged_decode_<d>` kernels.
+const MMA_HEAD_DIMS: [u32; 4] = [16, 32, 64, 128];
 /// Most split-K partitions.
 const MAX_SPLITS: u32 = 64;
 
@@ -71,10 +71,10 @@ pub enum KernelSet {
     /// `paged_attention_scalar` (2-byte loads, a warp per key); for long prefill chunks, cuBLAS
     /// GEMMs over gathered K/V with a separate causal softmax; `silu_mul` (2-byte loads).
     V1,
-    /// `paged_attention_g4`/`_g8` (16-byte loads, LPK lanes per key), `flash_prefill_<head_dim>`
-    /// (tensor-core mma.sync, online softmax) and `silu_mul8`; v1's kernel wherever a v2 kernel
-    /// does not fit (head dims outside 16/32/64/128 or a GPU older than sm_80 for flash, head
-    /// dims not a multiple of 8 for paged attention, intermediate sizes not a multiple of 8).
+    /// `paged_decode_<head_dim>` and `flash_prefill_<head_dim>` (tensor-core mma.sync, a GQA
+    /// group's heads or a chunk's tokens as the MMA rows, online softmax on the fragments) and
+    /// `silu_mul8`; v1's kernel wherever a v2 kernel does not fit (head dims outside
+    /// 16/32/64/128 or a GPU older than sm_80; intermediate sizes not a multiple of 8).
     V2,
 }
 
@@ -182,10 +182,9 @@ struct Kernels {
     silu_mul8: CudaFunction,
     fill_uniform: CudaFunction,
     paged_attention_scalar: CudaFunction,
-    /// v2 decode attention for groups of at most 4 and at most 8 query heads per KV head.
-    paged_attention_g4: CudaFunction,
-    paged_attention_g8: CudaFunction,
-    /// `flash_prefill_<d>` for each of FLASH_HEAD_DIMS, in order.
+    /// `paged_decode_<d>` for each of MMA_HEAD_DIMS, in order.
+    paged_decode: Vec<CudaFunction>,
+    /// `flash_prefill_<d>` for each of MMA_HEAD_DIMS, in order.
     flash_prefill: Vec<CudaFunction>,
     attention_combine: CudaFunction,
     gather_kv: CudaFunction,
@@ -310,9 +309,11 @@ impl CudaBackend {
             silu_mul8: take("silu_mul8"),
             fill_uniform: take("fill_uniform"),
             paged_attention_scalar: take("paged_attention_scalar"),
-            paged_attention_g4: take("paged_attention_g4"),
-            paged_attention_g8: take("paged_attention_g8"),
-            flash_prefill: FLASH_HEAD_DIMS
+            paged_decode: MMA_HEAD_DIMS
+                .iter()
+                .map(|d| take(&format!("paged_decode_{d}")))
+                .collect(),
+            flash_prefill: MMA_HEAD_DIMS
                 .iter()
                 .map(|d| take(&format!("flash_prefill_{d}")))
                 .collect(),
@@ -456,16 +457,17 @@ impl CudaBackend {
         self.kernel_set
     }
 
-    /// The `flash_prefill` kernel for this model, if v2 runs and one fits.
-    fn flash_kernel(&self) -> Option<&CudaFunction> {
+    /// This model's kernel among `per_head_dim` (one per MMA_HEAD_DIMS), if v2 runs on an
+    /// sm_80+ GPU and one is built for its head dim.
+    fn mma_kernel<'a>(&self, per_head_dim: &'a [CudaFunction]) -> Option<&'a CudaFunction> {
         let hd = self.spec.config.head_dim;
         if self.kernel_set != KernelSet::V2 || self.cc_major < 8 {
             return None;
         }
-        FLASH_HEAD_DIMS
+        MMA_HEAD_DIMS
             .iter()
             .position(|&d| d == hd)
-            .map(|i| &self.k.flash_prefill[i])
+            .map(|i| &per_head_dim[i])
     }
 
     /// Attention of one long prefill chunk with `flash_prefill_<head_dim>`: K/V read from the
@@ -955,11 +957,11 @@ impl CudaBackend {
         let mut act = alloc_bf(t * inter)?;
         let sms = self.sms;
         let pairs = (listed * nkv).max(1) as u32;
-        // The vectorized kernel needs head_dim % 8 == 0; otherwise v1's kernel runs.
-        let vectorized = self.kernel_set == KernelSet::V2 && hd.is_multiple_of(8);
+        // v2's tensor-core kernel for the head dims it is built for; otherwise v1's kernel.
+        let mma_decode = self.mma_kernel(&self.k.paged_decode).cloned();
         let splits = if pairs >= 2 * sms {
             1
-        } else if vectorized {
+        } else if mma_decode.is_some() {
             // Enough blocks to fill the GPU twice over, but at least one 64-key tile each.
             (2 * sms)
                 .div_ceil(pairs)
@@ -968,14 +970,7 @@ impl CudaBackend {
         } else {
             max_ctx.div_ceil(KEYS_PER_SPLIT).clamp(1, MAX_SPLITS)
         };
-        let decode_kernel = if vectorized && nh / nkv <= 4 {
-            self.k.paged_attention_g4.clone()
-        } else if vectorized {
-            self.k.paged_attention_g8.clone()
-        } else {
-            self.k.paged_attention_scalar.clone()
-        };
-        let flash = self.flash_kernel().cloned();
+        let flash = self.mma_kernel(&self.k.flash_prefill).cloned();
         // Split-K partials (unused with one split).
         let ws_len = if splits > 1 {
             t * nh * splits as usize
@@ -1004,6 +999,7 @@ impl CudaBackend {
         let rot_heads = (nh + nkv) as u32;
         let (nh_i, nkv_i, bs_i, mb_i) = (nh as i32, nkv as i32, bs as i32, max_blocks as i32);
         let scale = 1.0 / (hd as f32).sqrt();
+        let scale_log2 = std::f32::consts::LOG2_E * scale;
         let window = self.spec.sliding_window.map_or(0, |w| w as i32);
         let null = 0u64;
         let splits_i = splits as i32;
@@ -1076,7 +1072,11 @@ impl CudaBackend {
             }
             if listed > 0 {
                 unsafe {
-                    let mut b = st.launch_builder(&decode_kernel);
+                    let mut b = st.launch_builder(
+                        mma_decode
+                            .as_ref()
+                            .unwrap_or(&self.k.paged_attention_scalar),
+                    );
                     b.arg(&qkv)
                         .arg(&self.k_cache[l])
                         .arg(&self.v_cache[l])
@@ -1090,11 +1090,15 @@ impl CudaBackend {
                         .arg(&mb_i)
                         .arg(&bs_i)
                         .arg(&nh_i)
-                        .arg(&nkv_i)
-                        .arg(&hd_i)
-                        .arg(&qkv_i)
-                        .arg(&scale)
-                        .arg(&window);
+                        .arg(&nkv_i);
+                    // paged_decode_<hd>(…, kv_heads, scale_log2, window);
+                    // paged_attention_scalar(…, kv_heads, head_dim, qkv_width, scale, window).
+                    if mma_decode.is_some() {
+                        b.arg(&scale_log2);
+                    } else {
+                        b.arg(&hd_i).arg(&qkv_i).arg(&scale);
+                    }
+                    b.arg(&window);
                     b.launch(LaunchConfig {
                         grid_dim: (listed as u32, nkv as u32, splits),
                         block_dim: (ATT_THREADS, 1, 1),
@@ -1220,8 +1224,10 @@ fn kernel_names(file: &str) -> &'static [&'static str] {
         ],
         "attention.cu" => &[
             "paged_attention_scalar",
-            "paged_attention_g4",
-            "paged_attention_g8",
+            "paged_decode_16",
+            "paged_decode_32",
+            "paged_decode_64",
+            "paged_decode_128",
             "flash_prefill_16",
             "flash_prefill_32",
             "flash_prefill_64",
