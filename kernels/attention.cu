@@ -424,8 +424,10 @@ FLASH_PREFILL(128)
 //   K and V rows from the paged cache into its own shared memory (16-byte loads, all in flight
 //   together), then S = Q Kᵀ (2 MMAs a 16-dim slice), the online softmax on the accumulator
 //   fragments, and O += P V as in flash_prefill (no block barrier in the key loop);
-// - the warps' (m, l, O) are merged through shared memory at the end. The running maximum is
-//   kept in log2 units (exp2f), the workspace's in natural units (attention_combine's __expf).
+// - the warps' (m, l, O) are merged through shared memory at the end; with split-K the last
+//   split block of a (token, KV head) merges the splits' partials itself (`done` counts the
+//   finished splits; zero on entry, reset by that block), so attention_combine is not launched.
+//   Maxima are in log2 units (exp2f) throughout.
 // HD ∈ {16, 32, 64, 128}; sm_80+ (the host checks).
 
 #define DM_KEYS 16
@@ -437,7 +439,8 @@ __device__ __forceinline__ void paged_decode(
     const bf16* __restrict__ v_cache, bf16* __restrict__ out, float* __restrict__ ws_acc,
     float* __restrict__ ws_ml, const int* __restrict__ tok_list, const int* __restrict__ tok_seq,
     const int* __restrict__ tok_pos, const int* __restrict__ block_tables, int max_blocks,
-    int block_size, int q_heads, int kv_heads, float scale_log2, int window) {
+    int block_size, int q_heads, int kv_heads, float scale_log2, int window,
+    int* __restrict__ done) {
     const int LD = HD + 8;
     // Per warp: its K and V tile; reused after the key loop for the warps' O (8 rows × HD f32).
     __shared__ __align__(16) bf16 kvs[DM_WARPS][2 * DM_KEYS * (HD + 8)];
@@ -569,10 +572,48 @@ __device__ __forceinline__ void paged_decode(
             size_t part = ((size_t)t * q_heads + qh) * splits + s;
             ws_acc[part * HD + d] = num;
             if (d == 0) {
-                ws_ml[2 * part] = mx * 0.69314718f;  // log2 units → natural
+                ws_ml[2 * part] = mx;  // log2 units, like the merge below
                 ws_ml[2 * part + 1] = den;
             }
         }
+    }
+    if (splits == 1) return;
+    // Split-K: the last of the (token, KV head)'s split blocks to finish merges the partials
+    // (no second launch). Each block publishes its partials before counting itself done; the
+    // last one reads them past L1 (__ldcg: L1 is not coherent across SMs) and resets the
+    // counter for the next layer.
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* c = done + (size_t)t * kv_heads + g;
+        last = atomicAdd(c, 1) == splits - 1;
+        if (last) *c = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    __shared__ float pm[8 * 64], pl[8 * 64];  // (m, l) of group ≤ 8 heads × splits ≤ 64
+    for (int i = threadIdx.x; i < group * splits; i += blockDim.x) {
+        size_t part = ((size_t)t * q_heads + g * group + i / splits) * splits + i % splits;
+        pm[i] = __ldcg(ws_ml + 2 * part);
+        pl[i] = __ldcg(ws_ml + 2 * part + 1);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        int h = i / HD, d = i % HD;
+        size_t base = ((size_t)t * q_heads + g * group + h) * splits;
+        float mx = -INFINITY;
+        for (int p = 0; p < splits; ++p) mx = fmaxf(mx, pm[h * splits + p]);
+        float num = 0.0f, den = 0.0f;
+#pragma unroll 8
+        for (int p = 0; p < splits; ++p) {
+            float mp = pm[h * splits + p];
+            float e = mp > -INFINITY ? exp2f(mp - mx) : 0.0f;
+            num += __ldcg(ws_acc + (base + p) * HD + d) * e;
+            den += pl[h * splits + p] * e;
+        }
+        out[(size_t)t * q_heads * HD + (g * group + h) * HD + d] = f2bf(den > 0.0f ? num / den : 0.0f);
     }
 }
 
@@ -581,10 +622,10 @@ __device__ __forceinline__ void paged_decode(
         const bf16* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out, float* ws_acc,   \
         float* ws_ml, const int* tok_list, const int* tok_seq, const int* tok_pos,             \
         const int* block_tables, int max_blocks, int block_size, int q_heads, int kv_heads,    \
-        float scale_log2, int window) {                                                        \
+        float scale_log2, int window, int* done) {                                             \
         paged_decode<HD>(qkv, k_cache, v_cache, out, ws_acc, ws_ml, tok_list, tok_seq, tok_pos, \
                          block_tables, max_blocks, block_size, q_heads, kv_heads, scale_log2,  \
-                         window);                                                              \
+                         window, done);                                                        \
     }
 PAGED_DECODE(16)
 PAGED_DECODE(32)

@@ -23,12 +23,41 @@ __device__ __forceinline__ void write_normed(const float* __restrict__ xr, float
 // x += delta (when delta is not null; delta is a bf16 projection output), then
 // out = norm(x) * w (write_normed). The buffers never overlap (__restrict__: without it every
 // store to x orders the next element's loads after it, one memory round trip per element).
+#define NORM_VPT 8
 extern "C" __global__ void add_rms_norm(float* __restrict__ x, const bf16* __restrict__ delta,
                                         const bf16* __restrict__ w, bf16* __restrict__ out,
                                         int hidden, float eps) {
     __shared__ float scratch[32];
     float* xr = x + (size_t)blockIdx.x * hidden;
     const bf16* dr = delta ? delta + (size_t)blockIdx.x * hidden : 0;
+    if (hidden <= NORM_VPT * (int)blockDim.x) {
+        // The row in registers: x, delta and w loaded at once (one memory round trip), then
+        // the reduction, then the stores; nothing is read twice.
+        float v[NORM_VPT], wv[NORM_VPT];
+        float ss = 0.0f;
+#pragma unroll
+        for (int k = 0; k < NORM_VPT; ++k) {
+            int i = threadIdx.x + k * blockDim.x;
+            v[k] = 0.0f;
+            wv[k] = 0.0f;
+            if (i < hidden) {
+                v[k] = xr[i] + (dr ? bf2f(dr[i]) : 0.0f);
+                wv[k] = bf2f(w[i]);
+                ss += v[k] * v[k];
+            }
+        }
+        float inv = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+        bf16* orow = out + (size_t)blockIdx.x * hidden;
+#pragma unroll
+        for (int k = 0; k < NORM_VPT; ++k) {
+            int i = threadIdx.x + k * blockDim.x;
+            if (i < hidden) {
+                if (dr) xr[i] = v[k];
+                orow[i] = f2bf(wv[k] * bf2f(f2bf(v[k] * inv)));
+            }
+        }
+        return;
+    }
     float ss = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float v = xr[i];

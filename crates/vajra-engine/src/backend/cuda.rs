@@ -979,6 +979,10 @@ impl CudaBackend {
         };
         let mut ws_acc = st.alloc_zeros::<f32>(ws_len * hd).map_err(err)?;
         let mut ws_ml = st.alloc_zeros::<f32>(ws_len * 2).map_err(err)?;
+        // paged_decode's finished-split counters per (token, KV head): zero, and left zero.
+        let mut done = st
+            .alloc_zeros::<i32>(if splits > 1 { t * nkv } else { 1 })
+            .map_err(err)?;
         let rows_cfg = |n: usize| LaunchConfig {
             grid_dim: (n as u32, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
@@ -1091,21 +1095,21 @@ impl CudaBackend {
                         .arg(&bs_i)
                         .arg(&nh_i)
                         .arg(&nkv_i);
-                    // paged_decode_<hd>(…, kv_heads, scale_log2, window);
+                    // paged_decode_<hd>(…, kv_heads, scale_log2, window, done);
                     // paged_attention_scalar(…, kv_heads, head_dim, qkv_width, scale, window).
                     if mma_decode.is_some() {
-                        b.arg(&scale_log2);
+                        b.arg(&scale_log2).arg(&window).arg(&mut done);
                     } else {
-                        b.arg(&hd_i).arg(&qkv_i).arg(&scale);
+                        b.arg(&hd_i).arg(&qkv_i).arg(&scale).arg(&window);
                     }
-                    b.arg(&window);
                     b.launch(LaunchConfig {
                         grid_dim: (listed as u32, nkv as u32, splits),
                         block_dim: (ATT_THREADS, 1, 1),
                         shared_mem_bytes: 0,
                     })
                     .map_err(err)?;
-                    if splits > 1 {
+                    // paged_decode merges its own splits.
+                    if splits > 1 && mma_decode.is_none() {
                         let mut b = st.launch_builder(&self.k.attention_combine);
                         b.arg(&ws_acc)
                             .arg(&ws_ml)
