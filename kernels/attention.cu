@@ -225,9 +225,10 @@ extern "C" __global__ void causal_softmax(const float* s, bf16* p, int rows, int
 // flash_prefill_<HD> (v2): attention of one long prefill chunk on tensor cores, FlashAttention-2
 // style. grid = (ceil(chunk / 64), q_heads), block = 128 threads (4 warps × 16 query rows).
 // Per key tile of 64: the tile's K and V rows are copied from the paged cache (through the
-// request's block table) into shared memory; S = Q Kᵀ with mma.sync m16n8k16 (bf16 in, f32
+// request's block table) into shared memory (cp.async); S = Q Kᵀ with mma.sync m16n8k16 (bf16 in, f32
 // accumulate; Q fragments stay in registers), the causal/window mask and an online softmax on
-// the accumulator fragments, then O += P V with P reused from S's registers as the A operand.
+// the accumulator fragments, then O += P V with P reused from S's registers as the A operand
+// and V's fragments loaded with ldmatrix.trans.
 // Query i of the chunk sits at position start + i and sees keys lo(i) ..= start + i; rows past
 // the chunk are computed and dropped. Needs sm_80+ (the host checks); HD ∈ {16, 32, 64, 128}.
 
@@ -250,6 +251,62 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, unsi
 #else
     __trap();
 #endif
+}
+
+// Shared-memory helpers of the tensor-core kernels (sm_80+; PTX inline, NVRTC has no headers).
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// Four 8×8 b16 matrices, transposed: thread i gets {M[2(i%4)][i/4], M[2(i%4)+1][i/4]} of each,
+// i.e. the B fragments of m16n8k16 from a row-major [k][n] tile. Lanes 8j..8j+7 give the row
+// addresses of matrix j.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned addr, unsigned& r0, unsigned& r1,
+                                                  unsigned& r2, unsigned& r3) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+// 16 bytes global → shared without passing through registers; zero-filled when !ok (src is
+// then not read).
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(ok ? 16 : 0)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+// O[nt] += P · V over one 16-key slice of a row-major V tile (rows = keys, LD elements apart),
+// V's B fragments by ldmatrix.trans, two 8-dim tiles a load.
+template <int HD>
+__device__ __forceinline__ void pv_slice(float (*o)[4], const unsigned* pa, const bf16* vslice,
+                                         int ld, int lane) {
+    int r = lane & 7, mi = lane >> 3;
+    const bf16* row = vslice + ((mi & 1) * 8 + r) * ld + (mi >> 1) * 8;
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; nt += 2) {
+        unsigned b0, b1, b2, b3;
+        ldmatrix_x4_trans(smem_addr(row + nt * 8), b0, b1, b2, b3);
+        mma_bf16_16816(o[nt], pa, b0, b1);
+        mma_bf16_16816(o[nt + 1], pa, b2, b3);
+    }
 }
 
 template <int HD>
@@ -299,14 +356,11 @@ __device__ __forceinline__ void flash_prefill(const bf16* __restrict__ qkv,
         for (int i = threadIdx.x; i < FL_BK * (HD / 8); i += FL_THREADS) {
             int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
             long long sl = slot_s[r];
-            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = make_uint4(0u, 0u, 0u, 0u);
-            if (sl >= 0) {
-                kv = *(const uint4*)(k_cache + sl * kv_width + g * HD + c);
-                vv = *(const uint4*)(v_cache + sl * kv_width + g * HD + c);
-            }
-            *(uint4*)(ks + r * LD + c) = kv;
-            *(uint4*)(vs + r * LD + c) = vv;
+            size_t off = sl >= 0 ? sl * kv_width + g * HD + c : 0;
+            cp_async16(smem_addr(ks + r * LD + c), k_cache + off, sl >= 0);
+            cp_async16(smem_addr(vs + r * LD + c), v_cache + off, sl >= 0);
         }
+        cp_async_wait_all();
         __syncthreads();
         // Warp-uniform: a tile wholly outside this warp's rows' ranges (or no rows) is skipped.
         if (q0 >= tq || kt > wlast || kt + FL_BK <= wfirst) continue;
@@ -373,14 +427,7 @@ __device__ __forceinline__ void flash_prefill(const bf16* __restrict__ qkv,
             pa[1] = pack_bf2(s[2 * j][2], s[2 * j][3]);
             pa[2] = pack_bf2(s[2 * j + 1][0], s[2 * j + 1][1]);
             pa[3] = pack_bf2(s[2 * j + 1][2], s[2 * j + 1][3]);
-            const bf16* vcol = vs + (j * 16 + tig * 2) * LD + gid;
-#pragma unroll
-            for (int nt = 0; nt < HD / 8; ++nt) {
-                const bf16* vp = vcol + nt * 8;
-                unsigned vb0 = (unsigned)vp[0] | ((unsigned)vp[LD] << 16);
-                unsigned vb1 = (unsigned)vp[8 * LD] | ((unsigned)vp[9 * LD] << 16);
-                mma_bf16_16816(o[nt], pa, vb0, vb1);
-            }
+            pv_slice<HD>(o, pa, vs + j * 16 * LD, LD, lane);
         }
     }
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -422,8 +469,8 @@ FLASH_PREFILL(128)
 // multiplied against every head of its group at once:
 // - the block's key range is dealt to its 4 warps in tiles of 16 keys; a warp copies its tile's
 //   K and V rows from the paged cache into its own shared memory (16-byte loads, all in flight
-//   together), then S = Q Kᵀ (2 MMAs a 16-dim slice), the online softmax on the accumulator
-//   fragments, and O += P V as in flash_prefill (no block barrier in the key loop);
+//   together, cp.async), then S = Q Kᵀ (2 MMAs a 16-dim slice), the online softmax on the
+//   accumulator fragments, and O += P V as in flash_prefill (no block barrier in the loop);
 // - the warps' (m, l, O) are merged through shared memory at the end; with split-K the last
 //   split block of a (token, KV head) merges the splits' partials itself (`done` counts the
 //   finished splits; zero on entry, reset by that block), so attention_combine is not launched.
@@ -433,7 +480,42 @@ FLASH_PREFILL(128)
 #define DM_KEYS 16
 #define DM_WARPS (ATT_THREADS / 32)
 
+// The K/V copy of one 16-key tile of a warp (cp.async; keys at or past `end` zero-filled).
 template <int HD>
+__device__ __forceinline__ void decode_tile_copy(bf16* kw, bf16* vw, const bf16* k_cache,
+                                                 const bf16* v_cache, const int* table,
+                                                 int block_size, int kv_width, int g, int ts,
+                                                 int end, int lane) {
+    const int LD = HD + 8, VEC = DM_KEYS * HD / 8 / 32;  // 16-byte pieces per lane per matrix
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+        int e = lane + 32 * i, r = e / (HD / 8), c = (e % (HD / 8)) * 8, j = ts + r;
+        int slot = j < end ? table[j / block_size] * block_size + j % block_size : -1;
+        size_t off = slot >= 0 ? (size_t)slot * kv_width + g * HD + c : 0;
+        cp_async16(smem_addr(kw + r * LD + c), k_cache + off, slot >= 0);
+        cp_async16(smem_addr(vw + r * LD + c), v_cache + off, slot >= 0);
+    }
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_1() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_0() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+// Dynamic shared memory of paged_decode: per warp STAGES × (K tile, V tile).
+extern __shared__ __align__(16) unsigned char decode_smem[];
+
+template <int HD, int STAGES>
 __device__ __forceinline__ void paged_decode(
     const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
     const bf16* __restrict__ v_cache, bf16* __restrict__ out, float* __restrict__ ws_acc,
@@ -441,9 +523,10 @@ __device__ __forceinline__ void paged_decode(
     const int* __restrict__ tok_pos, const int* __restrict__ block_tables, int max_blocks,
     int block_size, int q_heads, int kv_heads, float scale_log2, int window,
     int* __restrict__ done) {
-    const int LD = HD + 8;
-    // Per warp: its K and V tile; reused after the key loop for the warps' O (8 rows × HD f32).
-    __shared__ __align__(16) bf16 kvs[DM_WARPS][2 * DM_KEYS * (HD + 8)];
+    const int LD = HD + 8, TILE = 2 * DM_KEYS * (HD + 8);  // a K and a V tile, in bf16
+    // Per warp: STAGES K/V tile pairs (dynamic shared memory, STAGES × DM_WARPS × TILE bf16);
+    // reused after the key loop for the warps' O (8 rows × HD f32 each).
+    bf16* kvs = (bf16*)decode_smem;
     __shared__ float wm[DM_WARPS][8], wl[DM_WARPS][8];
     int t = tok_list[blockIdx.x], g = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
     int group = q_heads / kv_heads;
@@ -467,24 +550,29 @@ __device__ __forceinline__ void paged_decode(
     for (int nt = 0; nt < HD / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
     float m0 = -INFINITY, l0 = 0.0f;
     const int* table = block_tables + (size_t)seq * max_blocks;
-    bf16* kw = kvs[warp];
-    bf16* vw = kw + DM_KEYS * LD;
-    const int VEC = DM_KEYS * HD / 8 / 32;  // 16-byte pieces per lane per matrix
-    for (int ts = begin + warp * DM_KEYS; ts < end; ts += DM_WARPS * DM_KEYS) {
-        uint4 kr[VEC > 0 ? VEC : 1], vr[VEC > 0 ? VEC : 1];
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-            int e = lane + 32 * i, r = e / (HD / 8), c = (e % (HD / 8)) * 8, j = ts + r;
-            int slot = j < end ? table[j / block_size] * block_size + j % block_size : -1;
-            size_t off = (size_t)slot * kv_width + g * HD + c;
-            kr[i] = slot >= 0 ? *(const uint4*)(k_cache + off) : make_uint4(0u, 0u, 0u, 0u);
-            vr[i] = slot >= 0 ? *(const uint4*)(v_cache + off) : make_uint4(0u, 0u, 0u, 0u);
-        }
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-            int e = lane + 32 * i, r = e / (HD / 8), c = (e % (HD / 8)) * 8;
-            *(uint4*)(kw + r * LD + c) = kr[i];
-            *(uint4*)(vw + r * LD + c) = vr[i];
+    bf16* wbuf = kvs + (size_t)warp * STAGES * TILE;
+    // With 2 stages the next tile's copy is in flight while this one is computed.
+    int ts = begin + warp * DM_KEYS, buf = 0;
+    if (STAGES == 2 && ts < end)
+        decode_tile_copy<HD>(wbuf, wbuf + DM_KEYS * LD, k_cache, v_cache, table, block_size,
+                             kv_width, g, ts, end, lane);
+    for (; ts < end; ts += DM_WARPS * DM_KEYS, buf ^= (STAGES - 1)) {
+        bf16* kw = wbuf + buf * TILE;
+        bf16* vw = kw + DM_KEYS * LD;
+        if (STAGES == 2) {
+            int nx = ts + DM_WARPS * DM_KEYS;
+            if (nx < end) {
+                bf16* nk = wbuf + (buf ^ 1) * TILE;
+                decode_tile_copy<HD>(nk, nk + DM_KEYS * LD, k_cache, v_cache, table, block_size,
+                                     kv_width, g, nx, end, lane);
+                cp_async_wait_1();
+            } else {
+                cp_async_wait_0();
+            }
+        } else {
+            decode_tile_copy<HD>(kw, vw, k_cache, v_cache, table, block_size, kv_width, g, ts,
+                                 end, lane);
+            cp_async_wait_0();
         }
         __syncwarp();
         float sc[2][4];
@@ -525,22 +613,18 @@ __device__ __forceinline__ void paged_decode(
         }
         l0 = l0 * c + rs;
         unsigned pa[4] = {pack_bf2(sc[0][0], sc[0][1]), 0u, pack_bf2(sc[1][0], sc[1][1]), 0u};
-        const bf16* vcol = vw + (tig * 2) * LD + gid;
 #pragma unroll
         for (int nt = 0; nt < HD / 8; ++nt) {
             o[nt][0] *= c;
             o[nt][1] *= c;
-            const bf16* vp = vcol + nt * 8;
-            unsigned vb0 = (unsigned)vp[0] | ((unsigned)vp[LD] << 16);
-            unsigned vb1 = (unsigned)vp[8 * LD] | ((unsigned)vp[9 * LD] << 16);
-            mma_bf16_16816(o[nt], pa, vb0, vb1);
         }
+        pv_slice<HD>(o, pa, vw, LD, lane);
         __syncwarp();  // the tile's readers are done before the next copy overwrites it
     }
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     __syncthreads();  // every warp is done with its tile: the tiles' memory now holds O
-    float* wo = (float*)&kvs[0][0];  // DM_WARPS × 8 × HD floats fit in the tiles' bytes
+    float* wo = (float*)kvs;  // DM_WARPS × 8 × HD floats fit in the tiles' bytes
     if (gid < group) {
 #pragma unroll
         for (int nt = 0; nt < HD / 8; ++nt) {
@@ -617,17 +701,21 @@ __device__ __forceinline__ void paged_decode(
     }
 }
 
-#define PAGED_DECODE(HD)                                                                       \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_decode_##HD(              \
+#define PAGED_DECODE(NAME, HD, STAGES)                                                         \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) NAME(                         \
         const bf16* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out, float* ws_acc,   \
         float* ws_ml, const int* tok_list, const int* tok_seq, const int* tok_pos,             \
         const int* block_tables, int max_blocks, int block_size, int q_heads, int kv_heads,    \
         float scale_log2, int window, int* done) {                                             \
-        paged_decode<HD>(qkv, k_cache, v_cache, out, ws_acc, ws_ml, tok_list, tok_seq, tok_pos, \
+        paged_decode<HD, STAGES>(qkv, k_cache, v_cache, out, ws_acc, ws_ml, tok_list, tok_seq, tok_pos, \
                          block_tables, max_blocks, block_size, q_heads, kv_heads, scale_log2,  \
                          window, done);                                                        \
     }
-PAGED_DECODE(16)
-PAGED_DECODE(32)
-PAGED_DECODE(64)
-PAGED_DECODE(128)
+PAGED_DECODE(paged_decode_16, 16, 1)
+PAGED_DECODE(paged_decode_32, 32, 1)
+PAGED_DECODE(paged_decode_64, 64, 1)
+PAGED_DECODE(paged_decode_128, 128, 1)
+PAGED_DECODE(paged_decode2_16, 16, 2)
+PAGED_DECODE(paged_decode2_32, 32, 2)
+PAGED_DECODE(paged_decode2_64, 64, 2)
+PAGED_DECODE(paged_decode2_128, 128, 2)

@@ -74,12 +74,13 @@ pub fn bench(
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Device: {} (driver {}); model shape {} with random bf16 weights ({:.2} GB); kernels {:?} (VAJRA_CUDA_KERNELS).",
+        "Device: {} (driver {}); model shape {} with random bf16 weights ({:.2} GB); kernels {:?} (VAJRA_CUDA_KERNELS), decode stages {} (VAJRA_CUDA_DECODE_STAGES).",
         b.device_name(),
         CudaBackend::driver_version(),
         c.name,
         weight_bytes / 1e9,
-        b.kernels()
+        b.kernels(),
+        b.decode_stages()
     );
     let _ = writeln!(
         md,
@@ -133,7 +134,7 @@ pub fn bench(
     }
     let record = json!({
         "device": b.device_name(), "driver": CudaBackend::driver_version(), "model": c.name,
-        "weights": "random bf16", "kernels": format!("{:?}", b.kernels()), "setup_s": setup_s, "copy_gb_per_s_read_plus_write": copy_gbs,
+        "weights": "random bf16", "kernels": format!("{:?}", b.kernels()), "decode_stages": b.decode_stages(), "setup_s": setup_s, "copy_gb_per_s_read_plus_write": copy_gbs,
         "gemm_8192_tflops": gemm_8192, "decode": decode, "prefill": prefill,
         "timing": "wall clock of one greedy step (host preparation, kernels, argmax copy-back), median of 15 (decode) or 7 (prefill) after warm-up",
     });

@@ -61,6 +61,12 @@ const MIN_KEYS_PER_SPLIT_V2: u32 = 64;
 const GEMM_PREFILL_MIN: usize = 64;
 /// Head dims with `flash_prefill_<d>` and `paged_decode_<d>` kernels.
 const MMA_HEAD_DIMS: [u32; 4] = [16, 32, 64, 128];
+
+/// Dynamic shared memory of `paged_decode(2)_<head_dim>`: per warp (4), `stages` pairs of
+/// 16-key K and V tiles, rows padded by 8 elements (DM_KEYS, DM_WARPS in attention.cu).
+fn decode_smem_bytes(head_dim: u32, stages: u32) -> u32 {
+    4 * stages * 2 * 16 * (head_dim + 8) * 2
+}
 /// Most split-K partitions.
 const MAX_SPLITS: u32 = 64;
 
@@ -182,8 +188,10 @@ struct Kernels {
     silu_mul8: CudaFunction,
     fill_uniform: CudaFunction,
     paged_attention_scalar: CudaFunction,
-    /// `paged_decode_<d>` for each of MMA_HEAD_DIMS, in order.
+    /// `paged_decode_<d>` for each of MMA_HEAD_DIMS, in order (one K/V tile per warp).
     paged_decode: Vec<CudaFunction>,
+    /// `paged_decode2_<d>`: the same with the next tile's copy in flight (two stages).
+    paged_decode2: Vec<CudaFunction>,
     /// `flash_prefill_<d>` for each of MMA_HEAD_DIMS, in order.
     flash_prefill: Vec<CudaFunction>,
     attention_combine: CudaFunction,
@@ -223,6 +231,8 @@ pub struct CudaBackend {
     marks: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
     /// Which generation of kernels runs.
     kernel_set: KernelSet,
+    /// K/V tiles in flight per warp in `paged_decode` (1 or 2; `VAJRA_CUDA_DECODE_STAGES`).
+    decode_stages: u32,
     /// Streaming multiprocessors (split-K sizing).
     sms: u32,
     /// Compute capability major version (flash_prefill needs 8+).
@@ -313,6 +323,10 @@ impl CudaBackend {
                 .iter()
                 .map(|d| take(&format!("paged_decode_{d}")))
                 .collect(),
+            paged_decode2: MMA_HEAD_DIMS
+                .iter()
+                .map(|d| take(&format!("paged_decode2_{d}")))
+                .collect(),
             flash_prefill: MMA_HEAD_DIMS
                 .iter()
                 .map(|d| take(&format!("flash_prefill_{d}")))
@@ -321,6 +335,29 @@ impl CudaBackend {
             gather_kv: take("gather_kv"),
             causal_softmax: take("causal_softmax"),
             argmax_rows: take("argmax_rows"),
+        };
+        if major >= 8 {
+            // Two-stage decode tiles exceed the 48 KB of shared memory a block gets by default.
+            for (f, d) in k.paged_decode2.iter().zip(MMA_HEAD_DIMS) {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    decode_smem_bytes(d, 2) as i32,
+                )
+                .map_err(err)?;
+            }
+        }
+        let decode_stages = match std::env::var("VAJRA_CUDA_DECODE_STAGES") {
+            Err(std::env::VarError::NotPresent) => 1,
+            Ok(v) if v == "1" => 1,
+            Ok(v) if v == "2" => 2,
+            Ok(v) => return Err(EngineError::invalid("VAJRA_CUDA_DECODE_STAGES", &v, "1, 2")),
+            Err(e) => {
+                return Err(EngineError::invalid(
+                    "VAJRA_CUDA_DECODE_STAGES",
+                    e.to_string(),
+                    "1, 2",
+                ));
+            }
         };
         let c = &spec.config;
         if c.num_heads / c.num_kv_heads > 8 || c.head_dim > 256 {
@@ -442,6 +479,7 @@ impl CudaBackend {
             v_cache,
             marks: RefCell::new(None),
             kernel_set,
+            decode_stages,
             sms,
             cc_major: major,
         })
@@ -455,6 +493,24 @@ impl CudaBackend {
     /// The kernel generation in use.
     pub fn kernels(&self) -> KernelSet {
         self.kernel_set
+    }
+
+    /// Sets the K/V tiles in flight per warp in v2's `paged_decode` (1 or 2; the default comes
+    /// from `VAJRA_CUDA_DECODE_STAGES`, else 1).
+    ///
+    /// # Errors
+    /// Any other count.
+    pub fn set_decode_stages(&mut self, stages: u32) -> Result<()> {
+        if !(1..=2).contains(&stages) {
+            return Err(EngineError::invalid("decode stages", stages, "1, 2"));
+        }
+        self.decode_stages = stages;
+        Ok(())
+    }
+
+    /// K/V tiles in flight per warp in v2's `paged_decode`.
+    pub fn decode_stages(&self) -> u32 {
+        self.decode_stages
     }
 
     /// This model's kernel among `per_head_dim` (one per MMA_HEAD_DIMS), if v2 runs on an
@@ -958,7 +1014,14 @@ impl CudaBackend {
         let sms = self.sms;
         let pairs = (listed * nkv).max(1) as u32;
         // v2's tensor-core kernel for the head dims it is built for; otherwise v1's kernel.
-        let mma_decode = self.mma_kernel(&self.k.paged_decode).cloned();
+        let mma_decode = self
+            .mma_kernel(if self.decode_stages == 2 {
+                &self.k.paged_decode2
+            } else {
+                &self.k.paged_decode
+            })
+            .cloned();
+        let decode_smem = decode_smem_bytes(hd as u32, self.decode_stages);
         let splits = if pairs >= 2 * sms {
             1
         } else if mma_decode.is_some() {
@@ -1105,7 +1168,7 @@ impl CudaBackend {
                     b.launch(LaunchConfig {
                         grid_dim: (listed as u32, nkv as u32, splits),
                         block_dim: (ATT_THREADS, 1, 1),
-                        shared_mem_bytes: 0,
+                        shared_mem_bytes: if mma_decode.is_some() { decode_smem } else { 0 },
                     })
                     .map_err(err)?;
                     // paged_decode merges its own splits.
@@ -1232,6 +1295,10 @@ fn kernel_names(file: &str) -> &'static [&'static str] {
             "paged_decode_32",
             "paged_decode_64",
             "paged_decode_128",
+            "paged_decode2_16",
+            "paged_decode2_32",
+            "paged_decode2_64",
+            "paged_decode2_128",
             "flash_prefill_16",
             "flash_prefill_32",
             "flash_prefill_64",
