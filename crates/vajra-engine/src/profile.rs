@@ -64,7 +64,17 @@ impl Profiled for crate::backend::cuda::CudaBackend {
         json!({"gpu": self.device_name(), "driver_cuda": crate::backend::cuda::CudaBackend::driver_version()})
     }
     fn method(&self) -> String {
-        "vajra-engine's CUDA backend, bf16: cuBLAS GEMMs, NVRTC kernels (residual add fused into RMSNorm, so `add` is 0), paged attention over 16-token blocks (prefill chunks of 64 tokens or more as GEMMs); CUDA events between operators".into()
+        use crate::backend::cuda::KernelSet;
+        let attention = match self.kernels() {
+            KernelSet::V2 => format!(
+                "kernels v2: tensor-core paged_decode ({} K/V tile(s) in flight per warp) and flash_prefill for prefill chunks of 64 tokens or more, over 16-token blocks",
+                self.decode_stages()
+            ),
+            KernelSet::V1 => "kernels v1: scalar paged attention over 16-token blocks, prefill chunks of 64 tokens or more as cuBLAS GEMMs".into(),
+        };
+        format!(
+            "vajra-engine's CUDA backend, bf16: cuBLAS GEMMs, NVRTC kernels (residual add fused into RMSNorm, so `add` is 0), {attention}; CUDA events between operators"
+        )
     }
 }
 

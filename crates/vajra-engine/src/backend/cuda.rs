@@ -8,10 +8,12 @@
 //!   [`probe`] says why instead of panicking (cudarc panics when a library is missing, so each
 //!   library's presence is checked first).
 //!
-//! Per layer a step launches: `add_rms_norm`, QKV GEMM, (`add_bias`), `rope`, `kv_write`,
-//! `paged_decode_<head_dim>` (+ `attention_combine` when split; long prefill chunks
-//! `flash_prefill_<head_dim>`), O GEMM, `add_rms_norm`, gate-up GEMM,
-//! `silu_mul`, down GEMM. Greedy steps pick tokens with `argmax_rows` on the device.
+//! Per layer a step launches (v2 kernels, the default): `add_rms_norm`, QKV GEMM, (`add_bias`),
+//! `rope`, `kv_write`, `flash_prefill_<head_dim>` per prefill chunk of 64+ tokens and one
+//! `paged_decode_<head_dim>` for all other tokens (it merges its own split-K partials), O GEMM,
+//! `add_rms_norm`, gate-up GEMM, `silu_mul8`, down GEMM. [`KernelSet::V1`] swaps in
+//! `paged_attention_scalar` (+ `attention_combine`), cuBLAS attention GEMMs for long chunks and
+//! `silu_mul`. Greedy steps pick tokens with `argmax_rows` on the device.
 
 #![allow(unsafe_code)] // kernel launches and cuBLAS calls are unsafe FFI; each is commented.
 
