@@ -1027,7 +1027,8 @@ impl CudaBackend {
         let splits = if pairs >= 2 * sms {
             1
         } else if mma_decode.is_some() {
-            // Enough blocks to fill the GPU twice over, but at least one 64-key tile each.
+            // Enough blocks to fill the GPU twice over, but at least 64 keys (a 16-key tile for
+            // each of the block's 4 warps) each.
             (2 * sms)
                 .div_ceil(pairs)
                 .min(max_ctx.div_ceil(MIN_KEYS_PER_SPLIT_V2))
