@@ -33,6 +33,17 @@
 // Accumulators per thread: (head dims it owns) × (heads of the group).
 #define ACC_PER_THREAD (MAX_GROUP * MAX_HEAD_DIM / ATT_THREADS)
 
+// Keys [begin, end) of split s of `splits` for a token at position pos: its visible keys
+// [lo, pos] (lo from the sliding window) cut into equal contiguous ranges. Every paged kernel
+// and the split-K merge must agree on these ranges.
+__device__ __forceinline__ void split_range(int pos, int window, int s, int splits, int* begin,
+                                            int* end) {
+    int lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    int per = (pos + 1 - lo + splits - 1) / splits;
+    *begin = lo + s * per;
+    *end = min(pos + 1, *begin + per);
+}
+
 extern "C" __global__ void paged_attention_scalar(
     const bf16* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out,
     float* ws_acc, float* ws_ml, const int* tok_list,
@@ -46,10 +57,8 @@ extern "C" __global__ void paged_attention_scalar(
     int group = q_heads / kv_heads;
     int seq = tok_seq[t], pos = tok_pos[t];
     int kv_width = kv_heads * head_dim;
-    int lo = window > 0 ? max(0, pos + 1 - window) : 0;
-    int n = pos + 1 - lo;
-    int per = (n + splits - 1) / splits;
-    int begin = lo + s * per, end = min(pos + 1, begin + per);
+    int begin, end;
+    split_range(pos, window, s, splits, &begin, &end);
     const bf16* qrow = qkv + (size_t)t * qkv_width + g * group * head_dim;
     int width = group * head_dim;
     for (int i = threadIdx.x; i < width; i += blockDim.x) q[i] = bf2f(qrow[i]) * scale;
@@ -287,9 +296,23 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool o
 #endif
 }
 
-__device__ __forceinline__ void cp_async_wait_all() {
+// Closes the group of cp.async copies issued so far (waited on with cp_async_wait_<n>).
+__device__ __forceinline__ void cp_async_commit() {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most 1 (or 0) committed groups are still in flight.
+__device__ __forceinline__ void cp_async_wait_1() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_0() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 #endif
 }
 
@@ -360,7 +383,8 @@ __device__ __forceinline__ void flash_prefill(const bf16* __restrict__ qkv,
             cp_async16(smem_addr(ks + r * LD + c), k_cache + off, sl >= 0);
             cp_async16(smem_addr(vs + r * LD + c), v_cache + off, sl >= 0);
         }
-        cp_async_wait_all();
+        cp_async_commit();
+        cp_async_wait_0();
         __syncthreads();
         // Warp-uniform: a tile wholly outside this warp's rows' ranges (or no rows) is skipped.
         if (q0 >= tq || kt > wlast || kt + FL_BK <= wfirst) continue;
@@ -495,21 +519,7 @@ __device__ __forceinline__ void decode_tile_copy(bf16* kw, bf16* vw, const bf16*
         cp_async16(smem_addr(kw + r * LD + c), k_cache + off, slot >= 0);
         cp_async16(smem_addr(vw + r * LD + c), v_cache + off, slot >= 0);
     }
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait_1() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait_0() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-#endif
+    cp_async_commit();
 }
 
 // Dynamic shared memory of paged_decode: per warp STAGES × (K tile, V tile).
@@ -532,10 +542,8 @@ __device__ __forceinline__ void paged_decode(
     int group = q_heads / kv_heads;
     int seq = tok_seq[t], pos = tok_pos[t];
     int kv_width = kv_heads * HD;
-    int lo = window > 0 ? max(0, pos + 1 - window) : 0;
-    int n = pos + 1 - lo;
-    int per = (n + splits - 1) / splits;
-    int begin = lo + s * per, end = min(pos + 1, begin + per);
+    int begin, end;
+    split_range(pos, window, s, splits, &begin, &end);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     // A fragments of Q: row gid is the group's head gid (rows gid + 8 are padding).
     unsigned qf[HD / 16][2];

@@ -92,17 +92,34 @@ impl KernelSet {
     /// # Errors
     /// Any other value, named with the allowed ones.
     pub fn from_env() -> Result<Self> {
-        match std::env::var("VAJRA_CUDA_KERNELS") {
-            Err(std::env::VarError::NotPresent) => Ok(KernelSet::V2),
-            Ok(v) if v == "v2" => Ok(KernelSet::V2),
-            Ok(v) if v == "v1" => Ok(KernelSet::V1),
-            Ok(v) => Err(EngineError::invalid("VAJRA_CUDA_KERNELS", &v, "v1, v2")),
-            Err(e) => Err(EngineError::invalid(
-                "VAJRA_CUDA_KERNELS",
-                e.to_string(),
-                "v1, v2",
-            )),
-        }
+        env_choice(
+            "VAJRA_CUDA_KERNELS",
+            &[("v1", KernelSet::V1), ("v2", KernelSet::V2)],
+            KernelSet::V2,
+        )
+    }
+}
+
+/// The value of the environment variable `var` among `choices` (`default` when unset).
+///
+/// # Errors
+/// Any other value (or one that is not Unicode), named with the allowed ones.
+fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)], default: T) -> Result<T> {
+    let allowed = || {
+        choices
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match std::env::var(var) {
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Ok(v) => choices
+            .iter()
+            .find(|(name, _)| *name == v)
+            .map(|(_, c)| *c)
+            .ok_or_else(|| EngineError::invalid(var, &v, allowed())),
+        Err(e) => Err(EngineError::invalid(var, e.to_string(), allowed())),
     }
 }
 
@@ -348,19 +365,7 @@ impl CudaBackend {
                 .map_err(err)?;
             }
         }
-        let decode_stages = match std::env::var("VAJRA_CUDA_DECODE_STAGES") {
-            Err(std::env::VarError::NotPresent) => 1,
-            Ok(v) if v == "1" => 1,
-            Ok(v) if v == "2" => 2,
-            Ok(v) => return Err(EngineError::invalid("VAJRA_CUDA_DECODE_STAGES", &v, "1, 2")),
-            Err(e) => {
-                return Err(EngineError::invalid(
-                    "VAJRA_CUDA_DECODE_STAGES",
-                    e.to_string(),
-                    "1, 2",
-                ));
-            }
-        };
+        let decode_stages = env_choice("VAJRA_CUDA_DECODE_STAGES", &[("1", 1), ("2", 2)], 1)?;
         let c = &spec.config;
         if c.num_heads / c.num_kv_heads > 8 || c.head_dim > 256 {
             return Err(err(format!(
@@ -1045,9 +1050,14 @@ impl CudaBackend {
         };
         let mut ws_acc = st.alloc_zeros::<f32>(ws_len * hd).map_err(err)?;
         let mut ws_ml = st.alloc_zeros::<f32>(ws_len * 2).map_err(err)?;
-        // paged_decode's finished-split counters per (token, KV head): zero, and left zero.
+        // paged_decode's finished-split counters per (token, KV head): zero, and left zero
+        // (only paged_decode merges its own splits; one unused element otherwise).
         let mut done = st
-            .alloc_zeros::<i32>(if splits > 1 { t * nkv } else { 1 })
+            .alloc_zeros::<i32>(if splits > 1 && mma_decode.is_some() {
+                t * nkv
+            } else {
+                1
+            })
             .map_err(err)?;
         let rows_cfg = |n: usize| LaunchConfig {
             grid_dim: (n as u32, 1, 1),
