@@ -4,7 +4,8 @@
 //! Cost model: a step with few rows (decode) is bound by reading the weights once, so it runs
 //! as dot products over weight rows, split across rayon workers by output feature (each weight
 //! row is read once for all input rows). Many rows (prefill) go to `matrixmultiply`'s packed
-//! SGEMM, split across workers by input rows.
+//! SGEMM, split across workers by input rows when every worker gets enough of them, else by
+//! output feature.
 
 use rayon::prelude::*;
 
@@ -27,30 +28,51 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f
     if m == 0 || n == 0 {
         return;
     }
+    let threads = rayon::current_num_threads();
     if m <= GEMV_MAX_ROWS {
-        // Features in parallel; each task writes a column block of every row, gathered below.
-        let blocks: Vec<Vec<f32>> = w
-            .par_chunks(FEATURES_PER_TASK * k)
-            .map(|wb| {
-                let mut o = vec![0.0; m * (wb.len() / k)];
-                gemv_block(x, m, k, wb, &mut o);
-                o
-            })
-            .collect();
-        for (b, o) in blocks.iter().enumerate() {
-            let n0 = b * FEATURES_PER_TASK;
-            let nb = o.len() / m;
-            for i in 0..m {
-                out[i * n + n0..i * n + n0 + nb].copy_from_slice(&o[i * nb..(i + 1) * nb]);
-            }
-        }
-    } else {
-        let rows = m
-            .div_ceil(rayon::current_num_threads())
-            .max(MIN_ROWS_PER_TASK);
+        by_features(w, k, FEATURES_PER_TASK, m, n, out, |wb, o| {
+            gemv_block(x, m, k, wb, o);
+        });
+    } else if m >= threads * MIN_ROWS_PER_TASK {
+        let rows = m.div_ceil(threads);
         out.par_chunks_mut(rows * n)
             .zip(x.par_chunks(rows * k))
             .for_each(|(o, xb)| sgemm_t(xb, xb.len() / k, k, w, n, o));
+    } else {
+        // Too few rows to give every worker its own share: split the output features instead,
+        // so that no worker idles (by rows, 17 to 127 rows on two workers were one task).
+        let per = n.div_ceil(threads).next_multiple_of(FEATURES_PER_TASK);
+        by_features(w, k, per, m, n, out, |wb, o| {
+            sgemm_t(x, m, k, wb, wb.len() / k, o);
+        });
+    }
+}
+
+/// Runs `f(weight rows, out block)` on blocks of `per` output features in parallel, each into
+/// its own `m × block` buffer, and gathers the blocks into the columns of `out`.
+fn by_features(
+    w: &[f32],
+    k: usize,
+    per: usize,
+    m: usize,
+    n: usize,
+    out: &mut [f32],
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) {
+    let blocks: Vec<Vec<f32>> = w
+        .par_chunks(per * k)
+        .map(|wb| {
+            let mut o = vec![0.0; m * (wb.len() / k)];
+            f(wb, &mut o);
+            o
+        })
+        .collect();
+    for (b, o) in blocks.iter().enumerate() {
+        let n0 = b * per;
+        let nb = o.len() / m;
+        for i in 0..m {
+            out[i * n + n0..i * n + n0 + nb].copy_from_slice(&o[i * nb..(i + 1) * nb]);
+        }
     }
 }
 
@@ -172,9 +194,9 @@ mod tests {
     }
 
     #[test]
-    fn both_product_paths_match_a_naive_product() {
+    fn every_product_path_matches_a_naive_product() {
         let (k, n) = (37, 131);
-        for m in [1, 3, 16, 17, 70] {
+        for m in [1, 3, 16, 17, 70, 200] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
                 .collect();
