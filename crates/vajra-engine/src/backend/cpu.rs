@@ -351,41 +351,54 @@ impl Backend for CpuBackend {
             }
             let (kc, vc) = (&*kc, &*vc);
             mark(&self.marks, "attn_kv_cache_save");
-            // Attention of every new token over its request's cached context (causal), one task
-            // per token.
-            attn.par_chunks_mut(q_w).enumerate().for_each(|(i, out)| {
+            // Attention of every new token over its request's cached context (causal): one task
+            // per token, or per (token, head) when the step has fewer tokens than threads, so a
+            // lone decode's attention does not run on one core while the others wait.
+            let head_attn = |i: usize, hq: usize, o: &mut [f32], scores: &mut Vec<f32>| {
                 let (s, p) = at[i];
                 let table = input.seqs[s].block_table;
                 let p = p as usize;
                 let lo = window.map_or(0, |w| (p + 1).saturating_sub(w as usize));
-                let mut scores = vec![0.0f32; p + 1 - lo];
-                let q_row = &qkv[i * qkv_w..i * qkv_w + q_w];
-                for (hq, o) in out.chunks_exact_mut(hd).enumerate() {
-                    let kvh = hq / (nh / nkv);
-                    let q = &q_row[hq * hd..(hq + 1) * hd];
-                    let kv_at =
-                        |j: usize| (table[j / bs].0 as usize * bs + j % bs) * kv_w + kvh * hd;
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in (lo..=p).zip(scores.iter_mut()) {
-                        let k0 = kv_at(j);
-                        *sc = super::linalg::dot(q, &kc[k0..k0 + hd]) * scale;
-                        max = max.max(*sc);
-                    }
-                    let mut sum = 0.0;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    o.fill(0.0);
-                    for (j, sc) in (lo..=p).zip(&scores) {
-                        let v0 = kv_at(j);
-                        let wgt = sc / sum;
-                        o.iter_mut()
-                            .zip(&vc[v0..v0 + hd])
-                            .for_each(|(o, v)| *o += wgt * v);
-                    }
+                scores.clear();
+                scores.resize(p + 1 - lo, 0.0);
+                let kvh = hq / (nh / nkv);
+                let q = &qkv[i * qkv_w + hq * hd..i * qkv_w + (hq + 1) * hd];
+                let kv_at = |j: usize| (table[j / bs].0 as usize * bs + j % bs) * kv_w + kvh * hd;
+                let mut max = f32::NEG_INFINITY;
+                for (j, sc) in (lo..=p).zip(scores.iter_mut()) {
+                    let k0 = kv_at(j);
+                    *sc = super::linalg::dot(q, &kc[k0..k0 + hd]) * scale;
+                    max = max.max(*sc);
                 }
-            });
+                let mut sum = 0.0;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                o.fill(0.0);
+                for (j, sc) in (lo..=p).zip(scores.iter()) {
+                    let v0 = kv_at(j);
+                    let wgt = sc / sum;
+                    o.iter_mut()
+                        .zip(&vc[v0..v0 + hd])
+                        .for_each(|(o, v)| *o += wgt * v);
+                }
+            };
+            if t < rayon::current_num_threads() {
+                attn.par_chunks_mut(hd)
+                    .enumerate()
+                    .for_each_init(Vec::new, |scores, (k, o)| {
+                        head_attn(k / nh, k % nh, o, scores);
+                    });
+            } else {
+                attn.par_chunks_mut(q_w)
+                    .enumerate()
+                    .for_each_init(Vec::new, |scores, (i, out)| {
+                        for (hq, o) in out.chunks_exact_mut(hd).enumerate() {
+                            head_attn(i, hq, o, scores);
+                        }
+                    });
+            }
             mark(&self.marks, "attn");
             matmul_t(&attn, t, q_w, &layer.o, h, &mut proj);
             mark(&self.marks, "attn_post_proj");
