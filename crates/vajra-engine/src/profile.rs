@@ -51,7 +51,7 @@ impl Profiled for CpuBackend {
         json!({"cpu": model, "threads": rayon::current_num_threads()})
     }
     fn method(&self) -> String {
-        "vajra-engine's CPU backend (f32; matrixmultiply SGEMM or AVX2 dot products on rayon), wall clock between operators; `add` is the two residual adds".into()
+        "vajra-engine's CPU backend (f32; AVX2 dot products up to 16 rows, matrixmultiply SGEMM beyond, split over rayon workers by output feature or by rows; attention one task per token, or per (token, head) below one token per worker), wall clock between operators; `add` is the two residual adds".into()
     }
 }
 
@@ -267,7 +267,10 @@ fn fmt_stats(s: [f64; 5]) -> String {
 /// Per-layer ms of every operator, per point of `batches`, over `reps` rounds. A round runs
 /// every point once, after one warm-up round, so each point's samples spread over the whole
 /// profile (a slow minute on a shared machine touches every point alike instead of bending the
-/// curves) and every timed step follows a step of another shape, as in serving.
+/// curves). The rounds walk the points by work ([`round_order`]), forwards then backwards, so
+/// every timed step follows a step of about its own size (or itself), as in serving, where a
+/// lone decode follows lone decodes: on the CPU a one-token step timed right after the grid's
+/// largest decode step ran 2–8 % slower than after a small one.
 fn profile_rounds(
     b: &mut dyn Profiled,
     batches: &[Batch],
@@ -275,8 +278,15 @@ fn profile_rounds(
 ) -> Result<Vec<BTreeMap<&'static str, Vec<f64>>>> {
     let layers = f64::from(b.spec().config.num_layers);
     let mut out: Vec<BTreeMap<&'static str, Vec<f64>>> = vec![BTreeMap::new(); batches.len()];
+    let order = round_order(batches);
     for round in 0..=reps {
-        for (batch, times) in batches.iter().zip(&mut out) {
+        let walk: Vec<usize> = if round % 2 == 0 {
+            order.clone()
+        } else {
+            order.iter().rev().copied().collect()
+        };
+        for i in walk {
+            let (batch, times) = (&batches[i], &mut out[i]);
             let step = b.profile_step(&batch.input())?;
             if round == 0 {
                 continue; // warm-up
@@ -292,6 +302,19 @@ fn profile_rounds(
         }
     }
     Ok(out)
+}
+
+/// The points of `batches` by (new tokens, context tokens read): neighbours in this order are
+/// steps of about the same cost.
+fn round_order(batches: &[Batch]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..batches.len()).collect();
+    order.sort_by_key(|&i| {
+        let b = &batches[i];
+        let n = b.tokens.len();
+        let len = b.tokens.first().map_or(0, Vec::len);
+        (n * len, n * b.ctx as usize)
+    });
+    order
 }
 
 fn series<'a>(times: &'a BTreeMap<&'static str, Vec<f64>>, op: &str) -> &'a [f64] {
@@ -422,7 +445,7 @@ pub fn profile(b: &mut dyn Profiled, grid: &Grid, out: &Path, command: &str) -> 
         "commit": std::env::var("VAJRA_COMMIT").unwrap_or_else(|_| git_commit()),
         "command": command,
         "method": b.method(),
-        "timing": format!("1 warm-up round + {reps} timed rounds, each round one step of every grid point in turn; median per point, ms per layer (emb, final_norm, lm_head per step)"),
+        "timing": format!("1 warm-up round + {reps} timed rounds, each round one step of every grid point, walked by work (new tokens, then context tokens read) forwards and backwards in turn; median per point, ms per layer (emb, final_norm, lm_head per step)"),
     });
     write(
         "provenance.json",
@@ -441,4 +464,22 @@ pub fn cpu_backend(dir: &Path, grid: &Grid) -> Result<CpuBackend> {
         num_blocks: grid.blocks(),
         num_host_blocks: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_walk_the_points_by_work() {
+        let batches = [
+            Batch::new(1, 1, 0, 100),    // 0: one token
+            Batch::new(1, 512, 0, 100),  // 1: the largest chunk
+            Batch::new(1, 16, 256, 100), // 2: a chunk over context
+            Batch::new(32, 1, 512, 100), // 3: the largest decode
+            Batch::new(1, 1, 256, 100),  // 4: a lone decode
+            Batch::new(16, 1, 64, 100),  // 5: 16 decodes, 1,024 context tokens
+        ];
+        assert_eq!(round_order(&batches), vec![0, 4, 2, 5, 3, 1]);
+    }
 }
