@@ -170,4 +170,9 @@ pub trait Backend: Send {
         out: &[(BlockId, HostBlockId)],
         ins: &[(HostBlockId, BlockId)],
     ) -> Result<()>;
+    /// The backend as one that times its operators (`vajra-engine serve --profile-out`), where
+    /// it can.
+    fn as_profiled(&mut self) -> Option<&mut dyn crate::profile::Profiled> {
+        None
+    }
 }

@@ -258,6 +258,14 @@ impl Engine {
         self.backend.as_ref()
     }
 
+    /// The backend, to profile it before serving (`serve --profile-out`). Steps run through it
+    /// write KV blocks the scheduler may later hand out, which is harmless before the first
+    /// request (every block is written before it is read, and no block is cached yet); do not
+    /// call it while requests are in flight.
+    pub fn backend_mut(&mut self) -> &mut dyn Backend {
+        self.backend.as_mut()
+    }
+
     /// Longest prompt + output accepted.
     pub fn max_model_len(&self) -> u32 {
         self.max_model_len

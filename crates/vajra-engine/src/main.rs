@@ -194,6 +194,11 @@ struct ServeArgs {
     /// new tokens and context) to this file, for `vajra-sim compare --steps`.
     #[arg(long)]
     steps_log: Option<PathBuf>,
+    /// Before serving, profile this very backend (the `profile` command's full grid) into
+    /// `<DIR>/<model>/`, so that the profile and the served steps share the process, its
+    /// memory and the minutes around them (scripts/calibrate.sh).
+    #[arg(long, value_name = "DIR")]
+    profile_out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -320,6 +325,22 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 fn serve(a: ServeArgs) -> Result<()> {
     let mut engine = load(&a.engine)?;
+    if let Some(out) = &a.profile_out {
+        use vajra_engine::profile::{Grid, profile};
+        let cmd = std::env::args().collect::<Vec<_>>().join(" ");
+        let b = engine.backend_mut();
+        let grid = if b.name() == "cpu" {
+            Grid::cpu(false)
+        } else {
+            Grid::gpu(false)
+        };
+        let name = b.name();
+        let p = b
+            .as_profiled()
+            .with_context(|| format!("--profile-out: the {name} backend cannot be profiled"))?;
+        let dir = profile(p, &grid, out, &cmd).context("--profile-out")?;
+        eprintln!("wrote {}", dir.display());
+    }
     if let Some(p) = &a.steps_log {
         let f = std::fs::File::create(p).with_context(|| format!("--steps-log {}", p.display()))?;
         engine

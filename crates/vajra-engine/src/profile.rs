@@ -327,6 +327,16 @@ fn series<'a>(times: &'a BTreeMap<&'static str, Vec<f64>>, op: &str) -> &'a [f64
 /// # Errors
 /// A backend failure or a file that cannot be written.
 pub fn profile(b: &mut dyn Profiled, grid: &Grid, out: &Path, command: &str) -> Result<PathBuf> {
+    if b.num_blocks() < grid.blocks() {
+        return Err(crate::EngineError::Backend {
+            backend: b.name().into(),
+            message: format!(
+                "profiling this grid needs {} KV blocks of {BLOCK} tokens; the backend holds {}",
+                grid.blocks(),
+                b.num_blocks()
+            ),
+        });
+    }
     let spec = b.spec().clone();
     let c = &spec.config;
     let reps = grid.reps;

@@ -63,3 +63,67 @@ fn cpu_profile_writes_every_grid_point_in_the_simulators_schema() {
     assert_eq!(prov["backend"], "cpu");
     assert!(prov["device"]["cpu"].is_string() && prov["date"].as_str().unwrap().len() == 20);
 }
+
+/// `serve --profile-out DIR` profiles the serving backend itself before it listens.
+fn serve_with_profile(kv_cache_mib: &str, out: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
+        .args(["serve", "--port", "0", "--kv-cache-mib", kv_cache_mib])
+        .arg("--model")
+        .arg(common::root().join("tests/fixtures/tiny-llama"))
+        .arg("--profile-out")
+        .arg(out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn serve_profiles_its_own_backend_before_listening() {
+    use std::io::{BufRead, BufReader};
+    let out = std::env::temp_dir().join(format!("vajra-serve-profile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut child = serve_with_profile("64", &out);
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let listening = loop {
+        let Some(line) = lines.next() else {
+            break false;
+        };
+        let line = line.unwrap();
+        if line.contains("http://") {
+            break true;
+        }
+        seen.push(line);
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(listening, "server exited before listening: {seen:?}");
+    assert!(
+        seen.iter().any(|l| l.starts_with("wrote ")),
+        "the profile is written before the server listens: {seen:?}"
+    );
+    let dir = out.join("tiny-llama");
+    let mlp = csv::Reader::from_path(dir.join("mlp.csv"))
+        .unwrap()
+        .records()
+        .count();
+    assert_eq!(mlp, 10, "the full CPU grid: 1 to 512 tokens");
+    let prov: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("provenance.json")).unwrap())
+            .unwrap();
+    assert!(prov["command"].as_str().unwrap().contains("serve"));
+}
+
+#[test]
+fn serve_profile_with_too_few_kv_blocks_fails_naming_both_counts() {
+    let out =
+        std::env::temp_dir().join(format!("vajra-serve-profile-small-{}", std::process::id()));
+    // 1 MiB of KV for the tiny Llama is far fewer blocks than the grid's largest point needs.
+    let o = serve_with_profile("1", &out).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--profile-out") && err.contains("KV blocks") && err.contains("holds"),
+        "{err}"
+    );
+}

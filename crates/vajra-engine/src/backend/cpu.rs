@@ -446,6 +446,10 @@ impl Backend for CpuBackend {
         Ok(Logits { vocab, data })
     }
 
+    fn as_profiled(&mut self) -> Option<&mut dyn crate::profile::Profiled> {
+        Some(self)
+    }
+
     fn swap(
         &mut self,
         out: &[(BlockId, HostBlockId)],

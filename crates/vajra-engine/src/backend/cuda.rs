@@ -1372,6 +1372,10 @@ impl Backend for CudaBackend {
         Ok(host.into_iter().map(|i| i as u32).collect())
     }
 
+    fn as_profiled(&mut self) -> Option<&mut dyn crate::profile::Profiled> {
+        Some(self)
+    }
+
     fn swap(
         &mut self,
         out: &[(BlockId, HostBlockId)],
