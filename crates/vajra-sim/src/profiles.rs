@@ -4,7 +4,7 @@
 use crate::catalog::{self, DeviceSpec};
 use crate::error::{Result, write_err};
 use crate::predictor::curve::Curve;
-use crate::predictor::profile::read_mlp;
+use crate::predictor::profile::{Statistic, read_mlp};
 use crate::predictor::roofline::{self, MLP_OPS};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -193,7 +193,7 @@ pub fn roofline_error(root: &Path) -> Result<Vec<ErrorRow>> {
             continue;
         };
         for tp in tp_widths(&model) {
-            let Ok(c) = read_mlp(&f, &model, tp) else {
+            let Ok(c) = read_mlp(&f, &model, tp, Statistic::Median) else {
                 continue;
             };
             let op_mape = MLP_OPS
@@ -293,11 +293,16 @@ mod tests {
         let m = catalog::model("Meta-Llama-3-8B").unwrap();
         let d = catalog::device("h100").unwrap();
         generate(&m, &d, &dir, "test").unwrap();
-        let c = read_mlp(&dir.join("mlp.csv"), &m, 2).unwrap();
+        let c = read_mlp(&dir.join("mlp.csv"), &m, 2, Statistic::Median).unwrap();
         let direct = roofline::op_time(&m, &d, 2, "mlp_up_proj", 1000.0) * 1e3;
         let read = c.ops["mlp_up_proj"].at(1000.0);
         assert!((read / direct - 1.0).abs() < 0.02, "{read} vs {direct}");
-        let fit = crate::predictor::profile::read_attention(&dir.join("attention.csv"), 1).unwrap();
+        let fit = crate::predictor::profile::read_attention(
+            &dir.join("attention.csv"),
+            1,
+            Statistic::Median,
+        )
+        .unwrap();
         assert!(fit.mape.1 < 0.2, "decode fit {:?}", fit.mape);
     }
 

@@ -56,6 +56,10 @@ pub struct PredictorConfig {
     pub cpu_overhead_per_request_us: f64,
     /// Model the LM head (Vidur does not).
     pub lm_head: bool,
+    /// Which statistic of each measured point to price steps with: `median` (Vidur's) or
+    /// `mean` (adds each point's share of slow steps; closer to a long run's average on a
+    /// noisy machine). Collectives keep the median.
+    pub profile_statistic: profile::Statistic,
 }
 
 impl Default for PredictorConfig {
@@ -66,6 +70,7 @@ impl Default for PredictorConfig {
             cpu_overhead_us: 0.0,
             cpu_overhead_per_request_us: 0.0,
             lm_head: true,
+            profile_statistic: profile::Statistic::Median,
         }
     }
 }
@@ -257,16 +262,18 @@ impl Predictor {
         max_batch_tokens: u32,
     ) -> Result<Self, SimError> {
         cfg.validate()?;
+        let stat = cfg.profile_statistic;
         let tp = parallel.tensor_parallel;
         let pp = parallel.pipeline_parallel;
         let mut provenance = Vec::new();
         let mut warnings = Vec::new();
         let linear = match compute {
             Some(dir) => {
-                let c = profile::read_mlp(&dir.join("mlp.csv"), model, tp)?;
+                let c = profile::read_mlp(&dir.join("mlp.csv"), model, tp, stat)?;
                 provenance.push(format!(
-                    "linear ops: {} (TP {tp})",
-                    dir.join("mlp.csv").display()
+                    "linear ops: {} (TP {tp}, {}s)",
+                    dir.join("mlp.csv").display(),
+                    stat.column()
                 ));
                 if f64::from(max_batch_tokens) > c.max_tokens {
                     warnings.push(format!(
@@ -284,7 +291,7 @@ impl Predictor {
         };
         let attention = match compute.map(|d| d.join("attention.csv")) {
             Some(p) if p.exists() => {
-                let fit = profile::read_attention(&p, tp)?;
+                let fit = profile::read_attention(&p, tp, stat)?;
                 provenance.push(format!(
                     "attention: fitted to {} (MAPE prefill {:.1} %, decode {:.1} %)",
                     p.display(),
@@ -300,7 +307,7 @@ impl Predictor {
         };
         let head = match compute.map(|d| d.join("lm_head.csv")) {
             Some(p) if cfg.lm_head && p.exists() => {
-                let c = profile::read_lm_head(&p, model, tp)?;
+                let c = profile::read_lm_head(&p, model, tp, stat)?;
                 provenance.push(format!("final norm + LM head: {}", p.display()));
                 Some(c)
             }
@@ -767,5 +774,48 @@ mod tests {
         assert!(e.contains("vocab_size") && e.contains("151936"), "{e}");
         let _ = std::fs::remove_dir_all(dir);
         let _ = std::fs::remove_dir_all(wrong);
+    }
+
+    #[test]
+    fn profile_statistic_picks_the_median_or_the_mean_columns() {
+        let dir = std::env::temp_dir().join(format!("vajra-stat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ops = [
+            "attn_pre_proj",
+            "attn_post_proj",
+            "mlp_up_proj",
+            "mlp_down_proj",
+        ];
+        let mut mlp = String::from("n_head,n_embd,num_tokens,num_tensor_parallel_workers");
+        for op in ops {
+            mlp += &format!(",time_stats.{op}.median,time_stats.{op}.mean");
+        }
+        // Every operator: median 0.1 ms, mean 0.2 ms per layer, flat in tokens.
+        mlp += "\n32,4096,1,1,0.1,0.2,0.1,0.2,0.1,0.2,0.1,0.2\n32,4096,4096,1,0.1,0.2,0.1,0.2,0.1,0.2,0.1,0.2\n";
+        std::fs::write(dir.join("mlp.csv"), mlp).unwrap();
+        let at = |stat: &str| {
+            let cfg: PredictorConfig =
+                toml::from_str(&format!("lm_head = false\nprofile_statistic = \"{stat}\""))
+                    .unwrap();
+            let p = Predictor::new(
+                &model("Llama-2-7b-hf").unwrap(),
+                &device("h100").unwrap(),
+                ParallelConfig::default(),
+                &cfg,
+                Some(&dir),
+                None,
+                4096,
+            )
+            .unwrap();
+            p.predict(&batch(&[128])).stage_ns[0] as i64
+        };
+        // Everything else (the roofline's attention) is the same; the linear operators differ
+        // by 32 layers × 4 operators × 0.1 ms.
+        let d = at("mean") - at("median");
+        assert!((d - 12_800_000).abs() < 1_000, "{d} ns");
+        let bad: Result<PredictorConfig, _> = toml::from_str("profile_statistic = \"p99\"");
+        let e = bad.unwrap_err().to_string();
+        assert!(e.contains("median") && e.contains("mean"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

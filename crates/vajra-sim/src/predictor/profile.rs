@@ -113,11 +113,37 @@ pub struct OpCurves {
     pub max_tokens: f64,
 }
 
+/// Which `time_stats` column of a profile the predictor prices steps with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Statistic {
+    /// The median over a point's repetitions (Vidur's choice): a typical step.
+    #[default]
+    Median,
+    /// The mean: a typical step plus its share of the slow tail, which a long run averages in.
+    Mean,
+}
+
+impl Statistic {
+    /// The column suffix (`time_stats.<op>.<suffix>`).
+    pub fn column(self) -> &'static str {
+        match self {
+            Statistic::Median => "median",
+            Statistic::Mean => "mean",
+        }
+    }
+}
+
 /// Reads `mlp.csv` rows for `tp`, checking that the file describes `model`.
 ///
 /// # Errors
 /// A missing file or column, a malformed cell, no rows for `tp`, or a model mismatch.
-pub fn read_mlp(path: &Path, model: &ModelConfig, tp: u32) -> Result<OpCurves, SimError> {
+pub fn read_mlp(
+    path: &Path,
+    model: &ModelConfig,
+    tp: u32,
+    stat: Statistic,
+) -> Result<OpCurves, SimError> {
     let t = Table::read(path)?;
     let tok = t.col("num_tokens")?;
     let tpc = t.col("num_tensor_parallel_workers")?;
@@ -130,7 +156,9 @@ pub fn read_mlp(path: &Path, model: &ModelConfig, tp: u32) -> Result<OpCurves, S
         .map(|op| {
             (
                 *op,
-                t.headers.get(&format!("time_stats.{op}.median")).copied(),
+                t.headers
+                    .get(&format!("time_stats.{op}.{}", stat.column()))
+                    .copied(),
             )
         })
         .collect();
@@ -182,7 +210,7 @@ pub fn read_mlp(path: &Path, model: &ModelConfig, tp: u32) -> Result<OpCurves, S
         if !pts.contains_key(need) {
             return Err(SimError::Profile {
                 path: path.to_owned(),
-                message: format!("missing column `time_stats.{need}.median`"),
+                message: format!("missing column `time_stats.{need}.{}`", stat.column()),
             });
         }
     }
@@ -191,7 +219,10 @@ pub fn read_mlp(path: &Path, model: &ModelConfig, tp: u32) -> Result<OpCurves, S
     for (op, p) in pts {
         let c = Curve::new(p).ok_or_else(|| SimError::Profile {
             path: path.to_owned(),
-            message: format!("column `time_stats.{op}.median` has no usable values"),
+            message: format!(
+                "column `time_stats.{op}.{}` has no usable values",
+                stat.column()
+            ),
         })?;
         max_tokens = max_tokens.max(c.x_max());
         ops.insert(op.to_owned(), c);
@@ -205,13 +236,18 @@ pub fn read_mlp(path: &Path, model: &ModelConfig, tp: u32) -> Result<OpCurves, S
 ///
 /// # Errors
 /// A missing column, a malformed cell, a model mismatch or no rows for `tp`.
-pub fn read_lm_head(path: &Path, model: &ModelConfig, tp: u32) -> Result<Curve, SimError> {
+pub fn read_lm_head(
+    path: &Path,
+    model: &ModelConfig,
+    tp: u32,
+    stat: Statistic,
+) -> Result<Curve, SimError> {
     let t = Table::read(path)?;
     let (embd, vocab) = (t.col("n_embd")?, t.col("vocab_size")?);
     let (tpc, sampled) = (t.col("num_tensor_parallel_workers")?, t.col("num_sampled")?);
     let (norm, head) = (
-        t.col("time_stats.final_norm.median")?,
-        t.col("time_stats.lm_head.median")?,
+        t.col(&format!("time_stats.final_norm.{}", stat.column()))?,
+        t.col(&format!("time_stats.lm_head.{}", stat.column()))?,
     );
     let mut pts = Vec::new();
     for r in 0..t.rows.len() {
@@ -317,18 +353,18 @@ fn mape<const N: usize>(rows: &[([f64; N], f64)], c: &[f64; N]) -> f64 {
 ///
 /// # Errors
 /// A missing column, a malformed cell, or no prefill or decode rows for `tp`.
-pub fn read_attention(path: &Path, tp: u32) -> Result<AttentionFit, SimError> {
+pub fn read_attention(path: &Path, tp: u32, stat: Statistic) -> Result<AttentionFit, SimError> {
     let t = Table::read(path)?;
     let tpc = t.col("num_tensor_parallel_workers")?;
     let is_pre = t.col("is_prefill")?;
     let bs = t.col("batch_size")?;
     let chunk = t.col("prefill_chunk_size")?;
     let kv = t.col("kv_cache_size")?;
-    let pre_t = t.col("time_stats.attn_prefill.median")?;
-    let dec_t = t.col("time_stats.attn_decode.median")?;
+    let pre_t = t.col(&format!("time_stats.attn_prefill.{}", stat.column()))?;
+    let dec_t = t.col(&format!("time_stats.attn_decode.{}", stat.column()))?;
     let save_t = t
         .headers
-        .get("time_stats.attn_kv_cache_save.median")
+        .get(&format!("time_stats.attn_kv_cache_save.{}", stat.column()))
         .copied();
     let mut pre: Vec<([f64; 4], f64)> = Vec::new();
     let mut dec: Vec<([f64; 3], f64)> = Vec::new();
