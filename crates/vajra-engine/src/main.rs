@@ -324,6 +324,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
+    if a.profile_out.is_some() {
+        let block = engine_config(&a.engine)?.cache.block_size;
+        if block != vajra_engine::profile::BLOCK {
+            bail!(
+                "--profile-out profiles with {}-token KV blocks (the profile schema's block_size), but cache.block_size is {block}",
+                vajra_engine::profile::BLOCK
+            );
+        }
+    }
     let mut engine = load(&a.engine)?;
     if let Some(out) = &a.profile_out {
         use vajra_engine::profile::{Grid, profile};

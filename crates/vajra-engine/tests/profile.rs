@@ -127,3 +127,25 @@ fn serve_profile_with_too_few_kv_blocks_fails_naming_both_counts() {
         "{err}"
     );
 }
+
+#[test]
+fn serve_profile_refuses_a_block_size_other_than_the_profiles() {
+    let dir = std::env::temp_dir().join(format!("vajra-serve-profile-bs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("experiment.toml");
+    let text = "[scheduler]\npolicy = { type = \"vllm_v1\" }\n[cache]\nblock_size = 32\n";
+    std::fs::write(&cfg, text).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
+        .args(["serve", "--port", "0", "--experiment"])
+        .arg(&cfg)
+        .arg("--model")
+        .arg(common::root().join("tests/fixtures/tiny-llama"))
+        .arg("--profile-out")
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("cache.block_size is 32"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
