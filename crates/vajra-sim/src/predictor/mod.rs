@@ -714,38 +714,59 @@ mod tests {
         assert!(e.contains("n_embd") && e.contains("Llama-2-7b-hf"), "{e}");
     }
 
-    /// A profile folder for Llama-2-7B with flat linear operators and the given `lm_head.csv`.
-    fn folder_with_head(name: &str, head_csv: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vajra-head-{name}-{}", std::process::id()));
+    /// A profile folder `vajra-<name>-<pid>` for Llama-2-7B with an `mlp.csv` of the four
+    /// projections, one `time_stats.<op>.<stat>` column per op and statistic (op-major), and
+    /// the given rows after `n_head,n_embd,num_tokens,num_tensor_parallel_workers`.
+    fn mlp_folder(name: &str, stats: &[&str], rows: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vajra-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ops = [
+        let mut mlp = String::from("n_head,n_embd,num_tokens,num_tensor_parallel_workers");
+        for op in [
             "attn_pre_proj",
             "attn_post_proj",
             "mlp_up_proj",
             "mlp_down_proj",
-        ];
-        let mut mlp = String::from("n_head,n_embd,num_tokens,num_tensor_parallel_workers");
-        for op in ops {
-            mlp += &format!(",time_stats.{op}.median");
+        ] {
+            for stat in stats {
+                mlp += &format!(",time_stats.{op}.{stat}");
+            }
         }
-        mlp += "\n32,4096,1,1,0.1,0.1,0.1,0.1\n32,4096,4096,1,1,1,1,1\n";
+        mlp += "\n";
+        mlp += rows;
         std::fs::write(dir.join("mlp.csv"), mlp).unwrap();
+        dir
+    }
+
+    /// A profile folder for Llama-2-7B with flat linear operators and the given `lm_head.csv`.
+    fn folder_with_head(name: &str, head_csv: &str) -> PathBuf {
+        let dir = mlp_folder(
+            &format!("head-{name}"),
+            &["median"],
+            "32,4096,1,1,0.1,0.1,0.1,0.1\n32,4096,4096,1,1,1,1,1\n",
+        );
         std::fs::write(dir.join("lm_head.csv"), head_csv).unwrap();
         dir
     }
 
-    fn measured(dir: &Path, lm_head: bool) -> Result<Predictor, SimError> {
+    fn measured_with(dir: &Path, cfg: &PredictorConfig) -> Result<Predictor, SimError> {
         Predictor::new(
             &model("Llama-2-7b-hf").unwrap(),
             &device("h100").unwrap(),
             ParallelConfig::default(),
+            cfg,
+            Some(dir),
+            None,
+            4096,
+        )
+    }
+
+    fn measured(dir: &Path, lm_head: bool) -> Result<Predictor, SimError> {
+        measured_with(
+            dir,
             &PredictorConfig {
                 lm_head,
                 ..PredictorConfig::default()
             },
-            Some(dir),
-            None,
-            4096,
         )
     }
 
@@ -778,35 +799,17 @@ mod tests {
 
     #[test]
     fn profile_statistic_picks_the_median_or_the_mean_columns() {
-        let dir = std::env::temp_dir().join(format!("vajra-stat-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ops = [
-            "attn_pre_proj",
-            "attn_post_proj",
-            "mlp_up_proj",
-            "mlp_down_proj",
-        ];
-        let mut mlp = String::from("n_head,n_embd,num_tokens,num_tensor_parallel_workers");
-        for op in ops {
-            mlp += &format!(",time_stats.{op}.median,time_stats.{op}.mean");
-        }
         // Every operator: median 0.1 ms, mean 0.2 ms per layer, flat in tokens.
-        mlp += "\n32,4096,1,1,0.1,0.2,0.1,0.2,0.1,0.2,0.1,0.2\n32,4096,4096,1,0.1,0.2,0.1,0.2,0.1,0.2,0.1,0.2\n";
-        std::fs::write(dir.join("mlp.csv"), mlp).unwrap();
+        let dir = mlp_folder(
+            "stat",
+            &["median", "mean"],
+            "32,4096,1,1,0.1,0.2,0.1,0.2,0.1,0.2,0.1,0.2\n32,4096,4096,1,0.1,0.2,0.1,0.2,0.1,0.2,0.1,0.2\n",
+        );
         let at = |stat: &str| {
             let cfg: PredictorConfig =
                 toml::from_str(&format!("lm_head = false\nprofile_statistic = \"{stat}\""))
                     .unwrap();
-            let p = Predictor::new(
-                &model("Llama-2-7b-hf").unwrap(),
-                &device("h100").unwrap(),
-                ParallelConfig::default(),
-                &cfg,
-                Some(&dir),
-                None,
-                4096,
-            )
-            .unwrap();
+            let p = measured_with(&dir, &cfg).unwrap();
             p.predict(&batch(&[128])).stage_ns[0] as i64
         };
         // Everything else (the roofline's attention) is the same; the linear operators differ
