@@ -1,6 +1,9 @@
 //! Reading operator profiles: this project's folders under `profiles/` and Vidur's CSVs, which
 //! share one schema (see `profiles/README.md`).
 //!
+//! With `[predictor] profile_statistic = "mean"` the `mlp.csv`, `attention.csv` and
+//! `lm_head.csv` columns below are read as `.mean` instead of `.median` (collectives keep the
+//! median).
 //! - `mlp.csv`: `time_stats.<op>.median` (ms per layer) by `num_tokens` and
 //!   `num_tensor_parallel_workers`, with the model's `n_embd`, `n_head`, `n_kv_head`.
 //! - `attention.csv` (optional): `time_stats.attn_prefill.median` on prefill rows
@@ -132,6 +135,11 @@ impl Statistic {
             Statistic::Mean => "mean",
         }
     }
+
+    /// The column of `op` in this statistic: `time_stats.<op>.<median|mean>`.
+    pub fn of(self, op: &str) -> String {
+        format!("time_stats.{op}.{}", self.column())
+    }
 }
 
 /// Reads `mlp.csv` rows for `tp`, checking that the file describes `model`.
@@ -153,14 +161,7 @@ pub fn read_mlp(
     let mut pts: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
     let op_cols: Vec<(&str, Option<usize>)> = MLP_OPS
         .iter()
-        .map(|op| {
-            (
-                *op,
-                t.headers
-                    .get(&format!("time_stats.{op}.{}", stat.column()))
-                    .copied(),
-            )
-        })
+        .map(|op| (*op, t.headers.get(&stat.of(op)).copied()))
         .collect();
     for r in 0..t.rows.len() {
         let Some(rtp) = t.num(r, tpc)? else { continue };
@@ -210,7 +211,7 @@ pub fn read_mlp(
         if !pts.contains_key(need) {
             return Err(SimError::Profile {
                 path: path.to_owned(),
-                message: format!("missing column `time_stats.{need}.{}`", stat.column()),
+                message: format!("missing column `{}`", stat.of(need)),
             });
         }
     }
@@ -219,10 +220,7 @@ pub fn read_mlp(
     for (op, p) in pts {
         let c = Curve::new(p).ok_or_else(|| SimError::Profile {
             path: path.to_owned(),
-            message: format!(
-                "column `time_stats.{op}.{}` has no usable values",
-                stat.column()
-            ),
+            message: format!("column `{}` has no usable values", stat.of(op)),
         })?;
         max_tokens = max_tokens.max(c.x_max());
         ops.insert(op.to_owned(), c);
@@ -245,10 +243,7 @@ pub fn read_lm_head(
     let t = Table::read(path)?;
     let (embd, vocab) = (t.col("n_embd")?, t.col("vocab_size")?);
     let (tpc, sampled) = (t.col("num_tensor_parallel_workers")?, t.col("num_sampled")?);
-    let (norm, head) = (
-        t.col(&format!("time_stats.final_norm.{}", stat.column()))?,
-        t.col(&format!("time_stats.lm_head.{}", stat.column()))?,
-    );
+    let (norm, head) = (t.col(&stat.of("final_norm"))?, t.col(&stat.of("lm_head"))?);
     let mut pts = Vec::new();
     for r in 0..t.rows.len() {
         if t.num(r, tpc)? != Some(f64::from(tp)) {
@@ -360,12 +355,9 @@ pub fn read_attention(path: &Path, tp: u32, stat: Statistic) -> Result<Attention
     let bs = t.col("batch_size")?;
     let chunk = t.col("prefill_chunk_size")?;
     let kv = t.col("kv_cache_size")?;
-    let pre_t = t.col(&format!("time_stats.attn_prefill.{}", stat.column()))?;
-    let dec_t = t.col(&format!("time_stats.attn_decode.{}", stat.column()))?;
-    let save_t = t
-        .headers
-        .get(&format!("time_stats.attn_kv_cache_save.{}", stat.column()))
-        .copied();
+    let pre_t = t.col(&stat.of("attn_prefill"))?;
+    let dec_t = t.col(&stat.of("attn_decode"))?;
+    let save_t = t.headers.get(&stat.of("attn_kv_cache_save")).copied();
     let mut pre: Vec<([f64; 4], f64)> = Vec::new();
     let mut dec: Vec<([f64; 3], f64)> = Vec::new();
     let mut save: Vec<([f64; 2], f64)> = Vec::new();
