@@ -104,8 +104,10 @@ extern "C" __global__ void rope(bf16* qkv, const int* pos, const float* inv_freq
 extern "C" __global__ void kv_write(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache,
                                     bf16* __restrict__ v_cache, const int* __restrict__ slots,
                                     int qkv_width, int q_width, int kv_width) {
+    int slot = slots[blockIdx.x];
+    if (slot < 0) return;  // a padding row of a CUDA-graph decode step: no cache slot
     const bf16* row = qkv + (size_t)blockIdx.x * qkv_width;
-    size_t base = (size_t)slots[blockIdx.x] * kv_width;
+    size_t base = (size_t)slot * kv_width;
     for (int i = threadIdx.x; i < kv_width; i += blockDim.x) {
         k_cache[base + i] = row[q_width + i];
         v_cache[base + i] = row[q_width + kv_width + i];

@@ -10,8 +10,9 @@
 #   2. ptxas -v over the kernels' PTX (registers, spills), when ptxas is on the machine;
 #   3. gpu-bench on Meta-Llama-3-8B's shape with random weights: decode at batch 1/8/32/128
 #      against the bandwidth floor, prefill at 512/2,048 tokens against a cuBLAS GEMM; with the
-#      default (v2) kernels, then v2 with two decode stages (VAJRA_CUDA_DECODE_STAGES=2) and
-#      v1's kernels (VAJRA_CUDA_KERNELS=v1), appended to gpu-bench.md;
+#      default (v2) kernels, then with CUDA graphs for decode (VAJRA_CUDA_GRAPHS=on), v2 with
+#      two decode stages (VAJRA_CUDA_DECODE_STAGES=2) and v1's kernels (VAJRA_CUDA_KERNELS=v1),
+#      appended to gpu-bench.md;
 #   4. vajra-engine profile: per-operator times → profile/{mlp,attention,lm_head}.csv.
 # Everything lands in OUT_DIR (at most 8 files, as the device tool returns).
 set -uo pipefail
@@ -53,6 +54,8 @@ export VAJRA_FIXTURES="$PWD/tests/fixtures" RUST_BACKTRACE=1 VAJRA_DATE="$(date 
 
 echo "== 3. gpu-bench (v2 kernels, the default; then v1's for comparison, appended)"
 .gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --out "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.md"
+echo | tee -a "$out/gpu-bench.md"
+VAJRA_CUDA_GRAPHS=on .gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --decode-batches 1,8,32,128 --prefill 512 --out /tmp/gpu-bench-graphs.json 2>&1 | tee -a "$out/gpu-bench.md"
 echo | tee -a "$out/gpu-bench.md"
 VAJRA_CUDA_DECODE_STAGES=2 .gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --decode-batches 1,8,32,128 --prefill 512 --out /tmp/gpu-bench-stages2.json 2>&1 | tee -a "$out/gpu-bench.md"
 echo | tee -a "$out/gpu-bench.md"

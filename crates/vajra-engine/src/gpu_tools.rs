@@ -74,13 +74,14 @@ pub fn bench(
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Device: {} (driver {}); model shape {} with random bf16 weights ({:.2} GB); kernels {:?} (VAJRA_CUDA_KERNELS), decode stages {} (VAJRA_CUDA_DECODE_STAGES).",
+        "Device: {} (driver {}); model shape {} with random bf16 weights ({:.2} GB); kernels {:?} (VAJRA_CUDA_KERNELS), decode stages {} (VAJRA_CUDA_DECODE_STAGES), CUDA graphs for decode {} (VAJRA_CUDA_GRAPHS).",
         b.device_name(),
         CudaBackend::driver_version(),
         c.name,
         weight_bytes / 1e9,
         b.kernels(),
-        b.decode_stages()
+        b.decode_stages(),
+        if b.graphs() { "on" } else { "off" }
     );
     let _ = writeln!(
         md,
@@ -103,6 +104,21 @@ pub fn bench(
             ms / floor
         );
         decode.push(json!({"batch": n, "context": decode_ctx, "step_ms": ms, "floor_ms": floor, "ratio": ms / floor}));
+    }
+    // With graphs on, every timed decode step should be a replay: say how many were.
+    let graphs = b.graph_stats();
+    if b.graphs() || graphs.failure.is_some() {
+        let _ = writeln!(
+            md,
+            "\nCUDA graphs: {} captured, {} decode steps replayed{}.",
+            graphs.captured,
+            graphs.replayed,
+            graphs
+                .failure
+                .as_deref()
+                .map(|why| format!("; then turned off: {why}"))
+                .unwrap_or_default()
+        );
     }
     let _ = writeln!(
         md,
@@ -134,7 +150,7 @@ pub fn bench(
     }
     let record = json!({
         "device": b.device_name(), "driver": CudaBackend::driver_version(), "model": c.name,
-        "weights": "random bf16", "kernels": format!("{:?}", b.kernels()), "decode_stages": b.decode_stages(), "setup_s": setup_s, "copy_gb_per_s_read_plus_write": copy_gbs,
+        "weights": "random bf16", "kernels": format!("{:?}", b.kernels()), "decode_stages": b.decode_stages(), "graphs": b.graphs(), "graphs_captured": graphs.captured, "graph_replays": graphs.replayed, "graph_failure": graphs.failure, "setup_s": setup_s, "copy_gb_per_s_read_plus_write": copy_gbs,
         "gemm_8192_tflops": gemm_8192, "decode": decode, "prefill": prefill,
         "timing": "wall clock of one greedy step (host preparation, kernels, argmax copy-back), median of 15 (decode) or 7 (prefill) after warm-up",
     });

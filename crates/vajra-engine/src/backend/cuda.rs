@@ -14,6 +14,14 @@
 //! `add_rms_norm`, gate-up GEMM, `silu_mul8`, down GEMM. [`KernelSet::V1`] swaps in
 //! `paged_attention_scalar` (+ `attention_combine`), cuBLAS attention GEMMs for long chunks and
 //! `silu_mul`. Greedy steps pick tokens with `argmax_rows` on the device.
+//!
+//! All work runs on one stream of the backend's own. A step's index arrays (token ids,
+//! positions, slots, block tables, …) go up in one copy. With CUDA graphs on
+//! (`VAJRA_CUDA_GRAPHS=on` or [`CudaBackend::set_graphs`]), a step in which every request decodes
+//! one token is padded to a capture size (1, 2, 4, then multiples of 8 up to 128; padding rows
+//! write no cache slot) and replayed from a graph captured, at its first occurrence, for its
+//! (batch, split-K) pair, over buffers that live as long as the graphs. cuBLAS gets its own
+//! workspace so that no call allocates inside a capture.
 
 #![allow(unsafe_code)] // kernel launches and cuBLAS calls are unsafe FFI; each is commented.
 
@@ -26,8 +34,8 @@ use cudarc::cublas::sys::{
 };
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, CudaView, DevicePtr,
+    DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use half::bf16;
 use std::cell::RefCell;
@@ -71,6 +79,8 @@ fn decode_smem_bytes(head_dim: u32, stages: u32) -> u32 {
 }
 /// Most split-K partitions.
 const MAX_SPLITS: u32 = 64;
+/// Bytes of cuBLAS's workspace.
+const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 /// Which generation of kernels a backend runs (see `kernels/attention.cu`). Both are built into
 /// every binary so that one GPU run can measure one against the other.
@@ -236,6 +246,8 @@ pub struct CudaBackend {
     device_name: String,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLAS's workspace, set on its handle: a graph capture must not allocate one.
+    _blas_workspace: CudaSlice<u8>,
     k: Kernels,
     embed: CudaSlice<bf16>,
     lm_head: Option<CudaSlice<bf16>>,
@@ -256,6 +268,11 @@ pub struct CudaBackend {
     sms: u32,
     /// Compute capability major version (flash_prefill needs 8+).
     cc_major: i32,
+    /// Whether decode steps replay CUDA graphs (`VAJRA_CUDA_GRAPHS`).
+    graph_mode: bool,
+    /// The captured graphs and their buffers (made at the first step that uses them).
+    graphs: Option<DecodeGraphs>,
+    graph_stats: GraphStats,
 }
 
 // SAFETY: the backend is used by one thread at a time (the engine loop moves it, never shares
@@ -310,8 +327,27 @@ impl CudaBackend {
             .max(1) as u32;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         let device_name = ctx.name().map_err(err)?;
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(err)?;
         let blas = CudaBlas::new(stream.clone()).map_err(err)?;
+        // A workspace of our own (32 MiB, what cuBLAS asks for on Hopper), so that no cuBLAS
+        // call allocates one inside a graph capture.
+        let blas_workspace = stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE).map_err(err)?;
+        {
+            let (wp, _g) = blas_workspace.device_ptr(&stream);
+            // SAFETY: the buffer outlives the handle's use of it (both live in the backend, the
+            // workspace dropped after the handle), and holds CUBLAS_WORKSPACE bytes.
+            unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    wp as *mut std::ffi::c_void,
+                    CUBLAS_WORKSPACE,
+                )
+            }
+            .result()
+            .map_err(err)?;
+        }
+        let graph_mode = env_choice("VAJRA_CUDA_GRAPHS", &[("off", false), ("on", true)], false)?;
         let mut funcs = HashMap::new();
         for (name, ptx) in compile_kernels(arch)? {
             let module = ctx
@@ -476,6 +512,7 @@ impl CudaBackend {
             device_name,
             stream,
             blas,
+            _blas_workspace: blas_workspace,
             k,
             embed,
             lm_head,
@@ -489,12 +526,17 @@ impl CudaBackend {
             decode_stages,
             sms,
             cc_major: major,
+            graph_mode,
+            graphs: None,
+            graph_stats: GraphStats::default(),
         })
     }
 
     /// Chooses the kernel generation (the default comes from `VAJRA_CUDA_KERNELS`).
     pub fn set_kernels(&mut self, set: KernelSet) {
         self.kernel_set = set;
+        // Captured graphs launch the kernels they were captured with.
+        self.graphs = None;
     }
 
     /// The kernel generation in use.
@@ -512,12 +554,34 @@ impl CudaBackend {
             return Err(EngineError::invalid("decode stages", stages, "1, 2"));
         }
         self.decode_stages = stages;
+        self.graphs = None;
         Ok(())
     }
 
     /// K/V tiles in flight per warp in v2's `paged_decode`.
     pub fn decode_stages(&self) -> u32 {
         self.decode_stages
+    }
+
+    /// Turns CUDA graphs for decode steps on or off (the default comes from
+    /// `VAJRA_CUDA_GRAPHS`, `on` or `off`; unset means off). Graphs replay steps whose every
+    /// request decodes one token, padded to a batch of 1, 2, 4 or a multiple of 8 up to 128,
+    /// with v2's kernels; other steps run eagerly.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graph_mode = on;
+        if !on {
+            self.graphs = None;
+        }
+    }
+
+    /// Whether decode steps replay CUDA graphs (off again after a failed capture).
+    pub fn graphs(&self) -> bool {
+        self.graph_mode
+    }
+
+    /// How many graphs were captured and how many steps replayed one.
+    pub fn graph_stats(&self) -> GraphStats {
+        self.graph_stats.clone()
     }
 
     /// This model's kernel among `per_head_dim` (one per MMA_HEAD_DIMS), if v2 runs on an
@@ -542,7 +606,7 @@ impl CudaBackend {
         layer: usize,
         qkv: &CudaSlice<bf16>,
         attn: &mut CudaSlice<bf16>,
-        tables: &CudaSlice<i32>,
+        tables: &CudaView<'_, i32>,
         max_blocks: usize,
         ch: &GemmChunk,
     ) -> Result<()> {
@@ -670,7 +734,7 @@ impl CudaBackend {
     pub fn profile_step(&mut self, input: &StepInput<'_>) -> Result<BTreeMap<&'static str, f64>> {
         *self.marks.borrow_mut() = Some(Vec::new());
         self.mark("start")?;
-        let run = self.forward(input);
+        let run = self.forward(input, |_, _, _| Ok(()));
         let marks = self.marks.borrow_mut().take().unwrap_or_default();
         run?;
         self.stream.synchronize().map_err(err)?;
@@ -680,6 +744,29 @@ impl CudaBackend {
             *out.entry(w[1].0).or_insert(0.0) += f64::from(ms);
         }
         Ok(out)
+    }
+
+    /// The index of the largest of each of the first `r` rows of `logits`, computed on the
+    /// device (only the ids come back).
+    fn argmax(&self, logits: &CudaSlice<f32>, r: usize) -> Result<Vec<u32>> {
+        if r == 0 {
+            return Ok(Vec::new());
+        }
+        let mut ids = self.stream.alloc_zeros::<i32>(r).map_err(err)?;
+        let vocab = self.spec.config.vocab_size as i32;
+        // SAFETY: argmax_rows(const float*, int vocab, int* out) over r rows of `logits`.
+        unsafe {
+            let mut b = self.stream.launch_builder(&self.k.argmax_rows);
+            b.arg(logits).arg(&vocab).arg(&mut ids);
+            b.launch(LaunchConfig {
+                grid_dim: (r as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            })
+            .map_err(err)?;
+        }
+        let host = self.stream.clone_dtoh(&ids).map_err(err)?;
+        Ok(host.into_iter().map(|i| i as u32).collect())
     }
 
     /// The device's name.
@@ -777,7 +864,7 @@ impl CudaBackend {
         layer: usize,
         qkv: &CudaSlice<bf16>,
         attn: &mut CudaSlice<bf16>,
-        tables: &CudaSlice<i32>,
+        tables: &CudaView<'_, i32>,
         max_blocks: usize,
         ch: &GemmChunk,
     ) -> Result<()> {
@@ -923,10 +1010,179 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Runs the forward pass and leaves f32 logits of the wanted rows on the device.
-    fn forward(&mut self, input: &StepInput<'_>) -> Result<(CudaSlice<f32>, usize)> {
+    /// The split-K partitions of a step's per-token attention: `listed` tokens, the longest
+    /// context `max_ctx`; `mma` says whether v2's `paged_decode` runs (else v1's kernel).
+    fn decode_splits(&self, listed: usize, max_ctx: u32, mma: bool) -> u32 {
+        let pairs = listed * self.spec.config.num_kv_heads as usize;
+        split_count(pairs, self.sms, max_ctx, mma)
+    }
+
+    /// The per-token attention kernel of this backend: v2's `paged_decode(2)_<head_dim>`, or
+    /// `None` where v1's `paged_attention_scalar` runs.
+    fn decode_kernel(&self) -> Option<CudaFunction> {
+        self.mma_kernel(if self.decode_stages == 2 {
+            &self.k.paged_decode2
+        } else {
+            &self.k.paged_decode
+        })
+        .cloned()
+    }
+
+    /// Runs the forward pass, then `read` on the f32 logits it left on the device (the first
+    /// `rows` rows of the buffer are this step's).
+    fn forward<R>(
+        &mut self,
+        input: &StepInput<'_>,
+        read: impl FnOnce(&Self, &CudaSlice<f32>, usize) -> Result<R>,
+    ) -> Result<R> {
+        let vocab = self.spec.config.vocab_size;
+        input
+            .check(self.shape.num_blocks, self.shape.block_size, vocab)
+            .map_err(err)?;
+        if let Some(batch) = self.graph_batch(input) {
+            let mut g = self.graphs.take().expect("graph_batch found the graphs");
+            let run = self.replay_decode(&mut g, input, batch);
+            let out = run.and_then(|()| read(self, &g.bufs.logits, input.seqs.len()));
+            // A failed capture turned graphs off: their buffers go too.
+            if self.graph_mode {
+                self.graphs = Some(g);
+            }
+            return out;
+        }
+        let plan = StepPlan::new(input, self.shape.block_size as usize, None);
+        if plan.t > 65_535 {
+            return Err(err(format!(
+                "{} tokens in one step: at most 65535 (a CUDA grid dimension)",
+                plan.t
+            )));
+        }
+        let mma = self.decode_kernel().is_some();
+        let splits = self.decode_splits(plan.listed, plan.max_ctx, mma);
         let c = &self.spec.config;
+        let ws_parts = if splits > 1 {
+            plan.t * c.num_heads as usize * splits as usize
+        } else {
+            1
+        };
+        // paged_decode's finished-split counters per (token, KV head); one unused element
+        // where nothing counts.
+        let done = if splits > 1 && mma {
+            plan.t * c.num_kv_heads as usize
+        } else {
+            1
+        };
+        let ints = self.stream.clone_htod(&plan.ints).map_err(err)?;
+        let mut bufs = StepBuffers::new(&self.stream, c, ints, plan.t, plan.rows, ws_parts, done)?;
+        self.launch_step(&plan, splits, &mut bufs)?;
+        read(self, &bufs.logits, plan.rows)
+    }
+
+    /// The captured batch size a step would replay as a CUDA graph, if graphs are on and the
+    /// step qualifies: every request decodes one token and samples it, at most the largest
+    /// captured batch, block tables within the graphs' width, v2's decode kernel, not profiling.
+    fn graph_batch(&mut self, input: &StepInput<'_>) -> Option<usize> {
+        if !self.graph_mode || self.marks.borrow().is_some() || self.decode_kernel().is_none() {
+            return None;
+        }
+        let n = input.seqs.len();
+        let decode = input
+            .seqs
+            .iter()
+            .all(|s| s.tokens.len() == 1 && (s.sample || input.logits_for == LogitsFor::AllTokens));
+        let batch = GRAPH_BATCHES.iter().copied().find(|&b| b >= n)?;
+        if n == 0 || !decode {
+            return None;
+        }
+        if self.graphs.is_none() {
+            match DecodeGraphs::new(self) {
+                Ok(g) => self.graphs = Some(g),
+                Err(e) => {
+                    let why = format!("the graphs' buffers could not be allocated ({e})");
+                    tracing::warn!("CUDA graphs off: {why}");
+                    self.graph_stats.failure = Some(why);
+                    self.graph_mode = false;
+                    return None;
+                }
+            }
+        }
+        let width = self.graphs.as_ref().map_or(0, |g| g.max_blocks);
+        input
+            .seqs
+            .iter()
+            .all(|s| s.block_table.len() <= width)
+            .then_some(batch)
+    }
+
+    /// Runs a decode step of `input.seqs.len()` requests padded to `batch` rows from its CUDA
+    /// graph. A (batch, split-K) pair seen for the first time runs eagerly on the graphs'
+    /// buffers (which also loads every kernel it needs), and its launches are then captured for
+    /// the next steps; a failed capture turns graphs off (with a warning) and keeps the eager
+    /// result.
+    fn replay_decode(
+        &mut self,
+        g: &mut DecodeGraphs,
+        input: &StepInput<'_>,
+        batch: usize,
+    ) -> Result<()> {
         let bs = self.shape.block_size as usize;
+        let plan = StepPlan::new(input, bs, Some((batch, g.max_blocks)));
+        let splits = self.decode_splits(batch, plan.max_ctx, true);
+        // The graph's kernels read the index arrays at fixed addresses: copy this step's there
+        // (stream-ordered after the previous step, before the graph).
+        self.stream
+            .memcpy_htod(&plan.ints, &mut g.bufs.ints)
+            .map_err(err)?;
+        if let Some(graph) = g.graphs.get(&(batch, splits)) {
+            graph.launch().map_err(err)?;
+            self.graph_stats.replayed += 1;
+            return Ok(());
+        }
+        self.launch_step(&plan, splits, &mut g.bufs)?;
+        // The capture records the launches without running them: the eager run above is this
+        // step's result. Once begun, the capture must end whatever happens inside it.
+        let captured = self
+            .stream
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .map_err(err)
+            .and_then(|()| {
+                let launched = self.launch_step(&plan, splits, &mut g.bufs);
+                let ended = self
+                    .stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                    .map_err(err);
+                match (launched, ended) {
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                    (Ok(()), Ok(None)) => Err(err("the capture recorded no graph")),
+                    (Ok(()), Ok(Some(graph))) => graph.upload().map_err(err).map(|()| graph),
+                }
+            });
+        match captured {
+            Ok(graph) => {
+                g.graphs.insert((batch, splits), graph);
+                self.graph_stats.captured += 1;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    batch,
+                    splits,
+                    "CUDA graph capture failed ({e}); decode steps run without graphs"
+                );
+                self.graph_stats.failure =
+                    Some(format!("capture of batch {batch}, {splits} splits: {e}"));
+                self.graph_mode = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Launches a whole step, embedding to LM head, over `bufs`, whose `ints` already hold
+    /// `plan`'s index arrays. It allocates nothing and waits on nothing unless v1's chunk
+    /// attention runs (`gemm_attention` allocates), so a decode step's launches can be
+    /// captured into a CUDA graph as they are.
+    fn launch_step(&mut self, plan: &StepPlan, splits: u32, bufs: &mut StepBuffers) -> Result<()> {
+        let c = &self.spec.config;
         let (h, hd) = (c.hidden_size as usize, c.head_dim as usize);
         let (nh, nkv) = (c.num_heads as usize, c.num_kv_heads as usize);
         let (q_w, kv_w) = (nh * hd, nkv * hd);
@@ -934,131 +1190,35 @@ impl CudaBackend {
         let inter = c.intermediate_size as usize;
         let vocab = c.vocab_size as usize;
         let eps = c.rms_norm_eps as f32;
-
-        // Host-side step description.
-        input
-            .check(self.shape.num_blocks, self.shape.block_size, c.vocab_size)
-            .map_err(err)?;
-        let max_blocks = input
-            .seqs
-            .iter()
-            .map(|s| s.block_table.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mut ids = Vec::new();
-        let mut pos = Vec::new();
-        let mut tok_seq = Vec::new();
-        let mut slots = Vec::new();
-        let mut tables = vec![0i32; input.seqs.len() * max_blocks];
-        let mut rows = Vec::new();
-        let mut max_ctx = 0u32;
-        // Tokens for the paged kernel; long prefill chunks go to the GEMM path instead.
-        let mut tok_list = Vec::new();
-        let mut gemm_chunks = Vec::new();
-        for (si, s) in input.seqs.iter().enumerate() {
-            let end = s.context as usize + s.tokens.len();
-            for (bi, b) in s.block_table.iter().enumerate() {
-                tables[si * max_blocks + bi] = b.0 as i32;
-            }
-            let first = ids.len();
-            if s.tokens.len() >= GEMM_PREFILL_MIN {
-                gemm_chunks.push(GemmChunk {
-                    seq: si,
-                    first,
-                    len: s.tokens.len(),
-                    context: s.context as usize,
-                });
-            } else {
-                tok_list.extend((first..first + s.tokens.len()).map(|i| i as i32));
-            }
-            for (i, &t) in s.tokens.iter().enumerate() {
-                let p = s.context as usize + i;
-                ids.push(t as i32);
-                pos.push(p as i32);
-                tok_seq.push(si as i32);
-                slots.push((s.block_table[p / bs].0 as usize * bs + p % bs) as i32);
-                if input.logits_for == LogitsFor::AllTokens || (s.sample && i + 1 == s.tokens.len())
-                {
-                    rows.push((ids.len() - 1) as i32);
-                }
-            }
-            if s.tokens.len() < GEMM_PREFILL_MIN {
-                max_ctx = max_ctx.max(end as u32);
-            }
-        }
-        let t = ids.len();
-        if t > 65_535 {
-            return Err(err(format!(
-                "{t} tokens in one step: at most 65535 (a CUDA grid dimension)"
-            )));
-        }
+        let (t, listed, r, max_blocks) = (plan.t, plan.listed, plan.rows, plan.max_blocks);
         let st = self.stream.clone();
-        // Zero-length device buffers are not allowed: an empty list uploads one unused element.
-        let up = |v: &[i32]| {
-            st.clone_htod(if v.is_empty() { &[0][..] } else { v })
-                .map_err(err)
-        };
-        let (d_ids, d_pos, d_seq, d_slots, d_tables, d_rows, d_list) = (
-            up(&ids)?,
-            up(&pos)?,
-            up(&tok_seq)?,
-            up(&slots)?,
-            up(&tables)?,
-            up(&rows)?,
-            up(&tok_list)?,
+        let StepBuffers {
+            ints,
+            x,
+            hn,
+            qkv,
+            attn,
+            proj,
+            gu,
+            act,
+            sel,
+            ws_acc,
+            ws_ml,
+            done,
+            logits,
+        } = bufs;
+        let (d_ids, d_pos, d_seq, d_slots, d_list, d_rows, d_tables) = (
+            ints.slice(plan.part(Part::Ids)),
+            ints.slice(plan.part(Part::Pos)),
+            ints.slice(plan.part(Part::Seq)),
+            ints.slice(plan.part(Part::Slots)),
+            ints.slice(plan.part(Part::List)),
+            ints.slice(plan.part(Part::Rows)),
+            ints.slice(plan.part(Part::Tables)),
         );
-        let listed = tok_list.len();
-        let alloc_bf = |n: usize| unsafe { st.alloc::<bf16>(n.max(1)) }.map_err(err);
-        // SAFETY: `embed` writes every element of x before anything reads it.
-        let mut x = unsafe { st.alloc::<f32>((t * h).max(1)) }.map_err(err)?;
-        let mut hn = alloc_bf(t * h)?;
-        let mut qkv = alloc_bf(t * qkv_w)?;
-        let mut attn = alloc_bf(t * q_w)?;
-        let mut proj = alloc_bf(t * h)?;
-        let mut gu = alloc_bf(t * 2 * inter)?;
-        let mut act = alloc_bf(t * inter)?;
-        let sms = self.sms;
-        let pairs = (listed * nkv).max(1) as u32;
-        // v2's tensor-core kernel for the head dims it is built for; otherwise v1's kernel.
-        let mma_decode = self
-            .mma_kernel(if self.decode_stages == 2 {
-                &self.k.paged_decode2
-            } else {
-                &self.k.paged_decode
-            })
-            .cloned();
+        let mma_decode = self.decode_kernel();
         let decode_smem = decode_smem_bytes(hd as u32, self.decode_stages);
-        let splits = if pairs >= 2 * sms {
-            1
-        } else if mma_decode.is_some() {
-            // Enough blocks to fill the GPU twice over, but at least 64 keys (a 16-key tile for
-            // each of the block's 4 warps) each.
-            (2 * sms)
-                .div_ceil(pairs)
-                .min(max_ctx.div_ceil(MIN_KEYS_PER_SPLIT_V2))
-                .clamp(1, MAX_SPLITS)
-        } else {
-            max_ctx.div_ceil(KEYS_PER_SPLIT).clamp(1, MAX_SPLITS)
-        };
         let flash = self.mma_kernel(&self.k.flash_prefill).cloned();
-        // Split-K partials (unused with one split).
-        let ws_len = if splits > 1 {
-            t * nh * splits as usize
-        } else {
-            1
-        };
-        let mut ws_acc = st.alloc_zeros::<f32>(ws_len * hd).map_err(err)?;
-        let mut ws_ml = st.alloc_zeros::<f32>(ws_len * 2).map_err(err)?;
-        // paged_decode's finished-split counters per (token, KV head): zero, and left zero
-        // (only paged_decode merges its own splits; one unused element otherwise).
-        let mut done = st
-            .alloc_zeros::<i32>(if splits > 1 && mma_decode.is_some() {
-                t * nkv
-            } else {
-                1
-            })
-            .map_err(err)?;
         let rows_cfg = |n: usize| LaunchConfig {
             grid_dim: (n as u32, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
@@ -1077,7 +1237,8 @@ impl CudaBackend {
             hd as i32,
         );
         let rot_heads = (nh + nkv) as u32;
-        let (nh_i, nkv_i, bs_i, mb_i) = (nh as i32, nkv as i32, bs as i32, max_blocks as i32);
+        let bs_i = self.shape.block_size as i32;
+        let (nh_i, nkv_i, mb_i) = (nh as i32, nkv as i32, max_blocks as i32);
         let scale = 1.0 / (hd as f32).sqrt();
         let scale_log2 = std::f32::consts::LOG2_E * scale;
         let window = self.spec.sliding_window.map_or(0, |w| w as i32);
@@ -1085,10 +1246,10 @@ impl CudaBackend {
         let splits_i = splits as i32;
 
         // SAFETY (every launch below): argument lists match the kernel signatures in kernels/,
-        // and every buffer is allocated above for the t rows (or r rows) it is launched over.
+        // and every buffer holds at least the t rows (or r rows) it is launched over.
         unsafe {
             let mut b = st.launch_builder(&self.k.embed);
-            b.arg(&d_ids).arg(&self.embed).arg(&mut x).arg(&h_i);
+            b.arg(&d_ids).arg(&self.embed).arg(&mut *x).arg(&h_i);
             b.launch(rows_cfg(t)).map_err(err)?;
         }
         self.mark("emb")?;
@@ -1096,28 +1257,28 @@ impl CudaBackend {
             let layer = &self.layers[l];
             unsafe {
                 let mut b = st.launch_builder(&self.k.add_rms_norm);
-                b.arg(&mut x);
+                b.arg(&mut *x);
                 if l == 0 {
                     b.arg(&null);
                 } else {
-                    b.arg(&proj);
+                    b.arg(&*proj);
                 }
-                b.arg(&layer.attn_norm).arg(&mut hn).arg(&h_i).arg(&eps);
+                b.arg(&layer.attn_norm).arg(&mut *hn).arg(&h_i).arg(&eps);
                 b.launch(norm_cfg(t)).map_err(err)?;
             }
             self.mark("input_layernorm")?;
-            self.gemm(&hn, t, h, &layer.qkv, qkv_w, &mut qkv)?;
+            self.gemm(hn, t, h, &layer.qkv, qkv_w, qkv)?;
             if let Some(bias) = &layer.qkv_bias {
                 unsafe {
                     let mut b = st.launch_builder(&self.k.add_bias);
-                    b.arg(&mut qkv).arg(bias).arg(&qkv_i);
+                    b.arg(&mut *qkv).arg(bias).arg(&qkv_i);
                     b.launch(rows_cfg(t)).map_err(err)?;
                 }
             }
             self.mark("attn_pre_proj")?;
             unsafe {
                 let mut b = st.launch_builder(&self.k.rope);
-                b.arg(&mut qkv)
+                b.arg(&mut *qkv)
                     .arg(&d_pos)
                     .arg(&self.inv_freq)
                     .arg(&qkv_i)
@@ -1132,7 +1293,7 @@ impl CudaBackend {
             self.mark("attn_rope")?;
             unsafe {
                 let mut b = st.launch_builder(&self.k.kv_write);
-                b.arg(&qkv)
+                b.arg(&*qkv)
                     .arg(&mut self.k_cache[l])
                     .arg(&mut self.v_cache[l])
                     .arg(&d_slots)
@@ -1142,12 +1303,10 @@ impl CudaBackend {
                 b.launch(rows_cfg(t)).map_err(err)?;
             }
             self.mark("attn_kv_cache_save")?;
-            for ch in &gemm_chunks {
+            for ch in &plan.chunks {
                 match &flash {
-                    Some(f) => {
-                        self.flash_attention(f, l, &qkv, &mut attn, &d_tables, max_blocks, ch)?
-                    }
-                    None => self.gemm_attention(l, &qkv, &mut attn, &d_tables, max_blocks, ch)?,
+                    Some(f) => self.flash_attention(f, l, qkv, attn, &d_tables, max_blocks, ch)?,
+                    None => self.gemm_attention(l, qkv, attn, &d_tables, max_blocks, ch)?,
                 }
             }
             if listed > 0 {
@@ -1157,12 +1316,12 @@ impl CudaBackend {
                             .as_ref()
                             .unwrap_or(&self.k.paged_attention_scalar),
                     );
-                    b.arg(&qkv)
+                    b.arg(&*qkv)
                         .arg(&self.k_cache[l])
                         .arg(&self.v_cache[l])
-                        .arg(&mut attn)
-                        .arg(&mut ws_acc)
-                        .arg(&mut ws_ml)
+                        .arg(&mut *attn)
+                        .arg(&mut *ws_acc)
+                        .arg(&mut *ws_ml)
                         .arg(&d_list)
                         .arg(&d_seq)
                         .arg(&d_pos)
@@ -1174,7 +1333,7 @@ impl CudaBackend {
                     // paged_decode_<hd>(…, kv_heads, scale_log2, window, done);
                     // paged_attention_scalar(…, kv_heads, head_dim, qkv_width, scale, window).
                     if mma_decode.is_some() {
-                        b.arg(&scale_log2).arg(&window).arg(&mut done);
+                        b.arg(&scale_log2).arg(&window).arg(&mut *done);
                     } else {
                         b.arg(&hd_i).arg(&qkv_i).arg(&scale).arg(&window);
                     }
@@ -1187,9 +1346,9 @@ impl CudaBackend {
                     // paged_decode merges its own splits.
                     if splits > 1 && mma_decode.is_none() {
                         let mut b = st.launch_builder(&self.k.attention_combine);
-                        b.arg(&ws_acc)
-                            .arg(&ws_ml)
-                            .arg(&mut attn)
+                        b.arg(&*ws_acc)
+                            .arg(&*ws_ml)
+                            .arg(&mut *attn)
                             .arg(&d_list)
                             .arg(&nh_i)
                             .arg(&hd_i)
@@ -1204,20 +1363,20 @@ impl CudaBackend {
                 }
             }
             self.mark("attn")?;
-            self.gemm(&attn, t, q_w, &layer.o, h, &mut proj)?;
+            self.gemm(attn, t, q_w, &layer.o, h, proj)?;
             self.mark("attn_post_proj")?;
             unsafe {
                 let mut b = st.launch_builder(&self.k.add_rms_norm);
-                b.arg(&mut x)
-                    .arg(&proj)
+                b.arg(&mut *x)
+                    .arg(&*proj)
                     .arg(&layer.mlp_norm)
-                    .arg(&mut hn)
+                    .arg(&mut *hn)
                     .arg(&h_i)
                     .arg(&eps);
                 b.launch(norm_cfg(t)).map_err(err)?;
             }
             self.mark("post_attention_layernorm")?;
-            self.gemm(&hn, t, h, &layer.gate_up, 2 * inter, &mut gu)?;
+            self.gemm(hn, t, h, &layer.gate_up, 2 * inter, gu)?;
             self.mark("mlp_up_proj")?;
             unsafe {
                 let (f, per_thread) = if self.kernel_set == KernelSet::V2 && inter.is_multiple_of(8)
@@ -1227,7 +1386,7 @@ impl CudaBackend {
                     (&self.k.silu_mul, 1)
                 };
                 let mut b = st.launch_builder(f);
-                b.arg(&gu).arg(&mut act).arg(&inter_i);
+                b.arg(&*gu).arg(&mut *act).arg(&inter_i);
                 b.launch(LaunchConfig {
                     grid_dim: (
                         inter.div_ceil(per_thread * ROW_THREADS as usize) as u32,
@@ -1240,26 +1399,24 @@ impl CudaBackend {
                 .map_err(err)?;
             }
             self.mark("mlp_act")?;
-            self.gemm(&act, t, inter, &layer.down, h, &mut proj)?;
+            self.gemm(act, t, inter, &layer.down, h, proj)?;
             self.mark("mlp_down_proj")?;
         }
         // Last residual add (the normed output is unused), then the final norm of the rows wanted.
-        let r = rows.len();
-        let mut sel = alloc_bf(r * h)?;
         unsafe {
             let mut b = st.launch_builder(&self.k.add_rms_norm);
-            b.arg(&mut x)
-                .arg(&proj)
+            b.arg(&mut *x)
+                .arg(&*proj)
                 .arg(&self.final_norm)
-                .arg(&mut hn)
+                .arg(&mut *hn)
                 .arg(&h_i)
                 .arg(&eps);
             b.launch(norm_cfg(t)).map_err(err)?;
             let mut b = st.launch_builder(&self.k.rms_norm_rows);
-            b.arg(&x)
+            b.arg(&*x)
                 .arg(&d_rows)
                 .arg(&self.final_norm)
-                .arg(&mut sel)
+                .arg(&mut *sel)
                 .arg(&h_i)
                 .arg(&eps);
             if r > 0 {
@@ -1267,13 +1424,299 @@ impl CudaBackend {
             }
         }
         self.mark("final_norm")?;
-        let mut logits = st.alloc_zeros::<f32>((r * vocab).max(1)).map_err(err)?;
         if r > 0 {
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-            self.gemm_logits(&sel, r, h, head, vocab, &mut logits)?;
+            self.gemm_logits(sel, r, h, head, vocab, logits)?;
         }
         self.mark("lm_head")?;
-        Ok((logits, r))
+        Ok(())
+    }
+}
+
+/// Split-K partitions for `pairs` (token, KV head) pairs on `sms` multiprocessors, the longest
+/// context `max_ctx`; `mma`: v2's `paged_decode` (else v1's kernel).
+fn split_count(pairs: usize, sms: u32, max_ctx: u32, mma: bool) -> u32 {
+    let pairs = pairs.clamp(1, u32::MAX as usize) as u32;
+    if pairs >= 2 * sms {
+        1
+    } else if mma {
+        // Enough blocks to fill the GPU twice over, but at least 64 keys (a 16-key tile for each
+        // of the block's 4 warps) each.
+        (2 * sms)
+            .div_ceil(pairs)
+            .min(max_ctx.div_ceil(MIN_KEYS_PER_SPLIT_V2))
+            .clamp(1, MAX_SPLITS)
+    } else {
+        max_ctx.div_ceil(KEYS_PER_SPLIT).clamp(1, MAX_SPLITS)
+    }
+}
+
+/// Batch sizes a decode step is padded to for its CUDA graph (as vLLM's capture sizes: 1, 2,
+/// 4, then every multiple of 8), up to [`GRAPH_MAX_BATCH`]; larger decode steps run eagerly.
+const GRAPH_BATCHES: [usize; 19] = [
+    1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128,
+];
+/// The largest decode batch replayed from a CUDA graph.
+const GRAPH_MAX_BATCH: usize = GRAPH_BATCHES[GRAPH_BATCHES.len() - 1];
+
+/// Counts of the decode steps that went through CUDA graphs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Graphs captured (one per (padded batch, split-K partitions) pair seen).
+    pub captured: u64,
+    /// Steps replayed from a captured graph.
+    pub replayed: u64,
+    /// Why graphs were turned off, if a capture (or the graphs' buffers) failed.
+    pub failure: Option<String>,
+}
+
+/// The CUDA graphs of decode steps and the buffers they all run on. The graphs hold these
+/// buffers' addresses, so the buffers live as long as the graphs; one set serves every batch
+/// size (a step uses the first rows), since one step runs at a time.
+struct DecodeGraphs {
+    bufs: StepBuffers,
+    /// Block-table columns: enough for `max_model_len` (or the whole cache, if smaller).
+    max_blocks: usize,
+    /// By (padded batch, split-K partitions): the two numbers a decode step's launches depend
+    /// on besides the buffers.
+    graphs: HashMap<(usize, u32), CudaGraph>,
+}
+
+impl DecodeGraphs {
+    fn new(b: &CudaBackend) -> Result<Self> {
+        let c = &b.spec.config;
+        let bs = b.shape.block_size as usize;
+        let cap = (c.max_model_len as usize).min(b.shape.num_blocks as usize * bs);
+        let max_blocks = cap.div_ceil(bs).max(1);
+        // Split-K partials: the most any captured batch can need (its splits at the longest
+        // context a table holds).
+        let ws_parts = GRAPH_BATCHES
+            .iter()
+            .map(|&n| n * c.num_heads as usize * b.decode_splits(n, cap as u32, true) as usize)
+            .max()
+            .unwrap_or(1);
+        let ints = b
+            .stream
+            .alloc_zeros::<i32>(StepPlan::ints_len(GRAPH_MAX_BATCH, max_blocks))
+            .map_err(err)?;
+        let bufs = StepBuffers::new(
+            &b.stream,
+            c,
+            ints,
+            GRAPH_MAX_BATCH,
+            GRAPH_MAX_BATCH,
+            ws_parts,
+            GRAPH_MAX_BATCH * c.num_kv_heads as usize,
+        )?;
+        Ok(DecodeGraphs {
+            bufs,
+            max_blocks,
+            graphs: HashMap::new(),
+        })
+    }
+}
+
+/// The device buffers of one step: the packed index arrays, the activations, the split-K
+/// partials and the logits.
+struct StepBuffers {
+    /// The step's [`StepPlan::ints`].
+    ints: CudaSlice<i32>,
+    /// Residual stream (f32).
+    x: CudaSlice<f32>,
+    hn: CudaSlice<bf16>,
+    qkv: CudaSlice<bf16>,
+    attn: CudaSlice<bf16>,
+    proj: CudaSlice<bf16>,
+    gu: CudaSlice<bf16>,
+    act: CudaSlice<bf16>,
+    /// Normed rows of the tokens whose logits are wanted.
+    sel: CudaSlice<bf16>,
+    ws_acc: CudaSlice<f32>,
+    ws_ml: CudaSlice<f32>,
+    /// `paged_decode`'s finished-split counters: zero between steps (the merging block resets
+    /// its counter).
+    done: CudaSlice<i32>,
+    logits: CudaSlice<f32>,
+}
+
+impl StepBuffers {
+    /// Buffers for `t` tokens, `r` logit rows, `ws_parts` split-K partials and `done`
+    /// counters, around the index arrays `ints`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        st: &Arc<CudaStream>,
+        c: &vajra_core::config::ModelConfig,
+        ints: CudaSlice<i32>,
+        t: usize,
+        r: usize,
+        ws_parts: usize,
+        done: usize,
+    ) -> Result<Self> {
+        let (h, hd, inter) = (
+            c.hidden_size as usize,
+            c.head_dim as usize,
+            c.intermediate_size as usize,
+        );
+        let (q_w, kv_w) = (c.q_width() as usize, c.kv_width() as usize);
+        // SAFETY: each buffer is written by a kernel before anything reads it (the residual
+        // stream by `embed`, the partials by `paged_decode` before its merge, the logits by the
+        // LM head); zero-length buffers are not allowed, so each has at least one element.
+        let bf = |n: usize| unsafe { st.alloc::<bf16>(n.max(1)) }.map_err(err);
+        let f = |n: usize| unsafe { st.alloc::<f32>(n.max(1)) }.map_err(err);
+        Ok(StepBuffers {
+            ints,
+            x: f(t * h)?,
+            hn: bf(t * h)?,
+            qkv: bf(t * (q_w + 2 * kv_w))?,
+            attn: bf(t * q_w)?,
+            proj: bf(t * h)?,
+            gu: bf(t * 2 * inter)?,
+            act: bf(t * inter)?,
+            sel: bf(r * h)?,
+            ws_acc: f(ws_parts * hd)?,
+            ws_ml: f(ws_parts * 2)?,
+            done: st.alloc_zeros::<i32>(done.max(1)).map_err(err)?,
+            logits: f(r * c.vocab_size as usize)?,
+        })
+    }
+}
+
+/// The index arrays in [`StepPlan::ints`], in order.
+#[derive(Clone, Copy)]
+enum Part {
+    /// Token ids (`t`).
+    Ids,
+    /// Positions (`t`).
+    Pos,
+    /// Each token's request, a row of the block tables (`t`).
+    Seq,
+    /// Each token's cache slot, `block × block_size + offset`; −1 for padding rows (`t`).
+    Slots,
+    /// Tokens the per-token attention kernel takes (`listed`).
+    List,
+    /// Tokens whose logits are wanted (`rows`).
+    Rows,
+    /// Block tables, `max_blocks` per request (`seqs × max_blocks`).
+    Tables,
+}
+
+/// The host side of one step: what the kernels index, packed into one upload.
+struct StepPlan {
+    /// Tokens (rows of the activations).
+    t: usize,
+    /// Tokens run by the per-token attention kernel (the rest are in `chunks`).
+    listed: usize,
+    /// Rows of logits.
+    rows: usize,
+    /// Requests (rows of the block tables).
+    seqs: usize,
+    /// Columns of the block tables.
+    max_blocks: usize,
+    /// Longest context among the listed tokens' requests.
+    max_ctx: u32,
+    /// Prefill chunks whose attention runs chunk-wide.
+    chunks: Vec<GemmChunk>,
+    /// The [`Part`]s, back to back.
+    ints: Vec<i32>,
+}
+
+impl StepPlan {
+    /// The plan of `input` over `block_size`-token blocks. With `pad = Some((batch, width))`
+    /// (a decode step for a CUDA graph: one token per request, each sampled) it has exactly
+    /// `batch` rows and `width` table columns: rows past the step's requests read block 0 at
+    /// position 0 and write no cache slot.
+    fn new(input: &StepInput<'_>, block_size: usize, pad: Option<(usize, usize)>) -> Self {
+        let bs = block_size;
+        let n = input.seqs.len();
+        let (seqs, max_blocks) = pad.unwrap_or_else(|| {
+            let widest = input.seqs.iter().map(|s| s.block_table.len()).max();
+            (n, widest.unwrap_or(1).max(1))
+        });
+        let (mut ids, mut pos, mut seq, mut slots) = (vec![], vec![], vec![], vec![]);
+        let (mut list, mut rows) = (vec![], vec![]);
+        let mut tables = vec![0i32; seqs * max_blocks];
+        let mut chunks = Vec::new();
+        let mut max_ctx = 0u32;
+        for (si, s) in input.seqs.iter().enumerate() {
+            for (bi, b) in s.block_table.iter().enumerate() {
+                tables[si * max_blocks + bi] = b.0 as i32;
+            }
+            let first = ids.len();
+            if s.tokens.len() >= GEMM_PREFILL_MIN {
+                chunks.push(GemmChunk {
+                    seq: si,
+                    first,
+                    len: s.tokens.len(),
+                    context: s.context as usize,
+                });
+            } else {
+                list.extend((first..first + s.tokens.len()).map(|i| i as i32));
+                max_ctx = max_ctx.max(s.context + s.tokens.len() as u32);
+            }
+            for (i, &tok) in s.tokens.iter().enumerate() {
+                let p = s.context as usize + i;
+                ids.push(tok as i32);
+                pos.push(p as i32);
+                seq.push(si as i32);
+                slots.push((s.block_table[p / bs].0 as usize * bs + p % bs) as i32);
+                if input.logits_for == LogitsFor::AllTokens || (s.sample && i + 1 == s.tokens.len())
+                {
+                    rows.push((ids.len() - 1) as i32);
+                }
+            }
+        }
+        if let Some((batch, _)) = pad {
+            for i in n..batch {
+                let i = i as i32;
+                ids.push(0);
+                pos.push(0);
+                seq.push(i);
+                slots.push(-1);
+                list.push(i);
+                rows.push(i);
+            }
+        }
+        let (t, listed, r) = (ids.len(), list.len(), rows.len());
+        let mut ints = Vec::with_capacity(Self::ints_len(t, max_blocks));
+        for part in [ids, pos, seq, slots, list, rows, tables] {
+            ints.extend(part);
+        }
+        // Zero-length device buffers are not allowed.
+        if ints.is_empty() {
+            ints.push(0);
+        }
+        StepPlan {
+            t,
+            listed,
+            rows: r,
+            seqs,
+            max_blocks,
+            max_ctx,
+            chunks,
+            ints,
+        }
+    }
+
+    /// Length of the packed arrays of `t` tokens, each listed and each a logit row, and `t`
+    /// requests of `max_blocks` columns: the most a step of `t` tokens uploads.
+    fn ints_len(t: usize, max_blocks: usize) -> usize {
+        6 * t + t * max_blocks
+    }
+
+    /// Where `part` lies in [`StepPlan::ints`].
+    fn part(&self, part: Part) -> std::ops::Range<usize> {
+        let lens = [
+            self.t,
+            self.t,
+            self.t,
+            self.t,
+            self.listed,
+            self.rows,
+            self.seqs * self.max_blocks,
+        ];
+        let i = part as usize;
+        let start: usize = lens[..i].iter().sum();
+        start..start + lens[i]
     }
 }
 
@@ -1343,33 +1786,21 @@ impl Backend for CudaBackend {
     }
 
     fn execute(&mut self, input: &StepInput<'_>) -> Result<Logits> {
-        let (logits, r) = self.forward(input)?;
         let vocab = self.spec.config.vocab_size as usize;
-        let mut data = self.stream.clone_dtoh(&logits).map_err(err)?;
-        data.truncate(r * vocab);
-        Ok(Logits { vocab, data })
+        self.forward(input, |b, logits, r| {
+            let data = if r == 0 {
+                Vec::new()
+            } else {
+                b.stream
+                    .clone_dtoh(&logits.slice(..r * vocab))
+                    .map_err(err)?
+            };
+            Ok(Logits { vocab, data })
+        })
     }
 
     fn execute_greedy(&mut self, input: &StepInput<'_>) -> Result<Vec<u32>> {
-        let (logits, r) = self.forward(input)?;
-        if r == 0 {
-            return Ok(Vec::new());
-        }
-        let mut ids = self.stream.alloc_zeros::<i32>(r).map_err(err)?;
-        let vocab = self.spec.config.vocab_size as i32;
-        // SAFETY: argmax_rows(const float*, int vocab, int* out) over r rows of `logits`.
-        unsafe {
-            let mut b = self.stream.launch_builder(&self.k.argmax_rows);
-            b.arg(&logits).arg(&vocab).arg(&mut ids);
-            b.launch(LaunchConfig {
-                grid_dim: (r as u32, 1, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: 0,
-            })
-            .map_err(err)?;
-        }
-        let host = self.stream.clone_dtoh(&ids).map_err(err)?;
-        Ok(host.into_iter().map(|i| i as u32).collect())
+        self.forward(input, |b, logits, r| b.argmax(logits, r))
     }
 
     fn as_profiled(&mut self) -> Option<&mut dyn crate::profile::Profiled> {
@@ -1453,6 +1884,135 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn seq<'a>(
+        tokens: &'a [u32],
+        context: u32,
+        table: &'a [BlockId],
+    ) -> super::super::SeqInput<'a> {
+        super::super::SeqInput {
+            tokens,
+            context,
+            block_table: table,
+            sample: true,
+        }
+    }
+
+    /// Every part of a plan, by name, as a slice of its packed arrays.
+    fn parts(p: &StepPlan) -> Vec<Vec<i32>> {
+        [
+            Part::Ids,
+            Part::Pos,
+            Part::Seq,
+            Part::Slots,
+            Part::List,
+            Part::Rows,
+            Part::Tables,
+        ]
+        .into_iter()
+        .map(|part| p.ints[p.part(part)].to_vec())
+        .collect()
+    }
+
+    #[test]
+    fn a_step_plan_packs_every_index_array_once_in_order() {
+        // A 70-token prefill chunk (chunk-wide attention) over 10 cached tokens, then a decode
+        // at position 20 of a two-block table.
+        let long: Vec<u32> = (0..70).collect();
+        let (ta, tb) = (
+            [
+                BlockId(7),
+                BlockId(3),
+                BlockId(9),
+                BlockId(4),
+                BlockId(5),
+                BlockId(6),
+            ],
+            [BlockId(2), BlockId(8)],
+        );
+        let input = StepInput {
+            seqs: vec![seq(&long, 10, &ta), seq(&[42], 20, &tb)],
+            logits_for: LogitsFor::Sampled,
+        };
+        let p = StepPlan::new(&input, 16, None);
+        assert_eq!(
+            (p.t, p.listed, p.rows, p.seqs, p.max_blocks),
+            (71, 1, 2, 2, 6)
+        );
+        assert_eq!(p.max_ctx, 21, "only listed tokens' contexts count");
+        assert_eq!(p.chunks.len(), 1);
+        assert_eq!(
+            (p.chunks[0].first, p.chunks[0].len, p.chunks[0].context),
+            (0, 70, 10)
+        );
+        let v = parts(&p);
+        assert_eq!(v[0][..3], [0, 1, 2]);
+        assert_eq!(v[0][70], 42);
+        assert_eq!(v[1][0], 10);
+        assert_eq!(v[1][70], 20);
+        assert_eq!(v[2][69..], [0, 1]);
+        // Position 10 is block 0 (id 7) offset 10; position 20 of b is block 1 (id 8) offset 4.
+        assert_eq!(v[3][0], 7 * 16 + 10);
+        assert_eq!(v[3][70], 8 * 16 + 4);
+        assert_eq!(v[4], [70]);
+        assert_eq!(v[5], [69, 70]);
+        assert_eq!(v[6], [7, 3, 9, 4, 5, 6, 2, 8, 0, 0, 0, 0]);
+        assert_eq!(p.ints.len(), 4 * 71 + 1 + 2 + 12);
+        assert!(p.ints.len() <= StepPlan::ints_len(p.t, p.max_blocks));
+    }
+
+    #[test]
+    fn a_padded_decode_plan_has_the_graphs_shape_and_inert_padding_rows() {
+        let (ta, tb, tc) = ([BlockId(1)], [BlockId(2), BlockId(5)], [BlockId(3)]);
+        let input = StepInput {
+            seqs: vec![seq(&[11], 4, &ta), seq(&[12], 17, &tb), seq(&[13], 0, &tc)],
+            logits_for: LogitsFor::Sampled,
+        };
+        let p = StepPlan::new(&input, 16, Some((4, 8)));
+        assert_eq!(
+            (p.t, p.listed, p.rows, p.seqs, p.max_blocks),
+            (4, 4, 4, 4, 8)
+        );
+        assert_eq!(p.max_ctx, 18);
+        assert!(p.chunks.is_empty());
+        let v = parts(&p);
+        assert_eq!(v[0], [11, 12, 13, 0]);
+        assert_eq!(v[1], [4, 17, 0, 0]);
+        // The padding row reads its own (empty) table row and writes no slot.
+        assert_eq!(v[2], [0, 1, 2, 3]);
+        assert_eq!(v[3], [16 + 4, 5 * 16 + 1, 3 * 16, -1]);
+        assert_eq!(v[4], [0, 1, 2, 3]);
+        assert_eq!(v[5], [0, 1, 2, 3]);
+        assert_eq!(&v[6][..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&v[6][8..10], &[2, 5]);
+        assert!(v[6][24..].iter().all(|&b| b == 0));
+        // Parts of a padded plan depend only on (batch, width): a graph's fixed addresses.
+        assert_eq!(p.ints.len(), StepPlan::ints_len(4, 8));
+        assert!(p.ints.len() <= StepPlan::ints_len(GRAPH_MAX_BATCH, 8));
+    }
+
+    #[test]
+    fn graph_batches_pad_every_decode_batch_to_the_next_capture_size() {
+        assert!(GRAPH_BATCHES.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(GRAPH_MAX_BATCH, 128);
+        for n in 1..=GRAPH_MAX_BATCH {
+            let b = GRAPH_BATCHES.iter().copied().find(|&b| b >= n).unwrap();
+            assert!(b - n < 8, "batch {n} padded to {b}");
+        }
+    }
+
+    #[test]
+    fn split_count_fills_the_gpu_without_splits_under_64_keys() {
+        // H100: 132 SMs. Llama-3-8B's 8 KV heads at batch 1: 33 splits would fill it twice, but
+        // a 300-token context has only 5 splits of 64 keys.
+        assert_eq!(split_count(8, 132, 300, true), 5);
+        assert_eq!(split_count(8, 132, 8192, true), 33);
+        assert_eq!(split_count(264, 132, 8192, true), 1);
+        assert_eq!(split_count(1, 132, 100_000, true), MAX_SPLITS);
+        assert_eq!(split_count(0, 132, 10, true), 1);
+        // v1: 32 keys a split whatever the batch, while the GPU is not full.
+        assert_eq!(split_count(8, 132, 300, false), 10);
     }
 
     #[test]
