@@ -99,6 +99,41 @@ extern "C" __global__ void rope(bf16* qkv, const int* pos, const float* inv_freq
     head[i + half] = f2bf(b * c + a * s);
 }
 
+// rope and kv_write in one launch (v2 kernels): grid = (tokens, q_heads + 2 * kv_heads), block =
+// head_dim / 2 threads (rounded up to a warp), one rotate-half pair per thread. Q heads are
+// rotated in place; K heads rotated in place and stored at the token's cache slot; V heads
+// stored. The values written are rope's and kv_write's, bit for bit. A negative slot (a padding
+// row of a CUDA-graph decode step) stores nothing.
+extern "C" __global__ void rope_kv_write(bf16* __restrict__ qkv, const int* __restrict__ pos,
+                                         const float* __restrict__ inv_freq,
+                                         const int* __restrict__ slots, bf16* __restrict__ k_cache,
+                                         bf16* __restrict__ v_cache, int qkv_width, int q_heads,
+                                         int kv_heads, int head_dim) {
+    int half = head_dim / 2, i = threadIdx.x, y = blockIdx.y;
+    if (i >= half) return;
+    bf16* head = qkv + (size_t)blockIdx.x * qkv_width + y * head_dim;
+    int slot = slots[blockIdx.x];
+    size_t kv_row = (size_t)slot * kv_heads * head_dim;
+    if (y >= q_heads + kv_heads) {
+        if (slot < 0) return;
+        bf16* dst = v_cache + kv_row + (y - q_heads - kv_heads) * head_dim;
+        dst[i] = head[i];
+        dst[i + half] = head[i + half];
+        return;
+    }
+    float s, c;
+    sincosf((float)pos[blockIdx.x] * inv_freq[i], &s, &c);
+    float a = bf2f(head[i]), b = bf2f(head[i + half]);
+    bf16 lo = f2bf(a * c - b * s), hi = f2bf(b * c + a * s);
+    head[i] = lo;
+    head[i + half] = hi;
+    if (y >= q_heads && slot >= 0) {
+        bf16* dst = k_cache + kv_row + (y - q_heads) * head_dim;
+        dst[i] = lo;
+        dst[i + half] = hi;
+    }
+}
+
 // Copies each token's K and V (from the fused QKV row) into the paged cache at its slot
 // (block * block_size + offset). Cache layout per layer: [slot][kv_head][head_dim].
 extern "C" __global__ void kv_write(const bf16* __restrict__ qkv, bf16* __restrict__ k_cache,

@@ -67,7 +67,7 @@ impl Profiled for crate::backend::cuda::CudaBackend {
         use crate::backend::cuda::KernelSet;
         let attention = match self.kernels() {
             KernelSet::V2 => format!(
-                "kernels v2: tensor-core paged_decode ({} K/V tile(s) in flight per warp) and flash_prefill for prefill chunks of 64 tokens or more, over 16-token blocks",
+                "kernels v2: rotary and KV-cache write in one kernel (so `attn_kv_cache_save` is 0), tensor-core paged_decode ({} K/V tile(s) in flight per warp) and flash_prefill for prefill chunks of 64 tokens or more, over 16-token blocks",
                 self.decode_stages()
             ),
             KernelSet::V1 => "kernels v1: scalar paged attention over 16-token blocks, prefill chunks of 64 tokens or more as cuBLAS GEMMs".into(),

@@ -9,10 +9,10 @@
 //!   library's presence is checked first).
 //!
 //! Per layer a step launches (v2 kernels, the default): `add_rms_norm`, QKV GEMM, (`add_bias`),
-//! `rope`, `kv_write`, `flash_prefill_<head_dim>` per prefill chunk of 64+ tokens and one
+//! `rope_kv_write`, `flash_prefill_<head_dim>` per prefill chunk of 64+ tokens and one
 //! `paged_decode_<head_dim>` for all other tokens (it merges its own split-K partials), O GEMM,
 //! `add_rms_norm`, gate-up GEMM, `silu_mul8`, down GEMM. [`KernelSet::V1`] swaps in
-//! `paged_attention_scalar` (+ `attention_combine`), cuBLAS attention GEMMs for long chunks and
+//! `rope` then `kv_write`, `paged_attention_scalar` (+ `attention_combine`), cuBLAS attention GEMMs for long chunks and
 //! `silu_mul`. Greedy steps pick tokens with `argmax_rows` on the device.
 //!
 //! All work runs on one stream of the backend's own. A step's index arrays (token ids,
@@ -213,6 +213,8 @@ struct Kernels {
     add_bias: CudaFunction,
     rope: CudaFunction,
     kv_write: CudaFunction,
+    /// `rope` and `kv_write` in one launch (v2).
+    rope_kv_write: CudaFunction,
     silu_mul: CudaFunction,
     silu_mul8: CudaFunction,
     fill_uniform: CudaFunction,
@@ -370,6 +372,7 @@ impl CudaBackend {
             add_bias: take("add_bias"),
             rope: take("rope"),
             kv_write: take("kv_write"),
+            rope_kv_write: take("rope_kv_write"),
             silu_mul: take("silu_mul"),
             silu_mul8: take("silu_mul8"),
             fill_uniform: take("fill_uniform"),
@@ -1276,31 +1279,56 @@ impl CudaBackend {
                 }
             }
             self.mark("attn_pre_proj")?;
-            unsafe {
-                let mut b = st.launch_builder(&self.k.rope);
-                b.arg(&mut *qkv)
-                    .arg(&d_pos)
-                    .arg(&self.inv_freq)
-                    .arg(&qkv_i)
-                    .arg(&hd_i);
-                b.launch(LaunchConfig {
-                    grid_dim: (t as u32, rot_heads, 1),
-                    block_dim: ((hd as u32 / 2).div_ceil(32) * 32, 1, 1),
-                    shared_mem_bytes: 0,
-                })
-                .map_err(err)?;
-            }
-            self.mark("attn_rope")?;
-            unsafe {
-                let mut b = st.launch_builder(&self.k.kv_write);
-                b.arg(&*qkv)
-                    .arg(&mut self.k_cache[l])
-                    .arg(&mut self.v_cache[l])
-                    .arg(&d_slots)
-                    .arg(&qkv_i)
-                    .arg(&q_i)
-                    .arg(&kv_i);
-                b.launch(rows_cfg(t)).map_err(err)?;
+            let pair_threads = (hd as u32 / 2).div_ceil(32) * 32;
+            if self.kernel_set == KernelSet::V2 {
+                // One launch rotates Q and K and stores K and V (the profile's KV-save is 0).
+                unsafe {
+                    let mut b = st.launch_builder(&self.k.rope_kv_write);
+                    b.arg(&mut *qkv)
+                        .arg(&d_pos)
+                        .arg(&self.inv_freq)
+                        .arg(&d_slots)
+                        .arg(&mut self.k_cache[l])
+                        .arg(&mut self.v_cache[l])
+                        .arg(&qkv_i)
+                        .arg(&nh_i)
+                        .arg(&nkv_i)
+                        .arg(&hd_i);
+                    b.launch(LaunchConfig {
+                        grid_dim: (t as u32, rot_heads + nkv as u32, 1),
+                        block_dim: (pair_threads, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                    .map_err(err)?;
+                }
+                self.mark("attn_rope")?;
+            } else {
+                unsafe {
+                    let mut b = st.launch_builder(&self.k.rope);
+                    b.arg(&mut *qkv)
+                        .arg(&d_pos)
+                        .arg(&self.inv_freq)
+                        .arg(&qkv_i)
+                        .arg(&hd_i);
+                    b.launch(LaunchConfig {
+                        grid_dim: (t as u32, rot_heads, 1),
+                        block_dim: (pair_threads, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                    .map_err(err)?;
+                }
+                self.mark("attn_rope")?;
+                unsafe {
+                    let mut b = st.launch_builder(&self.k.kv_write);
+                    b.arg(&*qkv)
+                        .arg(&mut self.k_cache[l])
+                        .arg(&mut self.v_cache[l])
+                        .arg(&d_slots)
+                        .arg(&qkv_i)
+                        .arg(&q_i)
+                        .arg(&kv_i);
+                    b.launch(rows_cfg(t)).map_err(err)?;
+                }
             }
             self.mark("attn_kv_cache_save")?;
             for ch in &plan.chunks {
@@ -1741,6 +1769,7 @@ fn kernel_names(file: &str) -> &'static [&'static str] {
             "add_bias",
             "rope",
             "kv_write",
+            "rope_kv_write",
             "silu_mul",
             "silu_mul8",
             "fill_uniform",
