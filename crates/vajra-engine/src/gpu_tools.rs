@@ -59,6 +59,7 @@ pub fn bench(
     decode_batches: &[usize],
     decode_ctx: u32,
     prefill_lens: &[usize],
+    split_sweep: &[u32],
 ) -> Result<(String, serde_json::Value)> {
     let c = &spec.config;
     let max_b = decode_batches.iter().copied().max().unwrap_or(1);
@@ -104,6 +105,36 @@ pub fn bench(
             ms / floor
         );
         decode.push(json!({"batch": n, "context": decode_ctx, "step_ms": ms, "floor_ms": floor, "ratio": ms / floor}));
+    }
+    // The same decode steps at other split-K aims (attention blocks per SM), for choosing the
+    // default: only the attention kernel's grid changes.
+    let mut sweep = Vec::new();
+    if !split_sweep.is_empty() {
+        let default = b.split_blocks_per_sm();
+        let _ = writeln!(
+            md,
+            "\nSplit-K aim (attention blocks per SM; default {default}, VAJRA_CUDA_SPLIT_BLOCKS_PER_SM): decode step ms (÷ floor)\n"
+        );
+        let head: String = decode_batches
+            .iter()
+            .map(|n| format!(" batch {n} |"))
+            .collect();
+        let _ = writeln!(md, "| blocks per SM |{head}");
+        let _ = writeln!(md, "|---:|{}", "---:|".repeat(decode_batches.len()));
+        for &per_sm in split_sweep {
+            b.set_split_blocks_per_sm(per_sm)?;
+            let mut line = format!("| {per_sm} |");
+            for &n in decode_batches {
+                let batch = Batch::new(n, 1, decode_ctx - 1, c.vocab_size);
+                let ms = time_steps(&mut b, &batch, 3, 15)?;
+                let bytes = weight_bytes + n as f64 * f64::from(decode_ctx) * kv_per_token;
+                let floor = bytes / (copy_gbs * 1e9) * 1e3;
+                let _ = write!(line, " {ms:.3} ({:.2}) |", ms / floor);
+                sweep.push(json!({"blocks_per_sm": per_sm, "batch": n, "step_ms": ms, "ratio": ms / floor}));
+            }
+            let _ = writeln!(md, "{line}");
+        }
+        b.set_split_blocks_per_sm(default)?;
     }
     // With graphs on, every timed decode step should be a replay: say how many were.
     let graphs = b.graph_stats();
@@ -151,7 +182,7 @@ pub fn bench(
     let record = json!({
         "device": b.device_name(), "driver": CudaBackend::driver_version(), "model": c.name,
         "weights": "random bf16", "kernels": format!("{:?}", b.kernels()), "decode_stages": b.decode_stages(), "graphs": b.graphs(), "graphs_captured": graphs.captured, "graph_replays": graphs.replayed, "graph_failure": graphs.failure, "setup_s": setup_s, "copy_gb_per_s_read_plus_write": copy_gbs,
-        "gemm_8192_tflops": gemm_8192, "decode": decode, "prefill": prefill,
+        "gemm_8192_tflops": gemm_8192, "decode": decode, "split_sweep": sweep, "prefill": prefill, "split_blocks_per_sm": b.split_blocks_per_sm(),
         "timing": "wall clock of one greedy step (host preparation, kernels, argmax copy-back), median of 15 (decode) or 7 (prefill) after warm-up",
     });
     Ok((md, record))

@@ -90,6 +90,9 @@ struct GpuBenchArgs {
     /// Prefill lengths (one request each).
     #[arg(long, value_delimiter = ',', default_value = "512,2048")]
     prefill: Vec<usize>,
+    /// Also time the decode batches at these split-K aims (attention blocks per SM, 1–32).
+    #[arg(long, value_delimiter = ',')]
+    split_sweep: Vec<u32>,
     /// Also write the numbers as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -502,8 +505,13 @@ fn gpu_bench(a: GpuBenchArgs) -> Result<()> {
     if a.decode_context < 2 {
         bail!("--decode-context must be ≥ 2");
     }
-    let (md, json) =
-        vajra_engine::gpu_tools::bench(&spec, &a.decode_batches, a.decode_context, &a.prefill)?;
+    let (md, json) = vajra_engine::gpu_tools::bench(
+        &spec,
+        &a.decode_batches,
+        a.decode_context,
+        &a.prefill,
+        &a.split_sweep,
+    )?;
     println!("{md}");
     if let Some(p) = a.out {
         std::fs::write(&p, serde_json::to_string_pretty(&json)?)

@@ -79,6 +79,11 @@ fn decode_smem_bytes(head_dim: u32, stages: u32) -> u32 {
 }
 /// Most split-K partitions.
 const MAX_SPLITS: u32 = 64;
+/// Split-K's default aim: two attention blocks per multiprocessor (the v2 measurements'
+/// setting).
+const DEFAULT_SPLIT_BLOCKS_PER_SM: u32 = 2;
+/// Most blocks per multiprocessor split-K may aim at.
+const MAX_SPLIT_BLOCKS_PER_SM: u32 = 32;
 /// Bytes of cuBLAS's workspace.
 const CUBLAS_WORKSPACE: usize = 32 << 20;
 
@@ -268,6 +273,9 @@ pub struct CudaBackend {
     decode_stages: u32,
     /// Streaming multiprocessors (split-K sizing).
     sms: u32,
+    /// Split-K aims at this many attention blocks per multiprocessor
+    /// (`VAJRA_CUDA_SPLIT_BLOCKS_PER_SM`, default 2).
+    split_blocks_per_sm: u32,
     /// Compute capability major version (flash_prefill needs 8+).
     cc_major: i32,
     /// Whether decode steps replay CUDA graphs (`VAJRA_CUDA_GRAPHS`).
@@ -350,6 +358,27 @@ impl CudaBackend {
             .map_err(err)?;
         }
         let graph_mode = env_choice("VAJRA_CUDA_GRAPHS", &[("off", false), ("on", true)], false)?;
+        let split_blocks_per_sm = match std::env::var("VAJRA_CUDA_SPLIT_BLOCKS_PER_SM") {
+            Err(std::env::VarError::NotPresent) => DEFAULT_SPLIT_BLOCKS_PER_SM,
+            Ok(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_SPLIT_BLOCKS_PER_SM).contains(n))
+                .ok_or_else(|| {
+                    EngineError::invalid(
+                        "VAJRA_CUDA_SPLIT_BLOCKS_PER_SM",
+                        &v,
+                        format!("an integer from 1 to {MAX_SPLIT_BLOCKS_PER_SM}"),
+                    )
+                })?,
+            Err(e) => {
+                return Err(EngineError::invalid(
+                    "VAJRA_CUDA_SPLIT_BLOCKS_PER_SM",
+                    e.to_string(),
+                    format!("an integer from 1 to {MAX_SPLIT_BLOCKS_PER_SM}"),
+                ));
+            }
+        };
         let mut funcs = HashMap::new();
         for (name, ptx) in compile_kernels(arch)? {
             let module = ctx
@@ -528,6 +557,7 @@ impl CudaBackend {
             kernel_set,
             decode_stages,
             sms,
+            split_blocks_per_sm,
             cc_major: major,
             graph_mode,
             graphs: None,
@@ -564,6 +594,31 @@ impl CudaBackend {
     /// K/V tiles in flight per warp in v2's `paged_decode`.
     pub fn decode_stages(&self) -> u32 {
         self.decode_stages
+    }
+
+    /// Sets how many attention blocks per multiprocessor split-K aims at (the default comes
+    /// from `VAJRA_CUDA_SPLIT_BLOCKS_PER_SM`, else 2): a step of fewer (token, KV head) pairs
+    /// cuts each context into that many blocks' worth of partitions, of at least 64 keys each.
+    ///
+    /// # Errors
+    /// A count outside 1–32.
+    pub fn set_split_blocks_per_sm(&mut self, n: u32) -> Result<()> {
+        if !(1..=MAX_SPLIT_BLOCKS_PER_SM).contains(&n) {
+            return Err(EngineError::invalid(
+                "split blocks per SM",
+                n,
+                format!("1 to {MAX_SPLIT_BLOCKS_PER_SM}"),
+            ));
+        }
+        self.split_blocks_per_sm = n;
+        // The graphs' split-K buffers are sized for the aim they were made with.
+        self.graphs = None;
+        Ok(())
+    }
+
+    /// Attention blocks per multiprocessor split-K aims at.
+    pub fn split_blocks_per_sm(&self) -> u32 {
+        self.split_blocks_per_sm
     }
 
     /// Turns CUDA graphs for decode steps on or off (the default comes from
@@ -1017,7 +1072,7 @@ impl CudaBackend {
     /// context `max_ctx`; `mma` says whether v2's `paged_decode` runs (else v1's kernel).
     fn decode_splits(&self, listed: usize, max_ctx: u32, mma: bool) -> u32 {
         let pairs = listed * self.spec.config.num_kv_heads as usize;
-        split_count(pairs, self.sms, max_ctx, mma)
+        split_count(pairs, self.split_blocks_per_sm * self.sms, max_ctx, mma)
     }
 
     /// The per-token attention kernel of this backend: v2's `paged_decode(2)_<head_dim>`, or
@@ -1461,16 +1516,16 @@ impl CudaBackend {
     }
 }
 
-/// Split-K partitions for `pairs` (token, KV head) pairs on `sms` multiprocessors, the longest
-/// context `max_ctx`; `mma`: v2's `paged_decode` (else v1's kernel).
-fn split_count(pairs: usize, sms: u32, max_ctx: u32, mma: bool) -> u32 {
+/// Split-K partitions for `pairs` (token, KV head) pairs, aiming at `target` blocks in all, the
+/// longest context `max_ctx`; `mma`: v2's `paged_decode` (else v1's kernel).
+fn split_count(pairs: usize, target: u32, max_ctx: u32, mma: bool) -> u32 {
     let pairs = pairs.clamp(1, u32::MAX as usize) as u32;
-    if pairs >= 2 * sms {
+    if pairs >= target {
         1
     } else if mma {
-        // Enough blocks to fill the GPU twice over, but at least 64 keys (a 16-key tile for each
-        // of the block's 4 warps) each.
-        (2 * sms)
+        // About `target` blocks, but at least 64 keys (a 16-key tile for each of the block's 4
+        // warps) each.
+        target
             .div_ceil(pairs)
             .min(max_ctx.div_ceil(MIN_KEYS_PER_SPLIT_V2))
             .clamp(1, MAX_SPLITS)
@@ -2033,15 +2088,19 @@ mod tests {
 
     #[test]
     fn split_count_fills_the_gpu_without_splits_under_64_keys() {
-        // H100: 132 SMs. Llama-3-8B's 8 KV heads at batch 1: 33 splits would fill it twice, but
-        // a 300-token context has only 5 splits of 64 keys.
-        assert_eq!(split_count(8, 132, 300, true), 5);
-        assert_eq!(split_count(8, 132, 8192, true), 33);
-        assert_eq!(split_count(264, 132, 8192, true), 1);
+        // H100: 132 SMs, aiming at 2 blocks each. Llama-3-8B's 8 KV heads at batch 1: 33 splits
+        // would make 264 blocks, but a 300-token context has only 5 splits of 64 keys.
+        assert_eq!(split_count(8, 264, 300, true), 5);
+        assert_eq!(split_count(8, 264, 8192, true), 33);
+        assert_eq!(split_count(264, 264, 8192, true), 1);
+        // Batch 32: 256 pairs, 2 splits; aiming at 3 blocks per SM, 2 as well; at 6, 4.
+        assert_eq!(split_count(256, 264, 512, true), 2);
+        assert_eq!(split_count(256, 396, 512, true), 2);
+        assert_eq!(split_count(256, 792, 512, true), 4);
         assert_eq!(split_count(1, 132, 100_000, true), MAX_SPLITS);
         assert_eq!(split_count(0, 132, 10, true), 1);
         // v1: 32 keys a split whatever the batch, while the GPU is not full.
-        assert_eq!(split_count(8, 132, 300, false), 10);
+        assert_eq!(split_count(8, 264, 300, false), 10);
     }
 
     #[test]
