@@ -248,6 +248,9 @@ struct GpuLayer {
 
 /// The CUDA backend.
 pub struct CudaBackend {
+    /// The captured decode graphs and their buffers (made at the first step that uses them).
+    /// First, so that they are dropped before the kernels' modules and the buffers they name.
+    graphs: Option<DecodeGraphs>,
     spec: ModelSpec,
     shape: CacheShape,
     device_name: String,
@@ -280,8 +283,6 @@ pub struct CudaBackend {
     cc_major: i32,
     /// Whether decode steps replay CUDA graphs (`VAJRA_CUDA_GRAPHS`).
     graph_mode: bool,
-    /// The captured graphs and their buffers (made at the first step that uses them).
-    graphs: Option<DecodeGraphs>,
     graph_stats: GraphStats,
 }
 
@@ -1557,12 +1558,12 @@ pub struct GraphStats {
 /// buffers' addresses, so the buffers live as long as the graphs; one set serves every batch
 /// size (a step uses the first rows), since one step runs at a time.
 struct DecodeGraphs {
-    bufs: StepBuffers,
+    /// By (padded batch, split-K partitions): the two numbers a decode step's launches depend
+    /// on besides the buffers. Dropped before the buffers.
+    graphs: HashMap<(usize, u32), CudaGraph>,
     /// Block-table columns: enough for `max_model_len` (or the whole cache, if smaller).
     max_blocks: usize,
-    /// By (padded batch, split-K partitions): the two numbers a decode step's launches depend
-    /// on besides the buffers.
-    graphs: HashMap<(usize, u32), CudaGraph>,
+    bufs: StepBuffers,
 }
 
 impl DecodeGraphs {
