@@ -1148,10 +1148,10 @@ impl CudaBackend {
             .seqs
             .iter()
             .all(|s| s.tokens.len() == 1 && (s.sample || input.logits_for == LogitsFor::AllTokens));
-        let batch = GRAPH_BATCHES.iter().copied().find(|&b| b >= n)?;
         if n == 0 || !decode {
             return None;
         }
+        let batch = GRAPH_BATCHES.iter().copied().find(|&b| b >= n)?;
         if self.graphs.is_none() {
             match DecodeGraphs::new(self) {
                 Ok(g) => self.graphs = Some(g),
