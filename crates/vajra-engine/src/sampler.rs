@@ -7,6 +7,9 @@
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vajra_core::sampling::SamplingParams;
 
+pub mod gumbel;
+pub use gumbel::DeviceDraw;
+
 /// The chosen token and, if asked for, log-probabilities.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
