@@ -132,6 +132,22 @@ pub fn check_swap(
     Ok(())
 }
 
+/// One draw per sampled row, or an error naming both counts.
+///
+/// # Errors
+/// `draws ≠ rows`.
+pub fn check_draws(draws: usize, rows: usize) -> Result<()> {
+    if draws == rows {
+        Ok(())
+    } else {
+        Err(crate::error::EngineError::invalid(
+            "draws",
+            draws,
+            format!("one per sampled request of the step ({rows})"),
+        ))
+    }
+}
+
 /// A model executor.
 pub trait Backend: Send {
     /// A short name for logs and errors (`cpu`, `cuda`).
@@ -158,6 +174,29 @@ pub trait Backend: Send {
         let logits = self.execute(input)?;
         Ok((0..logits.rows())
             .map(|r| crate::sampler::argmax(logits.row(r)))
+            .collect())
+    }
+    /// Whether [`Backend::execute_sampled`] draws tokens on the device, so that the engine
+    /// sends it steps whose sampled requests set no penalties and no log-probabilities instead
+    /// of copying their logits back.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+    /// Runs one step and draws the token of each sampled request, in batch order, with
+    /// `draws[row]` by [`crate::sampler::gumbel`]'s algorithm. The default draws on the host
+    /// from [`Backend::execute`]'s logits.
+    ///
+    /// # Errors
+    /// As [`Backend::execute`], or a count of draws other than the step's sampled requests.
+    fn execute_sampled(
+        &mut self,
+        input: &StepInput<'_>,
+        draws: &[crate::sampler::DeviceDraw],
+    ) -> Result<Vec<u32>> {
+        let logits = self.execute(input)?;
+        check_draws(draws.len(), logits.rows())?;
+        Ok((0..logits.rows())
+            .map(|r| crate::sampler::gumbel::draw(logits.row(r), &draws[r]))
             .collect())
     }
     /// Copies device blocks to host blocks (swap out) and host blocks to device blocks (swap

@@ -17,7 +17,7 @@
 
 use crate::backend::{Backend, LogitsFor, SeqInput, StepInput};
 use crate::error::{EngineError, Result};
-use crate::sampler::{RequestSampler, Sampled};
+use crate::sampler::{DeviceDraw, RequestSampler, Sampled};
 use crate::tokenizer::{IncrementalDetokenizer, TextCodec};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -418,10 +418,23 @@ impl Engine {
             .iter()
             .filter(|s| s.samples)
             .all(|s| self.live[&s.id].sampler.plain_greedy());
-        // Greedy-only steps let the backend pick tokens on the device.
+        // Device draws for every sampled request, where the backend samples on the device and
+        // none of them sets penalties or log-probabilities (else the host samples them all).
+        let draws: Option<Vec<DeviceDraw>> = if !greedy_only && self.backend.samples_on_device() {
+            out.scheduled
+                .iter()
+                .filter(|s| s.samples)
+                .map(|s| self.live[&s.id].sampler.device_draw())
+                .collect()
+        } else {
+            None
+        };
+        // Greedy-only steps, and steps drawn on the device, get tokens from the backend.
         let forward = Instant::now();
         let result = if greedy_only {
             Err(self.backend.execute_greedy(&input)?)
+        } else if let Some(draws) = &draws {
+            Err(self.backend.execute_sampled(&input, draws)?)
         } else {
             Ok(self.backend.execute(&input)?)
         };

@@ -26,6 +26,10 @@ pub struct Sampled {
 #[derive(Debug, Clone)]
 pub struct RequestSampler {
     params: SamplingParams,
+    /// The seed of `rng` (device draws use it too).
+    seed: u64,
+    /// Output tokens so far (the counter of the next device draw).
+    produced: u64,
     rng: StdRng,
     /// Occurrences of each token in the output so far (sparse).
     counts: std::collections::HashMap<u32, u32>,
@@ -44,6 +48,8 @@ impl RequestSampler {
         };
         RequestSampler {
             params,
+            seed,
+            produced: 0,
             rng: StdRng::seed_from_u64(seed),
             counts: Default::default(),
             prompt_set,
@@ -58,9 +64,14 @@ impl RequestSampler {
     /// Whether the token is the plain argmax of the raw logits (greedy, no penalties, no
     /// log-probabilities), so a backend may pick it on the device.
     pub fn plain_greedy(&self) -> bool {
+        self.params.is_greedy() && self.plain()
+    }
+
+    /// Whether the request sets no penalties and no log-probabilities (which only the host
+    /// sampler applies).
+    fn plain(&self) -> bool {
         let p = &self.params;
-        p.is_greedy()
-            && p.logprobs.is_none()
+        p.logprobs.is_none()
             && p.repetition_penalty == 1.0
             && p.frequency_penalty == 0.0
             && p.presence_penalty == 0.0
@@ -69,6 +80,21 @@ impl RequestSampler {
     /// Records an output token (penalties count it from now on).
     pub fn observe(&mut self, token: u32) {
         *self.counts.entry(token).or_default() += 1;
+        self.produced += 1;
+    }
+
+    /// The request's next token as a backend draws it on the device ([`gumbel`]), or `None`
+    /// if the request sets penalties or log-probabilities, which only the host sampler applies.
+    pub fn device_draw(&self) -> Option<DeviceDraw> {
+        let p = &self.params;
+        self.plain().then(|| DeviceDraw {
+            temperature: if p.is_greedy() { 0.0 } else { p.temperature },
+            top_k: p.top_k.max(0) as u32,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            seed: self.seed,
+            counter: self.produced,
+        })
     }
 
     /// Picks the next token from `logits` (which it may modify).

@@ -28,6 +28,7 @@
 use super::cpu::{CacheShape, CpuWeights};
 use super::{Backend, Logits, LogitsFor, StepInput};
 use crate::error::{EngineError, Result};
+use crate::sampler::DeviceDraw;
 use crate::spec::ModelSpec;
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
@@ -234,6 +235,7 @@ struct Kernels {
     gather_kv: CudaFunction,
     causal_softmax: CudaFunction,
     argmax_rows: CudaFunction,
+    sample_rows: CudaFunction,
 }
 
 struct GpuLayer {
@@ -283,6 +285,8 @@ pub struct CudaBackend {
     cc_major: i32,
     /// Whether decode steps replay CUDA graphs (`VAJRA_CUDA_GRAPHS`).
     graph_mode: bool,
+    /// Whether random sampling runs on the device (`VAJRA_CUDA_SAMPLER`).
+    device_sampler: bool,
     graph_stats: GraphStats,
 }
 
@@ -359,6 +363,11 @@ impl CudaBackend {
             .map_err(err)?;
         }
         let graph_mode = env_choice("VAJRA_CUDA_GRAPHS", &[("off", false), ("on", true)], false)?;
+        let device_sampler = env_choice(
+            "VAJRA_CUDA_SAMPLER",
+            &[("host", false), ("device", true)],
+            false,
+        )?;
         let split_blocks_per_sm = match std::env::var("VAJRA_CUDA_SPLIT_BLOCKS_PER_SM") {
             Err(std::env::VarError::NotPresent) => DEFAULT_SPLIT_BLOCKS_PER_SM,
             Ok(v) => v
@@ -423,6 +432,7 @@ impl CudaBackend {
             gather_kv: take("gather_kv"),
             causal_softmax: take("causal_softmax"),
             argmax_rows: take("argmax_rows"),
+            sample_rows: take("sample_rows"),
         };
         if major >= 8 {
             // Two-stage decode tiles exceed the 48 KB of shared memory a block gets by default.
@@ -561,6 +571,7 @@ impl CudaBackend {
             split_blocks_per_sm,
             cc_major: major,
             graph_mode,
+            device_sampler,
             graphs: None,
             graph_stats: GraphStats::default(),
         })
@@ -631,6 +642,13 @@ impl CudaBackend {
         if !on {
             self.graphs = None;
         }
+    }
+
+    /// Draws sampled requests' tokens on the device (`sample_rows`) or copies their logits to
+    /// the host sampler (the default comes from `VAJRA_CUDA_SAMPLER`, `device` or `host`;
+    /// unset means host). Requests with penalties or log-probabilities always go to the host.
+    pub fn set_device_sampler(&mut self, on: bool) {
+        self.device_sampler = on;
     }
 
     /// Whether decode steps replay CUDA graphs (off again after a failed capture).
@@ -826,6 +844,49 @@ impl CudaBackend {
         }
         let host = self.stream.clone_dtoh(&ids).map_err(err)?;
         Ok(host.into_iter().map(|i| i as u32).collect())
+    }
+
+    /// The token of each of the first `r` rows of `logits`, drawn on the device with
+    /// `draws[row]` (only the ids come back).
+    fn sample(&self, logits: &CudaSlice<f32>, r: usize, draws: &[DeviceDraw]) -> Result<Vec<u32>> {
+        super::check_draws(draws.len(), r)?;
+        if r == 0 {
+            return Ok(Vec::new());
+        }
+        let words: Vec<u32> = draws.iter().flat_map(DeviceDraw::words).collect();
+        let params = self.stream.clone_htod(&words).map_err(err)?;
+        let mut ids = self.stream.alloc_zeros::<i32>(r).map_err(err)?;
+        let vocab = self.spec.config.vocab_size as i32;
+        // SAFETY: sample_rows(const float*, int vocab, const unsigned* params, int* out) over r
+        // rows of `logits`, 8 parameter words a row.
+        unsafe {
+            let mut b = self.stream.launch_builder(&self.k.sample_rows);
+            b.arg(logits).arg(&vocab).arg(&params).arg(&mut ids);
+            b.launch(LaunchConfig {
+                grid_dim: (r as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            })
+            .map_err(err)?;
+        }
+        let host = self.stream.clone_dtoh(&ids).map_err(err)?;
+        Ok(host.into_iter().map(|i| i as u32).collect())
+    }
+
+    /// Draws a token from each row of `logits` (a host copy) on the device: the GPU tests hold
+    /// `sample_rows` to [`crate::sampler::gumbel::draw`] with this.
+    ///
+    /// # Errors
+    /// A row count other than `draws.len()`, or a device failure.
+    pub fn sample_logits(&self, logits: &Logits, draws: &[DeviceDraw]) -> Result<Vec<u32>> {
+        if logits.vocab != self.spec.config.vocab_size as usize {
+            return Err(err(format!(
+                "logits rows of {} values for a vocabulary of {}",
+                logits.vocab, self.spec.config.vocab_size
+            )));
+        }
+        let d = self.stream.clone_htod(&logits.data).map_err(err)?;
+        self.sample(&d, logits.rows(), draws)
     }
 
     /// The device's name.
@@ -1848,7 +1909,7 @@ fn kernel_names(file: &str) -> &'static [&'static str] {
             "gather_kv",
             "causal_softmax",
         ],
-        "sample.cu" => &["argmax_rows"],
+        "sample.cu" => &["argmax_rows", "sample_rows"],
         _ => &[],
     }
 }
@@ -1886,6 +1947,14 @@ impl Backend for CudaBackend {
 
     fn execute_greedy(&mut self, input: &StepInput<'_>) -> Result<Vec<u32>> {
         self.forward(input, |b, logits, r| b.argmax(logits, r))
+    }
+
+    fn samples_on_device(&self) -> bool {
+        self.device_sampler
+    }
+
+    fn execute_sampled(&mut self, input: &StepInput<'_>, draws: &[DeviceDraw]) -> Result<Vec<u32>> {
+        self.forward(input, |b, logits, r| b.sample(logits, r, draws))
     }
 
     fn as_profiled(&mut self) -> Option<&mut dyn crate::profile::Profiled> {

@@ -73,7 +73,10 @@ pub fn philox(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
             (p0 >> 32) as u32 ^ c[3] ^ k[1],
             p0 as u32,
         ];
-        k = [k[0].wrapping_add(0x9E37_79B9), k[1].wrapping_add(0xBB67_AE85)];
+        k = [
+            k[0].wrapping_add(0x9E37_79B9),
+            k[1].wrapping_add(0xBB67_AE85),
+        ];
     }
     c
 }
@@ -92,7 +95,11 @@ pub fn uniform(seed: u64, counter: u64, index: u32) -> f32 {
 /// values; −0 sorts just below +0).
 pub fn order_key(f: f32) -> u32 {
     let u = f.to_bits();
-    if u & 0x8000_0000 != 0 { !u } else { u | 0x8000_0000 }
+    if u & 0x8000_0000 != 0 {
+        !u
+    } else {
+        u | 0x8000_0000
+    }
 }
 
 /// The largest key `K` for which `holds(K)` (true at 0, and false from some key on), built
@@ -224,7 +231,16 @@ mod tests {
 
     #[test]
     fn order_keys_sort_as_the_floats_do() {
-        let v = [f32::NEG_INFINITY, -3.5, -1e-30, 0.0, 1e-30, 2.0, 1e30, f32::INFINITY];
+        let v = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-30,
+            0.0,
+            1e-30,
+            2.0,
+            1e30,
+            f32::INFINITY,
+        ];
         for w in v.windows(2) {
             assert!(order_key(w[0]) < order_key(w[1]), "{} vs {}", w[0], w[1]);
         }
@@ -245,7 +261,16 @@ mod tests {
             .collect();
         assert!(tokens.len() > 10, "40 draws hit only {tokens:?}");
         let other_seed: Vec<u32> = (0..40)
-            .map(|counter| draw(&row, &DeviceDraw { counter, seed: 43, ..d }))
+            .map(|counter| {
+                draw(
+                    &row,
+                    &DeviceDraw {
+                        counter,
+                        seed: 43,
+                        ..d
+                    },
+                )
+            })
             .collect();
         let same_seed: Vec<u32> = (0..40)
             .map(|counter| draw(&row, &DeviceDraw { counter, ..d }))
