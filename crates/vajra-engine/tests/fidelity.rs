@@ -294,6 +294,181 @@ fn engine_greedy_tokens_follow_the_reference_argmax() {
     }
 }
 
+/// Which entry point each step of a [`DrawsOnDevice`] backend took, and the draws it got.
+#[derive(Default)]
+struct Calls {
+    greedy: usize,
+    sampled: usize,
+    logits: usize,
+    draws: Vec<vajra_engine::sampler::DeviceDraw>,
+}
+
+/// The CPU backend claiming to sample on the device: `execute_sampled` draws with the device
+/// sampler's Rust reference over the CPU's logits, so the engine's routing is testable here.
+struct DrawsOnDevice {
+    inner: CpuBackend,
+    calls: std::sync::Arc<std::sync::Mutex<Calls>>,
+}
+
+impl Backend for DrawsOnDevice {
+    fn name(&self) -> &'static str {
+        "cpu-draws-on-device"
+    }
+    fn spec(&self) -> &vajra_engine::spec::ModelSpec {
+        self.inner.spec()
+    }
+    fn num_blocks(&self) -> u32 {
+        self.inner.num_blocks()
+    }
+    fn num_host_blocks(&self) -> u32 {
+        self.inner.num_host_blocks()
+    }
+    fn execute(
+        &mut self,
+        input: &StepInput<'_>,
+    ) -> vajra_engine::Result<vajra_engine::backend::Logits> {
+        self.calls.lock().unwrap().logits += 1;
+        self.inner.execute(input)
+    }
+    fn execute_greedy(&mut self, input: &StepInput<'_>) -> vajra_engine::Result<Vec<u32>> {
+        self.calls.lock().unwrap().greedy += 1;
+        self.inner.execute_greedy(input)
+    }
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+    fn execute_sampled(
+        &mut self,
+        input: &StepInput<'_>,
+        draws: &[vajra_engine::sampler::DeviceDraw],
+    ) -> vajra_engine::Result<Vec<u32>> {
+        let mut calls = self.calls.lock().unwrap();
+        calls.sampled += 1;
+        calls.draws.extend_from_slice(draws);
+        let logits = self.inner.execute(input)?;
+        vajra_engine::backend::check_draws(draws.len(), logits.rows())?;
+        Ok((0..logits.rows())
+            .map(|r| vajra_engine::sampler::gumbel::draw(logits.row(r), &draws[r]))
+            .collect())
+    }
+    fn swap(
+        &mut self,
+        out: &[(BlockId, HostBlockId)],
+        ins: &[(HostBlockId, BlockId)],
+    ) -> vajra_engine::Result<()> {
+        self.inner.swap(out, ins)
+    }
+}
+
+/// Runs `requests` (prompt, sampling) to completion on a [`DrawsOnDevice`] tiny Llama; returns
+/// each request's tokens, in order, and the calls.
+fn run_drawing_on_device(
+    requests: &[(Vec<u32>, SamplingParams)],
+) -> (Vec<Vec<u32>>, std::sync::Arc<std::sync::Mutex<Calls>>) {
+    let dir = fixture("tiny-llama");
+    let inner = CpuBackend::load(&dir, |spec| CacheShape::for_memory(spec, BLOCK, 4)).unwrap();
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Calls::default()));
+    let backend = DrawsOnDevice {
+        inner,
+        calls: calls.clone(),
+    };
+    let codec =
+        vajra_engine::tokenizer::TextCodec::load(&dir, &backend.spec().eos_token_ids).unwrap();
+    let cfg = EngineConfig {
+        cache: CacheConfig {
+            block_size: BLOCK,
+            ..CacheConfig::default()
+        },
+        ..EngineConfig::default()
+    };
+    let mut engine =
+        vajra_engine::engine::Engine::new(cfg, Box::new(backend), std::sync::Arc::new(codec))
+            .unwrap();
+    let ids: Vec<_> = requests
+        .iter()
+        .map(|(prompt, sampling)| {
+            engine
+                .add_request(GenerateRequest {
+                    prompt: prompt.clone(),
+                    sampling: sampling.clone(),
+                    priority: 0,
+                })
+                .unwrap()
+        })
+        .collect();
+    let outs = engine.run_to_completion().unwrap();
+    let tokens = ids
+        .iter()
+        .map(|id| outs.iter().find(|o| o.id == *id).unwrap().tokens.clone())
+        .collect();
+    (tokens, calls)
+}
+
+fn sampled(seed: u64, max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_k: 20,
+        top_p: 0.95,
+        seed: Some(seed),
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    }
+}
+
+#[test]
+fn the_engine_draws_plain_sampled_requests_on_a_device_sampling_backend() {
+    let requests = vec![
+        ((1..20).collect::<Vec<u32>>(), sampled(5, 6)),
+        ((30..41).collect(), sampled(6, 6)),
+    ];
+    let (tokens, calls) = run_drawing_on_device(&requests);
+    let c = calls.lock().unwrap();
+    assert_eq!(c.logits, 0, "no step copied logits to the host sampler");
+    assert!(c.sampled >= 6, "{} sampled steps", c.sampled);
+    // Each request's draws carry its parameters and count its tokens 0, 1, …
+    for seed in [5u64, 6] {
+        let mine: Vec<_> = c.draws.iter().filter(|d| d.seed == seed).collect();
+        assert_eq!(mine.len(), 6);
+        for (k, d) in mine.iter().enumerate() {
+            assert_eq!(d.counter, k as u64);
+            assert_eq!(
+                (d.temperature, d.top_k, d.top_p, d.min_p),
+                (0.8, 20, 0.95, 0.0)
+            );
+        }
+    }
+    assert!(tokens.iter().all(|t| t.len() == 6));
+    // The same seeds give the same tokens.
+    assert_eq!(run_drawing_on_device(&requests).0, tokens);
+}
+
+#[test]
+fn a_request_with_penalties_sends_its_steps_to_the_host_sampler() {
+    let mut penalised = sampled(7, 2);
+    penalised.presence_penalty = 0.5;
+    let mut greedy = SamplingParams::greedy(3);
+    greedy.ignore_eos = true;
+    let requests = vec![
+        ((1..20).collect::<Vec<u32>>(), sampled(5, 6)),
+        ((30..41).collect(), penalised),
+    ];
+    let (tokens, calls) = run_drawing_on_device(&requests);
+    let c = calls.lock().unwrap();
+    // While the penalised request lives, every step samples on the host; after it, on the
+    // device.
+    assert!(c.logits >= 2, "{} host-sampled steps", c.logits);
+    assert!(c.sampled >= 3, "{} device-sampled steps", c.sampled);
+    assert!(c.draws.iter().all(|d| d.seed == 5));
+    assert_eq!(tokens.iter().map(Vec::len).collect::<Vec<_>>(), [6, 2]);
+    drop(c);
+    // Greedy-only steps still go to execute_greedy.
+    let (_, calls) = run_drawing_on_device(&[((1..9).collect(), greedy)]);
+    let c = calls.lock().unwrap();
+    assert_eq!((c.logits, c.sampled), (0, 0));
+    assert!(c.greedy >= 3);
+}
+
 /// The converted SmolLM2 folder: `$VAJRA_SMOLLM2_DIR`, else `target/models/smollm2`.
 /// Named but missing is a failure (CI names it after fetching), not a skip.
 fn smollm2_dir() -> Option<PathBuf> {
