@@ -10,10 +10,12 @@ use crate::backend::Backend;
 use crate::backend::cpu::CacheShape;
 use crate::backend::cuda::{CudaBackend, WeightSource};
 use crate::error::Result;
+use crate::sampler::{DeviceDraw, RequestSampler};
 use crate::spec::ModelSpec;
 use serde_json::json;
 use std::fmt::Write as _;
 use std::time::Instant;
+use vajra_core::sampling::SamplingParams;
 
 use crate::profile::{BLOCK, Batch};
 
@@ -33,36 +35,62 @@ pub fn random_backend(spec: &ModelSpec, blocks: u32) -> Result<CudaBackend> {
     )
 }
 
-/// Median wall time, in ms, of `reps` greedy steps after `warm` untimed ones.
-fn time_steps(b: &mut CudaBackend, batch: &Batch, warm: usize, reps: usize) -> Result<f64> {
-    let input = batch.input();
+/// Median wall time, in ms, of `reps` runs of `step` after `warm` untimed ones.
+fn median_ms(warm: usize, reps: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..warm {
-        b.execute_greedy(&input)?;
+        step()?;
     }
-    let mut ms: Vec<f64> = (0..reps)
+    let mut ms: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let t = Instant::now();
-            b.execute_greedy(&input)
-                .map(|_| t.elapsed().as_secs_f64() * 1e3)
+            step().map(|()| t.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<Result<_>>()?;
     ms.sort_by(f64::total_cmp);
     Ok(ms[ms.len() / 2])
 }
 
+/// Median wall time, in ms, of `reps` greedy steps after `warm` untimed ones.
+fn time_steps(b: &mut CudaBackend, batch: &Batch, warm: usize, reps: usize) -> Result<f64> {
+    let input = batch.input();
+    median_ms(warm, reps, || b.execute_greedy(&input).map(drop))
+}
+
+/// What `gpu-bench` measures.
+pub struct BenchPlan<'a> {
+    /// Decode batch sizes.
+    pub decode_batches: &'a [usize],
+    /// Context of every decoding request.
+    pub decode_ctx: u32,
+    /// Prefill lengths (one request each).
+    pub prefill_lens: &'a [usize],
+    /// Split-K aims (attention blocks per SM) to time the decode batches at, besides the
+    /// default.
+    pub split_sweep: &'a [u32],
+    /// Batches of sampled decodes (temperature 1, top-p 0.9) to time with the device sampler
+    /// and with the logits copied to the host sampler.
+    pub sampled_batches: &'a [usize],
+}
+
 /// Runs the throughput benchmark and returns (Markdown report, JSON record).
 ///
 /// # Errors
 /// No device, out of memory, or a kernel failure.
-pub fn bench(
-    spec: &ModelSpec,
-    decode_batches: &[usize],
-    decode_ctx: u32,
-    prefill_lens: &[usize],
-    split_sweep: &[u32],
-) -> Result<(String, serde_json::Value)> {
+pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_json::Value)> {
+    let BenchPlan {
+        decode_batches,
+        decode_ctx,
+        prefill_lens,
+        split_sweep,
+        sampled_batches,
+    } = *plan;
     let c = &spec.config;
-    let max_b = decode_batches.iter().copied().max().unwrap_or(1);
+    let max_b = decode_batches
+        .iter()
+        .chain(sampled_batches)
+        .copied()
+        .max()
+        .unwrap_or(1);
     let max_p = prefill_lens.iter().copied().max().unwrap_or(1);
     let blocks = Batch::blocks(max_b, 1, decode_ctx).max(Batch::blocks(1, max_p, 0));
     let t0 = Instant::now();
@@ -136,6 +164,53 @@ pub fn bench(
         }
         b.set_split_blocks_per_sm(default)?;
     }
+    // Sampled decodes: the device sampler against the logits copied to the host sampler (what
+    // the engine does without it), each request with its own seed.
+    let mut sampled = Vec::new();
+    if !sampled_batches.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nSampled decode steps (temperature 1, top-p 0.9), ms: drawn on the device (`sample_rows`) against the rows' logits copied to the host sampler and drawn there\n"
+        );
+        let _ = writeln!(
+            md,
+            "| batch | device sampler | logits to the host sampler | host ÷ device |"
+        );
+        let _ = writeln!(md, "|---:|---:|---:|---:|");
+        for &n in sampled_batches {
+            let batch = Batch::new(n, 1, decode_ctx - 1, c.vocab_size);
+            let input = batch.input();
+            let mut samplers: Vec<RequestSampler> = (0..n as u64)
+                .map(|seed| {
+                    let params = SamplingParams {
+                        temperature: 1.0,
+                        top_p: 0.9,
+                        seed: Some(seed),
+                        ..SamplingParams::default()
+                    };
+                    RequestSampler::new(params, &[], seed)
+                })
+                .collect();
+            let draws: Vec<DeviceDraw> = samplers
+                .iter()
+                .map(|s| s.device_draw().expect("no penalties, no log-probabilities"))
+                .collect();
+            let device = median_ms(3, 15, || b.execute_sampled(&input, &draws).map(drop))?;
+            let host = median_ms(1, 5, || {
+                let logits = b.execute(&input)?;
+                for (r, s) in samplers.iter_mut().enumerate() {
+                    s.sample(&mut logits.row(r).to_vec());
+                }
+                Ok(())
+            })?;
+            let _ = writeln!(
+                md,
+                "| {n} | {device:.3} | {host:.3} | {:.2} |",
+                host / device
+            );
+            sampled.push(json!({"batch": n, "device_sampler_ms": device, "host_sampler_ms": host}));
+        }
+    }
     // With graphs on, every timed decode step should be a replay: say how many were.
     let graphs = b.graph_stats();
     if b.graphs() || graphs.failure.is_some() {
@@ -182,7 +257,7 @@ pub fn bench(
     let record = json!({
         "device": b.device_name(), "driver": CudaBackend::driver_version(), "model": c.name,
         "weights": "random bf16", "kernels": format!("{:?}", b.kernels()), "decode_stages": b.decode_stages(), "graphs": b.graphs(), "graphs_captured": graphs.captured, "graph_replays": graphs.replayed, "graph_failure": graphs.failure, "setup_s": setup_s, "copy_gb_per_s_read_plus_write": copy_gbs,
-        "gemm_8192_tflops": gemm_8192, "decode": decode, "split_sweep": sweep, "prefill": prefill, "split_blocks_per_sm": b.split_blocks_per_sm(),
+        "gemm_8192_tflops": gemm_8192, "decode": decode, "split_sweep": sweep, "sampled": sampled, "prefill": prefill, "split_blocks_per_sm": b.split_blocks_per_sm(),
         "timing": "wall clock of one greedy step (host preparation, kernels, argmax copy-back), median of 15 (decode) or 7 (prefill) after warm-up",
     });
     Ok((md, record))

@@ -93,6 +93,10 @@ struct GpuBenchArgs {
     /// Also time the decode batches at these split-K aims (attention blocks per SM, 1–32).
     #[arg(long, value_delimiter = ',')]
     split_sweep: Vec<u32>,
+    /// Also time sampled decode steps (temperature 1, top-p 0.9) at these batch sizes, drawn on
+    /// the device and on the host.
+    #[arg(long, value_delimiter = ',')]
+    sampled_batches: Vec<usize>,
     /// Also write the numbers as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -507,10 +511,13 @@ fn gpu_bench(a: GpuBenchArgs) -> Result<()> {
     }
     let (md, json) = vajra_engine::gpu_tools::bench(
         &spec,
-        &a.decode_batches,
-        a.decode_context,
-        &a.prefill,
-        &a.split_sweep,
+        &vajra_engine::gpu_tools::BenchPlan {
+            decode_batches: &a.decode_batches,
+            decode_ctx: a.decode_context,
+            prefill_lens: &a.prefill,
+            split_sweep: &a.split_sweep,
+            sampled_batches: &a.sampled_batches,
+        },
     )?;
     println!("{md}");
     if let Some(p) = a.out {
