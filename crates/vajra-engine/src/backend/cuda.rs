@@ -1634,10 +1634,11 @@ impl DecodeGraphs {
         let cap = (c.max_model_len as usize).min(b.shape.num_blocks as usize * bs);
         let max_blocks = cap.div_ceil(bs).max(1);
         // Split-K partials: the most any captured batch can need (its splits at the longest
-        // context a table holds).
+        // context a table of `max_blocks` holds, which may pass `cap` by up to a block).
+        let longest = (max_blocks * bs).min(u32::MAX as usize) as u32;
         let ws_parts = GRAPH_BATCHES
             .iter()
-            .map(|&n| n * c.num_heads as usize * b.decode_splits(n, cap as u32, true) as usize)
+            .map(|&n| n * c.num_heads as usize * b.decode_splits(n, longest, true) as usize)
             .max()
             .unwrap_or(1);
         let ints = b
