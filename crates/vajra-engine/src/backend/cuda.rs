@@ -342,6 +342,26 @@ impl CudaBackend {
             .max(1) as u32;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         let device_name = ctx.name().map_err(err)?;
+        if ctx.has_async_alloc() {
+            // Eager steps allocate and free their buffers through the device's stream-ordered
+            // pool, whose default release threshold (0) hands freed memory back to the driver
+            // at every synchronisation, so each step would map it again. Keep it pooled.
+            let mut pool: cudarc::driver::sys::CUmemoryPool = std::ptr::null_mut();
+            let mut keep = u64::MAX;
+            // SAFETY: `pool` receives the device's default pool; the attribute takes a u64.
+            unsafe {
+                cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                    .result()
+                    .map_err(err)?;
+                cudarc::driver::sys::cuMemPoolSetAttribute(
+                    pool,
+                    cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut keep as *mut u64).cast(),
+                )
+                .result()
+                .map_err(err)?;
+            }
+        }
         // A stream of our own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(err)?;
         let blas = CudaBlas::new(stream.clone()).map_err(err)?;
