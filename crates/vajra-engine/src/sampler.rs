@@ -3,6 +3,10 @@
 //! temperature, then top-k, top-p and min-p truncation, then a draw from the request's own
 //! seeded random stream. Temperature 0 is greedy (the first maximum wins, as `argmax` does).
 //! Log-probabilities are those of the model's raw distribution (vLLM's default).
+//!
+//! A backend that samples on the device ([`crate::backend::Backend::samples_on_device`]) draws
+//! the tokens of requests without penalties or log-probabilities by [`gumbel`]'s algorithm
+//! instead, from [`RequestSampler::device_draw`]'s parameters.
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vajra_core::sampling::SamplingParams;
