@@ -11,7 +11,7 @@
 //! - [`sampler`]: greedy and random sampling with penalties, truncation and per-request seeds.
 //! - [`engine`]: the loop scheduler → backend → sampler → detokenizer.
 //! - [`server`]: the OpenAI-compatible HTTP server (axum) around an engine thread.
-//! - [`bench`]: a load generator for any OpenAI-compatible server that writes the simulator's
+//! - [`bench`](mod@bench): a load generator for any OpenAI-compatible server that writes the simulator's
 //!   run folder.
 //!
 //! `vajra-core` stays free of I/O and clocks; the wall clock enters here, in [`engine`].
