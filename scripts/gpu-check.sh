@@ -53,10 +53,10 @@ export VAJRA_FIXTURES="$PWD/tests/fixtures" RUST_BACKTRACE=1 VAJRA_DATE="$(date 
     fi
 } 2>&1 | tee "$out/ptxas.txt"
 
-echo "== 3. gpu-bench (v2 kernels, the default; then v1's for comparison, appended)"
+echo "== 3. gpu-bench (v2 kernels, the default; then with CUDA graphs, two decode stages and v1's kernels, appended)"
 .gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --split-sweep 1,2,3,4,6,8 --sampled-batches 1,32 --out "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.md"
 echo | tee -a "$out/gpu-bench.md"
-VAJRA_CUDA_GRAPHS=on .gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --decode-batches 1,8,32,128 --prefill 512 --out /tmp/gpu-bench-graphs.json 2>&1 | tee -a "$out/gpu-bench.md"
+VAJRA_CUDA_GRAPHS=on .gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --decode-batches 1,8,32,128 --prefill 512 --sampled-batches 1,32 --out /tmp/gpu-bench-graphs.json 2>&1 | tee -a "$out/gpu-bench.md"
 echo | tee -a "$out/gpu-bench.md"
 VAJRA_CUDA_DECODE_STAGES=2 .gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --decode-batches 1,8,32,128 --prefill 512 --out /tmp/gpu-bench-stages2.json 2>&1 | tee -a "$out/gpu-bench.md"
 echo | tee -a "$out/gpu-bench.md"
