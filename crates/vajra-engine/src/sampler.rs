@@ -366,7 +366,12 @@ mod tests {
             let ids = |v: &[(u32, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
             assert_eq!(ids(&got), ids(&want), "case {case}: {p:?}");
             for (g, w) in got.iter().zip(&want) {
-                assert!((g.1 - w.1).abs() <= 1e-12, "case {case}: {} vs {}", g.1, w.1);
+                assert!(
+                    (g.1 - w.1).abs() <= 1e-12,
+                    "case {case}: {} vs {}",
+                    g.1,
+                    w.1
+                );
             }
         }
     }
