@@ -846,24 +846,7 @@ impl CudaBackend {
     /// The index of the largest of each of the first `r` rows of `logits`, computed on the
     /// device (only the ids come back).
     fn argmax(&self, logits: &CudaSlice<f32>, r: usize) -> Result<Vec<u32>> {
-        if r == 0 {
-            return Ok(Vec::new());
-        }
-        let mut ids = self.stream.alloc_zeros::<i32>(r).map_err(err)?;
-        let vocab = self.spec.config.vocab_size as i32;
-        // SAFETY: argmax_rows(const float*, int vocab, int* out) over r rows of `logits`.
-        unsafe {
-            let mut b = self.stream.launch_builder(&self.k.argmax_rows);
-            b.arg(logits).arg(&vocab).arg(&mut ids);
-            b.launch(LaunchConfig {
-                grid_dim: (r as u32, 1, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: 0,
-            })
-            .map_err(err)?;
-        }
-        let host = self.stream.clone_dtoh(&ids).map_err(err)?;
-        Ok(host.into_iter().map(|i| i as u32).collect())
+        self.row_tokens(&self.k.argmax_rows, logits, r, None)
     }
 
     /// The token of each of the first `r` rows of `logits`, drawn on the device with
@@ -875,13 +858,34 @@ impl CudaBackend {
         }
         let words: Vec<u32> = draws.iter().flat_map(DeviceDraw::words).collect();
         let params = self.stream.clone_htod(&words).map_err(err)?;
+        self.row_tokens(&self.k.sample_rows, logits, r, Some(&params))
+    }
+
+    /// Runs `kernel` (`argmax_rows`, or `sample_rows` with its `params`) with a block of 1024
+    /// threads on each of the first `r` rows of `logits` and copies back the one id per row it
+    /// writes.
+    fn row_tokens(
+        &self,
+        kernel: &CudaFunction,
+        logits: &CudaSlice<f32>,
+        r: usize,
+        params: Option<&CudaSlice<u32>>,
+    ) -> Result<Vec<u32>> {
+        if r == 0 {
+            return Ok(Vec::new());
+        }
         let mut ids = self.stream.alloc_zeros::<i32>(r).map_err(err)?;
         let vocab = self.spec.config.vocab_size as i32;
-        // SAFETY: sample_rows(const float*, int vocab, const unsigned* params, int* out) over r
-        // rows of `logits`, 8 parameter words a row.
+        // SAFETY: argmax_rows(const float*, int vocab, int* out) and sample_rows(const float*,
+        // int vocab, const unsigned* params, int* out), over r rows of `logits`, `params`
+        // holding 8 words a row.
         unsafe {
-            let mut b = self.stream.launch_builder(&self.k.sample_rows);
-            b.arg(logits).arg(&vocab).arg(&params).arg(&mut ids);
+            let mut b = self.stream.launch_builder(kernel);
+            b.arg(logits).arg(&vocab);
+            if let Some(p) = params {
+                b.arg(p);
+            }
+            b.arg(&mut ids);
             b.launch(LaunchConfig {
                 grid_dim: (r as u32, 1, 1),
                 block_dim: (1024, 1, 1),
