@@ -132,11 +132,23 @@ pub fn check_swap(
     Ok(())
 }
 
+/// The token of each row of `logits` drawn with `draws[row]` on the host, by the device
+/// sampler's algorithm ([`crate::sampler::gumbel::draw`]).
+///
+/// # Errors
+/// A count of draws other than the rows'.
+pub fn draw_on_host(logits: &Logits, draws: &[crate::sampler::DeviceDraw]) -> Result<Vec<u32>> {
+    check_draws(draws.len(), logits.rows())?;
+    Ok((0..logits.rows())
+        .map(|r| crate::sampler::gumbel::draw(logits.row(r), &draws[r]))
+        .collect())
+}
+
 /// One draw per sampled row, or an error naming both counts.
 ///
 /// # Errors
 /// `draws ≠ rows`.
-pub fn check_draws(draws: usize, rows: usize) -> Result<()> {
+pub(crate) fn check_draws(draws: usize, rows: usize) -> Result<()> {
     if draws == rows {
         Ok(())
     } else {
@@ -193,11 +205,7 @@ pub trait Backend: Send {
         input: &StepInput<'_>,
         draws: &[crate::sampler::DeviceDraw],
     ) -> Result<Vec<u32>> {
-        let logits = self.execute(input)?;
-        check_draws(draws.len(), logits.rows())?;
-        Ok((0..logits.rows())
-            .map(|r| crate::sampler::gumbel::draw(logits.row(r), &draws[r]))
-            .collect())
+        draw_on_host(&self.execute(input)?, draws)
     }
     /// Copies device blocks to host blocks (swap out) and host blocks to device blocks (swap
     /// in), in that order.

@@ -345,11 +345,7 @@ impl Backend for DrawsOnDevice {
         let mut calls = self.calls.lock().unwrap();
         calls.sampled += 1;
         calls.draws.extend_from_slice(draws);
-        let logits = self.inner.execute(input)?;
-        vajra_engine::backend::check_draws(draws.len(), logits.rows())?;
-        Ok((0..logits.rows())
-            .map(|r| vajra_engine::sampler::gumbel::draw(logits.row(r), &draws[r]))
-            .collect())
+        vajra_engine::backend::draw_on_host(&self.inner.execute(input)?, draws)
     }
     fn swap(
         &mut self,
