@@ -121,12 +121,16 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
         "| decode batch | context | step ms | floor ms | step / floor |"
     );
     let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
+    // A decode step's bandwidth floor, ms: weights and every request's KV read once.
+    let floor_ms = |n: usize| {
+        let bytes = weight_bytes + n as f64 * f64::from(decode_ctx) * kv_per_token;
+        bytes / (copy_gbs * 1e9) * 1e3
+    };
     let mut decode = Vec::new();
     for &n in decode_batches {
         let batch = Batch::new(n, 1, decode_ctx - 1, c.vocab_size);
         let ms = time_steps(&mut b, &batch, 3, 15)?;
-        let bytes = weight_bytes + n as f64 * f64::from(decode_ctx) * kv_per_token;
-        let floor = bytes / (copy_gbs * 1e9) * 1e3;
+        let floor = floor_ms(n);
         let _ = writeln!(
             md,
             "| {n} | {decode_ctx} | {ms:.3} | {floor:.3} | {:.2} |",
@@ -155,8 +159,7 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
             for &n in decode_batches {
                 let batch = Batch::new(n, 1, decode_ctx - 1, c.vocab_size);
                 let ms = time_steps(&mut b, &batch, 3, 15)?;
-                let bytes = weight_bytes + n as f64 * f64::from(decode_ctx) * kv_per_token;
-                let floor = bytes / (copy_gbs * 1e9) * 1e3;
+                let floor = floor_ms(n);
                 let _ = write!(line, " {ms:.3} ({:.2}) |", ms / floor);
                 sweep.push(json!({"blocks_per_sm": per_sm, "batch": n, "step_ms": ms, "ratio": ms / floor}));
             }
