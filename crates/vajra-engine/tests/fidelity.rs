@@ -538,6 +538,7 @@ fn smollm2_greedy_output_matches_transformers_token_for_token() {
 mod cuda {
     use super::*;
     use vajra_engine::backend::cuda::{CudaBackend, probe};
+    use vajra_engine::gpu_tools::random_backend;
 
     const BF16: Tol = Tol::RowScaled(5e-2);
 
@@ -700,7 +701,7 @@ mod cuda {
     /// over the longest context.
     #[test]
     fn cuda_kernels_v2_match_v1_at_real_head_dims() {
-        use vajra_engine::backend::cuda::{KernelSet, WeightSource};
+        use vajra_engine::backend::cuda::KernelSet;
         if !device() {
             return;
         }
@@ -714,14 +715,8 @@ mod cuda {
             );
             let spec = vajra_engine::spec::ModelSpec::from_json(&json, "attention-check").unwrap();
             let hd = spec.config.head_dim;
-            let cache = CacheShape {
-                block_size: 16,
-                num_blocks: 128,
-                num_host_blocks: 0,
-            };
             let make = |a: KernelSet, stages: u32| {
-                let mut b = CudaBackend::new(spec.clone(), WeightSource::Random { seed: 7 }, cache)
-                    .unwrap();
+                let mut b = random_backend(&spec, 128).unwrap();
                 b.set_kernels(a);
                 b.set_decode_stages(stages).unwrap();
                 b
@@ -811,7 +806,7 @@ mod cuda {
     /// kernel for 4 rows than for 3).
     #[test]
     fn cuda_graph_decode_steps_match_eager_steps() {
-        use vajra_engine::backend::cuda::{GraphStats, WeightSource};
+        use vajra_engine::backend::cuda::GraphStats;
         if !device() {
             return;
         }
@@ -821,14 +816,8 @@ mod cuda {
             "rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
             "torch_dtype":"bfloat16"}"#;
         let spec = vajra_engine::spec::ModelSpec::from_json(json, "graph-check").unwrap();
-        let cache = CacheShape {
-            block_size: 16,
-            num_blocks: 64,
-            num_host_blocks: 0,
-        };
         let make = |graphs: bool| {
-            let mut b =
-                CudaBackend::new(spec.clone(), WeightSource::Random { seed: 7 }, cache).unwrap();
+            let mut b = random_backend(&spec, 64).unwrap();
             b.set_graphs(graphs);
             b
         };
@@ -1016,7 +1005,6 @@ mod cuda {
     #[test]
     fn cuda_sample_rows_matches_the_reference_draws() {
         use vajra_engine::backend::Logits;
-        use vajra_engine::backend::cuda::WeightSource;
         use vajra_engine::sampler::{DeviceDraw, gumbel};
         if !device() {
             return;
@@ -1027,12 +1015,7 @@ mod cuda {
             "rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":true,
             "torch_dtype":"bfloat16"}"#;
         let spec = vajra_engine::spec::ModelSpec::from_json(json, "sampler-check").unwrap();
-        let cache = CacheShape {
-            block_size: 16,
-            num_blocks: 4,
-            num_host_blocks: 0,
-        };
-        let b = CudaBackend::new(spec, WeightSource::Random { seed: 3 }, cache).unwrap();
+        let b = random_backend(&spec, 4).unwrap();
         let vocab = 4096usize;
         let mut data = Vec::new();
         let mut draws = Vec::new();
