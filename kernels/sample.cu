@@ -79,20 +79,71 @@ __device__ __forceinline__ float kept_mass(const float* row, int vocab, unsigned
     return block_sum(m, scratch);
 }
 
-// One token per row. grid = rows, block = 1024 threads; params holds 8 words per row:
-// temperature, top_k, top_p, min_p (f32 bits but top_k), seed (low, high), counter (low, high).
-// With temperature t > 0 the kept tokens are those whose key reaches three floors, each built
-// bit by bit from the top (32 passes over the row each): top-k's (the k-th largest key), top-p's
-// (the largest key whose kept mass within top-k's set still reaches top_p × that set's mass)
-// and min-p's (l ≥ mx + t·ln(min_p)); the token is the kept one with the largest
-// (l − mx) / t − ln(−ln u), u from Philox at counter (index, counter) with the seed as key.
-// t = 0 takes the first largest logit.
+// sample_rows' block size, at most: each thread tallies in its own column of a 16 × 512 table
+// (32 KiB of shared memory). cuda.rs launches it with SAMPLE_THREADS.
+#define SAMPLE_THREADS 512
+
+// One pass of a floor search, a hexadecimal digit at a time: `k` holds the digits of the key
+// above bit `shift + 4` found so far (its lower bits 0); returns the largest digit d (0–15)
+// whose candidate k | d << shift still holds, i.e. the row's weight on keys ≥ max(candidate, lo)
+// is at least `want`. A logit l weighs 1 (counting, for top-k) or, with `mass`, e^((l − mx)/t)
+// (top-p). Each thread tallies its keys in its own column of `tally` (row 0: keys above k's
+// digits; row d: keys with k's digits and digit d at `shift`), which then holds suffix sums,
+// summed over threads in a fixed order: the result repeats exactly, and it is the key the
+// bit-by-bit search of gumbel.rs builds (the weight only grows as the candidate falls).
+__device__ __forceinline__ unsigned floor_digit(const float* row, int vocab, unsigned k, int shift,
+                                                unsigned lo, bool mass, float mx, float t,
+                                                float want, float (*tally)[SAMPLE_THREADS],
+                                                float* totals) {
+    const unsigned me = threadIdx.x;
+    for (int d = 0; d < 16; ++d) tally[d][me] = 0.0f;
+    const unsigned long long prefix = (unsigned long long)k >> (shift + 4);
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float l = row[i];
+        unsigned x = order_key(l);
+        unsigned long long hx = (unsigned long long)x >> (shift + 4);
+        if (x < lo || hx < prefix) continue;
+        unsigned d = hx > prefix ? 0u : (x >> shift) & 15u;
+        if (hx == prefix && d == 0u) continue;  // below every candidate
+        tally[d][me] += mass ? expf((l - mx) / t) : 1.0f;
+    }
+    // Row d (≥ 1) becomes the thread's weight on keys ≥ k | d << shift.
+    float s = tally[0][me];
+    for (int d = 15; d >= 1; --d) {
+        s += tally[d][me];
+        tally[d][me] = s;
+    }
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int d = 1 + warp; d < 16; d += warps) {
+        float v = 0.0f;
+        for (int j = lane; j < (int)blockDim.x; j += 32) v += tally[d][j];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) totals[d] = v;
+    }
+    __syncthreads();
+    for (int d = 15; d >= 1; --d)
+        if (totals[d] >= want) return (unsigned)d;
+    return 0u;
+}
+
+// One token per row. grid = rows, block = SAMPLE_THREADS (or fewer: a multiple of 32); params
+// holds 8 words per row: temperature, top_k, top_p, min_p (f32 bits but top_k), seed (low,
+// high), counter (low, high). With temperature t > 0 the kept tokens are those whose key reaches
+// three floors: top-k's (the k-th largest key) and top-p's (the largest key whose kept mass
+// within top-k's set still reaches top_p × that set's mass), each found a hexadecimal digit a
+// pass (8 passes over the row; floor_digit), and min-p's (l ≥ mx + t·ln(min_p)); the token is
+// the kept one with the largest (l − mx) / t − ln(−ln u), u from Philox at counter (index,
+// counter) with the seed as key. t = 0 takes the first largest logit. At most 19 passes over
+// the row in all (max, 8 for top-k, the kept mass and 8 for top-p, the draw).
 extern "C" __global__ void sample_rows(const float* __restrict__ logits, int vocab,
                                        const unsigned* __restrict__ params,
                                        int* __restrict__ out) {
     __shared__ float scratch[32];
     __shared__ float warp_g[32];
     __shared__ int warp_i[32];
+    __shared__ float tally[16][SAMPLE_THREADS];
+    __shared__ float totals[16];
     const float* row = logits + (size_t)blockIdx.x * vocab;
     const unsigned* p = params + 8 * (size_t)blockIdx.x;
     float t = __uint_as_float(p[0]), top_p = __uint_as_float(p[2]),
@@ -105,22 +156,19 @@ extern "C" __global__ void sample_rows(const float* __restrict__ logits, int voc
     if (t > 0.0f) {
         if (top_k > 0u && top_k < (unsigned)vocab) {
             unsigned k = 0u;
-            for (int bit = 31; bit >= 0; --bit) {
-                unsigned cand = k | (1u << bit);
-                float n = 0.0f;
-                for (int i = threadIdx.x; i < vocab; i += blockDim.x)
-                    n += order_key(row[i]) >= cand ? 1.0f : 0.0f;
-                if (block_sum(n, scratch) >= (float)top_k) k = cand;
-            }
+            for (int shift = 28; shift >= 0; shift -= 4)
+                k |= floor_digit(row, vocab, k, shift, 0u, false, mx, t, (float)top_k, tally,
+                                 totals)
+                     << shift;
             floor_key = k;
         }
         if (top_p < 1.0f) {
             float target = top_p * kept_mass(row, vocab, floor_key, mx, t, scratch);
             unsigned k = 0u;
-            for (int bit = 31; bit >= 0; --bit) {
-                unsigned cand = k | (1u << bit);
-                if (kept_mass(row, vocab, max(cand, floor_key), mx, t, scratch) >= target) k = cand;
-            }
+            for (int shift = 28; shift >= 0; shift -= 4)
+                k |= floor_digit(row, vocab, k, shift, floor_key, true, mx, t, target, tally,
+                                 totals)
+                     << shift;
             floor_key = max(floor_key, k);
         }
         // No fused multiply-add: the reference rounds the product and the sum apart.

@@ -61,6 +61,11 @@ const ROW_THREADS: u32 = 256;
 /// Threads per block of the RMSNorm kernels (one block per row: a decode step has few rows, so
 /// each block should be wide).
 const NORM_THREADS: u32 = 1024;
+/// Threads per block of `argmax_rows` (one block per row).
+const ARGMAX_THREADS: u32 = 1024;
+/// Threads per block of `sample_rows` (one block per row): SAMPLE_THREADS in sample.cu, the
+/// most its per-thread tallies have room for.
+const SAMPLE_THREADS: u32 = 512;
 /// Threads per block of the paged attention kernels (ATT_THREADS in attention.cu).
 const ATT_THREADS: u32 = 128;
 /// Keys per split-K partition of a long context (v1).
@@ -861,9 +866,9 @@ impl CudaBackend {
         self.row_tokens(&self.k.sample_rows, logits, r, Some(&params))
     }
 
-    /// Runs `kernel` (`argmax_rows`, or `sample_rows` with its `params`) with a block of 1024
-    /// threads on each of the first `r` rows of `logits` and copies back the one id per row it
-    /// writes.
+    /// Runs `kernel` (`argmax_rows`, or `sample_rows` with its `params`) with a block of
+    /// [`ARGMAX_THREADS`] (or [`SAMPLE_THREADS`]) threads on each of the first `r` rows of
+    /// `logits` and copies back the one id per row it writes.
     fn row_tokens(
         &self,
         kernel: &CudaFunction,
@@ -876,6 +881,11 @@ impl CudaBackend {
         }
         let mut ids = self.stream.alloc_zeros::<i32>(r).map_err(err)?;
         let vocab = self.spec.config.vocab_size as i32;
+        let threads = if params.is_some() {
+            SAMPLE_THREADS
+        } else {
+            ARGMAX_THREADS
+        };
         // SAFETY: argmax_rows(const float*, int vocab, int* out) and sample_rows(const float*,
         // int vocab, const unsigned* params, int* out), over r rows of `logits`, `params`
         // holding 8 words a row.
@@ -888,7 +898,7 @@ impl CudaBackend {
             b.arg(&mut ids);
             b.launch(LaunchConfig {
                 grid_dim: (r as u32, 1, 1),
-                block_dim: (1024, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             })
             .map_err(err)?;

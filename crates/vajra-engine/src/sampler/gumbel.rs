@@ -12,6 +12,10 @@
 //!      still reaches `top_p` × the mass top-k left, built the same way;
 //!    - min-p: `l_i ≥ mx + T · ln(min_p)`, i.e. `p_i ≥ min_p · p_max`.
 //!
+//!    The kernel builds the same two keys a hexadecimal digit per pass over the row (8 passes
+//!    instead of 32): both weights only grow as the candidate key falls, so the largest key
+//!    that holds is the same whichever way it is searched for.
+//!
 //!    A token is kept when its key reaches all three floors; the best token always is.
 //! 3. Gumbel-max: the kept token with the largest `s_i − ln(−ln u_i)`, where `u_i` is uniform
 //!    in (0, 1) from Philox4x32-10 keyed by the request's seed at counter (i, token index). That
@@ -157,6 +161,87 @@ pub fn draw(row: &[f32], d: &DeviceDraw) -> u32 {
         }
     }
     best.1
+}
+
+/// The rows a device sampler is checked on against [`draw`] (the GPU test on `sample_rows`, and
+/// the same kernel run on the host): `vocab` logits uniform in ±`spread`/2 for spreads 1, 4
+/// and 12, under every combination of temperature (0, 0.7, 1, 1.5), top-k (off, 1, 5, 200),
+/// top-p (1, 0.9, 0.3) and min-p (0, 0.05), with seeds and counters varying: 288 rows, row-major
+/// logits and one draw each.
+pub fn check_rows(vocab: usize) -> (Vec<f32>, Vec<DeviceDraw>) {
+    let mut data = Vec::new();
+    let mut draws = Vec::new();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let mut n = 0u64;
+    for &spread in &[1.0f32, 4.0, 12.0] {
+        for &temperature in &[0.0f32, 0.7, 1.0, 1.5] {
+            for &top_k in &[0u32, 1, 5, 200] {
+                for &top_p in &[1.0f32, 0.9, 0.3] {
+                    for &min_p in &[0.0f32, 0.05] {
+                        data.extend((0..vocab).map(|_| (next() - 0.5) * spread));
+                        draws.push(DeviceDraw {
+                            temperature,
+                            top_k,
+                            top_p,
+                            min_p,
+                            seed: 1000 + n % 7,
+                            counter: n,
+                        });
+                        n += 1;
+                    }
+                }
+            }
+        }
+    }
+    (data, draws)
+}
+
+/// Holds a device's tokens `got` for [`check_rows`]' rows (`data`, `vocab` wide) to [`draw`]'s:
+/// temperature 0 must be the argmax every time, and at most 1 % of the other rows may differ
+/// (only where float sums or `expf`/`logf` part in the last bit at a truncation boundary).
+///
+/// # Errors
+/// What differed, when that is more than allowed.
+pub fn check_tokens(
+    data: &[f32],
+    vocab: usize,
+    draws: &[DeviceDraw],
+    got: &[u32],
+) -> Result<usize, String> {
+    if got.len() != draws.len() || data.len() != draws.len() * vocab {
+        return Err(format!(
+            "{} tokens for {} draws over {} logits of a {vocab}-token vocabulary",
+            got.len(),
+            draws.len(),
+            data.len()
+        ));
+    }
+    let mut differ = 0;
+    for (r, (d, &token)) in draws.iter().zip(got).enumerate() {
+        let want = draw(&data[r * vocab..(r + 1) * vocab], d);
+        if token == want {
+            continue;
+        }
+        if d.temperature == 0.0 {
+            return Err(format!(
+                "row {r}: temperature 0 drew {token}, not the argmax {want}"
+            ));
+        }
+        differ += 1;
+    }
+    if differ * 100 > draws.len() {
+        return Err(format!(
+            "{differ} of {} draws differ from the reference",
+            draws.len()
+        ));
+    }
+    Ok(differ)
 }
 
 #[cfg(test)]

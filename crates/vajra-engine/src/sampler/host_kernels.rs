@@ -1,0 +1,119 @@
+//! `kernels/sample.cu` run on the host (`kernels/host/`: a block's threads as OS threads, warp
+//! shuffles and `__syncthreads` as barriers), held to the Rust reference on
+//! [`gumbel::check_rows`]: the kernel's algorithm is tested on every machine, not only when a GPU
+//! is lent. Skips, with a printed reason, where there is no C++20 compiler (`$CXX`, else `c++`).
+
+use super::gumbel::{self, DeviceDraw};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The kernels folder of the repository.
+fn kernels() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels")
+}
+
+/// Builds `kernels/host/sample_check.cpp` into a fresh temporary folder; `None` (with the
+/// reason printed) when there is no C++ compiler.
+fn build() -> Option<PathBuf> {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    if Command::new(&cxx).arg("--version").output().is_err() {
+        eprintln!("SKIPPED host kernels: no C++ compiler ({cxx}; set CXX)");
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("vajra-host-kernels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary folder");
+    let exe = dir.join("sample_check");
+    let out = Command::new(&cxx)
+        .args(["-std=c++20", "-O2", "-pthread", "-o"])
+        .arg(&exe)
+        .arg(kernels().join("host/sample_check.cpp"))
+        .output()
+        .expect("running the C++ compiler");
+    assert!(
+        out.status.success(),
+        "{cxx} failed on kernels/host/sample_check.cpp:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(exe)
+}
+
+/// Runs `sample_rows` and `argmax_rows` on the host over `data` (rows of `vocab` logits), with
+/// blocks of `threads`; returns the two kernels' tokens.
+fn run(
+    exe: &Path,
+    data: &[f32],
+    vocab: usize,
+    draws: &[DeviceDraw],
+    threads: u32,
+) -> [Vec<u32>; 2] {
+    let rows = draws.len();
+    let mut bytes = Vec::with_capacity(8 + 4 * (data.len() + 8 * rows));
+    bytes.extend((rows as u32).to_le_bytes());
+    bytes.extend((vocab as u32).to_le_bytes());
+    bytes.extend(data.iter().flat_map(|x| x.to_le_bytes()));
+    bytes.extend(
+        draws
+            .iter()
+            .flat_map(DeviceDraw::words)
+            .flat_map(u32::to_le_bytes),
+    );
+    let dir = exe.parent().expect("the build folder");
+    let (input, output) = (
+        dir.join(format!("in-{threads}")),
+        dir.join(format!("out-{threads}")),
+    );
+    std::fs::write(&input, bytes).expect("writing the rows");
+    let status = Command::new(exe)
+        .arg(&input)
+        .arg(&output)
+        .arg(threads.to_string())
+        .status()
+        .expect("running sample_check");
+    assert!(status.success(), "sample_check exited with {status}");
+    let words: Vec<u32> = std::fs::read(&output)
+        .expect("reading the tokens")
+        .chunks_exact(4)
+        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+        .collect();
+    assert_eq!(
+        words.len(),
+        2 * rows,
+        "sample_check wrote {} ids",
+        words.len()
+    );
+    [words[..rows].to_vec(), words[rows..].to_vec()]
+}
+
+#[test]
+fn sample_rows_on_the_host_matches_the_reference_draws() {
+    let Some(exe) = build() else { return };
+    // Every row with a 2-warp block (fast under OS threads), then a sample of rows with the
+    // block the CUDA backend launches (SAMPLE_THREADS = 512: every warp of the reductions in
+    // play, one per digit of floor_digit's tallies).
+    let vocab = 4096;
+    let (data, draws) = gumbel::check_rows(vocab);
+    let [sampled, greedy] = run(&exe, &data, vocab, &draws, 64);
+    let differ = gumbel::check_tokens(&data, vocab, &draws, &sampled)
+        .unwrap_or_else(|e| panic!("sample_rows (64 threads) against the reference: {e}"));
+    for (r, &g) in greedy.iter().enumerate() {
+        assert_eq!(
+            g,
+            super::argmax(&data[r * vocab..(r + 1) * vocab]),
+            "argmax_rows, row {r}"
+        );
+    }
+    let picked: Vec<usize> = (0..draws.len()).step_by(37).collect();
+    let sub_data: Vec<f32> = picked
+        .iter()
+        .flat_map(|&r| data[r * vocab..(r + 1) * vocab].iter().copied())
+        .collect();
+    let sub_draws: Vec<DeviceDraw> = picked.iter().map(|&r| draws[r]).collect();
+    let [wide, _] = run(&exe, &sub_data, vocab, &sub_draws, 512);
+    gumbel::check_tokens(&sub_data, vocab, &sub_draws, &wide)
+        .unwrap_or_else(|e| panic!("sample_rows (512 threads) against the reference: {e}"));
+    let _ = std::fs::remove_dir_all(exe.parent().expect("the build folder"));
+    eprintln!(
+        "MEASURED sample_rows on the host: {differ} of {} rows differ from the reference",
+        draws.len()
+    );
+}
