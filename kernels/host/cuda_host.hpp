@@ -20,6 +20,9 @@
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
 
 namespace host {
 inline dim3 block_dim, grid_dim;
@@ -102,6 +105,8 @@ inline float __int_as_float(int i) { return __uint_as_float((unsigned)i); }
 inline unsigned __umulhi(unsigned a, unsigned b) {
     return (unsigned)(((unsigned long long)a * b) >> 32);
 }
+inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }

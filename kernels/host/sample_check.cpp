@@ -2,7 +2,7 @@
 // u32 rows, u32 vocab, rows × vocab f32 logits, rows × 8 u32 sample_rows parameters (all
 // little-endian) — runs sample_rows and argmax_rows over the rows with blocks of THREADS, and
 // writes OUT: rows i32 tokens from sample_rows, then rows i32 from argmax_rows.
-// crates/vajra-engine/src/sampler/host_kernels.rs builds and drives it.
+// crates/vajra-engine/src/backend/host_kernels.rs builds and drives it.
 #include "cuda_host.hpp"
 
 #include "../common.cuh"

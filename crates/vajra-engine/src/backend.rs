@@ -16,6 +16,8 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(test)]
+mod host_kernels;
 pub mod linalg;
 
 use crate::error::Result;

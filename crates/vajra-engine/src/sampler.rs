@@ -12,8 +12,6 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use vajra_core::sampling::SamplingParams;
 
 pub mod gumbel;
-#[cfg(test)]
-mod host_kernels;
 pub use gumbel::DeviceDraw;
 
 /// The chosen token and, if asked for, log-probabilities.

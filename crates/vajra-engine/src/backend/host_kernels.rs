@@ -1,9 +1,14 @@
-//! `kernels/sample.cu` run on the host (`kernels/host/`: a block's threads as OS threads, warp
-//! shuffles and `__syncthreads` as barriers), held to the Rust reference on
-//! [`gumbel::check_rows`]: the kernel's algorithm is tested on every machine, not only when a GPU
-//! is lent. Skips, with a printed reason, where there is no C++20 compiler (`$CXX`, else `c++`).
+//! The CUDA kernels without inline PTX run on the host (`kernels/host/`: a block's threads as OS
+//! threads, warp shuffles and `__syncthreads` as barriers), so that their algorithms are tested
+//! on every machine, not only when a GPU is lent:
+//! - `sample.cu`'s `sample_rows` and `argmax_rows` against the Rust reference on
+//!   [`gumbel::check_rows`];
+//! - `layers.cu`'s fused `rope_kv_write` (v2) against `rope` then `kv_write` (v1), with a
+//!   padding row's negative slot.
+//!
+//! Each skips, with a printed reason, where there is no C++ compiler (`$CXX`, else `c++`).
 
-use super::gumbel::{self, DeviceDraw};
+use crate::sampler::gumbel::{self, DeviceDraw};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -12,26 +17,26 @@ fn kernels() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels")
 }
 
-/// Builds `kernels/host/sample_check.cpp` into a fresh temporary folder; `None` (with the
+/// Builds `kernels/host/<name>.cpp` into a fresh temporary folder of its own; `None` (with the
 /// reason printed) when there is no C++ compiler.
-fn build() -> Option<PathBuf> {
+fn build(name: &str) -> Option<PathBuf> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     if Command::new(&cxx).arg("--version").output().is_err() {
-        eprintln!("SKIPPED host kernels: no C++ compiler ({cxx}; set CXX)");
+        eprintln!("SKIPPED host kernels ({name}): no C++ compiler ({cxx}; set CXX)");
         return None;
     }
-    let dir = std::env::temp_dir().join(format!("vajra-host-kernels-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("vajra-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temporary folder");
-    let exe = dir.join("sample_check");
+    let exe = dir.join(name);
     let out = Command::new(&cxx)
         .args(["-std=c++20", "-O2", "-pthread", "-o"])
         .arg(&exe)
-        .arg(kernels().join("host/sample_check.cpp"))
+        .arg(kernels().join(format!("host/{name}.cpp")))
         .output()
         .expect("running the C++ compiler");
     assert!(
         out.status.success(),
-        "{cxx} failed on kernels/host/sample_check.cpp:\n{}",
+        "{cxx} failed on kernels/host/{name}.cpp:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     Some(exe)
@@ -86,7 +91,9 @@ fn run(
 
 #[test]
 fn sample_rows_on_the_host_matches_the_reference_draws() {
-    let Some(exe) = build() else { return };
+    let Some(exe) = build("sample_check") else {
+        return;
+    };
     // Every row with a 2-warp block (fast under OS threads), then a sample of rows with the
     // block the CUDA backend launches (SAMPLE_THREADS = 512: every warp of the reductions in
     // play, one per digit of floor_digit's tallies).
@@ -98,7 +105,7 @@ fn sample_rows_on_the_host_matches_the_reference_draws() {
     for (r, &g) in greedy.iter().enumerate() {
         assert_eq!(
             g,
-            super::argmax(&data[r * vocab..(r + 1) * vocab]),
+            crate::sampler::argmax(&data[r * vocab..(r + 1) * vocab]),
             "argmax_rows, row {r}"
         );
     }
@@ -116,4 +123,21 @@ fn sample_rows_on_the_host_matches_the_reference_draws() {
         "MEASURED sample_rows on the host: {differ} of {} rows differ from the reference",
         draws.len()
     );
+}
+
+#[test]
+fn rope_kv_write_on_the_host_equals_rope_then_kv_write() {
+    let Some(exe) = build("layers_check") else {
+        return;
+    };
+    let out = Command::new(&exe).output().expect("running layers_check");
+    let _ = std::fs::remove_dir_all(exe.parent().expect("the build folder"));
+    assert!(
+        out.status.success(),
+        "layers_check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shapes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(shapes.lines().count(), 4, "layers_check checked: {shapes}");
+    eprint!("{shapes}");
 }
