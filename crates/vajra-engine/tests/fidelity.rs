@@ -1001,7 +1001,7 @@ mod cuda {
     /// top-k, top-p and min-p, seeds and counters varying), judged by `gumbel::check_tokens`:
     /// temperature 0 must be the argmax every time, and at most 1 % of rows may differ (where
     /// float sums or `expf`/`logf` part in the last bit at a boundary). The same rows run through
-    /// the kernel on the host in the unit test `sampler::host_kernels`.
+    /// the kernel on the host in the unit test `backend::host_kernels`.
     #[test]
     fn cuda_sample_rows_matches_the_reference_draws() {
         use vajra_engine::backend::Logits;
