@@ -103,14 +103,19 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Device: {} (driver {}); model shape {} with random bf16 weights ({:.2} GB); kernels {:?} (VAJRA_CUDA_KERNELS), decode stages {} (VAJRA_CUDA_DECODE_STAGES), CUDA graphs for decode {} (VAJRA_CUDA_GRAPHS).",
+        "Device: {} (driver {}); model shape {} with random bf16 weights ({:.2} GB); kernels {:?} (VAJRA_CUDA_KERNELS), decode stages {} (VAJRA_CUDA_DECODE_STAGES), CUDA graphs for decode {} (VAJRA_CUDA_GRAPHS), projections of ≤ 128 tokens {} (VAJRA_CUDA_GEMM).",
         b.device_name(),
         CudaBackend::driver_version(),
         c.name,
         weight_bytes / 1e9,
         b.kernels(),
         b.decode_stages(),
-        if b.graphs() { "on" } else { "off" }
+        if b.graphs() { "on" } else { "off" },
+        if b.tuned_gemm() {
+            "through cuBLASLt, algorithm chosen by timing"
+        } else {
+            "through cuBLAS"
+        }
     );
     let _ = writeln!(
         md,
@@ -229,6 +234,31 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
                 .unwrap_or_default()
         );
     }
+    // With tuned projections: what the timing chose against cuBLASLt's first choice.
+    let tuned = b.tuned_shapes();
+    if !tuned.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nTuned projections (cuBLASLt; µs per product, the heuristic's first choice against the fastest of its candidates)\n"
+        );
+        let _ = writeln!(
+            md,
+            "| tokens | k | n | candidates | first µs | chosen (index) | chosen µs |"
+        );
+        let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|");
+        for t in &tuned {
+            let (tokens, k, n) = t.shape;
+            let _ = writeln!(
+                md,
+                "| {tokens} | {k} | {n} | {} | {:.1} | {} | {:.1} |",
+                t.candidates, t.first_us, t.chosen, t.chosen_us
+            );
+        }
+    }
+    let tuned_json: Vec<serde_json::Value> = tuned
+        .iter()
+        .map(|t| json!({"shape": [t.shape.0, t.shape.1, t.shape.2], "candidates": t.candidates, "first_us": t.first_us, "chosen": t.chosen, "chosen_us": t.chosen_us}))
+        .collect();
     let _ = writeln!(
         md,
         "\n| prefill tokens | step ms | TFLOP/s | cuBLAS GEMM TFLOP/s (t × 4096 → 2·14336 shape) | share |"
@@ -260,7 +290,7 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
     let record = json!({
         "device": b.device_name(), "driver": CudaBackend::driver_version(), "model": c.name,
         "weights": "random bf16", "kernels": format!("{:?}", b.kernels()), "decode_stages": b.decode_stages(), "graphs": b.graphs(), "graphs_captured": graphs.captured, "graph_replays": graphs.replayed, "graph_failure": graphs.failure, "setup_s": setup_s, "copy_gb_per_s_read_plus_write": copy_gbs,
-        "gemm_8192_tflops": gemm_8192, "decode": decode, "split_sweep": sweep, "sampled": sampled, "prefill": prefill, "split_blocks_per_sm": b.split_blocks_per_sm(),
+        "gemm_8192_tflops": gemm_8192, "decode": decode, "split_sweep": sweep, "sampled": sampled, "prefill": prefill, "split_blocks_per_sm": b.split_blocks_per_sm(), "tuned_gemm": b.tuned_gemm(), "tuned_shapes": tuned_json,
         "timing": "wall clock of one greedy step (host preparation, kernels, argmax copy-back), median of 15 (decode) or 7 (prefill) after warm-up",
     });
     Ok((md, record))

@@ -946,6 +946,101 @@ mod cuda {
         );
     }
 
+    /// Projections through cuBLASLt with timed algorithm choice (`VAJRA_CUDA_GEMM=tuned`)
+    /// against cuBLAS's own choice, same random weights: a 280-token prefill (above the tuned
+    /// sizes: both take cuBLAS) then decode steps of 3 requests, whose four projection shapes
+    /// (QKV, O, gate-up, down at 3 tokens) are tuned once and then reused. Logits within the bf16
+    /// tolerance (another algorithm may round the products differently), and a tuned backend
+    /// repeats a step bit for bit.
+    #[test]
+    fn cuda_tuned_projections_match_cublas_within_the_bf16_tolerance() {
+        if !device() {
+            return;
+        }
+        let json = r#"{"model_type":"llama","hidden_size":1024,"intermediate_size":2048,
+            "num_attention_heads":8,"num_hidden_layers":2,"num_key_value_heads":2,
+            "vocab_size":512,"max_position_embeddings":4096,"rope_theta":500000.0,
+            "rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
+            "torch_dtype":"bfloat16"}"#;
+        let spec = vajra_engine::spec::ModelSpec::from_json(json, "tuned-gemm-check").unwrap();
+        let mut plain = random_backend(&spec, 64).unwrap();
+        let mut tuned = random_backend(&spec, 64).unwrap();
+        tuned.set_tuned_gemm(true).unwrap();
+        assert!(tuned.tuned_gemm() && !plain.tuned_gemm());
+        let ids: Vec<Vec<u32>> = (0..3u32)
+            .map(|k| (0..200u32).map(|i| (i * 37 + 2 * k + 3) % 512).collect())
+            .collect();
+        let tables: Vec<Vec<BlockId>> = (0..3u32)
+            .map(|s| (0..13u32).map(|i| BlockId(3 * i + s)).collect())
+            .collect();
+        let lens = [150usize, 40, 90];
+        let step = |k: Option<usize>| StepInput {
+            seqs: (0..3)
+                .map(|s| {
+                    let (lo, hi) = k.map_or((0, lens[s]), |k| (lens[s] + k, lens[s] + k + 1));
+                    SeqInput {
+                        tokens: &ids[s][lo..hi],
+                        context: lo as u32,
+                        block_table: &tables[s],
+                        sample: true,
+                    }
+                })
+                .collect(),
+            logits_for: LogitsFor::Sampled,
+        };
+        let (want, got) = (
+            plain.execute(&step(None)).unwrap(),
+            tuned.execute(&step(None)).unwrap(),
+        );
+        for r in 0..3 {
+            assert!(
+                got.row(r) == want.row(r),
+                "prefill row {r}: both take cuBLAS"
+            );
+        }
+        assert!(tuned.tuned_shapes().is_empty(), "280 tokens are not tuned");
+        let mut worst = 0.0f32;
+        for k in 0..6 {
+            let (want, got) = (
+                plain.execute(&step(Some(k))).unwrap(),
+                tuned.execute(&step(Some(k))).unwrap(),
+            );
+            for r in 0..3 {
+                worst = worst.max(assert_close(
+                    &format!("decode step {k} row {r}"),
+                    got.row(r),
+                    want.row(r),
+                    BF16,
+                ));
+            }
+        }
+        let again = tuned.execute(&step(Some(5))).unwrap();
+        let last = tuned.execute(&step(Some(5))).unwrap();
+        assert!(
+            again.data == last.data,
+            "a tuned backend repeats a step exactly"
+        );
+        let shapes = tuned.tuned_shapes();
+        let mut got_shapes: Vec<_> = shapes.iter().map(|s| s.shape).collect();
+        got_shapes.sort_unstable();
+        let mut want_shapes = vec![
+            (3, 1024, 1536),
+            (3, 1024, 1024),
+            (3, 1024, 4096),
+            (3, 2048, 1024),
+        ];
+        want_shapes.sort_unstable();
+        assert_eq!(got_shapes, want_shapes, "each projection shape tuned once");
+        assert!(
+            shapes
+                .iter()
+                .all(|s| s.candidates >= 1 && s.chosen_us > 0.0)
+        );
+        eprintln!(
+            "MEASURED cuda tuned projections vs cuBLAS: max error {worst:.3e} of row scale; {shapes:?}"
+        );
+    }
+
     /// The engine on the CUDA backend with decode graphs and the device sampler on, against it
     /// with both off: two greedy and two sampled requests of equal length, so every decode step
     /// is a batch of 4 (a capture size, whose replays are bit-identical to eager steps). The

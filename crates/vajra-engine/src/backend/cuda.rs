@@ -1,7 +1,9 @@
 //! The CUDA backend (cargo feature `cuda`): the CPU backend's forward pass on an NVIDIA GPU.
 //!
 //! - Weights and the paged KV cache in bf16; the residual stream in f32; products through
-//!   cuBLAS (`cublasGemmEx`, bf16 in, f32 compute; the LM head writes f32 logits).
+//!   cuBLAS (`cublasGemmEx`, bf16 in, f32 compute; the LM head writes f32 logits), or, for the
+//!   projections of steps of at most 128 tokens with `VAJRA_CUDA_GEMM=tuned`, through cuBLASLt
+//!   with the algorithm chosen by timing (`cuda/tuned_gemm.rs`).
 //! - Kernels from `kernels/*.cu`, embedded with `include_str!`, compiled by NVRTC at start-up
 //!   for the device's compute capability (PTX cached per architecture in the process).
 //! - cudarc with dynamic loading: the build needs no CUDA toolkit, and with no driver
@@ -43,7 +45,11 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
+use tuned_gemm::{Operands, TunedGemm};
 use vajra_core::ids::{BlockId, HostBlockId};
+
+mod tuned_gemm;
+pub use tuned_gemm::TunedShape;
 
 /// Kernel sources, in the order they are compiled; each is prefixed with `common.cuh`.
 pub const KERNEL_SOURCES: &[(&str, &str)] = &[
@@ -263,8 +269,12 @@ pub struct CudaBackend {
     device_name: String,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
-    /// cuBLAS's workspace, set on its handle: a graph capture must not allocate one.
-    _blas_workspace: CudaSlice<u8>,
+    /// Projections of small steps through cuBLASLt with timed algorithm choice
+    /// (`VAJRA_CUDA_GEMM=tuned`); dropped before the workspace it shares with cuBLAS.
+    tuned: Option<RefCell<TunedGemm>>,
+    /// cuBLAS's workspace, set on its handle (a graph capture must not allocate one); the
+    /// tuned projections use it too.
+    blas_workspace: CudaSlice<u8>,
     k: Kernels,
     embed: CudaSlice<bf16>,
     lm_head: Option<CudaSlice<bf16>>,
@@ -388,6 +398,15 @@ impl CudaBackend {
             .map_err(err)?;
         }
         let graph_mode = env_choice("VAJRA_CUDA_GRAPHS", &[("off", false), ("on", true)], false)?;
+        let tuned = if env_choice(
+            "VAJRA_CUDA_GEMM",
+            &[("cublas", false), ("tuned", true)],
+            false,
+        )? {
+            Some(RefCell::new(TunedGemm::new()?))
+        } else {
+            None
+        };
         let device_sampler = env_choice(
             "VAJRA_CUDA_SAMPLER",
             &[("host", false), ("device", true)],
@@ -580,7 +599,8 @@ impl CudaBackend {
             device_name,
             stream,
             blas,
-            _blas_workspace: blas_workspace,
+            tuned,
+            blas_workspace,
             k,
             embed,
             lm_head,
@@ -667,6 +687,35 @@ impl CudaBackend {
         if !on {
             self.graphs = None;
         }
+    }
+
+    /// Turns the timed choice of cuBLASLt algorithms for the projections of steps of at most
+    /// 128 tokens on or off (the default comes from `VAJRA_CUDA_GEMM=tuned|cublas`, else off).
+    /// Captured graphs are dropped: they hold the other products.
+    ///
+    /// # Errors
+    /// cuBLASLt could not be started.
+    pub fn set_tuned_gemm(&mut self, on: bool) -> Result<()> {
+        self.graphs = None;
+        self.tuned = if on {
+            Some(RefCell::new(TunedGemm::new()?))
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Whether the projections of small steps use tuned cuBLASLt algorithms.
+    pub fn tuned_gemm(&self) -> bool {
+        self.tuned.is_some()
+    }
+
+    /// The projection shapes tuned so far, in order (empty with tuning off).
+    pub fn tuned_shapes(&self) -> Vec<TunedShape> {
+        self.tuned
+            .as_ref()
+            .map(|t| t.borrow().tuned().to_vec())
+            .unwrap_or_default()
     }
 
     /// Draws sampled requests' tokens on the device (`sample_rows`) or copies their logits to
@@ -951,6 +1000,36 @@ impl CudaBackend {
         n: usize,
         y: &mut CudaSlice<bf16>,
     ) -> Result<()> {
+        if let Some(tuned) = self
+            .tuned
+            .as_ref()
+            .filter(|_| t <= tuned_gemm::MAX_TUNED_TOKENS)
+        {
+            let shape = (t, k, n);
+            let (xp, _gx) = x.device_ptr(&self.stream);
+            let (wp, _gw) = w.device_ptr(&self.stream);
+            let (yp, _gy) = y.device_ptr_mut(&self.stream);
+            let (ws, _gws) = self.blas_workspace.device_ptr(&self.stream);
+            let ops = Operands {
+                x: xp,
+                w: wp,
+                y: yp,
+            };
+            let workspace = (ws, CUBLAS_WORKSPACE);
+            if tuned.borrow().run(&self.stream, shape, &ops, workspace)? {
+                return Ok(());
+            }
+            // Tuning times candidates and waits for them: never inside a capture or a profiled
+            // step (there a shape without a plan goes to cuBLAS below).
+            let capturing = self.stream.capture_status().map_err(err)?
+                != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+            if !capturing && self.marks.borrow().is_none() {
+                return tuned
+                    .borrow_mut()
+                    .tune(&self.stream, shape, &ops, workspace)
+                    .map_err(|e| err(format!("VAJRA_CUDA_GEMM=tuned: {e}")));
+            }
+        }
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
             transb: cublasOperation_t::CUBLAS_OP_N,
