@@ -249,6 +249,7 @@ __device__ __forceinline__ unsigned pack_bf2(float lo, float hi) {
     return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
 }
 
+#ifndef VAJRA_HOST  // kernels/host/cuda_host.hpp emulates these five instructions on the host
 __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, unsigned b0,
                                                unsigned b1) {
 #if __CUDA_ARCH__ >= 800
@@ -315,6 +316,7 @@ __device__ __forceinline__ void cp_async_wait_0() {
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 #endif
 }
+#endif  // VAJRA_HOST
 
 // O[nt] += P · V over one 16-key slice of a row-major V tile (rows = keys, LD elements apart),
 // V's B fragments by ldmatrix.trans, two 8-dim tiles a load.
@@ -523,7 +525,9 @@ __device__ __forceinline__ void decode_tile_copy(bf16* kw, bf16* vw, const bf16*
 }
 
 // Dynamic shared memory of paged_decode: per warp STAGES × (K tile, V tile).
+#ifndef VAJRA_HOST  // on the host: an array of cuda_host.hpp
 extern __shared__ __align__(16) unsigned char decode_smem[];
+#endif
 
 template <int HD, int STAGES>
 __device__ __forceinline__ void paged_decode(

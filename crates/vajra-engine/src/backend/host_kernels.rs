@@ -1,10 +1,13 @@
-//! The CUDA kernels without inline PTX run on the host (`kernels/host/`: a block's threads as OS
-//! threads, warp shuffles and `__syncthreads` as barriers), so that their algorithms are tested
-//! on every machine, not only when a GPU is lent:
+//! The CUDA kernels run on the host (`kernels/host/`: a block's threads as fibers switched at
+//! barriers, and attention.cu's mma.sync, ldmatrix.trans and cp.async emulated), so that their
+//! algorithms are tested on every machine, not only when a GPU is lent:
 //! - `sample.cu`'s `sample_rows` and `argmax_rows` against the Rust reference on
 //!   [`gumbel::check_rows`];
 //! - `layers.cu`'s fused `rope_kv_write` (v2) against `rope` then `kv_write` (v1), with a
-//!   padding row's negative slot.
+//!   padding row's negative slot;
+//! - `attention.cu`'s v2 kernels (`paged_decode_*`, `paged_decode2_*`, `flash_prefill_*`)
+//!   against f32 attention over the same paged cache: split-K at 1, 3 and 8 partitions, a
+//!   CUDA-graph padding row, a short chunk, sliding windows.
 //!
 //! Each skips, with a printed reason, where there is no C++ compiler (`$CXX`, else `c++`).
 
@@ -29,7 +32,7 @@ fn build(name: &str) -> Option<PathBuf> {
     std::fs::create_dir_all(&dir).expect("temporary folder");
     let exe = dir.join(name);
     let out = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-pthread", "-o"])
+        .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-o"])
         .arg(&exe)
         .arg(kernels().join(format!("host/{name}.cpp")))
         .output()
@@ -125,19 +128,30 @@ fn sample_rows_on_the_host_matches_the_reference_draws() {
     );
 }
 
-#[test]
-fn rope_kv_write_on_the_host_equals_rope_then_kv_write() {
-    let Some(exe) = build("layers_check") else {
+/// Builds and runs a self-checking program of `kernels/host/` (it exits 1 on a mismatch), and
+/// requires `cases` lines of "checked" output.
+fn run_check(name: &str, cases: usize) {
+    let Some(exe) = build(name) else {
         return;
     };
-    let out = Command::new(&exe).output().expect("running layers_check");
+    let out = Command::new(&exe).output().expect("running the check");
     let _ = std::fs::remove_dir_all(exe.parent().expect("the build folder"));
     assert!(
         out.status.success(),
-        "layers_check failed: {}",
+        "{name} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let shapes = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(shapes.lines().count(), 4, "layers_check checked: {shapes}");
-    eprint!("{shapes}");
+    let checked = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(checked.lines().count(), cases, "{name} checked: {checked}");
+    eprint!("{checked}");
+}
+
+#[test]
+fn rope_kv_write_on_the_host_equals_rope_then_kv_write() {
+    run_check("layers_check", 4);
+}
+
+#[test]
+fn v2_attention_kernels_on_the_host_match_f32_attention() {
+    run_check("attention_check", 8);
 }
