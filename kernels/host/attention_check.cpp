@@ -2,8 +2,10 @@
 // ldmatrix.trans and cp.async), against attention computed plainly in f32 over the same paged
 // cache:
 // - paged_decode_<HD> and paged_decode2_<HD> over decode tokens, a short chunk (causal within
-//   it) and a CUDA-graph padding row (position 0, block 0), at 1, 3 and 8 split-K partitions,
-//   with and without a sliding window; the split counters must be back at 0 after each launch;
+//   it) and a CUDA-graph padding row (position 0, block 0), at 1, 3, 8 and 64 (the most) split-K
+//   partitions, with and without a sliding window; the split counters must be back at 0 after
+//   each launch; v1's paged_attention_scalar (+ attention_combine) the same way, also at a head
+//   dim v2 has no kernel for (96);
 // - flash_prefill_<HD> over chunks that start at 0 and past cached context, with and without a
 //   window.
 // Outputs are bf16 and P is rounded to bf16 before P·V (as on the GPU), so a value may differ
@@ -86,9 +88,49 @@ using DecodeFn = void (*)(const bf16*, const bf16*, const bf16*, bf16*, float*, 
                           const int*, const int*, const int*, const int*, int, int, int, int,
                           float, int, int*);
 
-// Decode-kernel case: four sequences, listed tokens = decodes, a 3-token chunk and a padding row.
-bool check_decode(const char* name, DecodeFn kernel, int q_heads, int kv_heads, int hd,
-                  int window) {
+// One decode launch's buffers and sizes.
+struct DecodeArgs {
+    const bf16 *qkv, *k_cache, *v_cache;
+    bf16* out;
+    float *ws_acc, *ws_ml;
+    const int *list, *seq, *pos, *tables;
+    int tokens, max_blocks, block_size, q_heads, kv_heads, hd, splits, window;
+    int* done;
+};
+
+// v2: one paged_decode_<HD> launch (it merges its own splits).
+std::function<void(const DecodeArgs&)> v2(DecodeFn kernel) {
+    return [kernel](const DecodeArgs& a) {
+        float scale_log2 = 1.4426950408889634f / std::sqrt((float)a.hd);
+        host::launch({(unsigned)a.tokens, (unsigned)a.kv_heads, (unsigned)a.splits}, {128}, [=] {
+            kernel(a.qkv, a.k_cache, a.v_cache, a.out, a.ws_acc, a.ws_ml, a.list, a.seq, a.pos,
+                   a.tables, a.max_blocks, a.block_size, a.q_heads, a.kv_heads, scale_log2,
+                   a.window, a.done);
+        });
+    };
+}
+
+// v1: paged_attention_scalar, then attention_combine when there are splits.
+void v1(const DecodeArgs& a) {
+    float scale = 1.0f / std::sqrt((float)a.hd);
+    int qkv_width = (a.q_heads + 2 * a.kv_heads) * a.hd;
+    host::launch({(unsigned)a.tokens, (unsigned)a.kv_heads, (unsigned)a.splits}, {ATT_THREADS},
+                 [=] {
+                     paged_attention_scalar(a.qkv, a.k_cache, a.v_cache, a.out, a.ws_acc,
+                                            a.ws_ml, a.list, a.seq, a.pos, a.tables,
+                                            a.max_blocks, a.block_size, a.q_heads, a.kv_heads,
+                                            a.hd, qkv_width, scale, a.window);
+                 });
+    if (a.splits > 1)
+        host::launch({(unsigned)a.tokens, (unsigned)a.q_heads}, {ATT_THREADS}, [=] {
+            attention_combine(a.ws_acc, a.ws_ml, a.out, a.list, a.q_heads, a.hd, a.splits);
+        });
+}
+
+// Decode-kernel case: four sequences, listed tokens = decodes, a 3-token chunk and a padding row,
+// at each split count of `split_counts`.
+bool check_decode(const char* name, std::function<void(const DecodeArgs&)> run, int q_heads,
+                  int kv_heads, int hd, int window, std::vector<int> split_counts) {
     const int bs = 16, max_blocks = 20;
     Cache c(q_heads, kv_heads, hd, bs, 64);
     // Sequences' block tables: scattered blocks; sequence 3 is a padding row's (block 0).
@@ -102,22 +144,17 @@ bool check_decode(const char* name, DecodeFn kernel, int q_heads, int kv_heads, 
     for (auto& x : qkv) x = f2bf(2.0f * next_uniform() - 1.0f);
     std::vector<int> list(tokens);
     for (int t = 0; t < tokens; ++t) list[t] = t;
-    float scale_log2 = 1.4426950408889634f / std::sqrt((float)hd);
-    for (int splits : {1, 3, 8}) {
+    std::string counts;
+    for (int splits : split_counts) {
+        counts += (counts.empty() ? "" : "/") + std::to_string(splits);
         std::vector<bf16> out((size_t)tokens * q_heads * hd, 0);
         std::vector<float> ws_acc((size_t)tokens * q_heads * splits * hd, NAN);
         std::vector<float> ws_ml((size_t)tokens * q_heads * splits * 2, NAN);
         std::vector<int> done((size_t)tokens * kv_heads, 0);
         for (int rep = 0; rep < 2; ++rep) {  // twice: the counters must have been reset
-            const bf16 *q = qkv.data(), *kc = c.k.data(), *vc = c.v.data();
-            bf16* o = out.data();
-            float *wa = ws_acc.data(), *wm = ws_ml.data();
-            const int *l = list.data(), *sq = seqs, *ps = pos, *tb = tables.data();
-            int* dn = done.data();
-            host::launch({(unsigned)tokens, (unsigned)kv_heads, (unsigned)splits}, {128}, [=] {
-                kernel(q, kc, vc, o, wa, wm, l, sq, ps, tb, max_blocks, bs, q_heads, kv_heads,
-                       scale_log2, window, dn);
-            });
+            run({qkv.data(), c.k.data(), c.v.data(), out.data(), ws_acc.data(), ws_ml.data(),
+                 list.data(), seqs, pos, tables.data(), tokens, max_blocks, bs, q_heads, kv_heads,
+                 hd, splits, window, done.data()});
             for (int d : done)
                 if (d != 0) {
                     std::fprintf(stderr, "%s: a split counter is %d after the launch\n", name, d);
@@ -135,8 +172,8 @@ bool check_decode(const char* name, DecodeFn kernel, int q_heads, int kv_heads, 
                     return false;
             }
     }
-    std::printf("%s matches f32 attention: q heads %d, kv heads %d, window %d, splits 1/3/8\n",
-                name, q_heads, kv_heads, window);
+    std::printf("%s matches f32 attention: q heads %d, kv heads %d, window %d, splits %s\n", name,
+                q_heads, kv_heads, window, counts.c_str());
     return true;
 }
 
@@ -184,10 +221,12 @@ bool check_prefill(const char* name, PrefillFn kernel, int q_heads, int kv_heads
 }  // namespace
 
 int main() {
-    bool ok = check_decode("paged_decode_64", paged_decode_64, 8, 2, 64, 0) &&
-              check_decode("paged_decode_128", paged_decode_128, 4, 1, 128, 0) &&
-              check_decode("paged_decode2_32", paged_decode2_32, 8, 1, 32, 0) &&
-              check_decode("paged_decode_16", paged_decode_16, 4, 2, 16, 40) &&
+    bool ok = check_decode("paged_decode_64", v2(paged_decode_64), 8, 2, 64, 0, {1, 3, 8, 64}) &&
+              check_decode("paged_decode_128", v2(paged_decode_128), 4, 1, 128, 0, {1, 3, 8}) &&
+              check_decode("paged_decode2_32", v2(paged_decode2_32), 8, 1, 32, 0, {1, 3, 8}) &&
+              check_decode("paged_decode_16", v2(paged_decode_16), 4, 2, 16, 40, {1, 3, 8}) &&
+              check_decode("paged_attention_scalar (v1)", v1, 8, 2, 64, 0, {1, 5}) &&
+              check_decode("paged_attention_scalar (v1)", v1, 4, 4, 96, 40, {1, 3}) &&
               check_prefill("flash_prefill_64", flash_prefill_64, 4, 2, 64, 70, 0, 0) &&
               check_prefill("flash_prefill_32", flash_prefill_32, 2, 1, 32, 90, 150, 0) &&
               check_prefill("flash_prefill_128", flash_prefill_128, 2, 2, 128, 20, 60, 0) &&
