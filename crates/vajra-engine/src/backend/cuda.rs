@@ -1019,11 +1019,13 @@ impl CudaBackend {
             if tuned.borrow().run(&self.stream, shape, &ops, workspace)? {
                 return Ok(());
             }
-            // Tuning times candidates and waits for them: never inside a capture or a profiled
-            // step (there a shape without a plan goes to cuBLAS below).
+            // Tuning times candidates and waits for them: never inside a capture (there a shape
+            // without a plan goes to cuBLAS below). In a profiled step it can only happen in the
+            // profiler's warm-up round (every grid point runs once first), whose times are
+            // dropped, so a profile times the tuned products.
             let capturing = self.stream.capture_status().map_err(err)?
                 != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-            if !capturing && self.marks.borrow().is_none() {
+            if !capturing {
                 return tuned
                     .borrow_mut()
                     .tune(&self.stream, shape, &ops, workspace)

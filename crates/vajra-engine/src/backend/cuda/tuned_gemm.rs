@@ -8,8 +8,8 @@
 //! most [`MAX_TUNED_TOKENS`] tokens, cuBLASLt's heuristic proposes up to [`CANDIDATES`]
 //! algorithms, each is timed on the step's own buffers, and the fastest is kept for the
 //! backend's life (ties to the heuristic's order). Tuning needs a synchronisation, so it never
-//! runs inside a CUDA-graph capture or a profiled step: a shape without a plan there goes to
-//! cuBLAS. The algorithm a shape gets depends on timings, so two backends may round a product
+//! runs inside a CUDA-graph capture (a shape without a plan there goes to cuBLAS); in
+//! `vajra-engine profile` it runs in the warm-up round, whose times are dropped. The algorithm a shape gets depends on timings, so two backends may round a product
 //! differently; each keeps its choice, so one backend repeats itself exactly.
 
 use super::err;
