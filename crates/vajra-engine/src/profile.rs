@@ -72,8 +72,13 @@ impl Profiled for crate::backend::cuda::CudaBackend {
             ),
             KernelSet::V1 => "kernels v1: scalar paged attention over 16-token blocks, prefill chunks of 64 tokens or more as cuBLAS GEMMs".into(),
         };
+        let gemms = if self.tuned_gemm() {
+            "projections of steps of at most 128 tokens through cuBLASLt with the algorithm chosen by timing in the warm-up round (VAJRA_CUDA_GEMM=tuned), larger ones through cuBLAS"
+        } else {
+            "cuBLAS GEMMs"
+        };
         format!(
-            "vajra-engine's CUDA backend, bf16: cuBLAS GEMMs, NVRTC kernels (residual add fused into RMSNorm, so `add` is 0), {attention}; CUDA events between operators"
+            "vajra-engine's CUDA backend, bf16: {gemms}, NVRTC kernels (residual add fused into RMSNorm, so `add` is 0), {attention}; CUDA events between operators"
         )
     }
 }
