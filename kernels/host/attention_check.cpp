@@ -21,12 +21,7 @@
 namespace {
 
 uint64_t state = 0x853c49e6748fea9bull;
-float next_uniform() {
-    state ^= state << 13;
-    state ^= state >> 7;
-    state ^= state << 17;
-    return (float)(state >> 40) / 16777216.0f;
-}
+float next_uniform() { return host::uniform(state); }
 
 struct Cache {
     int q_heads, kv_heads, hd, block_size, num_blocks;

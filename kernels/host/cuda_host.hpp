@@ -74,6 +74,14 @@ inline void fiber_main() {
     fibers[running].done = true;  // uc_link returns to the scheduler
 }
 
+// Test data: a uniform number in [0, 1) from an xorshift64 stream.
+inline float uniform(uint64_t& state) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return (float)(state >> 40) / 16777216.0f;
+}
+
 // Runs `kernel()` over `grid` × `block` threads (block.x a multiple of 32; y and z of the block
 // must be 1), a block at a time.
 template <class F>

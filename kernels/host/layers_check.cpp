@@ -13,12 +13,7 @@
 namespace {
 
 uint64_t state = 0x9e3779b97f4a7c15ull;
-float next_uniform() {
-    state ^= state << 13;
-    state ^= state >> 7;
-    state ^= state << 17;
-    return (float)(state >> 40) / 16777216.0f;
-}
+float next_uniform() { return host::uniform(state); }
 
 int fail(const char* what, int q_heads, int kv_heads, int head_dim, size_t at) {
     std::fprintf(stderr, "layers_check (q %d, kv %d, head dim %d): %s differs at %zu\n", q_heads,
