@@ -10,7 +10,8 @@
 #   2. ptxas -v over the kernels' PTX (registers, spills), when ptxas is on the machine;
 #   3. gpu-bench on Meta-Llama-3-8B's shape with random weights: decode at batch 1/8/32/128
 #      against the bandwidth floor, prefill at 512/2,048 tokens against a cuBLAS GEMM; with the
-#      default (v2) kernels (with a sweep of split-K's aim, 1–8 attention blocks per SM, and
+#      default (v2) kernels (with a sweep of split-K's aim, 1–8 attention blocks per SM and whole
+#      waves of the decode kernel's resident blocks, and
 #      sampled decodes at batch 1 and 32 drawn on the device against the host sampler), then with CUDA graphs for decode (VAJRA_CUDA_GRAPHS=on), graphs
 #      and timed cuBLASLt projections (VAJRA_CUDA_GEMM=tuned), v2 with two decode stages
 #      (VAJRA_CUDA_DECODE_STAGES=2) and v1's kernels (VAJRA_CUDA_KERNELS=v1), appended to
@@ -55,7 +56,7 @@ export VAJRA_FIXTURES="$PWD/tests/fixtures" RUST_BACKTRACE=1 VAJRA_DATE="$(date 
 } 2>&1 | tee "$out/ptxas.txt"
 
 echo "== 3. gpu-bench (v2 kernels, the default; then with CUDA graphs, graphs + tuned projections, two decode stages and v1's kernels, appended)"
-.gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --split-sweep 1,2,3,4,6,8 --sampled-batches 1,32 --out "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.md"
+.gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --split-sweep 1,2,3,4,6,8,waves --sampled-batches 1,32 --out "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.md"
 echo | tee -a "$out/gpu-bench.md"
 VAJRA_CUDA_GRAPHS=on .gpu/vajra-engine gpu-bench --shape Meta-Llama-3-8B --decode-batches 1,8,32,128 --prefill 512 --sampled-batches 1,32 --out /tmp/gpu-bench-graphs.json 2>&1 | tee -a "$out/gpu-bench.md"
 echo | tee -a "$out/gpu-bench.md"

@@ -8,7 +8,7 @@
 
 use crate::backend::Backend;
 use crate::backend::cpu::CacheShape;
-use crate::backend::cuda::{CudaBackend, WeightSource};
+use crate::backend::cuda::{CudaBackend, SplitAim, WeightSource};
 use crate::error::Result;
 use crate::sampler::{DeviceDraw, RequestSampler};
 use crate::spec::ModelSpec;
@@ -66,7 +66,7 @@ pub struct BenchPlan<'a> {
     pub prefill_lens: &'a [usize],
     /// Split-K aims (attention blocks per SM) to time the decode batches at, besides the
     /// default.
-    pub split_sweep: &'a [u32],
+    pub split_sweep: &'a [SplitAim],
     /// Batches of sampled decodes (temperature 1, top-p 0.9) to time with the device sampler
     /// and with the logits copied to the host sampler.
     pub sampled_batches: &'a [usize],
@@ -147,7 +147,7 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
     // default: only the attention kernel's grid changes.
     let mut sweep = Vec::new();
     if !split_sweep.is_empty() {
-        let default = b.split_blocks_per_sm();
+        let default = b.split_aim();
         let _ = writeln!(
             md,
             "\nSplit-K aim (attention blocks per SM; default {default}, VAJRA_CUDA_SPLIT_BLOCKS_PER_SM): decode step ms (÷ floor)\n"
@@ -158,19 +158,21 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
             .collect();
         let _ = writeln!(md, "| blocks per SM |{head}");
         let _ = writeln!(md, "|---:|{}", "---:|".repeat(decode_batches.len()));
-        for &per_sm in split_sweep {
-            b.set_split_blocks_per_sm(per_sm)?;
-            let mut line = format!("| {per_sm} |");
+        for &aim in split_sweep {
+            b.set_split_aim(aim)?;
+            let mut line = format!("| {aim} |");
             for &n in decode_batches {
                 let batch = Batch::new(n, 1, decode_ctx - 1, c.vocab_size);
                 let ms = time_steps(&mut b, &batch, 3, 15)?;
                 let floor = floor_ms(n);
                 let _ = write!(line, " {ms:.3} ({:.2}) |", ms / floor);
-                sweep.push(json!({"blocks_per_sm": per_sm, "batch": n, "step_ms": ms, "ratio": ms / floor}));
+                sweep.push(
+                    json!({"aim": aim.to_string(), "batch": n, "step_ms": ms, "ratio": ms / floor}),
+                );
             }
             let _ = writeln!(md, "{line}");
         }
-        b.set_split_blocks_per_sm(default)?;
+        b.set_split_aim(default)?;
     }
     // Sampled decodes: the device sampler against the logits copied to the host sampler (what
     // the engine does without it), each request with its own seed.
@@ -290,7 +292,7 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
     let record = json!({
         "device": b.device_name(), "driver": CudaBackend::driver_version(), "model": c.name,
         "weights": "random bf16", "kernels": format!("{:?}", b.kernels()), "decode_stages": b.decode_stages(), "graphs": b.graphs(), "graphs_captured": graphs.captured, "graph_replays": graphs.replayed, "graph_failure": graphs.failure, "setup_s": setup_s, "copy_gb_per_s_read_plus_write": copy_gbs,
-        "gemm_8192_tflops": gemm_8192, "decode": decode, "split_sweep": sweep, "sampled": sampled, "prefill": prefill, "split_blocks_per_sm": b.split_blocks_per_sm(), "tuned_gemm": b.tuned_gemm(), "tuned_shapes": tuned_json,
+        "gemm_8192_tflops": gemm_8192, "decode": decode, "split_sweep": sweep, "sampled": sampled, "prefill": prefill, "split_aim": b.split_aim().to_string(), "tuned_gemm": b.tuned_gemm(), "tuned_shapes": tuned_json,
         "timing": "wall clock of one greedy step (host preparation, kernels, argmax copy-back), median of 15 (decode) or 7 (prefill) after warm-up",
     });
     Ok((md, record))

@@ -90,9 +90,10 @@ struct GpuBenchArgs {
     /// Prefill lengths (one request each).
     #[arg(long, value_delimiter = ',', default_value = "512,2048")]
     prefill: Vec<usize>,
-    /// Also time the decode batches at these split-K aims (attention blocks per SM, 1–32).
+    /// Also time the decode batches at these split-K aims: attention blocks per SM (1–32), or
+    /// `waves` (whole waves of the decode kernel's resident blocks).
     #[arg(long, value_delimiter = ',')]
-    split_sweep: Vec<u32>,
+    split_sweep: Vec<String>,
     /// Also time sampled decode steps (temperature 1, top-p 0.9) at these batch sizes, drawn on
     /// the device and on the host.
     #[arg(long, value_delimiter = ',')]
@@ -509,13 +510,19 @@ fn gpu_bench(a: GpuBenchArgs) -> Result<()> {
     if a.decode_context < 2 {
         bail!("--decode-context must be ≥ 2");
     }
+    let split_sweep = a
+        .split_sweep
+        .iter()
+        .map(|v| v.parse())
+        .collect::<vajra_engine::Result<Vec<vajra_engine::backend::cuda::SplitAim>>>()
+        .context("--split-sweep")?;
     let (md, json) = vajra_engine::gpu_tools::bench(
         &spec,
         &vajra_engine::gpu_tools::BenchPlan {
             decode_batches: &a.decode_batches,
             decode_ctx: a.decode_context,
             prefill_lens: &a.prefill,
-            split_sweep: &a.split_sweep,
+            split_sweep: &split_sweep,
             sampled_batches: &a.sampled_batches,
         },
     )?;

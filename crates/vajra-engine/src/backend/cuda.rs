@@ -293,9 +293,12 @@ pub struct CudaBackend {
     decode_stages: u32,
     /// Streaming multiprocessors (split-K sizing).
     sms: u32,
-    /// Split-K aims at this many attention blocks per multiprocessor
-    /// (`VAJRA_CUDA_SPLIT_BLOCKS_PER_SM`, default 2).
-    split_blocks_per_sm: u32,
+    /// How split-K sizes the attention grid (`VAJRA_CUDA_SPLIT_BLOCKS_PER_SM`, default 2 blocks
+    /// per multiprocessor).
+    split_aim: SplitAim,
+    /// Blocks of the decode kernel (v2, at its shared memory) resident per multiprocessor: the
+    /// wave [`SplitAim::Waves`] fills.
+    decode_resident: u32,
     /// Compute capability major version (flash_prefill needs 8+).
     cc_major: i32,
     /// Whether decode steps replay CUDA graphs (`VAJRA_CUDA_GRAPHS`).
@@ -412,24 +415,16 @@ impl CudaBackend {
             &[("host", false), ("device", true)],
             false,
         )?;
-        let split_blocks_per_sm = match std::env::var("VAJRA_CUDA_SPLIT_BLOCKS_PER_SM") {
-            Err(std::env::VarError::NotPresent) => DEFAULT_SPLIT_BLOCKS_PER_SM,
-            Ok(v) => v
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=MAX_SPLIT_BLOCKS_PER_SM).contains(n))
-                .ok_or_else(|| {
-                    EngineError::invalid(
-                        "VAJRA_CUDA_SPLIT_BLOCKS_PER_SM",
-                        &v,
-                        format!("an integer from 1 to {MAX_SPLIT_BLOCKS_PER_SM}"),
-                    )
-                })?,
+        let split_aim = match std::env::var("VAJRA_CUDA_SPLIT_BLOCKS_PER_SM") {
+            Err(std::env::VarError::NotPresent) => SplitAim::PerSm(DEFAULT_SPLIT_BLOCKS_PER_SM),
+            Ok(v) => v.parse::<SplitAim>().map_err(|_| {
+                EngineError::invalid("VAJRA_CUDA_SPLIT_BLOCKS_PER_SM", &v, SPLIT_AIMS)
+            })?,
             Err(e) => {
                 return Err(EngineError::invalid(
                     "VAJRA_CUDA_SPLIT_BLOCKS_PER_SM",
                     e.to_string(),
-                    format!("an integer from 1 to {MAX_SPLIT_BLOCKS_PER_SM}"),
+                    SPLIT_AIMS,
                 ));
             }
         };
@@ -591,7 +586,7 @@ impl CudaBackend {
         }
         stream.synchronize().map_err(err)?;
         tracing::info!(device = %device_name, arch, blocks = shape.num_blocks, "cuda backend ready");
-        Ok(CudaBackend {
+        let mut b = CudaBackend {
             k_host: vec![vec![bf16::ZERO; host]; c.num_layers as usize],
             v_host: vec![vec![bf16::ZERO; host]; c.num_layers as usize],
             spec,
@@ -613,18 +608,22 @@ impl CudaBackend {
             kernel_set,
             decode_stages,
             sms,
-            split_blocks_per_sm,
+            split_aim,
+            decode_resident: 1,
             cc_major: major,
             graph_mode,
             device_sampler,
             graphs: None,
             graph_stats: GraphStats::default(),
-        })
+        };
+        b.decode_resident = b.decode_occupancy();
+        Ok(b)
     }
 
     /// Chooses the kernel generation (the default comes from `VAJRA_CUDA_KERNELS`).
     pub fn set_kernels(&mut self, set: KernelSet) {
         self.kernel_set = set;
+        self.decode_resident = self.decode_occupancy();
         // Captured graphs launch the kernels they were captured with.
         self.graphs = None;
     }
@@ -644,6 +643,7 @@ impl CudaBackend {
             return Err(EngineError::invalid("decode stages", stages, "1, 2"));
         }
         self.decode_stages = stages;
+        self.decode_resident = self.decode_occupancy();
         self.graphs = None;
         Ok(())
     }
@@ -653,29 +653,44 @@ impl CudaBackend {
         self.decode_stages
     }
 
-    /// Sets how many attention blocks per multiprocessor split-K aims at (the default comes
-    /// from `VAJRA_CUDA_SPLIT_BLOCKS_PER_SM`, else 2): a step of fewer (token, KV head) pairs
-    /// cuts each context into that many blocks' worth of partitions, of at least 64 keys each.
+    /// Sets how split-K sizes the attention grid of a step with few (token, KV head) pairs (the
+    /// default comes from `VAJRA_CUDA_SPLIT_BLOCKS_PER_SM`, else 2 blocks per multiprocessor).
+    /// Partitions hold at least 64 keys (v2).
     ///
     /// # Errors
-    /// A count outside 1–32.
-    pub fn set_split_blocks_per_sm(&mut self, n: u32) -> Result<()> {
-        if !(1..=MAX_SPLIT_BLOCKS_PER_SM).contains(&n) {
-            return Err(EngineError::invalid(
-                "split blocks per SM",
-                n,
-                format!("1 to {MAX_SPLIT_BLOCKS_PER_SM}"),
-            ));
+    /// A blocks-per-multiprocessor count outside 1–32.
+    pub fn set_split_aim(&mut self, aim: SplitAim) -> Result<()> {
+        if let SplitAim::PerSm(n) = aim
+            && !(1..=MAX_SPLIT_BLOCKS_PER_SM).contains(&n)
+        {
+            return Err(EngineError::invalid("split-K aim", n, SPLIT_AIMS));
         }
-        self.split_blocks_per_sm = n;
+        self.split_aim = aim;
         // The graphs' split-K buffers are sized for the aim they were made with.
         self.graphs = None;
         Ok(())
     }
 
-    /// Attention blocks per multiprocessor split-K aims at.
-    pub fn split_blocks_per_sm(&self) -> u32 {
-        self.split_blocks_per_sm
+    /// How split-K sizes the attention grid.
+    pub fn split_aim(&self) -> SplitAim {
+        self.split_aim
+    }
+
+    /// Blocks of v2's decode kernel resident per multiprocessor at its shared memory (the
+    /// driver's occupancy calculator; 1 with v1's kernels or if the driver cannot say).
+    fn decode_occupancy(&self) -> u32 {
+        let hd = self.spec.config.head_dim;
+        self.decode_kernel()
+            .and_then(|f| {
+                f.occupancy_max_active_blocks_per_multiprocessor(
+                    ATT_THREADS,
+                    decode_smem_bytes(hd, self.decode_stages) as usize,
+                    None,
+                )
+                .ok()
+            })
+            .unwrap_or(1)
+            .max(1)
     }
 
     /// Turns CUDA graphs for decode steps on or off (the default comes from
@@ -1249,7 +1264,15 @@ impl CudaBackend {
     /// context `max_ctx`; `mma` says whether v2's `paged_decode` runs (else v1's kernel).
     fn decode_splits(&self, listed: usize, max_ctx: u32, mma: bool) -> u32 {
         let pairs = listed * self.spec.config.num_kv_heads as usize;
-        split_count(pairs, self.split_blocks_per_sm * self.sms, max_ctx, mma)
+        match self.split_aim {
+            SplitAim::Waves if mma => {
+                split_count_waves(pairs, self.decode_resident * self.sms, max_ctx)
+            }
+            SplitAim::Waves => {
+                split_count(pairs, DEFAULT_SPLIT_BLOCKS_PER_SM * self.sms, max_ctx, mma)
+            }
+            SplitAim::PerSm(n) => split_count(pairs, n * self.sms, max_ctx, mma),
+        }
     }
 
     /// The per-token attention kernel of this backend: v2's `paged_decode(2)_<head_dim>`, or
@@ -1708,6 +1731,63 @@ fn split_count(pairs: usize, target: u32, max_ctx: u32, mma: bool) -> u32 {
             .clamp(1, MAX_SPLITS)
     } else {
         max_ctx.div_ceil(KEYS_PER_SPLIT).clamp(1, MAX_SPLITS)
+    }
+}
+
+/// v2's split count for `pairs` (token, KV head) pairs on `slots` resident blocks (the decode
+/// kernel's occupancy × multiprocessors), the longest context `max_ctx`: with k partitions a
+/// step runs ⌈pairs·k / slots⌉ waves of blocks doing 1/k of a pair's keys each, so its time goes
+/// as waves / k. Fewest partitions (at least 64 keys each) after which no more cuts that by 5 %:
+/// whole waves, without paying for more blocks than that buys.
+fn split_count_waves(pairs: usize, slots: u32, max_ctx: u32) -> u32 {
+    let most = max_ctx.div_ceil(MIN_KEYS_PER_SPLIT_V2).clamp(1, MAX_SPLITS);
+    let (pairs, slots) = (pairs.max(1) as u64, u64::from(slots.max(1)));
+    let time = |k: u32| (pairs * u64::from(k)).div_ceil(slots) as f64 / f64::from(k);
+    let mut best = (1, time(1));
+    for k in 2..=most {
+        let t = time(k);
+        if t < 0.95 * best.1 {
+            best = (k, t);
+        }
+    }
+    best.0
+}
+
+/// How split-K sizes the attention grid of a decode step with few (token, KV head) pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitAim {
+    /// About this many attention blocks per multiprocessor (1–32).
+    PerSm(u32),
+    /// v2: whole waves of the decode kernel's resident blocks (`split_count_waves`); v1 aims
+    /// at 2 blocks per multiprocessor.
+    Waves,
+}
+
+/// What `VAJRA_CUDA_SPLIT_BLOCKS_PER_SM` and `gpu-bench --split-sweep` accept.
+pub const SPLIT_AIMS: &str =
+    "an integer from 1 to 32 (attention blocks per multiprocessor), or waves";
+
+impl std::str::FromStr for SplitAim {
+    type Err = EngineError;
+
+    fn from_str(v: &str) -> Result<Self> {
+        if v == "waves" {
+            return Ok(SplitAim::Waves);
+        }
+        v.parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_SPLIT_BLOCKS_PER_SM).contains(n))
+            .map(SplitAim::PerSm)
+            .ok_or_else(|| EngineError::invalid("split-K aim", v, SPLIT_AIMS))
+    }
+}
+
+impl std::fmt::Display for SplitAim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SplitAim::PerSm(n) => write!(f, "{n}"),
+            SplitAim::Waves => f.write_str("waves"),
+        }
     }
 }
 
@@ -2287,6 +2367,38 @@ mod tests {
         assert_eq!(split_count(0, 132, 10, true), 1);
         // v1: 32 keys a split whatever the batch, while the GPU is not full.
         assert_eq!(split_count(8, 264, 300, false), 10);
+    }
+
+    #[test]
+    fn split_count_waves_fills_whole_waves_of_resident_blocks() {
+        // H100 with paged_decode_128 at 3 blocks per SM: 396 slots.
+        // Batch 32 (256 pairs): 1 split is 0.65 of a wave, 2 are 1.29 (2 waves for 2 halves);
+        // 3 make 1.94 waves of thirds.
+        assert_eq!(split_count_waves(256, 396, 512), 3);
+        // Batch 8 (64 pairs): 6 splits fill one wave (7 or 8 would need a second).
+        assert_eq!(split_count_waves(64, 396, 512), 6);
+        // Batch 1 (8 pairs): as many as the context allows (8 of 64 keys at 512).
+        assert_eq!(split_count_waves(8, 396, 512), 8);
+        // A long context: about one wave (49 would fill it, but saves under 5 % over 48).
+        assert_eq!(split_count_waves(8, 396, 100_000), 48);
+        // Batch 128 (1024 pairs, 2.59 waves): thirds take 8 waves of a third, 2.67 < 3.
+        assert_eq!(split_count_waves(1024, 396, 512), 3);
+        // Whole waves already, or too short to split.
+        assert_eq!(split_count_waves(792, 396, 4096), 1);
+        assert_eq!(split_count_waves(8, 396, 64), 1);
+        assert_eq!(split_count_waves(0, 0, 10), 1);
+    }
+
+    #[test]
+    fn split_aims_parse_and_print_as_the_setting_is_written() {
+        assert_eq!("waves".parse::<SplitAim>().unwrap(), SplitAim::Waves);
+        assert_eq!("4".parse::<SplitAim>().unwrap(), SplitAim::PerSm(4));
+        for bad in ["0", "33", "auto", "-1", ""] {
+            let e = bad.parse::<SplitAim>().unwrap_err().to_string();
+            assert!(e.contains("waves") && e.contains("1 to 32"), "{bad}: {e}");
+        }
+        assert_eq!(SplitAim::PerSm(3).to_string(), "3");
+        assert_eq!(SplitAim::Waves.to_string(), "waves");
     }
 
     #[test]
