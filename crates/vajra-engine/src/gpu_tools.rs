@@ -64,12 +64,19 @@ pub struct BenchPlan<'a> {
     pub decode_ctx: u32,
     /// Prefill lengths (one request each).
     pub prefill_lens: &'a [usize],
-    /// Split-K aims (attention blocks per SM) to time the decode batches at, besides the
+    /// Split-K aims (attention blocks per SM, or whole waves) to time the decode batches at, besides the
     /// default.
     pub split_sweep: &'a [SplitAim],
     /// Batches of sampled decodes (temperature 1, top-p 0.9) to time with the device sampler
     /// and with the logits copied to the host sampler.
     pub sampled_batches: &'a [usize],
+}
+
+/// A markdown table's header row and its right-aligned separator row, one column per name.
+fn table_head<S: AsRef<str>>(md: &mut String, columns: &[S]) {
+    let names: Vec<&str> = columns.iter().map(AsRef::as_ref).collect();
+    let _ = writeln!(md, "| {} |", names.join(" | "));
+    let _ = writeln!(md, "|{}", "---:|".repeat(names.len()));
 }
 
 /// Runs the throughput benchmark and returns (Markdown report, JSON record).
@@ -121,11 +128,16 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
         md,
         "Measured in this run: device-to-device copy {copy_gbs:.0} GB/s (read + write); cuBLAS bf16 GEMM 8192³ {gemm_8192:.0} TFLOP/s.\n"
     );
-    let _ = writeln!(
-        md,
-        "| decode batch | context | step ms | floor ms | step / floor |"
+    table_head(
+        &mut md,
+        &[
+            "decode batch",
+            "context",
+            "step ms",
+            "floor ms",
+            "step / floor",
+        ],
     );
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
     // A decode step's bandwidth floor, ms: weights and every request's KV read once.
     let floor_ms = |n: usize| {
         let bytes = weight_bytes + n as f64 * f64::from(decode_ctx) * kv_per_token;
@@ -152,12 +164,10 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
             md,
             "\nSplit-K aim (attention blocks per SM; default {default}, VAJRA_CUDA_SPLIT_BLOCKS_PER_SM): decode step ms (÷ floor)\n"
         );
-        let head: String = decode_batches
-            .iter()
-            .map(|n| format!(" batch {n} |"))
+        let head: Vec<String> = std::iter::once("blocks per SM".to_string())
+            .chain(decode_batches.iter().map(|n| format!("batch {n}")))
             .collect();
-        let _ = writeln!(md, "| blocks per SM |{head}");
-        let _ = writeln!(md, "|---:|{}", "---:|".repeat(decode_batches.len()));
+        table_head(&mut md, &head);
         for &aim in split_sweep {
             b.set_split_aim(aim)?;
             let mut line = format!("| {aim} |");
@@ -182,11 +192,15 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
             md,
             "\nSampled decode steps (temperature 1, top-p 0.9), ms: drawn on the device (`sample_rows`) against the rows' logits copied to the host sampler and drawn there\n"
         );
-        let _ = writeln!(
-            md,
-            "| batch | device sampler | logits to the host sampler | host ÷ device |"
+        table_head(
+            &mut md,
+            &[
+                "batch",
+                "device sampler",
+                "logits to the host sampler",
+                "host ÷ device",
+            ],
         );
-        let _ = writeln!(md, "|---:|---:|---:|---:|");
         for &n in sampled_batches {
             let batch = Batch::new(n, 1, decode_ctx - 1, c.vocab_size);
             let input = batch.input();
@@ -243,11 +257,18 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
             md,
             "\nTuned projections (cuBLASLt; µs per product, the heuristic's first choice against the fastest of its candidates)\n"
         );
-        let _ = writeln!(
-            md,
-            "| tokens | k | n | candidates | first µs | chosen (index) | chosen µs |"
+        table_head(
+            &mut md,
+            &[
+                "tokens",
+                "k",
+                "n",
+                "candidates",
+                "first µs",
+                "chosen (index)",
+                "chosen µs",
+            ],
         );
-        let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|");
         for t in &tuned {
             let (tokens, k, n) = t.shape;
             let _ = writeln!(
@@ -261,11 +282,17 @@ pub fn bench(spec: &ModelSpec, plan: &BenchPlan<'_>) -> Result<(String, serde_js
         .iter()
         .map(|t| json!({"shape": [t.shape.0, t.shape.1, t.shape.2], "candidates": t.candidates, "first_us": t.first_us, "chosen": t.chosen, "chosen_us": t.chosen_us}))
         .collect();
-    let _ = writeln!(
-        md,
-        "\n| prefill tokens | step ms | TFLOP/s | cuBLAS GEMM TFLOP/s (t × 4096 → 2·14336 shape) | share |"
+    let _ = writeln!(md);
+    table_head(
+        &mut md,
+        &[
+            "prefill tokens",
+            "step ms",
+            "TFLOP/s",
+            "cuBLAS GEMM TFLOP/s (t × 4096 → 2·14336 shape)",
+            "share",
+        ],
     );
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
     let mut prefill = Vec::new();
     let (h, v) = (f64::from(c.hidden_size), f64::from(c.vocab_size));
     let body_params = c.num_params() as f64 - v * h * if c.tie_word_embeddings { 1.0 } else { 2.0 };
