@@ -810,12 +810,7 @@ mod cuda {
         if !device() {
             return;
         }
-        let json = r#"{"model_type":"llama","hidden_size":1024,"intermediate_size":2048,
-            "num_attention_heads":8,"num_hidden_layers":2,"num_key_value_heads":2,
-            "vocab_size":512,"max_position_embeddings":4096,"rope_theta":500000.0,
-            "rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
-            "torch_dtype":"bfloat16"}"#;
-        let spec = vajra_engine::spec::ModelSpec::from_json(json, "graph-check").unwrap();
+        let spec = two_layer_llama("graph-check");
         let make = |graphs: bool| {
             let mut b = random_backend(&spec, 64).unwrap();
             b.set_graphs(graphs);
@@ -957,12 +952,7 @@ mod cuda {
         if !device() {
             return;
         }
-        let json = r#"{"model_type":"llama","hidden_size":1024,"intermediate_size":2048,
-            "num_attention_heads":8,"num_hidden_layers":2,"num_key_value_heads":2,
-            "vocab_size":512,"max_position_embeddings":4096,"rope_theta":500000.0,
-            "rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
-            "torch_dtype":"bfloat16"}"#;
-        let spec = vajra_engine::spec::ModelSpec::from_json(json, "tuned-gemm-check").unwrap();
+        let spec = two_layer_llama("tuned-gemm-check");
         let mut plain = random_backend(&spec, 64).unwrap();
         let mut tuned = random_backend(&spec, 64).unwrap();
         tuned.set_tuned_gemm(true).unwrap();
@@ -1088,6 +1078,17 @@ mod cuda {
             "MEASURED cuda engine, graphs and device sampler: greedy tokens equal eager; sampled tokens {:?}",
             &fast[2..]
         );
+    }
+
+    /// A two-layer Llama with head dim 128 and GQA group 4 (the graph and tuned-projection
+    /// tests' random-weight model), named `name`.
+    fn two_layer_llama(name: &str) -> vajra_engine::spec::ModelSpec {
+        let json = r#"{"model_type":"llama","hidden_size":1024,"intermediate_size":2048,
+            "num_attention_heads":8,"num_hidden_layers":2,"num_key_value_heads":2,
+            "vocab_size":512,"max_position_embeddings":4096,"rope_theta":500000.0,
+            "rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
+            "torch_dtype":"bfloat16"}"#;
+        vajra_engine::spec::ModelSpec::from_json(json, name).unwrap()
     }
 
     /// The device sampler (`sample_rows`) against its Rust reference
