@@ -12,6 +12,8 @@
 //! - [`sched`]: the scheduler state machine (`add_request` → `schedule` →
 //!   `update_from_output`) and its policies (`vllm_v1`, `sarathi`, `vllm_v0`, `orca`,
 //!   `faster_transformer`, `lightllm`), waiting-queue orders and preemption modes.
+//! - [`driver`]: one replica's loop (schedule → execute → update, steps in flight, a record
+//!   per step), driven by the simulator's event loop and by the engine loop alike.
 //! - [`router`]: global routing policies across replicas.
 //!
 //! Invariants: this crate never reads a clock, never does I/O and never owns a random number
@@ -19,6 +21,7 @@
 //! a real run execute the same decisions.
 
 pub mod config;
+pub mod driver;
 pub mod error;
 pub mod ids;
 pub mod kv;

@@ -1,35 +1,36 @@
-//! The engine loop: the vajra-core scheduler decides each step, a [`Backend`] runs it, the
-//! [`RequestSampler`] picks tokens, and an incremental detokenizer turns them into text deltas.
+//! The engine loop: a vajra-core [`ReplicaDriver`] (the scheduler and its step in flight)
+//! decides each step, the model runner ([`runner`]) executes it on a [`Backend`] and picks the
+//! tokens, and the output processor ([`output`]) detokenizes them, decides stop strings and
+//! turns the driver's events into [`RequestOutput`]s.
 //!
 //! ```text
-//!   add_request ─► Scheduler::schedule ─► Backend::execute ─► sample ─► detokenize, stop checks
-//!                        ▲                                                   │
-//!                        └────────── Scheduler::update_from_output ◄─────────┘  ─► RequestOutput
+//!   add_request ─► driver.begin_step ─► runner: Backend::execute + sample ─► output: detokenize, stops
+//!                        ▲                                                        │
+//!                        └──────── driver.end_step (update_from_output) ◄─────────┘  ─► RequestOutput
 //! ```
 //!
 //! The engine keeps, per live request, its tokens (prompt and output), its block table (rebuilt
 //! from `new` data after admission or preemption, extended by `new_blocks` otherwise), its
-//! sampler and its detokenizer. End-of-sequence tokens and stop strings are decided here (the
-//! executor's side of the seam); stop token ids and `max_tokens` by the scheduler. Stop strings
-//! are held back from streamed text until they can no longer start a match. Time is the wall
-//! clock since the engine started, as integer nanoseconds, so lifecycle records have the form
-//! the simulator's metrics use.
+//! sampler and its detokenizer. Time is the wall clock since the engine started, as integer
+//! nanoseconds, so lifecycle records have the form the simulator's metrics use.
 
-use crate::backend::{Backend, LogitsFor, SeqInput, StepInput};
+mod output;
+mod runner;
+
+use crate::backend::Backend;
 use crate::error::{EngineError, Result};
-use crate::sampler::{DeviceDraw, RequestSampler, Sampled};
+use crate::sampler::RequestSampler;
 use crate::tokenizer::{IncrementalDetokenizer, TextCodec};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 use vajra_core::config::{CacheConfig, SchedulerConfig};
+use vajra_core::driver::ReplicaDriver;
 use vajra_core::ids::{BlockId, IdAllocator, RequestId};
 use vajra_core::request::{FinishReason, Prompt, Request};
 use vajra_core::sampling::SamplingParams;
 use vajra_core::sched::Scheduler;
-use vajra_core::sched::output::{
-    FinishedRecord, ModelRunnerOutput, RequestEvent, SampledToken, SchedulerStats,
-};
+use vajra_core::sched::output::{FinishedRecord, SchedulerStats};
 use vajra_core::time::{Duration, Timestamp};
 
 /// How the engine schedules and caches.
@@ -110,6 +111,7 @@ pub struct RequestOutput {
     pub itl: Option<Duration>,
 }
 
+/// A request the engine is generating for.
 struct Live {
     tokens: Vec<u32>,
     prompt_len: usize,
@@ -127,7 +129,7 @@ struct Live {
 
 /// The engine: scheduler, backend, tokenizer and live request state.
 pub struct Engine {
-    sched: Scheduler,
+    driver: ReplicaDriver,
     backend: Box<dyn Backend>,
     codec: Arc<TextCodec>,
     live: HashMap<RequestId, Live>,
@@ -215,7 +217,7 @@ impl Engine {
         cache.swap_blocks = backend.num_host_blocks();
         let sched = Scheduler::new(cfg.scheduler, &cache, backend.num_blocks(), max_model_len)?;
         Ok(Engine {
-            sched,
+            driver: ReplicaDriver::new(sched, 1),
             backend,
             codec,
             live: HashMap::new(),
@@ -273,7 +275,7 @@ impl Engine {
 
     /// Scheduler counters (running, waiting, KV usage, preemptions, prefix-cache hits).
     pub fn stats(&self) -> SchedulerStats {
-        self.sched.stats()
+        self.driver.scheduler().stats()
     }
 
     /// Steps, batched requests and batched tokens so far.
@@ -283,12 +285,13 @@ impl Engine {
 
     /// Blocks currently held by requests.
     pub fn allocated_blocks(&self) -> u32 {
-        self.sched.kv().num_blocks() - self.sched.kv().num_free()
+        let kv = self.driver.scheduler().kv();
+        kv.num_blocks() - kv.num_free()
     }
 
     /// Whether any request is waiting or running.
     pub fn has_unfinished(&self) -> bool {
-        self.sched.has_unfinished()
+        self.driver.scheduler().has_unfinished()
     }
 
     /// Wall time since the engine started.
@@ -312,7 +315,7 @@ impl Engine {
         );
         r.sampling = req.sampling.clone();
         r.priority = req.priority;
-        self.sched.add_request(r, now)?;
+        self.driver.scheduler_mut().add_request(r, now)?;
         let prompt_len = req.prompt.len();
         let fallback = self.seed ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         self.live.insert(
@@ -327,7 +330,7 @@ impl Engine {
                 emitted: 0,
                 arrival: now,
                 last_token: None,
-                pending: empty_output(id, prompt_len as u32),
+                pending: output::empty_output(id, prompt_len as u32),
             },
         );
         Ok(id)
@@ -335,7 +338,7 @@ impl Engine {
 
     /// Aborts a request and frees its blocks; `None` if it already finished.
     pub fn abort(&mut self, id: RequestId) -> Option<RequestOutput> {
-        let rec = self.sched.abort(id, self.now()).ok()?;
+        let rec = self.driver.abort(id, self.now()).ok()?;
         let live = self.live.remove(&id)?;
         let mut out = live.pending;
         out.output_tokens = (live.tokens.len() - live.prompt_len) as u32;
@@ -371,74 +374,25 @@ impl Engine {
     }
 
     fn step_inner(&mut self) -> Result<Vec<RequestOutput>> {
-        let now = self.now();
-        let out = self.sched.schedule(now);
-        for id in &out.preempted {
-            if let Some(l) = self.live.get_mut(id) {
-                l.table.clear();
-            }
-        }
-        if out.is_empty() {
-            self.sched.recycle(out);
+        let Some(ticket) = self.driver.begin_step(self.now()) else {
             return Ok(Vec::new());
-        }
+        };
+        let out = self.driver.output(ticket);
         self.counters.steps += 1;
         self.counters.scheduled_requests += out.scheduled.len() as u64;
         self.counters.batched_tokens += u64::from(out.num_batched_tokens);
-        for s in &out.scheduled {
-            let l = self
-                .live
-                .get_mut(&s.id)
-                .expect("scheduled request is live in the engine");
-            match out.new_data(s) {
-                Some(new) => l.table.clone_from(&new.block_table),
-                None => l.table.extend_from_slice(out.new_blocks(s)),
+        runner::update_tables(out, &mut self.live);
+        let ran = runner::run(self.backend.as_mut(), out, &mut self.live).and_then(|r| {
+            let forward_ns = r.forward_ns;
+            output::apply_picks(out, r.picks, &mut self.live, &self.codec).map(|o| (o, forward_ns))
+        });
+        let (result, forward_ns) = match ran {
+            Ok(r) => r,
+            Err(e) => {
+                self.driver.abandon_step(ticket);
+                return Err(e);
             }
-        }
-        self.backend.swap(&out.swap_out, &out.swap_in)?;
-        let input = StepInput {
-            seqs: out
-                .scheduled
-                .iter()
-                .map(|s| {
-                    let l = &self.live[&s.id];
-                    let a = s.num_computed as usize;
-                    SeqInput {
-                        tokens: &l.tokens[a..a + s.num_tokens as usize],
-                        context: s.num_computed,
-                        block_table: &l.table,
-                        sample: s.samples,
-                    }
-                })
-                .collect(),
-            logits_for: LogitsFor::Sampled,
         };
-        let greedy_only = out
-            .scheduled
-            .iter()
-            .filter(|s| s.samples)
-            .all(|s| self.live[&s.id].sampler.plain_greedy());
-        // Device draws for every sampled request, where the backend samples on the device and
-        // none of them sets penalties or log-probabilities (else the host samples them all).
-        let draws: Option<Vec<DeviceDraw>> = if !greedy_only && self.backend.samples_on_device() {
-            out.scheduled
-                .iter()
-                .filter(|s| s.samples)
-                .map(|s| self.live[&s.id].sampler.device_draw())
-                .collect()
-        } else {
-            None
-        };
-        // Greedy-only steps, and steps drawn on the device, get tokens from the backend.
-        let forward = Instant::now();
-        let result = if greedy_only {
-            Err(self.backend.execute_greedy(&input)?)
-        } else if let Some(draws) = &draws {
-            Err(self.backend.execute_sampled(&input, draws)?)
-        } else {
-            Ok(self.backend.execute(&input)?)
-        };
-        let forward_ns = forward.elapsed().as_nanos() as u64;
         self.counters.forward_ns += forward_ns;
         if let Some(log) = &mut self.step_log {
             log.forward_ns = forward_ns;
@@ -449,118 +403,15 @@ impl Engine {
                     .map(|s| (s.num_tokens, s.num_computed, s.samples)),
             );
         }
-        drop(input);
-        let picks: Vec<Sampled> = match result {
-            Err(ids) => ids
-                .into_iter()
-                .map(|token| Sampled {
-                    token,
-                    logprob: 0.0,
-                    top: Vec::new(),
-                })
-                .collect(),
-            Ok(logits) => out
-                .scheduled
-                .iter()
-                .filter(|s| s.samples)
-                .enumerate()
-                .map(|(row, s)| {
-                    let mut lg = logits.row(row).to_vec();
-                    let l = self.live.get_mut(&s.id).expect("scheduled request is live");
-                    l.sampler.sample(&mut lg)
-                })
-                .collect(),
+        let mut sink = output::OutputSink {
+            live: &mut self.live,
+            touched: Vec::new(),
+            record: None,
         };
-
-        let mut runner = ModelRunnerOutput::default();
-        let mut picks = picks.into_iter();
-        for s in &out.scheduled {
-            if !s.samples {
-                runner.sampled.push(None);
-                continue;
-            }
-            let picked = picks.next().expect("one pick per sampling request");
-            let l = self.live.get_mut(&s.id).expect("scheduled request is live");
-            l.sampler.observe(picked.token);
-            l.tokens.push(picked.token);
-            let delta = l.detok.step(&self.codec, &l.tokens)?;
-            let p = l.sampler.params();
-            let mut stop = !p.ignore_eos && self.codec.eos_ids().contains(&picked.token);
-            if !delta.is_empty() {
-                let from = l
-                    .text
-                    .len()
-                    .saturating_sub(max_stop_len(p).saturating_sub(1));
-                l.text.push_str(&delta);
-                if let Some(at) = find_stop(&l.text, from, &p.stop) {
-                    l.text.truncate(at);
-                    stop = true;
-                }
-            }
-            if p.logprobs.is_some() {
-                l.pending.logprobs.push(TokenLogprob {
-                    token: picked.token,
-                    logprob: picked.logprob,
-                    top: picked.top,
-                });
-            }
-            runner.sampled.push(Some(SampledToken {
-                token: picked.token,
-                stop,
-            }));
-        }
-        let events = self.sched.update_from_output(&out, &runner, self.now());
-        self.sched.recycle(out);
-        let now = self.now();
-        let mut touched = Vec::new();
-        for ev in events {
-            match ev {
-                RequestEvent::Token { id, token, .. } => {
-                    let l = self.live.get_mut(&id).expect("token for a live request");
-                    l.pending.tokens.push(token);
-                    match l.last_token {
-                        None => l.pending.ttft = Some(now.since(l.arrival)),
-                        Some(t) => l.pending.itl = Some(now.since(t)),
-                    }
-                    l.last_token = Some(now);
-                    touched.push(id);
-                }
-                RequestEvent::Finished(rec) => {
-                    let l = self
-                        .live
-                        .get_mut(&rec.id)
-                        .expect("finish of a live request");
-                    l.pending.finish = Some(rec.reason);
-                    l.pending.record = Some(rec.clone());
-                    touched.push(rec.id);
-                }
-            }
-        }
-        let mut outputs = Vec::with_capacity(touched.len());
-        for id in touched {
-            let Some(l) = self.live.get_mut(&id) else {
-                continue; // already handed out (a token and a finish in the same step)
-            };
-            let finished = l.pending.finish.is_some();
-            let mut upto = if finished {
-                l.text.len()
-            } else {
-                let hold = max_stop_len(l.sampler.params()).saturating_sub(1);
-                l.text.len().saturating_sub(hold).max(l.emitted)
-            };
-            while !l.text.is_char_boundary(upto) {
-                upto -= 1;
-            }
-            let mut o = std::mem::replace(&mut l.pending, empty_output(id, l.prompt_len as u32));
-            o.text = l.text[l.emitted..upto].to_owned();
-            o.output_tokens = (l.tokens.len() - l.prompt_len) as u32;
-            l.emitted = upto;
-            if finished {
-                self.live.remove(&id);
-            }
-            outputs.push(o);
-        }
-        Ok(outputs)
+        let now = Timestamp(self.start.elapsed().as_nanos() as u64);
+        self.driver.end_step(ticket, &result, now, &mut sink);
+        let touched = sink.touched;
+        Ok(output::take_outputs(&mut self.live, touched))
     }
 
     /// Runs steps until every request finished; collects all outputs per request.
@@ -595,46 +446,4 @@ pub fn merge(into: &mut RequestOutput, o: RequestOutput) {
     into.output_tokens = o.output_tokens;
     into.ttft = into.ttft.or(o.ttft);
     into.itl = o.itl.or(into.itl);
-}
-
-fn empty_output(id: RequestId, prompt_tokens: u32) -> RequestOutput {
-    RequestOutput {
-        id,
-        tokens: Vec::new(),
-        text: String::new(),
-        logprobs: Vec::new(),
-        finish: None,
-        record: None,
-        prompt_tokens,
-        output_tokens: 0,
-        ttft: None,
-        itl: None,
-    }
-}
-
-fn max_stop_len(p: &SamplingParams) -> usize {
-    p.stop.iter().map(String::len).max().unwrap_or(0)
-}
-
-/// The earliest start at or after `from` (clamped to a char boundary) of any stop string.
-fn find_stop(text: &str, mut from: usize, stops: &[String]) -> Option<usize> {
-    while !text.is_char_boundary(from) {
-        from -= 1;
-    }
-    stops
-        .iter()
-        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
-        .min()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_search_starts_at_a_char_boundary_and_takes_the_earliest() {
-        let t = "héllo world, bye";
-        assert_eq!(find_stop(t, 2, &["bye".into(), "o w".into()]), Some(5));
-        assert_eq!(find_stop(t, 0, &["zzz".into()]), None);
-    }
 }

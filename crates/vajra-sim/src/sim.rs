@@ -24,13 +24,14 @@ use rand::{RngCore, SeedableRng};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use vajra_core::config::CacheConfig;
+use vajra_core::driver::{ReplicaDriver, StepRecord, StepSink, StepTicket};
 use vajra_core::ids::ReplicaId;
 use vajra_core::ids::RequestId;
 use vajra_core::request::Request;
 use vajra_core::router::{RandomSource, ReplicaLoad, Router, RouterConfig};
 use vajra_core::sched::Scheduler;
 use vajra_core::sched::config::SchedulerConfig;
-use vajra_core::sched::output::{ModelRunnerOutput, RequestEvent, SchedulerOutput, SchedulerStats};
+use vajra_core::sched::output::{ModelRunnerOutput, RequestEvent, SchedulerStats};
 use vajra_core::time::{Duration, Timestamp};
 use vajra_metrics::{BatchRecord, Collector};
 use vajra_workload::RequestSource;
@@ -220,23 +221,58 @@ impl RandomSource for Rng {
 }
 
 struct Replica {
-    sched: Scheduler,
+    driver: ReplicaDriver,
     stage_busy: Vec<bool>,
     stage_queue: Vec<VecDeque<u32>>,
-    in_flight: u32,
     schedule_pending: bool,
 }
 
+/// A step in flight, as the simulated executor sees it: the driver's ticket and the
+/// predictor's cost of each stage.
 #[derive(Default)]
 struct Batch {
     replica: u32,
-    out: SchedulerOutput,
+    ticket: Option<StepTicket>,
     cost: BatchCost,
-    start: Timestamp,
     stage: usize,
-    kv_used: u32,
-    prefill_tokens: u32,
-    decode_tokens: u32,
+}
+
+/// Where a replica driver's events and step records go in a simulation: the collector (with
+/// the predictor's cost added to each step) and the request source (closed loops).
+struct SimSink<'a> {
+    collector: &'a mut Collector,
+    source: &'a mut dyn Arrivals,
+    replica: u32,
+    cost: &'a BatchCost,
+}
+
+impl StepSink for SimSink<'_> {
+    fn on_event(&mut self, event: RequestEvent, now: Timestamp) {
+        match event {
+            RequestEvent::Token { id, .. } => self.collector.on_token(id, now),
+            RequestEvent::Finished(f) => {
+                self.collector.on_finished(&f);
+                self.source.on_finished(f.id, now);
+            }
+        }
+    }
+
+    fn on_step(&mut self, _: StepTicket, r: &StepRecord) {
+        self.collector.on_batch(BatchRecord {
+            replica: self.replica,
+            step: r.step.0,
+            start: r.start,
+            end: r.end,
+            busy: Duration(self.cost.stage_ns.iter().sum()),
+            num_requests: r.num_requests,
+            prefill_tokens: r.prefill_tokens,
+            decode_tokens: r.decode_tokens,
+            preempted: r.preempted,
+            kv_blocks_used: r.kv_blocks_used,
+            flops: self.cost.flops,
+            bytes: self.cost.bytes,
+        });
+    }
 }
 
 /// One batch on one stage, for the Chrome trace.
@@ -299,9 +335,8 @@ pub struct SimResult {
 /// The loop's mutable state, so its handlers can be methods.
 struct Loop<'a, 's> {
     spec: &'a SimSpec<'s>,
-    /// Reused every step: the token oracle's output and the scheduler's events.
+    /// Reused every step: the token oracle's output.
     runner_out: ModelRunnerOutput,
-    events: Vec<RequestEvent>,
     /// Global id of the first replica of this loop.
     base: u32,
     pp: usize,
@@ -316,10 +351,9 @@ struct Loop<'a, 's> {
 impl Loop<'_, '_> {
     /// Forms micro-batches on replica `r` while fewer than PP are in flight.
     fn schedule(&mut self, r: usize, now: Timestamp) {
-        self.replicas[r].schedule_pending = false;
-        let num_blocks = self.spec.num_blocks;
-        while (self.replicas[r].in_flight as usize) < self.pp {
-            let rep = &mut self.replicas[r];
+        let rep = &mut self.replicas[r];
+        rep.schedule_pending = false;
+        while let Some(ticket) = rep.driver.begin_step(now) {
             let slot = match self.free_slots.pop() {
                 Some(s) => s,
                 None => {
@@ -328,32 +362,19 @@ impl Loop<'_, '_> {
                 }
             };
             let b = &mut self.batches[slot as usize];
-            rep.sched.schedule_into(now, &mut b.out);
-            if b.out.is_empty() {
-                self.free_slots.push(slot);
-                break;
-            }
-            b.cost = self.spec.predictor.predict(&b.out);
-            b.kv_used = num_blocks - rep.sched.kv().num_free();
-            let first_ns = b.cost.stage_ns[0];
-            let (mut pre, mut dec) = (0, 0);
-            for x in &b.out.scheduled {
-                let p = x.prefill_tokens();
-                pre += p;
-                dec += x.num_tokens - p;
-            }
+            b.cost = self.spec.predictor.predict(rep.driver.output(ticket));
             b.replica = r as u32;
-            b.start = now;
+            b.ticket = Some(ticket);
             b.stage = 0;
-            b.prefill_tokens = pre;
-            b.decode_tokens = dec;
-            rep.in_flight += 1;
             if rep.stage_busy[0] {
                 rep.stage_queue[0].push_back(slot);
             } else {
                 rep.stage_busy[0] = true;
-                self.q
-                    .push(now + Duration(first_ns), EventKind::StageEnd, slot);
+                self.q.push(
+                    now + Duration(b.cost.stage_ns[0]),
+                    EventKind::StageEnd,
+                    slot,
+                );
             }
         }
     }
@@ -389,17 +410,19 @@ impl Loop<'_, '_> {
         let b = &mut self.batches[slot as usize];
         let r = b.replica as usize;
         let s = b.stage;
+        let ticket = b.ticket.expect("a batch in a stage has a step");
         if let Some(f) = on_slice.as_mut() {
             let dur = Duration(b.cost.stage_ns[s]);
+            let rec = self.replicas[r].driver.record(ticket);
             f(&StageSlice {
                 replica: self.base + b.replica,
                 stage: s as u32,
-                step: b.out.step.0,
+                step: rec.step.0,
                 start: Timestamp(now.0 - dur.0),
                 dur,
-                size: b.out.scheduled.len() as u32,
-                prefill_tokens: b.prefill_tokens,
-                decode_tokens: b.decode_tokens,
+                size: rec.num_requests,
+                prefill_tokens: rec.prefill_tokens,
+                decode_tokens: rec.decode_tokens,
             });
         }
         let last_stage = s + 1 == self.pp;
@@ -424,39 +447,19 @@ impl Loop<'_, '_> {
             }
             return;
         }
-        // Last stage: the batch is done.
-        let b = &self.batches[slot as usize];
+        // Last stage: the token oracle samples and the driver applies the step.
+        let b = &mut self.batches[slot as usize];
+        b.ticket = None;
         self.free_slots.push(slot);
-        self.runner_out.fill_uniform(&b.out, 0);
-        let mut events = std::mem::take(&mut self.events);
-        events.clear();
-        rep.sched
-            .update_from_output_into(&b.out, &self.runner_out, now, &mut events);
-        for e in events.drain(..) {
-            match e {
-                RequestEvent::Token { id, .. } => self.collector.on_token(id, now),
-                RequestEvent::Finished(f) => {
-                    self.collector.on_finished(&f);
-                    source.on_finished(f.id, now);
-                }
-            }
-        }
-        self.events = events;
-        self.collector.on_batch(BatchRecord {
+        self.runner_out.fill_uniform(rep.driver.output(ticket), 0);
+        let mut sink = SimSink {
+            collector: &mut self.collector,
+            source: &mut *source,
             replica: self.base + b.replica,
-            step: b.out.step.0,
-            start: b.start,
-            end: now,
-            busy: Duration(b.cost.stage_ns.iter().sum()),
-            num_requests: b.out.scheduled.len() as u32,
-            prefill_tokens: b.prefill_tokens,
-            decode_tokens: b.decode_tokens,
-            preempted: b.out.preempted.len() as u32,
-            kv_blocks_used: b.kv_used,
-            flops: b.cost.flops,
-            bytes: b.cost.bytes,
-        });
-        rep.in_flight -= 1;
+            cost: &b.cost,
+        };
+        rep.driver
+            .end_step(ticket, &self.runner_out, now, &mut sink);
         self.request_schedule(r, now, source.peek_time());
     }
 }
@@ -501,10 +504,9 @@ pub fn run_range(
             // The simulated executor reads token counts only.
             sched.omit_request_data();
             Ok(Replica {
-                sched,
+                driver: ReplicaDriver::new(sched, pp as u32),
                 stage_busy: vec![false; pp],
                 stage_queue: vec![VecDeque::new(); pp],
-                in_flight: 0,
                 schedule_pending: false,
             })
         })
@@ -512,7 +514,6 @@ pub fn run_range(
     let mut st = Loop {
         spec,
         runner_out: ModelRunnerOutput::default(),
-        events: Vec::new(),
         base: lo,
         pp,
         replicas,
@@ -556,12 +557,13 @@ pub fn run_range(
                     for (i, (l, r)) in loads.iter_mut().zip(st.replicas.iter_mut()).enumerate() {
                         *l = ReplicaLoad {
                             replica: ReplicaId(i as u32),
-                            num_waiting: r.sched.num_waiting() as u32,
-                            num_running: r.sched.num_running() as u32,
+                            num_waiting: r.driver.scheduler().num_waiting() as u32,
+                            num_running: r.driver.scheduler().num_running() as u32,
                             kv_usage: 1.0
-                                - f64::from(r.sched.kv().num_free()) / f64::from(num_blocks),
+                                - f64::from(r.driver.scheduler().kv().num_free())
+                                    / f64::from(num_blocks),
                             cached_prefix_tokens: if needs_prefix {
-                                r.sched.cached_prefix_tokens(&req)
+                                r.driver.scheduler_mut().cached_prefix_tokens(&req)
                             } else {
                                 0
                             },
@@ -573,7 +575,8 @@ pub fn run_range(
             st.collector.on_routed(req.id, lo + target);
             let (id, prompt, out) = (req.id, req.prompt.len(), req.max_tokens());
             st.replicas[target as usize]
-                .sched
+                .driver
+                .scheduler_mut()
                 .add_request(req, now)
                 .map_err(|e| {
                     SimError::Memory(format!(
@@ -599,12 +602,12 @@ pub fn run_range(
     }
 
     for (i, r) in st.replicas.iter().enumerate() {
-        if r.sched.has_unfinished() {
+        if r.driver.scheduler().has_unfinished() {
             let i = lo as usize + i;
             return Err(SimError::Stalled(format!(
                 "replica {i} still has {} waiting and {} running requests that can never be scheduled: its {} KV blocks of {} tokens cannot hold them (raise cache.num_blocks or gpu_memory_utilization, or lower workload.max_tokens)",
-                r.sched.num_waiting(),
-                r.sched.num_running(),
+                r.driver.scheduler().num_waiting(),
+                r.driver.scheduler().num_running(),
                 num_blocks,
                 spec.cache.block_size
             )));
@@ -612,7 +615,11 @@ pub fn run_range(
     }
     Ok(SimResult {
         issued: source.issued(),
-        replica_stats: st.replicas.iter().map(|r| r.sched.stats()).collect(),
+        replica_stats: st
+            .replicas
+            .iter()
+            .map(|r| r.driver.scheduler().stats())
+            .collect(),
         collector: st.collector,
         end: now,
         events,
