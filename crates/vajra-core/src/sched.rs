@@ -15,36 +15,42 @@
 //! parallelism) a request whose known tokens are all in flight has nothing to schedule; a
 //! request in flight is never chosen as a preemption victim.
 //!
-//! Policies ([`config::PolicyConfig`]) differ in the order they visit running and waiting
-//! requests and in how much KV they reserve; the shared pieces are here: admission
-//! (`admit`), growing a running request with preemption (`grow_running`), victim choice, and
-//! the step bookkeeping. The waiting order ([`config::QueuePolicy`]) and the preemption mode
-//! are orthogonal choices.
+//! Policies are types ([`policy::BatchPolicy`]) that differ in the order they visit running
+//! and waiting requests and in how much KV they reserve. They form a step through a toolbox
+//! ([`policy::Step`], implemented in `toolbox.rs`: admission, growing a running request with
+//! preemption, victim choice) that keeps the invariants; this file keeps the request slab, the
+//! step bookkeeping and the lifecycle. In-tree policies are built from
+//! [`config::PolicyConfig`] (the registry); [`Scheduler::with_policy`] takes any other. The
+//! waiting order ([`config::QueuePolicy`]), the victim rule ([`policy::VictimPolicy`]) and the
+//! preemption mode are orthogonal choices.
 //!
 //! Cost: a decode step over `n` running requests is O(n) with no hashing of ids: sequences live
 //! in a slab and the output carries slot numbers back to `update_from_output`.
 
 pub mod config;
-mod faster_transformer;
-mod lightllm;
-mod orca;
+pub mod faster_transformer;
+pub mod lightllm;
+pub mod orca;
 pub mod output;
+pub mod policy;
 mod queue;
-mod sarathi;
-mod vllm_v0;
-mod vllm_v1;
+pub mod sarathi;
+mod toolbox;
+pub mod vllm_v0;
+pub mod vllm_v1;
 
 use crate::config::CacheConfig;
 use crate::error::{CoreError, Result, ensure};
 use crate::ids::{HostBlockId, RequestId, StepId, TenantId};
-use crate::kv::{AllocSpec, BlockTable, HostBlockPool, KvCacheManager, SeqContent};
+use crate::kv::{BlockTable, HostBlockPool, KvCacheManager, SeqContent};
 use crate::request::{FinishReason, Prompt, Request, RequestStatus};
 use crate::time::Timestamp;
-use config::{PolicyConfig, PreemptionMode, QueuePolicy, SchedulerConfig};
+use config::{PreemptionMode, QueuePolicy, SchedulerConfig};
 use output::{
-    FinishedRecord, ModelRunnerOutput, NewRequestData, RequestEvent, ScheduledRequest,
-    SchedulerOutput, SchedulerStats,
+    FinishedRecord, ModelRunnerOutput, RequestEvent, ScheduledRequest, SchedulerOutput,
+    SchedulerStats,
 };
+use policy::{BatchPolicy, Candidate, LowestPriorityVictim, NewestVictim, Step, VictimPolicy};
 use queue::{EntryInfo, Key, WaitingQueue};
 use std::collections::HashMap;
 
@@ -115,30 +121,9 @@ fn content<'a>(req: &'a Request, output: &'a [u32], num_output: u32) -> SeqConte
     }
 }
 
-/// How much KV a request being admitted reserves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reserve {
-    /// Only the tokens scheduled now (vLLM v1).
-    Scheduled,
-    /// Every known token not yet computed (Sarathi-Serve's whole-prompt reservation).
-    Remaining,
-    /// Known tokens plus the largest possible output (Orca, FasterTransformer).
-    WorstCase,
-}
-
-/// One admission attempt.
-#[derive(Debug, Clone, Copy)]
-struct AdmitSpec {
-    /// Most tokens to schedule for it this step.
-    max_tokens: u32,
-    /// All its uncomputed tokens must fit in `max_tokens` (no chunking).
-    whole: bool,
-    reserve: Reserve,
-}
-
 /// Outcome of growing a running request's allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Grow {
+pub(super) enum Grow {
     /// Allocated; this many blocks were appended.
     Allocated(u32),
     /// The request itself was preempted (it left `running`).
@@ -148,7 +133,7 @@ enum Grow {
 }
 
 /// The scheduler of one replica.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
     max_model_len: u32,
@@ -164,8 +149,12 @@ pub struct Scheduler {
     num_preemptions: u64,
     num_finished: u64,
     num_swapped: u32,
-    /// LightLLM: decode-only steps since the last prefill step.
-    decode_steps_since_prefill: u32,
+    /// The batching policy; taken out while it forms a step (it is always there otherwise).
+    policy: Option<Box<dyn BatchPolicy>>,
+    /// The preemption-victim rule.
+    victim: Box<dyn VictimPolicy>,
+    /// Reused by every victim choice.
+    victim_candidates: Vec<Candidate>,
     /// Whether scheduled requests carry [`NewRequestData`] after (re)admission: what a
     /// request's `send_full` is set to when it is added or preempted.
     request_data: bool,
@@ -174,7 +163,8 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// A scheduler over `num_blocks` device KV blocks for a model of `max_model_len` tokens.
+    /// A scheduler over `num_blocks` device KV blocks for a model of `max_model_len` tokens,
+    /// running the in-tree policy of `cfg.policy` (built by [`config::PolicyConfig::build`]).
     ///
     /// # Errors
     /// An invalid config, or a combination that could never schedule some valid request: a
@@ -186,6 +176,24 @@ impl Scheduler {
         num_blocks: u32,
         max_model_len: u32,
     ) -> Result<Self> {
+        let policy = cfg.policy.build();
+        Self::with_policy(cfg, cache, num_blocks, max_model_len, policy)
+    }
+
+    /// A scheduler running `policy` — in-tree or not — instead of the one `cfg.policy` names
+    /// (whose parameters are then unused); the rest of `cfg` (running cap, queue order,
+    /// preemption mode) applies as in [`Scheduler::new`]. The victim rule follows the queue
+    /// order until [`Scheduler::set_victim_policy`] replaces it.
+    ///
+    /// # Errors
+    /// As [`Scheduler::new`].
+    pub fn with_policy(
+        cfg: SchedulerConfig,
+        cache: &CacheConfig,
+        num_blocks: u32,
+        max_model_len: u32,
+        policy: Box<dyn BatchPolicy>,
+    ) -> Result<Self> {
         cfg.validate()?;
         cache.validate()?;
         ensure(
@@ -194,16 +202,7 @@ impl Scheduler {
             num_blocks,
             "an integer ≥ 1",
         )?;
-        let whole_prompt_budget = match &cfg.policy {
-            PolicyConfig::VllmV1(c) if !c.enable_chunked_prefill => Some(c.max_num_batched_tokens),
-            PolicyConfig::VllmV0(c) => Some(c.max_num_batched_tokens),
-            PolicyConfig::Lightllm(c) => Some(c.max_num_batched_tokens),
-            PolicyConfig::VllmV1(_)
-            | PolicyConfig::Sarathi(_)
-            | PolicyConfig::Orca(_)
-            | PolicyConfig::FasterTransformer(_) => None,
-        };
-        if let Some(b) = whole_prompt_budget {
+        if let Some(b) = policy.whole_prompt_budget() {
             ensure(
                 b >= max_model_len,
                 "scheduler.policy.max_num_batched_tokens",
@@ -221,6 +220,13 @@ impl Scheduler {
                 "≥ 1 when scheduler.preemption = \"swap\"",
             )?;
         }
+        let victim: Box<dyn VictimPolicy> = match cfg.queue {
+            QueuePolicy::Priority { .. } => Box::new(LowestPriorityVictim),
+            QueuePolicy::Fcfs
+            | QueuePolicy::Sjf { .. }
+            | QueuePolicy::Edf
+            | QueuePolicy::Vtc { .. } => Box::new(NewestVictim),
+        };
         Ok(Scheduler {
             waiting: WaitingQueue::new(cfg.queue),
             kv: KvCacheManager::new(cache, num_blocks),
@@ -236,7 +242,9 @@ impl Scheduler {
             num_preemptions: 0,
             num_finished: 0,
             num_swapped: 0,
-            decode_steps_since_prefill: 0,
+            policy: Some(policy),
+            victim,
+            victim_candidates: Vec::new(),
             request_data: true,
             spare_outputs: Vec::new(),
         })
@@ -256,6 +264,18 @@ impl Scheduler {
     /// The configuration.
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
+    }
+
+    /// Replaces the preemption-victim rule.
+    pub fn set_victim_policy(&mut self, victim: Box<dyn VictimPolicy>) {
+        self.victim = victim;
+    }
+
+    /// The batching policy's name.
+    pub fn policy_name(&self) -> &str {
+        self.policy
+            .as_deref()
+            .map_or("(forming a step)", BatchPolicy::name)
     }
 
     /// The KV-cache manager (read-only).
@@ -440,15 +460,12 @@ impl Scheduler {
         out.clear();
         out.step = StepId(self.steps);
         out.scheduled.reserve(self.running.len() + 16);
-        let max_seqs = self.cfg.max_num_seqs as usize;
-        match self.cfg.policy {
-            PolicyConfig::VllmV1(c) => self.schedule_vllm_v1(&c, max_seqs, out),
-            PolicyConfig::Sarathi(c) => self.schedule_sarathi(&c, max_seqs, out),
-            PolicyConfig::VllmV0(c) => self.schedule_vllm_v0(&c, max_seqs, out),
-            PolicyConfig::Orca(_) => self.schedule_orca(max_seqs, out),
-            PolicyConfig::FasterTransformer(_) => self.schedule_faster_transformer(max_seqs, out),
-            PolicyConfig::Lightllm(c) => self.schedule_lightllm(&c, max_seqs, out),
-        }
+        let mut policy = self
+            .policy
+            .take()
+            .expect("the policy is present between steps");
+        policy.schedule(&mut Step { sched: self, out });
+        self.policy = Some(policy);
         self.finish_step(out, now);
     }
 
@@ -482,206 +499,6 @@ impl Scheduler {
         if !out.scheduled.is_empty() {
             self.steps += 1;
         }
-    }
-
-    /// Tries to admit the head of the waiting queue. Returns the tokens scheduled for it, or
-    /// `None` (leaving the queue as it was) when it does not fit.
-    fn admit(&mut self, spec: AdmitSpec, out: &mut SchedulerOutput) -> Option<u32> {
-        let slot = self.waiting.peek()?;
-        let others_running = !self.running.is_empty();
-        let seq = self.slots[slot as usize]
-            .as_mut()
-            .expect("waiting slot is live");
-        let swapped = seq.status == RequestStatus::Swapped;
-        let (hits, hit_tokens) = if swapped {
-            (Vec::new(), 0)
-        } else {
-            self.kv.get_computed_blocks(
-                &mut seq.table,
-                &content(&seq.req, &seq.output, seq.num_output),
-            )
-        };
-        let computed = if swapped {
-            seq.num_computed
-        } else {
-            hit_tokens
-        };
-        let remaining = seq.num_tokens() - computed;
-        if remaining == 0 || (spec.whole && remaining > spec.max_tokens) {
-            return None;
-        }
-        let n = remaining.min(spec.max_tokens);
-        let reserve = match spec.reserve {
-            Reserve::Scheduled => n,
-            Reserve::Remaining => remaining,
-            Reserve::WorstCase => remaining + seq.remaining_output(),
-        };
-        let alloc = AllocSpec {
-            num_computed: computed,
-            new_computed: &hits,
-            num_new_tokens: reserve,
-            apply_watermark: others_running,
-        };
-        let appended = self.kv.allocate_slots(&mut seq.table, &alloc)?;
-        let popped = self.waiting.pop();
-        assert_eq!(
-            popped,
-            Some(slot),
-            "admitted request must be the queue head"
-        );
-        if swapped {
-            out.swap_in.extend(
-                seq.swapped
-                    .iter()
-                    .copied()
-                    .zip(seq.table.blocks.iter().copied()),
-            );
-            self.host.free(&seq.swapped);
-            seq.swapped.clear();
-            self.num_swapped -= 1;
-        } else {
-            self.kv.record_prefix_query(seq.num_tokens(), hit_tokens);
-            let prompt = seq.prompt_len();
-            seq.cached_prompt_tokens
-                .get_or_insert(hit_tokens.min(prompt));
-        }
-        seq.num_computed = computed;
-        seq.status = RequestStatus::Running;
-        seq.queue_key = None;
-        let tenant = seq.req.tenant;
-        self.waiting.running_changed(tenant, true);
-        self.running.push(slot);
-        let seq = self.slots[slot as usize].as_mut().expect("live slot");
-        push_scheduled(seq, out, slot, n, appended);
-        Some(n)
-    }
-
-    /// Index in `running` of the request to preempt: the lowest priority (largest
-    /// (priority, arrival)) under the priority queue, otherwise the newest admitted. Requests in
-    /// flight are never victims.
-    fn pick_victim(&self) -> Option<usize> {
-        let idle = |&(_, &s): &(usize, &u32)| self.seq(s).in_flight == 0;
-        match self.cfg.queue {
-            QueuePolicy::Priority { .. } => self
-                .running
-                .iter()
-                .enumerate()
-                .filter(idle)
-                .max_by_key(|&(_, &s)| {
-                    let r = &self.seq(s).req;
-                    (r.priority, r.arrival, r.id)
-                })
-                .map(|(i, _)| i),
-            _ => self
-                .running
-                .iter()
-                .enumerate()
-                .rev()
-                .find(idle)
-                .map(|(i, _)| i),
-        }
-    }
-
-    /// Under the priority queue only: preempts the lowest-priority running request (not in
-    /// flight) if its priority value is strictly larger than the waiting head's, to make room
-    /// for the head. Returns the tokens it had been given in this step, or `None` when there is
-    /// no such victim.
-    fn preempt_for_waiting_head(&mut self, out: &mut SchedulerOutput) -> Option<u32> {
-        let QueuePolicy::Priority { .. } = self.cfg.queue else {
-            return None;
-        };
-        let head = self.seq(self.waiting.peek()?).req.priority;
-        let v = self.pick_victim()?;
-        if self.seq(self.running[v]).req.priority <= head {
-            return None;
-        }
-        Some(self.preempt(v, out))
-    }
-
-    /// Grows `running[*i]` by `num_new` token slots, preempting victims until it fits. Victims
-    /// already scheduled this step lose their share; the tokens they gave back are added to
-    /// `refund`. `*i` is kept pointing at the same request (or, if it was preempted, at the
-    /// request that took its place).
-    fn grow_running(
-        &mut self,
-        i: &mut usize,
-        num_new: u32,
-        out: &mut SchedulerOutput,
-        refund: &mut u32,
-    ) -> Grow {
-        loop {
-            let slot = self.running[*i];
-            let seq = self.slots[slot as usize]
-                .as_mut()
-                .expect("running slot is live");
-            let spec = AllocSpec {
-                num_computed: seq.num_computed,
-                new_computed: &[],
-                num_new_tokens: num_new,
-                apply_watermark: false,
-            };
-            if let Some(appended) = self.kv.allocate_slots(&mut seq.table, &spec) {
-                return Grow::Allocated(appended);
-            }
-            let Some(v) = self.pick_victim() else {
-                return Grow::Blocked;
-            };
-            *refund += self.preempt(v, out);
-            if v == *i {
-                return Grow::SelfPreempted;
-            }
-            if v < *i {
-                *i -= 1;
-            }
-        }
-    }
-
-    /// Preempts `running[idx]`: its KV is freed (recompute) or copied to the host (swap), it
-    /// goes back to the waiting queue's front, and any share it had in this step is removed.
-    /// Returns the tokens of that share.
-    fn preempt(&mut self, idx: usize, out: &mut SchedulerOutput) -> u32 {
-        let slot = self.running.remove(idx);
-        let refund = match out.scheduled.iter().position(|e| e.slot == slot) {
-            Some(p) => out.scheduled.remove(p).num_tokens,
-            None => 0,
-        };
-        let seq = self.slots[slot as usize]
-            .as_mut()
-            .expect("running slot is live");
-        assert_eq!(seq.in_flight, 0, "a request in flight is never preempted");
-        let keep = self.kv.blocks_for(seq.num_computed);
-        let host = match self.cfg.preemption {
-            PreemptionMode::Swap if keep > 0 => self.host.allocate(keep),
-            PreemptionMode::Swap | PreemptionMode::Recompute => None,
-        };
-        match host {
-            Some(host_blocks) => {
-                out.swap_out.extend(
-                    seq.table
-                        .blocks
-                        .iter()
-                        .copied()
-                        .zip(host_blocks.iter().copied()),
-                );
-                seq.swapped = host_blocks;
-                seq.status = RequestStatus::Swapped;
-                self.num_swapped += 1;
-            }
-            None => {
-                seq.num_computed = 0;
-                seq.status = RequestStatus::Waiting;
-            }
-        }
-        self.kv.free(&mut seq.table);
-        seq.num_preemptions += 1;
-        seq.send_full = self.request_data;
-        out.preempted.push(seq.req.id);
-        let tenant = seq.req.tenant;
-        self.num_preemptions += 1;
-        self.waiting.running_changed(tenant, false);
-        self.enqueue(slot, true);
-        tracing::debug!(request = %self.seq(slot).req.id, "preempted");
-        refund
     }
 
     /// Applies an executor's results: appends sampled tokens, finishes requests that reached
@@ -824,84 +641,6 @@ impl Scheduler {
             num_preemptions: seq.num_preemptions,
         }
     }
-
-    /// Schedules every running request's next tokens (capped by `cap(seq, budget)`; 0 skips
-    /// it), growing allocations and preempting as needed, in running order. `budget` falls by
-    /// the tokens scheduled and rises by the shares of victims preempted after being scheduled.
-    fn run_running(
-        &mut self,
-        out: &mut SchedulerOutput,
-        budget: &mut u32,
-        mut cap: impl FnMut(&Seq, u32) -> u32,
-    ) {
-        let mut i = 0;
-        while i < self.running.len() {
-            let slot = self.running[i];
-            let seq = self.slots[slot as usize]
-                .as_mut()
-                .expect("running slot is live");
-            let n = cap(seq, *budget).min(seq.remaining());
-            if n == 0 {
-                i += 1;
-                continue;
-            }
-            // Fast path (most decodes): the table's last block has room for the new tokens.
-            if self.kv.blocks_for(seq.num_computed + n) <= seq.table.len() as u32 {
-                push_scheduled(seq, out, slot, n, 0);
-                *budget = budget.saturating_sub(n);
-                i += 1;
-                continue;
-            }
-            let mut refund = 0;
-            let grow = self.grow_running(&mut i, n, out, &mut refund);
-            *budget += refund;
-            match grow {
-                Grow::Allocated(appended) => {
-                    let slot = self.running[i];
-                    let seq = self.slots[slot as usize].as_mut().expect("live slot");
-                    push_scheduled(seq, out, slot, n, appended);
-                    *budget = budget.saturating_sub(n);
-                    i += 1;
-                }
-                Grow::Blocked => i += 1,
-                Grow::SelfPreempted => {}
-            }
-        }
-    }
-}
-
-/// Appends `seq`'s share of the step; `appended` blocks were added to its table this step.
-fn push_scheduled(seq: &mut Seq, out: &mut SchedulerOutput, slot: u32, n: u32, appended: u32) {
-    let blocks = &seq.table.blocks;
-    let start = out.block_ids.len() as u32;
-    if appended > 0 {
-        out.block_ids
-            .extend_from_slice(&blocks[blocks.len() - appended as usize..]);
-    }
-    let new = if seq.send_full {
-        seq.send_full = false;
-        out.request_data.push(NewRequestData {
-            prompt: seq.req.prompt.clone(),
-            output: seq.output.clone(),
-            sampling: seq.req.sampling.clone(),
-            block_table: blocks.clone(),
-            resumed: seq.num_preemptions > 0,
-        });
-        Some(out.request_data.len() as u32 - 1)
-    } else {
-        None
-    };
-    out.scheduled.push(ScheduledRequest {
-        id: seq.id,
-        num_tokens: n,
-        num_computed: seq.num_computed,
-        prompt_len: seq.prompt_len,
-        samples: seq.num_computed + n == seq.num_tokens(),
-        new_blocks: (start, appended),
-        new,
-        tenant: seq.tenant,
-        slot,
-    });
 }
 
 /// Checks the scheduler's internal invariants (block conservation, reference counts equal

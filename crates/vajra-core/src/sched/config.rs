@@ -10,7 +10,8 @@
 //! policy = { type = "sarathi", chunk_size = 512 }
 //! ```
 
-use crate::error::{Result, ensure};
+use super::policy::BatchPolicy;
+use crate::error::{CoreError, Result, ensure};
 use serde::{Deserialize, Serialize};
 
 /// Default cap on running requests (vLLM, Sarathi-Serve and Vidur use 128).
@@ -87,6 +88,51 @@ pub enum PolicyConfig {
 }
 
 impl PolicyConfig {
+    /// Every in-tree policy with its default parameters, in the order `vajra-sim list` and
+    /// the engine's `--help` show them. This is the registry's list of names: nothing else
+    /// spells them (a test checks that it holds every variant).
+    pub fn registered() -> [PolicyConfig; 6] {
+        [
+            PolicyConfig::VllmV1(VllmV1Config::default()),
+            PolicyConfig::Sarathi(SarathiConfig::default()),
+            PolicyConfig::VllmV0(VllmV0Config::default()),
+            PolicyConfig::Orca(OrcaConfig::default()),
+            PolicyConfig::FasterTransformer(FasterTransformerConfig::default()),
+            PolicyConfig::Lightllm(LightllmConfig::default()),
+        ]
+    }
+
+    /// Builds the in-tree policy this config names (the registry: one exhaustive `match`).
+    pub fn build(&self) -> Box<dyn BatchPolicy> {
+        match self {
+            PolicyConfig::VllmV1(c) => Box::new(super::vllm_v1::VllmV1(*c)),
+            PolicyConfig::Sarathi(c) => Box::new(super::sarathi::Sarathi(*c)),
+            PolicyConfig::VllmV0(c) => Box::new(super::vllm_v0::VllmV0(*c)),
+            PolicyConfig::Orca(_) => Box::new(super::orca::Orca),
+            PolicyConfig::FasterTransformer(_) => {
+                Box::new(super::faster_transformer::FasterTransformer)
+            }
+            PolicyConfig::Lightllm(c) => Box::new(super::lightllm::Lightllm::new(*c)),
+        }
+    }
+
+    /// The policy named `name` with its default parameters.
+    ///
+    /// # Errors
+    /// An unknown name; the message lists the registered ones.
+    pub fn by_name(name: &str) -> Result<PolicyConfig> {
+        Self::registered()
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                CoreError::invalid(
+                    "scheduler.policy.type",
+                    name,
+                    Self::registered().map(|p| p.name()).join(", "),
+                )
+            })
+    }
+
     /// The policy's name as written in config files.
     pub fn name(&self) -> &'static str {
         match self {
@@ -320,6 +366,35 @@ pub enum QueuePolicy {
     },
 }
 
+impl QueuePolicy {
+    /// Every waiting-queue order with its default parameters (the registry's list of names).
+    pub fn registered() -> [QueuePolicy; 5] {
+        [
+            QueuePolicy::Fcfs,
+            QueuePolicy::Priority { aging_per_sec: 0.0 },
+            QueuePolicy::Sjf {
+                aging_tokens_per_sec: 0.0,
+            },
+            QueuePolicy::Edf,
+            QueuePolicy::Vtc {
+                input_weight: one(),
+                output_weight: two(),
+            },
+        ]
+    }
+
+    /// The order's name as written in config files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            QueuePolicy::Fcfs => "fcfs",
+            QueuePolicy::Priority { .. } => "priority",
+            QueuePolicy::Sjf { .. } => "sjf",
+            QueuePolicy::Edf => "edf",
+            QueuePolicy::Vtc { .. } => "vtc",
+        }
+    }
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -444,5 +519,59 @@ mod tests {
         assert_eq!(s.chunk_at(2048), 512);
         assert_eq!(s.chunk_at(3072), 256);
         assert_eq!(s.chunk_at(100_000), 256);
+    }
+
+    /// An index per variant through an exhaustive match: a new variant fails to compile here
+    /// until it is given one, and the test below then fails until `registered()` lists it.
+    fn policy_index(p: &PolicyConfig) -> usize {
+        match p {
+            PolicyConfig::VllmV1(_) => 0,
+            PolicyConfig::Sarathi(_) => 1,
+            PolicyConfig::VllmV0(_) => 2,
+            PolicyConfig::Orca(_) => 3,
+            PolicyConfig::FasterTransformer(_) => 4,
+            PolicyConfig::Lightllm(_) => 5,
+        }
+    }
+
+    fn queue_index(q: &QueuePolicy) -> usize {
+        match q {
+            QueuePolicy::Fcfs => 0,
+            QueuePolicy::Priority { .. } => 1,
+            QueuePolicy::Sjf { .. } => 2,
+            QueuePolicy::Edf => 3,
+            QueuePolicy::Vtc { .. } => 4,
+        }
+    }
+
+    #[test]
+    fn the_registry_lists_every_policy_once_under_the_name_its_config_file_uses() {
+        let all = PolicyConfig::registered();
+        let idx: Vec<usize> = all.iter().map(policy_index).collect();
+        assert_eq!(idx, (0..all.len()).collect::<Vec<_>>());
+        for p in &all {
+            let parsed: PolicyConfig =
+                toml::from_str(&format!("type = {:?}", p.name())).expect("the name parses");
+            assert_eq!(&parsed, p, "defaults of {}", p.name());
+            assert_eq!(p.build().name(), p.name(), "the built policy's name");
+            assert_eq!(PolicyConfig::by_name(p.name()).unwrap(), *p);
+        }
+        let err = PolicyConfig::by_name("fifo").unwrap_err().to_string();
+        assert!(
+            err.contains("scheduler.policy.type") && err.contains("lightllm"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_registry_lists_every_queue_order_once_under_its_config_name() {
+        let all = QueuePolicy::registered();
+        let idx: Vec<usize> = all.iter().map(queue_index).collect();
+        assert_eq!(idx, (0..all.len()).collect::<Vec<_>>());
+        for q in &all {
+            let parsed: QueuePolicy =
+                toml::from_str(&format!("type = {:?}", q.name())).expect("the name parses");
+            assert_eq!(&parsed, q, "defaults of {}", q.name());
+        }
     }
 }

@@ -3,29 +3,24 @@
 //! version leaks them); only when the batch is empty is a new one formed, of up to
 //! `max_num_seqs` waiting requests with worst-case reservation.
 
-use super::output::SchedulerOutput;
-use super::{AdmitSpec, Reserve, Scheduler};
+use super::orca::WORST_CASE_WHOLE;
+use super::policy::{BatchPolicy, Step};
 
-impl Scheduler {
-    pub(super) fn schedule_faster_transformer(
-        &mut self,
-        max_seqs: usize,
-        out: &mut SchedulerOutput,
-    ) {
-        if !self.running.is_empty() {
+/// FasterTransformer's request-level batches.
+#[derive(Debug, Clone, Default)]
+pub struct FasterTransformer;
+
+impl BatchPolicy for FasterTransformer {
+    fn name(&self) -> &str {
+        "faster_transformer"
+    }
+
+    fn schedule(&mut self, step: &mut Step<'_>) {
+        if step.num_running() > 0 {
             let mut unlimited = u32::MAX;
-            self.run_running(out, &mut unlimited, |_, _| u32::MAX);
+            step.schedule_running(&mut unlimited, |_, _| u32::MAX);
             return;
         }
-        while self.running.len() < max_seqs {
-            let spec = AdmitSpec {
-                max_tokens: u32::MAX,
-                whole: true,
-                reserve: Reserve::WorstCase,
-            };
-            if self.admit(spec, out).is_none() {
-                break;
-            }
-        }
+        while step.has_room() && step.admit(WORST_CASE_WHOLE).is_some() {}
     }
 }

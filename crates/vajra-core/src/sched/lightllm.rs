@@ -8,26 +8,46 @@
 //! version (which raises on OOM), a short pool preempts the newest running request.
 
 use super::config::LightllmConfig;
-use super::output::SchedulerOutput;
-use super::{AdmitSpec, Reserve, Scheduler};
+use super::policy::{AdmitSpec, BatchPolicy, Reserve, SeqView, Step};
 
-impl Scheduler {
-    pub(super) fn schedule_lightllm(
-        &mut self,
-        c: &LightllmConfig,
-        max_seqs: usize,
-        out: &mut SchedulerOutput,
-    ) {
-        let prefill_turn =
-            self.running.is_empty() || self.decode_steps_since_prefill >= c.max_waiting_iters;
+/// LightLLM's steps, with its own counter of decode-only steps.
+#[derive(Debug, Clone)]
+pub struct Lightllm {
+    cfg: LightllmConfig,
+    /// Decode-only steps since the last prefill step.
+    decode_steps_since_prefill: u32,
+}
+
+impl Lightllm {
+    /// A LightLLM policy that has run no step yet.
+    pub fn new(cfg: LightllmConfig) -> Self {
+        Lightllm {
+            cfg,
+            decode_steps_since_prefill: 0,
+        }
+    }
+}
+
+impl BatchPolicy for Lightllm {
+    fn name(&self) -> &str {
+        "lightllm"
+    }
+
+    fn whole_prompt_budget(&self) -> Option<u32> {
+        Some(self.cfg.max_num_batched_tokens)
+    }
+
+    fn schedule(&mut self, step: &mut Step<'_>) {
+        let prefill_turn = step.num_running() == 0
+            || self.decode_steps_since_prefill >= self.cfg.max_waiting_iters;
         if prefill_turn {
-            let mut budget = c.max_num_batched_tokens;
+            let mut budget = self.cfg.max_num_batched_tokens;
             let mut admitted = 0;
-            while self.running.len() < max_seqs {
-                let Some(head) = self.waiting.peek() else {
+            while step.has_room() {
+                let Some(head) = step.waiting_head() else {
                     break;
                 };
-                if !self.running.is_empty() && !self.future_usage_fits(head) {
+                if step.num_running() > 0 && !future_usage_fits(step, head) {
                     break;
                 }
                 let spec = AdmitSpec {
@@ -35,7 +55,7 @@ impl Scheduler {
                     whole: true,
                     reserve: Reserve::Remaining,
                 };
-                match self.admit(spec, out) {
+                match step.admit(spec) {
                     Some(n) => {
                         budget -= n;
                         admitted += 1;
@@ -49,34 +69,30 @@ impl Scheduler {
             }
         }
         let mut unlimited = u32::MAX;
-        self.run_running(out, &mut unlimited, |_, _| u32::MAX);
-        if !out.scheduled.is_empty() {
+        step.schedule_running(&mut unlimited, |_, _| u32::MAX);
+        if step.num_scheduled() > 0 {
             self.decode_steps_since_prefill += 1;
         }
     }
+}
 
-    /// LightLLM's check that the running requests plus `candidate` never exceed the cache.
-    fn future_usage_fits(&self, candidate: u32) -> bool {
-        let bs = u64::from(self.kv.block_size());
-        let capacity = u64::from(self.kv.num_blocks()) * bs;
-        let mut v: Vec<(u64, u64)> = self
-            .running
-            .iter()
-            .chain(std::iter::once(&candidate))
-            .map(|&s| {
-                let q = self.seq(s);
-                (u64::from(q.remaining_output()), u64::from(q.num_tokens()))
-            })
-            .collect();
-        v.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
-        let mut cum = 0u64;
-        for (i, &(r, c)) in v.iter().enumerate() {
-            cum += c;
-            let k = i as u64 + 1;
-            if cum + k * r + k * (bs - 1) > capacity {
-                return false;
-            }
+/// LightLLM's check that the running requests plus `candidate` never exceed the cache.
+fn future_usage_fits(step: &Step<'_>, candidate: SeqView<'_>) -> bool {
+    let bs = u64::from(step.block_size());
+    let capacity = u64::from(step.num_blocks()) * bs;
+    let mut v: Vec<(u64, u64)> = step
+        .running()
+        .chain(std::iter::once(candidate))
+        .map(|q| (u64::from(q.remaining_output()), u64::from(q.num_tokens())))
+        .collect();
+    v.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
+    let mut cum = 0u64;
+    for (i, &(r, c)) in v.iter().enumerate() {
+        cum += c;
+        let k = i as u64 + 1;
+        if cum + k * r + k * (bs - 1) > capacity {
+            return false;
         }
-        true
     }
+    true
 }

@@ -3,22 +3,27 @@
 //! `max_num_seqs` allows and the worst case (prompt + `max_tokens`) can be reserved, so a
 //! running request never runs out of blocks.
 
-use super::output::SchedulerOutput;
-use super::{AdmitSpec, Reserve, Scheduler};
+use super::policy::{AdmitSpec, BatchPolicy, Reserve, Step};
 
-impl Scheduler {
-    pub(super) fn schedule_orca(&mut self, max_seqs: usize, out: &mut SchedulerOutput) {
+/// Orca's iteration-level batching.
+#[derive(Debug, Clone, Default)]
+pub struct Orca;
+
+/// What Orca and FasterTransformer admit with: whole prompts, worst-case KV.
+pub(super) const WORST_CASE_WHOLE: AdmitSpec = AdmitSpec {
+    max_tokens: u32::MAX,
+    whole: true,
+    reserve: Reserve::WorstCase,
+};
+
+impl BatchPolicy for Orca {
+    fn name(&self) -> &str {
+        "orca"
+    }
+
+    fn schedule(&mut self, step: &mut Step<'_>) {
         let mut unlimited = u32::MAX;
-        self.run_running(out, &mut unlimited, |_, _| u32::MAX);
-        while self.running.len() < max_seqs {
-            let spec = AdmitSpec {
-                max_tokens: u32::MAX,
-                whole: true,
-                reserve: Reserve::WorstCase,
-            };
-            if self.admit(spec, out).is_none() {
-                break;
-            }
-        }
+        step.schedule_running(&mut unlimited, |_, _| u32::MAX);
+        while step.has_room() && step.admit(WORST_CASE_WHOLE).is_some() {}
     }
 }

@@ -7,7 +7,8 @@
 //! - VTC: one FIFO per tenant and a virtual token counter per tenant; the head is the front
 //!   of the non-empty queue whose tenant has the smallest counter. O(tenants) per peek.
 //!
-//! Entries are scheduler slot numbers. Keys are computed once at push and kept by the caller
+//! The queue is an enum with the data of each order in its variant, so an order holds only its
+//! own containers and a method matches once on the variant. Entries are scheduler slot numbers. Keys are computed once at push and kept by the caller
 //! for removal (abort).
 
 use super::config::QueuePolicy;
@@ -69,40 +70,116 @@ impl TenantState {
     }
 }
 
-/// The waiting queue.
+/// What a keyed queue sorts by (the key's primary part).
+#[derive(Debug, Clone, Copy)]
+enum KeyOrder {
+    /// `priority + aging_per_sec · arrival_s`.
+    Priority { aging_per_sec: f64 },
+    /// `remaining tokens + aging_tokens_per_sec · arrival_s`.
+    Sjf { aging_tokens_per_sec: f64 },
+    /// The absolute deadline; none sorts last.
+    Edf,
+}
+
+/// Requests in a `BTreeMap` by a static key.
 #[derive(Debug, Clone)]
-pub(crate) struct WaitingQueue {
-    policy: QueuePolicy,
-    fifo: VecDeque<u32>,
-    keyed: BTreeMap<Key, u32>,
+pub(crate) struct KeyedQueue {
+    order: KeyOrder,
+    map: BTreeMap<Key, u32>,
+}
+
+/// VTC: one FIFO per tenant and the tenants' virtual token counters.
+#[derive(Debug, Clone)]
+pub(crate) struct VtcQueue {
+    input_weight: f64,
+    output_weight: f64,
     tenants: BTreeMap<TenantId, TenantState>,
     len: usize,
 }
 
+impl VtcQueue {
+    fn min_active_counter(&self) -> Option<f64> {
+        self.tenants
+            .values()
+            .filter(|t| t.active())
+            .map(|t| t.counter)
+            .min_by(f64::total_cmp)
+    }
+
+    fn head(&self) -> Option<(TenantId, u32)> {
+        let mut best: Option<(f64, TenantId, u32)> = None;
+        for (&id, t) in &self.tenants {
+            if let Some(&slot) = t.queue.front()
+                && best.is_none_or(|(c, _, _)| t.counter < c)
+            {
+                best = Some((t.counter, id, slot));
+            }
+        }
+        best.map(|(_, id, slot)| (id, slot))
+    }
+}
+
+/// The waiting queue: each order holds only its own containers.
+#[derive(Debug, Clone)]
+pub(crate) enum WaitingQueue {
+    /// FCFS.
+    Fifo(VecDeque<u32>),
+    /// Priority, SJF, EDF.
+    Keyed(KeyedQueue),
+    /// Virtual token counters per tenant.
+    Vtc(VtcQueue),
+}
+
 impl WaitingQueue {
     pub fn new(policy: QueuePolicy) -> Self {
-        WaitingQueue {
-            policy,
-            fifo: VecDeque::new(),
-            keyed: BTreeMap::new(),
-            tenants: BTreeMap::new(),
-            len: 0,
+        let keyed = |order| {
+            WaitingQueue::Keyed(KeyedQueue {
+                order,
+                map: BTreeMap::new(),
+            })
+        };
+        match policy {
+            QueuePolicy::Fcfs => WaitingQueue::Fifo(VecDeque::new()),
+            QueuePolicy::Priority { aging_per_sec } => keyed(KeyOrder::Priority { aging_per_sec }),
+            QueuePolicy::Sjf {
+                aging_tokens_per_sec,
+            } => keyed(KeyOrder::Sjf {
+                aging_tokens_per_sec,
+            }),
+            QueuePolicy::Edf => keyed(KeyOrder::Edf),
+            QueuePolicy::Vtc {
+                input_weight,
+                output_weight,
+            } => WaitingQueue::Vtc(VtcQueue {
+                input_weight,
+                output_weight,
+                tenants: BTreeMap::new(),
+                len: 0,
+            }),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        match self {
+            WaitingQueue::Fifo(q) => q.len(),
+            WaitingQueue::Keyed(k) => k.map.len(),
+            WaitingQueue::Vtc(v) => v.len,
+        }
     }
 
     fn key(&self, e: &EntryInfo) -> Key {
         let secs = e.arrival_ns as f64 / NANOS_PER_SEC as f64;
-        let primary = match self.policy {
-            QueuePolicy::Priority { aging_per_sec } => f64::from(e.priority) + aging_per_sec * secs,
-            QueuePolicy::Sjf {
-                aging_tokens_per_sec,
-            } => f64::from(e.remaining_tokens) + aging_tokens_per_sec * secs,
-            QueuePolicy::Edf => e.deadline_ns.map_or(f64::INFINITY, |d| d as f64),
-            QueuePolicy::Fcfs | QueuePolicy::Vtc { .. } => 0.0,
+        let primary = match self {
+            WaitingQueue::Keyed(k) => match k.order {
+                KeyOrder::Priority { aging_per_sec } => {
+                    f64::from(e.priority) + aging_per_sec * secs
+                }
+                KeyOrder::Sjf {
+                    aging_tokens_per_sec,
+                } => f64::from(e.remaining_tokens) + aging_tokens_per_sec * secs,
+                KeyOrder::Edf => e.deadline_ns.map_or(f64::INFINITY, |d| d as f64),
+            },
+            WaitingQueue::Fifo(_) | WaitingQueue::Vtc(_) => 0.0,
         };
         Key {
             primary,
@@ -114,22 +191,22 @@ impl WaitingQueue {
     /// Adds a request; `front` puts a preempted request back at the head (FCFS, VTC). Returns
     /// its key, needed by [`Self::remove`].
     pub fn push(&mut self, e: &EntryInfo, front: bool) -> Key {
-        self.len += 1;
         let key = self.key(e);
-        match self.policy {
-            QueuePolicy::Fcfs => {
+        match self {
+            WaitingQueue::Fifo(q) => {
                 if front {
-                    self.fifo.push_front(e.slot)
+                    q.push_front(e.slot)
                 } else {
-                    self.fifo.push_back(e.slot)
+                    q.push_back(e.slot)
                 }
             }
-            QueuePolicy::Priority { .. } | QueuePolicy::Sjf { .. } | QueuePolicy::Edf => {
-                self.keyed.insert(key, e.slot);
+            WaitingQueue::Keyed(k) => {
+                k.map.insert(key, e.slot);
             }
-            QueuePolicy::Vtc { .. } => {
-                let lift = self.min_active_counter();
-                let t = self.tenants.entry(e.tenant).or_default();
+            WaitingQueue::Vtc(v) => {
+                v.len += 1;
+                let lift = v.min_active_counter();
+                let t = v.tenants.entry(e.tenant).or_default();
                 if !t.active()
                     && let Some(min) = lift
                 {
@@ -145,91 +222,68 @@ impl WaitingQueue {
         key
     }
 
-    fn min_active_counter(&self) -> Option<f64> {
-        self.tenants
-            .values()
-            .filter(|t| t.active())
-            .map(|t| t.counter)
-            .min_by(f64::total_cmp)
-    }
-
-    fn vtc_head(&self) -> Option<(TenantId, u32)> {
-        let mut best: Option<(f64, TenantId, u32)> = None;
-        for (&id, t) in &self.tenants {
-            if let Some(&slot) = t.queue.front()
-                && best.is_none_or(|(c, _, _)| t.counter < c)
-            {
-                best = Some((t.counter, id, slot));
-            }
-        }
-        best.map(|(_, id, slot)| (id, slot))
-    }
-
     /// The slot at the head.
     pub fn peek(&self) -> Option<u32> {
-        match self.policy {
-            QueuePolicy::Fcfs => self.fifo.front().copied(),
-            QueuePolicy::Priority { .. } | QueuePolicy::Sjf { .. } | QueuePolicy::Edf => {
-                self.keyed.first_key_value().map(|(_, &s)| s)
-            }
-            QueuePolicy::Vtc { .. } => self.vtc_head().map(|(_, s)| s),
+        match self {
+            WaitingQueue::Fifo(q) => q.front().copied(),
+            WaitingQueue::Keyed(k) => k.map.first_key_value().map(|(_, &s)| s),
+            WaitingQueue::Vtc(v) => v.head().map(|(_, s)| s),
         }
     }
 
     /// Removes the head.
     pub fn pop(&mut self) -> Option<u32> {
-        let slot = match self.policy {
-            QueuePolicy::Fcfs => self.fifo.pop_front(),
-            QueuePolicy::Priority { .. } | QueuePolicy::Sjf { .. } | QueuePolicy::Edf => {
-                self.keyed.pop_first().map(|(_, s)| s)
+        match self {
+            WaitingQueue::Fifo(q) => q.pop_front(),
+            WaitingQueue::Keyed(k) => k.map.pop_first().map(|(_, s)| s),
+            WaitingQueue::Vtc(v) => {
+                let (tenant, _) = v.head()?;
+                let slot = v.tenants.get_mut(&tenant).and_then(|t| t.queue.pop_front());
+                v.len -= usize::from(slot.is_some());
+                slot
             }
-            QueuePolicy::Vtc { .. } => {
-                let (tenant, _) = self.vtc_head()?;
-                self.tenants
-                    .get_mut(&tenant)
-                    .and_then(|t| t.queue.pop_front())
-            }
-        };
-        if slot.is_some() {
-            self.len -= 1;
         }
-        slot
+    }
+
+    /// The waiting slots, head first (VTC: tenant by tenant, not in service order).
+    pub fn slots(&self) -> Box<dyn Iterator<Item = u32> + '_> {
+        match self {
+            WaitingQueue::Fifo(q) => Box::new(q.iter().copied()),
+            WaitingQueue::Keyed(k) => Box::new(k.map.values().copied()),
+            WaitingQueue::Vtc(v) => {
+                Box::new(v.tenants.values().flat_map(|t| t.queue.iter().copied()))
+            }
+        }
     }
 
     /// Removes a specific entry (abort). Returns whether it was there.
     pub fn remove(&mut self, slot: u32, key: Key, tenant: TenantId) -> bool {
-        let found = match self.policy {
-            QueuePolicy::Fcfs => remove_from(&mut self.fifo, slot),
-            QueuePolicy::Priority { .. } | QueuePolicy::Sjf { .. } | QueuePolicy::Edf => {
-                self.keyed.remove(&key).is_some()
+        match self {
+            WaitingQueue::Fifo(q) => remove_from(q, slot),
+            WaitingQueue::Keyed(k) => k.map.remove(&key).is_some(),
+            WaitingQueue::Vtc(v) => {
+                let found = v
+                    .tenants
+                    .get_mut(&tenant)
+                    .is_some_and(|t| remove_from(&mut t.queue, slot));
+                v.len -= usize::from(found);
+                found
             }
-            QueuePolicy::Vtc { .. } => self
-                .tenants
-                .get_mut(&tenant)
-                .is_some_and(|t| remove_from(&mut t.queue, slot)),
-        };
-        if found {
-            self.len -= 1;
         }
-        found
     }
 
     /// VTC: charges a tenant for service (weighted prompt and output tokens).
     pub fn charge(&mut self, tenant: TenantId, prefill: u32, decode: u32) {
-        if let QueuePolicy::Vtc {
-            input_weight,
-            output_weight,
-        } = self.policy
-        {
-            let t = self.tenants.entry(tenant).or_default();
-            t.counter += input_weight * f64::from(prefill) + output_weight * f64::from(decode);
+        if let WaitingQueue::Vtc(v) = self {
+            let t = v.tenants.entry(tenant).or_default();
+            t.counter += v.input_weight * f64::from(prefill) + v.output_weight * f64::from(decode);
         }
     }
 
     /// VTC: a tenant's request started (`+1`) or stopped (`-1`) running.
     pub fn running_changed(&mut self, tenant: TenantId, started: bool) {
-        if let QueuePolicy::Vtc { .. } = self.policy {
-            let t = self.tenants.entry(tenant).or_default();
+        if let WaitingQueue::Vtc(v) = self {
+            let t = v.tenants.entry(tenant).or_default();
             if started {
                 t.running += 1;
             } else {
@@ -243,7 +297,10 @@ impl WaitingQueue {
 
     /// VTC: a tenant's virtual token counter.
     pub fn counter(&self, tenant: TenantId) -> Option<f64> {
-        self.tenants.get(&tenant).map(|t| t.counter)
+        match self {
+            WaitingQueue::Vtc(v) => v.tenants.get(&tenant).map(|t| t.counter),
+            WaitingQueue::Fifo(_) | WaitingQueue::Keyed(_) => None,
+        }
     }
 }
 

@@ -7,18 +7,21 @@
 //! progresses.
 
 use super::config::{AdmissionMode, SarathiConfig};
-use super::output::SchedulerOutput;
-use super::{AdmitSpec, Reserve, Scheduler, Seq};
+use super::policy::{AdmitSpec, BatchPolicy, Reserve, SeqView, Step};
 
-impl Scheduler {
-    pub(super) fn schedule_sarathi(
-        &mut self,
-        c: &SarathiConfig,
-        max_seqs: usize,
-        out: &mut SchedulerOutput,
-    ) {
-        let chunk_for = |seq: &Seq| match c.chunk_schedule {
-            Some(s) => s.chunk_at(seq.num_computed.min(seq.prompt_len())),
+/// Sarathi-Serve's step.
+#[derive(Debug, Clone)]
+pub struct Sarathi(pub SarathiConfig);
+
+impl BatchPolicy for Sarathi {
+    fn name(&self) -> &str {
+        "sarathi"
+    }
+
+    fn schedule(&mut self, step: &mut Step<'_>) {
+        let c = &self.0;
+        let chunk_for = |seq: SeqView<'_>| match c.chunk_schedule {
+            Some(s) => s.chunk_at(seq.num_computed().min(seq.prompt_len())),
             None => c.chunk_size,
         };
         let total = match c.chunk_schedule {
@@ -28,16 +31,16 @@ impl Scheduler {
         // Pass 1: decodes.
         let mut unlimited = u32::MAX;
         let mut partial = 0;
-        self.run_running(out, &mut unlimited, |seq, _| {
+        step.schedule_running(&mut unlimited, |seq, _| {
             let done = seq.prefill_done();
             partial += u32::from(!done);
             u32::from(done)
         });
-        let used: u32 = out.scheduled.iter().map(|e| e.num_tokens).sum();
+        let used = step.scheduled_tokens();
         // Pass 2: partial prefills (skipped when every running request decodes).
         let mut budget = total.saturating_sub(used);
         if partial > 0 {
-            self.run_running(out, &mut budget, |seq, b| {
+            step.schedule_running(&mut budget, |seq, b| {
                 if seq.prefill_done() {
                     0
                 } else {
@@ -51,7 +54,7 @@ impl Scheduler {
             AdmissionMode::Incremental => Reserve::Scheduled,
         };
         let first_chunk = c.chunk_schedule.map_or(c.chunk_size, |s| s.chunk_at(0));
-        while budget > 0 && self.running.len() < max_seqs {
+        while budget > 0 && step.has_room() {
             let spec = AdmitSpec {
                 max_tokens: first_chunk.saturating_sub(total - budget),
                 whole: false,
@@ -60,7 +63,7 @@ impl Scheduler {
             if spec.max_tokens == 0 {
                 break;
             }
-            match self.admit(spec, out) {
+            match step.admit(spec) {
                 Some(n) => budget -= n,
                 None => break,
             }

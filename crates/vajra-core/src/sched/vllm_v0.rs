@@ -6,19 +6,26 @@
 //! prompt` tokens, as Vidur counts it.
 
 use super::config::VllmV0Config;
-use super::output::SchedulerOutput;
-use super::{AdmitSpec, Reserve, Scheduler};
+use super::policy::{AdmitSpec, BatchPolicy, Reserve, Step};
 
-impl Scheduler {
-    pub(super) fn schedule_vllm_v0(
-        &mut self,
-        c: &VllmV0Config,
-        max_seqs: usize,
-        out: &mut SchedulerOutput,
-    ) {
+/// Prefill-prioritised steps.
+#[derive(Debug, Clone)]
+pub struct VllmV0(pub VllmV0Config);
+
+impl BatchPolicy for VllmV0 {
+    fn name(&self) -> &str {
+        "vllm_v0"
+    }
+
+    fn whole_prompt_budget(&self) -> Option<u32> {
+        Some(self.0.max_num_batched_tokens)
+    }
+
+    fn schedule(&mut self, step: &mut Step<'_>) {
+        let c = &self.0;
         let b = c.max_num_batched_tokens;
         let (mut used, mut count, mut longest) = (0u32, 0u32, 0u32);
-        while self.running.len() < max_seqs {
+        while step.has_room() {
             let max_tokens = if c.padded_budget {
                 if longest * (count + 1) > b {
                     break;
@@ -32,7 +39,7 @@ impl Scheduler {
                 whole: true,
                 reserve: Reserve::Remaining,
             };
-            match self.admit(spec, out) {
+            match step.admit(spec) {
                 Some(n) => {
                     used += n;
                     count += 1;
@@ -45,6 +52,6 @@ impl Scheduler {
             return;
         }
         let mut unlimited = u32::MAX;
-        self.run_running(out, &mut unlimited, |_, _| u32::MAX);
+        step.schedule_running(&mut unlimited, |_, _| u32::MAX);
     }
 }

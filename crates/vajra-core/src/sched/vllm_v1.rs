@@ -8,41 +8,48 @@
 //! preempts for running requests).
 
 use super::config::VllmV1Config;
-use super::output::SchedulerOutput;
-use super::{AdmitSpec, Reserve, Scheduler};
+use super::policy::{AdmitSpec, BatchPolicy, Reserve, Step};
 
-impl Scheduler {
-    pub(super) fn schedule_vllm_v1(
-        &mut self,
-        c: &VllmV1Config,
-        max_seqs: usize,
-        out: &mut SchedulerOutput,
-    ) {
+/// vLLM v1's step.
+#[derive(Debug, Clone)]
+pub struct VllmV1(pub VllmV1Config);
+
+impl BatchPolicy for VllmV1 {
+    fn name(&self) -> &str {
+        "vllm_v1"
+    }
+
+    fn whole_prompt_budget(&self) -> Option<u32> {
+        (!self.0.enable_chunked_prefill).then_some(self.0.max_num_batched_tokens)
+    }
+
+    fn schedule(&mut self, step: &mut Step<'_>) {
+        let c = &self.0;
         let cap = match c.long_prefill_token_threshold {
             0 => u32::MAX,
             t => t,
         };
         let mut budget = c.max_num_batched_tokens;
-        self.run_running(out, &mut budget, |_, b| b.min(cap));
-        if !out.preempted.is_empty() {
+        step.schedule_running(&mut budget, |_, b| b.min(cap));
+        if step.preempted_any() {
             return;
         }
-        while budget > 0 && self.running.len() < max_seqs {
+        while budget > 0 && step.has_room() {
             let spec = AdmitSpec {
                 max_tokens: budget.min(cap),
                 whole: !c.enable_chunked_prefill,
                 reserve: Reserve::Scheduled,
             };
-            if let Some(n) = self.admit(spec, out) {
+            if let Some(n) = step.admit(spec) {
                 budget -= n;
                 continue;
             }
-            let head = self.waiting.peek().map(|s| self.seq(s).remaining());
+            let head = step.waiting_head().map(|s| s.remaining());
             let short_of_budget = !c.enable_chunked_prefill && head.is_some_and(|r| r > budget);
             if short_of_budget {
                 break;
             }
-            match self.preempt_for_waiting_head(out) {
+            match step.preempt_for_waiting_head() {
                 Some(refund) => budget += refund,
                 None => break,
             }
