@@ -81,6 +81,33 @@ fn default_rel() -> f64 {
 }
 
 impl RouterConfig {
+    /// Every router with its default parameters (the registry's list of names).
+    pub fn registered() -> [RouterConfig; 6] {
+        [
+            RouterConfig::RoundRobin,
+            RouterConfig::Random,
+            RouterConfig::LeastOutstanding,
+            RouterConfig::LeastKvUsage,
+            RouterConfig::PowerOfTwo,
+            RouterConfig::PrefixAffinity {
+                balance_abs_threshold: default_abs(),
+                balance_rel_threshold: default_rel(),
+            },
+        ]
+    }
+
+    /// The router's name as written in config files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RouterConfig::RoundRobin => "round_robin",
+            RouterConfig::Random => "random",
+            RouterConfig::LeastOutstanding => "least_outstanding",
+            RouterConfig::LeastKvUsage => "least_kv_usage",
+            RouterConfig::PowerOfTwo => "power_of_two",
+            RouterConfig::PrefixAffinity { .. } => "prefix_affinity",
+        }
+    }
+
     /// Checks the thresholds.
     ///
     /// # Errors

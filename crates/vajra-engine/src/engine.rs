@@ -31,6 +31,7 @@ use vajra_core::request::{FinishReason, Prompt, Request};
 use vajra_core::sampling::SamplingParams;
 use vajra_core::sched::Scheduler;
 use vajra_core::sched::output::{FinishedRecord, SchedulerStats};
+use vajra_core::sched::policy::BatchPolicy;
 use vajra_core::time::{Duration, Timestamp};
 
 /// How the engine schedules and caches.
@@ -195,7 +196,7 @@ impl StepLog {
 }
 
 impl Engine {
-    /// An engine over `backend`.
+    /// An engine over `backend` running the in-tree policy `cfg.scheduler.policy` names.
     ///
     /// # Errors
     /// An invalid scheduler or cache config, or `max_model_len` above the model's.
@@ -203,6 +204,21 @@ impl Engine {
         cfg: EngineConfig,
         backend: Box<dyn Backend>,
         codec: Arc<TextCodec>,
+    ) -> Result<Self> {
+        let policy = cfg.scheduler.policy.build();
+        Self::with_policy(cfg, backend, codec, policy)
+    }
+
+    /// An engine over `backend` running `policy` — in-tree or not — instead of the one
+    /// `cfg.scheduler.policy` names (see [`Scheduler::with_policy`]).
+    ///
+    /// # Errors
+    /// As [`Engine::new`].
+    pub fn with_policy(
+        cfg: EngineConfig,
+        backend: Box<dyn Backend>,
+        codec: Arc<TextCodec>,
+        policy: Box<dyn BatchPolicy>,
     ) -> Result<Self> {
         let model_len = backend.spec().config.max_model_len;
         let max_model_len = cfg.max_model_len.unwrap_or(model_len);
@@ -215,7 +231,13 @@ impl Engine {
         }
         let mut cache = cfg.cache.clone();
         cache.swap_blocks = backend.num_host_blocks();
-        let sched = Scheduler::new(cfg.scheduler, &cache, backend.num_blocks(), max_model_len)?;
+        let sched = Scheduler::with_policy(
+            cfg.scheduler,
+            &cache,
+            backend.num_blocks(),
+            max_model_len,
+            policy,
+        )?;
         Ok(Engine {
             driver: ReplicaDriver::new(sched, 1),
             backend,

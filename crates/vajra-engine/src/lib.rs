@@ -78,6 +78,22 @@ pub fn load_engine(
     kind: BackendKind,
     kv_cache_mib: u64,
 ) -> Result<Engine> {
+    let policy = cfg.scheduler.policy.build();
+    load_engine_with_policy(dir, cfg, kind, kv_cache_mib, policy)
+}
+
+/// [`load_engine`] running `policy` instead of the in-tree policy `cfg.scheduler.policy`
+/// names: how an out-of-tree batching policy runs on a real model.
+///
+/// # Errors
+/// As [`load_engine`].
+pub fn load_engine_with_policy(
+    dir: &Path,
+    cfg: EngineConfig,
+    kind: BackendKind,
+    kv_cache_mib: u64,
+    policy: Box<dyn vajra_core::sched::policy::BatchPolicy>,
+) -> Result<Engine> {
     let block_size = cfg.cache.block_size;
     let host_blocks = cfg.cache.swap_blocks;
     // `cache.num_blocks`, when set, wins over the memory budget (so an experiment file gives
@@ -105,5 +121,5 @@ pub fn load_engine(
         }
     };
     let codec = TextCodec::load(dir, &backend.spec().eos_token_ids)?;
-    Engine::new(cfg, backend, Arc::new(codec))
+    Engine::with_policy(cfg, backend, Arc::new(codec), policy)
 }

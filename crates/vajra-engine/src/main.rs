@@ -135,8 +135,9 @@ struct EngineArgs {
     /// runs what the simulator simulates (`cache.num_blocks` sets the pool size).
     #[arg(long)]
     experiment: Option<PathBuf>,
-    /// Scheduling policy, replacing the config's: vllm_v1, sarathi, vllm_v0, orca, faster_transformer, lightllm.
-    #[arg(long)]
+    /// Scheduling policy with its default parameters, replacing the config's (names from the
+    /// vajra-core registry; `vajra-sim list` shows their parameters).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PolicyConfig::registered().map(|p| p.name())))]
     policy: Option<String>,
     /// Executor: cpu (f32 reference) or cuda (bf16; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
@@ -249,13 +250,8 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
         (None, None) => EngineConfig::default(),
     };
     if let Some(name) = &a.policy {
-        let policy: PolicyConfig = toml::from_str::<toml::Table>(&format!("type = {name:?}"))
-            .ok()
-            .and_then(|t| toml::Value::Table(t).try_into().ok())
-            .with_context(|| {
-                format!("--policy {name}: allowed vllm_v1, sarathi, vllm_v0, orca, faster_transformer, lightllm")
-            })?;
-        cfg.scheduler.policy = policy;
+        cfg.scheduler.policy =
+            PolicyConfig::by_name(name).with_context(|| format!("--policy {name}"))?;
     }
     if a.max_model_len.is_some() {
         cfg.max_model_len = a.max_model_len;

@@ -91,7 +91,8 @@ enum Cmd {
         /// The experiment TOML.
         file: PathBuf,
     },
-    /// List built-in models and devices.
+    /// List built-in models and devices, and the registered batching policies, waiting-queue
+    /// orders and routers with their parameters' defaults.
     List,
     /// Operator profiles.
     Profile {
@@ -369,6 +370,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     d.price_per_hour
                 );
             }
+            use vajra_core::config::{PolicyConfig, QueuePolicy};
+            use vajra_core::router::RouterConfig;
+            println!("scheduler.policy (type = ...):");
+            for p in PolicyConfig::registered() {
+                println!("  {:20} {}", p.name(), params(&p));
+            }
+            println!("scheduler.queue (type = ...):");
+            for q in QueuePolicy::registered() {
+                println!("  {:20} {}", q.name(), params(&q));
+            }
+            println!("router (type = ...):");
+            for r in RouterConfig::registered() {
+                println!("  {:20} {}", r.name(), params(&r));
+            }
             Ok(())
         }
         Cmd::Profile {
@@ -440,5 +455,22 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {} requests to {}", reqs.len(), out.display());
             Ok(())
         }
+    }
+}
+
+/// A tagged config's parameters with their defaults, as TOML-like `key = value` pairs.
+fn params(v: &impl serde::Serialize) -> String {
+    let json = serde_json::to_value(v).expect("configs serialize");
+    let pairs: Vec<String> = json
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() != "type")
+        .map(|(k, v)| format!("{k} = {v}"))
+        .collect();
+    if pairs.is_empty() {
+        "(no parameters)".into()
+    } else {
+        pairs.join(", ")
     }
 }

@@ -214,6 +214,7 @@ pub fn simulate(
         predictor: &prep.predictor,
         seed: e.seed,
         progress,
+        policy: None,
     };
     let par = experiment::parallel(&e.cluster);
     if let Some(dir) = out {
@@ -370,6 +371,44 @@ pub fn summarize(point: &Point, prep: &Prepared, res: &sim::SimResult) -> RunSum
         simulated_s: res.end.as_secs_f64(),
         metrics,
     }
+}
+
+/// Runs a point's event loop in one thread with `policy` building each replica's batching
+/// policy instead of the one `scheduler.policy` names: how an out-of-tree policy (one not in
+/// `vajra-core`) runs in the simulator. Writes nothing; [`summarize`] turns the result into
+/// the summary a run folder holds.
+///
+/// # Errors
+/// A stalled simulation, or a scheduler config the policy rejects.
+pub fn simulate_with_policy(
+    file: &ExperimentFile,
+    point: &Point,
+    prep: &Prepared,
+    policy: &sim::PolicyFactory,
+) -> Result<sim::SimResult> {
+    let e = &point.experiment;
+    let spec = SimSpec {
+        num_replicas: e.cluster.num_replicas,
+        scheduler: &e.scheduler,
+        cache: &e.cache,
+        num_blocks: prep.memory.num_blocks,
+        max_model_len: prep.setup.model.max_model_len,
+        router: e.router,
+        predictor: &prep.predictor,
+        seed: e.seed,
+        progress: None,
+        policy: Some(policy),
+    };
+    let mut source = RequestSource::new(
+        &e.workload,
+        e.seed,
+        &file.base,
+        prep.setup.model.max_model_len,
+    )?;
+    let collector = vajra_metrics::Collector::new(&e.slo, e.cluster.num_replicas);
+    let mut res = sim::run(&spec, &mut source, collector, None)?;
+    res.collector.requests.sort_by_key(|r| r.request_id);
+    Ok(res)
 }
 
 /// Runs one point and writes its folder `dir`. With a load-independent router and an

@@ -32,6 +32,7 @@ use vajra_core::router::{RandomSource, ReplicaLoad, Router, RouterConfig};
 use vajra_core::sched::Scheduler;
 use vajra_core::sched::config::SchedulerConfig;
 use vajra_core::sched::output::{ModelRunnerOutput, RequestEvent, SchedulerStats};
+use vajra_core::sched::policy::BatchPolicy;
 use vajra_core::time::{Duration, Timestamp};
 use vajra_metrics::{BatchRecord, Collector};
 use vajra_workload::RequestSource;
@@ -316,7 +317,13 @@ pub struct SimSpec<'a> {
     pub seed: u64,
     /// Called now and then with the number of requests completed since the previous call.
     pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
+    /// Builds each replica's batching policy instead of `scheduler.policy` (an out-of-tree
+    /// policy); `None` runs the in-tree policy the config names.
+    pub policy: Option<&'a PolicyFactory>,
 }
+
+/// Makes one replica's batching policy (called once per replica).
+pub type PolicyFactory = dyn Fn() -> Box<dyn BatchPolicy> + Sync;
 
 /// What a run produced.
 pub struct SimResult {
@@ -495,11 +502,16 @@ pub fn run_range(
     let pp = spec.predictor.stages();
     let replicas: Vec<Replica> = (lo..hi)
         .map(|_| {
-            let mut sched = Scheduler::new(
+            let policy = match spec.policy {
+                Some(make) => make(),
+                None => spec.scheduler.policy.build(),
+            };
+            let mut sched = Scheduler::with_policy(
                 spec.scheduler.clone(),
                 spec.cache,
                 spec.num_blocks,
                 spec.max_model_len,
+                policy,
             )?;
             // The simulated executor reads token counts only.
             sched.omit_request_data();

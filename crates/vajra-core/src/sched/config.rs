@@ -564,6 +564,27 @@ mod tests {
     }
 
     #[test]
+    fn the_registry_lists_every_router_once_under_its_config_name() {
+        use crate::router::RouterConfig;
+        let index = |r: &RouterConfig| match r {
+            RouterConfig::RoundRobin => 0,
+            RouterConfig::Random => 1,
+            RouterConfig::LeastOutstanding => 2,
+            RouterConfig::LeastKvUsage => 3,
+            RouterConfig::PowerOfTwo => 4,
+            RouterConfig::PrefixAffinity { .. } => 5,
+        };
+        let all = RouterConfig::registered();
+        let idx: Vec<usize> = all.iter().map(index).collect();
+        assert_eq!(idx, (0..all.len()).collect::<Vec<_>>());
+        for r in &all {
+            let parsed: RouterConfig =
+                toml::from_str(&format!("type = {:?}", r.name())).expect("the name parses");
+            assert_eq!(&parsed, r, "defaults of {}", r.name());
+        }
+    }
+
+    #[test]
     fn the_registry_lists_every_queue_order_once_under_its_config_name() {
         let all = QueuePolicy::registered();
         let idx: Vec<usize> = all.iter().map(queue_index).collect();
