@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side speed of vajra-sim and inference-lab 1.0.0 on the same 10,000-request list
-# (../shared/reference/README.md). Needs `cargo install inference-lab --version 1.0.0 --locked`
+# (docs/peers.md). Needs `cargo install inference-lab --version 1.0.0 --locked`
 # (binary on PATH or INFERENCE_LAB=path). Usage: benches/peers/run.sh [repetitions]
 set -euo pipefail
 cd "$(dirname "$0")"

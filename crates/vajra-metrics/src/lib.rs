@@ -12,7 +12,7 @@
 //! - [`output`] writes a run folder: `requests.csv`, `requests.parquet`, `batches.parquet`,
 //!   `summary.json`, `cdf/<metric>.csv`.
 //!
-//! Definitions follow `../shared/ANCHORS.md` §3: TTFT = first token − arrival; TBT = every gap
+//! Definitions (`docs/metrics.md`): TTFT = first token − arrival; TBT = every gap
 //! between consecutive output tokens, pooled over requests; TPOT = (E2E − TTFT)/(n − 1) per
 //! request with n ≥ 2 output tokens; normalized E2E = E2E / n; scheduling delay = first
 //! scheduled − arrival. Percentiles interpolate linearly and are exact.

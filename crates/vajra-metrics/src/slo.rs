@@ -98,7 +98,7 @@ impl SloConfig {
     }
 }
 
-/// Etalon's deadline bookkeeping for one request (`../shared/ANCHORS.md` §3.3).
+/// Etalon's deadline bookkeeping for one request (`docs/metrics.md`, "Deadlines").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeadlineState {
     slack: i128,

@@ -12,7 +12,7 @@
 //!
 //! Every stage holds the KV of its own layers only, so the block count is the minimum over
 //! stages (the first stage, which has the most layers). Vidur instead counts only transformer
-//! weights and derives blocks from `max_tokens × max requests` (`../shared/VIDUR.md` §3).
+//! weights and derives blocks from `max_tokens × max requests` (`docs/vidur.md`).
 
 use crate::catalog::DeviceSpec;
 use crate::error::{Result, SimError};

@@ -12,7 +12,7 @@
 //! up-to-date loads), and a replica schedules once after every arrival and completion of that
 //! instant, not once per event. Equal kinds at equal times run in creation order. (Vidur
 //! intends a rank too, but its `event_type` property returns `None`, so its ties break by
-//! creation only: `../shared/VIDUR.md` §1.)
+//! creation only: `docs/vidur.md`.)
 //!
 //! Arrivals do not sit in the heap: the loop compares the request source's next arrival with
 //! the heap's top, so a million-request workload is generated lazily.

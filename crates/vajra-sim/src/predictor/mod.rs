@@ -20,7 +20,7 @@
 //! batch the scheduler can form, so predicting a batch costs one table read per stage plus one
 //! pass over its requests.
 //!
-//! Departures from Vidur (`../shared/VIDUR.md` §6), on purpose: no ×8 token rounding (the
+//! Departures from Vidur (`docs/vidur.md`), on purpose: no ×8 token rounding (the
 //! curves interpolate), attention is summed per chunk instead of one (Σkv, √Σc²) lookup, there
 //! is no ×1.1 GQA factor, the LM head is modelled, and inputs outside the grid extrapolate
 //! with a warning instead of raising `KeyError`.
