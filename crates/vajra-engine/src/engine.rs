@@ -140,6 +140,29 @@ pub struct Engine {
     max_model_len: u32,
     counters: StepCounters,
     step_log: Option<StepLog>,
+    run: Option<RunRecorder>,
+}
+
+/// The engine's own run records, written as the simulator's run folder
+/// ([`Engine::record_run`]).
+struct RunRecorder {
+    dir: std::path::PathBuf,
+    name: String,
+    seed: u64,
+    slo: vajra_metrics::SloConfig,
+    collector: vajra_metrics::Collector,
+    issued: u64,
+}
+
+/// `summary.json` of a served run: the simulator's metrics under the run's name.
+#[derive(serde::Serialize)]
+struct ServedSummary<'a> {
+    name: &'a str,
+    point: &'a str,
+    seed: u64,
+    kind: &'static str,
+    #[serde(flatten)]
+    metrics: vajra_metrics::Summary,
 }
 
 /// The header of [`Engine::log_steps`]'s CSV.
@@ -249,6 +272,7 @@ impl Engine {
             max_model_len,
             counters: StepCounters::default(),
             step_log: None,
+            run: None,
         })
     }
 
@@ -270,6 +294,76 @@ impl Engine {
             line: String::new(),
         });
         Ok(())
+    }
+
+    /// Records every request's lifecycle and every step from now on, from the engine's own
+    /// records (the replica driver's events and step records, not what a client saw), and
+    /// streams `batches.parquet` into `dir`; [`Engine::finish_run`] writes the rest of the
+    /// simulator's run folder there (`requests.csv`/`.parquet`, `summary.json`, `cdf/`), so
+    /// `vajra-sim report` and `compare` read a served run with scheduling delay, cached prompt
+    /// tokens, preemptions, batch sizes and KV usage filled in. `name` and `seed` label the
+    /// summary; `slo` sets its goodput and deadline metrics.
+    ///
+    /// # Errors
+    /// The folder or `batches.parquet` cannot be created.
+    pub fn record_run(
+        &mut self,
+        dir: &std::path::Path,
+        name: &str,
+        slo: vajra_metrics::SloConfig,
+    ) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::model_file(dir, e))?;
+        let mut collector = vajra_metrics::Collector::new(&slo, 1);
+        let kv = self.driver.scheduler().kv();
+        collector
+            .stream_batches(&dir.join("batches.parquet"), kv.num_blocks())
+            .map_err(|e| EngineError::model_file(dir, e))?;
+        self.run = Some(RunRecorder {
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+            seed: self.seed,
+            slo,
+            collector,
+            issued: 0,
+        });
+        Ok(())
+    }
+
+    /// Writes the run folder started by [`Engine::record_run`] (requests finished so far;
+    /// ones still running are counted as issued, not completed) and stops recording. Returns
+    /// the folder, or `None` when no run was being recorded.
+    ///
+    /// # Errors
+    /// A file that cannot be written.
+    pub fn finish_run(&mut self) -> Result<Option<std::path::PathBuf>> {
+        let Some(mut r) = self.run.take() else {
+            return Ok(None);
+        };
+        let err = |e: vajra_metrics::MetricsError| EngineError::model_file(&r.dir, e);
+        r.collector.finish().map_err(err)?;
+        r.collector.requests.sort_by_key(|q| q.request_id);
+        let facts = vajra_metrics::summary::ClusterFacts {
+            num_replicas: 1,
+            stages: 1,
+            num_blocks: self.driver.scheduler().kv().num_blocks(),
+            peak_flops: 0.0,
+            peak_bytes_per_s: 0.0,
+            issued: r.issued,
+        };
+        let summary = ServedSummary {
+            name: &r.name,
+            point: "served",
+            seed: r.seed,
+            kind: "served",
+            metrics: vajra_metrics::Summary::compute(&r.collector, &r.slo, &facts),
+        };
+        let tables = vajra_metrics::output::Tables {
+            csv: true,
+            parquet: true,
+        };
+        vajra_metrics::output::write_run(&r.dir, &r.collector, &summary, tables)
+            .map_err(|e| EngineError::model_file(&r.dir, e))?;
+        Ok(Some(r.dir))
     }
 
     /// The tokenizer.
@@ -338,6 +432,10 @@ impl Engine {
         r.sampling = req.sampling.clone();
         r.priority = req.priority;
         self.driver.scheduler_mut().add_request(r, now)?;
+        if let Some(run) = &mut self.run {
+            run.issued += 1;
+            run.collector.on_arrival(id, now);
+        }
         let prompt_len = req.prompt.len();
         let fallback = self.seed ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         self.live.insert(
@@ -361,6 +459,9 @@ impl Engine {
     /// Aborts a request and frees its blocks; `None` if it already finished.
     pub fn abort(&mut self, id: RequestId) -> Option<RequestOutput> {
         let rec = self.driver.abort(id, self.now()).ok()?;
+        if let Some(run) = &mut self.run {
+            run.collector.on_finished(&rec);
+        }
         let live = self.live.remove(&id)?;
         let mut out = live.pending;
         out.output_tokens = (live.tokens.len() - live.prompt_len) as u32;
@@ -428,7 +529,7 @@ impl Engine {
         let mut sink = output::OutputSink {
             live: &mut self.live,
             touched: Vec::new(),
-            record: None,
+            collector: self.run.as_mut().map(|r| &mut r.collector),
         };
         let now = Timestamp(self.start.elapsed().as_nanos() as u64);
         self.driver.end_step(ticket, &result, now, &mut sink);

@@ -203,6 +203,11 @@ struct ServeArgs {
     /// new tokens and context) to this file, for `vajra-sim compare --steps`.
     #[arg(long)]
     steps_log: Option<PathBuf>,
+    /// Write the simulator's run folder (requests.csv/.parquet, batches.parquet, summary.json,
+    /// cdf/) from the engine's own records into this folder when the server shuts down
+    /// (Ctrl-C or SIGTERM), for `vajra-sim report` and `compare`.
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
     /// Before serving, profile this very backend (the `profile` command's full grid) into
     /// `<DIR>/<model>/`, so that the profile and the served steps share the process, its
     /// memory and the minutes around them (scripts/calibrate.sh).
@@ -364,7 +369,13 @@ fn serve(a: ServeArgs) -> Result<()> {
         .served_model_name
         .clone()
         .unwrap_or_else(|| folder_name(&a.engine.model));
-    let app = vajra_engine::server::router(
+    if let Some(dir) = &a.run_dir {
+        let slo = run_slo(&a.engine)?;
+        engine
+            .record_run(dir, &name, slo)
+            .with_context(|| format!("--run-dir {}", dir.display()))?;
+    }
+    let (app, engine_thread) = vajra_engine::server::router_with_engine_thread(
         engine,
         ServerConfig {
             model_name: name.clone(),
@@ -383,12 +394,59 @@ fn serve(a: ServeArgs) -> Result<()> {
         // The one line scripts and tests wait for.
         eprintln!("vajra-engine serving `{name}` on http://{addr}");
         axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+            .with_graceful_shutdown(shutdown_signal())
             .await?;
-        Ok(())
-    })
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // The router is gone: the engine thread writes the run folder, then ends. A stream still
+    // held by a client keeps it alive; give up waiting after a while rather than hang.
+    let waited = Instant::now();
+    while !engine_thread.is_finished() && waited.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if let Some(dir) = &a.run_dir {
+        if engine_thread.is_finished() {
+            eprintln!("wrote the run folder {}", dir.display());
+        } else {
+            eprintln!(
+                "the engine was still busy after 30 s: {} was not written",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        #[cfg(unix)]
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+/// The SLOs of `--experiment`'s `[slo]` (for the served run's goodput), else none.
+fn run_slo(a: &EngineArgs) -> Result<vajra_metrics::SloConfig> {
+    let Some(p) = &a.experiment else {
+        return Ok(vajra_metrics::SloConfig::default());
+    };
+    let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+    let mut t: toml::Table = toml::from_str(&text).with_context(|| format!("{}", p.display()))?;
+    match t.remove("slo") {
+        None => Ok(vajra_metrics::SloConfig::default()),
+        Some(v) => v
+            .try_into()
+            .with_context(|| format!("{}: [slo]", p.display())),
+    }
 }
 
 fn folder_name(p: &Path) -> String {

@@ -97,6 +97,15 @@ fn acquire(state: &Arc<AppState>) -> Result<Slot, ApiError> {
 
 /// Starts the engine thread and returns the router.
 pub fn router(engine: Engine, cfg: ServerConfig) -> Router {
+    router_with_engine_thread(engine, cfg).0
+}
+
+/// [`router`], with the engine thread's handle: it ends once the router (and every clone of
+/// its state) is dropped, after writing the run folder of [`Engine::record_run`].
+pub fn router_with_engine_thread(
+    engine: Engine,
+    cfg: ServerConfig,
+) -> (Router, std::thread::JoinHandle<()>) {
     let metrics = EngineMetrics::new();
     let (tx, rx) = mpsc::channel();
     let state = Arc::new(AppState {
@@ -107,17 +116,18 @@ pub fn router(engine: Engine, cfg: ServerConfig) -> Router {
         in_flight: AtomicUsize::new(0),
         cfg: cfg.clone(),
     });
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("vajra-engine-loop".into())
         .spawn(move || engine_loop(engine, rx, metrics, cfg.requests_log))
         .expect("spawn the engine thread");
-    Router::new()
+    let router = Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics_text))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
-        .with_state(state)
+        .with_state(state);
+    (router, handle)
 }
 
 fn engine_loop(
@@ -155,7 +165,17 @@ fn engine_loop(
             metrics.update(&engine.stats(), engine.counters());
             match rx.recv() {
                 Ok(c) => handle(&mut engine, &mut sinks, c),
-                Err(_) => return, // server gone
+                Err(_) => {
+                    // Server gone: write the run folder if one is being recorded.
+                    match engine.finish_run() {
+                        Ok(Some(dir)) => {
+                            tracing::info!(dir = %dir.display(), "wrote the run folder")
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "cannot write the run folder"),
+                    }
+                    return;
+                }
             }
         }
         while let Ok(c) = rx.try_recv() {

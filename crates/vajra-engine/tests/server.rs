@@ -344,3 +344,47 @@ fn a_client_that_disconnects_mid_stream_leaves_no_blocks_allocated() {
     assert_eq!(metric(&a, "vajra_num_requests_running"), 0.0);
     assert_eq!(metric(&a, "vajra_kv_blocks_allocated"), 0.0);
 }
+
+#[test]
+fn run_dir_writes_the_simulators_run_folder_from_the_engines_own_records() {
+    let dir = std::env::temp_dir().join(format!("vajra-run-dir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let srv = start(&["--run-dir", dir.to_str().unwrap()]);
+    let a = srv.addr.clone();
+    // The same prompt twice in a row: the second finds the first's blocks in the prefix cache.
+    let body = r#"{"model":"tiny","prompt":"Paris is a city of many bridges and old stone streets along a wide river","max_tokens":4,"temperature":0,"ignore_eos":true}"#;
+    for _ in 0..3 {
+        let (st, b) = call(&a, "POST", "/v1/completions", Some(body));
+        assert_eq!(st, 200, "{b}");
+    }
+    assert!(srv.interrupt(), "a clean shutdown");
+    let summary = json(&std::fs::read_to_string(dir.join("summary.json")).unwrap());
+    assert_eq!(summary["kind"], "served");
+    assert_eq!(summary["requests_completed"], 3);
+    assert_eq!(summary["output_tokens"], 12);
+    let csv = std::fs::read_to_string(dir.join("requests.csv")).unwrap();
+    let mut rows = csv.lines();
+    let header: Vec<&str> = rows.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = rows.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        let delay: f64 = r[col("scheduling_delay_s")]
+            .parse()
+            .expect("scheduling delay filled in");
+        assert!(delay >= 0.0);
+        assert_eq!(r[col("output_tokens")], "4");
+    }
+    let cached: u32 = rows
+        .iter()
+        .map(|r| r[col("cached_prompt_tokens")].parse::<u32>().unwrap())
+        .sum();
+    assert!(
+        cached > 0,
+        "the repeated prompts hit the prefix cache: {csv}"
+    );
+    for f in ["batches.parquet", "requests.parquet", "cdf/ttft_s.csv"] {
+        assert!(dir.join(f).is_file(), "{f} written");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

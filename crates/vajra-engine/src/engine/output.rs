@@ -17,6 +17,7 @@ use vajra_core::ids::RequestId;
 use vajra_core::sampling::SamplingParams;
 use vajra_core::sched::output::{ModelRunnerOutput, RequestEvent, SampledToken, SchedulerOutput};
 use vajra_core::time::Timestamp;
+use vajra_metrics::{BatchRecord, Collector};
 
 /// Appends each pick to its request, detokenizes it and decides executor-side stops; returns
 /// the runner output the scheduler takes.
@@ -72,19 +73,22 @@ pub(super) fn apply_picks(
     Ok(runner)
 }
 
-/// The engine's [`StepSink`]: records the scheduler's events on the live requests and keeps
-/// the step's record.
+/// The engine's [`StepSink`]: records the scheduler's events on the live requests and, when
+/// the engine records a run, hands them and the step's record to the run's collector.
 pub(super) struct OutputSink<'a> {
     pub live: &'a mut HashMap<RequestId, Live>,
     /// Requests that gained a token or finished, in event order (may repeat).
     pub touched: Vec<RequestId>,
-    pub record: Option<StepRecord>,
+    pub collector: Option<&'a mut Collector>,
 }
 
 impl StepSink for OutputSink<'_> {
     fn on_event(&mut self, event: RequestEvent, now: Timestamp) {
         match event {
             RequestEvent::Token { id, token, .. } => {
+                if let Some(c) = self.collector.as_mut() {
+                    c.on_token(id, now);
+                }
                 let l = self.live.get_mut(&id).expect("token for a live request");
                 l.pending.tokens.push(token);
                 match l.last_token {
@@ -95,6 +99,9 @@ impl StepSink for OutputSink<'_> {
                 self.touched.push(id);
             }
             RequestEvent::Finished(rec) => {
+                if let Some(c) = self.collector.as_mut() {
+                    c.on_finished(&rec);
+                }
                 let l = self
                     .live
                     .get_mut(&rec.id)
@@ -106,8 +113,23 @@ impl StepSink for OutputSink<'_> {
         }
     }
 
-    fn on_step(&mut self, _: StepTicket, record: &StepRecord) {
-        self.record = Some(*record);
+    fn on_step(&mut self, _: StepTicket, r: &StepRecord) {
+        if let Some(c) = self.collector.as_mut() {
+            c.on_batch(BatchRecord {
+                replica: 0,
+                step: r.step.0,
+                start: r.start,
+                end: r.end,
+                busy: r.end.since(r.start),
+                num_requests: r.num_requests,
+                prefill_tokens: r.prefill_tokens,
+                decode_tokens: r.decode_tokens,
+                preempted: r.preempted,
+                kv_blocks_used: r.kv_blocks_used,
+                flops: 0.0,
+                bytes: 0.0,
+            });
+        }
     }
 }
 

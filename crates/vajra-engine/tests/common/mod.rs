@@ -57,3 +57,15 @@ pub fn start(extra: &[&str]) -> Server {
     std::thread::spawn(move || for _ in lines {});
     Server { child, addr }
 }
+
+impl Server {
+    /// Stops the server as Ctrl-C would (SIGINT) and waits for it to exit; returns whether it
+    /// exited successfully.
+    pub fn interrupt(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-INT", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -INT {pid}");
+        let status = self.child.wait().expect("the server exits");
+        status.success()
+    }
+}
