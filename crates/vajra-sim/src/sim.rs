@@ -339,6 +339,13 @@ pub struct SimResult {
     pub replica_stats: Vec<SchedulerStats>,
 }
 
+/// The global router of a loop, its random stream and its load buffer.
+struct Routing {
+    router: Router,
+    rng: Rng,
+    loads: Vec<ReplicaLoad>,
+}
+
 /// The loop's mutable state, so its handlers can be methods.
 struct Loop<'a, 's> {
     spec: &'a SimSpec<'s>,
@@ -384,6 +391,67 @@ impl Loop<'_, '_> {
                 );
             }
         }
+    }
+
+    /// Request `req` arrives at `now`: it is routed (unless the source routed it), its
+    /// replica's scheduler takes it, and that replica is asked to schedule at `now` once every
+    /// arrival of the instant is in.
+    fn arrive(
+        &mut self,
+        req: Request,
+        routed: Option<u32>,
+        now: Timestamp,
+        routing: &mut Routing,
+    ) -> Result<()> {
+        let num_blocks = self.spec.num_blocks;
+        let lo = self.base;
+        self.collector.on_arrival(req.id, now);
+        let target = match routed {
+            Some(t) => t,
+            None => {
+                let needs_prefix = routing.router.needs_prefix_lookup();
+                for (i, (l, r)) in routing
+                    .loads
+                    .iter_mut()
+                    .zip(self.replicas.iter_mut())
+                    .enumerate()
+                {
+                    *l = ReplicaLoad {
+                        replica: ReplicaId(i as u32),
+                        num_waiting: r.driver.scheduler().num_waiting() as u32,
+                        num_running: r.driver.scheduler().num_running() as u32,
+                        kv_usage: 1.0
+                            - f64::from(r.driver.scheduler().kv().num_free())
+                                / f64::from(num_blocks),
+                        cached_prefix_tokens: if needs_prefix {
+                            r.driver.scheduler_mut().cached_prefix_tokens(&req)
+                        } else {
+                            0
+                        },
+                    };
+                }
+                routing.router.route(&routing.loads, &mut routing.rng).0
+            }
+        };
+        self.collector.on_routed(req.id, lo + target);
+        let (id, prompt, out) = (req.id, req.prompt.len(), req.max_tokens());
+        self.replicas[target as usize]
+            .driver
+            .scheduler_mut()
+            .add_request(req, now)
+            .map_err(|e| {
+                SimError::Memory(format!(
+                    "request {id} ({prompt} prompt + {out} output tokens) cannot run on replica {}: {e} (raise cache.num_blocks or cache.gpu_memory_utilization, or lower workload.max_tokens)",
+                    lo + target
+                ))
+            })?;
+        // Arrivals at the same instant are routed first, then the replica schedules once.
+        let rep = &mut self.replicas[target as usize];
+        if !rep.schedule_pending {
+            rep.schedule_pending = true;
+            self.q.push(now, EventKind::Schedule, target);
+        }
+        Ok(())
     }
 
     /// Asks replica `r` to schedule at `now`: inline when nothing else can happen at `now`
@@ -534,9 +602,11 @@ pub fn run_range(
         free_slots: Vec::new(),
         collector,
     };
-    let mut router = Router::new(spec.router);
-    let mut rng = Rng::router(spec.seed);
-    let mut loads = vec![ReplicaLoad::default(); (hi - lo) as usize];
+    let mut routing = Routing {
+        router: Router::new(spec.router),
+        rng: Rng::router(spec.seed),
+        loads: vec![ReplicaLoad::default(); (hi - lo) as usize],
+    };
     let mut now = Timestamp::ZERO;
     let mut events = 0u64;
     let mut reported = 0u64;
@@ -561,47 +631,7 @@ pub fn run_range(
         if arrival_first {
             let (req, routed) = source.pop().expect("peeked");
             now = now.max(req.arrival);
-            st.collector.on_arrival(req.id, now);
-            let target = match routed {
-                Some(t) => t,
-                None => {
-                    let needs_prefix = router.needs_prefix_lookup();
-                    for (i, (l, r)) in loads.iter_mut().zip(st.replicas.iter_mut()).enumerate() {
-                        *l = ReplicaLoad {
-                            replica: ReplicaId(i as u32),
-                            num_waiting: r.driver.scheduler().num_waiting() as u32,
-                            num_running: r.driver.scheduler().num_running() as u32,
-                            kv_usage: 1.0
-                                - f64::from(r.driver.scheduler().kv().num_free())
-                                    / f64::from(num_blocks),
-                            cached_prefix_tokens: if needs_prefix {
-                                r.driver.scheduler_mut().cached_prefix_tokens(&req)
-                            } else {
-                                0
-                            },
-                        };
-                    }
-                    router.route(&loads, &mut rng).0
-                }
-            };
-            st.collector.on_routed(req.id, lo + target);
-            let (id, prompt, out) = (req.id, req.prompt.len(), req.max_tokens());
-            st.replicas[target as usize]
-                .driver
-                .scheduler_mut()
-                .add_request(req, now)
-                .map_err(|e| {
-                    SimError::Memory(format!(
-                        "request {id} ({prompt} prompt + {out} output tokens) cannot run on replica {}: {e} (raise cache.num_blocks or cache.gpu_memory_utilization, or lower workload.max_tokens)",
-                        lo + target
-                    ))
-                })?;
-            // Arrivals at the same instant are routed first, then the replica schedules once.
-            let rep = &mut st.replicas[target as usize];
-            if !rep.schedule_pending {
-                rep.schedule_pending = true;
-                st.q.push(now, EventKind::Schedule, target);
-            }
+            st.arrive(req, routed, now, &mut routing)?;
             continue;
         }
         let ev = st.q.pop().expect("peeked");
