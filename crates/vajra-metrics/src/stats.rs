@@ -5,7 +5,7 @@
 //! the hundreds of millions at cluster scale, but they take few distinct values (each is a sum
 //! of batch durations), so [`Multiset`] counts equal values and stays exact in little memory.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -41,26 +41,43 @@ pub const QUANTILES: [(&str, f64); 5] = [
 ];
 
 /// Summary of a distribution (in the unit of its samples).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 pub struct Distribution {
     /// Number of samples.
     pub count: u64,
     /// Arithmetic mean (0 when empty).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub mean: f64,
     /// Smallest sample.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub min: f64,
     /// Median.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub p50: f64,
     /// 90th percentile.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub p90: f64,
     /// 95th percentile.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub p95: f64,
     /// 99th percentile.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub p99: f64,
     /// 99.9th percentile.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub p999: f64,
     /// Largest sample.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub max: f64,
+}
+
+/// Reads an `f64` that may have been written as `null` (JSON has no NaN; serde_json writes a
+/// NaN, such as the MFU of a run without FLOP counts, as `null`): `null` reads back as NaN.
+///
+/// # Errors
+/// A value that is neither a number nor `null`.
+pub fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// The `q`-quantile of sorted `xs` with linear interpolation (`None` when empty).

@@ -3,7 +3,7 @@
 use crate::collector::Collector;
 use crate::slo::SloConfig;
 use crate::stats::Distribution;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Facts about the cluster that metrics normalise by.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,7 +23,7 @@ pub struct ClusterFacts {
 }
 
 /// Latency distributions, seconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latencies {
     /// Time to first token.
     pub ttft: Distribution,
@@ -40,24 +40,29 @@ pub struct Latencies {
 }
 
 /// Throughput over the run's span (first arrival to last completion).
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Throughput {
     /// Completed requests per second.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub requests_per_s: f64,
     /// Output tokens per second.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub output_tokens_per_s: f64,
     /// Prompt + output tokens per second.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub total_tokens_per_s: f64,
 }
 
 /// SLO results.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SloResult {
     /// Requests meeting every per-request SLO given (all requests when none is given).
     pub good_requests: u64,
     /// Good requests per second.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub goodput_rps: f64,
     /// Fraction of completed requests that are good.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub attainment: f64,
     /// Each run-level limit: name, limit, measured value, met.
     pub limits: Vec<SloLimit>,
@@ -66,33 +71,37 @@ pub struct SloResult {
 }
 
 /// One run-level SLO check.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SloLimit {
     /// Which metric.
     pub metric: String,
     /// The limit.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub limit: f64,
     /// What the run measured.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub value: f64,
     /// `value ≤ limit`.
     pub met: bool,
 }
 
 /// Deadline metrics.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Deadlines {
     /// Requests with a completion deadline.
     pub requests_with_deadline: u64,
     /// Fraction of those that completed after it.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub request_deadline_miss_rate: f64,
     /// Etalon: missed / counted token deadlines over all requests (0 when off).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub token_deadline_miss_rate: f64,
     /// Etalon: per-request fluidity index (1 − the request's miss rate).
     pub fluidity_index: Distribution,
 }
 
 /// Batch distributions.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Batches {
     /// Number of batches (scheduler steps that ran something).
     pub count: u64,
@@ -109,7 +118,7 @@ pub struct Batches {
 }
 
 /// One replica's utilisation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplicaSummary {
     /// Replica id.
     pub replica: u32,
@@ -118,19 +127,24 @@ pub struct ReplicaSummary {
     /// Batches it ran.
     pub batches: u64,
     /// Stage busy time / (stages × run span).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub busy_fraction: f64,
     /// Time-weighted mean fraction of KV blocks in use.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub kv_usage_mean: f64,
     /// Largest fraction of KV blocks in use.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub kv_usage_max: f64,
     /// Model FLOPs utilisation while busy.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub mfu: f64,
     /// Memory-bandwidth utilisation while busy.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub mbu: f64,
 }
 
 /// One tenant's share of the service (multi-tenant runs).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TenantSummary {
     /// Tenant id (index in the workload's tenant list).
     pub tenant: u32,
@@ -143,11 +157,12 @@ pub struct TenantSummary {
     /// End-to-end latency (s).
     pub e2e: Distribution,
     /// Fraction of its requests meeting every per-request SLO.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub slo_attainment: f64,
 }
 
 /// Everything `summary.json` holds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     /// Requests issued.
     pub requests_issued: u64,
@@ -158,6 +173,7 @@ pub struct Summary {
     /// Output tokens of completed requests.
     pub output_tokens: u64,
     /// First arrival to last completion (s).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub duration_s: f64,
     /// Throughput.
     pub throughput: Throughput,
@@ -168,6 +184,7 @@ pub struct Summary {
     /// Requests preempted at least once.
     pub requests_preempted: u64,
     /// Cached prompt tokens / prompt tokens.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub prefix_cache_hit_rate: f64,
     /// SLOs.
     pub slo: SloResult,
@@ -180,13 +197,33 @@ pub struct Summary {
     /// Per tenant (empty with a single tenant).
     pub tenants: Vec<TenantSummary>,
     /// Mean over replicas of their time-weighted KV usage.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub kv_usage_mean: f64,
     /// Largest KV usage of any replica.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub kv_usage_max: f64,
     /// Mean MFU over replicas' busy time (FLOPs / (busy × peak)).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub mfu: f64,
     /// Mean MBU over replicas' busy time.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub mbu: f64,
+}
+
+/// A run folder's `summary.json` as readers take it back: the run's name and point, and its
+/// metrics (other keys, such as the simulator's `setup` or the benchmark's `bench`, are
+/// skipped). Both modes write it, so a renamed metric is a compile error in the reader.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SummaryFile {
+    /// Experiment name.
+    #[serde(default)]
+    pub name: String,
+    /// Sweep point label, `measured` or `served` (empty for a single simulated point).
+    #[serde(default)]
+    pub point: String,
+    /// The metrics.
+    #[serde(flatten)]
+    pub metrics: Summary,
 }
 
 fn dist(mut v: Vec<f64>) -> Distribution {
@@ -425,4 +462,59 @@ fn replica_summaries(c: &Collector, facts: &ClusterFacts, duration: f64) -> Vec<
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collector::Collector;
+    use vajra_core::ids::{RequestId, TenantId};
+    use vajra_core::request::FinishReason;
+    use vajra_core::sched::output::FinishedRecord;
+    use vajra_core::time::Timestamp;
+
+    #[test]
+    fn a_written_summary_reads_back_typed_with_nan_for_null() {
+        let mut c = Collector::new(&SloConfig::default(), 1);
+        let id = RequestId(1);
+        c.on_arrival(id, Timestamp(0));
+        for t in [10, 20, 35] {
+            c.on_token(id, Timestamp(t * 1_000_000));
+        }
+        c.on_finished(&FinishedRecord {
+            id,
+            reason: FinishReason::Length,
+            tenant: TenantId(0),
+            priority: 0,
+            arrival: Timestamp(0),
+            deadline: None,
+            first_scheduled: Some(Timestamp(1_000_000)),
+            first_token: Some(Timestamp(10_000_000)),
+            finished_at: Timestamp(35_000_000),
+            prompt_tokens: 8,
+            output_tokens: 3,
+            cached_prompt_tokens: 4,
+            num_preemptions: 1,
+        });
+        let facts = ClusterFacts {
+            num_replicas: 1,
+            stages: 1,
+            num_blocks: 16,
+            peak_flops: 0.0,
+            peak_bytes_per_s: 0.0,
+            issued: 1,
+        };
+        let s = Summary::compute(&c, &SloConfig::default(), &facts);
+        let mut json = serde_json::to_value(&s).unwrap();
+        json["name"] = "x".into();
+        json["setup"] = serde_json::json!({"ignored": true});
+        json["mbu"] = serde_json::Value::Null; // how serde_json writes a NaN
+        let back: SummaryFile = serde_json::from_value(json).expect("reads back");
+        assert_eq!(back.name, "x");
+        assert_eq!(back.metrics.requests_completed, 1);
+        assert_eq!(back.metrics.preemptions, 1);
+        assert_eq!(back.metrics.latency_s.ttft, s.latency_s.ttft);
+        assert!(back.metrics.mbu.is_nan(), "null reads back as NaN");
+        assert!((back.metrics.prefix_cache_hit_rate - 0.5).abs() < 1e-12);
+    }
 }

@@ -16,6 +16,7 @@ use parquet::file::reader::{FileReader, RowGroupReader, SerializedFileReader};
 use plotters::prelude::*;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use vajra_metrics::summary::{Summary, SummaryFile};
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
@@ -27,7 +28,7 @@ pub struct RunData {
     /// The folder.
     pub dir: PathBuf,
     /// `summary.json`.
-    pub summary: serde_json::Value,
+    pub summary: SummaryFile,
     /// `workload.arrival.qps` of its config, if any.
     pub qps: Option<f64>,
     /// Label without the `qps=` part (groups a load sweep into lines).
@@ -73,15 +74,15 @@ pub fn collect_runs(args: &[PathBuf]) -> Result<Vec<RunData>> {
         }
         for d in dirs {
             let p = d.join("summary.json");
-            let summary: serde_json::Value = serde_json::from_str(
+            let summary: SummaryFile = serde_json::from_str(
                 &std::fs::read_to_string(&p).map_err(io(&p))?,
             )
             .map_err(|e| SimError::Experiment {
                 path: p.clone(),
                 message: format!("not a summary.json: {e}"),
             })?;
-            let point = summary["point"].as_str().unwrap_or_default().to_owned();
-            let name = summary["name"].as_str().unwrap_or_default().to_owned();
+            let point = summary.point.clone();
+            let name = summary.name.clone();
             let base = if point.is_empty() {
                 name.clone()
             } else {
@@ -383,29 +384,42 @@ fn cdf_points(mut v: Vec<f64>) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Headline columns: (header, JSON pointer, lower is better).
-const COLUMNS: [(&str, &str, Option<bool>); 21] = [
-    ("TTFT p50 (s)", "/latency_s/ttft/p50", Some(true)),
-    ("TTFT p90 (s)", "/latency_s/ttft/p90", Some(true)),
-    ("TTFT p99 (s)", "/latency_s/ttft/p99", Some(true)),
-    ("TBT p50 (s)", "/latency_s/tbt/p50", Some(true)),
-    ("TBT p90 (s)", "/latency_s/tbt/p90", Some(true)),
-    ("TBT p99 (s)", "/latency_s/tbt/p99", Some(true)),
-    ("TPOT p50 (s)", "/latency_s/tpot/p50", Some(true)),
-    ("TPOT p90 (s)", "/latency_s/tpot/p90", Some(true)),
-    ("TPOT p99 (s)", "/latency_s/tpot/p99", Some(true)),
-    ("E2E p50 (s)", "/latency_s/e2e/p50", Some(true)),
-    ("E2E p90 (s)", "/latency_s/e2e/p90", Some(true)),
-    ("E2E p99 (s)", "/latency_s/e2e/p99", Some(true)),
-    ("req/s", "/throughput/requests_per_s", Some(false)),
-    ("out tok/s", "/throughput/output_tokens_per_s", Some(false)),
-    ("goodput (req/s)", "/slo/goodput_rps", Some(false)),
-    ("SLO attainment", "/slo/attainment", Some(false)),
-    ("preemptions", "/preemptions", Some(true)),
-    ("prefix hit rate", "/prefix_cache_hit_rate", Some(false)),
-    ("KV usage (mean)", "/kv_usage_mean", None),
-    ("MFU", "/mfu", Some(false)),
-    ("MBU", "/mbu", None),
+/// Reads one number of a summary.
+type Get = fn(&Summary) -> f64;
+
+/// A summary number as a table or chart value: NaN (written as `null`, e.g. the MFU of a run
+/// without FLOP counts) is no value.
+fn value(v: f64) -> Option<f64> {
+    (!v.is_nan()).then_some(v)
+}
+
+/// Headline columns: (header, the number, lower is better).
+const COLUMNS: [(&str, Get, Option<bool>); 21] = [
+    ("TTFT p50 (s)", |s| s.latency_s.ttft.p50, Some(true)),
+    ("TTFT p90 (s)", |s| s.latency_s.ttft.p90, Some(true)),
+    ("TTFT p99 (s)", |s| s.latency_s.ttft.p99, Some(true)),
+    ("TBT p50 (s)", |s| s.latency_s.tbt.p50, Some(true)),
+    ("TBT p90 (s)", |s| s.latency_s.tbt.p90, Some(true)),
+    ("TBT p99 (s)", |s| s.latency_s.tbt.p99, Some(true)),
+    ("TPOT p50 (s)", |s| s.latency_s.tpot.p50, Some(true)),
+    ("TPOT p90 (s)", |s| s.latency_s.tpot.p90, Some(true)),
+    ("TPOT p99 (s)", |s| s.latency_s.tpot.p99, Some(true)),
+    ("E2E p50 (s)", |s| s.latency_s.e2e.p50, Some(true)),
+    ("E2E p90 (s)", |s| s.latency_s.e2e.p90, Some(true)),
+    ("E2E p99 (s)", |s| s.latency_s.e2e.p99, Some(true)),
+    ("req/s", |s| s.throughput.requests_per_s, Some(false)),
+    (
+        "out tok/s",
+        |s| s.throughput.output_tokens_per_s,
+        Some(false),
+    ),
+    ("goodput (req/s)", |s| s.slo.goodput_rps, Some(false)),
+    ("SLO attainment", |s| s.slo.attainment, Some(false)),
+    ("preemptions", |s| s.preemptions as f64, Some(true)),
+    ("prefix hit rate", |s| s.prefix_cache_hit_rate, Some(false)),
+    ("KV usage (mean)", |s| s.kv_usage_mean, None),
+    ("MFU", |s| s.mfu, Some(false)),
+    ("MBU", |s| s.mbu, None),
 ];
 
 fn fmt(v: f64) -> String {
@@ -470,14 +484,14 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
         series.dedup();
         series.sort();
         series.dedup();
-        let line = |ptr: &str, tag: &str| -> Vec<(String, Vec<(f64, f64)>)> {
+        let line = |get: Get, tag: &str| -> Vec<(String, Vec<(f64, f64)>)> {
             series
                 .iter()
                 .map(|s| {
                     let mut pts: Vec<(f64, f64)> = runs
                         .iter()
                         .filter(|r| &r.series == s)
-                        .filter_map(|r| Some((r.qps?, r.summary.pointer(ptr)?.as_f64()?)))
+                        .filter_map(|r| Some((r.qps?, value(get(&r.summary.metrics))?)))
                         .collect();
                     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
                     (format!("{s} {tag}"), pts)
@@ -488,14 +502,14 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
             (
                 "load_ttft",
                 "TTFT against load",
-                "/latency_s/ttft/p50",
-                "/latency_s/ttft/p99",
+                (|s: &Summary| s.latency_s.ttft.p50) as Get,
+                (|s: &Summary| s.latency_s.ttft.p99) as Get,
             ),
             (
                 "load_tbt",
                 "TBT against load",
-                "/latency_s/tbt/p50",
-                "/latency_s/tbt/p99",
+                |s: &Summary| s.latency_s.tbt.p50,
+                |s: &Summary| s.latency_s.tbt.p99,
             ),
         ] {
             let mut s = line(p50, "p50");
@@ -518,7 +532,7 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
             y: "goodput (requests/s meeting every SLO)".into(),
             log_x: false,
             log_y: false,
-            series: line("/slo/goodput_rps", ""),
+            series: line(|s| s.slo.goodput_rps, ""),
             points: true,
         });
         charts.push(Chart {
@@ -528,7 +542,7 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
             y: "fraction of requests meeting every SLO".into(),
             log_x: false,
             log_y: false,
-            series: line("/slo/attainment", ""),
+            series: line(|s| s.slo.attainment, ""),
             points: true,
         });
     }
@@ -602,11 +616,7 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
             });
         }
     }
-    if runs.iter().any(|r| {
-        r.summary["replicas"]
-            .as_array()
-            .is_some_and(|a| a.len() > 1)
-    }) {
+    if runs.iter().any(|r| r.summary.metrics.replicas.len() > 1) {
         charts.push(Chart {
             file: "replica_busy",
             title: "Per-replica load".into(),
@@ -617,16 +627,13 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
             series: runs
                 .iter()
                 .map(|r| {
-                    let pts = r.summary["replicas"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|x| {
-                                    Some((x["replica"].as_f64()?, x["busy_fraction"].as_f64()?))
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let pts = r
+                        .summary
+                        .metrics
+                        .replicas
+                        .iter()
+                        .filter_map(|x| Some((f64::from(x.replica), value(x.busy_fraction)?)))
+                        .collect();
                     (r.label.clone(), pts)
                 })
                 .collect(),
@@ -639,7 +646,7 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
         .map(|r| {
             COLUMNS
                 .iter()
-                .map(|(_, p, _)| r.summary.pointer(p).and_then(|v| v.as_f64()))
+                .map(|(_, get, _)| value(get(&r.summary.metrics)))
                 .collect()
         })
         .collect();
