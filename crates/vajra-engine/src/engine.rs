@@ -166,16 +166,12 @@ struct ServedSummary<'a> {
 }
 
 /// The header of [`Engine::log_steps`]'s CSV.
-pub const STEP_LOG_HEADER: &str =
-    "step,start_s,step_ms,forward_ms,num_requests,num_tokens,num_sampled,requests";
+pub use vajra_metrics::steplog::STEP_LOG_HEADER;
 
 /// Where [`Engine::log_steps`] writes, and the step being recorded.
 struct StepLog {
-    out: Box<dyn std::io::Write + Send>,
-    /// (new tokens, cached context, samples) of the step's requests.
-    batch: Vec<(u32, u32, bool)>,
-    forward_ns: u64,
-    line: String,
+    out: vajra_metrics::steplog::StepLogWriter,
+    row: vajra_metrics::steplog::StepLogRow,
 }
 
 /// Cumulative counts of the steps an engine ran.
@@ -191,31 +187,6 @@ pub struct StepCounters {
     pub step_ns: u64,
     /// The part of it spent in the backend's forward pass (and its argmax).
     pub forward_ns: u64,
-}
-
-impl StepLog {
-    fn write(&mut self, step: u64, start_s: f64, step_ns: u64) -> std::io::Result<()> {
-        use std::fmt::Write as _;
-        let l = &mut self.line;
-        l.clear();
-        let tokens: u32 = self.batch.iter().map(|r| r.0).sum();
-        let sampled = self.batch.iter().filter(|r| r.2).count();
-        let _ = write!(
-            l,
-            "{step},{start_s:.6},{:.4},{:.4},{},{tokens},{sampled},",
-            step_ns as f64 / 1e6,
-            self.forward_ns as f64 / 1e6,
-            self.batch.len()
-        );
-        for (i, &(c, k, s)) in self.batch.iter().enumerate() {
-            let sep = if i == 0 { "" } else { " " };
-            let star = if s { "*" } else { "" };
-            let _ = write!(l, "{sep}{c}@{k}{star}");
-        }
-        l.push('\n');
-        self.out.write_all(l.as_bytes())?;
-        self.out.flush()
-    }
 }
 
 impl Engine {
@@ -284,14 +255,16 @@ impl Engine {
     ///
     /// # Errors
     /// The header cannot be written.
-    pub fn log_steps(&mut self, mut out: Box<dyn std::io::Write + Send>) -> std::io::Result<()> {
-        writeln!(out, "{STEP_LOG_HEADER}")?;
-        out.flush()?;
+    pub fn log_steps(&mut self, out: Box<dyn std::io::Write + Send>) -> std::io::Result<()> {
         self.step_log = Some(StepLog {
-            out,
-            batch: Vec::new(),
-            forward_ns: 0,
-            line: String::new(),
+            out: vajra_metrics::steplog::StepLogWriter::new(out)?,
+            row: vajra_metrics::steplog::StepLogRow {
+                step: 0,
+                start_s: 0.0,
+                step_ms: 0.0,
+                forward_ms: 0.0,
+                requests: Vec::new(),
+            },
         });
         Ok(())
     }
@@ -487,8 +460,10 @@ impl Engine {
         if self.counters.steps > steps
             && let Some(log) = &mut self.step_log
         {
-            let start_s = began.duration_since(self.start).as_secs_f64();
-            if let Err(e) = log.write(self.counters.steps - 1, start_s, step_ns) {
+            log.row.step = self.counters.steps - 1;
+            log.row.start_s = began.duration_since(self.start).as_secs_f64();
+            log.row.step_ms = step_ns as f64 / 1e6;
+            if let Err(e) = log.out.write(&log.row) {
                 tracing::error!(error = %e, "step log: cannot write; logging stops");
                 self.step_log = None;
             }
@@ -518,13 +493,15 @@ impl Engine {
         };
         self.counters.forward_ns += forward_ns;
         if let Some(log) = &mut self.step_log {
-            log.forward_ns = forward_ns;
-            log.batch.clear();
-            log.batch.extend(
-                out.scheduled
-                    .iter()
-                    .map(|s| (s.num_tokens, s.num_computed, s.samples)),
-            );
+            log.row.forward_ms = forward_ns as f64 / 1e6;
+            log.row.requests.clear();
+            log.row.requests.extend(out.scheduled.iter().map(|s| {
+                vajra_metrics::steplog::StepItem {
+                    tokens: s.num_tokens,
+                    context: s.num_computed,
+                    samples: s.samples,
+                }
+            }));
         }
         let mut sink = output::OutputSink {
             live: &mut self.live,

@@ -22,6 +22,7 @@ pub mod error;
 pub mod output;
 pub mod slo;
 pub mod stats;
+pub mod steplog;
 pub mod summary;
 
 pub use collector::{BatchRecord, Collector, RequestRecord};

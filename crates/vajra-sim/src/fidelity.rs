@@ -188,81 +188,28 @@ fn steps_err(path: &Path, line: usize, message: impl Into<String>) -> SimError {
 /// # Errors
 /// An unreadable file, a missing column or a malformed cell (named with its line).
 pub fn price_steps(path: &Path, predictor: &Predictor) -> Result<Vec<PricedStep>, SimError> {
-    let mut rdr = csv::Reader::from_path(path).map_err(|e| steps_err(path, 1, e.to_string()))?;
-    let h = rdr
-        .headers()
-        .map_err(|e| steps_err(path, 1, e.to_string()))?
-        .clone();
-    let col = |name: &str| {
-        h.iter().position(|c| c == name).ok_or_else(|| {
-            steps_err(
-                path,
-                1,
-                format!("missing column `{name}` (a step log has: {STEP_COLUMNS})"),
-            )
-        })
-    };
-    let (c_step, c_start, c_wall, c_fwd, c_reqs) = (
-        col("step")?,
-        col("start_s")?,
-        col("step_ms")?,
-        col("forward_ms")?,
-        col("requests")?,
-    );
-    let mut out = Vec::new();
+    let rows =
+        vajra_metrics::steplog::read(path).map_err(|e| steps_err(path, e.line, e.message))?;
     let mut batch: Vec<(u32, u32, bool)> = Vec::new();
-    for (i, rec) in rdr.records().enumerate() {
-        let line = i + 2;
-        let rec = rec.map_err(|e| steps_err(path, line, e.to_string()))?;
-        let cell = |c: usize| rec.get(c).unwrap_or("");
-        let num = |c: usize| -> Result<f64, SimError> {
-            cell(c).parse::<f64>().map_err(|_| {
-                steps_err(
-                    path,
-                    line,
-                    format!("`{}` = `{}` is not a number", &h[c], cell(c)),
-                )
-            })
-        };
-        batch.clear();
-        for item in cell(c_reqs).split_whitespace() {
-            let samples = item.ends_with('*');
-            let parsed = item
-                .trim_end_matches('*')
-                .split_once('@')
-                .and_then(|(c, k)| Some((c.parse::<u32>().ok()?, k.parse::<u32>().ok()?)));
-            let Some((c, k)) = parsed.filter(|&(c, _)| c > 0) else {
-                return Err(steps_err(
-                    path,
-                    line,
-                    format!(
-                        "request `{item}` is not `TOKENS@CONTEXT` or `TOKENS@CONTEXT*` with TOKENS ≥ 1"
-                    ),
-                ));
-            };
-            batch.push((c, k, samples));
-        }
-        if batch.is_empty() {
-            return Err(steps_err(path, line, "a step with no requests"));
-        }
-        let cost = predictor.predict_step(&batch);
-        out.push(PricedStep {
-            step: num(c_step)? as u64,
-            start_s: num(c_start)?,
-            step_ms: num(c_wall)?,
-            forward_ms: num(c_fwd)?,
-            predicted_ms: cost.stage_ns.iter().sum::<u64>() as f64 / 1e6,
-            num_requests: batch.len() as u32,
-            num_tokens: batch.iter().map(|r| r.0).sum(),
-            has_prefill: batch.iter().any(|r| r.0 > 1),
-        });
-    }
-    Ok(out)
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            batch.clear();
+            batch.extend(r.requests.iter().map(|q| (q.tokens, q.context, q.samples)));
+            let cost = predictor.predict_step(&batch);
+            PricedStep {
+                step: r.step,
+                start_s: r.start_s,
+                step_ms: r.step_ms,
+                forward_ms: r.forward_ms,
+                predicted_ms: cost.stage_ns.iter().sum::<u64>() as f64 / 1e6,
+                num_requests: batch.len() as u32,
+                num_tokens: batch.iter().map(|q| q.0).sum(),
+                has_prefill: batch.iter().any(|q| q.0 > 1),
+            }
+        })
+        .collect())
 }
-
-/// The columns of a step log, for error messages.
-const STEP_COLUMNS: &str =
-    "step, start_s, step_ms, forward_ms, num_requests, num_tokens, num_sampled, requests";
 
 /// Fidelity rows of the predictor on logged steps: mean step time over all steps, decode-only
 /// steps and steps with a prompt chunk (predicted against measured wall time), the per-step
