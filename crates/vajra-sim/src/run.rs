@@ -204,18 +204,7 @@ pub fn simulate(
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<(sim::SimResult, f64, PendingParts)> {
     let e = &point.experiment;
-    let spec = SimSpec {
-        num_replicas: e.cluster.num_replicas,
-        scheduler: &e.scheduler,
-        cache: &e.cache,
-        num_blocks: prep.memory.num_blocks,
-        max_model_len: prep.setup.model.max_model_len,
-        router: e.router,
-        predictor: &prep.predictor,
-        seed: e.seed,
-        progress,
-        policy: None,
-    };
+    let spec = sim_spec(point, prep, progress, None);
     let par = experiment::parallel(&e.cluster);
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).map_err(write_err(dir))?;
@@ -373,6 +362,28 @@ pub fn summarize(point: &Point, prep: &Prepared, res: &sim::SimResult) -> RunSum
     }
 }
 
+/// The event loop's view of a prepared point.
+fn sim_spec<'a>(
+    point: &'a Point,
+    prep: &'a Prepared,
+    progress: Option<&'a (dyn Fn(u64) + Sync)>,
+    policy: Option<&'a sim::PolicyFactory>,
+) -> SimSpec<'a> {
+    let e = &point.experiment;
+    SimSpec {
+        num_replicas: e.cluster.num_replicas,
+        scheduler: &e.scheduler,
+        cache: &e.cache,
+        num_blocks: prep.memory.num_blocks,
+        max_model_len: prep.setup.model.max_model_len,
+        router: e.router,
+        predictor: &prep.predictor,
+        seed: e.seed,
+        progress,
+        policy,
+    }
+}
+
 /// Runs a point's event loop in one thread with `policy` building each replica's batching
 /// policy instead of the one `scheduler.policy` names: how an out-of-tree policy (one not in
 /// `vajra-core`) runs in the simulator. Writes nothing; [`summarize`] turns the result into
@@ -387,18 +398,7 @@ pub fn simulate_with_policy(
     policy: &sim::PolicyFactory,
 ) -> Result<sim::SimResult> {
     let e = &point.experiment;
-    let spec = SimSpec {
-        num_replicas: e.cluster.num_replicas,
-        scheduler: &e.scheduler,
-        cache: &e.cache,
-        num_blocks: prep.memory.num_blocks,
-        max_model_len: prep.setup.model.max_model_len,
-        router: e.router,
-        predictor: &prep.predictor,
-        seed: e.seed,
-        progress: None,
-        policy: Some(policy),
-    };
+    let spec = sim_spec(point, prep, None, Some(policy));
     let mut source = RequestSource::new(
         &e.workload,
         e.seed,
