@@ -271,13 +271,6 @@ impl Scheduler {
         self.victim = victim;
     }
 
-    /// The batching policy's name.
-    pub fn policy_name(&self) -> &str {
-        self.policy
-            .as_deref()
-            .map_or("(forming a step)", BatchPolicy::name)
-    }
-
     /// The KV-cache manager (read-only).
     pub fn kv(&self) -> &KvCacheManager {
         &self.kv
@@ -328,10 +321,7 @@ impl Scheduler {
     /// VTC: a tenant's virtual token counter (None under other queue policies or for a tenant
     /// never seen).
     pub fn vtc_counter(&self, tenant: TenantId) -> Option<f64> {
-        match self.cfg.queue {
-            QueuePolicy::Vtc { .. } => self.waiting.counter(tenant),
-            _ => None,
-        }
+        self.waiting.counter(tenant)
     }
 
     /// Counters.

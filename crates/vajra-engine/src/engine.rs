@@ -334,8 +334,7 @@ impl Engine {
             csv: true,
             parquet: true,
         };
-        vajra_metrics::output::write_run(&r.dir, &r.collector, &summary, tables)
-            .map_err(|e| EngineError::model_file(&r.dir, e))?;
+        vajra_metrics::output::write_run(&r.dir, &r.collector, &summary, tables).map_err(err)?;
         Ok(Some(r.dir))
     }
 
