@@ -86,7 +86,7 @@ fn an_out_of_tree_policy_runs_in_the_simulator_and_admits_shortest_prompts_first
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("srpf.toml");
     std::fs::write(&path, EXPERIMENT).unwrap();
-    let file = vajra_sim::experiment::ExperimentFile::load(&path).expect("valid experiment");
+    let file = vajra_experiment::experiment::ExperimentFile::load(&path).expect("valid experiment");
     let point = &file.points[0];
     let prep = vajra_sim::run::prepare(&file, point).expect("prepares");
     let make = || srpf(512);

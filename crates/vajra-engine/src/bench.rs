@@ -20,15 +20,16 @@
 use crate::error::{EngineError, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration as StdDuration, Instant};
 use tokio::sync::mpsc;
 use vajra_core::request::{FinishReason, Prompt, Request};
 use vajra_core::sched::output::FinishedRecord;
 use vajra_core::time::Timestamp;
+use vajra_experiment::Sections;
 use vajra_metrics::summary::ClusterFacts;
-use vajra_metrics::{Collector, SloConfig, Summary};
-use vajra_workload::{RequestSource, WorkloadConfig};
+use vajra_metrics::{Collector, Summary};
+use vajra_workload::RequestSource;
 
 /// What to run against which server.
 #[derive(Debug, Clone)]
@@ -47,24 +48,6 @@ pub struct BenchConfig {
     pub num_requests: Option<u64>,
     /// Show a progress bar.
     pub progress: bool,
-}
-
-/// The parts of an experiment file a benchmark uses; the rest (scheduler, cluster, predictor)
-/// is the server's configuration, so unknown top-level keys are ignored (`vajra-sim validate`
-/// checks the whole file).
-#[derive(Debug, serde::Deserialize)]
-struct BenchExperiment {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default = "default_seed")]
-    seed: u64,
-    workload: WorkloadConfig,
-    #[serde(default)]
-    slo: SloConfig,
-}
-
-fn default_seed() -> u64 {
-    42
 }
 
 /// Counts the summary reports besides the simulator's metrics.
@@ -304,19 +287,15 @@ async fn server_model(client: &reqwest::Client, url: &str) -> Result<(String, Op
 /// An unreadable or invalid experiment file, an unreachable server, or an output that cannot be
 /// written. Failed requests are counted, not errors.
 pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
-    let text = std::fs::read_to_string(&cfg.experiment)
-        .map_err(|e| EngineError::model_file(&cfg.experiment, e))?;
-    // Other sections (scheduler, cluster, predictor, ...) are the server's and are ignored
-    // here; `[workload]` and `[slo]` are checked field by field.
-    let exp: BenchExperiment =
-        toml::from_str(&text).map_err(|e| EngineError::model_file(&cfg.experiment, e))?;
-    let mut workload = exp.workload;
+    // The experiment schema's own types: every section is checked (the scheduler, cluster and
+    // predictor are the server's business, but a misspelt key is an error in any of them).
+    let exp = Sections::load(&cfg.experiment)?;
+    let mut workload = exp.require(&exp.workload, "workload")?.clone();
     if let Some(n) = cfg.num_requests {
         workload.num_requests = Some(n);
     }
-    exp.slo
-        .validate()
-        .map_err(|e| EngineError::model_file(&cfg.experiment, e))?;
+    let slo = exp.slo.unwrap_or_default();
+    let seed = exp.seed();
     let client = reqwest::Client::builder()
         .timeout(cfg.timeout)
         .build()
@@ -324,9 +303,9 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
     let url = cfg.url.trim_end_matches('/').to_owned();
     let (listed, max_len) = server_model(&client, &url).await?;
     let model = cfg.model.clone().unwrap_or(listed);
-    let base = cfg.experiment.parent().unwrap_or(Path::new("."));
+    let base = exp.base();
     let max_tokens = workload.max_tokens.or(max_len).unwrap_or(u32::MAX);
-    let mut source = RequestSource::new(&workload, exp.seed, base, max_tokens)
+    let mut source = RequestSource::new(&workload, seed, base, max_tokens)
         .map_err(|e| EngineError::model_file(&cfg.experiment, e))?;
 
     let counters_before = step_counters(&client, &url).await;
@@ -343,7 +322,7 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let mut collector = Collector::new(&exp.slo, 1);
+    let mut collector = Collector::new(&slo, 1);
     std::fs::create_dir_all(&cfg.out).map_err(|e| EngineError::model_file(&cfg.out, e))?;
     collector
         .stream_batches(&cfg.out.join("batches.parquet"), 0)
@@ -404,7 +383,7 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
         .map_err(|e| EngineError::model_file(&cfg.out, e))?;
     let metrics = Summary::compute(
         &collector,
-        &exp.slo,
+        &slo,
         &ClusterFacts {
             num_replicas: 1,
             stages: 1,
@@ -422,7 +401,7 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
     let summary = BenchSummary {
         name: &name,
         point: "measured",
-        seed: exp.seed,
+        seed,
         kind: "measured",
         bench: &facts,
         metrics,

@@ -43,6 +43,9 @@ pub enum EngineError {
         /// What failed.
         message: String,
     },
+    /// An experiment file is unreadable or invalid (names the file, key and what is allowed).
+    #[error(transparent)]
+    Experiment(#[from] vajra_experiment::ExperimentError),
     /// The shared core rejected a config or request (names the field and what is allowed).
     #[error(transparent)]
     Core(#[from] vajra_core::CoreError),

@@ -17,6 +17,7 @@ use vajra_engine::backend::cpu::DEFAULT_KV_CACHE_MIB;
 use vajra_engine::engine::{EngineConfig, GenerateRequest};
 use vajra_engine::server::{DEFAULT_MAX_CONCURRENT, ServerConfig};
 use vajra_engine::tokenizer::ChatMessage;
+use vajra_experiment::Sections;
 
 #[derive(Parser)]
 #[command(
@@ -78,7 +79,7 @@ struct BenchArgs {
 
 #[derive(Args)]
 struct GpuBenchArgs {
-    /// Model shape (Meta-Llama-3-8B, Llama-2-7b-hf, SmolLM2-135M).
+    /// Model shape: a Llama-architecture model of `vajra-sim list` (by its name after the `/`).
     #[arg(long, default_value = "Meta-Llama-3-8B")]
     shape: String,
     /// Decode batch sizes.
@@ -105,7 +106,7 @@ struct GpuBenchArgs {
 
 #[derive(Args)]
 struct ProfileArgs {
-    /// Model shape with random weights (Meta-Llama-3-8B, Llama-2-7b-hf, SmolLM2-135M).
+    /// Model shape with random weights: a Llama-architecture model of `vajra-sim list`.
     #[arg(long, default_value = "Meta-Llama-3-8B", conflicts_with = "model")]
     shape: String,
     /// A Hugging Face model folder to profile with its own weights, instead of a named shape
@@ -238,19 +239,19 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
             toml::from_str::<EngineConfig>(&text).with_context(|| format!("{}", p.display()))?
         }
         (None, Some(p)) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let t: toml::Table =
-                toml::from_str(&text).with_context(|| format!("{}", p.display()))?;
-            let mut picked = toml::Table::new();
-            for k in ["scheduler", "cache", "seed"] {
-                if let Some(v) = t.get(k) {
-                    picked.insert(k.into(), v.clone());
-                }
+            // The experiment schema's own types; every section the file has is checked.
+            let e = Sections::load(p)?;
+            let mut cfg = EngineConfig {
+                seed: e.seed(),
+                ..EngineConfig::default()
+            };
+            if let Some(sched) = e.scheduler {
+                cfg.scheduler = sched;
             }
-            toml::Value::Table(picked)
-                .try_into::<EngineConfig>()
-                .with_context(|| format!("{}: [scheduler], [cache], seed", p.display()))?
+            if let Some(cache) = e.cache {
+                cfg.cache = cache;
+            }
+            cfg
         }
         (None, None) => EngineConfig::default(),
     };
@@ -436,16 +437,9 @@ async fn shutdown_signal() {
 
 /// The SLOs of `--experiment`'s `[slo]` (for the served run's goodput), else none.
 fn run_slo(a: &EngineArgs) -> Result<vajra_metrics::SloConfig> {
-    let Some(p) = &a.experiment else {
-        return Ok(vajra_metrics::SloConfig::default());
-    };
-    let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
-    let mut t: toml::Table = toml::from_str(&text).with_context(|| format!("{}", p.display()))?;
-    match t.remove("slo") {
+    match &a.experiment {
+        Some(p) => Ok(Sections::load(p)?.slo.unwrap_or_default()),
         None => Ok(vajra_metrics::SloConfig::default()),
-        Some(v) => v
-            .try_into()
-            .with_context(|| format!("{}: [slo]", p.display())),
     }
 }
 

@@ -229,3 +229,29 @@ fn bench_against_no_server_is_a_clear_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("url") && err.contains("reachable"), "{err}");
 }
+
+#[test]
+fn bench_reads_the_experiment_schema_and_names_what_is_wrong() {
+    let dir = tmp("schema");
+    let out = dir.join("run");
+    // Sections bench does not use are still the experiment schema's: a misspelt key is named.
+    let p = dir.join("typo.toml");
+    let text = std::fs::read_to_string(experiment(&dir, 3)).unwrap();
+    std::fs::write(&p, format!("{text}[cache]\nblok_size = 16\n")).unwrap();
+    let err = String::from_utf8_lossy(&bench("http://127.0.0.1:9", &p, &out).stderr).into_owned();
+    assert!(
+        err.contains("blok_size") && err.contains("typo.toml"),
+        "{err}"
+    );
+    // A file without the section bench needs.
+    let p = dir.join("noworkload.toml");
+    std::fs::write(&p, "seed = 3\n").unwrap();
+    let err = String::from_utf8_lossy(&bench("http://127.0.0.1:9", &p, &out).stderr).into_owned();
+    assert!(err.contains("has no [workload]"), "{err}");
+    // A sweep is many points; bench takes one.
+    let p = dir.join("sweep.toml");
+    std::fs::write(&p, format!("{text}[sweep]\n\"seed\" = [1, 2]\n")).unwrap();
+    let err = String::from_utf8_lossy(&bench("http://127.0.0.1:9", &p, &out).stderr).into_owned();
+    assert!(err.contains("[sweep] (seed)"), "{err}");
+    assert!(!out.exists(), "nothing is written for a bad file");
+}

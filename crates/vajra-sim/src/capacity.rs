@@ -13,10 +13,10 @@
 //! to grow with load (a probe that passes above a failing one is ignored).
 
 use crate::error::{Result, SimError};
-use crate::experiment::{ExperimentFile, Point};
 use crate::run::{Prepared, prepare, simulate, summarize};
 use rayon::prelude::*;
 use serde::Serialize;
+use vajra_experiment::experiment::{ExperimentFile, Point};
 use vajra_workload::config::ArrivalConfig;
 
 /// One probe.

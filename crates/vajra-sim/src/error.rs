@@ -5,7 +5,7 @@ use std::path::PathBuf;
 /// What can go wrong setting up or running a simulation.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    /// An experiment file could not be read or parsed.
+    /// An input file (a run folder, a step log) could not be read or parsed.
     #[error("{path}: {message}")]
     Experiment {
         /// The file.
@@ -13,6 +13,9 @@ pub enum SimError {
         /// What is wrong.
         message: String,
     },
+    /// The experiment file is unreadable or invalid.
+    #[error(transparent)]
+    Schema(Box<vajra_experiment::ExperimentError>),
     /// A profile file is missing, malformed or for another model.
     #[error("profile {path}: {message}")]
     Profile {
@@ -55,6 +58,13 @@ impl SimError {
         allowed: impl Into<String>,
     ) -> Self {
         SimError::Core(vajra_core::CoreError::invalid(field, value, allowed))
+    }
+}
+
+impl From<vajra_experiment::ExperimentError> for SimError {
+    fn from(e: vajra_experiment::ExperimentError) -> Self {
+        // Boxed: the schema's error holds the core's, the workload's and the metrics' inline.
+        SimError::Schema(Box::new(e))
     }
 }
 

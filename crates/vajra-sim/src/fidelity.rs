@@ -344,8 +344,8 @@ mod tests {
 
     fn roofline() -> Predictor {
         Predictor::new(
-            &crate::catalog::model("Llama-2-7b-hf").unwrap(),
-            &crate::catalog::device("h100").unwrap(),
+            &vajra_experiment::catalog::model("Llama-2-7b-hf").unwrap(),
+            &vajra_experiment::catalog::device("h100").unwrap(),
             vajra_core::config::ParallelConfig::default(),
             &crate::predictor::PredictorConfig::default(),
             None,

@@ -4,8 +4,9 @@
 //! scheduler and block manager (with real block identities), timed by a profile-driven
 //! execution-time predictor.
 //!
-//! - [`experiment`]: experiment files and sweeps.
-//! - [`catalog`]: built-in devices and model shapes.
+//! Experiment files, sweeps and the device and model catalog are `vajra-experiment`'s (the
+//! engine reads the same schema).
+//!
 //! - [`memory`]: KV capacity per replica.
 //! - [`predictor`]: batch → per-stage duration, from measured profiles or a roofline model.
 //! - [`sim`]: the event loop.
@@ -13,9 +14,7 @@
 //! - [`profiles`]: generating roofline profiles and measuring the predictor's error.
 
 pub mod capacity;
-pub mod catalog;
 pub mod error;
-pub mod experiment;
 pub mod fidelity;
 pub mod memory;
 pub mod predictor;

@@ -10,9 +10,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
-use vajra_sim::experiment::ExperimentFile;
+use vajra_experiment::catalog;
+use vajra_experiment::experiment::ExperimentFile;
+use vajra_sim::profiles;
 use vajra_sim::sweep::{RunOptions, SHORT, markdown_table, out_root, run_file};
-use vajra_sim::{catalog, profiles};
 
 #[derive(Parser)]
 #[command(

@@ -14,11 +14,11 @@
 //! stages (the first stage, which has the most layers). Vidur instead counts only transformer
 //! weights and derives blocks from `max_tokens × max requests` (`docs/vidur.md`).
 
-use crate::catalog::DeviceSpec;
 use crate::error::{Result, SimError};
 use crate::predictor::stage_layers;
 use serde::Serialize;
 use vajra_core::config::{CacheConfig, ModelConfig, ParallelConfig};
+use vajra_experiment::catalog::DeviceSpec;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -114,7 +114,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{device, model};
+    use vajra_experiment::catalog::{device, model};
 
     #[test]
     fn llama2_7b_on_h100_has_room_for_some_thousands_of_blocks() {

@@ -1,7 +1,6 @@
 //! Generated (roofline) profiles in the project's schema, and the predictor's error against
 //! measured ones.
 
-use crate::catalog::{self, DeviceSpec};
 use crate::error::{Result, write_err};
 use crate::predictor::curve::Curve;
 use crate::predictor::profile::{Statistic, read_mlp};
@@ -9,6 +8,7 @@ use crate::predictor::roofline::{self, MLP_OPS};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use vajra_core::config::ModelConfig;
+use vajra_experiment::catalog::{self, DeviceSpec};
 
 /// Token counts of generated `mlp.csv` files: 1–16, then steps of ×√2 up to 32768.
 pub fn token_grid() -> Vec<u32> {

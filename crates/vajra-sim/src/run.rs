@@ -1,8 +1,6 @@
 //! Running one point of an experiment and writing its run folder.
 
-use crate::catalog::DeviceSpec;
 use crate::error::{Result, write_err};
-use crate::experiment::{self, ExperimentFile, Point};
 use crate::memory::{self, MemoryPlan};
 use crate::predictor::{self, Predictor};
 use crate::sim::{self, SimSpec, StageSlice};
@@ -12,6 +10,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use vajra_core::config::ModelConfig;
+use vajra_experiment::catalog::DeviceSpec;
+use vajra_experiment::experiment::{self, ExperimentFile, Point};
 use vajra_metrics::Summary;
 use vajra_metrics::output::{Tables, write_run};
 use vajra_metrics::summary::ClusterFacts;

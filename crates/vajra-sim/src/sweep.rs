@@ -1,13 +1,13 @@
 //! Running every point of an experiment file, in parallel, and the sweep summary table.
 
 use crate::error::{Result, SimError, write_err};
-use crate::experiment::ExperimentFile;
 use crate::run::{PointResult, run_point};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use vajra_experiment::experiment::ExperimentFile;
 
 /// How to run a file.
 #[derive(Debug, Clone)]

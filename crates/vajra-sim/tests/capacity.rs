@@ -2,8 +2,8 @@
 //! does not.
 
 use std::path::PathBuf;
+use vajra_experiment::experiment::ExperimentFile;
 use vajra_sim::capacity::search;
-use vajra_sim::experiment::ExperimentFile;
 use vajra_sim::run::{prepare, simulate, summarize};
 
 fn file(name: &str) -> ExperimentFile {

@@ -29,76 +29,14 @@ pub mod curve;
 pub mod profile;
 pub mod roofline;
 
-use crate::catalog::DeviceSpec;
 use crate::error::SimError;
 use curve::Curve;
 use profile::{AttentionFit, OpCurves};
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use vajra_core::config::{ModelConfig, ParallelConfig};
 use vajra_core::sched::output::SchedulerOutput;
-
-/// The `[predictor]` table of an experiment file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PredictorConfig {
-    /// Folder with `mlp.csv` (and optionally `attention.csv`, `all_reduce.csv`,
-    /// `send_recv.csv`). Absent: `profiles/{measured,generated}/<device>/<model>/` is searched
-    /// and, failing that, the roofline model is used with a warning. `"roofline"` forces the
-    /// roofline model.
-    pub profile: Option<PathBuf>,
-    /// Folder with Vidur's `all_reduce.csv` / `send_recv.csv` (overrides the profile
-    /// folder's).
-    pub network: Option<PathBuf>,
-    /// Fixed CPU time per step (scheduling, input preparation, sampling), microseconds.
-    pub cpu_overhead_us: f64,
-    /// CPU time per request in the step, microseconds.
-    pub cpu_overhead_per_request_us: f64,
-    /// Model the LM head (Vidur does not).
-    pub lm_head: bool,
-    /// Which statistic of each measured point to price steps with: `median` (Vidur's) or
-    /// `mean` (adds each point's share of slow steps; closer to a long run's average on a
-    /// noisy machine). Collectives keep the median.
-    pub profile_statistic: profile::Statistic,
-}
-
-impl Default for PredictorConfig {
-    fn default() -> Self {
-        PredictorConfig {
-            profile: None,
-            network: None,
-            cpu_overhead_us: 0.0,
-            cpu_overhead_per_request_us: 0.0,
-            lm_head: true,
-            profile_statistic: profile::Statistic::Median,
-        }
-    }
-}
-
-impl PredictorConfig {
-    /// Checks the overheads.
-    ///
-    /// # Errors
-    /// A negative or non-finite overhead.
-    pub fn validate(&self) -> Result<(), SimError> {
-        for (f, v) in [
-            ("predictor.cpu_overhead_us", self.cpu_overhead_us),
-            (
-                "predictor.cpu_overhead_per_request_us",
-                self.cpu_overhead_per_request_us,
-            ),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(SimError::invalid(
-                    f,
-                    v,
-                    "a finite number of microseconds ≥ 0",
-                ));
-            }
-        }
-        Ok(())
-    }
-}
+use vajra_experiment::catalog::DeviceSpec;
+pub use vajra_experiment::predictor::PredictorConfig;
 
 enum Linear {
     Measured(OpCurves),
@@ -593,13 +531,13 @@ pub fn find_profile(roots: &[PathBuf], device: &str, model: &ModelConfig) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{device, model};
     use vajra_core::config::{CacheConfig, PolicyConfig, SchedulerConfig};
     use vajra_core::ids::RequestId;
     use vajra_core::request::{Prompt, Request};
     use vajra_core::sched::Scheduler;
     use vajra_core::sched::config::VllmV1Config;
     use vajra_core::time::Timestamp;
+    use vajra_experiment::catalog::{device, model};
 
     fn batch(prompts: &[u32]) -> SchedulerOutput {
         let cfg = SchedulerConfig::new(PolicyConfig::VllmV1(VllmV1Config {

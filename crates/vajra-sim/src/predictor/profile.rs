@@ -21,6 +21,7 @@ use crate::error::SimError;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use vajra_core::config::ModelConfig;
+pub use vajra_experiment::predictor::Statistic;
 
 /// A CSV table read as text cells, with column lookup that errors by name.
 struct Table {
@@ -114,32 +115,6 @@ pub struct OpCurves {
     pub ops: BTreeMap<String, Curve>,
     /// Largest measured token count.
     pub max_tokens: f64,
-}
-
-/// Which `time_stats` column of a profile the predictor prices steps with.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Statistic {
-    /// The median over a point's repetitions (Vidur's choice): a typical step.
-    #[default]
-    Median,
-    /// The mean: a typical step plus its share of the slow tail, which a long run averages in.
-    Mean,
-}
-
-impl Statistic {
-    /// The column suffix (`time_stats.<op>.<suffix>`).
-    pub fn column(self) -> &'static str {
-        match self {
-            Statistic::Median => "median",
-            Statistic::Mean => "mean",
-        }
-    }
-
-    /// The column of `op` in this statistic: `time_stats.<op>.<median|mean>`.
-    pub fn of(self, op: &str) -> String {
-        format!("time_stats.{op}.{}", self.column())
-    }
 }
 
 /// Reads `mlp.csv` rows for `tp`, checking that the file describes `model`.

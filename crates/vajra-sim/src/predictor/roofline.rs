@@ -7,8 +7,8 @@
 //! and are not refitted per model or device; `vajra-sim profile error` reports how well the
 //! resulting curves match every measured file (README: "Predictor error").
 
-use crate::catalog::DeviceSpec;
 use vajra_core::config::ModelConfig;
+use vajra_experiment::catalog::DeviceSpec;
 
 /// Peak fraction large GEMMs reach.
 const E_C: f64 = 0.78;
@@ -145,7 +145,7 @@ pub fn send_recv(dev: &DeviceSpec, bytes: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{device, model};
+    use vajra_experiment::catalog::{device, model};
 
     #[test]
     fn large_gemms_are_compute_bound_and_small_ones_bandwidth_bound() {

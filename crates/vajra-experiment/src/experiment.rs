@@ -25,7 +25,7 @@
 //! the output folder is relative to the working directory.
 
 use crate::catalog::{self, DeviceSpec};
-use crate::error::{Result, SimError};
+use crate::error::{ExperimentError, Result};
 use crate::predictor::PredictorConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -99,8 +99,11 @@ impl Default for OutputConfig {
     }
 }
 
+/// The root seed of a file that sets none.
+pub const DEFAULT_SEED: u64 = 42;
+
 fn default_seed() -> u64 {
-    42
+    DEFAULT_SEED
 }
 
 /// One experiment (one point of a sweep).
@@ -291,11 +294,11 @@ impl ExperimentFile {
     /// # Errors
     /// An unreadable file, malformed TOML, an unknown key, a bad value, or a bad sweep.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| SimError::Experiment {
+        let text = std::fs::read_to_string(path).map_err(|e| ExperimentError::File {
             path: path.to_owned(),
             message: format!("cannot read: {e}"),
         })?;
-        let exp_err = |message: String| SimError::Experiment {
+        let exp_err = |message: String| ExperimentError::File {
             path: path.to_owned(),
             message,
         };
@@ -418,7 +421,7 @@ impl ExperimentFile {
 pub fn resolve_model(spec: &ModelSpec, base: &Path) -> Result<ModelConfig> {
     let mut m = match (&spec.name, &spec.config) {
         (Some(n), None) => catalog::model(n).ok_or_else(|| {
-            SimError::invalid(
+            ExperimentError::invalid(
                 "model.name",
                 n,
                 format!(
@@ -429,7 +432,7 @@ pub fn resolve_model(spec: &ModelSpec, base: &Path) -> Result<ModelConfig> {
         })?,
         (None, Some(p)) => {
             let path = base.join(p);
-            let text = std::fs::read_to_string(&path).map_err(|e| SimError::Experiment {
+            let text = std::fs::read_to_string(&path).map_err(|e| ExperimentError::File {
                 path: path.clone(),
                 message: format!("model.config: cannot read: {e}"),
             })?;
@@ -440,14 +443,14 @@ pub fn resolve_model(spec: &ModelSpec, base: &Path) -> Result<ModelConfig> {
             ModelConfig::from_hf_config_json(&text, &name)?
         }
         (Some(_), Some(_)) => {
-            return Err(SimError::invalid(
+            return Err(ExperimentError::invalid(
                 "model",
                 "both name and config",
                 "one of model.name or model.config",
             ));
         }
         (None, None) => {
-            return Err(SimError::invalid(
+            return Err(ExperimentError::invalid(
                 "model",
                 "(neither name nor config)",
                 "model.name = a built-in model, or model.config = a config.json",
@@ -456,7 +459,7 @@ pub fn resolve_model(spec: &ModelSpec, base: &Path) -> Result<ModelConfig> {
     };
     if let Some(l) = spec.max_model_len {
         if l < 2 {
-            return Err(SimError::invalid(
+            return Err(ExperimentError::invalid(
                 "model.max_model_len",
                 l,
                 "an integer ≥ 2",
@@ -472,11 +475,12 @@ pub fn resolve_model(spec: &ModelSpec, base: &Path) -> Result<ModelConfig> {
 /// # Errors
 /// An unknown device or a bad price.
 pub fn resolve_device(c: &ClusterSpec) -> Result<DeviceSpec> {
-    let mut d = catalog::device(&c.device)
-        .ok_or_else(|| SimError::invalid("cluster.device", &c.device, catalog::device_names()))?;
+    let mut d = catalog::device(&c.device).ok_or_else(|| {
+        ExperimentError::invalid("cluster.device", &c.device, catalog::device_names())
+    })?;
     if let Some(p) = c.price_per_hour {
         if !(p.is_finite() && p >= 0.0) {
-            return Err(SimError::invalid(
+            return Err(ExperimentError::invalid(
                 "cluster.price_per_hour",
                 p,
                 "a finite number of dollars ≥ 0",
@@ -503,7 +507,7 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
     let m = resolve_model(&e.model, base)?;
     resolve_device(&e.cluster)?;
     if e.cluster.num_replicas < 1 || e.cluster.num_replicas > 100_000 {
-        return Err(SimError::invalid(
+        return Err(ExperimentError::invalid(
             "cluster.num_replicas",
             e.cluster.num_replicas,
             "1 to 100000",
@@ -512,7 +516,7 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
     parallel(&e.cluster).validate()?;
     let tp = e.cluster.tensor_parallel;
     if !catalog::tp_divides(&m, tp) {
-        return Err(SimError::invalid(
+        return Err(ExperimentError::invalid(
             "cluster.tensor_parallel",
             e.cluster.tensor_parallel,
             format!(
@@ -522,7 +526,7 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
         ));
     }
     if e.cluster.pipeline_parallel > m.num_layers {
-        return Err(SimError::invalid(
+        return Err(ExperimentError::invalid(
             "cluster.pipeline_parallel",
             e.cluster.pipeline_parallel,
             format!("at most the model's {} layers", m.num_layers),
@@ -536,7 +540,7 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
     e.slo.validate()?;
     let c = e.capacity;
     if !(c.precision.is_finite() && c.precision > 0.0 && c.precision < 1.0) {
-        return Err(SimError::invalid(
+        return Err(ExperimentError::invalid(
             "capacity.precision",
             c.precision,
             "a fraction in (0, 1)",
@@ -544,7 +548,7 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
     }
     if !(c.min_qps.is_finite() && c.min_qps > 0.0 && c.max_qps.is_finite() && c.max_qps > c.min_qps)
     {
-        return Err(SimError::invalid(
+        return Err(ExperimentError::invalid(
             "capacity.max_qps",
             c.max_qps,
             format!("a finite rate above capacity.min_qps = {}", c.min_qps),
@@ -558,7 +562,7 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
             && p.as_os_str() != "roofline"
             && !base.join(p).is_dir()
         {
-            return Err(SimError::invalid(
+            return Err(ExperimentError::invalid(
                 field,
                 base.join(p).display(),
                 "an existing folder (relative to the experiment file), or \"roofline\"",
@@ -568,7 +572,7 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
     for p in workload_paths(&e.workload) {
         let full = base.join(p);
         if !full.is_file() {
-            return Err(SimError::invalid(
+            return Err(ExperimentError::invalid(
                 "workload trace path",
                 full.display(),
                 "an existing file (relative to the experiment file)",

@@ -1,0 +1,203 @@
+//! Built-in devices and model shapes.
+//!
+//! Device peaks are datasheet numbers (dense bf16 tensor-core FLOP/s, HBM bandwidth, NVLink
+//! bandwidth per direction); the roofline predictor derates them with size-dependent efficiency
+//! curves (vajra-sim's roofline predictor). Model shapes are those of the public Hugging
+//! Face `config.json` files.
+
+use serde::{Deserialize, Serialize};
+use vajra_core::config::ModelConfig;
+
+/// One accelerator kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    /// Short name (`h100`, `h200`, `a100`).
+    pub name: String,
+    /// Device memory in bytes.
+    pub memory_bytes: u64,
+    /// Dense bf16 tensor-core peak, FLOP/s.
+    pub peak_flops: f64,
+    /// Memory bandwidth, bytes/s.
+    pub mem_bandwidth: f64,
+    /// NVLink bandwidth per direction per device, bytes/s (all-reduce and send/recv).
+    pub link_bandwidth: f64,
+    /// On-demand price per device-hour in US dollars (capacity per dollar).
+    pub price_per_hour: f64,
+}
+
+const GB: f64 = 1e9;
+
+/// The built-in devices.
+pub fn devices() -> Vec<DeviceSpec> {
+    vec![
+        DeviceSpec {
+            name: "h100".into(),
+            memory_bytes: 80 * (1 << 30),
+            peak_flops: 989e12,
+            mem_bandwidth: 3350.0 * GB,
+            link_bandwidth: 450.0 * GB,
+            price_per_hour: 4.25,
+        },
+        DeviceSpec {
+            name: "h200".into(),
+            memory_bytes: 141 * 1_000_000_000,
+            peak_flops: 989e12,
+            mem_bandwidth: 4800.0 * GB,
+            link_bandwidth: 450.0 * GB,
+            price_per_hour: 5.50,
+        },
+        DeviceSpec {
+            name: "a100".into(),
+            memory_bytes: 80 * (1 << 30),
+            peak_flops: 312e12,
+            mem_bandwidth: 2039.0 * GB,
+            link_bandwidth: 300.0 * GB,
+            price_per_hour: 2.21,
+        },
+    ]
+}
+
+/// A built-in device by name (case-insensitive; `h100-80gb` and `a100-80gb` accepted).
+pub fn device(name: &str) -> Option<DeviceSpec> {
+    let n = name.to_ascii_lowercase();
+    let n = n.trim_end_matches("-80gb").trim_end_matches("-141gb");
+    devices().into_iter().find(|d| d.name == n)
+}
+
+/// The built-in model shapes: `(name, config.json)`, the fields of each model's public
+/// Hugging Face `config.json` that a shape needs (and the engine's token ids), so that the
+/// simulator's [`ModelConfig`] and the engine's random-weight model come from one text.
+pub const MODELS: &[(&str, &str)] = &[
+    (
+        "meta-llama/Llama-2-7b-hf",
+        r#"{"model_type":"llama","hidden_size":4096,"intermediate_size":11008,"num_attention_heads":32,
+           "num_hidden_layers":32,"num_key_value_heads":32,"vocab_size":32000,"max_position_embeddings":4096,
+           "rope_theta":10000.0,"rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
+           "torch_dtype":"float16","eos_token_id":2,"bos_token_id":1}"#,
+    ),
+    (
+        "meta-llama/Llama-2-70b-hf",
+        r#"{"model_type":"llama","hidden_size":8192,"intermediate_size":28672,"num_attention_heads":64,
+           "num_hidden_layers":80,"num_key_value_heads":8,"vocab_size":32000,"max_position_embeddings":4096,
+           "rope_theta":10000.0,"rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
+           "torch_dtype":"float16","eos_token_id":2,"bos_token_id":1}"#,
+    ),
+    (
+        "codellama/CodeLlama-34b-Instruct-hf",
+        r#"{"model_type":"llama","hidden_size":8192,"intermediate_size":22016,"num_attention_heads":64,
+           "num_hidden_layers":48,"num_key_value_heads":8,"vocab_size":32000,"max_position_embeddings":16384,
+           "rope_theta":1000000.0,"rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
+           "torch_dtype":"bfloat16","eos_token_id":2,"bos_token_id":1}"#,
+    ),
+    (
+        "meta-llama/Meta-Llama-3-8B",
+        r#"{"model_type":"llama","hidden_size":4096,"intermediate_size":14336,"num_attention_heads":32,
+           "num_hidden_layers":32,"num_key_value_heads":8,"vocab_size":128256,"max_position_embeddings":8192,
+           "rope_theta":500000.0,"rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
+           "torch_dtype":"bfloat16","eos_token_id":128001,"bos_token_id":128000}"#,
+    ),
+    (
+        "meta-llama/Meta-Llama-3-70B",
+        r#"{"model_type":"llama","hidden_size":8192,"intermediate_size":28672,"num_attention_heads":64,
+           "num_hidden_layers":80,"num_key_value_heads":8,"vocab_size":128256,"max_position_embeddings":8192,
+           "rope_theta":500000.0,"rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
+           "torch_dtype":"bfloat16","eos_token_id":128001,"bos_token_id":128000}"#,
+    ),
+    (
+        "mistralai/Mistral-7B-v0.1",
+        r#"{"model_type":"mistral","hidden_size":4096,"intermediate_size":14336,"num_attention_heads":32,
+           "num_hidden_layers":32,"num_key_value_heads":8,"vocab_size":32000,"max_position_embeddings":32768,
+           "rope_theta":10000.0,"rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
+           "torch_dtype":"bfloat16","eos_token_id":2,"bos_token_id":1}"#,
+    ),
+    (
+        "Qwen/Qwen2-7B",
+        r#"{"model_type":"qwen2","hidden_size":3584,"intermediate_size":18944,"num_attention_heads":28,
+           "num_hidden_layers":28,"num_key_value_heads":4,"vocab_size":152064,"max_position_embeddings":32768,
+           "rope_theta":1000000.0,"rms_norm_eps":1e-06,"hidden_act":"silu","tie_word_embeddings":false,
+           "torch_dtype":"bfloat16","eos_token_id":151643,"bos_token_id":151643}"#,
+    ),
+    (
+        "HuggingFaceTB/SmolLM2-135M",
+        r#"{"model_type":"llama","hidden_size":576,"intermediate_size":1536,"num_attention_heads":9,
+           "num_hidden_layers":30,"num_key_value_heads":3,"vocab_size":49152,"max_position_embeddings":8192,
+           "rope_theta":100000.0,"rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":true,
+           "torch_dtype":"bfloat16","eos_token_id":2,"bos_token_id":1}"#,
+    ),
+];
+
+/// The built-in model shapes.
+///
+/// # Panics
+/// Never for the shipped table: every entry parses (a test reads each one).
+pub fn models() -> Vec<ModelConfig> {
+    MODELS
+        .iter()
+        .map(|(name, json)| {
+            ModelConfig::from_hf_config_json(json, name)
+                .unwrap_or_else(|e| panic!("built-in model {name}: {e}"))
+        })
+        .collect()
+}
+
+/// The `(full name, config.json)` of a built-in model, by full name or by its part after the
+/// `/` (case-insensitive).
+pub fn model_json(name: &str) -> Option<(&'static str, &'static str)> {
+    let n = name.to_ascii_lowercase();
+    MODELS.iter().copied().find(|(full, _)| {
+        let full = full.to_ascii_lowercase();
+        full == n || full.rsplit('/').next() == Some(n.as_str())
+    })
+}
+
+/// A built-in model by full name or by its part after the `/` (case-insensitive).
+pub fn model(name: &str) -> Option<ModelConfig> {
+    let (full, json) = model_json(name)?;
+    ModelConfig::from_hf_config_json(json, full).ok()
+}
+
+/// Whether `tp` devices can shard the model's heads: the query heads split evenly, and the KV
+/// heads either split evenly or are replicated (`tp` a multiple of them).
+pub fn tp_divides(m: &ModelConfig, tp: u32) -> bool {
+    m.num_heads.is_multiple_of(tp)
+        && (m.num_kv_heads.is_multiple_of(tp) || tp.is_multiple_of(m.num_kv_heads))
+}
+
+/// Names of the built-in models, for error messages.
+pub fn model_names() -> String {
+    MODELS.iter().map(|m| m.0).collect::<Vec<_>>().join(", ")
+}
+
+/// Names of the built-in devices, for error messages.
+pub fn device_names() -> String {
+    devices()
+        .iter()
+        .map(|d| d.name.clone())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_models_are_valid_and_have_the_published_sizes() {
+        for m in models() {
+            m.validate().unwrap();
+        }
+        let p = |n: &str| model(n).unwrap().num_params() as f64 / 1e9;
+        assert!((p("Llama-2-7b-hf") - 6.74).abs() < 0.01);
+        assert!((p("Meta-Llama-3-8B") - 8.03).abs() < 0.01);
+        assert!((p("meta-llama/Meta-Llama-3-70B") - 70.55).abs() < 0.05);
+        assert!((p("Mistral-7B-v0.1") - 7.24).abs() < 0.01);
+        assert!((p("Qwen2-7B") - 7.62).abs() < 0.02);
+    }
+
+    #[test]
+    fn device_lookup_accepts_memory_suffixes() {
+        assert_eq!(device("H100-80GB").unwrap().name, "h100");
+        assert!(device("tpu").is_none());
+    }
+}
