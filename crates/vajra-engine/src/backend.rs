@@ -13,15 +13,19 @@
 //! and returns logits for the last token of every request that samples this step (or for every
 //! token, for fidelity checks).
 
+pub mod cache;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(test)]
 mod host_kernels;
+pub mod layout;
 pub mod linalg;
 
 use crate::error::Result;
 use crate::spec::ModelSpec;
+pub use cache::CacheShape;
+use std::collections::BTreeMap;
 use vajra_core::ids::{BlockId, HostBlockId};
 
 /// One request's share of a step.
@@ -221,7 +225,21 @@ pub trait Backend: Send {
     ) -> Result<()>;
     /// The backend as one that times its operators (`vajra-engine serve --profile-out`), where
     /// it can.
-    fn as_profiled(&mut self) -> Option<&mut dyn crate::profile::Profiled> {
+    fn as_profiled(&mut self) -> Option<&mut dyn Profiled> {
         None
     }
+}
+
+/// A backend that can time its operators (`vajra-engine profile`, `serve --profile-out`; the
+/// profiler itself is `crate::profile`).
+pub trait Profiled: Backend {
+    /// Runs one step and returns each operator's time summed over the step, in ms.
+    ///
+    /// # Errors
+    /// As [`Backend::execute`].
+    fn profile_step(&mut self, input: &StepInput<'_>) -> Result<BTreeMap<&'static str, f64>>;
+    /// The device, for provenance.
+    fn device(&self) -> serde_json::Value;
+    /// How the operators run and are timed, for provenance.
+    fn method(&self) -> String;
 }

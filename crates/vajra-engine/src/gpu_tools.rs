@@ -7,7 +7,7 @@
 //! do not change the work).
 
 use crate::backend::Backend;
-use crate::backend::cpu::CacheShape;
+use crate::backend::CacheShape;
 use crate::backend::cuda::{CudaBackend, SplitAim, WeightSource};
 use crate::error::Result;
 use crate::sampler::{DeviceDraw, RequestSampler};

@@ -32,7 +32,8 @@ pub mod weights;
 
 pub use error::{EngineError, Result};
 
-use backend::cpu::{CacheShape, CpuBackend};
+use backend::CacheShape;
+use backend::cpu::CpuBackend;
 use engine::{Engine, EngineConfig};
 use std::path::Path;
 use std::sync::Arc;

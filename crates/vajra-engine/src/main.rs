@@ -609,7 +609,7 @@ fn profile(a: ProfileArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn cuda_profile(model: Option<&Path>, a: &ProfileArgs, cmd: &str) -> Result<PathBuf> {
-    use vajra_engine::backend::cpu::CacheShape;
+    use vajra_engine::backend::CacheShape;
     use vajra_engine::profile::{BLOCK, Grid, profile};
     let grid = Grid::gpu(a.quick);
     let mut b = match model {

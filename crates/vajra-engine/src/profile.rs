@@ -8,8 +8,8 @@
 //! point keeps the median of its rounds. The simulator reads the folder unchanged
 //! (`predictor.profile = ...`).
 
-use crate::backend::cpu::{CacheShape, CpuBackend};
-use crate::backend::{Backend, LogitsFor, SeqInput, StepInput};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{CacheShape, LogitsFor, Profiled, SeqInput, StepInput};
 use crate::error::Result;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -20,68 +20,6 @@ use vajra_core::ids::BlockId;
 
 /// Tokens per KV block of profiling steps.
 pub const BLOCK: u32 = 16;
-
-/// A backend that can time its operators.
-pub trait Profiled: Backend {
-    /// Runs one step and returns each operator's time summed over the step, in ms.
-    ///
-    /// # Errors
-    /// As [`Backend::execute`].
-    fn profile_step(&mut self, input: &StepInput<'_>) -> Result<BTreeMap<&'static str, f64>>;
-    /// The device, for provenance.
-    fn device(&self) -> serde_json::Value;
-    /// How the operators run and are timed, for provenance.
-    fn method(&self) -> String;
-}
-
-impl Profiled for CpuBackend {
-    fn profile_step(&mut self, input: &StepInput<'_>) -> Result<BTreeMap<&'static str, f64>> {
-        CpuBackend::profile_step(self, input)
-    }
-    fn device(&self) -> serde_json::Value {
-        let model = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .map(|m| m.trim().to_owned())
-            })
-            .unwrap_or_else(|| "unknown".into());
-        json!({"cpu": model, "threads": rayon::current_num_threads()})
-    }
-    fn method(&self) -> String {
-        "vajra-engine's CPU backend (f32; AVX2 dot products up to 16 rows, matrixmultiply SGEMM beyond, split over rayon workers by output feature or by rows; attention one task per token, or per (token, head) below one token per worker), wall clock between operators; `add` is the two residual adds".into()
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl Profiled for crate::backend::cuda::CudaBackend {
-    fn profile_step(&mut self, input: &StepInput<'_>) -> Result<BTreeMap<&'static str, f64>> {
-        crate::backend::cuda::CudaBackend::profile_step(self, input)
-    }
-    fn device(&self) -> serde_json::Value {
-        json!({"gpu": self.device_name(), "driver_cuda": crate::backend::cuda::CudaBackend::driver_version()})
-    }
-    fn method(&self) -> String {
-        use crate::backend::cuda::KernelSet;
-        let attention = match self.kernels() {
-            KernelSet::V2 => format!(
-                "kernels v2: rotary and KV-cache write in one kernel (so `attn_kv_cache_save` is 0), tensor-core paged_decode ({} K/V tile(s) in flight per warp) and flash_prefill for prefill chunks of 64 tokens or more, over 16-token blocks",
-                self.decode_stages()
-            ),
-            KernelSet::V1 => "kernels v1: scalar paged attention over 16-token blocks, prefill chunks of 64 tokens or more as cuBLAS GEMMs".into(),
-        };
-        let gemms = if self.tuned_gemm() {
-            "projections of steps of at most 128 tokens through cuBLASLt with the algorithm chosen by timing in the warm-up round (VAJRA_CUDA_GEMM=tuned), larger ones through cuBLAS"
-        } else {
-            "cuBLAS GEMMs"
-        };
-        format!(
-            "vajra-engine's CUDA backend, bf16: {gemms}, NVRTC kernels (residual add fused into RMSNorm, so `add` is 0), {attention}; CUDA events between operators"
-        )
-    }
-}
 
 /// The grid a profile covers.
 #[derive(Debug, Clone)]

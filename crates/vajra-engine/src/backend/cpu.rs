@@ -15,111 +15,18 @@
 //! Q/K/V and gate/up projections are fused into one matrix each at load time, so a layer makes
 //! four products: QKV, O, gate-up, down.
 
+use super::layout::FusedWeights;
 use super::linalg::{matmul_t, rms_norm, silu_mul};
-use super::{Backend, Logits, LogitsFor, StepInput};
+use super::{Backend, CacheShape, Logits, LogitsFor, Profiled, StepInput};
 use crate::error::{EngineError, Result};
 use crate::spec::ModelSpec;
-use crate::weights::Checkpoint;
+use BTreeMap;
 use rayon::prelude::*;
 use std::path::Path;
 use vajra_core::ids::{BlockId, HostBlockId};
 
 /// Default KV-cache size of the CPU backend, in MiB.
 pub const DEFAULT_KV_CACHE_MIB: u64 = 1024;
-
-/// One layer's weights, projections fused (the CUDA backend uploads the same layout).
-pub(crate) struct Layer {
-    pub(crate) attn_norm: Vec<f32>,
-    /// `[(heads + 2·kv_heads)·head_dim, hidden]`.
-    pub(crate) qkv: Vec<f32>,
-    pub(crate) qkv_bias: Option<Vec<f32>>,
-    /// `[hidden, heads·head_dim]`.
-    pub(crate) o: Vec<f32>,
-    pub(crate) mlp_norm: Vec<f32>,
-    /// `[2·intermediate, hidden]`: gate rows then up rows.
-    pub(crate) gate_up: Vec<f32>,
-    /// `[hidden, intermediate]`.
-    pub(crate) down: Vec<f32>,
-}
-
-/// Model weights in the CPU backend's layout.
-pub struct CpuWeights {
-    pub(crate) embed: Vec<f32>,
-    /// `None` when tied to the embedding.
-    pub(crate) lm_head: Option<Vec<f32>>,
-    pub(crate) final_norm: Vec<f32>,
-    pub(crate) layers: Vec<Layer>,
-}
-
-impl CpuWeights {
-    /// Loads the weights of the model folder `dir` for `spec`.
-    ///
-    /// # Errors
-    /// A missing file or tensor, or a tensor whose shape differs from what `config.json` implies.
-    pub fn load(dir: &Path, spec: &ModelSpec) -> Result<Self> {
-        let mut ck = Checkpoint::load(dir)?;
-        Self::from_checkpoint(&mut ck, spec)
-    }
-
-    /// Takes the weights out of a loaded checkpoint.
-    ///
-    /// # Errors
-    /// As [`CpuWeights::load`].
-    pub fn from_checkpoint(ck: &mut Checkpoint, spec: &ModelSpec) -> Result<Self> {
-        let c = &spec.config;
-        let (h, v, i) = (
-            c.hidden_size as usize,
-            c.vocab_size as usize,
-            c.intermediate_size as usize,
-        );
-        let (q, kv) = (c.q_width() as usize, c.kv_width() as usize);
-        let embed = ck.take("model.embed_tokens.weight", &[v, h])?;
-        let lm_head = if c.tie_word_embeddings || !ck.contains("lm_head.weight") {
-            if !c.tie_word_embeddings {
-                return Err(EngineError::Tensor {
-                    name: "lm_head.weight".into(),
-                    message: "missing, and config.json does not set tie_word_embeddings".into(),
-                });
-            }
-            None
-        } else {
-            Some(ck.take("lm_head.weight", &[v, h])?)
-        };
-        let final_norm = ck.take("model.norm.weight", &[h])?;
-        let mut layers = Vec::with_capacity(c.num_layers as usize);
-        for l in 0..c.num_layers {
-            let p = format!("model.layers.{l}");
-            let mut qkv = ck.take(&format!("{p}.self_attn.q_proj.weight"), &[q, h])?;
-            qkv.extend(ck.take(&format!("{p}.self_attn.k_proj.weight"), &[kv, h])?);
-            qkv.extend(ck.take(&format!("{p}.self_attn.v_proj.weight"), &[kv, h])?);
-            let qkv_bias = if c.attention_bias {
-                let mut b = ck.take(&format!("{p}.self_attn.q_proj.bias"), &[q])?;
-                b.extend(ck.take(&format!("{p}.self_attn.k_proj.bias"), &[kv])?);
-                b.extend(ck.take(&format!("{p}.self_attn.v_proj.bias"), &[kv])?);
-                Some(b)
-            } else {
-                None
-            };
-            let mut gate_up = ck.take(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?;
-            gate_up.extend(ck.take(&format!("{p}.mlp.up_proj.weight"), &[i, h])?);
-            layers.push(Layer {
-                attn_norm: ck.take(&format!("{p}.input_layernorm.weight"), &[h])?,
-                qkv,
-                qkv_bias,
-                o: ck.take(&format!("{p}.self_attn.o_proj.weight"), &[h, q])?,
-                mlp_norm: ck.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_up,
-                down: ck.take(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
-            });
-        }
-        Ok(CpuWeights {
-            embed,
-            lm_head,
-            final_norm,
-            layers,
-        })
-    }
-}
 
 /// Records the end of operator `op` while profiling (a free function, so it borrows only the
 /// marks while the caches are borrowed mutably).
@@ -132,40 +39,10 @@ fn mark(
     }
 }
 
-/// Sizes of the paged cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheShape {
-    /// Tokens per block.
-    pub block_size: u32,
-    /// Device blocks.
-    pub num_blocks: u32,
-    /// Host blocks for swap.
-    pub num_host_blocks: u32,
-}
-
-impl CacheShape {
-    /// As many blocks as fit `mib` MiB of f32 K and V for `spec`.
-    pub fn for_memory(spec: &ModelSpec, block_size: u32, mib: u64) -> Self {
-        Self::for_memory_of(spec, block_size, mib, 4)
-    }
-
-    /// As many blocks as fit `mib` MiB of K and V stored in `elem_bytes`-byte elements.
-    pub fn for_memory_of(spec: &ModelSpec, block_size: u32, mib: u64, elem_bytes: u64) -> Self {
-        let per_block = spec.config.kv_bytes_per_token(1) / u64::from(spec.config.dtype_bytes)
-            * elem_bytes
-            * u64::from(block_size);
-        CacheShape {
-            block_size,
-            num_blocks: u32::try_from((mib << 20) / per_block.max(1)).unwrap_or(u32::MAX),
-            num_host_blocks: 0,
-        }
-    }
-}
-
 /// The CPU backend.
 pub struct CpuBackend {
     spec: ModelSpec,
-    w: CpuWeights,
+    w: FusedWeights,
     shape: CacheShape,
     /// Per layer: K then V caches, each `num_blocks · block_size · kv_heads · head_dim`.
     k_cache: Vec<Vec<f32>>,
@@ -181,7 +58,7 @@ pub struct CpuBackend {
 
 impl CpuBackend {
     /// A backend over loaded weights with a cache of the given shape.
-    pub fn new(spec: ModelSpec, w: CpuWeights, shape: CacheShape) -> Self {
+    pub fn new(spec: ModelSpec, w: FusedWeights, shape: CacheShape) -> Self {
         let c = &spec.config;
         let per_block = (shape.block_size * c.num_kv_heads * c.head_dim) as usize;
         let layers = c.num_layers as usize;
@@ -206,15 +83,12 @@ impl CpuBackend {
     ///
     /// # Errors
     /// As [`Backend::execute`].
-    pub fn profile_step(
-        &mut self,
-        input: &StepInput<'_>,
-    ) -> Result<std::collections::BTreeMap<&'static str, f64>> {
+    pub fn profile_step(&mut self, input: &StepInput<'_>) -> Result<BTreeMap<&'static str, f64>> {
         *self.marks.borrow_mut() = Some(vec![("start", std::time::Instant::now())]);
         let run = self.execute(input);
         let marks = self.marks.borrow_mut().take().unwrap_or_default();
         run?;
-        let mut out = std::collections::BTreeMap::new();
+        let mut out = BTreeMap::new();
         for w in marks.windows(2) {
             *out.entry(w[1].0).or_insert(0.0) += (w[1].1 - w[0].1).as_secs_f64() * 1e3;
         }
@@ -224,10 +98,10 @@ impl CpuBackend {
     /// Loads `dir` and sizes the cache.
     ///
     /// # Errors
-    /// As [`ModelSpec::from_dir`] and [`CpuWeights::load`].
+    /// As [`ModelSpec::from_dir`] and [`FusedWeights::load`].
     pub fn load(dir: &Path, shape_of: impl FnOnce(&ModelSpec) -> CacheShape) -> Result<Self> {
         let spec = ModelSpec::from_dir(dir)?;
-        let w = CpuWeights::load(dir, &spec)?;
+        let w = FusedWeights::load(dir, &spec)?;
         let shape = shape_of(&spec);
         Ok(Self::new(spec, w, shape))
     }
@@ -446,7 +320,7 @@ impl Backend for CpuBackend {
         Ok(Logits { vocab, data })
     }
 
-    fn as_profiled(&mut self) -> Option<&mut dyn crate::profile::Profiled> {
+    fn as_profiled(&mut self) -> Option<&mut dyn Profiled> {
         Some(self)
     }
 
@@ -471,5 +345,25 @@ impl Backend for CpuBackend {
             }
         }
         Ok(())
+    }
+}
+impl Profiled for CpuBackend {
+    fn profile_step(&mut self, input: &StepInput<'_>) -> Result<BTreeMap<&'static str, f64>> {
+        CpuBackend::profile_step(self, input)
+    }
+    fn device(&self) -> serde_json::Value {
+        let model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        serde_json::json!({"cpu": model, "threads": rayon::current_num_threads()})
+    }
+    fn method(&self) -> String {
+        "vajra-engine's CPU backend (f32; AVX2 dot products up to 16 rows, matrixmultiply SGEMM beyond, split over rayon workers by output feature or by rows; attention one task per token, or per (token, head) below one token per worker), wall clock between operators; `add` is the two residual adds".into()
     }
 }

@@ -2153,7 +2153,7 @@ impl Backend for CudaBackend {
         self.forward(input, |b, logits, r| b.sample(logits, r, draws))
     }
 
-    fn as_profiled(&mut self) -> Option<&mut dyn crate::profile::Profiled> {
+    fn as_profiled(&mut self) -> Option<&mut dyn super::Profiled> {
         Some(self)
     }
 
