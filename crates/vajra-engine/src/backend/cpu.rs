@@ -20,8 +20,8 @@ use super::linalg::{matmul_t, rms_norm, silu_mul};
 use super::{Backend, CacheShape, Logits, LogitsFor, Profiled, StepInput};
 use crate::error::{EngineError, Result};
 use crate::spec::ModelSpec;
-use std::collections::BTreeMap;
 use rayon::prelude::*;
+use std::collections::BTreeMap;
 use std::path::Path;
 use vajra_core::ids::{BlockId, HostBlockId};
 
