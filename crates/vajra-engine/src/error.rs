@@ -43,6 +43,10 @@ pub enum EngineError {
         /// What failed.
         message: String,
     },
+    /// The CUDA backend failed (a missing library or device, the driver, cuBLAS, NVRTC).
+    #[cfg(feature = "cuda")]
+    #[error("backend cuda: {0}")]
+    Cuda(#[from] crate::backend::cuda::CudaError),
     /// An experiment file is unreadable or invalid (names the file, key and what is allowed).
     #[error(transparent)]
     Experiment(#[from] vajra_experiment::ExperimentError),

@@ -128,6 +128,75 @@ impl CpuBackend {
         }
         Ok(at)
     }
+    /// Attention of every token of the step over its request's cached context in layer `l`
+    /// (causal, within the sliding window), into `attn`.
+    fn attend(
+        &self,
+        l: usize,
+        at: &[(usize, u32)],
+        input: &StepInput<'_>,
+        qkv: &[f32],
+        attn: &mut [f32],
+    ) {
+        let c = &self.spec.config;
+        let t = at.len();
+        let hd = c.head_dim as usize;
+        let (nh, nkv) = (c.num_heads as usize, c.num_kv_heads as usize);
+        let (q_w, kv_w) = (nh * hd, nkv * hd);
+        let qkv_w = q_w + 2 * kv_w;
+        let bs = self.shape.block_size as usize;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let window = self.spec.sliding_window;
+        let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
+        // Attention of every new token over its request's cached context (causal): one task
+        // per token, or per (token, head) when the step has fewer tokens than threads, so a
+        // lone decode's attention does not run on one core while the others wait.
+        let head_attn = |i: usize, hq: usize, o: &mut [f32], scores: &mut Vec<f32>| {
+            let (s, p) = at[i];
+            let table = input.seqs[s].block_table;
+            let p = p as usize;
+            let lo = window.map_or(0, |w| (p + 1).saturating_sub(w as usize));
+            scores.clear();
+            scores.resize(p + 1 - lo, 0.0);
+            let kvh = hq / (nh / nkv);
+            let q = &qkv[i * qkv_w + hq * hd..i * qkv_w + (hq + 1) * hd];
+            let kv_at = |j: usize| (table[j / bs].0 as usize * bs + j % bs) * kv_w + kvh * hd;
+            let mut max = f32::NEG_INFINITY;
+            for (j, sc) in (lo..=p).zip(scores.iter_mut()) {
+                let k0 = kv_at(j);
+                *sc = super::linalg::dot(q, &kc[k0..k0 + hd]) * scale;
+                max = max.max(*sc);
+            }
+            let mut sum = 0.0;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            o.fill(0.0);
+            for (j, sc) in (lo..=p).zip(scores.iter()) {
+                let v0 = kv_at(j);
+                let wgt = sc / sum;
+                o.iter_mut()
+                    .zip(&vc[v0..v0 + hd])
+                    .for_each(|(o, v)| *o += wgt * v);
+            }
+        };
+        if t < rayon::current_num_threads() {
+            attn.par_chunks_mut(hd)
+                .enumerate()
+                .for_each_init(Vec::new, |scores, (k, o)| {
+                    head_attn(k / nh, k % nh, o, scores);
+                });
+        } else {
+            attn.par_chunks_mut(q_w)
+                .enumerate()
+                .for_each_init(Vec::new, |scores, (i, out)| {
+                    for (hq, o) in out.chunks_exact_mut(hd).enumerate() {
+                        head_attn(i, hq, o, scores);
+                    }
+                });
+        }
+    }
 }
 
 impl Backend for CpuBackend {
@@ -166,7 +235,6 @@ impl Backend for CpuBackend {
             }
         }
         // Rotary angles per token and frequency (f64, rounded once).
-        let half = hd / 2;
         let (cos, sin): (Vec<f32>, Vec<f32>) = at
             .iter()
             .flat_map(|&(_, p)| self.inv_freq.iter().map(move |f| f64::from(p) * f))
@@ -188,8 +256,6 @@ impl Backend for CpuBackend {
         let mut proj = vec![0.0; t * h];
         let mut gu = vec![0.0; t * 2 * inter];
         let mut act = vec![0.0; t * inter];
-        let scale = 1.0 / (hd as f32).sqrt();
-        let window = self.spec.sliding_window;
 
         for (l, layer) in self.w.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, eps, &mut hn);
@@ -201,21 +267,7 @@ impl Backend for CpuBackend {
                 }
             }
             mark(&self.marks, "attn_pre_proj");
-            // Rotary on Q and K heads (rotate-half convention, as Hugging Face Llama).
-            for (i, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
-                let (cs, sn) = (
-                    &cos[i * half..(i + 1) * half],
-                    &sin[i * half..(i + 1) * half],
-                );
-                for head in row[..q_w + kv_w].chunks_exact_mut(hd) {
-                    let (a, b) = head.split_at_mut(half);
-                    for j in 0..half {
-                        let (x1, x2) = (a[j], b[j]);
-                        a[j] = x1 * cs[j] - x2 * sn[j];
-                        b[j] = x2 * cs[j] + x1 * sn[j];
-                    }
-                }
-            }
+            rotate_half(&mut qkv, qkv_w, q_w + kv_w, hd, &cos, &sin);
             mark(&self.marks, "attn_rope");
             // Write this step's K and V into the paged cache.
             let (kc, vc) = (&mut self.k_cache[l], &mut self.v_cache[l]);
@@ -223,56 +275,8 @@ impl Backend for CpuBackend {
                 kc[sl * kv_w..(sl + 1) * kv_w].copy_from_slice(&row[q_w..q_w + kv_w]);
                 vc[sl * kv_w..(sl + 1) * kv_w].copy_from_slice(&row[q_w + kv_w..]);
             }
-            let (kc, vc) = (&*kc, &*vc);
             mark(&self.marks, "attn_kv_cache_save");
-            // Attention of every new token over its request's cached context (causal): one task
-            // per token, or per (token, head) when the step has fewer tokens than threads, so a
-            // lone decode's attention does not run on one core while the others wait.
-            let head_attn = |i: usize, hq: usize, o: &mut [f32], scores: &mut Vec<f32>| {
-                let (s, p) = at[i];
-                let table = input.seqs[s].block_table;
-                let p = p as usize;
-                let lo = window.map_or(0, |w| (p + 1).saturating_sub(w as usize));
-                scores.clear();
-                scores.resize(p + 1 - lo, 0.0);
-                let kvh = hq / (nh / nkv);
-                let q = &qkv[i * qkv_w + hq * hd..i * qkv_w + (hq + 1) * hd];
-                let kv_at = |j: usize| (table[j / bs].0 as usize * bs + j % bs) * kv_w + kvh * hd;
-                let mut max = f32::NEG_INFINITY;
-                for (j, sc) in (lo..=p).zip(scores.iter_mut()) {
-                    let k0 = kv_at(j);
-                    *sc = super::linalg::dot(q, &kc[k0..k0 + hd]) * scale;
-                    max = max.max(*sc);
-                }
-                let mut sum = 0.0;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                o.fill(0.0);
-                for (j, sc) in (lo..=p).zip(scores.iter()) {
-                    let v0 = kv_at(j);
-                    let wgt = sc / sum;
-                    o.iter_mut()
-                        .zip(&vc[v0..v0 + hd])
-                        .for_each(|(o, v)| *o += wgt * v);
-                }
-            };
-            if t < rayon::current_num_threads() {
-                attn.par_chunks_mut(hd)
-                    .enumerate()
-                    .for_each_init(Vec::new, |scores, (k, o)| {
-                        head_attn(k / nh, k % nh, o, scores);
-                    });
-            } else {
-                attn.par_chunks_mut(q_w)
-                    .enumerate()
-                    .for_each_init(Vec::new, |scores, (i, out)| {
-                        for (hq, o) in out.chunks_exact_mut(hd).enumerate() {
-                            head_attn(i, hq, o, scores);
-                        }
-                    });
-            }
+            self.attend(l, &at, input, &qkv, &mut attn);
             mark(&self.marks, "attn");
             matmul_t(&attn, t, q_w, &layer.o, h, &mut proj);
             mark(&self.marks, "attn_post_proj");
@@ -291,20 +295,7 @@ impl Backend for CpuBackend {
         }
 
         // Final norm and LM head on the rows wanted.
-        let rows: Vec<usize> = match input.logits_for {
-            LogitsFor::AllTokens => (0..t).collect(),
-            LogitsFor::Sampled => {
-                let mut end = 0;
-                let mut rows = Vec::new();
-                for s in &input.seqs {
-                    end += s.tokens.len();
-                    if s.sample && !s.tokens.is_empty() {
-                        rows.push(end - 1);
-                    }
-                }
-                rows
-            }
-        };
+        let rows = logit_rows(input, t);
         let mut sel = Vec::with_capacity(rows.len() * h);
         for &r in &rows {
             sel.extend_from_slice(&x[r * h..(r + 1) * h]);
@@ -365,5 +356,42 @@ impl Profiled for CpuBackend {
     }
     fn method(&self) -> String {
         "vajra-engine's CPU backend (f32; AVX2 dot products up to 16 rows, matrixmultiply SGEMM beyond, split over rayon workers by output feature or by rows; attention one task per token, or per (token, head) below one token per worker), wall clock between operators; `add` is the two residual adds".into()
+    }
+}
+/// Rotary embedding of the Q and K heads (the first `rotated` values) of each `qkv_w`-wide row,
+/// in the rotate-half convention of Hugging Face Llama, with each row's `cos` and `sin`.
+fn rotate_half(qkv: &mut [f32], qkv_w: usize, rotated: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    for (i, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
+        let (cs, sn) = (
+            &cos[i * half..(i + 1) * half],
+            &sin[i * half..(i + 1) * half],
+        );
+        for head in row[..rotated].chunks_exact_mut(hd) {
+            let (a, b) = head.split_at_mut(half);
+            for j in 0..half {
+                let (x1, x2) = (a[j], b[j]);
+                a[j] = x1 * cs[j] - x2 * sn[j];
+                b[j] = x2 * cs[j] + x1 * sn[j];
+            }
+        }
+    }
+}
+
+/// The rows (tokens of the step, in order) whose logits `input` asks for.
+fn logit_rows(input: &StepInput<'_>, t: usize) -> Vec<usize> {
+    match input.logits_for {
+        LogitsFor::AllTokens => (0..t).collect(),
+        LogitsFor::Sampled => {
+            let mut end = 0;
+            let mut rows = Vec::new();
+            for s in &input.seqs {
+                end += s.tokens.len();
+                if s.sample && !s.tokens.is_empty() {
+                    rows.push(end - 1);
+                }
+            }
+            rows
+        }
     }
 }

@@ -61,13 +61,13 @@ mod products;
 mod sample;
 mod tuned_gemm;
 
-use config::env_choice;
-pub use config::{KernelSet, SPLIT_AIMS, SplitAim};
+pub use config::{CudaConfig, KernelSet, SPLIT_AIMS, SplitAim};
+pub use error::CudaError;
 use error::err;
 use graphs::DecodeGraphs;
 pub use graphs::GraphStats;
+use kernels::Kernels;
 pub use kernels::{KERNEL_SOURCES, compile_kernels, probe};
-use kernels::{Kernels, kernel_names};
 use load::GpuLayer;
 use plan::{GemmChunk, Part, StepBuffers, StepPlan};
 pub use tuned_gemm::TunedShape;
@@ -416,7 +416,7 @@ impl Backend for CudaBackend {
         let c = &self.spec.config;
         let per = self.shape.block_size as usize * (c.num_kv_heads * c.head_dim) as usize;
         super::check_swap(out, ins, self.shape.num_blocks, self.shape.num_host_blocks)
-            .map_err(err)?;
+            .map_err(|m| err(CudaError::Unsupported(m)))?;
         let r = |b: u32| b as usize * per..(b as usize + 1) * per;
         for l in 0..self.k_cache.len() {
             for &(d, hb) in out {

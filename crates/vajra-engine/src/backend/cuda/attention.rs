@@ -58,6 +58,55 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// `batch` column-major products `C_i = alpha · op(A_i) · B_i` (m × n, inner k), f32
+    /// compute, `op` transposing A or not; operand `i` starts `stride` elements after `i − 1`.
+    ///
+    /// # Safety
+    /// Each operand's pointer addresses a live device buffer holding what its leading dimension,
+    /// stride and `batch` reach for these sizes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn strided_batched(
+        &self,
+        op_a: cublasOperation_t,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        a: Strided,
+        b: Strided,
+        c: Strided,
+        batch: usize,
+    ) -> Result<()> {
+        let zero = 0.0f32;
+        // SAFETY: the caller's promise; alpha and beta are f32 as the compute type asks.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op_a,
+                cublasOperation_t::CUBLAS_OP_N,
+                m as i32,
+                n as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                a.ptr as *const _,
+                a.ty,
+                a.ld,
+                a.stride,
+                b.ptr as *const _,
+                b.ty,
+                b.ld,
+                b.stride,
+                (&zero) as *const f32 as *const _,
+                c.ptr as *mut _,
+                c.ty,
+                c.ld,
+                c.stride,
+                batch as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(err)
+    }
+
     /// Attention of one long prefill chunk as GEMMs (tensor cores): gather the request's
     /// context K/V from the paged cache into contiguous buffers, then per KV head
     /// `S = scale · Q Kᵀ` (f32, batched over the group's query heads), a causal softmax into
@@ -116,7 +165,7 @@ impl CudaBackend {
             .map_err(err)?;
         }
         let scale = 1.0f32 / (hd as f32).sqrt();
-        let (one, zero) = (1.0f32, 0.0f32);
+        let one = 1.0f32;
         let elem = size_of::<bf16>() as u64;
         for g in 0..nkv {
             {
@@ -129,33 +178,16 @@ impl CudaBackend {
                 // K_g row-major [ctx][hd] read transposed (lda = hd), Q_h rows of the fused
                 // QKV (ldb = qkv_w, next head hd further), S_h contiguous (ldc = ctx).
                 unsafe {
-                    cudarc::cublas::result::gemm_strided_batched_ex(
-                        *self.blas.handle(),
+                    self.strided_batched(
                         cublasOperation_t::CUBLAS_OP_T,
-                        cublasOperation_t::CUBLAS_OP_N,
-                        ctx as i32,
-                        tq as i32,
-                        hd as i32,
-                        (&scale) as *const f32 as *const _,
-                        k0 as *const _,
-                        cudaDataType_t::CUDA_R_16BF,
-                        hd as i32,
-                        0,
-                        q0 as *const _,
-                        cudaDataType_t::CUDA_R_16BF,
-                        qkv_w as i32,
-                        hd as i64,
-                        (&zero) as *const f32 as *const _,
-                        sp as *mut _,
-                        cudaDataType_t::CUDA_R_32F,
-                        ctx as i32,
-                        (tq * ctx) as i64,
-                        group as i32,
-                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
+                        (ctx, tq, hd),
+                        scale,
+                        Strided::bf16(k0, hd, 0),
+                        Strided::bf16(q0, qkv_w, hd),
+                        Strided::f32(sp, ctx, tq * ctx),
+                        group,
+                    )?;
                 }
-                .map_err(err)?;
             }
             // SAFETY: causal_softmax(s, p, rows, ctx, start, window) over (tq, group) blocks.
             unsafe {
@@ -182,33 +214,16 @@ impl CudaBackend {
             // row-major [ctx][hd] (lda = hd), P_h row-major [tq][ctx] (ldb = ctx), O_h into the
             // chunk's rows of attn (ldc = q_w, next head hd further).
             unsafe {
-                cudarc::cublas::result::gemm_strided_batched_ex(
-                    *self.blas.handle(),
+                self.strided_batched(
                     cublasOperation_t::CUBLAS_OP_N,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    hd as i32,
-                    tq as i32,
-                    ctx as i32,
-                    (&one) as *const f32 as *const _,
-                    v0 as *const _,
-                    cudaDataType_t::CUDA_R_16BF,
-                    hd as i32,
-                    0,
-                    pp as *const _,
-                    cudaDataType_t::CUDA_R_16BF,
-                    ctx as i32,
-                    (tq * ctx) as i64,
-                    (&zero) as *const f32 as *const _,
-                    o0 as *mut _,
-                    cudaDataType_t::CUDA_R_16BF,
-                    q_w as i32,
-                    hd as i64,
-                    group as i32,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
+                    (hd, tq, ctx),
+                    one,
+                    Strided::bf16(v0, hd, 0),
+                    Strided::bf16(pp, ctx, tq * ctx),
+                    Strided::bf16(o0, q_w, hd),
+                    group,
+                )?;
             }
-            .map_err(err)?;
         }
         Ok(())
     }
@@ -264,4 +279,31 @@ pub(super) fn split_count_waves(pairs: usize, slots: u32, max_ctx: u32) -> u32 {
         }
     }
     best.0
+}
+
+/// One operand of [`CudaBackend::strided_batched`]: a device address, its element type, leading
+/// dimension and the stride between the batch's matrices (elements).
+struct Strided {
+    ptr: u64,
+    ty: cudaDataType_t,
+    ld: i32,
+    stride: i64,
+}
+
+impl Strided {
+    fn bf16(ptr: u64, ld: usize, stride: usize) -> Self {
+        Strided {
+            ptr,
+            ty: cudaDataType_t::CUDA_R_16BF,
+            ld: ld as i32,
+            stride: stride as i64,
+        }
+    }
+
+    fn f32(ptr: u64, ld: usize, stride: usize) -> Self {
+        Strided {
+            ty: cudaDataType_t::CUDA_R_32F,
+            ..Strided::bf16(ptr, ld, stride)
+        }
+    }
 }

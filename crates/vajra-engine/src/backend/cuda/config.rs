@@ -1,4 +1,5 @@
-//! The backend's settings: which kernels, split-K aim, graphs, tuned products, device sampler.
+//! The backend's settings: which kernels, split-K aim, graphs, tuned products, device sampler,
+//! read from the environment in one place.
 
 use super::*;
 
@@ -16,25 +17,116 @@ pub enum KernelSet {
     V2,
 }
 
-impl KernelSet {
-    /// The setting from `VAJRA_CUDA_KERNELS` (`v1` or `v2`; unset means `v2`).
-    ///
-    /// # Errors
-    /// Any other value, named with the allowed ones.
-    pub fn from_env() -> Result<Self> {
-        env_choice(
-            "VAJRA_CUDA_KERNELS",
-            &[("v1", KernelSet::V1), ("v2", KernelSet::V2)],
-            KernelSet::V2,
-        )
+/// The backend's settings. [`CudaConfig::from_env`] reads all of them, once, from the
+/// environment (each variable named in its field); [`CudaBackend::with_config`] takes them from
+/// code, and the `set_*` methods change them on a running backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaConfig {
+    /// `VAJRA_CUDA_KERNELS`: `v1` or `v2` (default).
+    pub kernels: KernelSet,
+    /// `VAJRA_CUDA_GRAPHS`: `on` replays decode steps from CUDA graphs; `off` (default).
+    pub graphs: bool,
+    /// `VAJRA_CUDA_GEMM`: `tuned` times cuBLASLt algorithms for the projections of small
+    /// steps; `cublas` (default).
+    pub tuned_gemm: bool,
+    /// `VAJRA_CUDA_SAMPLER`: `device` draws sampled tokens on the GPU; `host` (default).
+    pub device_sampler: bool,
+    /// `VAJRA_CUDA_SPLIT_BLOCKS_PER_SM`: [`SPLIT_AIMS`] (default 2 blocks per multiprocessor).
+    pub split_aim: SplitAim,
+    /// `VAJRA_CUDA_DECODE_STAGES`: K/V tiles in flight per warp in v2's decode kernel, `1`
+    /// (default) or `2`.
+    pub decode_stages: u32,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig {
+            kernels: KernelSet::V2,
+            graphs: false,
+            tuned_gemm: false,
+            device_sampler: false,
+            split_aim: SplitAim::PerSm(DEFAULT_SPLIT_BLOCKS_PER_SM),
+            decode_stages: 1,
+        }
     }
 }
 
-/// The value of the environment variable `var` among `choices` (`default` when unset).
+impl CudaConfig {
+    /// The settings from the process environment; unset variables keep the defaults.
+    ///
+    /// # Errors
+    /// A value outside a variable's choices (or not Unicode), named with the allowed ones.
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(|var| std::env::var(var))
+    }
+
+    /// The settings from `get` (a variable's value, as [`std::env::var`] gives it).
+    ///
+    /// # Errors
+    /// As [`CudaConfig::from_env`].
+    pub fn from_vars(
+        get: impl Fn(&str) -> std::result::Result<String, std::env::VarError>,
+    ) -> Result<Self> {
+        let d = CudaConfig::default();
+        let split_aim = match get("VAJRA_CUDA_SPLIT_BLOCKS_PER_SM") {
+            Err(std::env::VarError::NotPresent) => d.split_aim,
+            Ok(v) => v.parse::<SplitAim>().map_err(|_| {
+                EngineError::invalid("VAJRA_CUDA_SPLIT_BLOCKS_PER_SM", &v, SPLIT_AIMS)
+            })?,
+            Err(e) => {
+                return Err(EngineError::invalid(
+                    "VAJRA_CUDA_SPLIT_BLOCKS_PER_SM",
+                    e.to_string(),
+                    SPLIT_AIMS,
+                ));
+            }
+        };
+        Ok(CudaConfig {
+            kernels: choice(
+                &get,
+                "VAJRA_CUDA_KERNELS",
+                &[("v1", KernelSet::V1), ("v2", KernelSet::V2)],
+                d.kernels,
+            )?,
+            graphs: choice(
+                &get,
+                "VAJRA_CUDA_GRAPHS",
+                &[("off", false), ("on", true)],
+                d.graphs,
+            )?,
+            tuned_gemm: choice(
+                &get,
+                "VAJRA_CUDA_GEMM",
+                &[("cublas", false), ("tuned", true)],
+                d.tuned_gemm,
+            )?,
+            device_sampler: choice(
+                &get,
+                "VAJRA_CUDA_SAMPLER",
+                &[("host", false), ("device", true)],
+                d.device_sampler,
+            )?,
+            split_aim,
+            decode_stages: choice(
+                &get,
+                "VAJRA_CUDA_DECODE_STAGES",
+                &[("1", 1), ("2", 2)],
+                d.decode_stages,
+            )?,
+        })
+    }
+}
+
+/// The value of variable `var` among `choices` (`default` when unset).
 ///
 /// # Errors
 /// Any other value (or one that is not Unicode), named with the allowed ones.
-pub(super) fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)], default: T) -> Result<T> {
+fn choice<T: Copy>(
+    get: &impl Fn(&str) -> std::result::Result<String, std::env::VarError>,
+    var: &str,
+    choices: &[(&str, T)],
+    default: T,
+) -> Result<T> {
     let allowed = || {
         choices
             .iter()
@@ -42,7 +134,7 @@ pub(super) fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)], default: T) 
             .collect::<Vec<_>>()
             .join(", ")
     };
-    match std::env::var(var) {
+    match get(var) {
         Err(std::env::VarError::NotPresent) => Ok(default),
         Ok(v) => choices
             .iter()

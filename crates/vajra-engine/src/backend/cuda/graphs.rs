@@ -146,7 +146,7 @@ impl CudaBackend {
                     .map_err(err);
                 match (launched, ended) {
                     (Err(e), _) | (_, Err(e)) => Err(e),
-                    (Ok(()), Ok(None)) => Err(err("the capture recorded no graph")),
+                    (Ok(()), Ok(None)) => Err(err(CudaError::EmptyCapture)),
                     (Ok(()), Ok(Some(graph))) => graph.upload().map_err(err).map(|()| graph),
                 }
             });

@@ -25,7 +25,7 @@ const COMMON: &str = include_str!("../../../../../kernels/common.cuh");
 ///
 /// # Errors
 /// A message saying what is missing.
-pub fn probe() -> std::result::Result<(), String> {
+pub fn probe() -> std::result::Result<(), CudaError> {
     // SAFETY: these only try to dlopen the libraries; they call nothing in them.
     let (driver, nvrtc, cublas) = unsafe {
         (
@@ -35,18 +35,28 @@ pub fn probe() -> std::result::Result<(), String> {
         )
     };
     if !driver {
-        return Err("no CUDA driver (libcuda.so) on this machine".into());
+        return Err(CudaError::Unavailable(
+            "no CUDA driver (libcuda.so) on this machine".into(),
+        ));
     }
     if !nvrtc {
-        return Err("no NVRTC (libnvrtc.so.13) on the library path".into());
+        return Err(CudaError::Unavailable(
+            "no NVRTC (libnvrtc.so.13) on the library path".into(),
+        ));
     }
     if !cublas {
-        return Err("no cuBLAS (libcublas.so.13) on the library path".into());
+        return Err(CudaError::Unavailable(
+            "no cuBLAS (libcublas.so.13) on the library path".into(),
+        ));
     }
     match CudaContext::device_count() {
         Ok(n) if n > 0 => Ok(()),
-        Ok(_) => Err("the CUDA driver reports no device".into()),
-        Err(e) => Err(format!("the CUDA driver failed to start: {e}")),
+        Ok(_) => Err(CudaError::Unavailable(
+            "the CUDA driver reports no device".into(),
+        )),
+        Err(e) => Err(CudaError::Unavailable(format!(
+            "the CUDA driver failed to start: {e}"
+        ))),
     }
 }
 
@@ -67,7 +77,9 @@ pub fn compile_kernels(arch: &'static str) -> Result<Vec<(&'static str, cudarc::
     }
     // SAFETY: only dlopen.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(err("no NVRTC (libnvrtc.so.13) on the library path"));
+        return Err(err(CudaError::Unavailable(
+            "no NVRTC (libnvrtc.so.13) on the library path".into(),
+        )));
     }
     let mut out = Vec::new();
     let mut texts = Vec::new();
@@ -77,8 +89,15 @@ pub fn compile_kernels(arch: &'static str) -> Result<Vec<(&'static str, cudarc::
             name: Some((*name).into()),
             ..Default::default()
         };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(format!("{COMMON}\n{src}"), opts)
-            .map_err(|e| err(format!("NVRTC compiling kernels/{name} for {arch}: {e}")))?;
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(format!("{COMMON}\n{src}"), opts).map_err(
+            |e| {
+                err(CudaError::Compile {
+                    file: name,
+                    arch,
+                    message: e.to_string(),
+                })
+            },
+        )?;
         texts.push((*name, ptx.to_src()));
         out.push((*name, ptx));
     }
@@ -110,6 +129,71 @@ pub(super) struct Kernels {
     pub(super) causal_softmax: CudaFunction,
     pub(super) argmax_rows: CudaFunction,
     pub(super) sample_rows: CudaFunction,
+}
+
+impl Kernels {
+    /// Compiles (or takes from the process's cache) every kernel for `arch`, loads the modules
+    /// into `ctx` and looks up each kernel; on sm_80+ lets the two-stage decode kernels use
+    /// more than 48 KB of shared memory.
+    pub(super) fn load(ctx: &Arc<CudaContext>, arch: &'static str, major: i32) -> Result<Self> {
+        let mut funcs = HashMap::new();
+        for (name, ptx) in compile_kernels(arch)? {
+            let module = ctx.load_module(ptx).map_err(|source| {
+                err(CudaError::Load {
+                    what: format!("kernels/{name}"),
+                    source,
+                })
+            })?;
+            for f in kernel_names(name) {
+                let func = module.load_function(f).map_err(|source| {
+                    err(CudaError::Load {
+                        what: format!("kernel {f}"),
+                        source,
+                    })
+                })?;
+                funcs.insert(*f, func);
+            }
+        }
+        let take = |n: &str| funcs.get(n).cloned().expect("every kernel name is loaded");
+        let per_head_dim = |prefix: &str| {
+            MMA_HEAD_DIMS
+                .iter()
+                .map(|d| take(&format!("{prefix}_{d}")))
+                .collect::<Vec<_>>()
+        };
+        let k = Kernels {
+            embed: take("embed"),
+            add_rms_norm: take("add_rms_norm"),
+            rms_norm_rows: take("rms_norm_rows"),
+            add_bias: take("add_bias"),
+            rope: take("rope"),
+            kv_write: take("kv_write"),
+            rope_kv_write: take("rope_kv_write"),
+            silu_mul: take("silu_mul"),
+            silu_mul8: take("silu_mul8"),
+            fill_uniform: take("fill_uniform"),
+            paged_attention_scalar: take("paged_attention_scalar"),
+            paged_decode: per_head_dim("paged_decode"),
+            paged_decode2: per_head_dim("paged_decode2"),
+            flash_prefill: per_head_dim("flash_prefill"),
+            attention_combine: take("attention_combine"),
+            gather_kv: take("gather_kv"),
+            causal_softmax: take("causal_softmax"),
+            argmax_rows: take("argmax_rows"),
+            sample_rows: take("sample_rows"),
+        };
+        if major >= 8 {
+            // Two-stage decode tiles exceed the 48 KB of shared memory a block gets by default.
+            for (f, d) in k.paged_decode2.iter().zip(MMA_HEAD_DIMS) {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    decode_smem_bytes(d, 2) as i32,
+                )
+                .map_err(err)?;
+            }
+        }
+        Ok(k)
+    }
 }
 
 pub(super) fn kernel_names(file: &str) -> &'static [&'static str] {

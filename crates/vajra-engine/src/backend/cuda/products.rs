@@ -41,8 +41,7 @@ impl CudaBackend {
             if !capturing {
                 return tuned
                     .borrow_mut()
-                    .tune(&self.stream, shape, &ops, workspace)
-                    .map_err(|e| err(format!("VAJRA_CUDA_GEMM=tuned: {e}")));
+                    .tune(&self.stream, shape, &ops, workspace);
             }
         }
         let cfg = GemmConfig {

@@ -74,10 +74,10 @@ impl CudaBackend {
     /// A row count other than `draws.len()`, or a device failure.
     pub fn sample_logits(&self, logits: &Logits, draws: &[DeviceDraw]) -> Result<Vec<u32>> {
         if logits.vocab != self.spec.config.vocab_size as usize {
-            return Err(err(format!(
+            return Err(err(CudaError::Unsupported(format!(
                 "logits rows of {} values for a vocabulary of {}",
                 logits.vocab, self.spec.config.vocab_size
-            )));
+            ))));
         }
         let d = self.stream.clone_htod(&logits.data).map_err(err)?;
         self.sample(&d, logits.rows(), draws)

@@ -2,6 +2,7 @@
 
 use super::attention::{split_count, split_count_waves};
 use super::graphs::{GRAPH_BATCHES, GRAPH_MAX_BATCH};
+use super::kernels::kernel_names;
 use super::*;
 
 /// Runs where libnvrtc.so.13 can be loaded (CI downloads the `nvidia-cuda-nvrtc` wheel);
@@ -206,6 +207,50 @@ fn split_aims_parse_and_print_as_the_setting_is_written() {
 fn probe_explains_a_missing_device_instead_of_panicking() {
     match probe() {
         Ok(()) => eprintln!("a CUDA device is present"),
-        Err(why) => assert!(!why.is_empty()),
+        Err(why) => assert!(!why.to_string().is_empty()),
+    }
+}
+
+#[test]
+fn cuda_settings_are_read_in_one_place_and_bad_values_are_named() {
+    use std::collections::HashMap;
+    let from = |pairs: &[(&str, &str)]| {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        CudaConfig::from_vars(move |k| m.get(k).cloned().ok_or(std::env::VarError::NotPresent))
+    };
+    assert_eq!(from(&[]).unwrap(), CudaConfig::default());
+    let c = from(&[
+        ("VAJRA_CUDA_KERNELS", "v1"),
+        ("VAJRA_CUDA_GRAPHS", "on"),
+        ("VAJRA_CUDA_GEMM", "tuned"),
+        ("VAJRA_CUDA_SAMPLER", "device"),
+        ("VAJRA_CUDA_SPLIT_BLOCKS_PER_SM", "waves"),
+        ("VAJRA_CUDA_DECODE_STAGES", "2"),
+    ])
+    .unwrap();
+    assert_eq!(
+        c,
+        CudaConfig {
+            kernels: KernelSet::V1,
+            graphs: true,
+            tuned_gemm: true,
+            device_sampler: true,
+            split_aim: SplitAim::Waves,
+            decode_stages: 2,
+        }
+    );
+    for (var, bad, allowed) in [
+        ("VAJRA_CUDA_GRAPHS", "yes", "off, on"),
+        ("VAJRA_CUDA_DECODE_STAGES", "3", "1, 2"),
+        ("VAJRA_CUDA_SPLIT_BLOCKS_PER_SM", "64", "waves"),
+    ] {
+        let e = from(&[(var, bad)]).unwrap_err().to_string();
+        assert!(
+            e.contains(var) && e.contains(bad) && e.contains(allowed),
+            "{e}"
+        );
     }
 }

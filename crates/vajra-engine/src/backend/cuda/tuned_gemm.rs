@@ -255,9 +255,9 @@ impl TunedGemm {
             .iter()
             .min_by(|x, y| x.1.total_cmp(&y.1).then(x.0.cmp(&y.0)))
         else {
-            return Err(err(format!(
-                "cuBLASLt has no algorithm for a {t}×{k} · ({n}×{k})ᵀ bf16 product"
-            )));
+            return Err(err(super::CudaError::BlasLt(format!(
+                "no algorithm for a {t}×{k} · ({n}×{k})ᵀ bf16 product (VAJRA_CUDA_GEMM=tuned)"
+            ))));
         };
         plan.algo = found[chosen].algo;
         // The buffers end with the chosen algorithm's product, like every later step's.
