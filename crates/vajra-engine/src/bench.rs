@@ -18,8 +18,6 @@
 //! `batches.parquet` (batches are the server's business), `cdf/`.
 
 use crate::error::{EngineError, Result};
-use serde::Serialize;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration as StdDuration, Instant};
 use tokio::sync::mpsc;
@@ -27,7 +25,7 @@ use vajra_core::request::{FinishReason, Prompt, Request};
 use vajra_core::sched::output::FinishedRecord;
 use vajra_core::time::Timestamp;
 use vajra_experiment::Sections;
-use vajra_metrics::summary::ClusterFacts;
+use vajra_metrics::summary::{ClusterFacts, SummaryFile};
 use vajra_metrics::{Collector, Summary};
 use vajra_workload::RequestSource;
 
@@ -50,35 +48,7 @@ pub struct BenchConfig {
     pub progress: bool,
 }
 
-/// Counts the summary reports besides the simulator's metrics.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct BenchFacts {
-    /// Server URL.
-    pub url: String,
-    /// Model name sent.
-    pub model: String,
-    /// Requests sent.
-    pub sent: u64,
-    /// Requests that completed and are in the metrics.
-    pub completed: u64,
-    /// Failed requests by reason (`connect`, `status 429`, `timeout`, `stream`, ...).
-    pub errors: BTreeMap<String, u64>,
-    /// Completed requests whose output length differs from the target (`ignore_eos` ignored
-    /// by the server, or a stop it enforced).
-    pub length_mismatches: u64,
-    /// Wall time of the run, seconds.
-    pub wall_s: f64,
-    /// Engine steps during the run, from the server's Prometheus counters (vajra servers).
-    pub server_steps: Option<u64>,
-    /// Mean requests per step, from the same counters.
-    pub server_mean_batch_size: Option<f64>,
-    /// Mean tokens per step, from the same counters.
-    pub server_mean_batch_tokens: Option<f64>,
-    /// Mean wall time of a step on the server, ms (scheduling, forward, sampling, detokenizing).
-    pub server_mean_step_ms: Option<f64>,
-    /// Mean time of a step's forward pass, ms; the rest of the step is CPU overhead.
-    pub server_mean_forward_ms: Option<f64>,
-}
+pub use vajra_metrics::summary::BenchFacts;
 
 /// The server's step counters, when it exposes vajra's Prometheus metrics.
 async fn step_counters(client: &reqwest::Client, url: &str) -> Option<[f64; 5]> {
@@ -102,17 +72,6 @@ async fn step_counters(client: &reqwest::Client, url: &str) -> Option<[f64; 5]> 
         get("vajra_engine_step_microseconds_total")?,
         get("vajra_engine_forward_microseconds_total")?,
     ])
-}
-
-#[derive(Serialize)]
-struct BenchSummary<'a> {
-    name: &'a str,
-    point: &'a str,
-    seed: u64,
-    kind: &'static str,
-    bench: &'a BenchFacts,
-    #[serde(flatten)]
-    metrics: Summary,
 }
 
 /// One request's outcome, timestamps relative to the run's start.
@@ -398,12 +357,12 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
             .file_stem()
             .map_or_else(|| "bench".into(), |s| s.to_string_lossy().into_owned())
     });
-    let summary = BenchSummary {
-        name: &name,
-        point: "measured",
-        seed,
-        kind: "measured",
-        bench: &facts,
+    let summary = SummaryFile {
+        name,
+        point: "measured".into(),
+        seed: Some(seed),
+        kind: Some("measured".into()),
+        bench: Some(facts.clone()),
         metrics,
     };
     vajra_metrics::output::write_run(

@@ -154,17 +154,6 @@ struct RunRecorder {
     issued: u64,
 }
 
-/// `summary.json` of a served run: the simulator's metrics under the run's name.
-#[derive(serde::Serialize)]
-struct ServedSummary<'a> {
-    name: &'a str,
-    point: &'a str,
-    seed: u64,
-    kind: &'static str,
-    #[serde(flatten)]
-    metrics: vajra_metrics::Summary,
-}
-
 /// The header of [`Engine::log_steps`]'s CSV.
 pub use vajra_metrics::steplog::STEP_LOG_HEADER;
 
@@ -323,11 +312,12 @@ impl Engine {
             peak_bytes_per_s: 0.0,
             issued: r.issued,
         };
-        let summary = ServedSummary {
-            name: &r.name,
-            point: "served",
-            seed: r.seed,
-            kind: "served",
+        let summary = vajra_metrics::summary::SummaryFile {
+            name: r.name.clone(),
+            point: "served".into(),
+            seed: Some(r.seed),
+            kind: Some("served".into()),
+            bench: None,
             metrics: vajra_metrics::Summary::compute(&r.collector, &r.slo, &facts),
         };
         let tables = vajra_metrics::output::Tables {

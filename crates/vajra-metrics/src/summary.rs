@@ -4,6 +4,7 @@ use crate::collector::Collector;
 use crate::slo::SloConfig;
 use crate::stats::Distribution;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Facts about the cluster that metrics normalise by.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -210,10 +211,10 @@ pub struct Summary {
     pub mbu: f64,
 }
 
-/// A run folder's `summary.json` as readers take it back: the run's name and point, and its
-/// metrics (other keys, such as the simulator's `setup` or the benchmark's `bench`, are
-/// skipped). Both modes write it, so a renamed metric is a compile error in the reader.
-#[derive(Debug, Clone, Deserialize)]
+/// A run folder's `summary.json`: the run's name and point, and its metrics. The engine's
+/// served runs and `bench` write it as it is; the simulator writes the same keys with its
+/// `setup` between (which readers skip). So a renamed metric is a compile error in the reader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SummaryFile {
     /// Experiment name.
     #[serde(default)]
@@ -221,9 +222,53 @@ pub struct SummaryFile {
     /// Sweep point label, `measured` or `served` (empty for a single simulated point).
     #[serde(default)]
     pub point: String,
+    /// Root seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// `measured` (bench) or `served` (a served run); absent for a simulated run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// What the benchmark client counted (bench runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bench: Option<BenchFacts>,
     /// The metrics.
     #[serde(flatten)]
     pub metrics: Summary,
+}
+
+/// What `vajra-engine bench` counts besides the simulator's metrics (`summary.json`'s `bench`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BenchFacts {
+    /// Server URL.
+    pub url: String,
+    /// Model name sent.
+    pub model: String,
+    /// Requests sent.
+    pub sent: u64,
+    /// Requests that completed and are in the metrics.
+    pub completed: u64,
+    /// Failed requests by reason (`connect`, `status 429`, `timeout`, `stream`, ...).
+    pub errors: BTreeMap<String, u64>,
+    /// Completed requests whose output length differs from the target (`ignore_eos` ignored
+    /// by the server, or a stop it enforced).
+    pub length_mismatches: u64,
+    /// Wall time of the run, seconds.
+    pub wall_s: f64,
+    /// Engine steps during the run, from the server's Prometheus counters (vajra servers).
+    #[serde(default)]
+    pub server_steps: Option<u64>,
+    /// Mean requests per step, from the same counters.
+    #[serde(default)]
+    pub server_mean_batch_size: Option<f64>,
+    /// Mean tokens per step, from the same counters.
+    #[serde(default)]
+    pub server_mean_batch_tokens: Option<f64>,
+    /// Mean wall time of a step on the server, ms (scheduling, forward, sampling, detokenizing).
+    #[serde(default)]
+    pub server_mean_step_ms: Option<f64>,
+    /// Mean time of a step's forward pass, ms; the rest of the step is CPU overhead.
+    #[serde(default)]
+    pub server_mean_forward_ms: Option<f64>,
 }
 
 fn dist(mut v: Vec<f64>) -> Distribution {

@@ -8,9 +8,9 @@
 
 use crate::error::SimError;
 use crate::predictor::Predictor;
-use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::Path;
+use vajra_metrics::summary::{Latencies, SummaryFile};
 
 /// One compared quantity.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,7 +33,7 @@ impl Row {
     }
 }
 
-fn load(dir: &Path) -> Result<Value, SimError> {
+fn load(dir: &Path) -> Result<SummaryFile, SimError> {
     let p = dir.join("summary.json");
     let text = std::fs::read_to_string(&p).map_err(|e| SimError::Experiment {
         path: p.clone(),
@@ -45,60 +45,85 @@ fn load(dir: &Path) -> Result<Value, SimError> {
     })
 }
 
+/// A metric as a table cell: `None` where the run has none (written as `null`, read as NaN).
+fn known(x: f64) -> Option<f64> {
+    (!x.is_nan()).then_some(x)
+}
+
 /// The fidelity rows of `simulated` against `measured` (run folders).
 ///
 /// # Errors
 /// A folder without a readable `summary.json`.
 pub fn compare(simulated: &Path, measured: &Path) -> Result<Vec<Row>, SimError> {
-    let (s, m) = (load(simulated)?, load(measured)?);
-    let num = |v: &Value, path: &[&str]| {
-        let mut x = v;
-        for k in path {
-            x = &x[*k];
-        }
-        x.as_f64()
+    let (sf, mf) = (load(simulated)?, load(measured)?);
+    let (s, m) = (&sf.metrics, &mf.metrics);
+    let row = |metric: String, sim: f64, meas: Option<f64>| Row {
+        metric,
+        simulated: known(sim),
+        measured: meas,
     };
     let mut rows = Vec::new();
-    for metric in ["ttft", "tbt", "tpot", "e2e"] {
-        for q in ["p50", "p90", "p99"] {
-            let path = ["latency_s", metric, q];
-            rows.push(Row {
-                metric: format!("{metric}_s {q}"),
-                simulated: num(&s, &path),
-                measured: num(&m, &path),
-            });
+    let latency = |l: &Latencies| {
+        [
+            ("ttft", l.ttft),
+            ("tbt", l.tbt),
+            ("tpot", l.tpot),
+            ("e2e", l.e2e),
+        ]
+    };
+    for ((metric, sd), (_, md)) in latency(&s.latency_s).into_iter().zip(latency(&m.latency_s)) {
+        for (q, sv, mv) in [
+            ("p50", sd.p50, md.p50),
+            ("p90", sd.p90, md.p90),
+            ("p99", sd.p99, md.p99),
+        ] {
+            rows.push(row(format!("{metric}_s {q}"), sv, known(mv)));
         }
     }
-    for t in ["requests_per_s", "output_tokens_per_s"] {
-        rows.push(Row {
-            metric: t.into(),
-            simulated: num(&s, &["throughput", t]),
-            measured: num(&m, &["throughput", t]),
-        });
-    }
-    // Batches: the simulator counts them; a measured run has them from the server's counters.
-    let measured_batches = num(&m, &["bench", "server_steps"])
-        .or_else(|| num(&m, &["batches", "count"]).filter(|&c| c > 0.0));
-    rows.push(Row {
-        metric: "batches".into(),
-        simulated: num(&s, &["batches", "count"]),
-        measured: measured_batches,
-    });
-    rows.push(Row {
-        metric: "mean batch size (requests)".into(),
-        simulated: num(&s, &["batches", "size", "mean"]),
-        measured: num(&m, &["bench", "server_mean_batch_size"]),
-    });
-    rows.push(Row {
-        metric: "mean batch time (ms)".into(),
-        simulated: num(&s, &["batches", "latency_s", "mean"]).map(|x| x * 1e3),
-        measured: num(&m, &["bench", "server_mean_step_ms"]),
-    });
-    rows.push(Row {
-        metric: "mean batch tokens".into(),
-        simulated: num(&s, &["batches", "tokens", "mean"]),
-        measured: num(&m, &["bench", "server_mean_batch_tokens"]),
-    });
+    rows.push(row(
+        "requests_per_s".into(),
+        s.throughput.requests_per_s,
+        known(m.throughput.requests_per_s),
+    ));
+    rows.push(row(
+        "output_tokens_per_s".into(),
+        s.throughput.output_tokens_per_s,
+        known(m.throughput.output_tokens_per_s),
+    ));
+    // Batches: the simulator counts them; a measured run has them from the server's counters
+    // (bench), a served run from the engine's own records (`serve --run-dir`).
+    let bench = mf.bench.as_ref();
+    let served = |x: f64| (m.batches.count > 0).then_some(x).and_then(known);
+    let measured_batches = bench
+        .and_then(|b| b.server_steps)
+        .or((m.batches.count > 0).then_some(m.batches.count))
+        .map(|c| c as f64);
+    rows.push(row(
+        "batches".into(),
+        s.batches.count as f64,
+        measured_batches,
+    ));
+    rows.push(row(
+        "mean batch size (requests)".into(),
+        s.batches.size.mean,
+        bench
+            .and_then(|b| b.server_mean_batch_size)
+            .or_else(|| served(m.batches.size.mean)),
+    ));
+    rows.push(row(
+        "mean batch time (ms)".into(),
+        s.batches.latency_s.mean * 1e3,
+        bench
+            .and_then(|b| b.server_mean_step_ms)
+            .or_else(|| served(m.batches.latency_s.mean * 1e3)),
+    ));
+    rows.push(row(
+        "mean batch tokens".into(),
+        s.batches.tokens.mean,
+        bench
+            .and_then(|b| b.server_mean_batch_tokens)
+            .or_else(|| served(m.batches.tokens.mean)),
+    ));
     Ok(rows)
 }
 
