@@ -264,6 +264,11 @@ impl Default for CacheConfig {
     }
 }
 
+/// The most KV blocks a pool may hold (2³⁰: 17 billion tokens at 16 per block), so that a
+/// block id never reaches the pool's end marker and a pool is never asked for more memory than
+/// a machine has.
+pub const MAX_BLOCKS: u32 = 1 << 30;
+
 impl CacheConfig {
     /// Checks the cache settings.
     ///
@@ -279,8 +284,19 @@ impl CacheConfig {
             "a power of two from 1 to 1024",
         )?;
         if let Some(n) = self.num_blocks {
-            ensure(n >= 1, "cache.num_blocks", n, "an integer ≥ 1")?;
+            ensure(
+                (1..=MAX_BLOCKS).contains(&n),
+                "cache.num_blocks",
+                n,
+                &format!("an integer from 1 to {MAX_BLOCKS}"),
+            )?;
         }
+        ensure(
+            self.swap_blocks <= MAX_BLOCKS,
+            "cache.swap_blocks",
+            self.swap_blocks,
+            &format!("an integer from 0 to {MAX_BLOCKS}"),
+        )?;
         let u = self.gpu_memory_utilization;
         ensure(
             u > 0.0 && u <= 1.0,

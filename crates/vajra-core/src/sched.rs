@@ -163,6 +163,42 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// What a scheduler checks of its settings before it starts, without building one: the
+    /// configs themselves, a token budget of at least `max_model_len` for a policy that never
+    /// splits a prompt (`whole_prompt_budget`, [`BatchPolicy::whole_prompt_budget`]), and host
+    /// blocks for swap preemption. `vajra-sim validate` and a run go through this one check.
+    ///
+    /// # Errors
+    /// The first setting that cannot run, named.
+    pub fn check_config(
+        cfg: &SchedulerConfig,
+        cache: &CacheConfig,
+        max_model_len: u32,
+        whole_prompt_budget: Option<u32>,
+    ) -> Result<()> {
+        cfg.validate()?;
+        cache.validate()?;
+        if let Some(b) = whole_prompt_budget {
+            ensure(
+                b >= max_model_len,
+                "scheduler.policy.max_num_batched_tokens",
+                b,
+                &format!(
+                    "at least max_model_len = {max_model_len} for a policy that never splits a prompt"
+                ),
+            )?;
+        }
+        if cfg.preemption == PreemptionMode::Swap {
+            ensure(
+                cache.swap_blocks > 0,
+                "cache.swap_blocks",
+                cache.swap_blocks,
+                "≥ 1 when scheduler.preemption = \"swap\"",
+            )?;
+        }
+        Ok(())
+    }
+
     /// A scheduler over `num_blocks` device KV blocks for a model of `max_model_len` tokens,
     /// running the in-tree policy of `cfg.policy` (built by [`config::PolicyConfig::build`]).
     ///
@@ -194,32 +230,13 @@ impl Scheduler {
         max_model_len: u32,
         policy: Box<dyn BatchPolicy>,
     ) -> Result<Self> {
-        cfg.validate()?;
-        cache.validate()?;
         ensure(
-            num_blocks >= 1,
+            (1..=crate::config::MAX_BLOCKS).contains(&num_blocks),
             "cache.num_blocks",
             num_blocks,
-            "an integer ≥ 1",
+            &format!("an integer from 1 to {}", crate::config::MAX_BLOCKS),
         )?;
-        if let Some(b) = policy.whole_prompt_budget() {
-            ensure(
-                b >= max_model_len,
-                "scheduler.policy.max_num_batched_tokens",
-                b,
-                &format!(
-                    "at least max_model_len = {max_model_len} for a policy that never splits a prompt"
-                ),
-            )?;
-        }
-        if cfg.preemption == PreemptionMode::Swap {
-            ensure(
-                cache.swap_blocks > 0,
-                "cache.swap_blocks",
-                cache.swap_blocks,
-                "≥ 1 when scheduler.preemption = \"swap\"",
-            )?;
-        }
+        Self::check_config(&cfg, cache, max_model_len, policy.whole_prompt_budget())?;
         let victim: Box<dyn VictimPolicy> = match cfg.queue {
             QueuePolicy::Priority { .. } => Box::new(LowestPriorityVictim),
             QueuePolicy::Fcfs

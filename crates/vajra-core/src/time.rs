@@ -9,6 +9,12 @@ use std::ops::{Add, AddAssign, Sub};
 /// Nanoseconds in one second.
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
 
+/// The latest time a run may reach, in seconds (about 317 years): far below where integer
+/// nanoseconds run out (about 584 years), so that adding a request's latency to an arrival never
+/// saturates. Arrivals, windows and simulated clocks past it are errors, not silently clamped
+/// times.
+pub const MAX_SECS: f64 = 1.0e10;
+
 /// A point in time: nanoseconds since the run started.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,

@@ -532,7 +532,13 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
             format!("at most the model's {} layers", m.num_layers),
         ));
     }
-    e.scheduler.validate()?;
+    // The checks a replica's scheduler makes when a run starts, so that what validates runs.
+    vajra_core::sched::Scheduler::check_config(
+        &e.scheduler,
+        &e.cache,
+        m.max_model_len,
+        e.scheduler.policy.build().whole_prompt_budget(),
+    )?;
     e.router.validate()?;
     e.cache.validate()?;
     e.predictor.validate()?;

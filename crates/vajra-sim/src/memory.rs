@@ -80,6 +80,28 @@ pub fn plan(
     let free = usable_bytes - weight_bytes - activation_bytes;
     let planned = (free / block_bytes).floor();
     if let Some(n) = cache.num_blocks {
+        // An explicit pool may be smaller than what fits (to model another engine's pool), not
+        // larger: the device would not hold it.
+        if f64::from(n) > planned.max(0.0) {
+            return Err(SimError::invalid(
+                "cache.num_blocks",
+                n,
+                format!(
+                    "at most {} for {} at TP {} × PP {} on {} ({:.1} GiB of KV at {:.2} MiB a block fit beside {:.1} GiB of weights and {:.1} GiB of activations in {:.1} GiB usable; {n} blocks need {:.1} GiB)",
+                    planned.max(0.0),
+                    model.name,
+                    parallel.tensor_parallel,
+                    parallel.pipeline_parallel,
+                    device.name,
+                    free.max(0.0) / GIB,
+                    block_bytes / (1u64 << 20) as f64,
+                    weight_bytes / GIB,
+                    activation_bytes / GIB,
+                    usable_bytes / GIB,
+                    f64::from(n) * block_bytes / GIB
+                ),
+            ));
+        }
         return Ok(MemoryPlan {
             usable_bytes,
             weight_bytes,

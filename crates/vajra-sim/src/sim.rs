@@ -655,6 +655,14 @@ pub fn run_range(
             )));
         }
     }
+    // Saturated integer time would have made every later latency 0: an error, not a result.
+    if now.as_secs_f64() > vajra_core::time::MAX_SECS {
+        return Err(SimError::Stalled(format!(
+            "simulated time reached {:.3e} s, past the clock of {:e} s (about 317 years), so times past it are not exact: check the units of the arrival times (seconds) and workload.arrival.qps (requests per second)",
+            now.as_secs_f64(),
+            vajra_core::time::MAX_SECS
+        )));
+    }
     Ok(SimResult {
         issued: source.issued(),
         replica_stats: st

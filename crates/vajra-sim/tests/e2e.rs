@@ -237,7 +237,10 @@ fn fails_with(body: &str, needles: &[&str]) {
 }
 
 fn fails_in(body: &str, needles: &[&str], cmds: &[&str]) {
-    let dir = tmp("bad");
+    // A folder per call: tests of one binary run on parallel threads.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = tmp(&format!("bad{n}"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("t.csv"), "arrived_at,num_prefill_tokens\n0.0,12\n").unwrap();
     let f = dir.join("bad.toml");
@@ -457,4 +460,84 @@ fn an_azure_trace_replays_with_time_scaling_and_a_window() {
         arrivals[19]
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// Hardening: inputs a hostile user tried, each once silently wrong or a crash.
+
+#[test]
+fn a_rate_or_trace_past_the_simulators_clock_is_an_error_naming_the_unit() {
+    // 40 requests at 1e-9 requests/s would arrive over 1,268 years: times used to saturate and
+    // 37 of 40 requests reported TTFT = E2E = 0.
+    fails_with(
+        &GOOD
+            .replace("qps = 1.0", "qps = 1e-9")
+            .replace("num_requests = 10", "num_requests = 40"),
+        &["workload.arrival.qps", "317 years", "requests per second"],
+    );
+    fails_with(
+        &GOOD.replace("num_requests = 10", "duration_s = 1e30"),
+        &["workload.duration_s", "simulator's clock"],
+    );
+    // A trace whose arrival column is in nanoseconds.
+    let dir = tmp("ns-trace");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("ns.csv"),
+        "arrived_at,num_prefill_tokens,num_decode_tokens\n0,12,5\n1700000000000000000,12,5\n",
+    )
+    .unwrap();
+    let f = dir.join("e.toml");
+    std::fs::write(
+        &f,
+        format!("{HEAD}[workload]\narrival = {{ type = \"trace\", path = \"ns.csv\" }}\n"),
+    )
+    .unwrap();
+    for cmd in ["validate", "run"] {
+        let o = sim(&[cmd, f.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+        assert!(
+            err.contains("ns.csv") && err.contains("time_scale = 1e-3, 1e-6 or 1e-9"),
+            "{cmd}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_kv_pool_larger_than_the_device_is_refused_before_it_is_allocated() {
+    // 100,000 blocks of Llama-2-7B are 50 GiB beyond what an H100 holds beside the weights.
+    fails_with(
+        &GOOD.replace("[predictor]", "[cache]\nnum_blocks = 100000\n[predictor]"),
+        &["cache.num_blocks", "at most", "GiB"],
+    );
+    // These used to panic in the block pool, or abort on a 64 GiB allocation.
+    for n in ["4294967295", "4294967294"] {
+        fails_with(
+            &GOOD.replace(
+                "[predictor]",
+                &format!("[cache]\nnum_blocks = {n}\n[predictor]"),
+            ),
+            &["cache.num_blocks", n],
+        );
+    }
+}
+
+#[test]
+fn validate_rejects_what_a_run_rejects() {
+    // Each was `valid` for validate and an error at the start of run.
+    fails_with(
+        &GOOD.replace(
+            "policy = { type = \"sarathi\" }",
+            "policy = { type = \"sarathi\" }\npreemption = \"swap\"",
+        ),
+        &["cache.swap_blocks", "swap"],
+    );
+    fails_with(
+        &GOOD.replace(
+            "policy = { type = \"sarathi\" }",
+            "policy = { type = \"vllm_v0\", max_num_batched_tokens = 1024 }",
+        ),
+        &["max_num_batched_tokens", "max_model_len = 4096"],
+    );
 }

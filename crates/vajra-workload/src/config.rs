@@ -21,6 +21,7 @@
 use crate::error::{Result, ensure};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use vajra_core::time::MAX_SECS;
 
 /// The workload of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -404,6 +405,32 @@ impl LengthsConfig {
 }
 
 impl WorkloadConfig {
+    /// An open loop of `num_requests` at `qps` whose mean last arrival, `num_requests / qps`,
+    /// is past the simulator's clock ([`MAX_SECS`]) is an error, not a run whose times saturate.
+    fn check_horizon(&self) -> Result<()> {
+        let qps = match &self.arrival {
+            ArrivalConfig::Poisson { qps, .. }
+            | ArrivalConfig::Constant { qps }
+            | ArrivalConfig::Gamma { qps, .. } => *qps,
+            _ => return Ok(()),
+        };
+        let Some(n) = self.num_requests else {
+            return Ok(());
+        };
+        let horizon = n as f64 / qps;
+        if positive_finite(qps) && horizon > MAX_SECS {
+            return Err(vajra_core::CoreError::invalid(
+                "workload.arrival.qps",
+                qps,
+                format!(
+                    "a rate whose {n} requests arrive within the simulator's clock of {MAX_SECS:e} s (about 317 years; these would take {horizon:.3e} s): is the rate in requests per second?"
+                ),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
     /// Checks every field; errors name the field (`workload.…`), the value and what is allowed.
     ///
     /// # Errors
@@ -414,12 +441,13 @@ impl WorkloadConfig {
         }
         if let Some(d) = self.duration_s {
             ensure(
-                positive_finite(d),
+                positive_finite(d) && d <= MAX_SECS,
                 "workload.duration_s",
                 d,
-                "a finite number of seconds > 0",
+                &format!("a number of seconds in (0, {MAX_SECS:e}] (the simulator's clock)"),
             )?;
         }
+        self.check_horizon()?;
         if let Some(m) = self.max_tokens {
             ensure(m >= 2, "workload.max_tokens", m, "an integer ≥ 2")?;
         }

@@ -51,6 +51,14 @@ pub enum WorkloadError {
         /// Why (empty file, empty time window).
         message: String,
     },
+    /// A trace's arrival times cannot be simulated (past the clock: a unit mistake).
+    #[error("trace {path}: {message}")]
+    TraceTimes {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
 }
 
 /// Result alias of this crate.

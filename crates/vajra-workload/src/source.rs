@@ -358,6 +358,17 @@ fn replay_rows(t: &TraceReplayConfig, base: &Path) -> Result<Vec<TraceRow>> {
         r.prompt = scale_len(r.prompt, t.prefill_scale);
         r.output = scale_len(r.output, t.decode_scale);
     }
+    // Times past the simulator's clock would saturate (every later latency would read 0).
+    let last = kept.iter().filter_map(|r| r.arrival_s).fold(0.0, f64::max);
+    if !(last <= vajra_core::time::MAX_SECS) {
+        return Err(WorkloadError::TraceTimes {
+            path,
+            message: format!(
+                "the last arrival is {last:.3e} s after the first, past the simulator's clock of {:e} s (about 317 years): arrival times are read in seconds; for a column in milliseconds, microseconds or nanoseconds set workload.arrival.time_scale = 1e-3, 1e-6 or 1e-9",
+                vajra_core::time::MAX_SECS
+            ),
+        });
+    }
     Ok(kept)
 }
 
