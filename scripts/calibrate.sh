@@ -64,7 +64,7 @@ else
     prof=$(cd "$out/profile/$name" && pwd)
     sed -E "s|^profile = .*|profile = \"$prof\"|" "$exp" > "$copy"
 fi
-"$sim" run "$copy" -o "$out/sim" --quiet
+"$sim" run "$copy" -o "$out/sim" --quiet --overwrite
 if [[ "$mode" != once ]]; then
     # Points are simulated again with their own profiles below; a sweep table would mix profiles.
     rm -f "$out/sim/sweep.csv" "$out/sim/sweep.md"
@@ -111,7 +111,7 @@ for point in "$out"/sim/*/; do
     if [[ -n "$own" ]]; then
         prof=$(cd "$own/$name" && pwd)
         sed -E "s|^profile = .*|profile = \"$prof\"|" "$cfg" > "$out/sim-$label.toml"
-        "$sim" run "$out/sim-$label.toml" -o "$point" --quiet
+        "$sim" run "$out/sim-$label.toml" -o "$point" --quiet --overwrite
         rm "$out/sim-$label.toml"
     fi
     "$engine" bench --url "http://127.0.0.1:$port" --experiment "$cfg" --model-dir "$model" \

@@ -15,6 +15,6 @@ t() { /usr/bin/time -f "%e s wall, %U+%S s CPU, %M KiB" "$@" 2>&1 >/dev/null | t
 for i in $(seq "$REPS"); do
   echo "rep $i"
   echo "  inference-lab            : $(t "$IL" --config il_llama2_7b_h100_r4.toml --workload il_wl_10k.toml --quiet --no-color --output /tmp/vajra-peers/il.json --request-csv /tmp/vajra-peers/il_requests.csv)"
-  echo "  vajra-sim, every output  : $(t $SIM run vidur_10k_replay.toml -o /tmp/vajra-peers/vajra --quiet)"
-  echo "  vajra-sim, no trace.json : $(t $SIM run vidur_10k_replay.toml -o /tmp/vajra-peers/vajra-nt --quiet --no-trace)"
+  echo "  vajra-sim, every output  : $(t $SIM run vidur_10k_replay.toml -o /tmp/vajra-peers/vajra --quiet --overwrite)"
+  echo "  vajra-sim, no trace.json : $(t $SIM run vidur_10k_replay.toml -o /tmp/vajra-peers/vajra-nt --quiet --no-trace --overwrite)"
 done

@@ -44,6 +44,10 @@ enum Cmd {
         /// No progress bar and no table on stdout.
         #[arg(short, long)]
         quiet: bool,
+        /// Replace the output folder if it holds an earlier run (without it, a non-empty
+        /// folder is an error).
+        #[arg(long)]
+        overwrite: bool,
         /// One event loop per point (no replica partitions across threads).
         #[arg(long)]
         sequential: bool,
@@ -60,6 +64,9 @@ enum Cmd {
         /// Worker threads (default: one per core).
         #[arg(short, long, default_value_t = 0)]
         jobs: usize,
+        /// Replace the output folder if it holds an earlier run.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Compare runs: a self-contained HTML report, a Markdown summary and PNG/SVG charts.
     Report {
@@ -165,6 +172,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             no_trace,
             quiet,
             sequential,
+            overwrite,
         } => {
             let t0 = Instant::now();
             let f = ExperimentFile::load(&file)?;
@@ -174,6 +182,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 trace: !no_trace,
                 progress: !quiet,
                 sequential,
+                overwrite,
             };
             let root = out_root(&f, &opts);
             let results = run_file(&f, &opts)?;
@@ -200,7 +209,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Capacity { file, out, jobs } => {
+        Cmd::Capacity {
+            file,
+            out,
+            jobs,
+            overwrite,
+        } => {
             let t0 = Instant::now();
             let f = ExperimentFile::load(&file)?;
             let opts = RunOptions {
@@ -209,8 +223,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 trace: false,
                 progress: false,
                 sequential: false,
+                overwrite,
             };
             let root = out_root(&f, &opts);
+            vajra_sim::sweep::claim_root(&root, overwrite)?;
             let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build()?;
             let configs = vajra_sim::capacity::distinct_configs(&f.points);
             let caps = pool.install(|| {

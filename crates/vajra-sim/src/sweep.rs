@@ -22,6 +22,64 @@ pub struct RunOptions {
     pub progress: bool,
     /// One event loop per point, even where replicas could be partitioned across threads.
     pub sequential: bool,
+    /// Replace the output root if it holds an earlier run (else a non-empty root is an error).
+    pub overwrite: bool,
+}
+
+/// The files and folders whose presence marks a folder as a vajra run (or sweep, or capacity)
+/// folder, which `--overwrite` may clear.
+const RUN_MARKERS: &[&str] = &[
+    "summary.json",
+    "sweep.csv",
+    "config.resolved.toml",
+    "capacity.json",
+    "requests.csv",
+];
+
+/// Makes `root` the run's own: absent or empty, it is used as it is; holding an earlier run, it
+/// is cleared with `overwrite` and refused without, so two runs never mix in one folder (a
+/// report of it would chart the old batches under the new name).
+///
+/// # Errors
+/// A non-empty folder without `overwrite`, a non-empty folder that is not a run folder (never
+/// deleted), or a folder that cannot be read or cleared.
+pub fn claim_root(root: &Path, overwrite: bool) -> Result<()> {
+    let entries: Vec<PathBuf> = match std::fs::read_dir(root) {
+        Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            return Err(SimError::invalid(
+                "-o",
+                root.display(),
+                "a folder (this is a file)",
+            ));
+        }
+        Err(e) => return Err(write_err(root)(e)),
+    };
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let is_run = |d: &Path| RUN_MARKERS.iter().any(|m| d.join(m).exists());
+    let run_folder = is_run(root) || entries.iter().any(|p| p.is_dir() && is_run(p));
+    if !overwrite {
+        return Err(SimError::invalid(
+            "-o",
+            root.display(),
+            if run_folder {
+                "an empty or new folder: this one holds an earlier run (pass --overwrite to replace it)"
+            } else {
+                "an empty or new folder: this one is not empty"
+            },
+        ));
+    }
+    if !run_folder {
+        return Err(SimError::invalid(
+            "-o",
+            root.display(),
+            "a run folder to overwrite: this one holds files that are not a vajra run, so --overwrite leaves it alone",
+        ));
+    }
+    std::fs::remove_dir_all(root).map_err(write_err(root))
 }
 
 /// The output root of a file.
@@ -42,6 +100,7 @@ pub fn out_root(file: &ExperimentFile, opts: &RunOptions) -> PathBuf {
 /// The first point that fails (naming it), or a summary that cannot be written.
 pub fn run_file(file: &ExperimentFile, opts: &RunOptions) -> Result<Vec<PointResult>> {
     let root = out_root(file, opts);
+    claim_root(&root, opts.overwrite)?;
     let total: Option<u64> = file
         .points
         .iter()

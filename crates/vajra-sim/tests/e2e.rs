@@ -492,8 +492,10 @@ fn a_rate_or_trace_past_the_simulators_clock_is_an_error_naming_the_unit() {
         format!("{HEAD}[workload]\narrival = {{ type = \"trace\", path = \"ns.csv\" }}\n"),
     )
     .unwrap();
+    let out = dir.join("out");
     for cmd in ["validate", "run"] {
-        let o = sim(&[cmd, f.to_str().unwrap()]);
+        let o = sim(&[cmd, f.to_str().unwrap(), "-o", out.to_str().unwrap()]
+            [..if cmd == "run" { 4 } else { 2 }]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && !err.contains("panicked"), "{err}");
         assert!(
@@ -540,4 +542,39 @@ fn validate_rejects_what_a_run_rejects() {
         ),
         &["max_num_batched_tokens", "max_model_len = 4096"],
     );
+}
+
+#[test]
+fn a_run_owns_its_folder_and_never_mixes_with_an_earlier_one() {
+    let dir = tmp("owns");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("e.toml");
+    std::fs::write(&f, GOOD).unwrap();
+    let out = dir.join("out");
+    let (fs, os) = (f.to_str().unwrap(), out.to_str().unwrap());
+    run_ok(fs, &out);
+    // A file only the earlier run wrote: before, it stayed beside the new run's files.
+    std::fs::write(out.join("trace.json"), "stale").unwrap();
+    let o = sim(&["run", fs, "-o", os, "--quiet"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--overwrite"), "{err}");
+    let o = sim(&["run", fs, "-o", os, "--quiet", "--overwrite", "--no-trace"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !out.join("trace.json").exists(),
+        "the earlier run's file is gone"
+    );
+    assert!(out.join("summary.json").exists());
+    // A folder that is not a run is never deleted, even with --overwrite.
+    let other = dir.join("notes");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("mine.txt"), "keep").unwrap();
+    let o = sim(&["run", fs, "-o", other.to_str().unwrap(), "--overwrite"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a vajra run"),
+        "{err}"
+    );
+    assert!(other.join("mine.txt").exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }
