@@ -167,6 +167,9 @@ impl Default for CapacityConfig {
     }
 }
 
+/// The most points one experiment file may expand to.
+pub const MAX_POINTS: usize = 1_000_000;
+
 /// One point of an experiment file.
 #[derive(Debug, Clone)]
 pub struct Point {
@@ -345,6 +348,16 @@ impl ExperimentFile {
                 if k == "sweep" || k.starts_with("sweep.") {
                     return Err(exp_err(format!("sweep key `{k}` cannot sweep the sweep")));
                 }
+                // Checked before expanding: a product of many keys must not fill the memory.
+                let points = combos.len().saturating_mul(values.len());
+                if points > MAX_POINTS {
+                    return Err(exp_err(format!(
+                        "the sweep has {} points (the product of its keys' value counts), more than {MAX_POINTS}: split it into several files",
+                        s.values()
+                            .map(|v| v.as_array().map_or(1, Vec::len))
+                            .fold(1usize, usize::saturating_mul)
+                    )));
+                }
                 combos = combos
                     .into_iter()
                     .flat_map(|c| {
@@ -358,6 +371,8 @@ impl ExperimentFile {
             }
         }
         let n = combos.len();
+        // Folder prefixes sort in point order: three digits, more for sweeps past 1,000 points.
+        let width = n.saturating_sub(1).to_string().len().max(3);
         let mut points = Vec::with_capacity(n);
         for (i, combo) in combos.into_iter().enumerate() {
             let mut experiment: Experiment = if is_sweep {
@@ -390,7 +405,7 @@ impl ExperimentFile {
                 .collect::<Vec<_>>()
                 .join(",");
             let folder = if is_sweep {
-                sanitize(&format!("{i:03}-{label}"))
+                sanitize(&format!("{i:0width$}-{label}"))
             } else {
                 String::new()
             };
@@ -504,6 +519,20 @@ pub fn parallel(c: &ClusterSpec) -> ParallelConfig {
 /// # Errors
 /// The first bad field, named.
 pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
+    // The name is the default output folder (`runs/<name>`): a name, never a path.
+    let n = &e.name;
+    if n.is_empty()
+        || n == "."
+        || n == ".."
+        || n.chars().count() > 200
+        || n.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+    {
+        return Err(ExperimentError::invalid(
+            "name",
+            format!("{n:?}"),
+            "a name of 1 to 200 characters without `/`, `\\` or control characters, not `.` or `..` (set output.dir or -o for another folder)",
+        ));
+    }
     let m = resolve_model(&e.model, base)?;
     resolve_device(&e.cluster)?;
     if e.cluster.num_replicas < 1 || e.cluster.num_replicas > 100_000 {
@@ -684,6 +713,30 @@ lengths = { type = "fixed", prompt = 100, output = 10 }
         );
         let e = ExperimentFile::load(&p).unwrap_err().to_string();
         assert!(e.contains("nope.csv"), "{e}");
+    }
+
+    #[test]
+    fn a_sweep_past_1000_points_keeps_its_folders_in_point_order() {
+        let values: Vec<String> = (1..=1001).map(|s| s.to_string()).collect();
+        let p = write(
+            "big.toml",
+            &format!("{BASE}\n[sweep]\n\"seed\" = [{}]\n", values.join(", ")),
+        );
+        let f = ExperimentFile::load(&p).unwrap();
+        assert_eq!(f.points[0].folder, "0000-seed=1");
+        assert_eq!(f.points[1000].folder, "1000-seed=1001");
+        let mut sorted: Vec<&str> = f.points.iter().map(|p| p.folder.as_str()).collect();
+        sorted.sort_unstable();
+        assert!(sorted.iter().zip(&f.points).all(|(s, p)| *s == p.folder));
+        let p = write(
+            "huge.toml",
+            &format!(
+                "{BASE}\n[sweep]\n\"seed\" = [{0}]\n\"workload.num_requests\" = [{0}]\n",
+                values.join(", ")
+            ),
+        );
+        let e = ExperimentFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("1002001 points") && e.contains("split"), "{e}");
     }
 
     #[test]

@@ -226,6 +226,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 overwrite,
             };
             let root = out_root(&f, &opts);
+            if jobs > vajra_sim::sweep::MAX_JOBS {
+                anyhow::bail!(
+                    "--jobs = {jobs}: allowed are 0 (one per core) to {}",
+                    vajra_sim::sweep::MAX_JOBS
+                );
+            }
             vajra_sim::sweep::claim_root(&root, overwrite)?;
             let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build()?;
             let configs = vajra_sim::capacity::distinct_configs(&f.points);

@@ -26,6 +26,12 @@ pub struct RunOptions {
     pub overwrite: bool,
 }
 
+/// The most worker threads `--jobs` takes.
+pub const MAX_JOBS: usize = 1024;
+
+/// Sweeps of more points than this get a warning before they start.
+const LARGE_SWEEP: usize = 10_000;
+
 /// The files and folders whose presence marks a folder as a vajra run (or sweep, or capacity)
 /// folder, which `--overwrite` may clear.
 const RUN_MARKERS: &[&str] = &[
@@ -119,8 +125,28 @@ pub fn run_file(file: &ExperimentFile, opts: &RunOptions) -> Result<Vec<PointRes
     } else {
         ProgressBar::hidden()
     };
+    if opts.jobs > MAX_JOBS {
+        return Err(SimError::invalid(
+            "--jobs",
+            opts.jobs,
+            format!("0 (one per core) to {MAX_JOBS}"),
+        ));
+    }
+    if file.points.len() > LARGE_SWEEP {
+        eprintln!(
+            "warning: {} points: each writes a folder under {}; a sweep this large takes long and much disk (split the file to run it in parts)",
+            file.points.len(),
+            root.display()
+        );
+    }
+    // More threads than points only cost memory.
+    let jobs = if opts.jobs == 0 {
+        0
+    } else {
+        opts.jobs.min(file.points.len().max(1))
+    };
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.jobs)
+        .num_threads(jobs)
         .build()
         .map_err(|e| SimError::invalid("--jobs", opts.jobs, e.to_string()))?;
     let results: Vec<Result<PointResult>> = pool.install(|| {

@@ -578,3 +578,35 @@ fn a_run_owns_its_folder_and_never_mixes_with_an_earlier_one() {
     assert!(other.join("mine.txt").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_experiment_name_is_a_name_not_a_path() {
+    for bad in ["../../x", "a/b", ".."] {
+        fails_with(&format!("name = {bad:?}\n{GOOD}"), &["name", "without `/`"]);
+    }
+}
+
+#[test]
+fn jobs_have_an_upper_bound() {
+    let dir = tmp("jobs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("e.toml");
+    std::fs::write(&f, GOOD).unwrap();
+    let out = dir.join("out");
+    for cmd in ["run", "capacity"] {
+        let o = sim(&[
+            cmd,
+            f.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "-j",
+            "5000",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("--jobs") && err.contains("1024"),
+            "{cmd}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

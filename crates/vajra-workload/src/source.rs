@@ -360,7 +360,7 @@ fn replay_rows(t: &TraceReplayConfig, base: &Path) -> Result<Vec<TraceRow>> {
     }
     // Times past the simulator's clock would saturate (every later latency would read 0).
     let last = kept.iter().filter_map(|r| r.arrival_s).fold(0.0, f64::max);
-    if !(last <= vajra_core::time::MAX_SECS) {
+    if last > vajra_core::time::MAX_SECS {
         return Err(WorkloadError::TraceTimes {
             path,
             message: format!(
