@@ -326,6 +326,7 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
         source.on_finished(id, now());
     }
     bar.finish_and_clear();
+    let source_clipped = source.clipped();
     facts.wall_s = start.elapsed().as_secs_f64();
     if let (Some(a), Some(b)) = (counters_before, step_counters(&client, &url).await) {
         let steps = b[0] - a[0];
@@ -350,6 +351,7 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
             peak_flops: 0.0,
             peak_bytes_per_s: 0.0,
             issued: facts.sent,
+            clipped: source_clipped,
         },
     );
     let name = exp.name.clone().unwrap_or_else(|| {

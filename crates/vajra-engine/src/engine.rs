@@ -311,6 +311,8 @@ impl Engine {
             peak_flops: 0.0,
             peak_bytes_per_s: 0.0,
             issued: r.issued,
+            // The server refuses what does not fit; it never clips.
+            clipped: 0,
         };
         let summary = vajra_metrics::summary::SummaryFile {
             name: r.name.clone(),

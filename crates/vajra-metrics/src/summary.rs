@@ -21,6 +21,8 @@ pub struct ClusterFacts {
     pub peak_bytes_per_s: f64,
     /// Requests issued (completed or not).
     pub issued: u64,
+    /// Requests whose prompt + output the workload clipped to the longest sequence allowed.
+    pub clipped: u64,
 }
 
 /// Latency distributions, seconds.
@@ -169,6 +171,10 @@ pub struct Summary {
     pub requests_issued: u64,
     /// Requests completed.
     pub requests_completed: u64,
+    /// Requests whose prompt + output were clipped to the longest sequence allowed
+    /// (`model.max_model_len`, `workload.max_tokens`) before they were issued.
+    #[serde(default)]
+    pub requests_clipped: u64,
     /// Prompt tokens of completed requests.
     pub prompt_tokens: u64,
     /// Output tokens of completed requests.
@@ -423,6 +429,7 @@ impl Summary {
         };
         Summary {
             requests_issued: facts.issued,
+            requests_clipped: facts.clipped,
             requests_completed: reqs.len() as u64,
             prompt_tokens,
             output_tokens,
@@ -547,6 +554,7 @@ mod tests {
             num_blocks: 16,
             peak_flops: 0.0,
             peak_bytes_per_s: 0.0,
+            clipped: 0,
             issued: 1,
         };
         let s = Summary::compute(&c, &SloConfig::default(), &facts);

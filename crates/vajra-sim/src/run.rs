@@ -290,6 +290,7 @@ pub fn simulate(
                 Some(mut m) => {
                     m.collector.merge(r.collector);
                     m.issued += r.issued;
+                    m.clipped += r.clipped;
                     m.end = m.end.max(r.end);
                     m.events += r.events;
                     m.replica_stats.extend(r.replica_stats);
@@ -350,6 +351,7 @@ pub fn summarize(point: &Point, prep: &Prepared, res: &sim::SimResult) -> RunSum
         peak_flops: prep.setup.device.peak_flops * devices,
         peak_bytes_per_s: prep.setup.device.mem_bandwidth * devices,
         issued: res.issued,
+        clipped: res.clipped,
     };
     let metrics = Summary::compute(&res.collector, &e.slo, &facts);
     RunSummary {
@@ -442,6 +444,31 @@ pub fn run_point(
     );
     joined?;
     let summary = summary?;
+    let mut warnings = prep.predictor.warnings;
+    if res.clipped > 0 {
+        let e = &point.experiment;
+        let longest = e
+            .workload
+            .max_tokens
+            .map_or(prep.setup.model.max_model_len, |m| {
+                m.min(prep.setup.model.max_model_len)
+            });
+        let label = if point.label.is_empty() {
+            e.name.as_str()
+        } else {
+            point.label.as_str()
+        };
+        warnings.push(format!(
+            "{label}: {} of {} requests ({:.1} %) were clipped to {longest} tokens of prompt + output (model.max_model_len {}, workload.max_tokens {}); summary.json counts them as requests_clipped",
+            res.clipped,
+            res.issued,
+            100.0 * res.clipped as f64 / res.issued.max(1) as f64,
+            prep.setup.model.max_model_len,
+            e.workload
+                .max_tokens
+                .map_or_else(|| "unset".to_owned(), |m| m.to_string())
+        ));
+    }
     Ok(PointResult {
         label: point.label.clone(),
         overrides: point.overrides.clone(),
@@ -450,7 +477,7 @@ pub fn run_point(
         loop_s,
         wall_s: t0.elapsed().as_secs_f64(),
         events: res.events,
-        warnings: prep.predictor.warnings,
+        warnings,
     })
 }
 

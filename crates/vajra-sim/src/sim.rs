@@ -48,6 +48,8 @@ pub trait Arrivals {
     fn on_finished(&mut self, id: RequestId, now: Timestamp);
     /// Requests issued so far.
     fn issued(&self) -> u64;
+    /// Requests issued so far whose lengths the workload clipped.
+    fn clipped(&self) -> u64;
 }
 
 impl Arrivals for RequestSource {
@@ -62,6 +64,9 @@ impl Arrivals for RequestSource {
     }
     fn issued(&self) -> u64 {
         RequestSource::issued(self)
+    }
+    fn clipped(&self) -> u64 {
+        RequestSource::clipped(self)
     }
 }
 
@@ -78,7 +83,10 @@ pub struct Partition {
     lo: u32,
     hi: u32,
     next: Option<(Request, u32)>,
+    /// Whether `next` was clipped.
+    next_clipped: bool,
     issued: u64,
+    clipped: u64,
 }
 
 impl Partition {
@@ -104,17 +112,23 @@ impl Partition {
             lo,
             hi,
             next: None,
+            next_clipped: false,
             issued: 0,
+            clipped: 0,
         };
         p.advance();
         p
     }
 
     fn advance(&mut self) {
+        let mut before = self.source.clipped();
         while let Some(r) = self.source.pop() {
+            let clipped = self.source.clipped() > before;
+            before = self.source.clipped();
             let t = self.router.route(&self.loads, &mut self.rng).0;
             if (self.lo..self.hi).contains(&t) {
                 self.next = Some((r, t - self.lo));
+                self.next_clipped = clipped;
                 return;
             }
         }
@@ -128,12 +142,16 @@ impl Arrivals for Partition {
     fn pop(&mut self) -> Option<(Request, Option<u32>)> {
         let (r, t) = self.next.take()?;
         self.issued += 1;
+        self.clipped += u64::from(self.next_clipped);
         self.advance();
         Some((r, Some(t)))
     }
     fn on_finished(&mut self, _id: RequestId, _now: Timestamp) {}
     fn issued(&self) -> u64 {
         self.issued
+    }
+    fn clipped(&self) -> u64 {
+        self.clipped
     }
 }
 
@@ -331,6 +349,8 @@ pub struct SimResult {
     pub collector: Collector,
     /// Requests issued.
     pub issued: u64,
+    /// Requests issued with lengths the workload clipped.
+    pub clipped: u64,
     /// Simulated time of the last event.
     pub end: Timestamp,
     /// Events processed (arrivals included).
@@ -665,6 +685,7 @@ pub fn run_range(
     }
     Ok(SimResult {
         issued: source.issued(),
+        clipped: source.clipped(),
         replica_stats: st
             .replicas
             .iter()

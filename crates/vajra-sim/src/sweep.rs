@@ -113,12 +113,20 @@ pub fn run_file(file: &ExperimentFile, opts: &RunOptions) -> Result<Vec<PointRes
         .map(|p| p.experiment.workload.num_requests)
         .sum();
     let bar = if opts.progress {
-        let b = ProgressBar::new(total.unwrap_or(0));
-        b.set_style(
-            ProgressStyle::with_template(
+        // A trace replay without num_requests has as many requests as rows, which are only
+        // counted when it is read: no total then, rather than `n/0`.
+        let (b, template) = match total {
+            Some(t) => (
+                ProgressBar::new(t),
                 "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} requests ({per_sec}) {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ),
+            None => (
+                ProgressBar::no_length(),
+                "{spinner} [{elapsed_precise}] {pos} requests ({per_sec}) {msg}",
+            ),
+        };
+        b.set_style(
+            ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         b.set_message(format!("{} point(s)", file.points.len()));
         b

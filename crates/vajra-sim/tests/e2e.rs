@@ -610,3 +610,71 @@ fn jobs_have_an_upper_bound() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn clipped_requests_are_counted_and_warned() {
+    let dir = tmp("clip");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("e.toml");
+    // 100 + 10 tokens do not fit 64: every request is clipped (used to be silent).
+    std::fs::write(
+        &f,
+        GOOD.replace(
+            "name = \"Llama-2-7b-hf\"",
+            "name = \"Llama-2-7b-hf\"\nmax_model_len = 64",
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let o = sim(&[
+        "run",
+        f.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("10 of 10 requests (100.0 %) were clipped to 64 tokens"),
+        "{err}"
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["requests_clipped"], 10);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_replay_asked_for_more_requests_than_its_trace_has_is_refused() {
+    let mut text = String::from("arrived_at,num_prefill_tokens,num_decode_tokens\n");
+    for i in 0..5 {
+        text.push_str(&format!("{i}.0,12,5\n"));
+    }
+    let dir = tmp("short-trace");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("five.csv"), text).unwrap();
+    let f = dir.join("e.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "{HEAD}[workload]\nnum_requests = 10\narrival = {{ type = \"trace\", path = \"five.csv\" }}\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    for cmd in ["validate", "run"] {
+        let o = sim(&[cmd, f.to_str().unwrap(), "-o", out.to_str().unwrap()]
+            [..if cmd == "run" { 4 } else { 2 }]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "{cmd} ran 5 of the 10 requests asked for"
+        );
+        assert!(
+            err.contains("workload.num_requests") && err.contains("the 5 rows"),
+            "{cmd}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

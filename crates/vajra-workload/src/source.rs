@@ -65,6 +65,10 @@ pub struct RequestSource {
     max_tokens: u32,
     limit: Option<u64>,
     end: Option<Timestamp>,
+    /// Whether `next` was clipped.
+    next_clipped: bool,
+    /// Popped requests that were clipped.
+    clipped: u64,
     issued: u64,
     next: Option<Request>,
     rng_arrival: StdRng,
@@ -128,7 +132,23 @@ impl RequestSource {
         let mode = match &cfg.arrival {
             ArrivalConfig::Trace(t) => {
                 let rows = replay_rows(t, base)?;
-                limit = Some(limit.map_or(rows.len() as u64, |n| n.min(rows.len() as u64)));
+                // A replay has as many requests as rows: asking for more used to run fewer
+                // without a word.
+                if let Some(n) = limit
+                    && n > rows.len() as u64
+                {
+                    return Err(vajra_core::CoreError::invalid(
+                        "workload.num_requests",
+                        n,
+                        format!(
+                            "at most the {} rows the trace {} has in its window (or leave it unset to replay them all)",
+                            rows.len(),
+                            t.path.display()
+                        ),
+                    )
+                    .into());
+                }
+                limit = Some(limit.unwrap_or(rows.len() as u64));
                 Mode::Replay {
                     rows,
                     cursor: 0,
@@ -172,6 +192,8 @@ impl RequestSource {
             end: cfg.duration_s.map(Timestamp::from_secs_f64),
             issued: 0,
             next: None,
+            next_clipped: false,
+            clipped: 0,
             rng_arrival: StdRng::seed_from_u64(derive_seed(seed, "workload.arrival")),
             rng_lengths: StdRng::seed_from_u64(derive_seed(seed, "workload.lengths")),
             rng_tenant: StdRng::seed_from_u64(derive_seed(seed, "workload.tenant")),
@@ -192,9 +214,16 @@ impl RequestSource {
     pub fn pop(&mut self) -> Option<Request> {
         let r = self.next.take();
         if r.is_some() {
+            self.clipped += u64::from(self.next_clipped);
             self.refill();
         }
         r
+    }
+
+    /// Requests popped so far whose prompt + output were clipped to the longest sequence
+    /// allowed (the source's `max_tokens`).
+    pub fn clipped(&self) -> u64 {
+        self.clipped
     }
 
     /// Requests issued so far.
@@ -311,7 +340,9 @@ impl RequestSource {
             groups = ids;
             group_tokens = gt;
         }
+        let (wanted_prompt, wanted_output) = (prompt, output);
         let (prompt, output) = clip(prompt, output, self.max_tokens);
+        self.next_clipped = (prompt, output) != (wanted_prompt, wanted_output);
         let mut req = Request::new(
             id,
             Prompt::Synthetic(SyntheticPrompt {
