@@ -342,14 +342,14 @@ impl ParallelConfig {
         let tp = self.tensor_parallel;
         ensure(
             tp.is_power_of_two() && tp <= 64,
-            "parallel.tensor_parallel",
+            "cluster.tensor_parallel",
             tp,
             "a power of two from 1 to 64",
         )?;
         let pp = self.pipeline_parallel;
         ensure(
             (1..=64).contains(&pp),
-            "parallel.pipeline_parallel",
+            "cluster.pipeline_parallel",
             pp,
             "1 to 64",
         )

@@ -678,3 +678,49 @@ fn a_replay_asked_for_more_requests_than_its_trace_has_is_refused() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn trace_and_cluster_messages_say_what_is_wrong() {
+    let dir = tmp("msgs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out");
+    let check = |name: &str, trace: &str, needles: &[&str]| {
+        std::fs::write(dir.join(name), trace).unwrap();
+        let f = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &f,
+            format!("{HEAD}[workload]\narrival = {{ type = \"trace\", path = \"{name}\" }}\n"),
+        )
+        .unwrap();
+        let o = sim(&["validate", f.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{name}");
+        for n in needles {
+            assert!(err.contains(n), "{name}: `{n}` not in {err}");
+        }
+    };
+    // Was "missing column … found: ".
+    check("empty.csv", "", &["empty", "header row"]);
+    // Was "is not a token count ≥ 1".
+    check(
+        "huge.csv",
+        "arrived_at,num_prefill_tokens,num_decode_tokens\n0,1000000000000,5\n",
+        &["from 1 to 4294967295"],
+    );
+    // Was rounded silently.
+    check(
+        "frac.csv",
+        "arrived_at,num_prefill_tokens,num_decode_tokens\n0,12.5,5\n",
+        &["12.5", "whole number of tokens"],
+    );
+    let _ = out;
+    let _ = std::fs::remove_dir_all(&dir);
+    // Was reported as `parallel.tensor_parallel`.
+    fails_with(
+        &GOOD.replace(
+            "device = \"h100\"",
+            "device = \"h100\"\ntensor_parallel = 0",
+        ),
+        &["cluster.tensor_parallel"],
+    );
+}

@@ -103,10 +103,21 @@ fn parse_len(path: &Path, line: u64, col: &str, cell: &str) -> Result<u32> {
         return Err(bad(
             path,
             line,
-            format!("column `{col}`: {v} is not a token count ≥ 1"),
+            format!(
+                "column `{col}`: {v} is not a token count from 1 to {}",
+                u32::MAX
+            ),
         ));
     }
-    Ok(v.round() as u32)
+    if v.fract() != 0.0 {
+        // Rounding used to happen silently.
+        return Err(bad(
+            path,
+            line,
+            format!("column `{col}`: {v} is not a whole number of tokens"),
+        ));
+    }
+    Ok(v as u32)
 }
 
 fn read_csv(path: &Path, format: TraceFormat, need_arrivals: bool) -> Result<Vec<TraceRow>> {
@@ -134,6 +145,14 @@ fn read_csv(path: &Path, format: TraceFormat, need_arrivals: bool) -> Result<Vec
         .headers()
         .map_err(|e| bad(path, 1, e.to_string()))?
         .clone();
+    if headers.iter().all(|h| h.trim().is_empty()) {
+        return Err(WorkloadError::EmptyTrace {
+            path: path.to_owned(),
+            message: format!(
+                "the file is empty: a {name} trace starts with a header row naming its columns"
+            ),
+        });
+    }
     let needed = if time_required {
         format!("{time_col}, {p_col}, {d_col}")
     } else {
