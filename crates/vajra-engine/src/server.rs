@@ -55,7 +55,8 @@ enum Command {
     Add {
         req: GenerateRequest,
         sink: tmpsc::UnboundedSender<RequestOutput>,
-        reply: oneshot::Sender<Result<RequestId, String>>,
+        /// The id, or the request parameter at fault and why.
+        reply: oneshot::Sender<Result<RequestId, (String, String)>>,
     },
 }
 
@@ -155,7 +156,16 @@ fn engine_loop(
                     let _ = reply.send(Ok(id));
                 }
                 Err(e) => {
-                    let _ = reply.send(Err(e.to_string()));
+                    // The parameter the client can change: the KV-capacity and context
+                    // limits are on prompt + max_tokens.
+                    let param = match &e {
+                        crate::EngineError::Core(vajra_core::CoreError::InvalidField {
+                            field,
+                            ..
+                        }) if field == "prompt" => "prompt",
+                        _ => "max_tokens",
+                    };
+                    let _ = reply.send(Err((param.to_owned(), e.to_string())));
                 }
             }
         }
@@ -274,7 +284,7 @@ async fn submit(
         .map_err(|_| gone())?;
     match answer.await.map_err(|_| gone())? {
         Ok(id) => Ok((id, outputs)),
-        Err(msg) => Err(ApiError::bad("body", msg)),
+        Err((param, msg)) => Err(ApiError::bad(param, msg)),
     }
 }
 
@@ -554,9 +564,11 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, A
             "messages is empty: at least one message is required",
         ));
     }
+    b.check_unsupported()?;
+    let messages = openai::messages(&b.messages)?;
     let text = s
         .codec
-        .apply_chat_template(&b.messages)
+        .apply_chat_template(&messages)
         .map_err(|e| ApiError::bad("messages", e.to_string()))?;
     let prompt = s
         .codec

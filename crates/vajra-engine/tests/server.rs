@@ -388,3 +388,84 @@ fn run_dir_writes_the_simulators_run_folder_from_the_engines_own_records() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn what_official_clients_send_works_and_what_cannot_be_honoured_is_named() {
+    let srv = start(&[]);
+    let a = &srv.addr;
+    let chat = "/v1/chat/completions";
+    // Accepted: content parts, a developer message, defaults official clients send.
+    let ok = [
+        r#"{"messages":[{"role":"user","content":[{"type":"text","text":"Hi"},{"type":"text","text":"there"}]}],"max_tokens":2}"#,
+        r#"{"messages":[{"role":"developer","content":"Be brief."},{"role":"user","content":"Hi","name":"ann"}],"max_tokens":2}"#,
+        r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":2,"store":false,"metadata":{"k":"v"},"service_tier":"auto","user":"u1","parallel_tool_calls":true,"tool_choice":"none","tools":[],"response_format":{"type":"text"}}"#,
+    ];
+    for body in ok {
+        let (st, resp) = call(a, "POST", chat, Some(body));
+        assert_eq!(st, 200, "{body} → {resp}");
+    }
+    // Refused, each naming the parameter.
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            chat,
+            r#"{"messages":[{"role":"wizard","content":"x"}]}"#,
+            "messages[0].role",
+        ),
+        (
+            chat,
+            r#"{"messages":[{"role":"","content":"x"}]}"#,
+            "messages[0].role",
+        ),
+        (
+            chat,
+            r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
+            "messages[0].content[0].type",
+        ),
+        (
+            chat,
+            r#"{"messages":[{"role":"user","content":"x","colour":"red"}]}"#,
+            "colour",
+        ),
+        (
+            chat,
+            r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}]}"#,
+            "tools",
+        ),
+        (
+            chat,
+            r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+            "response_format",
+        ),
+        // Type errors used to name "body".
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","max_tokens":"5"}"#,
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","max_tokens":5.5}"#,
+            "max_tokens",
+        ),
+        ("/v1/completions", r#"{"prompt":"x","seed":"abc"}"#, "seed"),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","stream":"yes"}"#,
+            "stream",
+        ),
+        ("/v1/completions", r#"{"prompt":"x","stop":5}"#, "stop"),
+        ("/v1/completions", r#"{"prompt":null}"#, "prompt"),
+        ("/v1/completions", r#"{"prompt":[1,-1]}"#, "prompt"),
+        ("/v1/completions", r#"{"prompt":[1,1.5]}"#, "prompt"),
+    ];
+    for (path, body, param) in cases {
+        let (st, resp) = call(a, "POST", path, Some(body));
+        assert_eq!(st, 400, "{body} → {resp}");
+        let v = json(&resp);
+        assert_eq!(v["error"]["param"], *param, "{body} → {resp}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(param),
+            "{body} → {resp}"
+        );
+    }
+}

@@ -145,38 +145,223 @@ pub struct CompletionBody {
     pub common: CommonParams,
 }
 
+/// One message of a chat request as OpenAI clients send it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageIn {
+    /// `system`, `developer` (read as `system`), `user`, `assistant` or `tool`.
+    pub role: String,
+    /// Text, or a list of content parts (only `text` parts are supported).
+    pub content: Option<ContentIn>,
+    /// A participant's name (accepted, not used).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A message's `content`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ContentIn {
+    /// Plain text.
+    Text(String),
+    /// Content parts, e.g. `[{"type": "text", "text": "Hi"}]`.
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    /// `text` (others, such as `image_url`, are refused as unsupported).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a `text` part.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// The chat roles a template is given.
+pub const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+/// The conversation for the chat template: roles checked, content parts joined.
+///
+/// # Errors
+/// An unknown role, a message without content, or a content part that is not text, naming
+/// `messages[i]...`.
+pub fn messages(msgs: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+    msgs.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::bad(
+                    format!("messages[{i}].role"),
+                    format!(
+                        "messages[{i}].role = {:?}: allowed are {}",
+                        m.role,
+                        ROLES.join(", ")
+                    ),
+                ));
+            }
+            let content = match &m.content {
+                Some(ContentIn::Text(t)) => t.clone(),
+                Some(ContentIn::Parts(parts)) => {
+                    let mut text = Vec::with_capacity(parts.len());
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push(t.as_str()),
+                            ("text", None) => {
+                                return Err(ApiError::bad(
+                                    format!("messages[{i}].content[{j}].text"),
+                                    format!("messages[{i}].content[{j}] is a text part without `text`"),
+                                ));
+                            }
+                            (other, _) => {
+                                return Err(unsupported(
+                                    &format!("messages[{i}].content[{j}].type"),
+                                    &format!("content parts of type {other:?} (this server takes text parts)"),
+                                ));
+                            }
+                        }
+                    }
+                    text.join("\n")
+                }
+                None => {
+                    return Err(ApiError::bad(
+                        format!("messages[{i}].content"),
+                        format!("messages[{i}] has no content (tool calls are not supported)"),
+                    ));
+                }
+            };
+            let role = if m.role == "developer" {
+                "system".to_owned()
+            } else {
+                m.role.clone()
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+/// A 400 for an option this server does not implement.
+pub fn unsupported(param: &str, what: &str) -> ApiError {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!("{param}: {what} are not supported"),
+        param: Some(param.to_owned()),
+        code: "unsupported_value",
+    }
+}
+
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatBody {
     /// The conversation.
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<MessageIn>,
     /// Newer name of `max_tokens`.
     pub max_completion_tokens: Option<i64>,
     /// Return log-probabilities.
     pub logprobs: Option<bool>,
     /// How many top alternatives per token (0–20), with `logprobs`.
     pub top_logprobs: Option<i64>,
+    /// Tools: refused unless absent or empty (no tool calling).
+    pub tools: Option<Vec<Value>>,
+    /// `none` or `auto` without tools are accepted; anything else is refused.
+    pub tool_choice: Option<Value>,
+    /// Whether calls may run in parallel (accepted, meaningless without tools).
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"type": "text"}` is accepted; JSON modes are refused.
+    pub response_format: Option<Value>,
+    /// Stored completions (accepted, nothing is stored).
+    pub store: Option<bool>,
+    /// Request metadata (accepted, not used).
+    pub metadata: Option<Value>,
+    /// Service tier (accepted, not used: one tier).
+    pub service_tier: Option<String>,
     /// Shared fields.
     #[serde(flatten)]
     pub common: CommonParams,
 }
 
-/// Parses a body, turning serde's message into a 400 that names the field where it can.
+impl ChatBody {
+    /// Refuses the options official clients may send that this server cannot honour.
+    ///
+    /// # Errors
+    /// Tools, a tool choice other than `none`/`auto`, or a JSON response format.
+    pub fn check_unsupported(&self) -> Result<(), ApiError> {
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(unsupported("tools", "tool definitions"));
+        }
+        if let Some(c) = &self.tool_choice
+            && !matches!(c.as_str(), Some("none" | "auto"))
+        {
+            return Err(unsupported(
+                "tool_choice",
+                &format!("tool choices other than \"none\" or \"auto\" ({c})"),
+            ));
+        }
+        if let Some(f) = &self.response_format
+            && f.get("type").and_then(Value::as_str) != Some("text")
+        {
+            return Err(unsupported(
+                "response_format",
+                &format!("response formats other than {{\"type\": \"text\"}} ({f})"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses a body, turning serde's message into a 400 that names the field at fault: the
+/// unknown or missing one serde names, else (flattened fields lose their names in serde's
+/// message) the top-level key without which the body would parse.
 ///
 /// # Errors
 /// Malformed JSON, a wrong type or an unknown field.
 pub fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
-        let param = msg
+        let named = msg
             .split('`')
             .nth(1)
             .filter(|_| msg.contains("field"))
-            .unwrap_or("body")
-            .to_owned();
-        ApiError::bad(param, format!("malformed request body: {msg}"))
+            .map(str::to_owned);
+        let param = named
+            .or_else(|| culprit::<T>(body))
+            .unwrap_or_else(|| "body".to_owned());
+        let message = if param == "body" {
+            format!("malformed request body: {msg}")
+        } else {
+            format!("malformed request body: {param}: {msg}")
+        };
+        ApiError::bad(param, message)
     })
+}
+
+/// The top-level key of a JSON object body whose value alone makes it fail to parse: the body
+/// without it parses, or fails only because that key is missing.
+fn culprit<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Option<String> {
+    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    let without = |k: &String| {
+        let mut rest = map.clone();
+        rest.remove(k);
+        serde_json::from_value::<T>(Value::Object(rest))
+    };
+    // A key without which the body parses; else a required key whose value is wrong (the
+    // body then fails only for its absence).
+    map.keys()
+        .find(|k| without(k).is_ok())
+        .cloned()
+        .or_else(|| {
+            map.keys()
+                .find(|k| {
+                    without(k)
+                        .err()
+                        .is_some_and(|e| e.to_string().contains(&format!("missing field `{k}`")))
+                })
+                .cloned()
+        })
 }
 
 fn float(v: Option<f64>, default: f32) -> f32 {
