@@ -279,6 +279,18 @@ pub fn simulate(
                 Ok((res, pq, tr))
             })
             .collect();
+        // A failed partition leaves no hidden part files behind (they can be gigabytes).
+        if let Some(e) = outs.iter().position(Result::is_err) {
+            for i in 0..ranges.len() {
+                let _ = std::fs::remove_file(dir.join(format!(".batches.part{i:02}.parquet")));
+                let _ = std::fs::remove_file(dir.join(format!(".trace.part{i:02}.json")));
+            }
+            return Err(outs
+                .into_iter()
+                .nth(e)
+                .and_then(Result::err)
+                .expect("an error"));
+        }
         let mut merged: Option<sim::SimResult> = None;
         let (mut pq_parts, mut tr_parts) = (Vec::new(), Vec::new());
         for o in outs {

@@ -724,3 +724,38 @@ fn trace_and_cluster_messages_say_what_is_wrong() {
         &["cluster.tensor_parallel"],
     );
 }
+
+#[test]
+fn a_failed_partitioned_run_leaves_no_hidden_part_files() {
+    let dir = tmp("parts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("e.toml");
+    // Two replicas on threads (round robin), each with a KV cache too small for its requests.
+    let body = GOOD
+        .replace("device = \"h100\"", "device = \"h100\"\nnum_replicas = 2")
+        .replace(
+            "[predictor]",
+            "[router]\ntype = \"round_robin\"\n[cache]\nnum_blocks = 4\n[predictor]",
+        );
+    std::fs::write(&f, body).unwrap();
+    let out = dir.join("out");
+    let o = sim(&[
+        "run",
+        f.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    let hidden: Vec<String> = std::fs::read_dir(&out)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(hidden.is_empty(), "left behind: {hidden:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
