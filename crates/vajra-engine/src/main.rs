@@ -209,6 +209,10 @@ struct ServeArgs {
     /// (Ctrl-C or SIGTERM), for `vajra-sim report` and `compare`.
     #[arg(long, value_name = "DIR")]
     run_dir: Option<PathBuf>,
+    /// On Ctrl-C or SIGTERM, stop accepting, let requests in flight finish for at most this
+    /// many seconds (then cut what is left), write the run folder, and exit 0.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = drain_seconds)]
+    drain_timeout_s: f64,
     /// Before serving, profile this very backend (the `profile` command's full grid) into
     /// `<DIR>/<model>/`, so that the profile and the served steps share the process, its
     /// memory and the minutes around them (scripts/calibrate.sh).
@@ -334,6 +338,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
+    let drain = a.drain_timeout_s;
+    // Bound before the model loads, so a busy port fails at once rather than after the load.
+    let std_listener = std::net::TcpListener::bind((a.host.as_str(), a.port))
+        .with_context(|| format!("binding {}:{}", a.host, a.port))?;
+    std_listener.set_nonblocking(true)?;
     if a.profile_out.is_some() {
         let block = engine_config(&a.engine)?.cache.block_size;
         if block != vajra_engine::profile::BLOCK {
@@ -376,6 +385,12 @@ fn serve(a: ServeArgs) -> Result<()> {
             .record_run(dir, &name, slo)
             .with_context(|| format!("--run-dir {}", dir.display()))?;
     }
+    let policy = format!(
+        "{} ({} KV blocks, max_model_len {})",
+        serde_json::to_string(&engine_config(&a.engine)?.scheduler)?,
+        engine.backend().num_blocks(),
+        engine.max_model_len()
+    );
     let (app, engine_thread) = vajra_engine::server::router_with_engine_thread(
         engine,
         ServerConfig {
@@ -388,21 +403,33 @@ fn serve(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
-            .await
-            .with_context(|| format!("binding {}:{}", a.host, a.port))?;
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
         let addr = listener.local_addr()?;
+        eprintln!("scheduler: {policy}");
         // The one line scripts and tests wait for.
         eprintln!("vajra-engine serving `{name}` on http://{addr}");
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let sig = shutdown_signal().await;
+            eprintln!(
+                "{sig}: draining (at most {drain:.0} s): no new connections, requests in flight finish"
+            );
+            let _ = signalled.send(true);
+        });
+        let deadline = async move {
+            let _ = on_signal.wait_for(|s| *s).await;
+            tokio::time::sleep(std::time::Duration::from_secs_f64(drain)).await;
+        };
+        tokio::select! {
+            r = serve => r?,
+            () = deadline => eprintln!("the drain deadline passed: open connections were cut"),
+        }
         Ok::<_, anyhow::Error>(())
     })?;
     // The router is gone: the engine thread writes the run folder, then ends. A stream still
-    // held by a client keeps it alive; give up waiting after a while rather than hang.
+    // held by a client keeps it alive; give up waiting at the drain deadline rather than hang.
     let waited = Instant::now();
-    while !engine_thread.is_finished() && waited.elapsed().as_secs() < 30 {
+    while !engine_thread.is_finished() && waited.elapsed().as_secs_f64() < drain {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     if let Some(dir) = &a.run_dir {
@@ -410,7 +437,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             eprintln!("wrote the run folder {}", dir.display());
         } else {
             eprintln!(
-                "the engine was still busy after 30 s: {} was not written",
+                "the engine was still busy after {drain:.0} s: {} was not written",
                 dir.display()
             );
         }
@@ -418,8 +445,8 @@ fn serve(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+/// Ctrl-C (SIGINT) or SIGTERM (what containers, Kubernetes and systemd send); its name.
+async fn shutdown_signal() -> &'static str {
     let term = async {
         #[cfg(unix)]
         if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -430,8 +457,16 @@ async fn shutdown_signal() {
         std::future::pending::<()>().await;
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        () = term => "SIGTERM",
+    }
+}
+
+/// `--drain-timeout-s`: a finite number of seconds ≥ 0.
+fn drain_seconds(v: &str) -> std::result::Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => Ok(s),
+        _ => Err(format!("{v}: allowed a number of seconds from 0 to 86400")),
     }
 }
 

@@ -469,3 +469,50 @@ fn what_official_clients_send_works_and_what_cannot_be_honoured_is_named() {
         );
     }
 }
+
+#[test]
+fn sigterm_drains_writes_the_run_folder_and_exits_zero() {
+    let dir = std::env::temp_dir().join(format!("vajra-sigterm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let srv = start(&["--run-dir", dir.to_str().unwrap(), "--drain-timeout-s", "5"]);
+    let (st, b) = call(
+        &srv.addr,
+        "POST",
+        "/v1/completions",
+        Some(r#"{"prompt":"hello","max_tokens":3,"ignore_eos":true}"#),
+    );
+    assert_eq!(st, 200, "{b}");
+    assert!(
+        srv.terminate(),
+        "SIGTERM is a clean shutdown (exit 0), not death by signal"
+    );
+    let summary = json(&std::fs::read_to_string(dir.join("summary.json")).unwrap());
+    assert_eq!(summary["requests_completed"], 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_busy_port_fails_before_the_model_loads() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port, "--model"])
+        .arg(common::root().join("tests/fixtures/tiny-llama"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("binding 127.0.0.1") && !err.contains("loaded"),
+        "{err}"
+    );
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
+        .args(["serve", "--drain-timeout-s=-1", "--model", "x"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("drain-timeout-s"),
+        "{err}"
+    );
+}

@@ -61,10 +61,21 @@ pub fn start(extra: &[&str]) -> Server {
 impl Server {
     /// Stops the server as Ctrl-C would (SIGINT) and waits for it to exit; returns whether it
     /// exited successfully.
-    pub fn interrupt(mut self) -> bool {
+    pub fn interrupt(self) -> bool {
+        self.signal("INT")
+    }
+
+    /// Stops the server as a container runtime would (SIGTERM); as [`Server::interrupt`].
+    pub fn terminate(self) -> bool {
+        self.signal("TERM")
+    }
+
+    fn signal(mut self, sig: &str) -> bool {
         let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-INT", &pid]).status();
-        assert!(sent.is_ok_and(|s| s.success()), "kill -INT {pid}");
+        let sent = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{sig} {pid}");
         let status = self.child.wait().expect("the server exits");
         status.success()
     }
