@@ -146,6 +146,14 @@ fn engine_loop(
             .map_err(|e| tracing::error!(path = %p.display(), error = %e, "cannot open the requests log"))
             .ok()
     });
+    // Every finished request, aborted ones included, with its reason and what it received.
+    let mut record = move |o: &RequestOutput| {
+        if let (Some(rec), Some(f)) = (&o.record, log.as_mut()) {
+            use std::io::Write;
+            let line = serde_json::to_string(rec).expect("records serialize");
+            let _ = writeln!(f, "{line}");
+        }
+    };
     let handle = |engine: &mut Engine, sinks: &mut HashMap<_, _>, c: Command| match c {
         Command::Add { req, sink, reply } => {
             let n = req.prompt.len();
@@ -201,11 +209,7 @@ fn engine_loop(
         };
         for o in outputs {
             metrics.observe(&o);
-            if let (Some(rec), Some(f)) = (&o.record, log.as_mut()) {
-                use std::io::Write;
-                let line = serde_json::to_string(rec).expect("records serialize");
-                let _ = writeln!(f, "{line}");
-            }
+            record(&o);
             let id = o.id;
             let done = o.finish.is_some();
             let delivered = sinks.get(&id).is_some_and(|s| s.send(o).is_ok());
@@ -217,6 +221,7 @@ fn engine_loop(
                 && let Some(a) = engine.abort(id)
             {
                 metrics.observe(&a);
+                record(&a);
             }
         }
         // Clients gone without a new output this step (waiting requests, or disconnects).
@@ -230,6 +235,7 @@ fn engine_loop(
             if let Some(a) = engine.abort(id) {
                 tracing::debug!(request = %id, "client disconnected; aborted");
                 metrics.observe(&a);
+                record(&a);
             }
         }
         metrics.update(&engine.stats(), engine.counters());

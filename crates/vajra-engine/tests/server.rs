@@ -317,7 +317,14 @@ fn fifty_concurrent_streams_all_complete_and_free_every_block() {
 
 #[test]
 fn a_client_that_disconnects_mid_stream_leaves_no_blocks_allocated() {
-    let srv = start(&["--policy", "sarathi"]);
+    let log = std::env::temp_dir().join(format!("vajra-abort-log-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let srv = start(&[
+        "--policy",
+        "sarathi",
+        "--requests-log",
+        log.to_str().unwrap(),
+    ]);
     let a = srv.addr.clone();
     let mut s = request(
         &a,
@@ -343,6 +350,19 @@ fn a_client_that_disconnects_mid_stream_leaves_no_blocks_allocated() {
     assert!(metric(&a, "vajra_generation_tokens_total") < 250.0);
     assert_eq!(metric(&a, "vajra_num_requests_running"), 0.0);
     assert_eq!(metric(&a, "vajra_kv_blocks_allocated"), 0.0);
+    // The requests log has it too (it used to leave every aborted request out).
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(json).collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(
+        lines[0]["reason"]
+            .to_string()
+            .to_lowercase()
+            .contains("abort"),
+        "{text}"
+    );
+    assert!(lines[0]["output_tokens"].as_u64().unwrap() < 250, "{text}");
+    let _ = std::fs::remove_file(&log);
 }
 
 #[test]
