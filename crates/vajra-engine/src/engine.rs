@@ -363,6 +363,11 @@ impl Engine {
         self.counters
     }
 
+    /// The KV cache (block count, block size, free blocks).
+    pub fn kv(&self) -> &vajra_core::kv::manager::KvCacheManager {
+        self.driver.scheduler().kv()
+    }
+
     /// Blocks currently held by requests.
     pub fn allocated_blocks(&self) -> u32 {
         let kv = self.driver.scheduler().kv();

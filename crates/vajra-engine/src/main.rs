@@ -195,7 +195,7 @@ struct ServeArgs {
     #[arg(long)]
     served_model_name: Option<String>,
     /// Requests in flight beyond which new ones get 429.
-    #[arg(long, default_value_t = DEFAULT_MAX_CONCURRENT)]
+    #[arg(long, default_value_t = DEFAULT_MAX_CONCURRENT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_concurrent: usize,
     /// Append each finished request's lifecycle record to this JSON-lines file.
     #[arg(long)]

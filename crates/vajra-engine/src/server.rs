@@ -64,6 +64,8 @@ struct AppState {
     cfg: ServerConfig,
     codec: Arc<TextCodec>,
     max_model_len: u32,
+    /// Tokens the KV pool holds: the longest request the server can take.
+    kv_tokens: u64,
     commands: mpsc::Sender<Command>,
     metrics: EngineMetrics,
     in_flight: AtomicUsize,
@@ -112,6 +114,10 @@ pub fn router_with_engine_thread(
     let state = Arc::new(AppState {
         codec: engine.codec().clone(),
         max_model_len: engine.max_model_len(),
+        kv_tokens: {
+            let kv = engine.kv();
+            u64::from(kv.num_blocks()) * u64::from(kv.block_size())
+        },
         commands: tx,
         metrics: metrics.clone(),
         in_flight: AtomicUsize::new(0),
@@ -127,7 +133,10 @@ pub fn router_with_engine_thread(
         .route("/metrics", get(metrics_text))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
-        .with_state(state);
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(axum::middleware::map_response(openai_error_body));
     (router, handle)
 }
 
@@ -243,10 +252,60 @@ fn engine_loop(
 }
 
 async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
+    // The longest request that can run: the context, or the KV pool when it holds less.
+    let longest = u64::from(s.max_model_len).min(s.kv_tokens);
     Json(json!({"object": "list", "data": [{
         "id": s.cfg.model_name, "object": "model", "created": 0, "owned_by": "vajra",
-        "max_model_len": s.max_model_len,
+        "max_model_len": longest,
     }]}))
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!(
+            "no route {}: the routes are POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics",
+            uri.path()
+        ),
+        param: None,
+        code: "not_found",
+    }
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!("{method} is not allowed on {}", uri.path()),
+        param: None,
+        code: "method_not_allowed",
+    }
+}
+
+/// Errors axum answers itself (413 for a body over the limit, 415, ...) as OpenAI JSON too.
+async fn openai_error_body(r: Response) -> Response {
+    let status = r.status();
+    let is_json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return r;
+    }
+    let text = axum::body::to_bytes(r.into_body(), 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    ApiError {
+        status,
+        message: if text.is_empty() {
+            status.canonical_reason().unwrap_or("error").to_owned()
+        } else {
+            text
+        },
+        param: None,
+        code: "invalid_request",
+    }
+    .into_response()
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
@@ -446,10 +505,12 @@ fn sse_events(
             };
             let Some(o) = o else { return };
             let done = o.finish.is_some();
-            if tx
-                .send(Event::default().data(shaped.chunk(&o, first).to_string()))
-                .is_err()
-            {
+            let mut chunk = shaped.chunk(&o, first);
+            if include_usage {
+                // OpenAI sends `"usage": null` on every chunk but the last one's usage chunk.
+                chunk["usage"] = Value::Null;
+            }
+            if tx.send(Event::default().data(chunk.to_string())).is_err() {
                 return;
             }
             first = false;
@@ -536,6 +597,17 @@ async fn generate(
     sampling: vajra_core::sampling::SamplingParams,
     common: &openai::CommonParams,
 ) -> Result<Response, ApiError> {
+    let vocab = s.codec.vocab_size();
+    if let Some(t) = sampling
+        .stop_token_ids
+        .iter()
+        .find(|&&t| t as usize >= vocab)
+    {
+        return Err(ApiError::bad(
+            "stop_token_ids",
+            format!("stop token id {t} is outside the vocabulary of {vocab}"),
+        ));
+    }
     let slot = acquire(&s)?;
     let shaped = Shaped {
         kind,
@@ -586,6 +658,12 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Response, A
     };
     let max = openai::max_tokens(given, field, prompt.len(), s.max_model_len, true)?;
     let top = match (b.logprobs, b.top_logprobs) {
+        (Some(true), Some(n)) if !(0..=20).contains(&n) => {
+            return Err(ApiError::bad(
+                "top_logprobs",
+                format!("top_logprobs = {n}: allowed an integer from 0 to 20"),
+            ));
+        }
         (Some(true), n) => Some(n.unwrap_or(0)),
         (_, Some(_)) => {
             return Err(ApiError::bad(
@@ -615,6 +693,7 @@ mod tests {
             },
             codec: Arc::new(TextCodec::load(&dir, &[]).unwrap()),
             max_model_len: 16,
+            kv_tokens: 1024,
             commands: tx,
             metrics: EngineMetrics::new(),
             in_flight: AtomicUsize::new(0),
@@ -632,6 +711,12 @@ mod tests {
             refused.message.contains("limit of 2"),
             "{}",
             refused.message
+        );
+        let r = refused.clone().into_response();
+        assert_eq!(
+            r.headers()[header::RETRY_AFTER],
+            "1",
+            "429 says when to retry"
         );
         drop(a);
         assert!(acquire(&s).is_ok(), "a freed slot admits again");

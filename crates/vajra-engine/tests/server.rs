@@ -536,3 +536,80 @@ fn a_busy_port_fails_before_the_model_loads() {
         "{err}"
     );
 }
+
+#[test]
+fn errors_are_openai_json_and_the_details_are_right() {
+    let srv = start(&[]);
+    let a = &srv.addr;
+    // 404, 405 and 413 were plain text.
+    for (method, path, body, status) in [
+        ("GET", "/v1/nope", None, 404),
+        ("GET", "/v1/completions", None, 405),
+    ] {
+        let (st, resp) = call(a, method, path, body);
+        assert_eq!(st, status, "{resp}");
+        assert!(json(&resp)["error"]["message"].is_string(), "{resp}");
+    }
+    let huge = format!(r#"{{"prompt":"{}"}}"#, "x".repeat(3 << 20));
+    let (st, resp) = call(a, "POST", "/v1/completions", Some(&huge));
+    assert_eq!(st, 413, "{resp}");
+    assert!(json(&resp)["error"]["message"].is_string(), "{resp}");
+    let cases: &[(&str, &str, &str)] = &[
+        // Was reported as `logprobs`.
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":50}"#,
+            "top_logprobs",
+        ),
+        // Was accepted silently.
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","stop_token_ids":[1000000]}"#,
+            "stop_token_ids",
+        ),
+    ];
+    for (path, body, param) in cases {
+        let (st, resp) = call(a, "POST", path, Some(body));
+        assert_eq!(st, 400, "{body} → {resp}");
+        assert_eq!(json(&resp)["error"]["param"], *param, "{resp}");
+    }
+    // Non-final chunks carry "usage": null when include_usage is set.
+    let (st, resp) = call(
+        a,
+        "POST",
+        "/v1/completions",
+        Some(
+            r#"{"prompt":"x","max_tokens":3,"ignore_eos":true,"stream":true,"stream_options":{"include_usage":true}}"#,
+        ),
+    );
+    assert_eq!(st, 200);
+    let chunks: Vec<serde_json::Value> = resp
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(json)
+        .collect();
+    let (last, rest) = chunks.split_last().unwrap();
+    assert!(last["usage"]["completion_tokens"] == 3, "{resp}");
+    assert!(
+        !rest.is_empty()
+            && rest
+                .iter()
+                .all(|c| c.get("usage") == Some(&serde_json::Value::Null)),
+        "{resp}"
+    );
+    // /v1/models says the longest request the server can take: the tiny model's 8 MiB pool.
+    let (_, m) = call(a, "GET", "/v1/models", None);
+    let longest = json(&m)["data"][0]["max_model_len"].as_u64().unwrap();
+    assert!(longest <= 256, "{m}");
+    // --max-concurrent 0 would refuse everything.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
+        .args(["serve", "--max-concurrent", "0", "--model", "x"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("max-concurrent"),
+        "{err}"
+    );
+}

@@ -47,7 +47,15 @@ impl IntoResponse for ApiError {
             _ => "server_error",
         };
         let body = json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}});
-        (self.status, Json(body)).into_response()
+        let mut r = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // When to retry: a slot frees as soon as any request in flight ends.
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        r
     }
 }
 
