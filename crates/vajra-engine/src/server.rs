@@ -390,7 +390,8 @@ struct Shaped {
 }
 
 impl Shaped {
-    fn logprobs(&self, o: &RequestOutput) -> Value {
+    /// `base`: characters of the completion text before this output (streamed chunks).
+    fn logprobs(&self, o: &RequestOutput, base: usize) -> Value {
         if self.logprobs.is_none() {
             return Value::Null;
         }
@@ -402,7 +403,12 @@ impl Shaped {
                 "top_logprobs": o.logprobs.iter().map(|l| {
                     l.top.iter().map(|&(t, lp)| (text(t), json!(lp))).collect::<serde_json::Map<_, _>>()
                 }).collect::<Vec<_>>(),
-                "text_offset": Value::Array(Vec::new()),
+                // Where each token's text starts in the completion's text, in characters.
+                "text_offset": o.logprobs.iter().scan(base, |at, l| {
+                    let start = *at;
+                    *at += text(l.token).chars().count();
+                    Some(start)
+                }).collect::<Vec<_>>(),
             }),
             Kind::Chat => json!({"content": o.logprobs.iter().map(|l| json!({
                 "token": text(l.token), "logprob": l.logprob, "bytes": text(l.token).into_bytes(),
@@ -411,11 +417,11 @@ impl Shaped {
         }
     }
 
-    fn chunk(&self, o: &RequestOutput, first: bool) -> Value {
+    fn chunk(&self, o: &RequestOutput, first: bool, base: usize) -> Value {
         let (object, choice) = match self.kind {
             Kind::Completion => (
                 "text_completion",
-                json!({"index": 0, "text": o.text, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)}),
+                json!({"index": 0, "text": o.text, "logprobs": self.logprobs(o, base), "finish_reason": finish_name(o.finish)}),
             ),
             Kind::Chat => {
                 let mut delta = json!({"content": o.text});
@@ -424,7 +430,7 @@ impl Shaped {
                 }
                 (
                     "chat.completion.chunk",
-                    json!({"index": 0, "delta": delta, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)}),
+                    json!({"index": 0, "delta": delta, "logprobs": self.logprobs(o, base), "finish_reason": finish_name(o.finish)}),
                 )
             }
         };
@@ -434,10 +440,10 @@ impl Shaped {
     fn whole(&self, o: &RequestOutput) -> Value {
         let choice = match self.kind {
             Kind::Completion => {
-                json!({"index": 0, "text": o.text, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)})
+                json!({"index": 0, "text": o.text, "logprobs": self.logprobs(o, 0), "finish_reason": finish_name(o.finish)})
             }
             Kind::Chat => {
-                json!({"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": self.logprobs(o), "finish_reason": finish_name(o.finish)})
+                json!({"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": self.logprobs(o, 0), "finish_reason": finish_name(o.finish)})
             }
         };
         let object = if self.kind == Kind::Chat {
@@ -498,6 +504,7 @@ fn sse_events(
     tokio::spawn(async move {
         let _slot = slot;
         let mut first = true;
+        let mut sent_chars = 0;
         loop {
             let o = tokio::select! {
                 o = outputs.recv() => o,
@@ -505,7 +512,8 @@ fn sse_events(
             };
             let Some(o) = o else { return };
             let done = o.finish.is_some();
-            let mut chunk = shaped.chunk(&o, first);
+            let mut chunk = shaped.chunk(&o, first, sent_chars);
+            sent_chars += o.text.chars().count();
             if include_usage {
                 // OpenAI sends `"usage": null` on every chunk but the last one's usage chunk.
                 chunk["usage"] = Value::Null;

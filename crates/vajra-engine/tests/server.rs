@@ -613,3 +613,35 @@ fn errors_are_openai_json_and_the_details_are_right() {
         "{err}"
     );
 }
+
+#[test]
+fn completion_logprobs_carry_each_tokens_text_offset() {
+    let srv = start(&[]);
+    let (st, resp) = call(
+        &srv.addr,
+        "POST",
+        "/v1/completions",
+        Some(r#"{"prompt":"x","max_tokens":5,"ignore_eos":true,"temperature":0,"logprobs":1}"#),
+    );
+    assert_eq!(st, 200, "{resp}");
+    let lp = &json(&resp)["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    // It used to be [] always.
+    assert_eq!(offsets.len(), tokens.len(), "{resp}");
+    let mut at = 0;
+    for (t, o) in tokens.iter().zip(&offsets) {
+        assert_eq!(*o, at, "{resp}");
+        at += t.chars().count() as u64;
+    }
+}
