@@ -264,20 +264,63 @@ pub fn markdown_table(results: &[PointResult], only: Option<&[&str]>) -> String 
         .map(|(n, _)| *n)
         .filter(|n| keep(n))
         .collect();
-    let _ = writeln!(s, "| point | {} |", cols.join(" | "));
-    let _ = writeln!(s, "|---|{}", "---:|".repeat(cols.len()));
-    for r in results {
-        let label = if r.label.is_empty() {
-            r.summary.name.clone()
-        } else {
-            r.label.clone()
-        };
-        let vals: Vec<String> = headline(r)
+    let rows: Vec<(String, Vec<String>)> = results
+        .iter()
+        .map(|r| {
+            let label = if r.label.is_empty() {
+                r.summary.name.clone()
+            } else {
+                r.label.clone()
+            };
+            let vals = headline(r)
+                .iter()
+                .filter(|(n, _)| keep(n))
+                .map(|(_, v)| fmt_num(*v))
+                .collect();
+            (label, vals)
+        })
+        .collect();
+    // Aligned columns: the table reads in a terminal as well as rendered.
+    let label_w = rows
+        .iter()
+        .map(|(l, _)| l.chars().count())
+        .chain(std::iter::once("point".len()))
+        .max()
+        .unwrap_or(5);
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            rows.iter()
+                .map(|(_, v)| v[i].len())
+                .chain(std::iter::once(c.len()))
+                .max()
+                .unwrap_or(c.len())
+        })
+        .collect();
+    let line = |first: &str, cells: &mut dyn Iterator<Item = String>| {
+        let mut l = format!("| {first:<label_w$} |");
+        for (c, w) in cells.zip(&widths) {
+            let _ = write!(l, " {c:>w$} |");
+        }
+        l
+    };
+    let _ = writeln!(
+        s,
+        "{}",
+        line("point", &mut cols.iter().map(|c| (*c).to_owned()))
+    );
+    let _ = writeln!(
+        s,
+        "|{}|{}",
+        "-".repeat(label_w + 2),
+        widths
             .iter()
-            .filter(|(n, _)| keep(n))
-            .map(|(_, v)| fmt_num(*v))
-            .collect();
-        let _ = writeln!(s, "| {label} | {} |", vals.join(" | "));
+            .map(|w| format!("{}:|", "-".repeat(w + 1)))
+            .collect::<String>()
+    );
+    for (label, vals) in rows {
+        let _ = writeln!(s, "{}", line(&label, &mut vals.into_iter()));
     }
     s
 }
