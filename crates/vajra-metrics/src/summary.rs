@@ -420,8 +420,11 @@ impl Summary {
         let flops: f64 = bs.replicas.iter().map(|r| r.flops).sum();
         let bytes: f64 = bs.replicas.iter().map(|r| r.bytes).sum();
         let stage_busy = busy_total / f64::from(facts.stages.max(1));
+        // An unknown peak (a served or benchmarked run: 0) makes the ratio unknown, not 0.
         let ratio = |x: f64, peak: f64| {
-            if stage_busy > 0.0 && peak > 0.0 {
+            if peak <= 0.0 {
+                f64::NAN
+            } else if stage_busy > 0.0 {
                 x / (stage_busy * peak)
             } else {
                 0.0
@@ -460,12 +463,19 @@ impl Summary {
             },
             deadlines,
             batches,
-            kv_usage_mean: if replicas.is_empty() {
+            // No pool size (a benchmarked server's is not known): unknown, not 0.
+            kv_usage_mean: if facts.num_blocks == 0 {
+                f64::NAN
+            } else if replicas.is_empty() {
                 0.0
             } else {
                 replicas.iter().map(|r| r.kv_usage_mean).sum::<f64>() / replicas.len() as f64
             },
-            kv_usage_max: replicas.iter().map(|r| r.kv_usage_max).fold(0.0, f64::max),
+            kv_usage_max: if facts.num_blocks == 0 {
+                f64::NAN
+            } else {
+                replicas.iter().map(|r| r.kv_usage_max).fold(0.0, f64::max)
+            },
             replicas,
             tenants,
             mfu: ratio(flops, facts.peak_flops),
@@ -501,12 +511,16 @@ fn replica_summaries(c: &Collector, facts: &ClusterFacts, duration: f64) -> Vec<
                     0.0
                 },
                 kv_usage_max: f64::from(a.kv_max_blocks) / blocks,
-                mfu: if busy > 0.0 {
+                mfu: if facts.peak_flops <= 0.0 {
+                    f64::NAN
+                } else if busy > 0.0 {
                     a.flops / (busy * facts.peak_flops)
                 } else {
                     0.0
                 },
-                mbu: if busy > 0.0 {
+                mbu: if facts.peak_bytes_per_s <= 0.0 {
+                    f64::NAN
+                } else if busy > 0.0 {
                     a.bytes / (busy * facts.peak_bytes_per_s)
                 } else {
                     0.0

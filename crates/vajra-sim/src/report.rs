@@ -115,6 +115,18 @@ pub fn collect_runs(args: &[PathBuf]) -> Result<Vec<RunData>> {
             });
         }
     }
+    // Two runs of one experiment (e.g. a rerun into another folder) would share a label:
+    // tell them apart by folder.
+    let labels: Vec<String> = runs.iter().map(|r| r.label.clone()).collect();
+    for r in &mut runs {
+        if labels.iter().filter(|l| **l == r.label).count() > 1 {
+            let folder = r.dir.file_name().map_or_else(
+                || r.dir.display().to_string(),
+                |f| f.to_string_lossy().into_owned(),
+            );
+            r.label = format!("{} ({folder})", r.label);
+        }
+    }
     Ok(runs)
 }
 
@@ -141,7 +153,9 @@ impl Chart {
     }
 }
 
-const COLORS: [RGBColor; 10] = [
+/// Twenty distinguishable colours (the ten of matplotlib's `tab10`, then their light
+/// variants), one per configuration; past twenty they repeat, darkened.
+const COLORS: [RGBColor; 20] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -152,7 +166,39 @@ const COLORS: [RGBColor; 10] = [
     RGBColor(127, 127, 127),
     RGBColor(188, 189, 34),
     RGBColor(23, 190, 207),
+    RGBColor(174, 199, 232),
+    RGBColor(255, 187, 120),
+    RGBColor(152, 223, 138),
+    RGBColor(255, 152, 150),
+    RGBColor(197, 176, 213),
+    RGBColor(196, 156, 148),
+    RGBColor(247, 182, 210),
+    RGBColor(199, 199, 199),
+    RGBColor(219, 219, 141),
+    RGBColor(158, 218, 229),
 ];
+
+fn color(i: usize) -> RGBColor {
+    let RGBColor(r, g, b) = COLORS[i % COLORS.len()];
+    // Each further round of the palette is darker.
+    let k = 1.0 - 0.25 * (i / COLORS.len()).min(3) as f64;
+    RGBColor(
+        (f64::from(r) * k) as u8,
+        (f64::from(g) * k) as u8,
+        (f64::from(b) * k) as u8,
+    )
+}
+
+/// A series' configuration and whether it is a tail percentile: `sarathi p99` is the
+/// configuration `sarathi`, drawn dashed in `sarathi p50`'s colour.
+fn config_of(name: &str) -> (&str, bool) {
+    for (tag, dashed) in [(" p50", false), (" p90", true), (" p99", true)] {
+        if let Some(c) = name.strip_suffix(tag) {
+            return (c, dashed);
+        }
+    }
+    (name, false)
+}
 
 fn draw<DB: DrawingBackend>(
     area: DrawingArea<DB, plotters::coord::Shift>,
@@ -228,8 +274,23 @@ fn draw<DB: DrawingBackend>(
     };
     let fx = fmt(c.log_x);
     let fy = fmt(c.log_y);
+    // Replicas are whole numbers: one tick each, no 1.5.
+    let integer_x = c.x == "replica";
+    let fxi = |v: &f64| {
+        if (v - v.round()).abs() < 1e-9 {
+            format!("{}", v.round() as i64)
+        } else {
+            String::new()
+        }
+    };
+    let x_ticks = if integer_x {
+        ((x1 - x0).round() as usize + 1).clamp(2, 33)
+    } else {
+        10
+    };
     chart
         .configure_mesh()
+        .x_labels(x_ticks)
         .x_desc(if c.log_x {
             format!("{} (log scale)", c.x)
         } else {
@@ -240,19 +301,37 @@ fn draw<DB: DrawingBackend>(
         } else {
             c.y.clone()
         })
-        .x_label_formatter(&fx)
+        .x_label_formatter(if integer_x { &fxi } else { &fx })
         .y_label_formatter(&fy)
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|e| e.to_string())?;
-    for (i, (name, pts)) in data.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+    let mut configs: Vec<&str> = Vec::new();
+    for (name, pts) in &data {
+        let (config, dashed) = config_of(name);
+        let i = configs
+            .iter()
+            .position(|c| *c == config)
+            .unwrap_or_else(|| {
+                configs.push(config);
+                configs.len() - 1
+            });
+        let color = color(i);
+        let style = color.stroke_width(2);
+        let drawn = if dashed {
+            chart.draw_series(DashedLineSeries::new(pts.iter().copied(), 6, 4, style))
+        } else {
+            chart.draw_series(LineSeries::new(pts.iter().copied(), style))
+        };
+        drawn
             .map_err(|e| e.to_string())?
             .label(name.clone())
             .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                if dashed {
+                    PathElement::new(vec![(x, y), (x + 6, y)], style)
+                } else {
+                    PathElement::new(vec![(x, y), (x + 18, y)], style)
+                }
             });
         if c.points {
             chart
@@ -564,7 +643,7 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
         charts.push(Chart {
             file: "time_kv_usage",
             title: "KV-cache usage over time (mean over replicas' batches)".into(),
-            x: "simulated time (s)".into(),
+            x: "time since the first arrival (s)".into(),
             y: "fraction of KV blocks in use".into(),
             log_x: false,
             log_y: false,
@@ -574,7 +653,7 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
         charts.push(Chart {
             file: "time_batch_size",
             title: "Batch size over time".into(),
-            x: "simulated time (s)".into(),
+            x: "time since the first arrival (s)".into(),
             y: "requests per batch".into(),
             log_x: false,
             log_y: false,
@@ -687,7 +766,8 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
         let _ = write!(html, "<tr><td>{}</td>", esc(&r.label));
         for (c, v) in row.iter().enumerate() {
             let is_best = v.is_some() && best[c] == *v && runs.len() > 1;
-            let s = v.map_or_else(|| "–".to_owned(), fmt);
+            // Not known for this run (a benchmarked server's KV pool and peak FLOP/s, say).
+            let s = v.map_or_else(|| "n/a".to_owned(), fmt);
             if is_best {
                 let _ = write!(md, " **{s}** |");
                 let _ = write!(html, "<td class=\"best\">{s}</td>");

@@ -125,3 +125,59 @@ fn a_folder_without_runs_is_an_error_not_a_panic() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn two_runs_of_one_experiment_get_distinct_labels_and_unknown_values_read_na() {
+    let dir = std::env::temp_dir().join(format!("vajra-report-twice-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let exp = dir.join("same.toml");
+    std::fs::write(
+        &exp,
+        r#"
+[model]
+name = "Llama-2-7b-hf"
+[cluster]
+device = "h100"
+[predictor]
+profile = "roofline"
+[scheduler]
+policy = { type = "sarathi" }
+[workload]
+num_requests = 20
+arrival = { type = "poisson", qps = 4.0 }
+lengths = { type = "fixed", prompt = 100, output = 10 }
+"#,
+    )
+    .unwrap();
+    for run in ["a", "b"] {
+        let out = dir.join(run);
+        let o = sim(&[
+            "run",
+            exp.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    // A run whose MFU is unknown (as a benchmarked server's is): written as null.
+    let p = dir.join("b/summary.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    v["mfu"] = serde_json::Value::Null;
+    std::fs::write(&p, v.to_string()).unwrap();
+    let out = dir.join("report");
+    let o = sim(&[
+        "report",
+        dir.join("a").to_str().unwrap(),
+        dir.join("b").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("same (a)") && md.contains("same (b)"), "{md}");
+    assert!(md.contains("n/a"), "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
