@@ -14,6 +14,7 @@
 //! - [`profiles`]: generating roofline profiles and measuring the predictor's error.
 
 pub mod capacity;
+pub mod cleanup;
 pub mod error;
 pub mod fidelity;
 pub mod memory;

@@ -164,6 +164,12 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
+    // An interrupted run leaves no hidden part files (they can be gigabytes).
+    let _ = ctrlc::set_handler(|| {
+        let n = vajra_sim::cleanup::remove_all();
+        eprintln!("interrupted: removed {n} partial file(s); the output folder is incomplete");
+        std::process::exit(130);
+    });
     match cli.cmd {
         Cmd::Run {
             file,

@@ -180,9 +180,11 @@ impl PendingParts {
     pub fn finish(self) -> Result<()> {
         if let Some((parts, dest, num_blocks)) = self.batches {
             vajra_metrics::output::concat_batch_parts(&parts, &dest, num_blocks)?;
+            parts.iter().for_each(|p| crate::cleanup::release(p));
         }
         if let Some((dest, n, pp, parts)) = self.trace {
             TraceWriter::assemble(&dest, n, pp, &parts)?;
+            parts.iter().for_each(|p| crate::cleanup::release(p));
         }
         Ok(())
     }
@@ -263,6 +265,8 @@ pub fn simulate(
                 let mut source = sim::Partition::new(source.clone(), e.router, e.seed, n, lo, hi);
                 let pq = dir.join(format!(".batches.part{i:02}.parquet"));
                 let tr = dir.join(format!(".trace.part{i:02}.json"));
+                crate::cleanup::register(&pq);
+                crate::cleanup::register(&tr);
                 let mut collector = vajra_metrics::Collector::new(&e.slo, n);
                 if parquet {
                     collector.stream_batches(&pq, prep.memory.num_blocks)?;
@@ -282,8 +286,13 @@ pub fn simulate(
         // A failed partition leaves no hidden part files behind (they can be gigabytes).
         if let Some(e) = outs.iter().position(Result::is_err) {
             for i in 0..ranges.len() {
-                let _ = std::fs::remove_file(dir.join(format!(".batches.part{i:02}.parquet")));
-                let _ = std::fs::remove_file(dir.join(format!(".trace.part{i:02}.json")));
+                for p in [
+                    dir.join(format!(".batches.part{i:02}.parquet")),
+                    dir.join(format!(".trace.part{i:02}.json")),
+                ] {
+                    let _ = std::fs::remove_file(&p);
+                    crate::cleanup::release(&p);
+                }
             }
             return Err(outs
                 .into_iter()

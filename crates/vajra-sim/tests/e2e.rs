@@ -759,3 +759,57 @@ fn a_failed_partitioned_run_leaves_no_hidden_part_files() {
     assert!(hidden.is_empty(), "left behind: {hidden:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_interrupted_partitioned_run_removes_its_part_files() {
+    let dir = tmp("sigint");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("e.toml");
+    // Long enough to be interrupted mid-loop: two replicas on threads, 500k requests.
+    let body = GOOD
+        .replace("device = \"h100\"", "device = \"h100\"\nnum_replicas = 2")
+        .replace(
+            "[predictor]",
+            "[router]\ntype = \"round_robin\"\n[predictor]",
+        )
+        .replace("num_requests = 10", "num_requests = 500000")
+        .replace("qps = 1.0", "qps = 50.0");
+    std::fs::write(&f, body).unwrap();
+    let out = dir.join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vajra-sim"))
+        .args([
+            "run",
+            f.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--quiet",
+        ])
+        .spawn()
+        .unwrap();
+    let part = out.join(".batches.part00.parquet");
+    let t0 = std::time::Instant::now();
+    while !part.exists() {
+        if t0.elapsed().as_secs() > 120 || child.try_wait().unwrap().is_some() {
+            panic!("the run ended or never started its partitions");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let hidden: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "left behind: {hidden:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
