@@ -142,17 +142,6 @@ pub(crate) struct Chart {
     pub(crate) points: bool,
 }
 
-impl Chart {
-    /// Load curves rise to the right: their legend goes top left.
-    fn legend(&self) -> SeriesLabelPosition {
-        if self.file.starts_with("load_") && self.file != "load_slo_attainment" {
-            SeriesLabelPosition::UpperLeft
-        } else {
-            SeriesLabelPosition::LowerRight
-        }
-    }
-}
-
 /// Twenty distinguishable colours (the ten of matplotlib's `tab10`, then their light
 /// variants), one per configuration; past twenty they repeat, darkened.
 const COLORS: [RGBColor; 20] = [
@@ -253,7 +242,9 @@ fn draw<DB: DrawingBackend>(
         pad(y0.min(0.0), y1)
     };
     area.fill(&WHITE).map_err(|e| e.to_string())?;
-    let mut chart = ChartBuilder::on(&area)
+    // The legend has a column of its own beside the plot, so it never covers data.
+    let (plot_area, legend_area) = area.split_horizontally(area.dim_in_pixel().0 * 72 / 100);
+    let mut chart = ChartBuilder::on(&plot_area)
         .caption(&c.title, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(45)
@@ -307,6 +298,7 @@ fn draw<DB: DrawingBackend>(
         .draw()
         .map_err(|e| e.to_string())?;
     let mut configs: Vec<&str> = Vec::new();
+    let mut legend: Vec<(&str, RGBColor, bool)> = Vec::new();
     for (name, pts) in &data {
         let (config, dashed) = config_of(name);
         let i = configs
@@ -323,31 +315,72 @@ fn draw<DB: DrawingBackend>(
         } else {
             chart.draw_series(LineSeries::new(pts.iter().copied(), style))
         };
-        drawn
-            .map_err(|e| e.to_string())?
-            .label(name.clone())
-            .legend(move |(x, y)| {
-                if dashed {
-                    PathElement::new(vec![(x, y), (x + 6, y)], style)
-                } else {
-                    PathElement::new(vec![(x, y), (x + 18, y)], style)
-                }
-            });
+        drawn.map_err(|e| e.to_string())?;
+        legend.push((name.as_str(), color, dashed));
         if c.points {
             chart
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(|e| e.to_string())?;
         }
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 13))
-        .position(c.legend())
-        .draw()
-        .map_err(|e| e.to_string())?;
+    draw_legend(&legend_area, &legend)?;
     area.present().map_err(|e| e.to_string())
+}
+
+/// One row per series in the column beside the plot: its line (dashed for tail percentiles) and
+/// its name, shortened to fit; rows past the column's height are summarised in a last row.
+fn draw_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    rows: &[(&str, RGBColor, bool)],
+) -> std::result::Result<(), String> {
+    let (w, h) = area.dim_in_pixel();
+    let (top, step) = (40i32, 18i32);
+    let fits = ((h as i32 - top - 10) / step).max(1) as usize;
+    let max_chars = (w as usize).saturating_sub(50) / 7;
+    let shown = if rows.len() > fits {
+        fits - 1
+    } else {
+        rows.len()
+    };
+    for (k, (name, color, dashed)) in rows.iter().take(shown).enumerate() {
+        let y = top + step * k as i32;
+        let style = color.stroke_width(2);
+        let segments: &[(i32, i32)] = if *dashed {
+            &[(8, 14), (19, 25)]
+        } else {
+            &[(8, 25)]
+        };
+        for &(a, b) in segments {
+            area.draw(&PathElement::new(vec![(a, y), (b, y)], style))
+                .map_err(|e| e.to_string())?;
+        }
+        // Shortened in the middle: the end (`qps=8`, `p99`) tells series apart.
+        let chars: Vec<char> = name.chars().collect();
+        let label: String = if chars.len() > max_chars {
+            let tail = (max_chars / 3).max(4);
+            let head = max_chars.saturating_sub(tail + 1);
+            let (a, b) = (&chars[..head], &chars[chars.len() - tail..]);
+            format!(
+                "{}…{}",
+                a.iter().collect::<String>(),
+                b.iter().collect::<String>()
+            )
+        } else {
+            (*name).to_owned()
+        };
+        area.draw(&Text::new(label, (32, y - 7), ("sans-serif", 13)))
+            .map_err(|e| e.to_string())?;
+    }
+    if shown < rows.len() {
+        let y = top + step * shown as i32;
+        area.draw(&Text::new(
+            format!("… and {} more", rows.len() - shown),
+            (32, y - 7),
+            ("sans-serif", 13),
+        ))
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Draws `c` as `dir/<file>.png` and `.svg`; returns the SVG text.
