@@ -24,6 +24,21 @@ fn sim(args: &[&str]) -> std::process::Output {
         .expect("vajra-sim runs")
 }
 
+/// `vajra-sim validate FILE`, or `run FILE -o OUT` (validate writes nothing): whether it
+/// succeeded, and its stderr.
+fn check_or_run(cmd: &str, file: &Path, out: &Path) -> (bool, String) {
+    let f = file.to_str().unwrap();
+    let o = if cmd == "run" {
+        sim(&["run", f, "-o", out.to_str().unwrap()])
+    } else {
+        sim(&[cmd, f])
+    };
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 fn run_ok(file: &str, out: &Path) {
     let o = sim(&["run", file, "-o", out.to_str().unwrap(), "--quiet"]);
     assert!(
@@ -246,14 +261,8 @@ fn fails_in(body: &str, needles: &[&str], cmds: &[&str]) {
     let f = dir.join("bad.toml");
     std::fs::write(&f, body).unwrap();
     for &cmd in cmds {
-        let o = sim(&[
-            cmd,
-            f.to_str().unwrap(),
-            "-o",
-            dir.join("out").to_str().unwrap(),
-        ][..if cmd == "run" { 4 } else { 2 }]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{cmd} should fail");
+        let (ok, err) = check_or_run(cmd, &f, &dir.join("out"));
+        assert!(!ok, "{cmd} should fail");
         assert!(!err.contains("panicked"), "{err}");
         for n in needles {
             assert!(err.contains(n), "{cmd}: `{n}` not in: {err}");
@@ -494,10 +503,8 @@ fn a_rate_or_trace_past_the_simulators_clock_is_an_error_naming_the_unit() {
     .unwrap();
     let out = dir.join("out");
     for cmd in ["validate", "run"] {
-        let o = sim(&[cmd, f.to_str().unwrap(), "-o", out.to_str().unwrap()]
-            [..if cmd == "run" { 4 } else { 2 }]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+        let (ok, err) = check_or_run(cmd, &f, &out);
+        assert!(!ok && !err.contains("panicked"), "{err}");
         assert!(
             err.contains("ns.csv") && err.contains("time_scale = 1e-3, 1e-6 or 1e-9"),
             "{cmd}: {err}"
@@ -664,13 +671,8 @@ fn a_replay_asked_for_more_requests_than_its_trace_has_is_refused() {
     .unwrap();
     let out = dir.join("out");
     for cmd in ["validate", "run"] {
-        let o = sim(&[cmd, f.to_str().unwrap(), "-o", out.to_str().unwrap()]
-            [..if cmd == "run" { 4 } else { 2 }]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success(),
-            "{cmd} ran 5 of the 10 requests asked for"
-        );
+        let (ok, err) = check_or_run(cmd, &f, &out);
+        assert!(!ok, "{cmd} ran 5 of the 10 requests asked for");
         assert!(
             err.contains("workload.num_requests") && err.contains("the 5 rows"),
             "{cmd}: {err}"
@@ -683,7 +685,6 @@ fn a_replay_asked_for_more_requests_than_its_trace_has_is_refused() {
 fn trace_and_cluster_messages_say_what_is_wrong() {
     let dir = tmp("msgs");
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("out");
     let check = |name: &str, trace: &str, needles: &[&str]| {
         std::fs::write(dir.join(name), trace).unwrap();
         let f = dir.join(format!("{name}.toml"));
@@ -713,7 +714,6 @@ fn trace_and_cluster_messages_say_what_is_wrong() {
         "arrived_at,num_prefill_tokens,num_decode_tokens\n0,12.5,5\n",
         &["12.5", "whole number of tokens"],
     );
-    let _ = out;
     let _ = std::fs::remove_dir_all(&dir);
     // Was reported as `parallel.tensor_parallel`.
     fails_with(
