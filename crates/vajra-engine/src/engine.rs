@@ -363,6 +363,11 @@ impl Engine {
         self.counters
     }
 
+    /// The scheduler's settings (policy, queue order, limits).
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        self.driver.scheduler().config()
+    }
+
     /// The KV cache (block count, block size, free blocks).
     pub fn kv(&self) -> &vajra_core::kv::manager::KvCacheManager {
         self.driver.scheduler().kv()

@@ -387,7 +387,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     let policy = format!(
         "{} ({} KV blocks, max_model_len {})",
-        serde_json::to_string(&engine_config(&a.engine)?.scheduler)?,
+        serde_json::to_string(engine.scheduler_config())?,
         engine.backend().num_blocks(),
         engine.max_model_len()
     );

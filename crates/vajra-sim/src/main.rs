@@ -357,12 +357,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("warning: {w}");
                 }
                 let e = &p.experiment;
-                let longest = e
-                    .workload
-                    .max_tokens
-                    .map_or(prep.setup.model.max_model_len, |m| {
-                        m.min(prep.setup.model.max_model_len)
-                    });
+                let longest = e.workload.longest_request(prep.setup.model.max_model_len);
                 let capacity = u64::from(prep.memory.num_blocks) * u64::from(e.cache.block_size);
                 if u64::from(longest) > capacity {
                     eprintln!(

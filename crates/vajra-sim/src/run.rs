@@ -468,12 +468,7 @@ pub fn run_point(
     let mut warnings = prep.predictor.warnings;
     if res.clipped > 0 {
         let e = &point.experiment;
-        let longest = e
-            .workload
-            .max_tokens
-            .map_or(prep.setup.model.max_model_len, |m| {
-                m.min(prep.setup.model.max_model_len)
-            });
+        let longest = e.workload.longest_request(prep.setup.model.max_model_len);
         let label = if point.label.is_empty() {
             e.name.as_str()
         } else {

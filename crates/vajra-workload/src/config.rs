@@ -405,6 +405,13 @@ impl LengthsConfig {
 }
 
 impl WorkloadConfig {
+    /// The longest prompt + output a request of this workload may have when the model (or
+    /// server) takes `limit` tokens: `max_tokens` when it is set and smaller. Longer requests
+    /// are clipped to it.
+    pub fn longest_request(&self, limit: u32) -> u32 {
+        self.max_tokens.map_or(limit, |m| m.min(limit))
+    }
+
     /// An open loop of `num_requests` at `qps` whose mean last arrival, `num_requests / qps`,
     /// is past the simulator's clock ([`MAX_SECS`]) is an error, not a run whose times saturate.
     fn check_horizon(&self) -> Result<()> {

@@ -187,7 +187,7 @@ impl RequestSource {
             samplers,
             tenants,
             prefix,
-            max_tokens: cfg.max_tokens.map_or(max_tokens, |m| m.min(max_tokens)),
+            max_tokens: cfg.longest_request(max_tokens),
             limit,
             end: cfg.duration_s.map(Timestamp::from_secs_f64),
             issued: 0,
