@@ -356,7 +356,8 @@ fn replica_partitions_on_threads_give_the_same_results_as_one_loop() {
     let _ = std::fs::remove_dir_all(&b);
 }
 
-fn run_body(name: &str, body: &str, files: &[(&str, &str)]) -> (PathBuf, serde_json::Value) {
+/// A fresh folder holding `e.toml` (`body`) and `files`; returns the folder and the file.
+fn experiment(name: &str, body: &str, files: &[(&str, &str)]) -> (PathBuf, PathBuf) {
     let dir = tmp(name);
     std::fs::create_dir_all(&dir).unwrap();
     for (f, text) in files {
@@ -364,6 +365,23 @@ fn run_body(name: &str, body: &str, files: &[(&str, &str)]) -> (PathBuf, serde_j
     }
     let exp = dir.join("e.toml");
     std::fs::write(&exp, body).unwrap();
+    (dir, exp)
+}
+
+/// Names in `dir` that start with a dot (a run's temporary part files).
+fn hidden_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn run_body(name: &str, body: &str, files: &[(&str, &str)]) -> (PathBuf, serde_json::Value) {
+    let (dir, exp) = experiment(name, body, files);
     let out = dir.join("out");
     run_ok(exp.to_str().unwrap(), &out);
     check_point(&out);
@@ -488,19 +506,14 @@ fn a_rate_or_trace_past_the_simulators_clock_is_an_error_naming_the_unit() {
         &["workload.duration_s", "simulator's clock"],
     );
     // A trace whose arrival column is in nanoseconds.
-    let dir = tmp("ns-trace");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("ns.csv"),
-        "arrived_at,num_prefill_tokens,num_decode_tokens\n0,12,5\n1700000000000000000,12,5\n",
-    )
-    .unwrap();
-    let f = dir.join("e.toml");
-    std::fs::write(
-        &f,
-        format!("{HEAD}[workload]\narrival = {{ type = \"trace\", path = \"ns.csv\" }}\n"),
-    )
-    .unwrap();
+    let (dir, f) = experiment(
+        "ns-trace",
+        &format!("{HEAD}[workload]\narrival = {{ type = \"trace\", path = \"ns.csv\" }}\n"),
+        &[(
+            "ns.csv",
+            "arrived_at,num_prefill_tokens,num_decode_tokens\n0,12,5\n1700000000000000000,12,5\n",
+        )],
+    );
     let out = dir.join("out");
     for cmd in ["validate", "run"] {
         let (ok, err) = check_or_run(cmd, &f, &out);
@@ -553,10 +566,7 @@ fn validate_rejects_what_a_run_rejects() {
 
 #[test]
 fn a_run_owns_its_folder_and_never_mixes_with_an_earlier_one() {
-    let dir = tmp("owns");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("e.toml");
-    std::fs::write(&f, GOOD).unwrap();
+    let (dir, f) = experiment("owns", GOOD, &[]);
     let out = dir.join("out");
     let (fs, os) = (f.to_str().unwrap(), out.to_str().unwrap());
     run_ok(fs, &out);
@@ -595,10 +605,7 @@ fn an_experiment_name_is_a_name_not_a_path() {
 
 #[test]
 fn jobs_have_an_upper_bound() {
-    let dir = tmp("jobs");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("e.toml");
-    std::fs::write(&f, GOOD).unwrap();
+    let (dir, f) = experiment("jobs", GOOD, &[]);
     let out = dir.join("out");
     for cmd in ["run", "capacity"] {
         let o = sim(&[
@@ -620,18 +627,12 @@ fn jobs_have_an_upper_bound() {
 
 #[test]
 fn clipped_requests_are_counted_and_warned() {
-    let dir = tmp("clip");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("e.toml");
     // 100 + 10 tokens do not fit 64: every request is clipped (used to be silent).
-    std::fs::write(
-        &f,
-        GOOD.replace(
-            "name = \"Llama-2-7b-hf\"",
-            "name = \"Llama-2-7b-hf\"\nmax_model_len = 64",
-        ),
-    )
-    .unwrap();
+    let body = GOOD.replace(
+        "name = \"Llama-2-7b-hf\"",
+        "name = \"Llama-2-7b-hf\"\nmax_model_len = 64",
+    );
+    let (dir, f) = experiment("clip", &body, &[]);
     let out = dir.join("out");
     let o = sim(&[
         "run",
@@ -658,17 +659,13 @@ fn a_replay_asked_for_more_requests_than_its_trace_has_is_refused() {
     for i in 0..5 {
         text.push_str(&format!("{i}.0,12,5\n"));
     }
-    let dir = tmp("short-trace");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("five.csv"), text).unwrap();
-    let f = dir.join("e.toml");
-    std::fs::write(
-        &f,
-        format!(
+    let (dir, f) = experiment(
+        "short-trace",
+        &format!(
             "{HEAD}[workload]\nnum_requests = 10\narrival = {{ type = \"trace\", path = \"five.csv\" }}\n"
         ),
-    )
-    .unwrap();
+        &[("five.csv", &text)],
+    );
     let out = dir.join("out");
     for cmd in ["validate", "run"] {
         let (ok, err) = check_or_run(cmd, &f, &out);
@@ -727,9 +724,6 @@ fn trace_and_cluster_messages_say_what_is_wrong() {
 
 #[test]
 fn a_failed_partitioned_run_leaves_no_hidden_part_files() {
-    let dir = tmp("parts");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("e.toml");
     // Two replicas on threads (round robin), each with a KV cache too small for its requests.
     let body = GOOD
         .replace("device = \"h100\"", "device = \"h100\"\nnum_replicas = 2")
@@ -737,7 +731,7 @@ fn a_failed_partitioned_run_leaves_no_hidden_part_files() {
             "[predictor]",
             "[router]\ntype = \"round_robin\"\n[cache]\nnum_blocks = 4\n[predictor]",
         );
-    std::fs::write(&f, body).unwrap();
+    let (dir, f) = experiment("parts", &body, &[]);
     let out = dir.join("out");
     let o = sim(&[
         "run",
@@ -748,23 +742,13 @@ fn a_failed_partitioned_run_leaves_no_hidden_part_files() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
-    let hidden: Vec<String> = std::fs::read_dir(&out)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default();
+    let hidden = hidden_files(&out);
     assert!(hidden.is_empty(), "left behind: {hidden:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn an_interrupted_partitioned_run_removes_its_part_files() {
-    let dir = tmp("sigint");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("e.toml");
     // Long enough to be interrupted mid-loop: two replicas on threads, 500k requests.
     let body = GOOD
         .replace("device = \"h100\"", "device = \"h100\"\nnum_replicas = 2")
@@ -774,7 +758,7 @@ fn an_interrupted_partitioned_run_removes_its_part_files() {
         )
         .replace("num_requests = 10", "num_requests = 500000")
         .replace("qps = 1.0", "qps = 50.0");
-    std::fs::write(&f, body).unwrap();
+    let (dir, f) = experiment("sigint", &body, &[]);
     let out = dir.join("out");
     let mut child = Command::new(env!("CARGO_BIN_EXE_vajra-sim"))
         .args([
@@ -804,12 +788,8 @@ fn an_interrupted_partitioned_run_removes_its_part_files() {
     );
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{status:?}");
-    let hidden: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    assert!(out.is_dir(), "the run's folder exists");
+    let hidden = hidden_files(&out);
     assert!(hidden.is_empty(), "left behind: {hidden:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
