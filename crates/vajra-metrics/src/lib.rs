@@ -19,6 +19,7 @@
 
 pub mod collector;
 pub mod error;
+pub mod outcomes;
 pub mod output;
 pub mod slo;
 pub mod stats;

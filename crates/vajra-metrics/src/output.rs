@@ -7,6 +7,7 @@
 
 use crate::collector::{BatchRecord, Collector, RequestRecord};
 use crate::error::{Result, write_err};
+use crate::outcomes::Outcomes;
 use crate::stats::Multiset;
 use parquet::basic::{Compression, Encoding};
 use parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int32Type, Int64Type};
@@ -454,7 +455,7 @@ pub fn write_run(
     let mut reqs: Vec<&RequestRecord> = c.requests.iter().collect();
     reqs.sort_by_key(|r| r.request_id);
     let reqs = &reqs;
-    let (requests, tbt) = (&c.requests, &c.tbt);
+    let (outcomes, tbt) = (&c.outcomes, &c.tbt);
     // Three independent writers; at a million requests each takes seconds.
     let (a, (b, d)) = rayon::join(
         || -> Result<()> {
@@ -487,7 +488,7 @@ pub fn write_run(
                     let mut s = serde_json::to_string_pretty(summary).map_err(write_err(&p))?;
                     s.push('\n');
                     std::fs::write(&p, s).map_err(write_err(&p))?;
-                    write_cdfs(&dir.join("cdf"), requests, tbt)
+                    write_cdfs(&dir.join("cdf"), outcomes, tbt)
                 },
             )
         },
@@ -504,20 +505,19 @@ fn cdf_of(values: impl Iterator<Item = f64>) -> Vec<(f64, f64)> {
     m.quantiles(1001, 1e-9)
 }
 
-fn write_cdfs(dir: &Path, r: &[RequestRecord], tbt: &Multiset) -> Result<()> {
+/// The values of a column that are present (not NaN).
+fn present(col: &[f64]) -> impl Iterator<Item = f64> + '_ {
+    col.iter().copied().filter(|x| !x.is_nan())
+}
+
+fn write_cdfs(dir: &Path, o: &Outcomes, tbt: &Multiset) -> Result<()> {
     let sets: Vec<(&str, Vec<(f64, f64)>)> = vec![
-        ("ttft_s", cdf_of(r.iter().filter_map(|x| x.ttft_s))),
+        ("ttft_s", cdf_of(present(&o.ttft))),
         ("tbt_s", tbt.quantiles(1001, 1e-9)),
-        ("tpot_s", cdf_of(r.iter().filter_map(|x| x.tpot_s))),
-        ("e2e_s", cdf_of(r.iter().map(|x| x.e2e_s))),
-        (
-            "normalized_e2e_s",
-            cdf_of(r.iter().filter_map(|x| x.normalized_e2e_s)),
-        ),
-        (
-            "scheduling_delay_s",
-            cdf_of(r.iter().filter_map(|x| x.scheduling_delay_s)),
-        ),
+        ("tpot_s", cdf_of(present(&o.tpot))),
+        ("e2e_s", cdf_of(present(&o.e2e))),
+        ("normalized_e2e_s", cdf_of(present(&o.normalized_e2e))),
+        ("scheduling_delay_s", cdf_of(present(&o.scheduling_delay))),
     ];
     for (name, points) in sets {
         let p = dir.join(format!("{name}.csv"));

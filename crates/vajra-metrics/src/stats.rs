@@ -198,50 +198,55 @@ impl Multiset {
         self.sum += other.sum;
     }
 
-    /// Distinct values with their counts, ascending.
+    /// Distinct values with their counts, ascending (one allocation: at cluster scale there
+    /// are tens of millions of distinct gaps).
     pub fn sorted(&self) -> Vec<(u64, u64)> {
-        let mut v: Vec<(u64, u64)> = self.counts.iter().map(|(&a, &b)| (a, b)).collect();
-        v.sort_unstable();
+        let dense = self.dense.iter().filter(|c| **c > 0).count();
+        let mut v = Vec::with_capacity(dense + self.counts.len() + 1);
+        v.extend(
+            self.dense
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, &c)| (i as u64, c)),
+        );
+        v.extend(self.counts.iter().map(|(&a, &b)| (a, b)));
+        let sparse = &mut v[dense..];
+        sparse.sort_unstable();
         // Fold in the pending run (its value may already have a count).
         if self.run.1 > 0 {
-            match v.binary_search_by_key(&self.run.0, |e| e.0) {
-                Ok(i) => v[i].1 += self.run.1,
-                Err(i) => v.insert(i, self.run),
+            match sparse.binary_search_by_key(&self.run.0, |e| e.0) {
+                Ok(i) => sparse[i].1 += self.run.1,
+                Err(i) => v.insert(dense + i, self.run),
             }
         }
-        let small = self
-            .dense
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0)
-            .map(|(i, &c)| (i as u64, c));
-        small.chain(v).collect()
+        v
     }
 
     /// Summary with every value multiplied by `scale` (e.g. 1e-9 for seconds), exact.
     pub fn distribution(&self, scale: f64) -> Distribution {
         let c = self.cumulative.get_or_init(|| Cumulative::new(self));
-        if c.values.is_empty() {
+        if c.pairs.is_empty() {
             return Distribution::default();
         }
         let q = |p: f64| c.quantile(p) * scale;
         Distribution {
             count: self.n,
             mean: self.sum as f64 / self.n as f64 * scale,
-            min: c.values[0] as f64 * scale,
+            min: c.pairs[0].0 as f64 * scale,
             p50: q(0.5),
             p90: q(0.9),
             p95: q(0.95),
             p99: q(0.99),
             p999: q(0.999),
-            max: c.values[c.values.len() - 1] as f64 * scale,
+            max: c.pairs[c.pairs.len() - 1].0 as f64 * scale,
         }
     }
 
     /// `points` evenly spaced quantiles from 0 to 1, scaled.
     pub fn quantiles(&self, points: usize, scale: f64) -> Vec<(f64, f64)> {
         let c = self.cumulative.get_or_init(|| Cumulative::new(self));
-        if c.values.is_empty() {
+        if c.pairs.is_empty() {
             return Vec::new();
         }
         (0..points)
@@ -256,34 +261,26 @@ impl Multiset {
 /// Distinct values with running counts, for order statistics by binary search.
 #[derive(Debug, Clone)]
 struct Cumulative {
-    values: Vec<u64>,
-    /// `ends[i]`: number of samples ≤ `values[i]`.
-    ends: Vec<u64>,
+    /// `(value, number of samples ≤ value)`, ascending.
+    pairs: Vec<(u64, u64)>,
     n: u64,
 }
 
 impl Cumulative {
     fn new(m: &Multiset) -> Self {
-        let sorted = m.sorted();
+        let mut pairs = m.sorted();
         let mut acc = 0;
-        let mut values = Vec::with_capacity(sorted.len());
-        let mut ends = Vec::with_capacity(sorted.len());
-        for (v, c) in sorted {
-            acc += c;
-            values.push(v);
-            ends.push(acc);
+        for p in &mut pairs {
+            acc += p.1;
+            p.1 = acc;
         }
-        Cumulative {
-            values,
-            ends,
-            n: m.n,
-        }
+        Cumulative { pairs, n: m.n }
     }
 
     /// The value at 0-based order-statistic index `k`.
     fn order_stat(&self, k: u64) -> f64 {
-        let i = self.ends.partition_point(|&e| e <= k);
-        self.values[i.min(self.values.len() - 1)] as f64
+        let i = self.pairs.partition_point(|&(_, e)| e <= k);
+        self.pairs[i.min(self.pairs.len() - 1)].0 as f64
     }
 
     fn quantile(&self, q: f64) -> f64 {

@@ -1,6 +1,7 @@
 //! Run-level metrics from a [`Collector`].
 
 use crate::collector::Collector;
+use crate::outcomes::{distribution, distribution_where};
 use crate::slo::SloConfig;
 use crate::stats::Distribution;
 use serde::{Deserialize, Serialize};
@@ -277,81 +278,46 @@ pub struct BenchFacts {
     pub server_mean_forward_ms: Option<f64>,
 }
 
-fn dist(mut v: Vec<f64>) -> Distribution {
-    Distribution::of(&mut v)
-}
-
 impl Summary {
     /// Computes the summary.
     pub fn compute(c: &Collector, slo: &SloConfig, facts: &ClusterFacts) -> Self {
-        let reqs = &c.requests;
-        let first_arrival = reqs
-            .iter()
-            .map(|r| r.arrival_s)
-            .fold(f64::INFINITY, f64::min);
-        let last_done = reqs.iter().map(|r| r.completed_s).fold(0.0, f64::max);
-        let duration = if reqs.is_empty() {
+        let o = &c.outcomes;
+        let completed = o.len() as u64;
+        let duration = if o.is_empty() {
             0.0
         } else {
-            (last_done - first_arrival).max(0.0)
+            (o.last_done_s - o.first_arrival_s).max(0.0)
         };
         let per_s = |x: f64| if duration > 0.0 { x / duration } else { 0.0 };
-        let prompt_tokens: u64 = reqs.iter().map(|r| u64::from(r.prompt_tokens)).sum();
-        let output_tokens: u64 = reqs.iter().map(|r| u64::from(r.output_tokens)).sum();
-        let cached: u64 = reqs.iter().map(|r| u64::from(r.cached_prompt_tokens)).sum();
-
-        let good = |r: &crate::collector::RequestRecord| {
-            slo.ttft_s.is_none_or(|l| r.ttft_s.is_some_and(|x| x <= l))
-                && slo.tpot_s.is_none_or(|l| r.tpot_s.unwrap_or(0.0) <= l)
-                && slo.e2e_s.is_none_or(|l| r.e2e_s <= l)
-        };
-        let good_requests = reqs.iter().filter(|r| good(r)).count() as u64;
+        let (prompt_tokens, output_tokens) = (o.prompt_tokens, o.output_tokens);
+        let good = |i: usize| o.good(i, slo.ttft_s, slo.tpot_s, slo.e2e_s);
+        let good_requests = (0..o.len()).filter(|&i| good(i)).count() as u64;
 
         let latency = Latencies {
-            ttft: dist(reqs.iter().filter_map(|r| r.ttft_s).collect()),
+            ttft: distribution(&o.ttft),
             tbt: c.tbt.distribution(1e-9),
-            tpot: dist(reqs.iter().filter_map(|r| r.tpot_s).collect()),
-            e2e: dist(reqs.iter().map(|r| r.e2e_s).collect()),
-            normalized_e2e: dist(reqs.iter().filter_map(|r| r.normalized_e2e_s).collect()),
-            scheduling_delay: dist(reqs.iter().filter_map(|r| r.scheduling_delay_s).collect()),
+            tpot: distribution(&o.tpot),
+            e2e: distribution(&o.e2e),
+            normalized_e2e: distribution(&o.normalized_e2e),
+            scheduling_delay: distribution(&o.scheduling_delay),
         };
 
-        let with_deadline: Vec<_> = reqs
-            .iter()
-            .filter_map(|r| r.deadline_s.map(|d| (r, d)))
-            .collect();
-        let missed_deadline = with_deadline
-            .iter()
-            .filter(|(r, d)| r.completed_s > *d)
-            .count();
-        let tok_total: u64 = reqs.iter().map(|r| u64::from(r.token_deadlines)).sum();
-        let tok_missed: u64 = reqs
-            .iter()
-            .map(|r| u64::from(r.token_deadline_misses))
-            .sum();
         let deadlines = Deadlines {
-            requests_with_deadline: with_deadline.len() as u64,
-            request_deadline_miss_rate: if with_deadline.is_empty() {
+            requests_with_deadline: o.with_deadline,
+            request_deadline_miss_rate: if o.with_deadline == 0 {
                 0.0
             } else {
-                missed_deadline as f64 / with_deadline.len() as f64
+                o.missed_deadline as f64 / o.with_deadline as f64
             },
-            token_deadline_miss_rate: if tok_total == 0 {
+            token_deadline_miss_rate: if o.token_deadlines == 0 {
                 0.0
             } else {
-                tok_missed as f64 / tok_total as f64
+                o.token_deadline_misses as f64 / o.token_deadlines as f64
             },
-            fluidity_index: if tok_total == 0 {
+            fluidity_index: if o.token_deadlines == 0 {
                 Distribution::default()
             } else {
-                dist(
-                    reqs.iter()
-                        .filter(|r| r.token_deadlines > 0)
-                        .map(|r| {
-                            1.0 - f64::from(r.token_deadline_misses) / f64::from(r.token_deadlines)
-                        })
-                        .collect(),
-                )
+                distribution(&o.fluidity)
             },
         };
 
@@ -378,7 +344,7 @@ impl Summary {
             slo.max_deadline_miss_rate,
             deadlines.token_deadline_miss_rate,
         );
-        let all_limits_met = limits.iter().all(|l| l.met) && reqs.len() as u64 == facts.issued;
+        let all_limits_met = limits.iter().all(|l| l.met) && completed == facts.issued;
 
         let bs = &c.batches;
         let batches = Batches {
@@ -391,25 +357,21 @@ impl Summary {
         };
 
         let replicas = replica_summaries(c, facts, duration);
-        let mut tenant_ids: Vec<u32> = reqs.iter().map(|r| r.tenant).collect();
-        tenant_ids.sort_unstable();
-        tenant_ids.dedup();
+        let tenant_ids: Vec<u32> = o.tokens_by_tenant.keys().copied().collect();
         let tenants = if tenant_ids.len() > 1 {
             tenant_ids
                 .iter()
                 .map(|&t| {
-                    let mine: Vec<_> = reqs.iter().filter(|r| r.tenant == t).collect();
-                    let n_good = mine.iter().filter(|r| good(r)).count();
+                    let mine = |i: usize| o.tenant[i] == t;
+                    let rows: Vec<usize> = (0..o.len()).filter(|&i| mine(i)).collect();
+                    let n_good = rows.iter().filter(|&&i| good(i)).count();
                     TenantSummary {
                         tenant: t,
-                        completed: mine.len() as u64,
-                        tokens_served: mine
-                            .iter()
-                            .map(|r| u64::from(r.prompt_tokens + r.output_tokens))
-                            .sum(),
-                        ttft: dist(mine.iter().filter_map(|r| r.ttft_s).collect()),
-                        e2e: dist(mine.iter().map(|r| r.e2e_s).collect()),
-                        slo_attainment: n_good as f64 / mine.len().max(1) as f64,
+                        completed: rows.len() as u64,
+                        tokens_served: o.tenant_tokens(t),
+                        ttft: distribution_where(&o.ttft, mine),
+                        e2e: distribution_where(&o.e2e, mine),
+                        slo_attainment: n_good as f64 / rows.len().max(1) as f64,
                     }
                 })
                 .collect()
@@ -433,30 +395,30 @@ impl Summary {
         Summary {
             requests_issued: facts.issued,
             requests_clipped: facts.clipped,
-            requests_completed: reqs.len() as u64,
+            requests_completed: completed,
             prompt_tokens,
             output_tokens,
             duration_s: duration,
             throughput: Throughput {
-                requests_per_s: per_s(reqs.len() as f64),
+                requests_per_s: per_s(completed as f64),
                 output_tokens_per_s: per_s(output_tokens as f64),
                 total_tokens_per_s: per_s((prompt_tokens + output_tokens) as f64),
             },
             latency_s: latency,
-            preemptions: reqs.iter().map(|r| u64::from(r.preemptions)).sum(),
-            requests_preempted: reqs.iter().filter(|r| r.preemptions > 0).count() as u64,
+            preemptions: o.preemptions,
+            requests_preempted: o.requests_preempted,
             prefix_cache_hit_rate: if prompt_tokens == 0 {
                 0.0
             } else {
-                cached as f64 / prompt_tokens as f64
+                o.cached_prompt_tokens as f64 / prompt_tokens as f64
             },
             slo: SloResult {
                 good_requests,
                 goodput_rps: per_s(good_requests as f64),
-                attainment: if reqs.is_empty() {
+                attainment: if o.is_empty() {
                     0.0
                 } else {
-                    good_requests as f64 / reqs.len() as f64
+                    good_requests as f64 / completed as f64
                 },
                 limits,
                 all_limits_met,
@@ -485,12 +447,7 @@ impl Summary {
 }
 
 fn replica_summaries(c: &Collector, facts: &ClusterFacts, duration: f64) -> Vec<ReplicaSummary> {
-    let mut requests = vec![0u64; facts.num_replicas as usize];
-    for r in &c.requests {
-        if let Some(n) = requests.get_mut(r.replica as usize) {
-            *n += 1;
-        }
-    }
+    let requests = &c.outcomes.per_replica;
     let blocks = f64::from(facts.num_blocks.max(1));
     let stages = f64::from(facts.stages.max(1));
     c.batches
@@ -583,5 +540,109 @@ mod tests {
         assert_eq!(back.metrics.latency_s.ttft, s.latency_s.ttft);
         assert!(back.metrics.mbu.is_nan(), "null reads back as NaN");
         assert!((back.metrics.prefix_cache_hit_rate - 0.5).abs() < 1e-12);
+    }
+
+    /// Feeds request `i` (varied tenants, lengths, deadlines, a one-token answer, an answer
+    /// aborted before its first token) into `c` on replica `i % 3`.
+    fn feed(c: &mut Collector, i: u64) {
+        let id = RequestId(i);
+        let t0 = i * 3_000_000;
+        c.on_arrival(id, Timestamp(t0));
+        c.on_routed(id, (i % 3) as u32);
+        let n = if i.is_multiple_of(11) { 0 } else { 1 + (i * 7) % 5 } as u32;
+        let mut t = t0 + 2_000_000 + (i % 4) * 1_000_000;
+        let first = (n > 0).then_some(Timestamp(t));
+        for k in 0..n {
+            if k > 0 {
+                t += 1_000_000 * (1 + (i + u64::from(k)) % 3);
+            }
+            c.on_token(id, Timestamp(t));
+        }
+        c.on_finished(&FinishedRecord {
+            id,
+            reason: FinishReason::Length,
+            tenant: TenantId((i % 2) as u32),
+            priority: 0,
+            arrival: Timestamp(t0),
+            deadline: i.is_multiple_of(3).then_some(Timestamp(t0 + 6_000_000)),
+            first_scheduled: Some(Timestamp(t0 + 1_000_000)),
+            first_token: first,
+            finished_at: Timestamp(t + 1),
+            prompt_tokens: 10 + i as u32,
+            output_tokens: n,
+            cached_prompt_tokens: (i % 4) as u32,
+            num_preemptions: u32::from(i.is_multiple_of(5)),
+        });
+    }
+
+    #[test]
+    fn the_summary_is_the_same_with_or_without_records_and_in_any_merge_order() {
+        let slo = SloConfig {
+            ttft_s: Some(0.004),
+            tpot_s: Some(0.0015),
+            ttft_deadline_s: Some(0.004),
+            tbt_deadline_s: Some(0.0015),
+            ..SloConfig::default()
+        };
+        let facts = ClusterFacts {
+            num_replicas: 3,
+            stages: 1,
+            num_blocks: 16,
+            peak_flops: 0.0,
+            peak_bytes_per_s: 0.0,
+            clipped: 0,
+            issued: 60,
+        };
+        let json =
+            |c: &Collector| serde_json::to_string(&Summary::compute(c, &slo, &facts)).unwrap();
+        let mut whole = Collector::new(&slo, 3);
+        (0..60).for_each(|i| feed(&mut whole, i));
+        let mut lean = Collector::new(&slo, 3).without_records();
+        (0..60).for_each(|i| feed(&mut lean, i));
+        assert!(lean.requests.is_empty() && whole.requests.len() == 60);
+        assert_eq!(json(&whole), json(&lean));
+
+        let part = |range: std::ops::Range<u64>| {
+            let mut c = Collector::new(&slo, 3).without_records();
+            range.for_each(|i| feed(&mut c, i));
+            c
+        };
+        let (mut ab, mut ba) = (part(0..25), part(25..60));
+        ab.merge(part(25..60));
+        ba.merge(part(0..25));
+        assert_eq!(json(&ab), json(&whole));
+        assert_eq!(json(&ba), json(&whole));
+
+        let s = Summary::compute(&whole, &slo, &facts);
+        let r = &whole.requests;
+        assert_eq!(
+            s.latency_s.ttft.count,
+            r.iter().filter(|q| q.ttft_s.is_some()).count() as u64
+        );
+        assert_eq!(
+            s.latency_s.tpot.count,
+            r.iter().filter(|q| q.tpot_s.is_some()).count() as u64
+        );
+        assert_eq!(s.latency_s.e2e.count, 60);
+        assert_eq!(s.tenants.len(), 2);
+        assert_eq!(
+            s.tenants[1].tokens_served,
+            r.iter()
+                .filter(|q| q.tenant == 1)
+                .map(|q| u64::from(q.prompt_tokens + q.output_tokens))
+                .sum::<u64>()
+        );
+        assert_eq!(
+            s.replicas.iter().map(|x| x.requests).collect::<Vec<_>>(),
+            vec![20, 20, 20]
+        );
+        assert_eq!(s.deadlines.requests_with_deadline, 20);
+        assert!(s.deadlines.fluidity_index.count > 0);
+        let good = r
+            .iter()
+            .filter(|q| q.ttft_s.is_some_and(|x| x <= 0.004) && q.tpot_s.unwrap_or(0.0) <= 0.0015)
+            .count() as u64;
+        assert!(good > 0 && good < 60, "the SLO splits the requests: {good}");
+        assert_eq!(s.slo.good_requests, good);
     }
 }

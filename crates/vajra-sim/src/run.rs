@@ -192,7 +192,8 @@ impl PendingParts {
 
 /// Runs a point's event loop; with `out`, streams `batches.parquet` and `trace.json` there
 /// (for a partitioned run, as parts that the returned [`PendingParts`] joins). Returns the
-/// result (requests sorted by id) and the loops' wall time.
+/// result (the request records, kept only when `out` is given and a request table is
+/// asked for, sorted by id) and the loops' wall time.
 ///
 /// # Errors
 /// A stalled simulation or a stream that cannot be written.
@@ -213,6 +214,12 @@ pub fn simulate(
     }
     let tracing = trace && e.output.trace && out.is_some();
     let parquet = e.output.parquet && out.is_some();
+    // Per-request records only for a request table; the summary needs only the outcomes.
+    let records = out.is_some() && (e.output.csv || e.output.parquet);
+    let collector = |n| {
+        let c = vajra_metrics::Collector::new(&e.slo, n);
+        if records { c } else { c.without_records() }
+    };
     let dir = out.unwrap_or(Path::new("."));
     let n = e.cluster.num_replicas;
     let closed = matches!(
@@ -235,7 +242,7 @@ pub fn simulate(
     let mut pending = PendingParts::default();
     let mut res = if parts == 1 {
         let mut source = source;
-        let mut collector = vajra_metrics::Collector::new(&e.slo, n);
+        let mut collector = collector(n);
         if parquet {
             collector.stream_batches(&dir.join("batches.parquet"), prep.memory.num_blocks)?;
         }
@@ -267,7 +274,7 @@ pub fn simulate(
                 let tr = dir.join(format!(".trace.part{i:02}.json"));
                 crate::cleanup::register(&pq);
                 crate::cleanup::register(&tr);
-                let mut collector = vajra_metrics::Collector::new(&e.slo, n);
+                let mut collector = collector(n);
                 if parquet {
                     collector.stream_batches(&pq, prep.memory.num_blocks)?;
                 }

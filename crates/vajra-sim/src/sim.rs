@@ -644,7 +644,7 @@ pub fn run_range(
         if events & 0x3fff == 0
             && let Some(p) = spec.progress
         {
-            let done = st.collector.requests.len() as u64;
+            let done = st.collector.completed() as u64;
             p(done - reported);
             reported = done;
         }
