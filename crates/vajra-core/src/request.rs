@@ -42,6 +42,12 @@ pub struct SyntheticPrompt {
     pub prefix_groups: Vec<u64>,
     /// Tokens per prefix group (Mooncake traces use 512). Ignored when there are no groups.
     pub group_tokens: u32,
+    /// Whether the groups go on past the prompt to describe the output too (a session turn,
+    /// whose answer is part of the next turn's prompt): then full output blocks inside the
+    /// groups get shared hashes, as generated tokens do in vLLM's prefix cache. Otherwise
+    /// output blocks are private to the request.
+    #[serde(default)]
+    pub output_in_groups: bool,
 }
 
 impl Prompt {
@@ -62,6 +68,7 @@ impl Prompt {
             len,
             prefix_groups: Vec::new(),
             group_tokens: 0,
+            output_in_groups: false,
         })
     }
 }

@@ -93,6 +93,11 @@ struct Seq {
     queue_key: Option<Key>,
 }
 
+/// Tokens a waiting sequence needs KV for on admission.
+fn queued_tokens_of(s: &Seq) -> u32 {
+    s.prompt_len + s.num_output
+}
+
 impl Seq {
     fn prompt_len(&self) -> u32 {
         self.prompt_len
@@ -149,6 +154,11 @@ pub struct Scheduler {
     num_preemptions: u64,
     num_finished: u64,
     num_swapped: u32,
+    /// Prompt + `max_tokens` of every live request (what a router balancing by tokens sees).
+    outstanding_tokens: u64,
+    /// Tokens of the waiting requests, which need KV blocks when they are admitted (what a
+    /// router balancing by KV demand adds to the blocks held).
+    queued_tokens: u64,
     /// The batching policy; taken out while it forms a step (it is always there otherwise).
     policy: Option<Box<dyn BatchPolicy>>,
     /// The preemption-victim rule.
@@ -259,6 +269,8 @@ impl Scheduler {
             num_preemptions: 0,
             num_finished: 0,
             num_swapped: 0,
+            outstanding_tokens: 0,
+            queued_tokens: 0,
             policy: Some(policy),
             victim,
             victim_candidates: Vec::new(),
@@ -306,6 +318,17 @@ impl Scheduler {
     /// Requests running.
     pub fn num_running(&self) -> usize {
         self.running.len()
+    }
+
+    /// Prompt + `max_tokens` summed over the live (waiting and running) requests.
+    pub fn outstanding_tokens(&self) -> u64 {
+        self.outstanding_tokens
+    }
+
+    /// Tokens (prompt and any output so far) of the waiting requests: the KV they will need on
+    /// admission, before prefix hits.
+    pub fn queued_tokens(&self) -> u64 {
+        self.queued_tokens
     }
 
     /// Whether any request is waiting or running.
@@ -429,6 +452,8 @@ impl Scheduler {
             }
         };
         self.index.insert(self.seq(slot).req.id, slot);
+        let s = self.seq(slot);
+        self.outstanding_tokens += u64::from(s.prompt_len) + u64::from(s.max_tokens);
         self.enqueue(slot, false);
         Ok(())
     }
@@ -445,6 +470,7 @@ impl Scheduler {
             tenant: s.req.tenant,
         };
         let key = self.waiting.push(&info, front);
+        self.queued_tokens += u64::from(queued_tokens_of(self.seq(slot)));
         self.seq_mut(slot).queue_key = Some(key);
     }
 
@@ -603,6 +629,7 @@ impl Scheduler {
             let tenant = seq.req.tenant;
             let found = self.waiting.remove(slot, key, tenant);
             assert!(found, "a waiting request is in the waiting queue");
+            self.queued_tokens -= u64::from(queued_tokens_of(self.seq(slot)));
         }
         Ok(self.finish(slot, FinishReason::Abort, now))
     }
@@ -630,6 +657,7 @@ impl Scheduler {
         self.kv.free(&mut seq.table);
         self.free_slots.push(slot);
         self.index.remove(&seq.req.id);
+        self.outstanding_tokens -= u64::from(seq.prompt_len) + u64::from(seq.max_tokens);
         self.finished_ids.push(seq.req.id);
         self.num_finished += 1;
         FinishedRecord {
@@ -660,7 +688,12 @@ pub fn check_invariants(s: &Scheduler) {
     pool.check_invariants();
     let mut holders = vec![0u32; pool.num_blocks() as usize];
     let mut held = 0usize;
+    let (mut outstanding, mut queued) = (0u64, 0u64);
     for seq in s.slots.iter().flatten() {
+        outstanding += u64::from(seq.prompt_len) + u64::from(seq.max_tokens);
+        if seq.queue_key.is_some() {
+            queued += u64::from(queued_tokens_of(seq));
+        }
         for b in &seq.table.blocks {
             holders[b.index()] += 1;
         }
@@ -696,6 +729,14 @@ pub fn check_invariants(s: &Scheduler) {
             RequestStatus::Finished(_) => panic!("finished requests leave the slab"),
         }
     }
+    assert_eq!(
+        s.outstanding_tokens, outstanding,
+        "outstanding tokens are those of the live requests"
+    );
+    assert_eq!(
+        s.queued_tokens, queued,
+        "queued tokens are those of the waiting requests"
+    );
     for (b, &h) in holders.iter().enumerate() {
         let rc = pool.ref_count(crate::ids::BlockId(b as u32));
         assert_eq!(rc, h, "reference count of block {b} equals its holders");

@@ -441,6 +441,7 @@ mod tests {
                 len,
                 prefix_groups: groups,
                 group_tokens: 4,
+                output_in_groups: false,
             }),
             8,
             Timestamp::ZERO,

@@ -549,7 +549,11 @@ mod tests {
         let t0 = i * 3_000_000;
         c.on_arrival(id, Timestamp(t0));
         c.on_routed(id, (i % 3) as u32);
-        let n = if i.is_multiple_of(11) { 0 } else { 1 + (i * 7) % 5 } as u32;
+        let n = if i.is_multiple_of(11) {
+            0
+        } else {
+            1 + (i * 7) % 5
+        } as u32;
         let mut t = t0 + 2_000_000 + (i % 4) * 1_000_000;
         let first = (n > 0).then_some(Timestamp(t));
         for k in 0..n {

@@ -79,6 +79,7 @@ fn with_qps(point: &Point, qps: f64) -> Point {
         | ArrivalConfig::Gamma { qps: q, .. }
         | ArrivalConfig::Constant { qps: q } => *q = qps,
         ArrivalConfig::ClosedLoop { clients, .. } => *clients = qps.round().max(1.0) as u32,
+        ArrivalConfig::Sessions(c) => c.qps = qps,
         ArrivalConfig::AllAtOnce | ArrivalConfig::Trace(_) => {}
     }
     p
@@ -115,6 +116,7 @@ pub fn search(file: &ExperimentFile, point: &Point) -> Result<Capacity> {
         | ArrivalConfig::Gamma { qps, .. }
         | ArrivalConfig::Constant { qps } => qps,
         ArrivalConfig::ClosedLoop { clients, .. } => f64::from(clients),
+        ArrivalConfig::Sessions(ref c) => c.qps,
         ref other => {
             let kind = serde_json::to_value(other)
                 .ok()

@@ -225,6 +225,7 @@ pub fn simulate(
     let closed = matches!(
         e.workload.arrival,
         vajra_workload::config::ArrivalConfig::ClosedLoop { .. }
+            | vajra_workload::config::ArrivalConfig::Sessions(_)
     );
     let parts = if !sequential && n >= 2 && sim::partitionable(&e.router, closed) {
         n.min(MAX_PARTITIONS)

@@ -125,7 +125,7 @@ impl Partition {
         while let Some(r) = self.source.pop() {
             let clipped = self.source.clipped() > before;
             before = self.source.clipped();
-            let t = self.router.route(&self.loads, &mut self.rng).0;
+            let t = self.router.route(&r, &self.loads, &mut self.rng).0;
             if (self.lo..self.hi).contains(&t) {
                 self.next = Some((r, t - self.lo));
                 self.next_clipped = clipped;
@@ -424,6 +424,7 @@ impl Loop<'_, '_> {
         routing: &mut Routing,
     ) -> Result<()> {
         let num_blocks = self.spec.num_blocks;
+        let block_size = self.spec.cache.block_size;
         let lo = self.base;
         self.collector.on_arrival(req.id, now);
         let target = match routed {
@@ -436,13 +437,16 @@ impl Loop<'_, '_> {
                     .zip(self.replicas.iter_mut())
                     .enumerate()
                 {
+                    let sched = r.driver.scheduler();
+                    let used = f64::from(num_blocks - sched.kv().num_free());
+                    let queued = sched.queued_tokens().div_ceil(u64::from(block_size)) as f64;
                     *l = ReplicaLoad {
                         replica: ReplicaId(i as u32),
-                        num_waiting: r.driver.scheduler().num_waiting() as u32,
-                        num_running: r.driver.scheduler().num_running() as u32,
-                        kv_usage: 1.0
-                            - f64::from(r.driver.scheduler().kv().num_free())
-                                / f64::from(num_blocks),
+                        num_waiting: sched.num_waiting() as u32,
+                        num_running: sched.num_running() as u32,
+                        kv_usage: 1.0 - f64::from(sched.kv().num_free()) / f64::from(num_blocks),
+                        kv_demand: (used + queued) / f64::from(num_blocks),
+                        outstanding_tokens: sched.outstanding_tokens(),
                         cached_prefix_tokens: if needs_prefix {
                             r.driver.scheduler_mut().cached_prefix_tokens(&req)
                         } else {
@@ -450,7 +454,10 @@ impl Loop<'_, '_> {
                         },
                     };
                 }
-                routing.router.route(&routing.loads, &mut routing.rng).0
+                routing
+                    .router
+                    .route(&req, &routing.loads, &mut routing.rng)
+                    .0
             }
         };
         self.collector.on_routed(req.id, lo + target);

@@ -39,7 +39,9 @@ impl ArrivalProcess {
             }
             ArrivalConfig::Constant { qps } => ArrivalProcess::Constant(1.0 / qps),
             ArrivalConfig::AllAtOnce => ArrivalProcess::AllAtOnce,
-            ArrivalConfig::Trace(_) | ArrivalConfig::ClosedLoop { .. } => return None,
+            ArrivalConfig::Trace(_)
+            | ArrivalConfig::ClosedLoop { .. }
+            | ArrivalConfig::Sessions(_) => return None,
         })
     }
 

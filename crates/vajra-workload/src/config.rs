@@ -85,6 +85,8 @@ pub enum ArrivalConfig {
     AllAtOnce,
     /// Arrival times and lengths replayed from a trace.
     Trace(TraceReplayConfig),
+    /// Multi-turn sessions (see [`SessionsConfig`]).
+    Sessions(SessionsConfig),
     /// `clients` concurrent clients; each sends its next request `think_time_s` after its
     /// previous one completes.
     ClosedLoop {
@@ -97,6 +99,55 @@ pub enum ArrivalConfig {
         #[serde(default)]
         think: ThinkTime,
     },
+}
+
+/// Multi-turn sessions (`arrival = { type = "sessions", ... }`): sessions start open-loop
+/// (Poisson at `qps`); inside a session each turn is sent a think time after the previous
+/// answer completes (closed loop). Turn k's prompt is the system prompt, every earlier turn's
+/// new tokens and answer, and its own new tokens, so its prefix is cached wherever the
+/// conversation ran before. `workload.lengths` gives each turn's new user tokens and answer
+/// length; `workload.num_requests` counts turns. A session ends after its turns, or earlier
+/// when its next turn would not fit the longest request allowed (`workload.max_tokens` or the
+/// model's context).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Sessions started per second (Poisson).
+    pub qps: f64,
+    /// Fewest turns in a session (≥ 1).
+    #[serde(default = "one_u32")]
+    pub turns_min: u32,
+    /// Most turns in a session (≥ `turns_min`); each session draws uniformly in between.
+    pub turns_max: u32,
+    /// Mean time between an answer and the next turn, in seconds.
+    #[serde(default)]
+    pub think_time_s: f64,
+    /// Fixed or exponentially distributed think time.
+    #[serde(default)]
+    pub think: ThinkTime,
+    /// Tokens of the system prompt every session starts with (0 = none).
+    #[serde(default)]
+    pub system_prompt_tokens: u32,
+    /// Distinct system prompts, chosen uniformly per session (sessions with the same one
+    /// share its blocks).
+    #[serde(default = "one_u32")]
+    pub system_prompts: u32,
+    /// Probability that a turn is a tool call: the next turn follows after `tool_time_s`
+    /// instead of a think time, carrying the tool's output as its new tokens (agentic
+    /// sessions: many short turns over a long shared context).
+    #[serde(default)]
+    pub tool_call_probability: f64,
+    /// Time a tool call takes, in seconds.
+    #[serde(default)]
+    pub tool_time_s: f64,
+    /// Tokens per identity group of the conversation (as a trace's `hash_block_tokens`); a
+    /// multiple or a divisor of `cache.block_size` wastes nothing.
+    #[serde(default = "sixteen")]
+    pub hash_block_tokens: u32,
+}
+
+fn sixteen() -> u32 {
+    16
 }
 
 /// Distribution of a closed-loop client's think time.
@@ -404,6 +455,62 @@ impl LengthsConfig {
     }
 }
 
+impl SessionsConfig {
+    /// Checks every field (`workload.arrival.…`).
+    ///
+    /// # Errors
+    /// The first field out of range.
+    pub fn validate(&self) -> Result<()> {
+        ensure(
+            positive_finite(self.qps),
+            "workload.arrival.qps",
+            self.qps,
+            "a finite rate > 0 (sessions/s)",
+        )?;
+        ensure(
+            self.turns_min >= 1,
+            "workload.arrival.turns_min",
+            self.turns_min,
+            "an integer ≥ 1",
+        )?;
+        ensure(
+            self.turns_max >= self.turns_min,
+            "workload.arrival.turns_max",
+            self.turns_max,
+            &format!("an integer ≥ turns_min = {}", self.turns_min),
+        )?;
+        for (field, v) in [
+            ("workload.arrival.think_time_s", self.think_time_s),
+            ("workload.arrival.tool_time_s", self.tool_time_s),
+        ] {
+            ensure(
+                v.is_finite() && (0.0..=MAX_SECS).contains(&v),
+                field,
+                v,
+                "a finite number of seconds ≥ 0",
+            )?;
+        }
+        ensure(
+            (0.0..=1.0).contains(&self.tool_call_probability),
+            "workload.arrival.tool_call_probability",
+            self.tool_call_probability,
+            "a probability in [0, 1]",
+        )?;
+        ensure(
+            self.system_prompts >= 1,
+            "workload.arrival.system_prompts",
+            self.system_prompts,
+            "an integer ≥ 1",
+        )?;
+        ensure(
+            self.hash_block_tokens >= 1,
+            "workload.arrival.hash_block_tokens",
+            self.hash_block_tokens,
+            "an integer ≥ 1",
+        )
+    }
+}
+
 impl WorkloadConfig {
     /// The longest prompt + output a request of this workload may have when the model (or
     /// server) takes `limit` tokens: `max_tokens` when it is set and smaller. Longer requests
@@ -528,6 +635,7 @@ impl WorkloadConfig {
                     "absent when arrival.type = \"trace\": a replayed trace carries its own lengths",
                 )?;
             }
+            ArrivalConfig::Sessions(c) => c.validate()?,
             ArrivalConfig::ClosedLoop {
                 clients,
                 think_time_s,
@@ -582,6 +690,12 @@ impl WorkloadConfig {
             l.validate("workload.lengths")?;
         }
         if let Some(p) = &self.prefix {
+            ensure(
+                !matches!(self.arrival, ArrivalConfig::Sessions(_)),
+                "workload.prefix",
+                "(set)",
+                "absent for arrival.type = \"sessions\" (use arrival.system_prompt_tokens and system_prompts: a session's own turns share its prefix)",
+            )?;
             ensure(p.groups >= 1, "workload.prefix.groups", p.groups, "≥ 1")?;
             ensure(p.tokens >= 1, "workload.prefix.tokens", p.tokens, "≥ 1")?;
             ensure(

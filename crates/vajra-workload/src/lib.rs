@@ -11,6 +11,8 @@
 //! - [`source`]: the [`source::RequestSource`] the simulator pulls requests from, in arrival
 //!   order; open loop (pre-timed) or closed loop (N clients with think time, fed back on
 //!   completion).
+//! - [`session`]: multi-turn sessions (open-loop sessions, closed-loop turns, each turn's
+//!   prompt the conversation so far).
 //!
 //! Every random draw comes from a stream derived from the run's root seed and a fixed stream
 //! name ([`derive_seed`]), so the same seed gives the same requests byte for byte.
@@ -19,6 +21,7 @@ pub mod arrival;
 pub mod config;
 pub mod error;
 pub mod length;
+pub mod session;
 pub mod source;
 pub mod trace;
 

@@ -15,6 +15,7 @@ use crate::config::{ArrivalConfig, PrefixConfig, ThinkTime, TraceReplayConfig, W
 use crate::derive_seed;
 use crate::error::{Result, WorkloadError};
 use crate::length::{LengthSampler, clip, scale_len};
+use crate::session::{Draw, Sessions};
 use crate::trace::{TraceRow, read_trace, resolve};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -37,6 +38,7 @@ enum Mode {
         cursor: usize,
         hash_block_tokens: u32,
     },
+    Sessions(Box<Sessions>),
     Closed {
         think: Option<Exp<f64>>,
         think_s: f64,
@@ -172,6 +174,13 @@ impl RequestSource {
                     .collect(),
                 client_of: HashMap::new(),
             },
+            ArrivalConfig::Sessions(c) => Mode::Sessions(Box::new(Sessions::new(
+                c,
+                tenants
+                    .iter()
+                    .map(|t| (t.cumulative_weight, t.lengths))
+                    .collect(),
+            ))),
             other => Mode::Open {
                 process: ArrivalProcess::new(other).expect("open-loop arrival"),
                 t: 0.0,
@@ -214,6 +223,9 @@ impl RequestSource {
     pub fn pop(&mut self) -> Option<Request> {
         let r = self.next.take();
         if r.is_some() {
+            if let Mode::Sessions(s) = &mut self.mode {
+                s.issued();
+            }
             self.clipped += u64::from(self.next_clipped);
             self.refill();
         }
@@ -234,6 +246,24 @@ impl RequestSource {
     /// Tells a closed-loop source that request `id` completed at `now`: its client sends the
     /// next one after its think time. A no-op for open-loop sources.
     pub fn on_finished(&mut self, id: RequestId, now: Timestamp) {
+        if let Mode::Sessions(s) = &mut self.mode {
+            let Some(at) = s.on_finished(id, now, &mut self.rng_think) else {
+                return;
+            };
+            match &self.next {
+                // The turn that just became ready goes before the one drawn ahead.
+                Some(next) if at < next.arrival => {
+                    s.put_back();
+                    self.next = None;
+                    self.issued -= 1;
+                    self.next_clipped = false;
+                    self.refill();
+                }
+                Some(_) => {}
+                None => self.refill(),
+            }
+            return;
+        }
         if let Mode::Closed {
             think,
             think_s,
@@ -260,6 +290,7 @@ impl RequestSource {
                 Mode::Closed { client_of, .. } => {
                     client_of.is_empty() || self.limit.is_some_and(|l| self.issued >= l)
                 }
+                Mode::Sessions(s) => s.is_done() || self.limit.is_some_and(|l| self.issued >= l),
                 _ => true,
             }
     }
@@ -270,6 +301,39 @@ impl RequestSource {
             return;
         }
         let id = RequestId(self.issued);
+        if let Mode::Sessions(s) = &mut self.mode {
+            let mut d = Draw {
+                rng_arrival: &mut self.rng_arrival,
+                rng_lengths: &mut self.rng_lengths,
+                rng_tenant: &mut self.rng_tenant,
+                samplers: &mut self.samplers,
+                end: self.end,
+            };
+            let Some(turn) = s.next_turn(id, self.max_tokens, &mut d) else {
+                return;
+            };
+            let tenant = &self.tenants[turn.tenant];
+            let mut req = Request::new(
+                id,
+                Prompt::Synthetic(SyntheticPrompt {
+                    len: turn.prompt,
+                    prefix_groups: turn.groups,
+                    group_tokens: turn.group_tokens,
+                    output_in_groups: true,
+                }),
+                turn.output,
+                turn.arrival,
+            );
+            req.tenant = TenantId(turn.tenant as u32);
+            req.priority = tenant.priority;
+            req.slo_class = tenant.slo_class;
+            req.deadline = tenant.deadline.map(|d| turn.arrival + d);
+            req.sampling.ignore_eos = true;
+            self.next_clipped = turn.clipped;
+            self.issued += 1;
+            self.next = Some(req);
+            return;
+        }
         let (arrival, lengths, hash) = match &mut self.mode {
             Mode::Open { process, t } => {
                 *t += process.gap(self.issued, &mut self.rng_arrival);
@@ -304,6 +368,7 @@ impl RequestSource {
                 client_of.insert(id, c);
                 (t, None, None)
             }
+            Mode::Sessions(_) => unreachable!("sessions are drawn above"),
         };
         if self.end.is_some_and(|e| arrival > e) {
             return;
@@ -349,6 +414,7 @@ impl RequestSource {
                 len: prompt,
                 prefix_groups: groups,
                 group_tokens,
+                output_in_groups: false,
             }),
             output,
             arrival,
@@ -550,5 +616,145 @@ mod tests {
             .map(|r| (r.arrival.as_secs_f64(), r.prompt.len()))
             .collect();
         assert_eq!(got, vec![(0.0, 2), (0.5, 3)]);
+    }
+
+    /// Drives a session source as a server would: each issued turn completes `serve_s` after
+    /// it arrives. Returns the requests in issue order with their completion times.
+    fn serve_sessions(c: &WorkloadConfig, seed: u64, serve_s: f64) -> Vec<(Request, Timestamp)> {
+        let mut src = RequestSource::new(c, seed, Path::new("."), 4096).unwrap();
+        let mut done: BinaryHeap<Reverse<(Timestamp, RequestId)>> = BinaryHeap::new();
+        let mut out = Vec::new();
+        loop {
+            let next = src.peek_time();
+            let fin = done.peek().map(|d| d.0.0);
+            match (next, fin) {
+                (Some(a), f) if f.is_none_or(|f| a <= f) => {
+                    let r = src.pop().unwrap();
+                    let _ = a;
+                    let end = r.arrival + Duration::from_secs_f64(serve_s);
+                    done.push(Reverse((end, r.id)));
+                    out.push((r, end));
+                }
+                (None, None) => break,
+                _ => {
+                    let Reverse((t, id)) = done.pop().unwrap();
+                    src.on_finished(id, t);
+                }
+            }
+        }
+        assert!(src.is_exhausted());
+        out
+    }
+
+    fn groups(r: &Request) -> &SyntheticPrompt {
+        match &r.prompt {
+            Prompt::Synthetic(s) => s,
+            Prompt::Tokens(_) => panic!("synthetic"),
+        }
+    }
+
+    #[test]
+    fn a_sessions_turns_follow_its_answers_and_carry_the_whole_conversation() {
+        let c = cfg(r#"num_requests = 300
+            arrival = { type = "sessions", qps = 4.0, turns_min = 2, turns_max = 6, think_time_s = 3.0, think = "exponential", system_prompt_tokens = 100, system_prompts = 2 }
+            lengths = { type = "independent", prompt = { type = "uniform", min = 5, max = 60 }, output = { type = "uniform", min = 1, max = 40 } }"#);
+        let served = serve_sessions(&c, 3, 0.5);
+        assert_eq!(served.len(), 300, "num_requests counts turns");
+        assert!(
+            served.windows(2).all(|w| w[0].0.arrival <= w[1].0.arrival),
+            "issued in arrival order"
+        );
+        // Chain turns by shared leading groups: a turn continues the earlier turn whose whole
+        // stream (prompt + answer) is its prefix.
+        let mut continued = 0;
+        for (i, (r, _)) in served.iter().enumerate() {
+            let g = groups(r);
+            assert!(g.output_in_groups && g.group_tokens == 16);
+            assert_eq!(
+                g.prefix_groups.len() as u32,
+                (g.len + r.max_tokens()).div_ceil(16)
+            );
+            let prev = served[..i].iter().rev().find(|(p, _)| {
+                let pg = groups(p);
+                let stream = pg.len + p.max_tokens();
+                pg.prefix_groups.len() > 7 // past the 100-token system prompt
+                    && g.prefix_groups.len() >= pg.prefix_groups.len()
+                    && g.prefix_groups[..(stream / 16) as usize] == pg.prefix_groups[..(stream / 16) as usize]
+                    && pg.prefix_groups[6] == g.prefix_groups[6]
+            });
+            if let Some((p, p_done)) = prev {
+                continued += 1;
+                let stream = groups(p).len + p.max_tokens();
+                assert!(
+                    g.len > stream,
+                    "turn prompt = previous prompt + answer + new tokens"
+                );
+                assert!(
+                    r.arrival >= *p_done,
+                    "a turn arrives only after the previous answer"
+                );
+                assert_eq!(r.tenant, p.tenant);
+            }
+        }
+        assert!(
+            continued > 150,
+            "most turns continue a conversation: {continued}"
+        );
+        // Sessions with the same system prompt share its full groups; only two exist.
+        let mut firsts: Vec<u64> = served
+            .iter()
+            .map(|(r, _)| groups(r).prefix_groups[0])
+            .collect();
+        firsts.sort_unstable();
+        firsts.dedup();
+        assert_eq!(firsts.len(), 2);
+        // Byte-identical for the same seed, different for another.
+        let again = serve_sessions(&c, 3, 0.5);
+        assert!(served.iter().zip(&again).all(|(a, b)| a.0 == b.0));
+        assert_ne!(serve_sessions(&c, 4, 0.5)[5].0, served[5].0);
+    }
+
+    #[test]
+    fn a_session_ends_when_its_conversation_outgrows_the_context() {
+        let c = cfg(r#"num_requests = 1000
+            max_tokens = 1000
+            arrival = { type = "sessions", qps = 1.0, turns_min = 50, turns_max = 50 }
+            lengths = { type = "fixed", prompt = 100, output = 100 }"#);
+        let served = serve_sessions(&c, 1, 1.0);
+        // Each turn adds 200 tokens: turns of 100, 300, 500, 700 prompt tokens fit (900 total
+        // at most), the fifth (900 + 100) would not.
+        for (r, _) in &served {
+            assert!(groups(r).len + r.max_tokens() <= 1000);
+        }
+        let per_session = served.iter().filter(|(r, _)| groups(r).len == 100).count();
+        // Five turns a session; the turn limit may cut the last few sessions short.
+        assert!(served.len() <= 5 * per_session && served.len() > 5 * per_session - 25);
+        let longest = served.iter().map(|(r, _)| groups(r).len).max();
+        assert_eq!(longest, Some(900), "the fifth turn's prompt is 900 tokens");
+    }
+
+    #[test]
+    fn sessions_reject_bad_fields_by_name() {
+        for (body, field) in [
+            ("qps = 0.0, turns_max = 2", "workload.arrival.qps"),
+            (
+                "qps = 1.0, turns_min = 3, turns_max = 2",
+                "workload.arrival.turns_max",
+            ),
+            (
+                "qps = 1.0, turns_max = 2, tool_call_probability = 2.0",
+                "workload.arrival.tool_call_probability",
+            ),
+            (
+                "qps = 1.0, turns_max = 2, system_prompts = 0",
+                "workload.arrival.system_prompts",
+            ),
+        ] {
+            let c = cfg(&format!(
+                "num_requests = 10\narrival = {{ type = \"sessions\", {body} }}\nlengths = {{ type = \"fixed\", prompt = 5, output = 5 }}"
+            ));
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{body}: {e}");
+        }
     }
 }

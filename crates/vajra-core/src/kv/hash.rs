@@ -14,7 +14,7 @@
 //! requests that list the same groups hash identically, as Mooncake's `hash_ids` intend).
 //!
 //! Synthetic blocks not fully inside the prefix groups (the rest of the prompt, and every
-//! output block) can only ever be found again by their own request, after it is preempted and
+//! output block unless the groups describe the output too, as a session turn's do) can only ever be found again by their own request, after it is preempted and
 //! re-admitted. They get a *private* hash, `(request id, block index)` under a tag
 //! ([`BlockHash::is_private`]), with no XXH3 call; the pool does not index private hashes, and
 //! the request's own table finds them again (`KvCacheManager::get_computed_blocks`). A shared
@@ -136,7 +136,7 @@ impl BlockHasher {
         assert!(end <= seq.num_tokens(), "only full blocks are hashed");
         if let Prompt::Synthetic(s) = seq.prompt {
             let covered = s.prefix_groups.len() as u64 * u64::from(s.group_tokens.max(1));
-            if end > s.len || u64::from(end) > covered {
+            if (end > s.len && !s.output_in_groups) || u64::from(end) > covered {
                 return BlockHash::private(seq.request, index);
             }
         }
@@ -271,6 +271,7 @@ mod tests {
                 len,
                 prefix_groups: groups,
                 group_tokens: 8,
+                output_in_groups: false,
             })
         };
         let a = mk(vec![10, 11], 24);
@@ -287,5 +288,48 @@ mod tests {
         assert_ne!(ha[4], hc[4]);
         assert!(ha[4].is_private() && ha[5].is_private() && !ha[3].is_private());
         assert_eq!(ha[4], BlockHash::private(RequestId(1), 4));
+    }
+
+    #[test]
+    fn a_turns_output_blocks_inside_its_groups_are_shared_with_the_next_turn() {
+        // Turn 1: 8 prompt + 8 output tokens, groups cover all 16. Turn 2's prompt is those 16
+        // plus 8 new tokens, under the same first two group ids.
+        let turn1 = Prompt::Synthetic(SyntheticPrompt {
+            len: 8,
+            prefix_groups: vec![1, 2],
+            group_tokens: 8,
+            output_in_groups: true,
+        });
+        let turn2 = Prompt::Synthetic(SyntheticPrompt {
+            len: 24,
+            prefix_groups: vec![1, 2, 3],
+            group_tokens: 8,
+            output_in_groups: true,
+        });
+        let mut h = BlockHasher::new(1, 4);
+        let decoded = SeqContent {
+            num_output: 8,
+            ..content(1, &turn1, None)
+        };
+        let a = chain(&mut h, &decoded, 4);
+        let b = chain(&mut h, &content(2, &turn2, None), 6);
+        assert_eq!(a[..4], b[..4], "the answer's blocks are the next prompt's");
+        assert!(a.iter().all(|x| !x.is_private()));
+        // Without the flag the answer's blocks stay private.
+        let plain = Prompt::Synthetic(SyntheticPrompt {
+            len: 8,
+            prefix_groups: vec![1, 2],
+            group_tokens: 8,
+            output_in_groups: false,
+        });
+        let c = chain(
+            &mut h,
+            &SeqContent {
+                num_output: 8,
+                ..content(1, &plain, None)
+            },
+            4,
+        );
+        assert!(c[2].is_private() && c[3].is_private() && !c[1].is_private());
     }
 }

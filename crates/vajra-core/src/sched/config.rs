@@ -570,9 +570,11 @@ mod tests {
             RouterConfig::RoundRobin => 0,
             RouterConfig::Random => 1,
             RouterConfig::LeastOutstanding => 2,
-            RouterConfig::LeastKvUsage => 3,
-            RouterConfig::PowerOfTwo => 4,
-            RouterConfig::PrefixAffinity { .. } => 5,
+            RouterConfig::LeastTokens => 3,
+            RouterConfig::LeastKvUsage => 4,
+            RouterConfig::PowerOfTwo => 5,
+            RouterConfig::PrefixAffinity { .. } => 6,
+            RouterConfig::Weighted { .. } => 7,
         };
         let all = RouterConfig::registered();
         let idx: Vec<usize> = all.iter().map(index).collect();

@@ -63,6 +63,7 @@ impl Scheduler {
             apply_watermark: others_running,
         };
         let appended = self.kv.allocate_slots(&mut seq.table, &alloc)?;
+        self.queued_tokens -= u64::from(seq.prompt_len + seq.num_output);
         if head {
             let popped = self.waiting.pop();
             assert_eq!(popped, Some(slot), "the head is popped");
