@@ -793,3 +793,88 @@ fn an_interrupted_partitioned_run_removes_its_part_files() {
     assert!(hidden.is_empty(), "left behind: {hidden:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A sessions workload on `replicas` replicas behind `router`.
+fn sessions_body(router: &str, replicas: u32, turns_max: u32) -> String {
+    format!(
+        r#"seed = 3
+[model]
+name = "Llama-2-7b-hf"
+[cluster]
+device = "h100"
+num_replicas = {replicas}
+[scheduler]
+policy = {{ type = "vllm_v1", max_num_batched_tokens = 2048 }}
+[predictor]
+profile = "roofline"
+[cache]
+enable_prefix_caching = true
+[router]
+type = "{router}"
+[workload]
+num_requests = 600
+max_tokens = 4096
+arrival = {{ type = "sessions", qps = 3.0, turns_min = 1, turns_max = {turns_max}, think_time_s = 2.0, think = "exponential" }}
+lengths = {{ type = "independent", prompt = {{ type = "uniform", min = 40, max = 300 }}, output = {{ type = "uniform", min = 20, max = 200 }} }}
+"#
+    )
+}
+
+#[test]
+fn sessions_reuse_their_conversation_and_cache_aware_routing_finds_it() {
+    // Single-turn sessions without a system prompt share nothing: no hit at all.
+    let (d0, single) = run_body(
+        "sess-single",
+        &sessions_body("least_outstanding", 2, 1),
+        &[],
+    );
+    assert_eq!(single["requests_completed"], 600);
+    assert_eq!(
+        single["prefix_cache_hit_rate"], 0.0,
+        "nothing shared, nothing hit"
+    );
+    // Multi-turn: each turn's prompt is the conversation so far, cached where it ran.
+    let (d1, lo) = run_body("sess-lo", &sessions_body("least_outstanding", 4, 8), &[]);
+    let (d2, pa) = run_body("sess-pa", &sessions_body("prefix_affinity", 4, 8), &[]);
+    let (d3, w) = run_body("sess-w", &sessions_body("weighted", 4, 8), &[]);
+    let hit = |s: &serde_json::Value| s["prefix_cache_hit_rate"].as_f64().unwrap();
+    let ttft = |s: &serde_json::Value| s["latency_s"]["ttft"]["p50"].as_f64().unwrap();
+    assert!(
+        hit(&lo) > 0.05,
+        "some turns land where their session ran: {}",
+        hit(&lo)
+    );
+    for (name, s) in [("prefix_affinity", &pa), ("weighted", &w)] {
+        assert!(
+            hit(s) > hit(&lo) + 0.2,
+            "{name} follows the conversation: hit {} vs {}",
+            hit(s),
+            hit(&lo)
+        );
+        assert!(
+            ttft(s) < ttft(&lo),
+            "{name}: TTFT p50 {} vs {}",
+            ttft(s),
+            ttft(&lo)
+        );
+    }
+    // Cached tokens never exceed the prompt minus the one token computed for its logits.
+    let mut rdr = csv::Reader::from_path(d2.join("out/requests.csv")).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    for r in rdr.records() {
+        let r = r.unwrap();
+        let cached = num(&r, &h, "cached_prompt_tokens").unwrap();
+        let prompt = num(&r, &h, "prompt_tokens").unwrap();
+        assert!(cached < prompt, "{r:?}");
+    }
+    // Byte-identical when run again.
+    let (d4, again) = run_body("sess-pa2", &sessions_body("prefix_affinity", 4, 8), &[]);
+    assert_eq!(
+        std::fs::read(d2.join("out/requests.csv")).unwrap(),
+        std::fs::read(d4.join("out/requests.csv")).unwrap()
+    );
+    assert_eq!(pa["latency_s"], again["latency_s"]);
+    for d in [d0, d1, d2, d3, d4] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
