@@ -122,6 +122,9 @@ pub struct Request {
     /// Extra key mixed into the first block's hash (LoRA adapter, cache salt, tenant isolation):
     /// requests with different salts never share cached blocks.
     pub cache_salt: Option<u64>,
+    /// The conversation this request is a turn of, if any (session-affinity routing).
+    #[serde(default)]
+    pub session: Option<u64>,
 }
 
 impl Request {
@@ -137,6 +140,7 @@ impl Request {
             slo_class: None,
             sampling: SamplingParams::greedy(max_tokens),
             cache_salt: None,
+            session: None,
         }
     }
 

@@ -91,6 +91,20 @@ pub enum RouterConfig {
         #[serde(default = "default_rel")]
         balance_rel_threshold: f64,
     },
+    /// A session's turns go to the replica that served its previous turn (where its
+    /// conversation is cached), unless that replica is overloaded (its outstanding requests
+    /// exceed the least loaded replica's by more than `spill_abs_threshold` and by a factor
+    /// over `spill_rel_threshold`): then the turn spills to the least loaded replica, which
+    /// the session follows from then on. First turns and requests without a session go to
+    /// the least loaded replica.
+    SessionAffinity {
+        /// Absolute overload threshold, in requests.
+        #[serde(default = "default_abs")]
+        spill_abs_threshold: u32,
+        /// Relative overload threshold (≥ 1).
+        #[serde(default = "default_rel")]
+        spill_rel_threshold: f64,
+    },
     /// The replica with the highest weighted score (llm-d's scorer profile): `prefix` × the
     /// fraction of the prompt cached there + `queue` × (max − own outstanding) / (max − min)
     /// over the replicas (1 when all are equal) + `kv` × the free fraction of its KV demand.
@@ -125,7 +139,7 @@ fn default_kv_weight() -> f64 {
 
 impl RouterConfig {
     /// Every router with its default parameters (the registry's list of names).
-    pub fn registered() -> [RouterConfig; 8] {
+    pub fn registered() -> [RouterConfig; 9] {
         [
             RouterConfig::RoundRobin,
             RouterConfig::Random,
@@ -142,6 +156,10 @@ impl RouterConfig {
                 queue: default_queue_weight(),
                 kv: default_kv_weight(),
             },
+            RouterConfig::SessionAffinity {
+                spill_abs_threshold: default_abs(),
+                spill_rel_threshold: default_rel(),
+            },
         ]
     }
 
@@ -156,6 +174,7 @@ impl RouterConfig {
             RouterConfig::PowerOfTwo => "power_of_two",
             RouterConfig::PrefixAffinity { .. } => "prefix_affinity",
             RouterConfig::Weighted { .. } => "weighted",
+            RouterConfig::SessionAffinity { .. } => "session_affinity",
         }
     }
 
@@ -172,6 +191,15 @@ impl RouterConfig {
             } => ensure(
                 r.is_finite() && r >= 1.0,
                 "router.balance_rel_threshold",
+                r,
+                "a finite number ≥ 1",
+            ),
+            RouterConfig::SessionAffinity {
+                spill_rel_threshold: r,
+                ..
+            } => ensure(
+                r.is_finite() && r >= 1.0,
+                "router.spill_rel_threshold",
                 r,
                 "a finite number ≥ 1",
             ),
@@ -195,11 +223,13 @@ impl RouterConfig {
     }
 }
 
-/// A router instance (holds the round-robin cursor).
+/// A router instance (holds the round-robin cursor and, for session affinity, each session's
+/// replica).
 #[derive(Debug, Clone)]
 pub struct Router {
     cfg: RouterConfig,
     next: usize,
+    sessions: std::collections::HashMap<u64, u32>,
 }
 
 fn uniform(rng: &mut dyn RandomSource, n: usize) -> usize {
@@ -230,7 +260,11 @@ fn least_by<K: PartialOrd>(
 impl Router {
     /// A router for `cfg`.
     pub fn new(cfg: RouterConfig) -> Self {
-        Router { cfg, next: 0 }
+        Router {
+            cfg,
+            next: 0,
+            sessions: std::collections::HashMap::new(),
+        }
     }
 
     /// Whether [`ReplicaLoad::cached_prefix_tokens`] must be filled in.
@@ -305,6 +339,26 @@ impl Router {
                 } else {
                     best
                 }
+            }
+            RouterConfig::SessionAffinity {
+                spill_abs_threshold,
+                spill_rel_threshold,
+            } => {
+                let least = least_by(loads, uniform(rng, n), ReplicaLoad::outstanding);
+                let min = loads[least].outstanding();
+                let pick = match req.session.and_then(|s| self.sessions.get(&s)) {
+                    Some(&r) if (r as usize) < n => {
+                        let own = loads[r as usize].outstanding();
+                        let overloaded = own - min > spill_abs_threshold
+                            && f64::from(own) > spill_rel_threshold * f64::from(min);
+                        if overloaded { least } else { r as usize }
+                    }
+                    _ => least,
+                };
+                if let Some(s) = req.session {
+                    self.sessions.insert(s, pick as u32);
+                }
+                pick
             }
             RouterConfig::Weighted { prefix, queue, kv } => {
                 let prompt = f64::from(req.prompt.len().max(1));
@@ -430,6 +484,7 @@ mod tests {
             RouterConfig::PowerOfTwo,
             RouterConfig::registered()[6],
             RouterConfig::registered()[7],
+            RouterConfig::registered()[8],
         ] {
             let mut r = Router::new(cfg);
             let l = loads(&[(1, 1); 4]);
@@ -506,5 +561,30 @@ mod tests {
         // Nothing cached anywhere: least outstanding.
         let l = loads(&[(3, 0), (1, 0)]);
         assert_eq!(r.route(&req(100), &l, &mut Counter(0)), ReplicaId(1));
+    }
+
+    #[test]
+    fn session_affinity_sticks_to_the_sessions_replica_until_it_is_overloaded() {
+        let mut r = Router::new(RouterConfig::SessionAffinity {
+            spill_abs_threshold: 4,
+            spill_rel_threshold: 1.5,
+        });
+        let mut turn = req(100);
+        turn.session = Some(9);
+        let mut l = loads(&[(3, 3), (0, 0), (2, 2)]);
+        // First turn: the least loaded replica.
+        assert_eq!(r.route(&turn, &l, &mut Counter(0)), ReplicaId(1));
+        // Replica 1 is now the busiest but within the thresholds: the session stays.
+        l[1].num_waiting = 8;
+        assert_eq!(r.route(&turn, &l, &mut Counter(0)), ReplicaId(1));
+        // Overloaded: spill to the least loaded, and the session follows it.
+        l[1].num_waiting = 20;
+        assert_eq!(r.route(&turn, &l, &mut Counter(0)), ReplicaId(2));
+        l[1].num_waiting = 0;
+        assert_eq!(r.route(&turn, &l, &mut Counter(0)), ReplicaId(2));
+        // Another session starts on the least loaded replica.
+        let mut other = req(100);
+        other.session = Some(10);
+        assert_eq!(r.route(&other, &l, &mut Counter(0)), ReplicaId(1));
     }
 }

@@ -68,6 +68,11 @@ pub struct ClusterSpec {
     /// Override of the device price per hour (US dollars), for capacity per dollar.
     #[serde(default)]
     pub price_per_hour: Option<f64>,
+    /// How old the replica loads the router sees may be, in seconds (0 = exact at every
+    /// arrival). Real routers see load reports pushed every so often (vLLM's data-parallel
+    /// balancer about every 100 ms) and count their own routing decisions in between.
+    #[serde(default)]
+    pub router_staleness_s: f64,
 }
 
 fn one() -> u32 {
@@ -540,6 +545,14 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
             "cluster.num_replicas",
             e.cluster.num_replicas,
             "1 to 100000",
+        ));
+    }
+    let st = e.cluster.router_staleness_s;
+    if !(st.is_finite() && (0.0..=vajra_core::time::MAX_SECS).contains(&st)) {
+        return Err(ExperimentError::invalid(
+            "cluster.router_staleness_s",
+            st,
+            "a finite number of seconds ≥ 0 (0 = the router sees exact loads)",
         ));
     }
     parallel(&e.cluster).validate()?;

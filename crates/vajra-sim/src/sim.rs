@@ -329,6 +329,8 @@ pub struct SimSpec<'a> {
     pub max_model_len: u32,
     /// Router.
     pub router: RouterConfig,
+    /// How old the loads the router sees may be (0: exact at every arrival).
+    pub router_staleness: Duration,
     /// Predictor (one replica shape).
     pub predictor: &'a Predictor,
     /// Root seed (the router's random stream derives from it).
@@ -364,6 +366,8 @@ struct Routing {
     router: Router,
     rng: Rng,
     loads: Vec<ReplicaLoad>,
+    /// When `loads` were last read from the replicas (with a router staleness).
+    refreshed: Option<Timestamp>,
 }
 
 /// The loop's mutable state, so its handlers can be methods.
@@ -431,33 +435,55 @@ impl Loop<'_, '_> {
             Some(t) => t,
             None => {
                 let needs_prefix = routing.router.needs_prefix_lookup();
+                let staleness = self.spec.router_staleness;
+                // With staleness, loads are re-read only once the snapshot is that old; in
+                // between the router counts its own decisions (below).
+                let refresh =
+                    staleness.0 == 0 || routing.refreshed.is_none_or(|t| now >= t + staleness);
                 for (i, (l, r)) in routing
                     .loads
                     .iter_mut()
                     .zip(self.replicas.iter_mut())
                     .enumerate()
                 {
-                    let sched = r.driver.scheduler();
-                    let used = f64::from(num_blocks - sched.kv().num_free());
-                    let queued = sched.queued_tokens().div_ceil(u64::from(block_size)) as f64;
-                    *l = ReplicaLoad {
-                        replica: ReplicaId(i as u32),
-                        num_waiting: sched.num_waiting() as u32,
-                        num_running: sched.num_running() as u32,
-                        kv_usage: 1.0 - f64::from(sched.kv().num_free()) / f64::from(num_blocks),
-                        kv_demand: (used + queued) / f64::from(num_blocks),
-                        outstanding_tokens: sched.outstanding_tokens(),
-                        cached_prefix_tokens: if needs_prefix {
-                            r.driver.scheduler_mut().cached_prefix_tokens(&req)
-                        } else {
-                            0
-                        },
-                    };
+                    if refresh {
+                        let sched = r.driver.scheduler();
+                        let used = f64::from(num_blocks - sched.kv().num_free());
+                        let queued = sched.queued_tokens().div_ceil(u64::from(block_size)) as f64;
+                        *l = ReplicaLoad {
+                            replica: ReplicaId(i as u32),
+                            num_waiting: sched.num_waiting() as u32,
+                            num_running: sched.num_running() as u32,
+                            kv_usage: 1.0
+                                - f64::from(sched.kv().num_free()) / f64::from(num_blocks),
+                            kv_demand: (used + queued) / f64::from(num_blocks),
+                            outstanding_tokens: sched.outstanding_tokens(),
+                            cached_prefix_tokens: 0,
+                        };
+                    }
+                    // The router's own view of what it sent where (SGLang's approximate
+                    // tree, llm-d's KV events) is current: the prefix lookup is never stale.
+                    if needs_prefix {
+                        l.cached_prefix_tokens =
+                            r.driver.scheduler_mut().cached_prefix_tokens(&req);
+                    }
                 }
-                routing
+                if refresh {
+                    routing.refreshed = Some(now);
+                }
+                let t = routing
                     .router
                     .route(&req, &routing.loads, &mut routing.rng)
-                    .0
+                    .0;
+                if staleness.0 > 0 {
+                    let l = &mut routing.loads[t as usize];
+                    l.num_waiting += 1;
+                    l.outstanding_tokens +=
+                        u64::from(req.prompt.len()) + u64::from(req.max_tokens());
+                    l.kv_demand +=
+                        f64::from(req.prompt.len().div_ceil(block_size)) / f64::from(num_blocks);
+                }
+                t
             }
         };
         self.collector.on_routed(req.id, lo + target);
@@ -633,6 +659,7 @@ pub fn run_range(
         router: Router::new(spec.router),
         rng: Rng::router(spec.seed),
         loads: vec![ReplicaLoad::default(); (hi - lo) as usize],
+        refreshed: None,
     };
     let mut now = Timestamp::ZERO;
     let mut events = 0u64;

@@ -878,3 +878,53 @@ fn sessions_reuse_their_conversation_and_cache_aware_routing_finds_it() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+#[test]
+fn a_stale_router_counts_its_own_decisions_between_load_reports() {
+    let body = |staleness: &str| {
+        format!(
+            r#"seed = 4
+[model]
+name = "Llama-2-7b-hf"
+[cluster]
+device = "h100"
+num_replicas = 3
+router_staleness_s = {staleness}
+[scheduler]
+policy = {{ type = "vllm_v1", max_num_batched_tokens = 2048 }}
+[predictor]
+profile = "roofline"
+[router]
+type = "least_outstanding"
+[workload]
+num_requests = 300
+arrival = {{ type = "gamma", qps = 40.0, cv = 3.0 }}
+lengths = {{ type = "independent", prompt = {{ type = "uniform", min = 10, max = 2000 }}, output = {{ type = "uniform", min = 1, max = 300 }} }}
+"#
+        )
+    };
+    let per_replica = |s: &serde_json::Value| -> Vec<u64> {
+        s["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["requests"].as_u64().unwrap())
+            .collect()
+    };
+    // A report older than the run: the router sees only its own count of what it sent, so
+    // least-outstanding deals requests out evenly, one each in turn.
+    let (d1, stale) = run_body("stale", &body("1e6"), &[]);
+    let n = per_replica(&stale);
+    assert_eq!(n.iter().sum::<u64>(), 300);
+    assert!(n.iter().all(|&x| x == 100), "{n:?}");
+    // Exact loads follow the replicas' real progress, which is not even.
+    let (d2, exact) = run_body("exact", &body("0.0"), &[]);
+    assert_ne!(per_replica(&exact), n);
+    // Bad values are named.
+    let (d3, exp) = experiment("stale-bad", &body("-1.0"), &[]);
+    let (ok, err) = check_or_run("validate", &exp, &d3.join("out"));
+    assert!(!ok && err.contains("cluster.router_staleness_s"), "{err}");
+    for d in [d1, d2, d3] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

@@ -47,6 +47,7 @@ enum Origin {
 #[derive(Debug, Clone)]
 pub(crate) struct Turn {
     pub arrival: Timestamp,
+    pub session: u64,
     pub tenant: usize,
     pub prompt: u32,
     pub output: u32,
@@ -216,11 +217,12 @@ impl Sessions {
                 })
                 .collect();
             session.history = stream;
-            let tenant = session.tenant;
+            let (tenant, session_id) = (session.tenant, session.id);
             self.undo = Some((id, origin, before));
             self.in_flight.insert(id, session);
             return Some(Turn {
                 arrival: at,
+                session: session_id,
                 tenant,
                 prompt,
                 output,

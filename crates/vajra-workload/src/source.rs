@@ -325,6 +325,7 @@ impl RequestSource {
                 turn.arrival,
             );
             req.tenant = TenantId(turn.tenant as u32);
+            req.session = Some(turn.session);
             req.priority = tenant.priority;
             req.slo_class = tenant.slo_class;
             req.deadline = tenant.deadline.map(|d| turn.arrival + d);

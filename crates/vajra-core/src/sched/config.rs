@@ -575,6 +575,7 @@ mod tests {
             RouterConfig::PowerOfTwo => 5,
             RouterConfig::PrefixAffinity { .. } => 6,
             RouterConfig::Weighted { .. } => 7,
+            RouterConfig::SessionAffinity { .. } => 8,
         };
         let all = RouterConfig::registered();
         let idx: Vec<usize> = all.iter().map(index).collect();
