@@ -27,6 +27,8 @@ use vajra_core::config::CacheConfig;
 use vajra_core::driver::{ReplicaDriver, StepRecord, StepSink, StepTicket};
 use vajra_core::ids::ReplicaId;
 use vajra_core::ids::RequestId;
+use vajra_core::kv::hash::BlockHasher;
+use vajra_core::kv::{KvCacheManager, SeqContent};
 use vajra_core::request::Request;
 use vajra_core::router::{RandomSource, ReplicaLoad, Router, RouterConfig};
 use vajra_core::sched::Scheduler;
@@ -368,6 +370,10 @@ struct Routing {
     loads: Vec<ReplicaLoad>,
     /// When `loads` were last read from the replicas (with a router staleness).
     refreshed: Option<Timestamp>,
+    /// Hashes prompts for prefix lookups (every replica's cache config is the same).
+    hasher: Option<BlockHasher>,
+    /// Cached prefix tokens per replica, for the arriving request.
+    prefix: Vec<u32>,
 }
 
 /// The loop's mutable state, so its handlers can be methods.
@@ -440,10 +446,27 @@ impl Loop<'_, '_> {
                 // between the router counts its own decisions (below).
                 let refresh =
                     staleness.0 == 0 || routing.refreshed.is_none_or(|t| now >= t + staleness);
+                if needs_prefix {
+                    let kvs: Vec<&KvCacheManager> = self
+                        .replicas
+                        .iter()
+                        .map(|r| r.driver.scheduler().kv())
+                        .collect();
+                    routing.prefix.resize(kvs.len(), 0);
+                    KvCacheManager::cached_prefix_tokens_in(
+                        routing
+                            .hasher
+                            .as_mut()
+                            .expect("a hasher when replicas exist"),
+                        &SeqContent::prompt_of(&req),
+                        &kvs,
+                        &mut routing.prefix,
+                    );
+                }
                 for (i, (l, r)) in routing
                     .loads
                     .iter_mut()
-                    .zip(self.replicas.iter_mut())
+                    .zip(self.replicas.iter())
                     .enumerate()
                 {
                     if refresh {
@@ -464,8 +487,7 @@ impl Loop<'_, '_> {
                     // The router's own view of what it sent where (SGLang's approximate
                     // tree, llm-d's KV events) is current: the prefix lookup is never stale.
                     if needs_prefix {
-                        l.cached_prefix_tokens =
-                            r.driver.scheduler_mut().cached_prefix_tokens(&req);
+                        l.cached_prefix_tokens = routing.prefix[i];
                     }
                 }
                 if refresh {
@@ -660,6 +682,11 @@ pub fn run_range(
         rng: Rng::router(spec.seed),
         loads: vec![ReplicaLoad::default(); (hi - lo) as usize],
         refreshed: None,
+        hasher: st
+            .replicas
+            .first()
+            .map(|r| r.driver.scheduler().kv().hasher()),
+        prefix: Vec::new(),
     };
     let mut now = Timestamp::ZERO;
     let mut events = 0u64;

@@ -81,7 +81,18 @@ pub struct SeqContent<'a> {
     pub salt: Option<u64>,
 }
 
-impl SeqContent<'_> {
+impl<'a> SeqContent<'a> {
+    /// The prompt of `req`, before any output (what a router looks up).
+    pub fn prompt_of(req: &'a crate::request::Request) -> Self {
+        SeqContent {
+            request: req.id,
+            prompt: &req.prompt,
+            output: &[],
+            num_output: 0,
+            salt: req.cache_salt,
+        }
+    }
+
     /// Total tokens (prompt + output).
     pub fn num_tokens(&self) -> u32 {
         self.prompt.len() + self.num_output

@@ -241,6 +241,47 @@ impl KvCacheManager {
         n * self.block_size
     }
 
+    /// Read-only, for routing across replicas whose managers share this one's cache config:
+    /// the tokens of `seq` cached in each of `kvs`, written to `out`. Each block hash is
+    /// computed once for all replicas (not once per replica), and hashing stops at the
+    /// deepest hit: with sixteen replicas and long conversations, per-replica hashing was
+    /// half of a sessions run.
+    ///
+    /// # Panics
+    /// If `out` is shorter than `kvs`.
+    pub fn cached_prefix_tokens_in(
+        hasher: &mut BlockHasher,
+        seq: &SeqContent<'_>,
+        kvs: &[&KvCacheManager],
+        out: &mut [u32],
+    ) {
+        let out = &mut out[..kvs.len()];
+        out.fill(0);
+        let Some(first) = kvs.first() else { return };
+        let bs = first.block_size;
+        let max_blocks = first.full_blocks(seq.num_tokens().saturating_sub(1));
+        let mut parent = None;
+        for i in 0..max_blocks {
+            let h = hasher.hash_block(seq, parent, i);
+            let mut any = false;
+            for (k, n) in kvs.iter().zip(out.iter_mut()) {
+                if k.prefix_caching && *n == i * bs && k.pool.lookup(h).is_some() {
+                    *n += bs;
+                    any = true;
+                }
+            }
+            if !any {
+                return;
+            }
+            parent = Some(h);
+        }
+    }
+
+    /// A hasher configured as this manager's (for [`Self::cached_prefix_tokens_in`]).
+    pub fn hasher(&self) -> BlockHasher {
+        self.hasher.clone()
+    }
+
     /// Blocks `allocate_slots` would need to take from the free list for `spec` on `table`
     /// (new blocks plus hit blocks that are currently free).
     pub fn blocks_needed(&self, table: &BlockTable, spec: &AllocSpec<'_>) -> u32 {
