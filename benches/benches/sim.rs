@@ -82,6 +82,7 @@ fn bench_run(c: &mut Criterion) {
                 num_blocks: 7424,
                 max_model_len: 4096,
                 router: RouterConfig::RoundRobin,
+                router_staleness: vajra_core::time::Duration(0),
                 predictor: &p,
                 seed: 1,
                 progress: None,

@@ -665,6 +665,7 @@ impl Scheduler {
             reason,
             tenant: seq.req.tenant,
             priority: seq.req.priority,
+            slo_class: seq.req.slo_class,
             arrival: seq.req.arrival,
             deadline: seq.req.deadline,
             first_scheduled: seq.first_scheduled,

@@ -253,7 +253,7 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
     if let Some(n) = cfg.num_requests {
         workload.num_requests = Some(n);
     }
-    let slo = exp.slo.unwrap_or_default();
+    let slo = exp.slo.clone().unwrap_or_default();
     let seed = exp.seed();
     let client = reqwest::Client::builder()
         .timeout(cfg.timeout)
@@ -408,6 +408,7 @@ fn record(c: &mut Collector, facts: &mut BenchFacts, o: Outcome) {
         reason,
         tenant: o.req.tenant,
         priority: o.req.priority,
+        slo_class: o.req.slo_class,
         arrival: o.sent,
         deadline: o
             .req

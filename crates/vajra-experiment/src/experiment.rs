@@ -586,6 +586,27 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
     e.predictor.validate()?;
     e.workload.validate()?;
     e.slo.validate()?;
+    for (i, t) in e.workload.tenants.iter().enumerate() {
+        if let Some(c) = t.slo_class
+            && c as usize >= e.slo.classes.len()
+        {
+            return Err(ExperimentError::invalid(
+                format!("workload.tenants[{i}].slo_class"),
+                c,
+                format!(
+                    "an index into [[slo.classes]] (it defines {}: {})",
+                    e.slo.classes.len(),
+                    e.slo
+                        .classes
+                        .iter()
+                        .enumerate()
+                        .map(|(k, c)| format!("{k} = {:?}", c.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
     let c = e.capacity;
     if !(c.precision.is_finite() && c.precision > 0.0 && c.precision < 1.0) {
         return Err(ExperimentError::invalid(

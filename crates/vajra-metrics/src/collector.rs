@@ -220,7 +220,11 @@ impl Collector {
     pub fn new(slo: &SloConfig, num_replicas: u32) -> Self {
         Collector {
             token_deadlines: slo.token_deadlines(),
-            outcomes: Outcomes::new(num_replicas),
+            outcomes: if slo.classes.is_empty() {
+                Outcomes::new(num_replicas)
+            } else {
+                Outcomes::new(num_replicas).with_classes()
+            },
             keep_records: true,
             batches: BatchStats {
                 replicas: vec![ReplicaAgg::default(); num_replicas as usize],
@@ -330,6 +334,7 @@ impl Collector {
     /// A request finished (on the replica it was routed to).
     pub fn on_finished(&mut self, rec: &FinishedRecord) {
         let l = self.live.remove(&rec.id.0).unwrap_or_default();
+        let rec_class = rec.slo_class;
         let replica = l.replica;
         let n = rec.output_tokens;
         let e2e = rec.finished_at.since(rec.arrival);
@@ -367,7 +372,7 @@ impl Collector {
             token_deadline_misses: l.deadlines.missed,
             finish_reason: rec.reason,
         };
-        self.outcomes.add(&rec);
+        self.outcomes.add(&rec, rec_class);
         if self.keep_records {
             self.requests.push(rec);
         }

@@ -27,6 +27,10 @@ pub struct Outcomes {
     pub scheduling_delay: Vec<f64>,
     /// Tenant of each request.
     pub tenant: Vec<u32>,
+    /// SLO class of each request ([`NO_CLASS`] for none); kept only when the run defines
+    /// classes (see [`Outcomes::with_classes`]), else empty.
+    pub class: Vec<u32>,
+    track_classes: bool,
     /// Etalon fluidity (1 − missed / counted token deadlines), requests with token deadlines
     /// only (not aligned with the other columns).
     pub fluidity: Vec<f64>,
@@ -58,6 +62,9 @@ pub struct Outcomes {
     pub tokens_by_tenant: BTreeMap<u32, u64>,
 }
 
+/// The class column's entry for a request without an SLO class.
+pub const NO_CLASS: u32 = u32::MAX;
+
 /// A NaN stands for "no value" in a column.
 fn or_nan(x: Option<f64>) -> f64 {
     x.unwrap_or(f64::NAN)
@@ -79,6 +86,8 @@ impl Outcomes {
             normalized_e2e: Vec::new(),
             scheduling_delay: Vec::new(),
             tenant: Vec::new(),
+            class: Vec::new(),
+            track_classes: false,
             fluidity: Vec::new(),
             first_arrival_s: f64::INFINITY,
             last_done_s: 0.0,
@@ -96,6 +105,18 @@ impl Outcomes {
         }
     }
 
+    /// Also keeps each request's SLO class (4 bytes a request).
+    #[must_use]
+    pub fn with_classes(mut self) -> Self {
+        self.track_classes = true;
+        self
+    }
+
+    /// The SLO class of request `i`, if classes are kept and it has one.
+    pub fn class_of(&self, i: usize) -> Option<u32> {
+        self.class.get(i).copied().filter(|&c| c != NO_CLASS)
+    }
+
     /// Requests recorded.
     pub fn len(&self) -> usize {
         self.e2e.len()
@@ -106,8 +127,11 @@ impl Outcomes {
         self.e2e.is_empty()
     }
 
-    /// Records one finished request.
-    pub fn add(&mut self, r: &RequestRecord) {
+    /// Records one finished request of SLO class `class`.
+    pub fn add(&mut self, r: &RequestRecord, class: Option<u32>) {
+        if self.track_classes {
+            self.class.push(class.unwrap_or(NO_CLASS));
+        }
         self.ttft.push(or_nan(r.ttft_s));
         self.tpot.push(or_nan(r.tpot_s));
         self.e2e.push(r.e2e_s);
@@ -154,6 +178,7 @@ impl Outcomes {
         self.normalized_e2e.extend(o.normalized_e2e);
         self.scheduling_delay.extend(o.scheduling_delay);
         self.tenant.extend(o.tenant);
+        self.class.extend(o.class);
         self.fluidity.extend(o.fluidity);
         self.first_arrival_s = self.first_arrival_s.min(o.first_arrival_s);
         self.last_done_s = self.last_done_s.max(o.last_done_s);

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use vajra_core::time::Duration;
 
 /// The `[slo]` table of an experiment file. Every field is optional.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SloConfig {
     /// A request is good only if its TTFT is at most this (seconds).
@@ -37,6 +37,28 @@ pub struct SloConfig {
     /// Run-level limit: fraction of token deadlines missed (Etalon), in [0, 1].
     #[serde(default)]
     pub max_deadline_miss_rate: Option<f64>,
+    /// SLO classes (`[[slo.classes]]`): a request of class `i` (its tenant's `slo_class = i`)
+    /// is good against class `i`'s targets instead of the ones above, and the summary reports
+    /// goodput and attainment per class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<SloClass>,
+}
+
+/// One SLO class: its own per-request targets (absent ones are not checked).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SloClass {
+    /// Name (`interactive`, `batch`).
+    pub name: String,
+    /// TTFT target (seconds).
+    #[serde(default)]
+    pub ttft_s: Option<f64>,
+    /// TPOT target (seconds).
+    #[serde(default)]
+    pub tpot_s: Option<f64>,
+    /// End-to-end target (seconds).
+    #[serde(default)]
+    pub e2e_s: Option<f64>,
 }
 
 impl SloConfig {
@@ -65,6 +87,28 @@ impl SloConfig {
                 )?;
             }
         }
+        for (i, c) in self.classes.iter().enumerate() {
+            ensure(
+                !c.name.is_empty() && !self.classes[..i].iter().any(|o| o.name == c.name),
+                &format!("slo.classes[{i}].name"),
+                format!("{:?}", c.name),
+                "a non-empty name no other class has",
+            )?;
+            for (field, v) in [
+                ("ttft_s", c.ttft_s),
+                ("tpot_s", c.tpot_s),
+                ("e2e_s", c.e2e_s),
+            ] {
+                if let Some(x) = v {
+                    ensure(
+                        x.is_finite() && x > 0.0,
+                        &format!("slo.classes[{i}].{field}"),
+                        x,
+                        "a finite number of seconds > 0",
+                    )?;
+                }
+            }
+        }
         if let Some(m) = self.max_deadline_miss_rate {
             ensure(
                 (0.0..=1.0).contains(&m),
@@ -85,6 +129,15 @@ impl SloConfig {
             "(absent)",
             "set when slo.ttft_deadline_s is set",
         )
+    }
+
+    /// The per-request targets `(ttft, tpot, e2e)` for a request of `class` (the class's when
+    /// it names a defined one, else the run's).
+    pub fn targets(&self, class: Option<u32>) -> (Option<f64>, Option<f64>, Option<f64>) {
+        match class.and_then(|c| self.classes.get(c as usize)) {
+            Some(c) => (c.ttft_s, c.tpot_s, c.e2e_s),
+            None => (self.ttft_s, self.tpot_s, self.e2e_s),
+        }
     }
 
     /// Token deadlines `(first, later)` when Etalon metrics are on. The first token's deadline

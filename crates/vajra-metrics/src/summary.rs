@@ -165,6 +165,27 @@ pub struct TenantSummary {
     pub slo_attainment: f64,
 }
 
+/// One SLO class's service (runs that define `[[slo.classes]]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassSummary {
+    /// Class index (as tenants' `slo_class`).
+    pub class: u32,
+    /// Its name.
+    pub name: String,
+    /// Requests of the class completed.
+    pub completed: u64,
+    /// Those meeting the class's targets.
+    pub good_requests: u64,
+    /// Good requests of the class per second of the run.
+    pub goodput_rps: f64,
+    /// Fraction of the class's requests meeting its targets (0 when it has none).
+    pub attainment: f64,
+    /// Time to first token (s).
+    pub ttft: Distribution,
+    /// Time per output token (s).
+    pub tpot: Distribution,
+}
+
 /// Everything `summary.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
@@ -204,6 +225,9 @@ pub struct Summary {
     pub replicas: Vec<ReplicaSummary>,
     /// Per tenant (empty with a single tenant).
     pub tenants: Vec<TenantSummary>,
+    /// Per SLO class (absent when the run defines none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ClassSummary>,
     /// Mean over replicas of their time-weighted KV usage.
     #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub kv_usage_mean: f64,
@@ -290,7 +314,11 @@ impl Summary {
         };
         let per_s = |x: f64| if duration > 0.0 { x / duration } else { 0.0 };
         let (prompt_tokens, output_tokens) = (o.prompt_tokens, o.output_tokens);
-        let good = |i: usize| o.good(i, slo.ttft_s, slo.tpot_s, slo.e2e_s);
+        // A request of a defined class is judged by its class's targets.
+        let good = |i: usize| {
+            let (ttft, tpot, e2e) = slo.targets(o.class_of(i));
+            o.good(i, ttft, tpot, e2e)
+        };
         let good_requests = (0..o.len()).filter(|&i| good(i)).count() as u64;
 
         let latency = Latencies {
@@ -378,6 +406,31 @@ impl Summary {
         } else {
             Vec::new()
         };
+        let classes = slo
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(c, def)| {
+                let c = c as u32;
+                let mine = |i: usize| o.class_of(i) == Some(c);
+                let rows: Vec<usize> = (0..o.len()).filter(|&i| mine(i)).collect();
+                let good_requests = rows.iter().filter(|&&i| good(i)).count() as u64;
+                ClassSummary {
+                    class: c,
+                    name: def.name.clone(),
+                    completed: rows.len() as u64,
+                    good_requests,
+                    goodput_rps: per_s(good_requests as f64),
+                    attainment: if rows.is_empty() {
+                        0.0
+                    } else {
+                        good_requests as f64 / rows.len() as f64
+                    },
+                    ttft: distribution_where(&o.ttft, mine),
+                    tpot: distribution_where(&o.tpot, mine),
+                }
+            })
+            .collect();
         let busy_total: f64 = bs.replicas.iter().map(|r| r.busy_ns as f64 * 1e-9).sum();
         let flops: f64 = bs.replicas.iter().map(|r| r.flops).sum();
         let bytes: f64 = bs.replicas.iter().map(|r| r.bytes).sum();
@@ -440,6 +493,7 @@ impl Summary {
             },
             replicas,
             tenants,
+            classes,
             mfu: ratio(flops, facts.peak_flops),
             mbu: ratio(bytes, facts.peak_bytes_per_s),
         }
@@ -509,6 +563,7 @@ mod tests {
             reason: FinishReason::Length,
             tenant: TenantId(0),
             priority: 0,
+            slo_class: None,
             arrival: Timestamp(0),
             deadline: None,
             first_scheduled: Some(Timestamp(1_000_000)),
@@ -567,6 +622,7 @@ mod tests {
             reason: FinishReason::Length,
             tenant: TenantId((i % 2) as u32),
             priority: 0,
+            slo_class: Some((i % 2) as u32),
             arrival: Timestamp(t0),
             deadline: i.is_multiple_of(3).then_some(Timestamp(t0 + 6_000_000)),
             first_scheduled: Some(Timestamp(t0 + 1_000_000)),
@@ -648,5 +704,68 @@ mod tests {
             .count() as u64;
         assert!(good > 0 && good < 60, "the SLO splits the requests: {good}");
         assert_eq!(s.slo.good_requests, good);
+    }
+
+    #[test]
+    fn a_request_of_a_class_is_judged_by_its_class_targets_and_reported_per_class() {
+        let slo = SloConfig {
+            // The run-level target would pass everything; the classes decide instead.
+            ttft_s: Some(100.0),
+            classes: vec![
+                crate::slo::SloClass {
+                    name: "interactive".into(),
+                    ttft_s: Some(1e-6),
+                    ..Default::default()
+                },
+                crate::slo::SloClass {
+                    name: "batch".into(),
+                    e2e_s: Some(100.0),
+                    ..Default::default()
+                },
+            ],
+            ..SloConfig::default()
+        };
+        slo.validate().unwrap();
+        let facts = ClusterFacts {
+            num_replicas: 3,
+            stages: 1,
+            num_blocks: 16,
+            peak_flops: 0.0,
+            peak_bytes_per_s: 0.0,
+            clipped: 0,
+            issued: 40,
+        };
+        let mut c = Collector::new(&slo, 3).without_records();
+        (0..40).for_each(|i| feed(&mut c, i)); // even ids are class 0, odd class 1
+        let s = Summary::compute(&c, &slo, &facts);
+        let names: Vec<&str> = s.classes.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["interactive", "batch"]);
+        assert_eq!((s.classes[0].completed, s.classes[1].completed), (20, 20));
+        assert_eq!(
+            s.classes[0].attainment, 0.0,
+            "1 µs TTFT: no interactive request is good"
+        );
+        assert_eq!(s.classes[1].attainment, 1.0);
+        assert_eq!(s.slo.good_requests, 20);
+        // Without classes the same run is judged by the run-level target alone.
+        let plain = SloConfig {
+            ttft_s: Some(100.0),
+            ..SloConfig::default()
+        };
+        let mut c = Collector::new(&plain, 3);
+        (0..40).for_each(|i| feed(&mut c, i));
+        let s = Summary::compute(&c, &plain, &facts);
+        assert!(s.classes.is_empty());
+        let with_ttft = c.requests.iter().filter(|r| r.ttft_s.is_some()).count() as u64;
+        assert_eq!(s.slo.good_requests, with_ttft);
+        // Duplicate or empty names are refused by name.
+        let mut dup = slo.clone();
+        dup.classes[1].name = "interactive".into();
+        assert!(
+            dup.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("slo.classes[1].name")
+        );
     }
 }

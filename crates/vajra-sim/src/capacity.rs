@@ -129,7 +129,7 @@ pub fn search(file: &ExperimentFile, point: &Point) -> Result<Capacity> {
             ));
         }
     };
-    let slo = e.slo;
+    let slo = &e.slo;
     if slo.p99_ttft_s.is_none()
         && slo.p99_tbt_s.is_none()
         && slo.p50_scheduling_delay_s.is_none()

@@ -236,7 +236,14 @@ lengths = { type = "independent", prompt = { type = "uniform", min = 100, max = 
 
 #[test]
 fn validate_accepts_the_shipped_files() {
-    for name in ["quickstart", "routing", "prefix_caching", "fairness"] {
+    for name in [
+        "quickstart",
+        "routing",
+        "prefix_caching",
+        "fairness",
+        "sessions",
+        "slo_classes",
+    ] {
         let o = sim(&["validate", &format!("experiments/{name}.toml")]);
         assert!(
             o.status.success(),
@@ -927,4 +934,14 @@ lengths = {{ type = "independent", prompt = {{ type = "uniform", min = 10, max =
     for d in [d1, d2, d3] {
         let _ = std::fs::remove_dir_all(d);
     }
+}
+
+#[test]
+fn a_tenant_naming_an_undefined_slo_class_is_refused_by_name() {
+    fails_with(
+        &format!(
+            "{HEAD}[workload]\nnum_requests = 10\narrival = {{ type = \"poisson\", qps = 1.0 }}\n[[workload.tenants]]\nname = \"a\"\nslo_class = 2\nlengths = {{ type = \"fixed\", prompt = 5, output = 5 }}\n[[slo.classes]]\nname = \"interactive\"\nttft_s = 0.5\n"
+        ),
+        &["workload.tenants[0].slo_class", "0 = \"interactive\""],
+    );
 }

@@ -175,6 +175,8 @@ pub struct FinishedRecord {
     pub tenant: TenantId,
     /// Priority.
     pub priority: i32,
+    /// SLO class, if the workload defines classes.
+    pub slo_class: Option<u32>,
     /// Arrival.
     pub arrival: Timestamp,
     /// Deadline, if any.
