@@ -814,6 +814,7 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
     }
     html.push_str("</table>\n");
     md.push('\n');
+    class_table(runs, &mut md, &mut html);
     let mut images = Vec::new();
     for c in &charts {
         let svg = render(c, &plots)?;
@@ -840,4 +841,50 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
     let p = out.join("report.html");
     std::fs::write(&p, html).map_err(io(&p))?;
     Ok(images)
+}
+
+/// Per SLO class (runs that define `[[slo.classes]]`): each class against its own targets.
+fn class_table(runs: &[RunData], md: &mut String, html: &mut String) {
+    if runs.iter().all(|r| r.summary.metrics.classes.is_empty()) {
+        return;
+    }
+    const HEAD: [&str; 8] = [
+        "run",
+        "class",
+        "completed",
+        "attainment",
+        "goodput (req/s)",
+        "TTFT p50 (s)",
+        "TTFT p99 (s)",
+        "TPOT p50 (s)",
+    ];
+    let _ = writeln!(md, "## SLO classes\n\n| {} |", HEAD.join(" | "));
+    let _ = writeln!(md, "|---|---|{}", "---:|".repeat(HEAD.len() - 2));
+    html.push_str("<h2>SLO classes</h2>\n<table><tr>");
+    for h in HEAD {
+        let _ = write!(html, "<th>{}</th>", esc(h));
+    }
+    html.push_str("</tr>\n");
+    for r in runs {
+        for c in &r.summary.metrics.classes {
+            let cells = [
+                r.label.clone(),
+                c.name.clone(),
+                c.completed.to_string(),
+                fmt(c.attainment),
+                fmt(c.goodput_rps),
+                fmt(c.ttft.p50),
+                fmt(c.ttft.p99),
+                fmt(c.tpot.p50),
+            ];
+            let _ = writeln!(md, "| {} |", cells.join(" | "));
+            html.push_str("<tr>");
+            for cell in &cells {
+                let _ = write!(html, "<td>{}</td>", esc(cell));
+            }
+            html.push_str("</tr>\n");
+        }
+    }
+    html.push_str("</table>\n");
+    md.push('\n');
 }

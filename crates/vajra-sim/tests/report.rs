@@ -181,3 +181,37 @@ lengths = { type = "fixed", prompt = 100, output = 10 }
     assert!(md.contains("n/a"), "{md}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_run_with_slo_classes_gets_a_table_per_class() {
+    let dir = std::env::temp_dir().join(format!("vajra-report-classes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.join("run");
+    let o = sim(&[
+        "run",
+        "experiments/slo_classes.toml",
+        "-o",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--no-trace",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rep = dir.join("report");
+    let o = sim(&["report", out.to_str().unwrap(), "-o", rep.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(rep.join("report.md")).unwrap();
+    let table = md.split("## SLO classes").nth(1).expect("a class table");
+    for row in ["| queue=fcfs | interactive |", "| queue=priority | batch |"] {
+        assert!(table.contains(row), "{row} in {table}");
+    }
+    // The class-aware order serves the interactive class far better than FCFS.
+    let attainment = |label: &str| -> f64 {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {label} | interactive |")))
+            .unwrap();
+        line.split('|').nth(4).unwrap().trim().parse().unwrap()
+    };
+    assert!(attainment("queue=priority") > attainment("queue=fcfs") + 0.3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
