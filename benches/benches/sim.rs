@@ -83,6 +83,7 @@ fn bench_run(c: &mut Criterion) {
                 max_model_len: 4096,
                 router: RouterConfig::RoundRobin,
                 router_staleness: vajra_core::time::Duration(0),
+                slo: None,
                 predictor: &p,
                 seed: 1,
                 progress: None,

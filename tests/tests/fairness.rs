@@ -17,6 +17,7 @@ fn config(queue: QueuePolicy) -> SchedulerConfig {
         max_num_seqs: 4,
         queue,
         preemption: Default::default(),
+        late_requests: Default::default(),
     }
 }
 

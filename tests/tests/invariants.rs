@@ -146,6 +146,7 @@ fn block_conservation_budgets_and_caps_hold_over_100k_random_operations() {
                 max_num_seqs: 16,
                 queue: q,
                 preemption: mode,
+                late_requests: Default::default(),
             };
             let (finished, p) = random_ops(cfg, 1000 + i as u64, 5_000);
             assert!(finished > 0, "{} finished nothing", policy.name());
@@ -243,6 +244,7 @@ fn every_request_finishes_under_every_policy_queue_and_preemption_mode() {
                     max_num_seqs: 32,
                     queue: q,
                     preemption: mode,
+                    late_requests: Default::default(),
                 };
                 let cache = CacheConfig {
                     swap_blocks: 64,

@@ -222,6 +222,17 @@ impl ReplicaDriver {
         slot.out.scheduled.iter().map(|s| s.id).collect()
     }
 
+    /// Rejects the waiting requests that can no longer meet their TTFT deadline at `now`
+    /// (see [`Scheduler::reject_late`]); `sink` receives a finished event for each. Call it
+    /// before [`Self::begin_step`].
+    pub fn reject_late<S: StepSink + ?Sized>(&mut self, now: Timestamp, sink: &mut S) {
+        self.events.clear();
+        self.sched.reject_late(now, &mut self.events);
+        for e in self.events.drain(..) {
+            sink.on_event(e, now);
+        }
+    }
+
     /// Aborts a live request, freeing its blocks (see [`Scheduler::abort`]).
     ///
     /// # Errors

@@ -83,6 +83,9 @@ pub enum FinishReason {
     Stop,
     /// The client or the operator aborted it.
     Abort,
+    /// The scheduler rejected it, unserved, once it could no longer meet its TTFT target
+    /// (`scheduler.late_requests = "reject"`).
+    Rejected,
 }
 
 /// Where a sequence is in its lifecycle.
@@ -115,6 +118,10 @@ pub struct Request {
     pub tenant: TenantId,
     /// Absolute deadline for completion, if the request has one (EDF, deadline metrics).
     pub deadline: Option<Timestamp>,
+    /// When its first token must come to meet its TTFT target, if it has one (rejection of
+    /// late requests, `scheduler.late_requests = "reject"`).
+    #[serde(default)]
+    pub ttft_deadline: Option<Timestamp>,
     /// SLO class index, if the workload defines classes.
     pub slo_class: Option<u32>,
     /// Sampling parameters; `max_tokens` is the output target (in simulation, the exact length).
@@ -137,6 +144,7 @@ impl Request {
             priority: 0,
             tenant: TenantId(0),
             deadline: None,
+            ttft_deadline: None,
             slo_class: None,
             sampling: SamplingParams::greedy(max_tokens),
             cache_salt: None,

@@ -156,6 +156,8 @@ pub struct Scheduler {
     num_swapped: u32,
     /// Prompt + `max_tokens` of every live request (what a router balancing by tokens sees).
     outstanding_tokens: u64,
+    /// Requests rejected as late.
+    num_rejected: u64,
     /// Tokens of the waiting requests, which need KV blocks when they are admitted (what a
     /// router balancing by KV demand adds to the blocks held).
     queued_tokens: u64,
@@ -270,6 +272,7 @@ impl Scheduler {
             num_finished: 0,
             num_swapped: 0,
             outstanding_tokens: 0,
+            num_rejected: 0,
             queued_tokens: 0,
             policy: Some(policy),
             victim,
@@ -318,6 +321,11 @@ impl Scheduler {
     /// Requests running.
     pub fn num_running(&self) -> usize {
         self.running.len()
+    }
+
+    /// Requests rejected as late so far.
+    pub fn num_rejected(&self) -> u64 {
+        self.num_rejected
     }
 
     /// Prompt + `max_tokens` summed over the live (waiting and running) requests.
@@ -615,6 +623,36 @@ impl Scheduler {
                 let rec = self.finish(e.slot, reason, now);
                 events.push(RequestEvent::Finished(Box::new(rec)));
             }
+        }
+    }
+
+    /// Under `late_requests = "reject"`, rejects every waiting request never scheduled whose
+    /// TTFT deadline is at or before `now` (it can no longer meet it), appending a finished
+    /// event for each to `events`. A no-op under `"serve"`.
+    pub fn reject_late(&mut self, now: Timestamp, events: &mut Vec<RequestEvent>) {
+        if self.cfg.late_requests != config::LatePolicy::Reject {
+            return;
+        }
+        let late: Vec<u32> = self
+            .waiting
+            .slots()
+            .filter(|&slot| {
+                let s = self.seq(slot);
+                s.first_scheduled.is_none() && s.req.ttft_deadline.is_some_and(|d| d <= now)
+            })
+            .collect();
+        for slot in late {
+            let seq = self.seq(slot);
+            let (key, tenant) = (
+                seq.queue_key.expect("a waiting request has a key"),
+                seq.req.tenant,
+            );
+            let found = self.waiting.remove(slot, key, tenant);
+            assert!(found, "a waiting request is in the waiting queue");
+            self.queued_tokens -= u64::from(queued_tokens_of(self.seq(slot)));
+            self.num_rejected += 1;
+            let rec = self.finish(slot, FinishReason::Rejected, now);
+            events.push(RequestEvent::Finished(Box::new(rec)));
         }
     }
 

@@ -586,6 +586,16 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
     e.predictor.validate()?;
     e.workload.validate()?;
     e.slo.validate()?;
+    if e.scheduler.late_requests == vajra_core::sched::config::LatePolicy::Reject
+        && e.slo.ttft_s.is_none()
+        && e.slo.classes.iter().all(|c| c.ttft_s.is_none())
+    {
+        return Err(ExperimentError::invalid(
+            "scheduler.late_requests",
+            "\"reject\"",
+            "\"serve\", or set slo.ttft_s or a class's ttft_s (a request is late against its TTFT target)",
+        ));
+    }
     for (i, t) in e.workload.tenants.iter().enumerate() {
         if let Some(c) = t.slo_class
             && c as usize >= e.slo.classes.len()

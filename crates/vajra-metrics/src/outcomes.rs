@@ -9,6 +9,7 @@
 use crate::RequestRecord;
 use crate::stats::Distribution;
 use std::collections::BTreeMap;
+use vajra_core::request::FinishReason;
 
 /// Latency columns, one entry per finished request in completion order (aligned across
 /// columns; `NaN` where a request has no value, e.g. no TPOT for a one-token answer), and the
@@ -60,6 +61,10 @@ pub struct Outcomes {
     pub per_replica: Vec<u64>,
     /// Prompt + output tokens served per tenant.
     pub tokens_by_tenant: BTreeMap<u32, u64>,
+    /// Requests the scheduler rejected as late (not in any column above).
+    pub rejected: u64,
+    /// Of those, per SLO class.
+    pub rejected_by_class: BTreeMap<u32, u64>,
 }
 
 /// The class column's entry for a request without an SLO class.
@@ -102,6 +107,8 @@ impl Outcomes {
             token_deadline_misses: 0,
             per_replica: vec![0; num_replicas as usize],
             tokens_by_tenant: BTreeMap::new(),
+            rejected: 0,
+            rejected_by_class: BTreeMap::new(),
         }
     }
 
@@ -129,6 +136,14 @@ impl Outcomes {
 
     /// Records one finished request of SLO class `class`.
     pub fn add(&mut self, r: &RequestRecord, class: Option<u32>) {
+        if r.finish_reason == FinishReason::Rejected {
+            // Unserved: counted, but no latency of it is real.
+            self.rejected += 1;
+            if let Some(c) = class {
+                *self.rejected_by_class.entry(c).or_insert(0) += 1;
+            }
+            return;
+        }
         if self.track_classes {
             self.class.push(class.unwrap_or(NO_CLASS));
         }
@@ -199,6 +214,10 @@ impl Outcomes {
         }
         for (t, n) in o.tokens_by_tenant {
             *self.tokens_by_tenant.entry(t).or_insert(0) += n;
+        }
+        self.rejected += o.rejected;
+        for (c, n) in o.rejected_by_class {
+            *self.rejected_by_class.entry(c).or_insert(0) += n;
         }
     }
 

@@ -165,6 +165,10 @@ pub struct TenantSummary {
     pub slo_attainment: f64,
 }
 
+fn is_zero(x: &u64) -> bool {
+    *x == 0
+}
+
 /// One SLO class's service (runs that define `[[slo.classes]]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassSummary {
@@ -176,6 +180,9 @@ pub struct ClassSummary {
     pub completed: u64,
     /// Those meeting the class's targets.
     pub good_requests: u64,
+    /// Requests of the class rejected as late (not in `completed`).
+    #[serde(default)]
+    pub rejected: u64,
     /// Good requests of the class per second of the run.
     pub goodput_rps: f64,
     /// Fraction of the class's requests meeting its targets (0 when it has none).
@@ -197,6 +204,10 @@ pub struct Summary {
     /// (`model.max_model_len`, `workload.max_tokens`) before they were issued.
     #[serde(default)]
     pub requests_clipped: u64,
+    /// Requests the scheduler rejected, unserved, once they could no longer meet their TTFT
+    /// target (`scheduler.late_requests = "reject"`); not in `requests_completed`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requests_rejected: u64,
     /// Prompt tokens of completed requests.
     pub prompt_tokens: u64,
     /// Output tokens of completed requests.
@@ -415,16 +426,19 @@ impl Summary {
                 let mine = |i: usize| o.class_of(i) == Some(c);
                 let rows: Vec<usize> = (0..o.len()).filter(|&i| mine(i)).collect();
                 let good_requests = rows.iter().filter(|&&i| good(i)).count() as u64;
+                let rejected = o.rejected_by_class.get(&c).copied().unwrap_or(0);
+                let offered = rows.len() as u64 + rejected;
                 ClassSummary {
                     class: c,
                     name: def.name.clone(),
                     completed: rows.len() as u64,
                     good_requests,
+                    rejected,
                     goodput_rps: per_s(good_requests as f64),
-                    attainment: if rows.is_empty() {
+                    attainment: if offered == 0 {
                         0.0
                     } else {
-                        good_requests as f64 / rows.len() as f64
+                        good_requests as f64 / offered as f64
                     },
                     ttft: distribution_where(&o.ttft, mine),
                     tpot: distribution_where(&o.tpot, mine),
@@ -448,6 +462,7 @@ impl Summary {
         Summary {
             requests_issued: facts.issued,
             requests_clipped: facts.clipped,
+            requests_rejected: o.rejected,
             requests_completed: completed,
             prompt_tokens,
             output_tokens,
@@ -468,10 +483,11 @@ impl Summary {
             slo: SloResult {
                 good_requests,
                 goodput_rps: per_s(good_requests as f64),
-                attainment: if o.is_empty() {
+                // A rejected request was not served well.
+                attainment: if o.is_empty() && o.rejected == 0 {
                     0.0
                 } else {
-                    good_requests as f64 / completed as f64
+                    good_requests as f64 / (completed + o.rejected) as f64
                 },
                 limits,
                 all_limits_met,

@@ -848,10 +848,11 @@ fn class_table(runs: &[RunData], md: &mut String, html: &mut String) {
     if runs.iter().all(|r| r.summary.metrics.classes.is_empty()) {
         return;
     }
-    const HEAD: [&str; 8] = [
+    const HEAD: [&str; 9] = [
         "run",
         "class",
         "completed",
+        "rejected",
         "attainment",
         "goodput (req/s)",
         "TTFT p50 (s)",
@@ -871,6 +872,7 @@ fn class_table(runs: &[RunData], md: &mut String, html: &mut String) {
                 r.label.clone(),
                 c.name.clone(),
                 c.completed.to_string(),
+                c.rejected.to_string(),
                 fmt(c.attainment),
                 fmt(c.goodput_rps),
                 fmt(c.ttft.p50),

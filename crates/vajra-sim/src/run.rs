@@ -409,6 +409,7 @@ fn sim_spec<'a>(
         max_model_len: prep.setup.model.max_model_len,
         router: e.router,
         router_staleness: vajra_core::time::Duration::from_secs_f64(e.cluster.router_staleness_s),
+        slo: Some(&e.slo),
         predictor: &prep.predictor,
         seed: e.seed,
         progress,

@@ -32,7 +32,7 @@ use vajra_core::kv::{KvCacheManager, SeqContent};
 use vajra_core::request::Request;
 use vajra_core::router::{RandomSource, ReplicaLoad, Router, RouterConfig};
 use vajra_core::sched::Scheduler;
-use vajra_core::sched::config::SchedulerConfig;
+use vajra_core::sched::config::{LatePolicy, SchedulerConfig};
 use vajra_core::sched::output::{ModelRunnerOutput, RequestEvent, SchedulerStats};
 use vajra_core::sched::policy::BatchPolicy;
 use vajra_core::time::{Duration, Timestamp};
@@ -296,6 +296,24 @@ impl StepSink for SimSink<'_> {
     }
 }
 
+/// Records late requests the scheduler rejected; the source hears of them from the loop
+/// (closed loops and sessions go on after a rejection as after an answer).
+struct RejectSink<'a> {
+    collector: &'a mut Collector,
+    pending: &'a mut Vec<(RequestId, Timestamp)>,
+}
+
+impl StepSink for RejectSink<'_> {
+    fn on_event(&mut self, event: RequestEvent, now: Timestamp) {
+        if let RequestEvent::Finished(f) = event {
+            self.collector.on_finished(&f);
+            self.pending.push((f.id, now));
+        }
+    }
+
+    fn on_step(&mut self, _: StepTicket, _: &StepRecord) {}
+}
+
 /// One batch on one stage, for the Chrome trace.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StageSlice {
@@ -333,6 +351,9 @@ pub struct SimSpec<'a> {
     pub router: RouterConfig,
     /// How old the loads the router sees may be (0: exact at every arrival).
     pub router_staleness: Duration,
+    /// The SLOs: a request's TTFT target (its class's, else the run's) sets its TTFT deadline,
+    /// which `scheduler.late_requests = "reject"` acts on.
+    pub slo: Option<&'a vajra_metrics::SloConfig>,
     /// Predictor (one replica shape).
     pub predictor: &'a Predictor,
     /// Root seed (the router's random stream derives from it).
@@ -390,6 +411,8 @@ struct Loop<'a, 's> {
     batches: Vec<Batch>,
     free_slots: Vec<u32>,
     collector: Collector,
+    /// Requests rejected as late whose source has not heard of it yet.
+    rejected: Vec<(RequestId, Timestamp)>,
 }
 
 impl Loop<'_, '_> {
@@ -397,6 +420,13 @@ impl Loop<'_, '_> {
     fn schedule(&mut self, r: usize, now: Timestamp) {
         let rep = &mut self.replicas[r];
         rep.schedule_pending = false;
+        if rep.driver.scheduler().config().late_requests == LatePolicy::Reject {
+            let mut sink = RejectSink {
+                collector: &mut self.collector,
+                pending: &mut self.rejected,
+            };
+            rep.driver.reject_late(now, &mut sink);
+        }
         while let Some(ticket) = rep.driver.begin_step(now) {
             let slot = match self.free_slots.pop() {
                 Some(s) => s,
@@ -428,7 +458,7 @@ impl Loop<'_, '_> {
     /// arrival of the instant is in.
     fn arrive(
         &mut self,
-        req: Request,
+        mut req: Request,
         routed: Option<u32>,
         now: Timestamp,
         routing: &mut Routing,
@@ -437,6 +467,11 @@ impl Loop<'_, '_> {
         let block_size = self.spec.cache.block_size;
         let lo = self.base;
         self.collector.on_arrival(req.id, now);
+        if let Some(slo) = self.spec.slo
+            && let (Some(ttft), _, _) = slo.targets(req.slo_class)
+        {
+            req.ttft_deadline = Some(req.arrival + Duration::from_secs_f64(ttft));
+        }
         let target = match routed {
             Some(t) => t,
             None => {
@@ -676,6 +711,7 @@ pub fn run_range(
         batches: Vec::new(),
         free_slots: Vec::new(),
         collector,
+        rejected: Vec::new(),
     };
     let mut routing = Routing {
         router: Router::new(spec.router),
@@ -694,6 +730,9 @@ pub fn run_range(
     let num_blocks = spec.num_blocks;
 
     loop {
+        for (id, t) in st.rejected.drain(..) {
+            source.on_finished(id, t);
+        }
         let next_arrival = source.peek_time();
         let arrival_first = match (next_arrival, st.q.peek()) {
             (None, None) => break,

@@ -945,3 +945,17 @@ fn a_tenant_naming_an_undefined_slo_class_is_refused_by_name() {
         &["workload.tenants[0].slo_class", "0 = \"interactive\""],
     );
 }
+
+#[test]
+fn rejecting_late_requests_needs_a_ttft_target() {
+    fails_with(
+        &format!(
+            "{HEAD}[workload]\nnum_requests = 10\narrival = {{ type = \"poisson\", qps = 1.0 }}\nlengths = {{ type = \"fixed\", prompt = 5, output = 5 }}\n"
+        )
+        .replace(
+            "policy = { type = \"vllm_v1\", max_num_batched_tokens = 2048 }",
+            "policy = { type = \"vllm_v1\", max_num_batched_tokens = 2048 }\nlate_requests = \"reject\"",
+        ),
+        &["scheduler.late_requests", "slo.ttft_s"],
+    );
+}

@@ -201,7 +201,10 @@ fn a_run_with_slo_classes_gets_a_table_per_class() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let md = std::fs::read_to_string(rep.join("report.md")).unwrap();
     let table = md.split("## SLO classes").nth(1).expect("a class table");
-    for row in ["| queue=fcfs | interactive |", "| queue=priority | batch |"] {
+    for row in [
+        "| late_requests=serve,queue=fcfs | interactive |",
+        "| late_requests=reject,queue=priority | batch |",
+    ] {
         assert!(table.contains(row), "{row} in {table}");
     }
     // The class-aware order serves the interactive class far better than FCFS.
@@ -210,8 +213,11 @@ fn a_run_with_slo_classes_gets_a_table_per_class() {
             .lines()
             .find(|l| l.starts_with(&format!("| {label} | interactive |")))
             .unwrap();
-        line.split('|').nth(4).unwrap().trim().parse().unwrap()
+        line.split('|').nth(5).unwrap().trim().parse().unwrap()
     };
-    assert!(attainment("queue=priority") > attainment("queue=fcfs") + 0.3);
+    let fcfs = attainment("late_requests=serve,queue=fcfs");
+    assert!(attainment("late_requests=serve,queue=priority") > fcfs + 0.3);
+    // Rejecting requests already past their TTFT target frees capacity for the rest.
+    assert!(attainment("late_requests=reject,queue=fcfs") > fcfs + 0.1);
     let _ = std::fs::remove_dir_all(&dir);
 }

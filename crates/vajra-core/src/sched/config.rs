@@ -40,6 +40,23 @@ pub struct SchedulerConfig {
     /// What preemption does with a victim's KV.
     #[serde(default)]
     pub preemption: PreemptionMode,
+    /// What happens to a request still waiting, never scheduled, when its TTFT deadline
+    /// (its SLO class's or the run's `ttft_s` after arrival) has passed.
+    #[serde(default)]
+    pub late_requests: LatePolicy,
+}
+
+/// What the scheduler does with a request that can no longer meet its TTFT target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatePolicy {
+    /// Serve it anyway (vLLM, SGLang).
+    #[default]
+    Serve,
+    /// Reject it (finish reason `rejected`, counted in the summary as `requests_rejected`)
+    /// before it takes any KV or compute, so the capacity goes to requests that can still
+    /// meet their targets.
+    Reject,
 }
 
 fn default_max_num_seqs() -> u32 {
@@ -54,6 +71,7 @@ impl SchedulerConfig {
             max_num_seqs: DEFAULT_MAX_NUM_SEQS,
             queue: QueuePolicy::Fcfs,
             preemption: PreemptionMode::Recompute,
+            late_requests: LatePolicy::Serve,
         }
     }
 

@@ -778,3 +778,44 @@ fn reused_buffers_give_the_same_steps_and_events_as_fresh_ones() {
     }
     assert!(!a.has_unfinished() && !b.has_unfinished());
 }
+
+#[test]
+fn late_requests_are_rejected_unserved_only_when_asked_and_only_if_never_scheduled() {
+    for reject in [false, true] {
+        let mut b = fx(v1(64)).seqs(1);
+        if reject {
+            b.cfg.late_requests = LatePolicy::Reject;
+        }
+        let mut f = b.build();
+        let deadline =
+            |ms: u64| move |r: &mut Request| r.ttft_deadline = Some(Timestamp(ms * 1_000_000));
+        let a = f.add_with(Prompt::synthetic(8), 50, deadline(1));
+        let late = f.add_with(Prompt::synthetic(8), 4, deadline(2));
+        let later = f.add_with(Prompt::synthetic(8), 4, deadline(100));
+        let none = f.add(8, 4);
+        f.step(); // a runs (one sequence at a time); the others wait
+        f.now = Timestamp(5_000_000); // past a's and `late`'s deadlines
+        let mut ev = Vec::new();
+        f.s.reject_late(f.now, &mut ev);
+        check_invariants(&f.s);
+        let gone: Vec<(RequestId, FinishReason)> = ev
+            .iter()
+            .map(|e| match e {
+                RequestEvent::Finished(r) => (r.id, r.reason),
+                RequestEvent::Token { .. } => panic!("only finishes"),
+            })
+            .collect();
+        if reject {
+            // a was scheduled already: it is served; `late` never was: rejected.
+            assert_eq!(gone, vec![(late, FinishReason::Rejected)]);
+            assert_eq!(f.s.num_rejected(), 1);
+            assert_eq!(f.s.status(late), None);
+        } else {
+            assert!(gone.is_empty());
+        }
+        for id in [a, later, none] {
+            assert!(f.s.status(id).is_some(), "{id} is still live");
+        }
+        f.run_to_end(200);
+    }
+}

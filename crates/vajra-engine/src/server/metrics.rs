@@ -182,6 +182,7 @@ impl EngineMetrics {
                 vajra_core::request::FinishReason::Length => "length",
                 vajra_core::request::FinishReason::Stop => "stop",
                 vajra_core::request::FinishReason::Abort => "abort",
+                vajra_core::request::FinishReason::Rejected => "rejected",
             };
             self.finished.with_label_values(&[reason]).inc();
         }
