@@ -613,6 +613,19 @@ mod tests {
         assert!((back.metrics.prefix_cache_hit_rate - 0.5).abs() < 1e-12);
     }
 
+    /// Facts of a 3-replica cluster of 16 blocks each that was offered `issued` requests.
+    fn three_replicas(issued: u64) -> ClusterFacts {
+        ClusterFacts {
+            num_replicas: 3,
+            stages: 1,
+            num_blocks: 16,
+            peak_flops: 0.0,
+            peak_bytes_per_s: 0.0,
+            clipped: 0,
+            issued,
+        }
+    }
+
     /// Feeds request `i` (varied tenants, lengths, deadlines, a one-token answer, an answer
     /// aborted before its first token) into `c` on replica `i % 3`.
     fn feed(c: &mut Collector, i: u64) {
@@ -660,15 +673,7 @@ mod tests {
             tbt_deadline_s: Some(0.0015),
             ..SloConfig::default()
         };
-        let facts = ClusterFacts {
-            num_replicas: 3,
-            stages: 1,
-            num_blocks: 16,
-            peak_flops: 0.0,
-            peak_bytes_per_s: 0.0,
-            clipped: 0,
-            issued: 60,
-        };
+        let facts = three_replicas(60);
         let json =
             |c: &Collector| serde_json::to_string(&Summary::compute(c, &slo, &facts)).unwrap();
         let mut whole = Collector::new(&slo, 3);
@@ -742,15 +747,7 @@ mod tests {
             ..SloConfig::default()
         };
         slo.validate().unwrap();
-        let facts = ClusterFacts {
-            num_replicas: 3,
-            stages: 1,
-            num_blocks: 16,
-            peak_flops: 0.0,
-            peak_bytes_per_s: 0.0,
-            clipped: 0,
-            issued: 40,
-        };
+        let facts = three_replicas(40);
         let mut c = Collector::new(&slo, 3).without_records();
         (0..40).for_each(|i| feed(&mut c, i)); // even ids are class 0, odd class 1
         let s = Summary::compute(&c, &slo, &facts);

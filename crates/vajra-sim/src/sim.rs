@@ -48,6 +48,10 @@ pub trait Arrivals {
     fn pop(&mut self) -> Option<(Request, Option<u32>)>;
     /// A request completed (closed loops issue the client's next one).
     fn on_finished(&mut self, id: RequestId, now: Timestamp);
+    /// A request was rejected unserved (a session ends; a closed-loop client goes on).
+    fn on_rejected(&mut self, id: RequestId, now: Timestamp) {
+        self.on_finished(id, now);
+    }
     /// Requests issued so far.
     fn issued(&self) -> u64;
     /// Requests issued so far whose lengths the workload clipped.
@@ -63,6 +67,9 @@ impl Arrivals for RequestSource {
     }
     fn on_finished(&mut self, id: RequestId, now: Timestamp) {
         RequestSource::on_finished(self, id, now);
+    }
+    fn on_rejected(&mut self, id: RequestId, now: Timestamp) {
+        RequestSource::on_rejected(self, id, now);
     }
     fn issued(&self) -> u64 {
         RequestSource::issued(self)
@@ -296,8 +303,8 @@ impl StepSink for SimSink<'_> {
     }
 }
 
-/// Records late requests the scheduler rejected; the source hears of them from the loop
-/// (closed loops and sessions go on after a rejection as after an answer).
+/// Records late requests the scheduler rejected; the source hears of them from the loop (a
+/// session whose turn was rejected ends there; a closed-loop client goes on).
 struct RejectSink<'a> {
     collector: &'a mut Collector,
     pending: &'a mut Vec<(RequestId, Timestamp)>,
@@ -731,7 +738,7 @@ pub fn run_range(
 
     loop {
         for (id, t) in st.rejected.drain(..) {
-            source.on_finished(id, t);
+            source.on_rejected(id, t);
         }
         let next_arrival = source.peek_time();
         let arrival_first = match (next_arrival, st.q.peek()) {

@@ -805,16 +805,7 @@ fn an_interrupted_partitioned_run_removes_its_part_files() {
 fn sessions_body(router: &str, replicas: u32, turns_max: u32) -> String {
     format!(
         r#"seed = 3
-[model]
-name = "Llama-2-7b-hf"
-[cluster]
-device = "h100"
-num_replicas = {replicas}
-[scheduler]
-policy = {{ type = "vllm_v1", max_num_batched_tokens = 2048 }}
-[predictor]
-profile = "roofline"
-[cache]
+{}[cache]
 enable_prefix_caching = true
 [router]
 type = "{router}"
@@ -823,7 +814,16 @@ num_requests = 600
 max_tokens = 4096
 arrival = {{ type = "sessions", qps = 3.0, turns_min = 1, turns_max = {turns_max}, think_time_s = 2.0, think = "exponential" }}
 lengths = {{ type = "independent", prompt = {{ type = "uniform", min = 40, max = 300 }}, output = {{ type = "uniform", min = 20, max = 200 }} }}
-"#
+"#,
+        cluster_head(&format!("num_replicas = {replicas}\n"))
+    )
+}
+
+/// `[model]` to `[predictor]` of a small roofline cluster, with `cluster` lines added to
+/// `[cluster]`.
+fn cluster_head(cluster: &str) -> String {
+    format!(
+        "[model]\nname = \"Llama-2-7b-hf\"\n[cluster]\ndevice = \"h100\"\n{cluster}[scheduler]\npolicy = {{ type = \"vllm_v1\", max_num_batched_tokens = 2048 }}\n[predictor]\nprofile = \"roofline\"\n"
     )
 }
 
@@ -891,23 +891,16 @@ fn a_stale_router_counts_its_own_decisions_between_load_reports() {
     let body = |staleness: &str| {
         format!(
             r#"seed = 4
-[model]
-name = "Llama-2-7b-hf"
-[cluster]
-device = "h100"
-num_replicas = 3
-router_staleness_s = {staleness}
-[scheduler]
-policy = {{ type = "vllm_v1", max_num_batched_tokens = 2048 }}
-[predictor]
-profile = "roofline"
-[router]
+{}[router]
 type = "least_outstanding"
 [workload]
 num_requests = 300
 arrival = {{ type = "gamma", qps = 40.0, cv = 3.0 }}
 lengths = {{ type = "independent", prompt = {{ type = "uniform", min = 10, max = 2000 }}, output = {{ type = "uniform", min = 1, max = 300 }} }}
-"#
+"#,
+            cluster_head(&format!(
+                "num_replicas = 3\nrouter_staleness_s = {staleness}\n"
+            ))
         )
     };
     let per_replica = |s: &serde_json::Value| -> Vec<u64> {

@@ -289,6 +289,13 @@ impl Sessions {
         Some(at)
     }
 
+    /// Request `id`'s session ends without its remaining turns (the turn was rejected).
+    pub fn end(&mut self, id: RequestId) {
+        if self.in_flight.remove(&id).is_some() {
+            self.cut_short += 1;
+        }
+    }
+
     /// Whether no turn will ever come again (no session waiting, in flight or to start).
     pub fn is_done(&self) -> bool {
         self.pending.is_none() && self.ready.is_empty() && self.in_flight.is_empty()

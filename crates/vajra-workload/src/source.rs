@@ -283,6 +283,17 @@ impl RequestSource {
         }
     }
 
+    /// Tells the source that request `id` was rejected unserved at `now`: a session ends there
+    /// (its user saw no answer to continue from); a closed-loop client sends its next request
+    /// as after an answer.
+    pub fn on_rejected(&mut self, id: RequestId, now: Timestamp) {
+        if let Mode::Sessions(s) = &mut self.mode {
+            s.end(id);
+            return;
+        }
+        self.on_finished(id, now);
+    }
+
     /// Whether no request will ever come again.
     pub fn is_exhausted(&self) -> bool {
         self.next.is_none()
@@ -757,5 +768,23 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(field), "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn a_session_whose_turn_is_rejected_ends_there() {
+        let c = cfg(r#"duration_s = 100.0
+            arrival = { type = "sessions", qps = 1.0, turns_min = 3, turns_max = 3 }
+            lengths = { type = "fixed", prompt = 10, output = 10 }"#);
+        let mut src = RequestSource::new(&c, 1, Path::new("."), 4096).unwrap();
+        let mut n = 0;
+        while let Some(r) = src.pop() {
+            n += 1;
+            src.on_rejected(r.id, r.arrival);
+        }
+        assert!(src.is_exhausted());
+        // Only first turns were ever sent: about 100 sessions in 100 s, one turn each.
+        assert!((70..=130).contains(&n), "{n}");
+        let all = serve_sessions(&c, 1, 0.1);
+        assert!(all.len() > 2 * n, "served sessions send all three turns");
     }
 }
