@@ -75,6 +75,8 @@ pub(crate) struct Sessions {
     /// The pre-built next turn's session as it was before the turn, and where it came from.
     undo: Option<(RequestId, Origin, Session)>,
     started: u64,
+    /// A session drawn would start after the run's end: none will.
+    no_more_sessions: bool,
     /// `(cumulative weight, length sampler index)` per tenant.
     tenants: Vec<(f64, usize)>,
     /// Sessions that ended before their last turn because it would not fit.
@@ -120,13 +122,14 @@ impl Sessions {
             in_flight: HashMap::new(),
             undo: None,
             started: 0,
+            no_more_sessions: false,
             cut_short: 0,
         }
     }
 
     /// Draws the next session to start (unless it would start after `end`).
     fn draw_session(&mut self, d: &mut Draw<'_>) {
-        if self.pending.is_some() {
+        if self.pending.is_some() || self.no_more_sessions {
             return;
         }
         self.t += self.session_gap.sample(d.rng_arrival);
@@ -148,6 +151,7 @@ impl Sessions {
             .collect();
         turns.reverse();
         if d.end.is_some_and(|e| at > e) {
+            self.no_more_sessions = true;
             return;
         }
         let session = Session {

@@ -283,6 +283,15 @@ impl RequestSource {
         }
     }
 
+    /// Sessions that ended before their last turn (the conversation outgrew the context, or
+    /// a turn was rejected); 0 for other workloads.
+    pub fn sessions_cut_short(&self) -> u64 {
+        match &self.mode {
+            Mode::Sessions(s) => s.cut_short,
+            _ => 0,
+        }
+    }
+
     /// Tells the source that request `id` was rejected unserved at `now`: a session ends there
     /// (its user saw no answer to continue from); a closed-loop client sends its next request
     /// as after an answer.
@@ -633,6 +642,15 @@ mod tests {
     /// Drives a session source as a server would: each issued turn completes `serve_s` after
     /// it arrives. Returns the requests in issue order with their completion times.
     fn serve_sessions(c: &WorkloadConfig, seed: u64, serve_s: f64) -> Vec<(Request, Timestamp)> {
+        serve_sessions_from(c, seed, serve_s).0
+    }
+
+    /// As [`serve_sessions`], also returning the source at the end.
+    fn serve_sessions_from(
+        c: &WorkloadConfig,
+        seed: u64,
+        serve_s: f64,
+    ) -> (Vec<(Request, Timestamp)>, RequestSource) {
         let mut src = RequestSource::new(c, seed, Path::new("."), 4096).unwrap();
         let mut done: BinaryHeap<Reverse<(Timestamp, RequestId)>> = BinaryHeap::new();
         let mut out = Vec::new();
@@ -655,7 +673,7 @@ mod tests {
             }
         }
         assert!(src.is_exhausted());
-        out
+        (out, src)
     }
 
     fn groups(r: &Request) -> &SyntheticPrompt {
@@ -732,13 +750,20 @@ mod tests {
             max_tokens = 1000
             arrival = { type = "sessions", qps = 1.0, turns_min = 50, turns_max = 50 }
             lengths = { type = "fixed", prompt = 100, output = 100 }"#);
-        let served = serve_sessions(&c, 1, 1.0);
+        let (served, src) = serve_sessions_from(&c, 1, 1.0);
         // Each turn adds 200 tokens: turns of 100, 300, 500, 700 prompt tokens fit (900 total
         // at most), the fifth (900 + 100) would not.
         for (r, _) in &served {
             assert!(groups(r).len + r.max_tokens() <= 1000);
         }
         let per_session = served.iter().filter(|(r, _)| groups(r).len == 100).count();
+        // Every session that got to its fifth turn was cut at its sixth.
+        assert!(
+            src.sessions_cut_short() + 5 >= per_session as u64,
+            "{}",
+            src.sessions_cut_short()
+        );
+        assert!(src.sessions_cut_short() <= per_session as u64);
         // Five turns a session; the turn limit may cut the last few sessions short.
         assert!(served.len() <= 5 * per_session && served.len() > 5 * per_session - 25);
         let longest = served.iter().map(|(r, _)| groups(r).len).max();
