@@ -81,12 +81,15 @@ fn check_point(dir: &Path) {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
     let issued = summary["requests_issued"].as_u64().unwrap();
+    // Rejected requests (scheduler.late_requests = "reject") are counted apart.
+    let rejected = summary["requests_rejected"].as_u64().unwrap_or(0);
     assert_eq!(
-        summary["requests_completed"].as_u64().unwrap(),
+        summary["requests_completed"].as_u64().unwrap() + rejected,
         issued,
         "{}",
         dir.display()
     );
+    let mut rejected_rows = 0u64;
     let mut rdr = csv::Reader::from_path(dir.join("requests.csv")).unwrap();
     let h = rdr.headers().unwrap().clone();
     let mut rows = 0u64;
@@ -94,6 +97,14 @@ fn check_point(dir: &Path) {
     for rec in rdr.records() {
         let rec = rec.unwrap();
         rows += 1;
+        let reason = &rec[h.iter().position(|x| x == "finish_reason").unwrap()];
+        if reason == "rejected" {
+            // Never scheduled, nothing generated.
+            rejected_rows += 1;
+            assert!(num(&rec, &h, "first_scheduled_s").is_none(), "{rec:?}");
+            assert_eq!(num(&rec, &h, "output_tokens"), Some(0.0), "{rec:?}");
+            continue;
+        }
         let a = num(&rec, &h, "arrival_s").unwrap();
         let s = num(&rec, &h, "first_scheduled_s").unwrap();
         let f = num(&rec, &h, "first_token_s").unwrap();
@@ -109,12 +120,10 @@ fn check_point(dir: &Path) {
         let k = num(&rec, &h, "tbt_samples").unwrap() as u64;
         assert_eq!(k, n - 1, "one TBT sample per gap: {rec:?}");
         tbt_samples += k;
-        assert_eq!(
-            &rec[h.iter().position(|x| x == "finish_reason").unwrap()],
-            "length"
-        );
+        assert_eq!(reason, "length");
     }
     assert_eq!(rows, issued, "every request has a row");
+    assert_eq!(rejected_rows, rejected, "every rejection has a row");
     assert_eq!(
         summary["latency_s"]["tbt"]["count"].as_u64().unwrap(),
         tbt_samples
@@ -162,7 +171,14 @@ fn check_point(dir: &Path) {
 
 #[test]
 fn every_shipped_experiment_runs_and_its_outputs_hold_their_invariants() {
-    for name in ["quickstart", "routing", "prefix_caching", "fairness"] {
+    for name in [
+        "quickstart",
+        "routing",
+        "prefix_caching",
+        "fairness",
+        "sessions",
+        "slo_classes",
+    ] {
         let out = tmp(name);
         run_ok(&format!("experiments/{name}.toml"), &out);
         let pts = points(&out);
