@@ -28,6 +28,20 @@ pub struct Probe {
     pub met: bool,
     /// Each limit's measured value.
     pub values: Vec<(String, f64)>,
+    /// Per SLO class at this rate (runs that define `[[slo.classes]]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ClassAtRate>,
+}
+
+/// One SLO class's service at a probed rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassAtRate {
+    /// Class name.
+    pub name: String,
+    /// Good requests of the class per second.
+    pub goodput_rps: f64,
+    /// Fraction of the class's requests meeting its targets.
+    pub attainment: f64,
 }
 
 /// The answer for one point.
@@ -100,6 +114,16 @@ fn probe(file: &ExperimentFile, point: &Point, prep: &Prepared, qps: f64) -> Res
             .limits
             .iter()
             .map(|l| (l.metric.clone(), l.value))
+            .collect(),
+        classes: s
+            .metrics
+            .classes
+            .iter()
+            .map(|c| ClassAtRate {
+                name: c.name.clone(),
+                goodput_rps: c.goodput_rps,
+                attainment: c.attainment,
+            })
             .collect(),
     })
 }
@@ -248,15 +272,18 @@ pub fn table(caps: &[Capacity]) -> String {
         "| point | capacity (req/s, or clients for a closed loop) | first failing | devices | $/h | capacity per $/h | probes |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     let f = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), |v| format!("{v:.3}"));
+    let label = |c: &Capacity| {
+        if c.point.is_empty() {
+            "(single point)".to_owned()
+        } else {
+            c.point.clone()
+        }
+    };
     for c in caps {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {:.2} | {} | {} |",
-            if c.point.is_empty() {
-                "(single point)"
-            } else {
-                &c.point
-            },
+            label(c),
             f(c.capacity_qps),
             f(c.failing_qps),
             c.devices,
@@ -264,6 +291,29 @@ pub fn table(caps: &[Capacity]) -> String {
             f(c.qps_per_dollar_hour),
             c.probes.len()
         );
+    }
+    // Each class's goodput and attainment at the capacity found.
+    fn at_capacity(c: &Capacity) -> Option<&Probe> {
+        let cap = c.capacity_qps?;
+        c.probes.iter().find(|p| p.qps == cap)
+    }
+    if caps
+        .iter()
+        .any(|c| at_capacity(c).is_some_and(|p| !p.classes.is_empty()))
+    {
+        s.push_str("\nAt capacity, per SLO class:\n\n| point | class | goodput (req/s) | attainment |\n|---|---|---:|---:|\n");
+        for c in caps {
+            for k in at_capacity(c).map_or(&[][..], |p| &p.classes) {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.3} | {:.3} |",
+                    label(c),
+                    k.name,
+                    k.goodput_rps,
+                    k.attainment
+                );
+            }
+        }
     }
     s
 }

@@ -105,3 +105,65 @@ p99_tbt_s = 0.03
     assert_eq!(n, n.round(), "whole clients");
     assert_eq!(c.failing_qps, Some(n + 1.0), "the next client fails");
 }
+
+#[test]
+fn the_capacity_table_gives_each_slo_class_at_capacity() {
+    let dir = std::env::temp_dir().join(format!("vajra-cap-classes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("classes.toml");
+    std::fs::write(
+        &p,
+        r#"
+seed = 3
+[model]
+name = "Llama-2-7b-hf"
+[cluster]
+device = "h100"
+[predictor]
+profile = "roofline"
+[scheduler]
+policy = { type = "vllm_v1", max_num_batched_tokens = 4096 }
+[workload]
+num_requests = 300
+arrival = { type = "poisson", qps = 2.0 }
+[[workload.tenants]]
+name = "chat"
+slo_class = 0
+lengths = { type = "fixed", prompt = 200, output = 50 }
+[[workload.tenants]]
+name = "batch"
+slo_class = 1
+lengths = { type = "fixed", prompt = 2000, output = 200 }
+[slo]
+p99_ttft_s = 0.5
+[[slo.classes]]
+name = "interactive"
+ttft_s = 0.2
+[[slo.classes]]
+name = "offline"
+e2e_s = 60.0
+"#,
+    )
+    .unwrap();
+    let f = ExperimentFile::load(&p).unwrap();
+    let cap = search(&f, &f.points[0]).unwrap();
+    let at = cap
+        .probes
+        .iter()
+        .find(|p| Some(p.qps) == cap.capacity_qps)
+        .expect("the passing probe");
+    let names: Vec<&str> = at.classes.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["interactive", "offline"]);
+    assert!(
+        at.classes
+            .iter()
+            .all(|c| (0.0..=1.0).contains(&c.attainment))
+    );
+    assert!(at.classes[1].goodput_rps > 0.0);
+    let table = vajra_sim::capacity::table(std::slice::from_ref(&cap));
+    assert!(
+        table.contains("per SLO class") && table.contains("| interactive |"),
+        "{table}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
