@@ -61,6 +61,19 @@ pub struct SloClass {
     pub e2e_s: Option<f64>,
 }
 
+/// An optional threshold `field`, when given, is a finite number of seconds > 0.
+fn seconds(field: &str, v: Option<f64>) -> Result<()> {
+    match v {
+        Some(x) => ensure(
+            x.is_finite() && x > 0.0,
+            field,
+            x,
+            "a finite number of seconds > 0",
+        ),
+        None => Ok(()),
+    }
+}
+
 impl SloConfig {
     /// Checks every threshold.
     ///
@@ -78,14 +91,7 @@ impl SloConfig {
             ("slo.p99_tbt_s", self.p99_tbt_s),
             ("slo.p50_scheduling_delay_s", self.p50_scheduling_delay_s),
         ] {
-            if let Some(x) = v {
-                ensure(
-                    x.is_finite() && x > 0.0,
-                    name,
-                    x,
-                    "a finite number of seconds > 0",
-                )?;
-            }
+            seconds(name, v)?;
         }
         for (i, c) in self.classes.iter().enumerate() {
             ensure(
@@ -99,14 +105,7 @@ impl SloConfig {
                 ("tpot_s", c.tpot_s),
                 ("e2e_s", c.e2e_s),
             ] {
-                if let Some(x) = v {
-                    ensure(
-                        x.is_finite() && x > 0.0,
-                        &format!("slo.classes[{i}].{field}"),
-                        x,
-                        "a finite number of seconds > 0",
-                    )?;
-                }
+                seconds(&format!("slo.classes[{i}].{field}"), v)?;
             }
         }
         if let Some(m) = self.max_deadline_miss_rate {

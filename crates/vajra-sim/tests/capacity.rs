@@ -6,13 +6,8 @@ use vajra_experiment::experiment::ExperimentFile;
 use vajra_sim::capacity::search;
 use vajra_sim::run::{prepare, simulate, summarize};
 
-fn file(name: &str) -> ExperimentFile {
-    let dir = std::env::temp_dir().join(format!("vajra-cap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p: PathBuf = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &p,
-        r#"
+/// Model, cluster, predictor and scheduler of every file here, and the workload's first lines.
+const HEAD: &str = r#"
 seed = 3
 [model]
 name = "Llama-2-7b-hf"
@@ -25,13 +20,27 @@ policy = { type = "vllm_v1", max_num_batched_tokens = 4096 }
 [workload]
 num_requests = 300
 arrival = { type = "poisson", qps = 2.0 }
-lengths = { type = "independent", prompt = { type = "uniform", min = 200, max = 2000 }, output = { type = "uniform", min = 20, max = 200 } }
+"#;
+
+/// Writes `body` as `<name>.toml` in this test binary's folder and loads it.
+fn load(name: &str, body: &str) -> ExperimentFile {
+    let dir = std::env::temp_dir().join(format!("vajra-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p: PathBuf = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, body).unwrap();
+    ExperimentFile::load(&p).unwrap()
+}
+
+fn file(name: &str) -> ExperimentFile {
+    load(
+        name,
+        &format!(
+            r#"{HEAD}lengths = {{ type = "independent", prompt = {{ type = "uniform", min = 200, max = 2000 }}, output = {{ type = "uniform", min = 20, max = 200 }} }}
 [slo]
 p99_ttft_s = 0.5
-"#,
+"#
+        ),
     )
-    .unwrap();
-    ExperimentFile::load(&p).unwrap()
 }
 
 fn meets(f: &ExperimentFile, qps: f64) -> bool {
@@ -108,32 +117,17 @@ p99_tbt_s = 0.03
 
 #[test]
 fn the_capacity_table_gives_each_slo_class_at_capacity() {
-    let dir = std::env::temp_dir().join(format!("vajra-cap-classes-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("classes.toml");
-    std::fs::write(
-        &p,
-        r#"
-seed = 3
-[model]
-name = "Llama-2-7b-hf"
-[cluster]
-device = "h100"
-[predictor]
-profile = "roofline"
-[scheduler]
-policy = { type = "vllm_v1", max_num_batched_tokens = 4096 }
-[workload]
-num_requests = 300
-arrival = { type = "poisson", qps = 2.0 }
-[[workload.tenants]]
+    let f = load(
+        "classes",
+        &format!(
+            r#"{HEAD}[[workload.tenants]]
 name = "chat"
 slo_class = 0
-lengths = { type = "fixed", prompt = 200, output = 50 }
+lengths = {{ type = "fixed", prompt = 200, output = 50 }}
 [[workload.tenants]]
 name = "batch"
 slo_class = 1
-lengths = { type = "fixed", prompt = 2000, output = 200 }
+lengths = {{ type = "fixed", prompt = 2000, output = 200 }}
 [slo]
 p99_ttft_s = 0.5
 [[slo.classes]]
@@ -142,10 +136,9 @@ ttft_s = 0.2
 [[slo.classes]]
 name = "offline"
 e2e_s = 60.0
-"#,
-    )
-    .unwrap();
-    let f = ExperimentFile::load(&p).unwrap();
+"#
+        ),
+    );
     let cap = search(&f, &f.points[0]).unwrap();
     let at = cap
         .probes
@@ -165,5 +158,4 @@ e2e_s = 60.0
         table.contains("per SLO class") && table.contains("| interactive |"),
         "{table}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

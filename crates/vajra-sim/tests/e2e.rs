@@ -169,16 +169,19 @@ fn check_point(dir: &Path) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// The experiments under `experiments/` (all run without the reference data).
+const SHIPPED: [&str; 6] = [
+    "quickstart",
+    "routing",
+    "prefix_caching",
+    "fairness",
+    "sessions",
+    "slo_classes",
+];
+
 #[test]
 fn every_shipped_experiment_runs_and_its_outputs_hold_their_invariants() {
-    for name in [
-        "quickstart",
-        "routing",
-        "prefix_caching",
-        "fairness",
-        "sessions",
-        "slo_classes",
-    ] {
+    for name in SHIPPED {
         let out = tmp(name);
         run_ok(&format!("experiments/{name}.toml"), &out);
         let pts = points(&out);
@@ -252,14 +255,7 @@ lengths = { type = "independent", prompt = { type = "uniform", min = 100, max = 
 
 #[test]
 fn validate_accepts_the_shipped_files() {
-    for name in [
-        "quickstart",
-        "routing",
-        "prefix_caching",
-        "fairness",
-        "sessions",
-        "slo_classes",
-    ] {
+    for name in SHIPPED {
         let o = sim(&["validate", &format!("experiments/{name}.toml")]);
         assert!(
             o.status.success(),
