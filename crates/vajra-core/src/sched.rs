@@ -308,11 +308,6 @@ impl Scheduler {
         &self.kv
     }
 
-    /// Tokens of `req`'s prompt found in this scheduler's prefix cache (for routing).
-    pub fn cached_prefix_tokens(&mut self, req: &Request) -> u32 {
-        self.kv.cached_prefix_tokens(&content(req, &[], 0))
-    }
-
     /// Requests waiting (including swapped ones).
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()

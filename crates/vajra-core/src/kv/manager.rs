@@ -221,28 +221,9 @@ impl KvCacheManager {
         self.stats.prefix_hit_tokens += u64::from(hit_tokens);
     }
 
-    /// Read-only: tokens of `seq` found in the cache (for prefix-affinity routing). Does not
-    /// count as a query and does not touch anything.
-    pub fn cached_prefix_tokens(&mut self, seq: &SeqContent<'_>) -> u32 {
-        if !self.prefix_caching {
-            return 0;
-        }
-        let max_blocks = self.full_blocks(seq.num_tokens().saturating_sub(1));
-        let mut parent = None;
-        let mut n = 0;
-        for i in 0..max_blocks {
-            let h = self.hasher.hash_block(seq, parent, i);
-            if self.pool.lookup(h).is_none() {
-                break;
-            }
-            parent = Some(h);
-            n += 1;
-        }
-        n * self.block_size
-    }
-
-    /// Read-only, for routing across replicas whose managers share this one's cache config:
-    /// the tokens of `seq` cached in each of `kvs`, written to `out`. Each block hash is
+    /// Read-only, for routing across replicas whose managers share one cache config: the
+    /// tokens of `seq` cached in each of `kvs`, written to `out` (no query is counted and
+    /// nothing is touched). Each block hash is
     /// computed once for all replicas (not once per replica), and hashing stops at the
     /// deepest hit: with sixteen replicas and long conversations, per-replica hashing was
     /// half of a sessions run.
@@ -545,6 +526,21 @@ mod tests {
         m.cache_full_blocks(&mut a, &seq(1, &p), 9);
         let mut b = BlockTable::default();
         assert_eq!(m.get_computed_blocks(&mut b, &seq(2, &p)).1, 0);
-        assert_eq!(m.cached_prefix_tokens(&seq(2, &p)), 0);
+        let mut out = [7];
+        KvCacheManager::cached_prefix_tokens_in(&mut m.hasher(), &seq(2, &p), &[&m], &mut out);
+        assert_eq!(out, [0]);
+    }
+
+    #[test]
+    fn a_routing_lookup_finds_each_replicas_cached_prefix_with_one_hash_chain() {
+        let p = Prompt::Tokens((0..13).collect());
+        let (mut a, b) = (mgr(10, 0.0), mgr(10, 0.0));
+        let mut t = BlockTable::default();
+        a.allocate_slots(&mut t, &spec(0, &[], 9)).unwrap();
+        a.cache_full_blocks(&mut t, &seq(1, &p), 9);
+        let mut out = [0; 2];
+        KvCacheManager::cached_prefix_tokens_in(&mut a.hasher(), &seq(2, &p), &[&a, &b], &mut out);
+        // Replica a holds the first two full blocks of the 13-token prompt; b holds nothing.
+        assert_eq!(out, [8, 0]);
     }
 }
