@@ -332,24 +332,19 @@ impl RequestSource {
             let Some(turn) = s.next_turn(id, self.max_tokens, &mut d) else {
                 return;
             };
-            let tenant = &self.tenants[turn.tenant];
-            let mut req = Request::new(
+            let mut req = self.request(
                 id,
-                Prompt::Synthetic(SyntheticPrompt {
+                SyntheticPrompt {
                     len: turn.prompt,
                     prefix_groups: turn.groups,
                     group_tokens: turn.group_tokens,
                     output_in_groups: true,
-                }),
+                },
                 turn.output,
                 turn.arrival,
+                turn.tenant,
             );
-            req.tenant = TenantId(turn.tenant as u32);
             req.session = Some(turn.session);
-            req.priority = tenant.priority;
-            req.slo_class = tenant.slo_class;
-            req.deadline = tenant.deadline.map(|d| turn.arrival + d);
-            req.sampling.ignore_eos = true;
             self.next_clipped = turn.clipped;
             self.issued += 1;
             self.next = Some(req);
@@ -429,24 +424,40 @@ impl RequestSource {
         let (wanted_prompt, wanted_output) = (prompt, output);
         let (prompt, output) = clip(prompt, output, self.max_tokens);
         self.next_clipped = (prompt, output) != (wanted_prompt, wanted_output);
-        let mut req = Request::new(
+        let req = self.request(
             id,
-            Prompt::Synthetic(SyntheticPrompt {
+            SyntheticPrompt {
                 len: prompt,
                 prefix_groups: groups,
                 group_tokens,
                 output_in_groups: false,
-            }),
+            },
             output,
             arrival,
+            ti,
         );
+        self.issued += 1;
+        self.next = Some(req);
+    }
+
+    /// A synthetic request of tenant `ti` (its priority, SLO class and deadline), generating
+    /// exactly `output` tokens.
+    fn request(
+        &self,
+        id: RequestId,
+        prompt: SyntheticPrompt,
+        output: u32,
+        arrival: Timestamp,
+        ti: usize,
+    ) -> Request {
+        let tenant = &self.tenants[ti];
+        let mut req = Request::new(id, Prompt::Synthetic(prompt), output, arrival);
         req.tenant = TenantId(ti as u32);
         req.priority = tenant.priority;
         req.slo_class = tenant.slo_class;
         req.deadline = tenant.deadline.map(|d| arrival + d);
         req.sampling.ignore_eos = true;
-        self.issued += 1;
-        self.next = Some(req);
+        req
     }
 }
 
