@@ -242,9 +242,9 @@ impl Collector {
         self
     }
 
-    /// Finished requests.
-    pub fn completed(&self) -> usize {
-        self.outcomes.len()
+    /// Finished requests: served, or rejected as late.
+    pub fn finished(&self) -> u64 {
+        self.outcomes.len() as u64 + self.outcomes.rejected
     }
 
     /// Streams every batch to a Parquet file at `path` (`num_blocks` per replica gives the

@@ -474,7 +474,9 @@ impl Loop<'_, '_> {
         let block_size = self.spec.cache.block_size;
         let lo = self.base;
         self.collector.on_arrival(req.id, now);
-        if let Some(slo) = self.spec.slo
+        // Only a scheduler that rejects late requests reads the deadline.
+        if self.spec.scheduler.late_requests == LatePolicy::Reject
+            && let Some(slo) = self.spec.slo
             && let (Some(ttft), _, _) = slo.targets(req.slo_class)
         {
             req.ttft_deadline = Some(req.arrival + Duration::from_secs_f64(ttft));
@@ -751,7 +753,7 @@ pub fn run_range(
         if events & 0x3fff == 0
             && let Some(p) = spec.progress
         {
-            let done = st.collector.completed() as u64;
+            let done = st.collector.finished();
             p(done - reported);
             reported = done;
         }
