@@ -119,7 +119,7 @@ for point in "$out"/sim/*/; do
     kill "$pid"; wait "$pid" 2>/dev/null || true
     "$sim" compare "$point" "$out/measured/$label" -o "$out/fidelity/$label" \
         --steps "$out/steps-$label.csv" > /dev/null
-    grep -E "^\| (ttft_s p50|ttft_s p90|tpot_s p50|tpot_s p90|e2e_s p50|batches|mean batch size|mean batch time|step time|per-step error p50|outside)" \
+    grep -E "^\| (ttft_s p50|ttft_s p90|tpot_s p50|tpot_s p90|e2e_s p50|batches|mean batch size|mean batch time|step time|per-step error p50|outside|prefix hit rate)" \
         "$out/fidelity/$label/fidelity.md" | sed "s/^| /| $label | /" >> "$summary"
     # compare's warning when the logged batches themselves are mispriced (machine speed drift)
     grep "^> Warning" "$out/fidelity/$label/fidelity.md" | sed "s/^> /> $label: /" >> "$summary.notes" || true

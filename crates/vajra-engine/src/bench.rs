@@ -9,6 +9,15 @@
 //!   OpenAI's completions API and vLLM accept); requests sharing prefix groups share the ids of
 //!   those groups. Outputs are exact through `max_tokens` and `ignore_eos`; the length received
 //!   is checked against `usage` and the target.
+//! - A session's turn k + 1 starts with turn k's prompt and the answer *as the server generated
+//!   it* (`return_token_ids`, vLLM's extension, which this engine's server also answers), so the
+//!   server's prefix cache finds the conversation as a real chat client's next turn would. A
+//!   server that returns no token ids gets synthetic answer ids instead, counted in
+//!   `answers_without_token_ids` (such a run's prefix hits cannot match the simulator's).
+//! - The prompt tokens the server's prefix cache served come from `usage.prompt_tokens_details
+//!   .cached_tokens` (OpenAI's field; vLLM sends it with `--enable-prompt-tokens-details`), so
+//!   the measured run has a prefix hit rate; requests whose server did not say are counted in
+//!   `cached_tokens_unknown`.
 //! - Every streamed chunk is timestamped on the client. A failed request (connection error, a
 //!   non-200 status, a timeout, a truncated stream) is counted with its reason and left out of
 //!   the latency metrics; it never stops the run.
@@ -18,6 +27,7 @@
 //! `batches.parquet` (batches are the server's business), `cdf/`.
 
 use crate::error::{EngineError, Result};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration as StdDuration, Instant};
 use tokio::sync::mpsc;
@@ -77,9 +87,15 @@ async fn step_counters(client: &reqwest::Client, url: &str) -> Option<[f64; 5]> 
 /// One request's outcome, timestamps relative to the run's start.
 struct Outcome {
     req: Request,
+    /// The prompt's token ids, kept for a session turn (its next turn starts with them).
+    prompt: Vec<u32>,
     sent: Timestamp,
     chunks: Vec<Timestamp>,
     usage_completion: Option<u32>,
+    /// `usage.prompt_tokens_details.cached_tokens`, when the server sent it.
+    usage_cached: Option<u32>,
+    /// The generated token ids, when asked for and the server sent them.
+    answer: Option<Vec<u32>>,
     finish: Option<String>,
     error: Option<String>,
 }
@@ -118,30 +134,67 @@ fn prompt_ids(req: &Request, vocab: u32) -> Vec<u32> {
     }
 }
 
+/// The conversations of the sessions in flight: each session's token stream so far (every
+/// prompt token sent and every answer token received), which its next turn starts with.
+#[derive(Default)]
+struct Conversations {
+    streams: HashMap<u64, Vec<u32>>,
+}
+
+impl Conversations {
+    /// The prompt ids of `req`: for a session turn, the conversation so far and then the new
+    /// tokens' ids; otherwise [`prompt_ids`].
+    fn prompt(&self, req: &Request, vocab: u32) -> Vec<u32> {
+        let mut ids = prompt_ids(req, vocab);
+        if let Some(past) = req.session.and_then(|s| self.streams.get(&s)) {
+            let n = past.len().min(ids.len());
+            ids[..n].copy_from_slice(&past[..n]);
+        }
+        ids
+    }
+
+    /// A session turn completed: its prompt and its answer (as generated) extend the stream.
+    /// Returns whether the answer's ids were known.
+    fn answered(&mut self, session: u64, prompt: Vec<u32>, answer: Option<&[u32]>) -> bool {
+        let mut stream = prompt;
+        stream.extend_from_slice(answer.unwrap_or_default());
+        self.streams.insert(session, stream);
+        answer.is_some()
+    }
+}
+
 async fn send(
     client: reqwest::Client,
     url: String,
     model: String,
     req: Request,
-    vocab: u32,
+    prompt: Vec<u32>,
     start: Instant,
 ) -> Outcome {
     let now = || Timestamp(start.elapsed().as_nanos() as u64);
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "model": model,
-        "prompt": prompt_ids(&req, vocab),
+        "prompt": prompt,
         "max_tokens": req.sampling.max_tokens,
         "ignore_eos": true,
         "temperature": 0.0,
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    let session = req.session.is_some();
+    if session {
+        // Only a session turn needs them, and a server that knows no such field may refuse it.
+        body["return_token_ids"] = serde_json::json!(true);
+    }
     let sent = now();
     let mut out = Outcome {
         req,
+        prompt: if session { prompt } else { Vec::new() },
         sent,
         chunks: Vec::new(),
         usage_completion: None,
+        usage_cached: None,
+        answer: None,
         finish: None,
         error: None,
     };
@@ -194,9 +247,16 @@ async fn send(
                     if let Some(f) = c["finish_reason"].as_str() {
                         out.finish = Some(f.to_owned());
                     }
+                    if let Some(ids) = c["token_ids"].as_array() {
+                        let answer = out.answer.get_or_insert_with(Vec::new);
+                        answer.extend(ids.iter().filter_map(|t| t.as_u64()).map(|t| t as u32));
+                    }
                 }
                 if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                     out.usage_completion = Some(n as u32);
+                }
+                if let Some(n) = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() {
+                    out.usage_cached = Some(n as u32);
                 }
             }
         }
@@ -292,6 +352,7 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
         ..BenchFacts::default()
     };
     let mut in_flight = 0u64;
+    let mut conversations = Conversations::default();
     loop {
         while let Some(t) = source.peek_time() {
             if t > now() {
@@ -300,9 +361,10 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
             let req = source.pop().expect("a peeked request");
             facts.sent += 1;
             in_flight += 1;
+            let prompt = conversations.prompt(&req, vocab);
             let (c, u, m, tx) = (client.clone(), url.clone(), model.clone(), tx.clone());
             tokio::spawn(async move {
-                let _ = tx.send(send(c, u, m, req, vocab, start).await);
+                let _ = tx.send(send(c, u, m, req, prompt, start).await);
             });
         }
         if in_flight == 0 && source.peek_time().is_none() {
@@ -318,10 +380,22 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
             },
             None => rx.recv().await,
         };
-        let Some(o) = outcome else { continue };
+        let Some(mut o) = outcome else { continue };
         in_flight -= 1;
         bar.inc(1);
         let id = o.req.id;
+        if let (Some(session), None) = (o.req.session, &o.error) {
+            let prompt = std::mem::take(&mut o.prompt);
+            if !conversations.answered(session, prompt, o.answer.as_deref()) {
+                if facts.answers_without_token_ids == 0 {
+                    eprintln!(
+                        "warning: {url} returned no token ids (`return_token_ids`): the next turns \
+                         of sessions carry synthetic answers, which its prefix cache cannot hit"
+                    );
+                }
+                facts.answers_without_token_ids += 1;
+            }
+        }
         record(&mut collector, &mut facts, o);
         source.on_finished(id, now());
     }
@@ -391,6 +465,9 @@ fn record(c: &mut Collector, facts: &mut BenchFacts, o: Outcome) {
     if n != target {
         facts.length_mismatches += 1;
     }
+    if o.usage_cached.is_none() {
+        facts.cached_tokens_unknown += 1;
+    }
     facts.completed += 1;
     let id = o.req.id;
     c.on_arrival(id, o.sent);
@@ -419,7 +496,7 @@ fn record(c: &mut Collector, facts: &mut BenchFacts, o: Outcome) {
         finished_at: o.chunks.last().copied().unwrap_or(o.sent),
         prompt_tokens: o.req.prompt.len(),
         output_tokens: n,
-        cached_prompt_tokens: 0,
+        cached_prompt_tokens: o.usage_cached.unwrap_or(0),
         num_preemptions: 0,
     });
 }

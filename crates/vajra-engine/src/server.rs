@@ -371,8 +371,15 @@ fn finish_name(f: Option<FinishReason>) -> Value {
     }
 }
 
-fn usage(prompt: u32, completion: u32) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's usage object; `prompt_tokens_details.cached_tokens` is the prompt tokens the
+/// prefix cache served (known when the request finished).
+fn usage(o: &RequestOutput) -> Value {
+    let (prompt, completion) = (o.prompt_tokens, o.output_tokens);
+    let mut u = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+    if let Some(r) = &o.record {
+        u["prompt_tokens_details"] = json!({"cached_tokens": r.cached_prompt_tokens});
+    }
+    u
 }
 
 /// Which endpoint a response is for.
@@ -390,6 +397,8 @@ struct Shaped {
     codec: Arc<TextCodec>,
     /// Top-N logprobs asked for (completion: `logprobs`; chat: `top_logprobs` when `logprobs`).
     logprobs: Option<u32>,
+    /// The prompt's token ids, when the request asked for token ids (`return_token_ids`).
+    prompt_ids: Option<Vec<u32>>,
 }
 
 impl Shaped {
@@ -420,8 +429,19 @@ impl Shaped {
         }
     }
 
+    /// Adds the token ids the request asked for to a choice: `tokens` (this chunk's or the
+    /// whole answer's) and, with `prompt`, the prompt's.
+    fn token_ids(&self, choice: &mut Value, tokens: &[u32], prompt: bool) {
+        if let Some(p) = &self.prompt_ids {
+            choice["token_ids"] = json!(tokens);
+            if prompt {
+                choice["prompt_token_ids"] = json!(p);
+            }
+        }
+    }
+
     fn chunk(&self, o: &RequestOutput, first: bool, base: usize) -> Value {
-        let (object, choice) = match self.kind {
+        let (object, mut choice) = match self.kind {
             Kind::Completion => (
                 "text_completion",
                 json!({"index": 0, "text": o.text, "logprobs": self.logprobs(o, base), "finish_reason": finish_name(o.finish)}),
@@ -437,11 +457,12 @@ impl Shaped {
                 )
             }
         };
+        self.token_ids(&mut choice, &o.tokens, first);
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]})
     }
 
     fn whole(&self, o: &RequestOutput) -> Value {
-        let choice = match self.kind {
+        let mut choice = match self.kind {
             Kind::Completion => {
                 json!({"index": 0, "text": o.text, "logprobs": self.logprobs(o, 0), "finish_reason": finish_name(o.finish)})
             }
@@ -449,13 +470,14 @@ impl Shaped {
                 json!({"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": self.logprobs(o, 0), "finish_reason": finish_name(o.finish)})
             }
         };
+        self.token_ids(&mut choice, &o.tokens, true);
         let object = if self.kind == Kind::Chat {
             "chat.completion"
         } else {
             "text_completion"
         };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
-               "choices": [choice], "usage": usage(o.prompt_tokens, o.output_tokens)})
+               "choices": [choice], "usage": usage(o)})
     }
 }
 
@@ -528,7 +550,7 @@ fn sse_events(
             if done {
                 if include_usage {
                     let u = json!({"id": shaped.id, "object": if shaped.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
-                        "created": shaped.created, "model": shaped.model, "choices": [], "usage": usage(o.prompt_tokens, o.output_tokens)});
+                        "created": shaped.created, "model": shaped.model, "choices": [], "usage": usage(&o)});
                     let _ = tx.send(Event::default().data(u.to_string()));
                 }
                 let _ = tx.send(Event::default().data("[DONE]"));
@@ -631,6 +653,7 @@ async fn generate(
         created: unix_now(),
         codec: s.codec.clone(),
         logprobs: sampling.logprobs,
+        prompt_ids: (common.return_token_ids == Some(true)).then(|| prompt.clone()),
     };
     let include_usage = common
         .stream_options

@@ -255,3 +255,51 @@ fn bench_reads_the_experiment_schema_and_names_what_is_wrong() {
     assert!(err.contains("[sweep] (seed)"), "{err}");
     assert!(!out.exists(), "nothing is written for a bad file");
 }
+
+#[test]
+fn session_turns_resend_the_answers_as_generated_so_the_servers_cache_finds_them() {
+    let srv = common::start(&[]);
+    let dir = tmp("sessions");
+    let p = dir.join("sessions.toml");
+    // 16-token blocks (the engine's); first turns are at most 32 + 16 = 48 tokens, later turns
+    // at least 32 + 8 + 16 + 8 = 64.
+    std::fs::write(
+        &p,
+        r#"name = "tiny-sessions"
+seed = 3
+[workload]
+num_requests = 24
+arrival = { type = "sessions", qps = 20.0, turns_min = 3, turns_max = 3, think_time_s = 0.01, system_prompt_tokens = 32, system_prompts = 1 }
+lengths = { type = "independent", prompt = { type = "uniform", min = 8, max = 16 }, output = { type = "uniform", min = 16, max = 24 } }
+"#,
+    )
+    .unwrap();
+    let out = dir.join("run");
+    let o = bench(&format!("http://{}", srv.addr), &p, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["bench"]["completed"], 24, "{summary}");
+    assert_eq!(summary["bench"]["answers_without_token_ids"], 0);
+    assert_eq!(summary["bench"]["cached_tokens_unknown"], 0);
+    let mut rdr = csv::Reader::from_path(out.join("requests.csv")).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    let col = |n: &str| h.iter().position(|x| x == n).unwrap();
+    let (pt, ct) = (col("prompt_tokens"), col("cached_prompt_tokens"));
+    let mut later = 0;
+    for r in rdr.records() {
+        let r = r.unwrap();
+        let (prompt, cached) = (r[pt].parse::<u32>().unwrap(), r[ct].parse::<u32>().unwrap());
+        assert!(cached < prompt, "{r:?}");
+        if prompt > 48 {
+            // The previous turn's stream (this prompt less at most 16 new tokens) had KV for all
+            // but its last token: its full blocks are hits. Synthetic answers would miss from
+            // the previous answer on (16 tokens or more).
+            later += 1;
+            let floor = (prompt - 17) / 16 * 16;
+            assert!(cached >= floor, "cached {cached} < {floor}: {r:?}");
+        }
+    }
+    // 24 turns: sessions start while others are in flight, so the run's last ones are cut off.
+    assert!(later >= 12, "{later} later turns");
+}

@@ -645,3 +645,51 @@ fn completion_logprobs_carry_each_tokens_text_offset() {
         at += t.chars().count() as u64;
     }
 }
+
+#[test]
+fn token_ids_come_back_when_asked_and_a_replayed_answer_hits_the_prefix_cache() {
+    let srv = start(&[]);
+    let a = &srv.addr;
+    let prompt: Vec<u32> = (100..140).collect();
+    let body = serde_json::json!({"prompt": prompt, "max_tokens": 20, "temperature": 0,
+        "ignore_eos": true, "stream": true, "return_token_ids": true,
+        "stream_options": {"include_usage": true}});
+    let (st, text) = call(a, "POST", "/v1/completions", Some(&body.to_string()));
+    assert_eq!(st, 200, "{text}");
+    let ev = events(&text);
+    let chunks: Vec<serde_json::Value> = ev[..ev.len() - 1].iter().map(|e| json(e)).collect();
+    assert_eq!(
+        chunks[0]["choices"][0]["prompt_token_ids"],
+        serde_json::json!(prompt),
+        "the first chunk carries the prompt's ids"
+    );
+    assert!(chunks[1]["choices"][0].get("prompt_token_ids").is_none());
+    let answer: Vec<u64> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["token_ids"].as_array())
+        .flatten()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(answer.len(), 20, "every generated token's id, once");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0);
+
+    // The next turn: the conversation so far (prompt and the answer as generated) plus new
+    // tokens. 59 of its tokens have KV (the last answer token never gets any): 3 full 16-token
+    // blocks, 48 tokens, are found in the cache.
+    let mut next: Vec<u64> = prompt.iter().map(|&t| u64::from(t)).collect();
+    next.extend(&answer);
+    next.extend(200..210);
+    let body = serde_json::json!({"prompt": next, "max_tokens": 2, "ignore_eos": true,
+        "return_token_ids": true});
+    let (st, text) = call(a, "POST", "/v1/completions", Some(&body.to_string()));
+    assert_eq!(st, 200, "{text}");
+    let v = json(&text);
+    assert_eq!(v["choices"][0]["token_ids"].as_array().unwrap().len(), 2);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 48);
+
+    // Without the flag, no ids.
+    let body = serde_json::json!({"prompt": prompt, "max_tokens": 2});
+    let (_, text) = call(a, "POST", "/v1/completions", Some(&body.to_string()));
+    assert!(json(&text)["choices"][0].get("token_ids").is_none());
+}

@@ -311,6 +311,15 @@ pub struct BenchFacts {
     /// Mean time of a step's forward pass, ms; the rest of the step is CPU overhead.
     #[serde(default)]
     pub server_mean_forward_ms: Option<f64>,
+    /// Session turns whose answer came back without token ids (`return_token_ids`): their next
+    /// turns carried synthetic answers.
+    #[serde(default)]
+    pub answers_without_token_ids: u64,
+    /// Completed requests whose usage did not say how many prompt tokens the prefix cache
+    /// served (`prompt_tokens_details.cached_tokens`): counted as none, so the run's prefix hit
+    /// rate is a lower bound when this is not 0.
+    #[serde(default)]
+    pub cached_tokens_unknown: u64,
 }
 
 impl Summary {

@@ -124,6 +124,17 @@ pub fn compare(simulated: &Path, measured: &Path) -> Result<Vec<Row>, SimError> 
             .and_then(|b| b.server_mean_batch_tokens)
             .or_else(|| served(m.batches.tokens.mean)),
     ));
+    // The prefix hit rate, where either side had hits: a measured run knows it when the server
+    // said how many prompt tokens its cache served (bench: every request's usage; a served
+    // run: the engine's own records).
+    if s.prefix_cache_hit_rate > 0.0 || m.prefix_cache_hit_rate > 0.0 {
+        let known_measured = bench.is_none_or(|b| b.cached_tokens_unknown == 0);
+        rows.push(row(
+            "prefix hit rate (%)".into(),
+            100.0 * s.prefix_cache_hit_rate,
+            known_measured.then_some(100.0 * m.prefix_cache_hit_rate),
+        ));
+    }
     Ok(rows)
 }
 

@@ -130,6 +130,10 @@ pub struct CommonParams {
     pub user: Option<String>,
     /// Scheduling priority (vLLM extension; lower first).
     pub priority: Option<i32>,
+    /// Put the generated token ids in every choice (`token_ids`, each chunk's new ones when
+    /// streaming) and the prompt's in the first (`prompt_token_ids`), as vLLM does: a client
+    /// that replays a conversation sends back exactly the tokens the server generated.
+    pub return_token_ids: Option<bool>,
     /// Unsupported: refused unless absent or empty.
     pub logit_bias: Option<serde_json::Map<String, Value>>,
 }
