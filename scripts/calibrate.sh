@@ -76,7 +76,13 @@ echo >> "$summary"
 echo "| point | metric | simulated | measured | error |" >> "$summary"
 echo "|---|---|---:|---:|---:|" >> "$summary"
 rm -f "$summary.notes" "$summary.profiles"
-for point in "$out"/sim/*/; do
+# A sweep's points are folders of OUT/sim; an experiment without a sweep is one point, OUT/sim.
+if [[ -f "$out/sim/summary.json" ]]; then
+    points=("$out/sim")
+else
+    points=("$out"/sim/*/)
+fi
+for point in "${points[@]}"; do
     point=${point%/}
     label=$(basename "$point")
     cfg="$point/config.resolved.toml"

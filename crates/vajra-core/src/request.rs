@@ -132,6 +132,10 @@ pub struct Request {
     /// The conversation this request is a turn of, if any (session-affinity routing).
     #[serde(default)]
     pub session: Option<u64>,
+    /// Whether this is its session's last turn: whoever keeps per-session state (a
+    /// session-affine router, a client replaying the conversation) can drop it.
+    #[serde(default)]
+    pub last_turn: bool,
 }
 
 impl Request {
@@ -149,6 +153,7 @@ impl Request {
             sampling: SamplingParams::greedy(max_tokens),
             cache_salt: None,
             session: None,
+            last_turn: false,
         }
     }
 

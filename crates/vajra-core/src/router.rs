@@ -355,8 +355,15 @@ impl Router {
                     }
                     _ => least,
                 };
-                if let Some(s) = req.session {
-                    self.sessions.insert(s, pick as u32);
+                // A session's last turn ends it: the map holds the sessions in flight only.
+                match req.session {
+                    Some(s) if req.last_turn => {
+                        self.sessions.remove(&s);
+                    }
+                    Some(s) => {
+                        self.sessions.insert(s, pick as u32);
+                    }
+                    None => {}
                 }
                 pick
             }
@@ -586,5 +593,11 @@ mod tests {
         let mut other = req(100);
         other.session = Some(10);
         assert_eq!(r.route(&other, &l, &mut Counter(0)), ReplicaId(1));
+        // Their last turns still follow them, and end them.
+        turn.last_turn = true;
+        other.last_turn = true;
+        assert_eq!(r.route(&turn, &l, &mut Counter(0)), ReplicaId(2));
+        assert_eq!(r.route(&other, &l, &mut Counter(0)), ReplicaId(1));
+        assert!(r.sessions.is_empty(), "sessions that ended are forgotten");
     }
 }

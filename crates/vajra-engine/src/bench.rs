@@ -153,12 +153,20 @@ impl Conversations {
         ids
     }
 
-    /// A session turn completed: its prompt and its answer (as generated) extend the stream.
-    /// Returns whether the answer's ids were known.
-    fn answered(&mut self, session: u64, prompt: Vec<u32>, answer: Option<&[u32]>) -> bool {
-        let mut stream = prompt;
-        stream.extend_from_slice(answer.unwrap_or_default());
-        self.streams.insert(session, stream);
+    /// A turn of `req`'s session completed: its prompt and its answer (as generated) extend
+    /// the stream, which its session's last turn drops. Returns whether the answer's ids were
+    /// known.
+    fn answered(&mut self, req: &Request, prompt: Vec<u32>, answer: Option<&[u32]>) -> bool {
+        let Some(session) = req.session else {
+            return true;
+        };
+        if req.last_turn {
+            self.streams.remove(&session);
+        } else {
+            let mut stream = prompt;
+            stream.extend_from_slice(answer.unwrap_or_default());
+            self.streams.insert(session, stream);
+        }
         answer.is_some()
     }
 }
@@ -384,9 +392,9 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
         in_flight -= 1;
         bar.inc(1);
         let id = o.req.id;
-        if let (Some(session), None) = (o.req.session, &o.error) {
+        if o.req.session.is_some() && o.error.is_none() {
             let prompt = std::mem::take(&mut o.prompt);
-            if !conversations.answered(session, prompt, o.answer.as_deref()) {
+            if !conversations.answered(&o.req, prompt, o.answer.as_deref()) {
                 if facts.answers_without_token_ids == 0 {
                     eprintln!(
                         "warning: {url} returned no token ids (`return_token_ids`): the next turns \
@@ -396,8 +404,14 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
                 facts.answers_without_token_ids += 1;
             }
         }
+        let rejected = o.error.is_none() && o.finish.as_deref() == Some("rejected");
         record(&mut collector, &mut facts, o);
-        source.on_finished(id, now());
+        if rejected {
+            // Not served by its TTFT deadline: a session ends there, as in the simulator.
+            source.on_rejected(id, now());
+        } else {
+            source.on_finished(id, now());
+        }
     }
     bar.finish_and_clear();
     let source_clipped = source.clipped();
@@ -460,9 +474,15 @@ fn record(c: &mut Collector, facts: &mut BenchFacts, o: Outcome) {
         *facts.errors.entry(e).or_default() += 1;
         return;
     }
+    let reason = match o.finish.as_deref() {
+        Some("length") => FinishReason::Length,
+        Some("abort") => FinishReason::Abort,
+        Some("rejected") => FinishReason::Rejected,
+        _ => FinishReason::Stop,
+    };
     let target = o.req.sampling.max_tokens;
     let n = o.usage_completion.unwrap_or(o.chunks.len() as u32);
-    if n != target {
+    if n != target && reason != FinishReason::Rejected {
         facts.length_mismatches += 1;
     }
     if o.usage_cached.is_none() {
@@ -471,15 +491,13 @@ fn record(c: &mut Collector, facts: &mut BenchFacts, o: Outcome) {
     facts.completed += 1;
     let id = o.req.id;
     c.on_arrival(id, o.sent);
-    // One streamed chunk per engine step: each carries the step's token(s).
-    for &t in &o.chunks {
-        c.on_token(id, t);
+    // One streamed chunk per engine step: each carries the step's token(s). A rejected
+    // request's one chunk carries none.
+    if reason != FinishReason::Rejected {
+        for &t in &o.chunks {
+            c.on_token(id, t);
+        }
     }
-    let reason = match o.finish.as_deref() {
-        Some("length") => FinishReason::Length,
-        Some("abort") => FinishReason::Abort,
-        _ => FinishReason::Stop,
-    };
     c.on_finished(&FinishedRecord {
         id,
         reason,
@@ -492,7 +510,7 @@ fn record(c: &mut Collector, facts: &mut BenchFacts, o: Outcome) {
             .deadline
             .map(|d| Timestamp(o.sent.0 + d.0.saturating_sub(o.req.arrival.0))),
         first_scheduled: None,
-        first_token: o.chunks.first().copied(),
+        first_token: o.chunks.first().copied().filter(|_| n > 0),
         finished_at: o.chunks.last().copied().unwrap_or(o.sent),
         prompt_tokens: o.req.prompt.len(),
         output_tokens: n,

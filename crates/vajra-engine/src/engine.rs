@@ -141,6 +141,8 @@ pub struct Engine {
     counters: StepCounters,
     step_log: Option<StepLog>,
     run: Option<RunRecorder>,
+    /// Under `late_requests = "reject"`: each request's TTFT deadline, after its arrival.
+    ttft_budget: Option<vajra_core::time::Duration>,
 }
 
 /// The engine's own run records, written as the simulator's run folder
@@ -233,6 +235,7 @@ impl Engine {
             counters: StepCounters::default(),
             step_log: None,
             run: None,
+            ttft_budget: None,
         })
     }
 
@@ -389,6 +392,15 @@ impl Engine {
         Timestamp(self.start.elapsed().as_nanos() as u64)
     }
 
+    /// Gives every request from now on a TTFT deadline `ttft` after its arrival, which a
+    /// scheduler with `late_requests = "reject"` acts on: a request still waiting, never
+    /// scheduled, at its deadline is rejected unserved (its output finishes with
+    /// [`FinishReason::Rejected`](vajra_core::request::FinishReason::Rejected)), as the
+    /// simulator does with the run's TTFT target.
+    pub fn set_ttft_deadline(&mut self, ttft: vajra_core::time::Duration) {
+        self.ttft_budget = Some(ttft);
+    }
+
     /// Queues a request and returns its id.
     ///
     /// # Errors
@@ -405,6 +417,7 @@ impl Engine {
         );
         r.sampling = req.sampling.clone();
         r.priority = req.priority;
+        r.ttft_deadline = self.ttft_budget.map(|t| now + t);
         self.driver.scheduler_mut().add_request(r, now)?;
         if let Some(run) = &mut self.run {
             run.issued += 1;
@@ -472,9 +485,27 @@ impl Engine {
         Ok(outputs)
     }
 
+    /// Rejects the waiting requests past their TTFT deadline (none unless
+    /// [`Engine::set_ttft_deadline`]); returns their final outputs.
+    fn reject_late(&mut self) -> Vec<RequestOutput> {
+        if self.ttft_budget.is_none() {
+            return Vec::new();
+        }
+        let mut sink = output::OutputSink {
+            live: &mut self.live,
+            touched: Vec::new(),
+            collector: self.run.as_mut().map(|r| &mut r.collector),
+        };
+        let now = Timestamp(self.start.elapsed().as_nanos() as u64);
+        self.driver.reject_late(now, &mut sink);
+        let touched = sink.touched;
+        output::take_outputs(&mut self.live, touched)
+    }
+
     fn step_inner(&mut self) -> Result<Vec<RequestOutput>> {
+        let mut rejected = self.reject_late();
         let Some(ticket) = self.driver.begin_step(self.now()) else {
-            return Ok(Vec::new());
+            return Ok(rejected);
         };
         let out = self.driver.output(ticket);
         self.counters.steps += 1;
@@ -512,7 +543,8 @@ impl Engine {
         let now = Timestamp(self.start.elapsed().as_nanos() as u64);
         self.driver.end_step(ticket, &result, now, &mut sink);
         let touched = sink.touched;
-        Ok(output::take_outputs(&mut self.live, touched))
+        rejected.extend(output::take_outputs(&mut self.live, touched));
+        Ok(rejected)
     }
 
     /// Runs steps until every request finished; collects all outputs per request.

@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use vajra_core::config::PolicyConfig;
+use vajra_core::sched::config::LatePolicy;
 use vajra_core::sampling::SamplingParams;
 use vajra_engine::backend::cpu::DEFAULT_KV_CACHE_MIB;
 use vajra_engine::engine::{EngineConfig, GenerateRequest};
@@ -271,9 +272,21 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
 
 fn load(a: &EngineArgs) -> Result<vajra_engine::engine::Engine> {
     let cfg = engine_config(a)?;
+    // Late requests are rejected at the run's TTFT target, as in the simulator.
+    let reject_after = if cfg.scheduler.late_requests == LatePolicy::Reject {
+        let ttft = run_slo(a)?.ttft_s.context(
+            "scheduler.late_requests = \"reject\" needs a TTFT target to reject at: [slo] ttft_s in --experiment",
+        )?;
+        Some(vajra_core::time::Duration::from_secs_f64(ttft))
+    } else {
+        None
+    };
     let t = Instant::now();
     let kind: vajra_engine::BackendKind = a.backend.parse()?;
-    let e = vajra_engine::load_engine(&a.model, cfg, kind, a.kv_cache_mib)?;
+    let mut e = vajra_engine::load_engine(&a.model, cfg, kind, a.kv_cache_mib)?;
+    if let Some(ttft) = reject_after {
+        e.set_ttft_deadline(ttft);
+    }
     tracing::info!(
         model = %a.model.display(),
         backend = e.backend().name(),

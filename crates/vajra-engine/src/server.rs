@@ -365,8 +365,7 @@ fn finish_name(f: Option<FinishReason>) -> Value {
         Some(FinishReason::Length) => json!("length"),
         Some(FinishReason::Stop) => json!("stop"),
         Some(FinishReason::Abort) => json!("abort"),
-        // The server does not set TTFT deadlines, so its scheduler never rejects; were it to,
-        // the client would learn why its request ended unserved.
+        // Under `late_requests = "reject"`: not scheduled by its TTFT deadline, never served.
         Some(FinishReason::Rejected) => json!("rejected"),
     }
 }

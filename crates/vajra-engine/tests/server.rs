@@ -693,3 +693,67 @@ fn token_ids_come_back_when_asked_and_a_replayed_answer_hits_the_prefix_cache() 
     let (_, text) = call(a, "POST", "/v1/completions", Some(&body.to_string()));
     assert!(json(&text)["choices"][0].get("token_ids").is_none());
 }
+
+#[test]
+fn late_requests_reject_ends_requests_unserved_at_the_ttft_target() {
+    let dir = std::env::temp_dir().join(format!("vajra-late-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exp = dir.join("late.toml");
+    std::fs::write(
+        &exp,
+        "[scheduler]\nmax_num_seqs = 1\nlate_requests = \"reject\"\npolicy = { type = \"sarathi\", chunk_size = 64 }\n[slo]\nttft_s = 0.02\n",
+    )
+    .unwrap();
+    let srv = start(&["--experiment", exp.to_str().unwrap()]);
+    let addr = srv.addr.clone();
+    // One request runs at a time, 60 tokens each: most of twenty sent at once are still
+    // waiting, never scheduled, 20 ms after they arrived.
+    let threads: Vec<_> = (0..20)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let body = format!(
+                    r#"{{"prompt":"late {i}","max_tokens":60,"stream":true,"ignore_eos":true,"stream_options":{{"include_usage":true}}}}"#
+                );
+                let (st, resp) = call(&addr, "POST", "/v1/completions", Some(&body));
+                assert_eq!(st, 200, "{resp}");
+                let ev = events(&resp);
+                assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+                let usage = json(&ev[ev.len() - 2])["usage"].clone();
+                let last = json(&ev[ev.len() - 3]);
+                (
+                    last["choices"][0]["finish_reason"].as_str().unwrap().to_owned(),
+                    usage["completion_tokens"].as_u64().unwrap(),
+                )
+            })
+        })
+        .collect();
+    let ends: Vec<(String, u64)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let rejected = ends.iter().filter(|e| e.0 == "rejected").count();
+    assert!(rejected >= 5, "{ends:?}");
+    for (reason, tokens) in &ends {
+        match reason.as_str() {
+            "rejected" => assert_eq!(*tokens, 0, "a rejected request got no tokens"),
+            "length" => assert_eq!(*tokens, 60),
+            r => panic!("finish reason {r}"),
+        }
+    }
+    assert_eq!(
+        metric(&addr, "vajra_request_success_total{finished_reason=\"rejected\"}"),
+        rejected as f64
+    );
+
+    // Rejecting needs a target to reject at.
+    std::fs::write(
+        &exp,
+        "[scheduler]\nlate_requests = \"reject\"\npolicy = { type = \"sarathi\", chunk_size = 64 }\n",
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
+        .args(["serve", "--port", "0", "--experiment", exp.to_str().unwrap(), "--model"])
+        .arg(common::root().join("tests/fixtures/tiny-llama"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("[slo] ttft_s"), "{err}");
+}

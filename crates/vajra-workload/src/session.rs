@@ -55,6 +55,8 @@ pub(crate) struct Turn {
     pub group_tokens: u32,
     /// Whether the first turn had to be clipped to fit.
     pub clipped: bool,
+    /// Whether the session has no turn after this one.
+    pub last: bool,
 }
 
 /// The sessions state machine.
@@ -222,6 +224,7 @@ impl Sessions {
                 .collect();
             session.history = stream;
             let (tenant, session_id) = (session.tenant, session.id);
+            let last = session.turns.is_empty();
             self.undo = Some((id, origin, before));
             self.in_flight.insert(id, session);
             return Some(Turn {
@@ -233,6 +236,7 @@ impl Sessions {
                 groups,
                 group_tokens: g,
                 clipped: first && (prompt, output) != wanted,
+                last,
             });
         }
     }

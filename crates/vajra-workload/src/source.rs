@@ -345,6 +345,7 @@ impl RequestSource {
                 turn.tenant,
             );
             req.session = Some(turn.session);
+            req.last_turn = turn.last;
             self.next_clipped = turn.clipped;
             self.issued += 1;
             self.next = Some(req);
@@ -753,6 +754,25 @@ mod tests {
         let again = serve_sessions(&c, 3, 0.5);
         assert!(served.iter().zip(&again).all(|(a, b)| a.0 == b.0));
         assert_ne!(serve_sessions(&c, 4, 0.5)[5].0, served[5].0);
+    }
+
+    #[test]
+    fn only_a_sessions_last_turn_says_it_is_the_last() {
+        let c = cfg(r#"num_requests = 400
+            arrival = { type = "sessions", qps = 4.0, turns_min = 3, turns_max = 3, think_time_s = 1.0 }
+            lengths = { type = "fixed", prompt = 10, output = 10 }"#);
+        let served = serve_sessions(&c, 2, 0.5);
+        let mut turns: std::collections::HashMap<u64, Vec<bool>> = Default::default();
+        for (r, _) in &served {
+            turns.entry(r.session.unwrap()).or_default().push(r.last_turn);
+        }
+        let whole = turns.values().filter(|t| t.len() == 3).count();
+        assert!(whole > 120, "{whole} whole sessions");
+        for t in turns.values() {
+            assert!(t.len() <= 3);
+            let expected: Vec<bool> = (0..t.len()).map(|i| i == 2).collect();
+            assert_eq!(*t, expected, "the third turn, and only it, is the last");
+        }
     }
 
     #[test]
