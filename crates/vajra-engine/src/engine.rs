@@ -142,7 +142,7 @@ pub struct Engine {
     step_log: Option<StepLog>,
     run: Option<RunRecorder>,
     /// Under `late_requests = "reject"`: each request's TTFT deadline, after its arrival.
-    ttft_budget: Option<vajra_core::time::Duration>,
+    ttft_budget: Option<Duration>,
 }
 
 /// The engine's own run records, written as the simulator's run folder
@@ -397,7 +397,7 @@ impl Engine {
     /// scheduled, at its deadline is rejected unserved (its output finishes with
     /// [`FinishReason::Rejected`](vajra_core::request::FinishReason::Rejected)), as the
     /// simulator does with the run's TTFT target.
-    pub fn set_ttft_deadline(&mut self, ttft: vajra_core::time::Duration) {
+    pub fn set_ttft_deadline(&mut self, ttft: Duration) {
         self.ttft_budget = Some(ttft);
     }
 

@@ -18,6 +18,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod conversations;
 pub mod engine;
 pub mod error;
 #[cfg(feature = "cuda")]

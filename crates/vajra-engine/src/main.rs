@@ -12,8 +12,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use vajra_core::config::PolicyConfig;
-use vajra_core::sched::config::LatePolicy;
 use vajra_core::sampling::SamplingParams;
+use vajra_core::sched::config::LatePolicy;
 use vajra_engine::backend::cpu::DEFAULT_KV_CACHE_MIB;
 use vajra_engine::engine::{EngineConfig, GenerateRequest};
 use vajra_engine::server::{DEFAULT_MAX_CONCURRENT, ServerConfig};
@@ -48,6 +48,25 @@ enum Cmd {
     /// Per-operator times of the CPU or CUDA backend over a grid, written as
     /// `<out>/<model>/{mlp,attention}.csv` in Vidur's schema with provenance.
     Profile(ProfileArgs),
+    /// Token counts of ShareGPT-style conversations with a model's tokenizer and chat
+    /// template, as the simulator's sessions replay them (`workload.arrival.conversations`).
+    Conversations(ConversationsArgs),
+}
+
+#[derive(Args)]
+struct ConversationsArgs {
+    /// Model folder whose `tokenizer.json` and chat template count the tokens.
+    #[arg(long)]
+    model: PathBuf,
+    /// ShareGPT-style JSON (an array of `{"conversations": [{"from", "value"}, ...]}`) or JSONL.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output JSONL (`{"id", "turns": [[new_tokens, answer_tokens], ...]}` a line).
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Write at most this many conversations.
+    #[arg(long)]
+    max_conversations: Option<u64>,
 }
 
 #[derive(Args)]
@@ -491,6 +510,24 @@ fn run_slo(a: &EngineArgs) -> Result<vajra_metrics::SloConfig> {
     }
 }
 
+fn conversations(a: ConversationsArgs) -> Result<()> {
+    let codec = vajra_engine::tokenizer::TextCodec::load(&a.model, &[])?;
+    let c = vajra_engine::conversations::convert(&codec, &a.input, &a.out, a.max_conversations)?;
+    let per = |x: u64| x as f64 / c.turns.max(1) as f64;
+    eprintln!(
+        "wrote {}: {} conversations, {} turns ({:.2} a conversation), {:.1} new and {:.1} answer tokens a turn; {} cut where the user/assistant alternation broke; skipped {:?}",
+        a.out.display(),
+        c.conversations,
+        c.turns,
+        c.turns as f64 / c.conversations.max(1) as f64,
+        per(c.new_tokens),
+        per(c.answer_tokens),
+        c.cut,
+        c.skipped
+    );
+    Ok(())
+}
+
 fn folder_name(p: &Path) -> String {
     std::fs::canonicalize(p)
         .ok()
@@ -697,6 +734,7 @@ fn main() {
         Cmd::Bench(a) => bench(a),
         Cmd::GpuBench(a) => gpu_bench(a),
         Cmd::Profile(a) => profile(a),
+        Cmd::Conversations(a) => conversations(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

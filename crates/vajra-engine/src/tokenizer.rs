@@ -150,6 +150,19 @@ impl TextCodec {
     /// # Errors
     /// The model has no chat template, or the template fails (e.g. `raise_exception`).
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.render_chat(messages, true)
+    }
+
+    /// Renders a conversation with the model's chat template; `add_generation_prompt` appends
+    /// what opens the assistant's answer.
+    ///
+    /// # Errors
+    /// As [`Self::apply_chat_template`].
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let env = self
             .chat
             .as_ref()
@@ -159,7 +172,7 @@ impl TextCodec {
             .map_err(|e| EngineError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-            add_generation_prompt => true,
+            add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })

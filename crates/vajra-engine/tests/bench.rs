@@ -303,3 +303,127 @@ lengths = { type = "independent", prompt = { type = "uniform", min = 8, max = 16
     // 24 turns: sessions start while others are in flight, so the run's last ones are cut off.
     assert!(later >= 12, "{later} later turns");
 }
+
+#[test]
+fn sharegpt_conversations_become_sessions_the_bench_replays() {
+    let dir = tmp("sharegpt");
+    let input = dir.join("sharegpt.json");
+    // ShareGPT's shape: a greeting before the first question (dropped), a broken alternation
+    // (cut there), one with no answer at all (skipped), extra fields (ignored).
+    std::fs::write(
+        &input,
+        r#"[
+  {"id": "c1", "model": "x", "conversations": [
+    {"from": "gpt", "value": "Hello! Ask me anything."},
+    {"from": "human", "value": "What is a paged KV cache?"},
+    {"from": "gpt", "value": "Fixed-size blocks of keys and values, allocated on demand."},
+    {"from": "human", "value": "And prefix caching?"},
+    {"from": "gpt", "value": "Blocks found again by the hash of everything before them."}]},
+  {"id": "c2", "messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a scheduler."},
+    {"role": "assistant", "content": "Sarathi."},
+    {"role": "user", "content": "Another?"},
+    {"role": "user", "content": "Please?"},
+    {"role": "assistant", "content": "vLLM."}]},
+  {"id": "c3", "conversations": [{"from": "human", "value": "Unanswered."}]}
+]"#,
+    )
+    .unwrap();
+    let model = common::root().join("tests/fixtures/tiny-llama");
+    let conv = dir.join("conv.jsonl");
+    let o = Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
+        .args(["conversations", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .arg("-o")
+        .arg(&conv)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("2 conversations, 3 turns") && err.contains("1 cut"),
+        "{err}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&conv)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["id"], "c1");
+    // A conversation's turns add up to its whole rendering, as the server would tokenize it.
+    let codec = vajra_engine::tokenizer::TextCodec::load(&model, &[]).unwrap();
+    let m = |role: &str, content: &str| vajra_engine::tokenizer::ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    };
+    let c1 = [
+        m("user", "What is a paged KV cache?"),
+        m(
+            "assistant",
+            "Fixed-size blocks of keys and values, allocated on demand.",
+        ),
+        m("user", "And prefix caching?"),
+        m(
+            "assistant",
+            "Blocks found again by the hash of everything before them.",
+        ),
+    ];
+    let whole = codec
+        .encode(&codec.render_chat(&c1, false).unwrap(), false)
+        .unwrap()
+        .len() as u64;
+    let turns = lines[0]["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 2);
+    let sum: u64 = turns
+        .iter()
+        .map(|t| t[0].as_u64().unwrap() + t[1].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, whole);
+    let first_prompt = codec
+        .encode(&codec.apply_chat_template(&c1[..1]).unwrap(), false)
+        .unwrap()
+        .len() as u64;
+    assert_eq!(turns[0][0].as_u64().unwrap(), first_prompt);
+
+    // The bench replays them as sessions against our server.
+    let srv = common::start(&[]);
+    let exp = dir.join("conv.toml");
+    std::fs::write(
+        &exp,
+        "name = \"conv\"\nseed = 2\n[workload]\nnum_requests = 12\narrival = { type = \"sessions\", qps = 50.0, think_time_s = 0.0, conversations = \"conv.jsonl\" }\n",
+    )
+    .unwrap();
+    let out = dir.join("run");
+    let o = bench(&format!("http://{}", srv.addr), &exp, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut expected: Vec<u64> = Vec::new();
+    for l in &lines {
+        let mut stream = 0;
+        for t in l["turns"].as_array().unwrap() {
+            let (new, answer) = (t[0].as_u64().unwrap(), t[1].as_u64().unwrap());
+            expected.push(stream + new);
+            stream += new + answer;
+        }
+    }
+    let mut rdr = csv::Reader::from_path(out.join("requests.csv")).unwrap();
+    let pt = rdr
+        .headers()
+        .unwrap()
+        .iter()
+        .position(|x| x == "prompt_tokens")
+        .unwrap();
+    let mut n = 0;
+    for r in rdr.records() {
+        let p: u64 = r.unwrap()[pt].parse().unwrap();
+        assert!(
+            expected.contains(&p),
+            "prompt of {p} tokens is no turn of {expected:?}"
+        );
+        n += 1;
+    }
+    assert_eq!(n, 12);
+}

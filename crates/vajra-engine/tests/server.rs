@@ -739,7 +739,10 @@ fn late_requests_reject_ends_requests_unserved_at_the_ttft_target() {
         }
     }
     assert_eq!(
-        metric(&addr, "vajra_request_success_total{finished_reason=\"rejected\"}"),
+        metric(
+            &addr,
+            "vajra_request_success_total{finished_reason=\"rejected\"}"
+        ),
         rejected as f64
     );
 
@@ -750,7 +753,14 @@ fn late_requests_reject_ends_requests_unserved_at_the_ttft_target() {
     )
     .unwrap();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_vajra-engine"))
-        .args(["serve", "--port", "0", "--experiment", exp.to_str().unwrap(), "--model"])
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--experiment",
+            exp.to_str().unwrap(),
+            "--model",
+        ])
         .arg(common::root().join("tests/fixtures/tiny-llama"))
         .output()
         .unwrap();

@@ -964,3 +964,41 @@ fn rejecting_late_requests_needs_a_ttft_target() {
         &["scheduler.late_requests", "slo.ttft_s"],
     );
 }
+
+#[test]
+fn sessions_replay_a_conversation_file_and_its_turns_hit_the_cache() {
+    let dir = tmp("conversations");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("conv.jsonl"),
+        "{\"id\": 1, \"turns\": [[300, 200], [40, 150], [60, 90], [20, 300]]}\n{\"id\": 2, \"turns\": [[900, 50], [30, 30]]}\n",
+    )
+    .unwrap();
+    let body = GOOD
+        .replace(
+            "arrival = { type = \"poisson\", qps = 1.0 }\nlengths = { type = \"fixed\", prompt = 100, output = 10 }",
+            "arrival = { type = \"sessions\", qps = 2.0, think_time_s = 5.0, conversations = \"conv.jsonl\" }",
+        )
+        .replace("num_requests = 10", "num_requests = 300")
+        .replace("[predictor]", "[cache]\nenable_prefix_caching = true\n[predictor]");
+    let f = dir.join("conv.toml");
+    std::fs::write(&f, body).unwrap();
+    let out = dir.join("out");
+    run_ok(f.to_str().unwrap(), &out);
+    check_point(&out);
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["requests_completed"], 300);
+    // Later turns find their conversation (one replica): most of their prompts are cached.
+    let hit = s["prefix_cache_hit_rate"].as_f64().unwrap();
+    assert!(hit > 0.5, "hit rate {hit}");
+    let mut rdr = csv::Reader::from_path(out.join("requests.csv")).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    let expected = [300.0, 540.0, 750.0, 860.0, 900.0, 980.0];
+    for r in rdr.records() {
+        let r = r.unwrap();
+        let p = num(&r, &h, "prompt_tokens").unwrap();
+        assert!(expected.contains(&p), "prompt {p} is no turn's");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

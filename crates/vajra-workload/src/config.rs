@@ -118,7 +118,17 @@ pub struct SessionsConfig {
     #[serde(default = "one_u32")]
     pub turns_min: u32,
     /// Most turns in a session (≥ `turns_min`); each session draws uniformly in between.
-    pub turns_max: u32,
+    /// Required unless `conversations` gives every session's turns.
+    #[serde(default)]
+    pub turns_max: Option<u32>,
+    /// Real conversations to replay instead of drawn ones: a JSONL file, one conversation a
+    /// line, `{"turns": [[new_tokens, answer_tokens], ...]}` (what `vajra-engine
+    /// conversations` writes from ShareGPT-style JSON with a model's tokenizer and chat
+    /// template), relative to the experiment file. Each session replays one conversation
+    /// drawn uniformly from the file; `turns_min`, `turns_max` and `workload.lengths` are then
+    /// not used (and must be absent).
+    #[serde(default)]
+    pub conversations: Option<PathBuf>,
     /// Mean time between an answer and the next turn, in seconds.
     #[serde(default)]
     pub think_time_s: f64,
@@ -395,12 +405,14 @@ impl LengthDist {
 }
 
 impl WorkloadConfig {
-    /// Every input file the workload names (trace arrivals, trace lengths, tenants' trace
-    /// lengths), to rebase relative paths.
+    /// Every input file the workload names (trace arrivals, a sessions' conversation file,
+    /// trace lengths, tenants' trace lengths), to rebase relative paths.
     pub fn input_paths_mut(&mut self) -> Vec<&mut PathBuf> {
         let mut out = Vec::new();
-        if let ArrivalConfig::Trace(t) = &mut self.arrival {
-            out.push(&mut t.path);
+        match &mut self.arrival {
+            ArrivalConfig::Trace(t) => out.push(&mut t.path),
+            ArrivalConfig::Sessions(s) => out.extend(s.conversations.as_mut()),
+            _ => {}
         }
         let tenant_lengths = self.tenants.iter_mut().filter_map(|t| t.lengths.as_mut());
         for l in self.lengths.as_mut().into_iter().chain(tenant_lengths) {
@@ -473,12 +485,32 @@ impl SessionsConfig {
             self.turns_min,
             "an integer ≥ 1",
         )?;
-        ensure(
-            self.turns_max >= self.turns_min,
-            "workload.arrival.turns_max",
-            self.turns_max,
-            &format!("an integer ≥ turns_min = {}", self.turns_min),
-        )?;
+        match (self.turns_max, &self.conversations) {
+            (Some(max), None) => ensure(
+                max >= self.turns_min,
+                "workload.arrival.turns_max",
+                max,
+                &format!("an integer ≥ turns_min = {}", self.turns_min),
+            )?,
+            (None, None) => ensure(
+                false,
+                "workload.arrival.turns_max",
+                "(absent)",
+                "an integer ≥ turns_min (or a conversations file)",
+            )?,
+            (Some(max), Some(_)) => ensure(
+                false,
+                "workload.arrival.turns_max",
+                max,
+                "absent with a conversations file, which gives every session's turns",
+            )?,
+            (None, Some(_)) => ensure(
+                self.turns_min == 1,
+                "workload.arrival.turns_min",
+                self.turns_min,
+                "absent with a conversations file, which gives every session's turns",
+            )?,
+        }
         for (field, v) in [
             ("workload.arrival.think_time_s", self.think_time_s),
             ("workload.arrival.tool_time_s", self.tool_time_s),
@@ -661,6 +693,16 @@ impl WorkloadConfig {
                 )?;
             }
         }
+        let conversations =
+            matches!(&self.arrival, ArrivalConfig::Sessions(s) if s.conversations.is_some());
+        if conversations {
+            ensure(
+                self.lengths.is_none() && self.tenants.iter().all(|t| t.lengths.is_none()),
+                "workload.lengths",
+                "(set)",
+                "absent with arrival.conversations: the conversations carry their own lengths",
+            )?;
+        }
         let replay = matches!(self.arrival, ArrivalConfig::Trace(_));
         if !replay {
             ensure(
@@ -672,7 +714,7 @@ impl WorkloadConfig {
             let every_tenant_has_lengths =
                 !self.tenants.is_empty() && self.tenants.iter().all(|t| t.lengths.is_some());
             ensure(
-                self.lengths.is_some() || every_tenant_has_lengths,
+                self.lengths.is_some() || every_tenant_has_lengths || conversations,
                 "workload.lengths",
                 "(absent)",
                 "a table: type = \"fixed\" | \"independent\" | \"trace\"",

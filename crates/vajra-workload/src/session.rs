@@ -14,6 +14,7 @@
 
 use crate::config::{SessionsConfig, ThinkTime};
 use crate::length::{LengthSampler, clip};
+use crate::trace::Conversation;
 use rand::Rng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Exp};
@@ -81,6 +82,8 @@ pub(crate) struct Sessions {
     no_more_sessions: bool,
     /// `(cumulative weight, length sampler index)` per tenant.
     tenants: Vec<(f64, usize)>,
+    /// Real conversations to replay (each session draws one), or none (turns are drawn).
+    conversations: Vec<Conversation>,
     /// Sessions that ended before their last turn because it would not fit.
     pub cut_short: u64,
 }
@@ -109,10 +112,16 @@ const TAG_SYSTEM: u64 = 1;
 const TAG_SESSION: u64 = 2;
 
 impl Sessions {
-    /// The state machine for a validated config.
-    pub fn new(cfg: &SessionsConfig, tenants: Vec<(f64, usize)>) -> Self {
+    /// The state machine for a validated config; `conversations` (from
+    /// `cfg.conversations`) replace drawn turns when not empty.
+    pub fn new(
+        cfg: &SessionsConfig,
+        tenants: Vec<(f64, usize)>,
+        conversations: Vec<Conversation>,
+    ) -> Self {
         Sessions {
             tenants,
+            conversations,
             session_gap: Exp::new(cfg.qps).expect("validated session rate"),
             think: (cfg.think == ThinkTime::Exponential && cfg.think_time_s > 0.0)
                 .then(|| Exp::new(1.0 / cfg.think_time_s).expect("validated think time")),
@@ -145,12 +154,19 @@ impl Sessions {
             .unwrap_or(self.tenants.len().saturating_sub(1));
         let sampler = self.tenants.get(tenant).map_or(0, |t| t.1);
         let system = d.rng_tenant.random_range(0..self.cfg.system_prompts);
-        let n = d
-            .rng_lengths
-            .random_range(self.cfg.turns_min..=self.cfg.turns_max);
-        let mut turns: Vec<(u32, u32)> = (0..n)
-            .map(|_| d.samplers[sampler].sample(d.rng_lengths))
-            .collect();
+        let mut turns: Vec<(u32, u32)> = if self.conversations.is_empty() {
+            let max = self
+                .cfg
+                .turns_max
+                .expect("validated: turns_max without conversations");
+            let n = d.rng_lengths.random_range(self.cfg.turns_min..=max);
+            (0..n)
+                .map(|_| d.samplers[sampler].sample(d.rng_lengths))
+                .collect()
+        } else {
+            let i = d.rng_lengths.random_range(0..self.conversations.len());
+            self.conversations[i].clone()
+        };
         turns.reverse();
         if d.end.is_some_and(|e| at > e) {
             self.no_more_sessions = true;

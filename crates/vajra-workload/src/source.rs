@@ -180,6 +180,10 @@ impl RequestSource {
                     .iter()
                     .map(|t| (t.cumulative_weight, t.lengths))
                     .collect(),
+                match &c.conversations {
+                    Some(p) => crate::trace::read_conversations(&base.join(p))?,
+                    None => Vec::new(),
+                },
             ))),
             other => Mode::Open {
                 process: ArrivalProcess::new(other).expect("open-loop arrival"),
@@ -663,7 +667,17 @@ mod tests {
         seed: u64,
         serve_s: f64,
     ) -> (Vec<(Request, Timestamp)>, RequestSource) {
-        let mut src = RequestSource::new(c, seed, Path::new("."), 4096).unwrap();
+        serve_sessions_in(c, seed, serve_s, Path::new("."))
+    }
+
+    /// As [`serve_sessions_from`], with the config's paths relative to `base`.
+    fn serve_sessions_in(
+        c: &WorkloadConfig,
+        seed: u64,
+        serve_s: f64,
+        base: &Path,
+    ) -> (Vec<(Request, Timestamp)>, RequestSource) {
+        let mut src = RequestSource::new(c, seed, base, 4096).unwrap();
         let mut done: BinaryHeap<Reverse<(Timestamp, RequestId)>> = BinaryHeap::new();
         let mut out = Vec::new();
         loop {
@@ -762,9 +776,12 @@ mod tests {
             arrival = { type = "sessions", qps = 4.0, turns_min = 3, turns_max = 3, think_time_s = 1.0 }
             lengths = { type = "fixed", prompt = 10, output = 10 }"#);
         let served = serve_sessions(&c, 2, 0.5);
-        let mut turns: std::collections::HashMap<u64, Vec<bool>> = Default::default();
+        let mut turns: HashMap<u64, Vec<bool>> = Default::default();
         for (r, _) in &served {
-            turns.entry(r.session.unwrap()).or_default().push(r.last_turn);
+            turns
+                .entry(r.session.unwrap())
+                .or_default()
+                .push(r.last_turn);
         }
         let whole = turns.values().filter(|t| t.len() == 3).count();
         assert!(whole > 120, "{whole} whole sessions");
@@ -824,6 +841,83 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(field), "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn sessions_replay_the_conversations_of_a_file_turn_by_turn() {
+        let dir = std::env::temp_dir().join(format!("vajra-conv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("c.jsonl"),
+            "{\"id\": \"a\", \"turns\": [[30, 12], [7, 40], [5, 3]]}\n\n{\"turns\": [[100, 1]]}\n",
+        )
+        .unwrap();
+        let c = cfg(r#"num_requests = 200
+            arrival = { type = "sessions", qps = 2.0, think_time_s = 1.0, system_prompt_tokens = 64, conversations = "c.jsonl" }"#);
+        let (served, _) = serve_sessions_in(&c, 5, 0.5, &dir);
+        assert_eq!(served.len(), 200);
+        // Each session is one of the two conversations: (prompt, answer) of every turn.
+        let a = [
+            (64 + 30, 12),
+            (64 + 30 + 12 + 7, 40),
+            (64 + 30 + 12 + 7 + 40 + 5, 3),
+        ];
+        let mut sessions: HashMap<u64, Vec<(u32, u32)>> = Default::default();
+        for (r, _) in &served {
+            let turn = (r.prompt.len(), r.max_tokens());
+            sessions.entry(r.session.unwrap()).or_default().push(turn);
+        }
+        let (mut long, mut short) = (0, 0);
+        for turns in sessions.values() {
+            if turns[0] == (164, 1) {
+                assert_eq!(turns.len(), 1);
+                short += 1;
+            } else {
+                assert!(a.starts_with(turns), "{turns:?}");
+                long += usize::from(turns.len() == 3);
+            }
+        }
+        assert!(long > 20 && short > 20, "both drawn: {long} {short}");
+
+        // Bad files and fields are named.
+        for (text, needle) in [
+            (
+                "{\"turns\": [[30, 0]]}",
+                "line 1: field `turns[0]`: answer tokens = 0",
+            ),
+            ("{\"turns\": []}\n", "field `turns` is empty"),
+            ("\n{\"turns\": [[1.5, 2]]}", "line 2"),
+            ("{\"turn\": [[1, 2]]}", "expected {\"turns\""),
+            ("", "no conversation"),
+        ] {
+            std::fs::write(dir.join("bad.jsonl"), text).unwrap();
+            let e = crate::trace::read_conversations(&dir.join("bad.jsonl"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle) && e.contains("bad.jsonl"), "{text}: {e}");
+        }
+        for (body, field) in [
+            (
+                "turns_max = 3, conversations = \"c.jsonl\"",
+                "workload.arrival.turns_max",
+            ),
+            (
+                "turns_min = 2, conversations = \"c.jsonl\"",
+                "workload.arrival.turns_min",
+            ),
+            ("", "workload.arrival.turns_max"),
+        ] {
+            let c = cfg(&format!(
+                "num_requests = 10\narrival = {{ type = \"sessions\", qps = 1.0, {body} }}"
+            ));
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{body}: {e}");
+        }
+        let c = cfg(r#"num_requests = 10
+            arrival = { type = "sessions", qps = 1.0, conversations = "c.jsonl" }
+            lengths = { type = "fixed", prompt = 5, output = 5 }"#);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("workload.lengths"), "{e}");
     }
 
     #[test]

@@ -285,6 +285,75 @@ fn read_jsonl(path: &Path) -> Result<Vec<TraceRow>> {
     Ok(rows)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConversationRow {
+    /// The conversation's id in its source (kept for the reader, not used).
+    #[serde(default)]
+    #[allow(dead_code)]
+    id: Option<serde_json::Value>,
+    turns: Vec<(f64, f64)>,
+}
+
+/// One conversation's turns: `(new tokens, answer tokens)` each, in order.
+pub type Conversation = Vec<(u32, u32)>;
+
+/// Reads a conversation file (JSONL, one conversation a line:
+/// `{"id": .., "turns": [[new_tokens, answer_tokens], ...]}`). Every count is a whole number
+/// ≥ 1 and every conversation has a turn.
+///
+/// # Errors
+/// An unreadable file, a malformed line (named with its line and what was expected), or no
+/// conversation at all.
+pub fn read_conversations(path: &Path) -> Result<Vec<Conversation>> {
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line_no = i as u64 + 1;
+        let line = line.map_err(io_err(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: ConversationRow = serde_json::from_str(&line).map_err(|e| {
+            bad(
+                path,
+                line_no,
+                format!("{e} (expected {{\"turns\": [[new_tokens, answer_tokens], ...]}})"),
+            )
+        })?;
+        if row.turns.is_empty() {
+            return Err(bad(
+                path,
+                line_no,
+                "field `turns` is empty: a conversation has at least one turn".into(),
+            ));
+        }
+        let mut turns = Vec::with_capacity(row.turns.len());
+        for (k, &(new, answer)) in row.turns.iter().enumerate() {
+            let count = |v: f64, what: &str| {
+                if v.fract() == 0.0 && (1.0..=f64::from(u32::MAX)).contains(&v) {
+                    Ok(v as u32)
+                } else {
+                    Err(bad(
+                        path,
+                        line_no,
+                        format!("field `turns[{k}]`: {what} = {v}: allowed a whole number ≥ 1"),
+                    ))
+                }
+            };
+            turns.push((count(new, "new tokens")?, count(answer, "answer tokens")?));
+        }
+        out.push(turns);
+    }
+    if out.is_empty() {
+        return Err(WorkloadError::EmptyTrace {
+            path: path.to_owned(),
+            message: "no conversation in the file".into(),
+        });
+    }
+    Ok(out)
+}
+
 /// Seconds since 1970-01-01 of a `YYYY-MM-DD HH:MM:SS[.fraction]` time (a `T` separator is
 /// accepted too). `None` if malformed.
 pub fn parse_datetime(s: &str) -> Option<f64> {
