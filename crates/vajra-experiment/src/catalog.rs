@@ -55,14 +55,104 @@ pub fn devices() -> Vec<DeviceSpec> {
             link_bandwidth: 300.0 * GB,
             price_per_hour: 2.21,
         },
+        // A100 40 GB (SXM4): same compute as the 80 GB part, HBM2 at 1,555 GB/s.
+        DeviceSpec {
+            name: "a100-40gb".into(),
+            memory_bytes: 40 * (1 << 30),
+            peak_flops: 312e12,
+            mem_bandwidth: 1555.0 * GB,
+            link_bandwidth: 300.0 * GB,
+            price_per_hour: 1.60,
+        },
+        // B200 (HGX): 180 GB HBM3e at 8 TB/s, 2.25 PFLOP/s dense BF16, NVLink 5 at 1.8 TB/s
+        // both directions together.
+        DeviceSpec {
+            name: "b200".into(),
+            memory_bytes: 180 * 1_000_000_000,
+            peak_flops: 2250e12,
+            mem_bandwidth: 8000.0 * GB,
+            link_bandwidth: 900.0 * GB,
+            price_per_hour: 8.00,
+        },
+        // AMD Instinct MI300X: 192 GB HBM3 at 5.3 TB/s, 1,307 TFLOP/s dense BF16, Infinity
+        // Fabric 896 GB/s peer bandwidth both directions together.
+        DeviceSpec {
+            name: "mi300x".into(),
+            memory_bytes: 192 * 1_000_000_000,
+            peak_flops: 1307.4e12,
+            mem_bandwidth: 5300.0 * GB,
+            link_bandwidth: 448.0 * GB,
+            price_per_hour: 4.00,
+        },
+        // L40S: 48 GB GDDR6 at 864 GB/s, 362 TFLOP/s dense BF16; no NVLink (PCIe 4.0 x16,
+        // 32 GB/s a direction).
+        DeviceSpec {
+            name: "l40s".into(),
+            memory_bytes: 48 * (1 << 30),
+            peak_flops: 362.05e12,
+            mem_bandwidth: 864.0 * GB,
+            link_bandwidth: 32.0 * GB,
+            price_per_hour: 1.20,
+        },
+        // A10G (AWS g5): the A10's GA102 with 24 GB GDDR6 at 600 GB/s; AWS publishes no tensor
+        // peak, so this is the A10 datasheet's 125 TFLOP/s dense BF16. PCIe 4.0 x16.
+        DeviceSpec {
+            name: "a10g".into(),
+            memory_bytes: 24 * (1 << 30),
+            peak_flops: 125e12,
+            mem_bandwidth: 600.0 * GB,
+            link_bandwidth: 32.0 * GB,
+            price_per_hour: 1.01,
+        },
+        // GeForce RTX 4090: 24 GB GDDR6X (25,250,627,584 bytes as CUDA reports the card's
+        // total) at 1,008 GB/s; 165.2 TFLOP/s dense BF16 (FP32 accumulate, which GeForce runs
+        // at half the FP16-accumulate rate); PCIe 4.0 x16.
+        DeviceSpec {
+            name: "rtx4090".into(),
+            memory_bytes: 25_250_627_584,
+            peak_flops: 165.2e12,
+            mem_bandwidth: 1008.0 * GB,
+            link_bandwidth: 32.0 * GB,
+            price_per_hour: 0.69,
+        },
+        // RTX PRO 6000 Blackwell (Server / Workstation): 96 GB GDDR7 at 1,792 GB/s; about
+        // 504 TFLOP/s dense BF16 (a quarter of its 2 PFLOP/s dense FP4); PCIe 5.0 x16,
+        // 64 GB/s a direction.
+        DeviceSpec {
+            name: "rtxpro6000".into(),
+            memory_bytes: 96 * (1 << 30),
+            peak_flops: 503.8e12,
+            mem_bandwidth: 1792.0 * GB,
+            link_bandwidth: 64.0 * GB,
+            price_per_hour: 1.80,
+        },
     ]
 }
 
-/// A built-in device by name (case-insensitive; `h100-80gb` and `a100-80gb` accepted).
+/// A built-in device by name: case, spaces, `-` and `_` do not matter, a leading `nvidia`,
+/// `geforce` or `amd` may be given (`NVIDIA GeForce RTX 4090`, `RTX4090`, `rtx-pro-6000`),
+/// and `h100-80gb`, `a100-80gb`, `h200-141gb` name the default parts.
 pub fn device(name: &str) -> Option<DeviceSpec> {
-    let n = name.to_ascii_lowercase();
-    let n = n.trim_end_matches("-80gb").trim_end_matches("-141gb");
-    devices().into_iter().find(|d| d.name == n)
+    let squash = |s: &str| -> String {
+        s.chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_ascii_lowercase()
+    };
+    let mut n = squash(name);
+    for prefix in ["nvidia", "geforce", "amd", "instinct"] {
+        if let Some(rest) = n.strip_prefix(prefix) {
+            n = rest.to_owned();
+        }
+    }
+    let n = match n.as_str() {
+        "h10080gb" | "h100sxm" | "h100sxm5" => "h100".to_owned(),
+        "a10080gb" | "a100sxm" => "a100".to_owned(),
+        "h200141gb" => "h200".to_owned(),
+        "rtxpro6000blackwell" | "rtxpro6000blackwellserveredition" => "rtxpro6000".to_owned(),
+        _ => n,
+    };
+    devices().into_iter().find(|d| squash(&d.name) == n)
 }
 
 /// The built-in model shapes: `(name, config.json)`, the fields of each model's public
@@ -94,6 +184,13 @@ pub const MODELS: &[(&str, &str)] = &[
         "meta-llama/Meta-Llama-3-8B",
         r#"{"model_type":"llama","hidden_size":4096,"intermediate_size":14336,"num_attention_heads":32,
            "num_hidden_layers":32,"num_key_value_heads":8,"vocab_size":128256,"max_position_embeddings":8192,
+           "rope_theta":500000.0,"rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
+           "torch_dtype":"bfloat16","eos_token_id":128001,"bos_token_id":128000}"#,
+    ),
+    (
+        "meta-llama/Llama-3.1-8B",
+        r#"{"model_type":"llama","hidden_size":4096,"intermediate_size":14336,"num_attention_heads":32,
+           "num_hidden_layers":32,"num_key_value_heads":8,"vocab_size":128256,"max_position_embeddings":131072,
            "rope_theta":500000.0,"rms_norm_eps":1e-05,"hidden_act":"silu","tie_word_embeddings":false,
            "torch_dtype":"bfloat16","eos_token_id":128001,"bos_token_id":128000}"#,
     ),

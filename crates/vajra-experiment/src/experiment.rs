@@ -147,6 +147,10 @@ pub struct Experiment {
     /// Capacity search (`vajra-sim capacity`).
     #[serde(default)]
     pub capacity: CapacityConfig,
+    /// Devices of this file (`[[devices]]`, the fields of a built-in one), which
+    /// `cluster.device` may name beside the built-ins (a same-named one replaces the built-in).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceSpec>,
 }
 
 /// How `vajra-sim capacity` searches for the highest sustainable rate.
@@ -494,9 +498,42 @@ pub fn resolve_model(spec: &ModelSpec, base: &Path) -> Result<ModelConfig> {
 ///
 /// # Errors
 /// An unknown device or a bad price.
-pub fn resolve_device(c: &ClusterSpec) -> Result<DeviceSpec> {
-    let mut d = catalog::device(&c.device).ok_or_else(|| {
-        ExperimentError::invalid("cluster.device", &c.device, catalog::device_names())
+pub fn resolve_device(c: &ClusterSpec, custom: &[DeviceSpec]) -> Result<DeviceSpec> {
+    for (i, d) in custom.iter().enumerate() {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        let bad = if d.name.trim().is_empty() {
+            Some(("name", d.name.clone(), "a non-empty name"))
+        } else if d.memory_bytes == 0 {
+            Some(("memory_bytes", "0".into(), "bytes > 0"))
+        } else if !positive(d.peak_flops) {
+            Some(("peak_flops", d.peak_flops.to_string(), "FLOP/s > 0 (dense bf16)"))
+        } else if !positive(d.mem_bandwidth) {
+            Some(("mem_bandwidth", d.mem_bandwidth.to_string(), "bytes/s > 0"))
+        } else if !positive(d.link_bandwidth) {
+            Some(("link_bandwidth", d.link_bandwidth.to_string(), "bytes/s > 0 per direction"))
+        } else if !(d.price_per_hour.is_finite() && d.price_per_hour >= 0.0) {
+            Some(("price_per_hour", d.price_per_hour.to_string(), "dollars ≥ 0"))
+        } else {
+            None
+        };
+        if let Some((field, v, allowed)) = bad {
+            return Err(ExperimentError::invalid(format!("devices[{i}].{field}"), v, allowed));
+        }
+    }
+    let mine = custom
+        .iter()
+        .find(|d| d.name.eq_ignore_ascii_case(&c.device))
+        .cloned();
+    let mut d = mine.or_else(|| catalog::device(&c.device)).ok_or_else(|| {
+        let mut names = catalog::device_names();
+        for d in custom {
+            names = format!("{names}, {}", d.name);
+        }
+        ExperimentError::invalid(
+            "cluster.device",
+            &c.device,
+            format!("{names} (or a [[devices]] entry of this file)"),
+        )
     })?;
     if let Some(p) = c.price_per_hour {
         if !(p.is_finite() && p >= 0.0) {
@@ -539,7 +576,7 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
         ));
     }
     let m = resolve_model(&e.model, base)?;
-    resolve_device(&e.cluster)?;
+    resolve_device(&e.cluster, &e.devices)?;
     if e.cluster.num_replicas < 1 || e.cluster.num_replicas > 100_000 {
         return Err(ExperimentError::invalid(
             "cluster.num_replicas",

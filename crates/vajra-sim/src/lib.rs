@@ -24,5 +24,6 @@ pub mod report;
 pub mod run;
 pub mod sim;
 pub mod sweep;
+pub mod vllm;
 
 pub use error::{Result, SimError};

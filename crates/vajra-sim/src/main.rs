@@ -75,7 +75,10 @@ enum Cmd {
     },
     /// Fidelity of a simulated run against a measured one (`vajra-engine bench`): a table of
     /// latency percentiles, throughput and batches with relative errors, and the report of both
-    /// runs (overlaid CDFs).
+    /// runs (overlaid CDFs). The measured side may also be a real vLLM run's folder (its
+    /// `requests.jsonl`, as LLMServingSim's bench writes it): TTFT, TPOT and latency mean, p50,
+    /// p90, p95 and p99 against vLLM, beside LLMServingSim's own prediction when its
+    /// `validation/summary.txt` is there (written to <simulated>/fidelity).
     Compare {
         /// The simulated run folder.
         simulated: PathBuf,
@@ -305,6 +308,25 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             out,
             steps,
         } => {
+            if vajra_sim::vllm::run_dir(&measured).is_some() {
+                if steps.is_some() {
+                    return Err(vajra_sim::error::SimError::invalid(
+                        "--steps",
+                        "given",
+                        "absent when the measured side is a vLLM run (its step log is not recorded)",
+                    )
+                    .into());
+                }
+                let out = out.unwrap_or_else(|| simulated.join("fidelity"));
+                let (rows, notes) = vajra_sim::vllm::compare(&simulated, &measured)?;
+                vajra_sim::vllm::write(&rows, &notes, &out)?;
+                print!("{}", vajra_sim::vllm::markdown(&rows));
+                for n in &notes {
+                    println!("{n}");
+                }
+                println!("→ {}", out.display());
+                return Ok(());
+            }
             let out = out.unwrap_or_else(|| measured.join("fidelity"));
             let mut rows = vajra_sim::fidelity::compare(&simulated, &measured)?;
             let mut notes = Vec::new();

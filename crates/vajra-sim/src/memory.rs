@@ -80,24 +80,26 @@ pub fn plan(
     let free = usable_bytes - weight_bytes - activation_bytes;
     let planned = (free / block_bytes).floor();
     if let Some(n) = cache.num_blocks {
-        // An explicit pool may be smaller than what fits (to model another engine's pool), not
-        // larger: the device would not hold it.
-        if f64::from(n) > planned.max(0.0) {
+        // An explicit pool (another engine's measured one, say) may exceed the plan, whose
+        // activation reserve is an estimate, but not what the device holds beside the weights.
+        let physical = ((usable_bytes - weight_bytes) / block_bytes).floor();
+        if f64::from(n) > physical.max(0.0) {
             return Err(SimError::invalid(
                 "cache.num_blocks",
                 n,
                 format!(
-                    "at most {} for {} at TP {} × PP {} on {} ({:.1} GiB of KV at {:.2} MiB a block fit beside {:.1} GiB of weights and {:.1} GiB of activations in {:.1} GiB usable; {n} blocks need {:.1} GiB)",
-                    planned.max(0.0),
+                    "at most {} for {} at TP {} × PP {} on {} ({:.1} GiB of KV at {:.2} MiB a block fit beside {:.1} GiB of weights in {:.1} GiB usable, {} blocks beside the planned {:.1} GiB of activations too; {n} blocks need {:.1} GiB)",
+                    physical.max(0.0),
                     model.name,
                     parallel.tensor_parallel,
                     parallel.pipeline_parallel,
                     device.name,
-                    free.max(0.0) / GIB,
+                    (usable_bytes - weight_bytes).max(0.0) / GIB,
                     block_bytes / (1u64 << 20) as f64,
                     weight_bytes / GIB,
-                    activation_bytes / GIB,
                     usable_bytes / GIB,
+                    planned.max(0.0),
+                    activation_bytes / GIB,
                     f64::from(n) * block_bytes / GIB
                 ),
             ));
@@ -201,5 +203,41 @@ mod tests {
         )
         .unwrap();
         assert_eq!((p.num_blocks, p.overridden), (123, true));
+        // More than the device holds beside the weights is refused, naming the limit.
+        let too_many = CacheConfig {
+            num_blocks: Some(200_000),
+            ..Default::default()
+        };
+        let e = plan(
+            &model("Llama-2-7b-hf").unwrap(),
+            &device("h100").unwrap(),
+            ParallelConfig::default(),
+            &too_many,
+            512,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cache.num_blocks") && e.contains("at most"), "{e}");
+    }
+
+    #[test]
+    fn the_plan_comes_within_one_percent_of_a_real_vllm_pool() {
+        // vLLM v0.19 on an RTX 4090 (CUDA's total of 25,250,627,584 bytes), Llama-3.1-8B bf16,
+        // gpu_memory_utilization 0.9, max_num_batched_tokens 2048: num_gpu_blocks = 2,588
+        // (recorded by the run). vLLM measures its activation peak by running a dummy step;
+        // the plan estimates it, and lands 22 blocks (0.9 %) short.
+        let p = plan(
+            &model("meta-llama/Llama-3.1-8B").unwrap(),
+            &device("rtx4090").unwrap(),
+            ParallelConfig::default(),
+            &CacheConfig {
+                gpu_memory_utilization: 0.9,
+                ..Default::default()
+            },
+            2048,
+        )
+        .unwrap();
+        let err = (f64::from(p.num_blocks) / 2588.0 - 1.0).abs();
+        assert!(err < 0.01, "{} blocks vs vLLM's 2588", p.num_blocks);
     }
 }

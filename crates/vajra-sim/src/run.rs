@@ -97,7 +97,7 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
     let e = &point.experiment;
     let base = &file.base;
     let model = experiment::resolve_model(&e.model, base)?;
-    let device = experiment::resolve_device(&e.cluster)?;
+    let device = experiment::resolve_device(&e.cluster, &e.devices)?;
     let par = experiment::parallel(&e.cluster);
     let max_batch_tokens = e
         .scheduler

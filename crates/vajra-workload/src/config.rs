@@ -188,6 +188,14 @@ pub enum TraceFormat {
     /// One JSON object per line: `timestamp` (ms), `input_length`, `output_length`, optional
     /// `hash_ids` (Mooncake prefix-block ids).
     Jsonl,
+    /// A vLLM run's request log, one JSON object per line (LLMServingSim's `python -m bench
+    /// run` writes it from vLLM's per-request stats): `queued_ts` (s, the engine's clock, when
+    /// the request reached the scheduler), `input_toks`, `output_toks`, optional
+    /// `input_tok_ids`.
+    Vllm,
+    /// LLMServingSim's flat workload JSONL: `arrival_time_ns`, `input_toks`, `output_toks`,
+    /// optional `input_tok_ids` (the prompts' real token ids).
+    Llmservingsim,
 }
 
 /// Trace replay settings.
@@ -217,6 +225,11 @@ pub struct TraceReplayConfig {
     /// Tokens per `hash_ids` block in JSONL traces (Mooncake uses 512).
     #[serde(default = "default_hash_block")]
     pub hash_block_tokens: u32,
+    /// A JSONL file whose lines carry the prompts' real token ids (`input_tok_ids`, as
+    /// LLMServingSim's workload files do), matched to the trace's rows in order; each must have
+    /// as many ids as its row's prompt. Prefix caching then hits what the real engine hit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<PathBuf>,
 }
 
 fn one() -> f64 {
@@ -405,12 +418,15 @@ impl LengthDist {
 }
 
 impl WorkloadConfig {
-    /// Every input file the workload names (trace arrivals, a sessions' conversation file,
-    /// trace lengths, tenants' trace lengths), to rebase relative paths.
+    /// Every input file the workload names (trace arrivals and their prompt tokens, a sessions'
+    /// conversation file, trace lengths, tenants' trace lengths), to rebase relative paths.
     pub fn input_paths_mut(&mut self) -> Vec<&mut PathBuf> {
         let mut out = Vec::new();
         match &mut self.arrival {
-            ArrivalConfig::Trace(t) => out.push(&mut t.path),
+            ArrivalConfig::Trace(t) => {
+                out.push(&mut t.path);
+                out.extend(t.prompt_tokens.as_mut());
+            }
             ArrivalConfig::Sessions(s) => out.extend(s.conversations.as_mut()),
             _ => {}
         }

@@ -338,12 +338,12 @@ impl RequestSource {
             };
             let mut req = self.request(
                 id,
-                SyntheticPrompt {
+                Prompt::Synthetic(SyntheticPrompt {
                     len: turn.prompt,
                     prefix_groups: turn.groups,
                     group_tokens: turn.group_tokens,
                     output_in_groups: true,
-                },
+                }),
                 turn.output,
                 turn.arrival,
                 turn.tenant,
@@ -355,6 +355,7 @@ impl RequestSource {
             self.next = Some(req);
             return;
         }
+        let mut tokens = Vec::new();
         let (arrival, lengths, hash) = match &mut self.mode {
             Mode::Open { process, t } => {
                 *t += process.gap(self.issued, &mut self.rng_arrival);
@@ -373,6 +374,7 @@ impl RequestSource {
                         *hash_block_tokens,
                     )
                 });
+                tokens = std::mem::take(&mut rows[*cursor - 1].tokens);
                 let r = &rows[*cursor - 1];
                 (
                     Timestamp::from_secs_f64(r.arrival_s.unwrap_or(0.0)),
@@ -429,18 +431,18 @@ impl RequestSource {
         let (wanted_prompt, wanted_output) = (prompt, output);
         let (prompt, output) = clip(prompt, output, self.max_tokens);
         self.next_clipped = (prompt, output) != (wanted_prompt, wanted_output);
-        let req = self.request(
-            id,
-            SyntheticPrompt {
+        let prompt = if tokens.is_empty() {
+            Prompt::Synthetic(SyntheticPrompt {
                 len: prompt,
                 prefix_groups: groups,
                 group_tokens,
                 output_in_groups: false,
-            },
-            output,
-            arrival,
-            ti,
-        );
+            })
+        } else {
+            tokens.truncate(prompt as usize);
+            Prompt::Tokens(tokens)
+        };
+        let req = self.request(id, prompt, output, arrival, ti);
         self.issued += 1;
         self.next = Some(req);
     }
@@ -450,13 +452,13 @@ impl RequestSource {
     fn request(
         &self,
         id: RequestId,
-        prompt: SyntheticPrompt,
+        prompt: Prompt,
         output: u32,
         arrival: Timestamp,
         ti: usize,
     ) -> Request {
         let tenant = &self.tenants[ti];
-        let mut req = Request::new(id, Prompt::Synthetic(prompt), output, arrival);
+        let mut req = Request::new(id, prompt, output, arrival);
         req.tenant = TenantId(ti as u32);
         req.priority = tenant.priority;
         req.slo_class = tenant.slo_class;
@@ -468,7 +470,24 @@ impl RequestSource {
 
 fn replay_rows(t: &TraceReplayConfig, base: &Path) -> Result<Vec<TraceRow>> {
     let path = resolve(base, &t.path);
-    let rows = read_trace(&path, t.format, true)?;
+    let mut rows = read_trace(&path, t.format, true)?;
+    if let Some(p) = &t.prompt_tokens {
+        crate::trace::attach_prompt_tokens(&mut rows, &resolve(base, p))?;
+    }
+    if t.prefill_scale != 1.0 && rows.iter().any(|r| !r.tokens.is_empty()) {
+        return Err(vajra_core::CoreError::invalid(
+            "workload.arrival.prefill_scale",
+            t.prefill_scale,
+            "1 for a trace with real prompt tokens (their lengths are the tokens')",
+        )
+        .into());
+    }
+    // Replayed by arrival (stable: equal times keep the file's order).
+    rows.sort_by(|a, b| {
+        a.arrival_s
+            .unwrap_or(0.0)
+            .total_cmp(&b.arrival_s.unwrap_or(0.0))
+    });
     let start = t.start_s.unwrap_or(f64::NEG_INFINITY);
     let end = t.end_s.unwrap_or(f64::INFINITY);
     let mut kept: Vec<TraceRow> = rows

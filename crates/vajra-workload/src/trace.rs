@@ -6,6 +6,8 @@
 //! | `vidur_csv` | `arrived_at` (s; optional unless arrivals are replayed), `num_prefill_tokens`, `num_decode_tokens` |
 //! | `azure` | `TIMESTAMP` (`YYYY-MM-DD HH:MM:SS[.fraction]`), `ContextTokens`, `GeneratedTokens` |
 //! | `jsonl` | `timestamp` (ms), `input_length`, `output_length`, optional `hash_ids` |
+//! | `vllm` | a vLLM run's request log: `queued_ts` (s, engine clock), `input_toks`, `output_toks`, optional `input_tok_ids` |
+//! | `llmservingsim` | LLMServingSim's workload: `arrival_time_ns`, `input_toks`, `output_toks`, optional `input_tok_ids` |
 //!
 //! A missing column, an unparsable cell or a zero/negative length is an error naming the file,
 //! the line and the column.
@@ -27,6 +29,8 @@ pub struct TraceRow {
     pub output: u32,
     /// Prefix-block ids (Mooncake `hash_ids`), empty if absent.
     pub hash_ids: Vec<u64>,
+    /// The prompt's real token ids, empty if the trace has none.
+    pub tokens: Vec<u32>,
 }
 
 /// Reads a trace. With `need_arrivals`, rows must carry arrival times.
@@ -40,6 +44,7 @@ pub fn read_trace(path: &Path, format: TraceFormat, need_arrivals: bool) -> Resu
     };
     let mut rows = match format {
         TraceFormat::Jsonl => read_jsonl(path)?,
+        TraceFormat::Vllm | TraceFormat::Llmservingsim => read_token_jsonl(path, format)?,
         TraceFormat::VidurCsv | TraceFormat::Azure | TraceFormat::Auto => {
             read_csv(path, format, need_arrivals)?
         }
@@ -50,7 +55,10 @@ pub fn read_trace(path: &Path, format: TraceFormat, need_arrivals: bool) -> Resu
             message: "no data rows".into(),
         });
     }
-    if let Some(t0) = rows[0].arrival_s {
+    // A request log may be written in id order rather than by arrival: times count from the
+    // earliest.
+    let t0 = rows.iter().filter_map(|r| r.arrival_s).reduce(f64::min);
+    if let Some(t0) = t0 {
         for r in &mut rows {
             if let Some(t) = &mut r.arrival_s {
                 *t -= t0;
@@ -68,14 +76,20 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WorkloadError + '_ {
 }
 
 fn detect(path: &Path) -> Result<TraceFormat> {
-    if path.extension().is_some_and(|e| e == "jsonl") {
-        return Ok(TraceFormat::Jsonl);
-    }
     let f = std::fs::File::open(path).map_err(io_err(path))?;
     let mut first = String::new();
     BufReader::new(f)
         .read_line(&mut first)
         .map_err(io_err(path))?;
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        return Ok(if first.contains("\"queued_ts\"") {
+            TraceFormat::Vllm
+        } else if first.contains("\"arrival_time_ns\"") {
+            TraceFormat::Llmservingsim
+        } else {
+            TraceFormat::Jsonl
+        });
+    }
     Ok(if first.contains("TIMESTAMP") {
         TraceFormat::Azure
     } else {
@@ -221,6 +235,7 @@ fn read_csv(path: &Path, format: TraceFormat, need_arrivals: bool) -> Result<Vec
             prompt: parse_len(path, line, p_col, cell(pi, p_col)?)?,
             output: parse_len(path, line, d_col, cell(di, d_col)?)?,
             hash_ids: Vec::new(),
+            tokens: Vec::new(),
         });
     }
     if let Some((i, _)) = rows
@@ -280,9 +295,131 @@ fn read_jsonl(path: &Path) -> Result<Vec<TraceRow>> {
             prompt: parse_len(path, line_no, "input_length", &r.input_length.to_string())?,
             output: parse_len(path, line_no, "output_length", &r.output_length.to_string())?,
             hash_ids: r.hash_ids,
+            tokens: Vec::new(),
         });
     }
     Ok(rows)
+}
+
+/// A row of a vLLM request log or an LLMServingSim workload (other fields are ignored: both
+/// carry timestamps and ids this reader does not need).
+#[derive(Deserialize)]
+struct TokenRow {
+    queued_ts: Option<f64>,
+    arrival_time_ns: Option<f64>,
+    input_toks: f64,
+    output_toks: f64,
+    #[serde(default)]
+    input_tok_ids: Vec<u32>,
+}
+
+fn read_token_jsonl(path: &Path, format: TraceFormat) -> Result<Vec<TraceRow>> {
+    let (field, scale, shape) = match format {
+        TraceFormat::Vllm => (
+            "queued_ts",
+            1.0,
+            "{\"queued_ts\": s, \"input_toks\": n, \"output_toks\": n}",
+        ),
+        _ => (
+            "arrival_time_ns",
+            1e-9,
+            "{\"arrival_time_ns\": ns, \"input_toks\": n, \"output_toks\": n, \"input_tok_ids\": [..]}",
+        ),
+    };
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut rows: Vec<TraceRow> = Vec::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line_no = i as u64 + 1;
+        let line = line.map_err(io_err(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: TokenRow = serde_json::from_str(&line)
+            .map_err(|e| bad(path, line_no, format!("{e} (expected {shape})")))?;
+        let t = match format {
+            TraceFormat::Vllm => r.queued_ts,
+            _ => r.arrival_time_ns,
+        }
+        .ok_or_else(|| bad(path, line_no, format!("missing field `{field}` (expected {shape})")))?
+            * scale;
+        if !t.is_finite() {
+            return Err(bad(path, line_no, format!("field `{field}` is not finite")));
+        }
+        let prompt = parse_len(path, line_no, "input_toks", &r.input_toks.to_string())?;
+        if !r.input_tok_ids.is_empty() && r.input_tok_ids.len() != prompt as usize {
+            return Err(bad(
+                path,
+                line_no,
+                format!(
+                    "`input_tok_ids` has {} ids but `input_toks` is {prompt}",
+                    r.input_tok_ids.len()
+                ),
+            ));
+        }
+        rows.push(TraceRow {
+            arrival_s: Some(t),
+            prompt,
+            output: parse_len(path, line_no, "output_toks", &r.output_toks.to_string())?,
+            hash_ids: Vec::new(),
+            tokens: r.input_tok_ids,
+        });
+    }
+    // Kept in the file's order (a workload's token ids match it line by line); the replay
+    // sorts by arrival.
+    Ok(rows)
+}
+
+/// Fills `rows`' prompt tokens from the `input_tok_ids` of `path`'s lines, in order.
+///
+/// # Errors
+/// An unreadable file, a line without ids, a length that differs from its row's prompt, or
+/// fewer lines than rows.
+pub fn attach_prompt_tokens(rows: &mut [TraceRow], path: &Path) -> Result<()> {
+    #[derive(Deserialize)]
+    struct Ids {
+        input_tok_ids: Option<Vec<u32>>,
+    }
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut n = 0;
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line_no = i as u64 + 1;
+        let line = line.map_err(io_err(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Some(row) = rows.get_mut(n) else { break };
+        let ids: Ids = serde_json::from_str(&line).map_err(|e| {
+            bad(path, line_no, format!("{e} (expected {{\"input_tok_ids\": [..]}})"))
+        })?;
+        let ids = ids
+            .input_tok_ids
+            .ok_or_else(|| bad(path, line_no, "missing field `input_tok_ids`".into()))?;
+        if ids.len() != row.prompt as usize {
+            return Err(bad(
+                path,
+                line_no,
+                format!(
+                    "{} prompt token ids but the trace's row {} has a {}-token prompt (workload.arrival.prompt_tokens must list the trace's requests in its order)",
+                    ids.len(),
+                    n + 1,
+                    row.prompt
+                ),
+            ));
+        }
+        row.tokens = ids;
+        n += 1;
+    }
+    if n < rows.len() {
+        return Err(bad(
+            path,
+            n as u64,
+            format!(
+                "{n} lines of prompt token ids for a trace of {} requests",
+                rows.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -285,6 +285,16 @@ impl KvCacheManager {
             .count() as u32
     }
 
+    /// Whether [`Self::allocate_slots`] would succeed for `spec` on `table` now.
+    pub fn can_allocate(&self, table: &BlockTable, spec: &AllocSpec<'_>) -> bool {
+        let reserve = if spec.apply_watermark {
+            self.watermark_blocks
+        } else {
+            0
+        };
+        self.blocks_needed(table, spec) + reserve <= self.pool.num_free()
+    }
+
     /// Makes room in `table` for `spec`. On success returns how many blocks were appended
     /// (hits and new); on a short pool returns `None` and changes nothing.
     pub fn allocate_slots(&mut self, table: &mut BlockTable, spec: &AllocSpec<'_>) -> Option<u32> {

@@ -204,6 +204,11 @@ pub struct VllmV1Config {
     pub enable_chunked_prefill: bool,
     /// Cap on one request's tokens per step (vLLM's `long_prefill_token_threshold`); 0 is off.
     pub long_prefill_token_threshold: u32,
+    /// Admit a waiting request only when blocks for all its tokens not yet computed are free
+    /// now, though only its first chunk's are taken (vLLM's `scheduler_reserve_full_isl`, on
+    /// by default there: it keeps chunked prefill from admitting prompts the pool cannot
+    /// finish). Off: admission needs only the chunk's blocks.
+    pub reserve_full_isl: bool,
 }
 
 impl Default for VllmV1Config {
@@ -212,6 +217,7 @@ impl Default for VllmV1Config {
             max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
             enable_chunked_prefill: true,
             long_prefill_token_threshold: 0,
+            reserve_full_isl: true,
         }
     }
 }

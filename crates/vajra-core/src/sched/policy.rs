@@ -99,8 +99,11 @@ impl VictimPolicy for LowestPriorityVictim {
 /// How much KV a request being admitted reserves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reserve {
-    /// Only the tokens scheduled now (vLLM v1).
+    /// Only the tokens scheduled now (vLLM v1 without `reserve_full_isl`).
     Scheduled,
+    /// Only the tokens scheduled now, and only when blocks for every known token not yet
+    /// computed are free (vLLM v1's `scheduler_reserve_full_isl`).
+    ScheduledIfAllFit,
     /// Every known token not yet computed (Sarathi-Serve's whole-prompt reservation).
     Remaining,
     /// Known tokens plus the largest possible output (Orca, FasterTransformer).

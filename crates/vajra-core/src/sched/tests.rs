@@ -315,6 +315,7 @@ fn vllm_v1_caps_one_request_per_step_with_the_long_prefill_threshold() {
         max_num_batched_tokens: 100,
         enable_chunked_prefill: true,
         long_prefill_token_threshold: 16,
+        ..Default::default()
     });
     let mut f = fx(p).build();
     f.add(40, 1);
@@ -328,6 +329,7 @@ fn vllm_v1_without_chunking_stops_admission_at_a_prompt_that_does_not_fit() {
         max_num_batched_tokens: 4096,
         enable_chunked_prefill: false,
         long_prefill_token_threshold: 0,
+        ..Default::default()
     });
     let mut f = fx(p).build();
     f.add(3000, 1);
@@ -335,6 +337,26 @@ fn vllm_v1_without_chunking_stops_admission_at_a_prompt_that_does_not_fit() {
     f.add(10, 1);
     // FCFS head-of-line blocking: the 2,000-token prompt does not fit the 1,096 left.
     assert_eq!(shares(&f.step()), vec![(0, 3000)]);
+}
+
+#[test]
+fn vllm_v1_admits_a_prompt_only_when_all_of_it_fits_under_reserve_full_isl() {
+    // 20 blocks of 4 tokens; a 24-token budget. Step 1 admits A (40 tokens, 10 blocks: fits)
+    // with a 24-token chunk; step 2 finishes A's prompt (10 blocks held, 10 free) with 8
+    // tokens of budget left. B's 48 tokens need 12 blocks: vLLM's full-prompt check refuses
+    // it, where admitting by the chunk alone (2 blocks) would let it in.
+    for (full, expected) in [(true, vec![(0, 16)]), (false, vec![(0, 16), (1, 8)])] {
+        let p = PolicyConfig::VllmV1(VllmV1Config {
+            max_num_batched_tokens: 24,
+            reserve_full_isl: full,
+            ..Default::default()
+        });
+        let mut f = fx(p).blocks(20).build();
+        f.add(40, 4);
+        f.add(48, 4);
+        assert_eq!(shares(&f.step()), vec![(0, 24)]);
+        assert_eq!(shares(&f.step()), expected, "reserve_full_isl = {full}");
+    }
 }
 
 #[test]

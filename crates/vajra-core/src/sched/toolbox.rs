@@ -52,7 +52,7 @@ impl Scheduler {
         }
         let n = remaining.min(spec.max_tokens);
         let reserve = match spec.reserve {
-            Reserve::Scheduled => n,
+            Reserve::Scheduled | Reserve::ScheduledIfAllFit => n,
             Reserve::Remaining => remaining,
             Reserve::WorstCase => remaining + seq.remaining_output(),
         };
@@ -62,6 +62,17 @@ impl Scheduler {
             num_new_tokens: reserve,
             apply_watermark: others_running,
         };
+        if spec.reserve == Reserve::ScheduledIfAllFit
+            && !self.kv.can_allocate(
+                &seq.table,
+                &AllocSpec {
+                    num_new_tokens: remaining,
+                    ..alloc
+                },
+            )
+        {
+            return None;
+        }
         let appended = self.kv.allocate_slots(&mut seq.table, &alloc)?;
         self.queued_tokens -= u64::from(seq.prompt_len + seq.num_output);
         if head {

@@ -1,6 +1,7 @@
 //! vLLM v1's step: running requests first (decodes and unfinished prefills, in running order),
 //! then waiting ones, all under `max_num_batched_tokens`; a per-request cap
-//! (`long_prefill_token_threshold`); recompute or swap preemption of the newest running request
+//! (`long_prefill_token_threshold`); admission only when the whole prompt's blocks are free
+//! (`reserve_full_isl`, vLLM's default); recompute or swap preemption of the newest running request
 //! (or the lowest priority under the priority queue) when blocks run out; no admission in a
 //! step that preempted; head-of-line blocking when the queue head does not fit. Under the
 //! priority queue a waiting request that does not fit for lack of blocks may also preempt a
@@ -38,7 +39,11 @@ impl BatchPolicy for VllmV1 {
             let spec = AdmitSpec {
                 max_tokens: budget.min(cap),
                 whole: !c.enable_chunked_prefill,
-                reserve: Reserve::Scheduled,
+                reserve: if c.reserve_full_isl {
+                    Reserve::ScheduledIfAllFit
+                } else {
+                    Reserve::Scheduled
+                },
             };
             if let Some(n) = step.admit(spec) {
                 budget -= n;

@@ -25,6 +25,7 @@
 //! is no ×1.1 GQA factor, the LM head is modelled, and inputs outside the grid extrapolate
 //! with a warning instead of raising `KeyError`.
 
+pub mod bundle;
 pub mod curve;
 pub mod profile;
 pub mod roofline;
@@ -40,11 +41,15 @@ pub use vajra_experiment::predictor::PredictorConfig;
 
 enum Linear {
     Measured(OpCurves),
+    /// A profile bundle's token-count operators (`bundle`).
+    Bundle(bundle::DenseOps),
     Roofline,
 }
 
 enum Attention {
     Fitted(AttentionFit),
+    /// A profile bundle's measured table, interpolated (`bundle`).
+    Grid(bundle::AttentionGrid),
     Roofline,
 }
 
@@ -128,9 +133,11 @@ struct Terms {
     kv_read: f64,
     /// Requests that sample a token.
     sampled: f64,
-    /// Decoding requests (c = 1) and their Σ (k + 1).
+    /// Decoding requests (c = 1), their Σ (k + 1), and the shortest and longest k + 1.
     dec_b: f64,
     dec_kv: f64,
+    dec_min: f64,
+    dec_max: f64,
     /// Prefill chunks: count, Σc, Σk, Σ c·(k + c/2), Σ causal work, Σ (k + c).
     pre_n: usize,
     pre_c: f64,
@@ -152,6 +159,8 @@ pub struct Predictor {
     send_recv: Option<Curve>,
     /// Measured final norm + LM head, ms by sampled rows (`lm_head.csv`).
     head: Option<Curve>,
+    /// A bundle's per-request operators (LM head, sampler), ms by scheduled requests.
+    per_sequence: Option<bundle::Bundle>,
     /// Per stage, ns for `T` tokens, `T` in `0..table[s].len()`.
     table: Vec<Vec<u64>>,
     cpu_base_ns: f64,
@@ -205,7 +214,38 @@ impl Predictor {
         let pp = parallel.pipeline_parallel;
         let mut provenance = Vec::new();
         let mut warnings = Vec::new();
+        let bundle = match compute {
+            Some(dir) if bundle::is_bundle(dir) => {
+                let b = bundle::Bundle::read(dir, model, tp)?;
+                provenance.push(format!(
+                    "profile bundle: {} ({}); linear ops from dense.csv, attention interpolated over the {} rows of attention.csv{}, LM head and sampler by scheduled requests from per_sequence.csv",
+                    b.dir.display(),
+                    b.measured,
+                    b.attention.rows,
+                    if b.attention.has_skew_fit() {
+                        " with skew_fit.csv's correction for unequal decode contexts"
+                    } else {
+                        " (no skew_fit.csv: decodes priced at their mean context)"
+                    }
+                ));
+                if f64::from(max_batch_tokens) > b.dense.max_tokens {
+                    warnings.push(format!(
+                        "batches may reach {max_batch_tokens} tokens but {} was measured up to {}; operators grow proportionally beyond",
+                        b.dir.join("dense.csv").display(),
+                        b.dense.max_tokens
+                    ));
+                }
+                Some(b)
+            }
+            _ => None,
+        };
         let linear = match compute {
+            _ if bundle.is_some() => Linear::Bundle(
+                bundle
+                    .as_ref()
+                    .map(|b| b.dense.clone())
+                    .expect("bundle read"),
+            ),
             Some(dir) => {
                 let c = profile::read_mlp(&dir.join("mlp.csv"), model, tp, stat)?;
                 provenance.push(format!(
@@ -228,6 +268,9 @@ impl Predictor {
             }
         };
         let attention = match compute.map(|d| d.join("attention.csv")) {
+            _ if bundle.is_some() => {
+                Attention::Grid(bundle.as_ref().map(|b| b.attention.clone()).expect("bundle read"))
+            }
             Some(p) if p.exists() => {
                 let fit = profile::read_attention(&p, tp, stat)?;
                 provenance.push(format!(
@@ -244,6 +287,7 @@ impl Predictor {
             }
         };
         let head = match compute.map(|d| d.join("lm_head.csv")) {
+            _ if bundle.is_some() => None,
             Some(p) if cfg.lm_head && p.exists() => {
                 let c = profile::read_lm_head(&p, model, tp, stat)?;
                 provenance.push(format!("final norm + LM head: {}", p.display()));
@@ -298,6 +342,7 @@ impl Predictor {
             all_reduce,
             send_recv,
             head,
+            per_sequence: bundle,
             table: Vec::new(),
             cpu_base_ns: cfg.cpu_overhead_us * 1e3,
             cpu_per_req_ns: cfg.cpu_overhead_per_request_us * 1e3,
@@ -333,6 +378,7 @@ impl Predictor {
                 .filter(|(op, _)| op.as_str() != "emb")
                 .map(|(_, curve)| curve.at(t))
                 .sum(),
+            Linear::Bundle(d) => d.layer_ms(t),
             Linear::Roofline => roofline::MLP_OPS
                 .iter()
                 .filter(|op| **op != "emb")
@@ -344,6 +390,7 @@ impl Predictor {
     fn emb_ms(&self, t: f64) -> f64 {
         match &self.linear {
             Linear::Measured(c) => c.ops.get("emb").map_or(0.0, |e| e.at(t)),
+            Linear::Bundle(d) => d.embedding.as_ref().map_or(0.0, |e| e.at(t)),
             Linear::Roofline => {
                 roofline::op_time(&self.model, &self.device, self.tp, "emb", t) * 1e3
             }
@@ -381,6 +428,8 @@ impl Predictor {
         }
         if s + 1 < self.layers.len() {
             ms += self.send_recv_ms(t);
+        } else if let Linear::Bundle(d) = &self.linear {
+            ms += d.final_norm.as_ref().map_or(0.0, |c| c.at(t));
         }
         ms
     }
@@ -399,6 +448,12 @@ impl Predictor {
             x.kv_read += k + c;
             x.sampled += f64::from(u8::from(samples));
             if num_tokens == 1 {
+                x.dec_min = if x.dec_b == 0.0 {
+                    k + 1.0
+                } else {
+                    x.dec_min.min(k + 1.0)
+                };
+                x.dec_max = x.dec_max.max(k + 1.0);
                 x.dec_b += 1.0;
                 x.dec_kv += k + 1.0;
             } else {
@@ -416,6 +471,20 @@ impl Predictor {
     /// Attention time of one layer, ms.
     fn attention_layer_ms(&self, x: &Terms) -> f64 {
         match &self.attention {
+            Attention::Grid(g) => {
+                let (chunk, key) = if x.pre_c > 0.0 {
+                    (x.pre_c, x.pre_ck / x.pre_c)
+                } else {
+                    (0.0, 0.0)
+                };
+                let dec = bundle::Decodes {
+                    n: x.dec_b,
+                    mean: if x.dec_b > 0.0 { x.dec_kv / x.dec_b } else { 0.0 },
+                    min: x.dec_min,
+                    max: x.dec_max,
+                };
+                g.ms(chunk, key, dec)
+            }
             Attention::Fitted(f) => {
                 let mut ms = f.kv_save[0] + f.kv_save[1] * x.tokens;
                 if x.pre_n > 0 {
@@ -485,7 +554,9 @@ impl Predictor {
                 None => self.linear_stage_ms(s, t as f64) * 1e6,
             };
             let mut ns = lin + f64::from(self.layers[s]) * attn_ms * 1e6;
-            if s == last && self.lm_head && x.sampled > 0.0 {
+            if s == last && self.lm_head && let Some(b) = &self.per_sequence {
+                ns += b.per_sequence_ms(batch) * 1e6;
+            } else if s == last && self.lm_head && x.sampled > 0.0 {
                 ns += match &self.head {
                     Some(c) => c.at(x.sampled) * 1e6,
                     None => roofline::lm_head(&self.model, &self.device, self.tp, x.sampled) * 1e9,

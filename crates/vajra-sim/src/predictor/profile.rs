@@ -24,7 +24,7 @@ use vajra_core::config::ModelConfig;
 pub use vajra_experiment::predictor::Statistic;
 
 /// A CSV table read as text cells, with column lookup that errors by name.
-struct Table {
+pub(crate) struct Table {
     path: PathBuf,
     headers: HashMap<String, usize>,
     names: Vec<String>,
@@ -32,7 +32,7 @@ struct Table {
 }
 
 impl Table {
-    fn read(path: &Path) -> Result<Self, SimError> {
+    pub(crate) fn read(path: &Path) -> Result<Self, SimError> {
         let mut rdr = csv::Reader::from_path(path).map_err(|e| SimError::Profile {
             path: path.to_owned(),
             message: e.to_string(),
@@ -66,7 +66,7 @@ impl Table {
         })
     }
 
-    fn col(&self, name: &str) -> Result<usize, SimError> {
+    pub(crate) fn col(&self, name: &str) -> Result<usize, SimError> {
         self.headers
             .get(name)
             .copied()
@@ -85,7 +85,25 @@ impl Table {
             })
     }
 
-    fn num(&self, row: usize, col: usize) -> Result<Option<f64>, SimError> {
+    /// Number of data rows.
+    pub(crate) fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// A cell as text (trimmed; empty when the row is short).
+    pub(crate) fn text(&self, row: usize, col: usize) -> &str {
+        self.rows[row].get(col).unwrap_or("").trim()
+    }
+
+    /// A cell that must hold a number.
+    pub(crate) fn need(&self, row: usize, col: usize) -> Result<f64, SimError> {
+        self.num(row, col)?.ok_or_else(|| SimError::Profile {
+            path: self.path.clone(),
+            message: format!("line {}, column `{}` is empty", row + 2, self.names[col]),
+        })
+    }
+
+    pub(crate) fn num(&self, row: usize, col: usize) -> Result<Option<f64>, SimError> {
         let cell = self.rows[row].get(col).unwrap_or("").trim();
         if cell.is_empty() {
             return Ok(None);
