@@ -27,6 +27,16 @@ pub struct PredictorConfig {
     /// `mean` (adds each point's share of slow steps; closer to a long run's average on a
     /// noisy machine). Collectives keep the median.
     pub profile_statistic: Statistic,
+    /// Token counts of the engine's captured CUDA graphs, ascending (vLLM's
+    /// `cudagraph_capture_sizes`). A step of at most the largest runs its token-count
+    /// operators (projections, norms, MLP) at the next size up, as vLLM pads the batch to
+    /// the graph it replays; attention and the LM head see the real requests. Empty: no
+    /// padding.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cuda_graph_sizes: Vec<u32>,
+    /// Apply a profile bundle's `skew_fit.csv` (the correction for decodes of unequal context
+    /// in one step) when it has one.
+    pub skew_correction: bool,
 }
 
 impl Default for PredictorConfig {
@@ -38,6 +48,8 @@ impl Default for PredictorConfig {
             cpu_overhead_per_request_us: 0.0,
             lm_head: true,
             profile_statistic: Statistic::Median,
+            cuda_graph_sizes: Vec::new(),
+            skew_correction: true,
         }
     }
 }
@@ -62,6 +74,14 @@ impl PredictorConfig {
                     "a finite number of microseconds ≥ 0",
                 ));
             }
+        }
+        let g = &self.cuda_graph_sizes;
+        if g.first() == Some(&0) || g.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ExperimentError::invalid(
+                "predictor.cuda_graph_sizes",
+                format!("{g:?}"),
+                "token counts ≥ 1 in ascending order, e.g. [1, 2, 4, 8, 16, 24, 32]",
+            ));
         }
         Ok(())
     }

@@ -111,6 +111,34 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TraceCmd,
     },
+    /// Experiments from other tools' runs.
+    Import {
+        #[command(subcommand)]
+        cmd: ImportCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// An experiment replaying a real vLLM run (LLMServingSim's bench folder: requests.jsonl
+    /// and meta.json, alone or under vllm/): arrivals, lengths, prompt token ids, engine
+    /// settings, device and profile bundle.
+    Vllm {
+        /// The run folder.
+        run: PathBuf,
+        /// The experiment TOML to write.
+        #[arg(short, long)]
+        out: PathBuf,
+        /// The profile (default: profiler/perf/<GPU>/<model>/<dtype>/ found above the run).
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// The workload JSONL with input_tok_ids (default: meta.json's dataset_path).
+        #[arg(long)]
+        workload: Option<PathBuf>,
+        /// The device (default: meta.json's hardware.device_name or a folder name).
+        #[arg(long)]
+        device: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -470,6 +498,28 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             print!("{}", profiles::error_table(&rows));
+            Ok(())
+        }
+        Cmd::Import {
+            cmd:
+                ImportCmd::Vllm {
+                    run,
+                    out,
+                    profile,
+                    workload,
+                    device,
+                },
+        } => {
+            let opts = vajra_sim::vllm::ImportOptions {
+                profile,
+                workload,
+                device,
+            };
+            for n in vajra_sim::vllm::import(&run, &out, &opts)? {
+                eprintln!("  {n}");
+            }
+            ExperimentFile::load(&out)?;
+            println!("→ {} (validated)", out.display());
             Ok(())
         }
         Cmd::Trace {

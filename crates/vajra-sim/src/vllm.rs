@@ -339,6 +339,340 @@ pub fn write(rows: &[VllmRow], notes: &[String], out: &Path) -> Result<(), SimEr
     w.flush().map_err(crate::error::write_err(&p))
 }
 
+
+/// What `vajra-sim import vllm` was told beyond the run folder.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// The profile folder (default: LLMServingSim's `profiler/perf/<GPU>/<model>/<dtype>/`
+    /// found above the run, else the roofline).
+    pub profile: Option<PathBuf>,
+    /// The workload with the prompts' token ids (default: `meta.json`'s `dataset_path`, found
+    /// above the run).
+    pub workload: Option<PathBuf>,
+    /// The device (default: `meta.json`'s `hardware.device_name`, else a folder name of the
+    /// run's path that names a built-in device).
+    pub device: Option<String>,
+}
+
+/// vLLM v0.19's CUDA-graph capture sizes when the run does not record them: 1, 2, 4, then
+/// steps of 8 below 256 and of 16 from 256, up to `min(2·max_num_seqs, 512)`.
+pub fn default_capture_sizes(max_num_seqs: u32) -> Vec<u32> {
+    let top = (2 * max_num_seqs).min(512);
+    let mut v: Vec<u32> = [1, 2, 4].into_iter().filter(|&x| x <= top).collect();
+    v.extend((8..256).step_by(8).filter(|&x| x <= top));
+    v.extend((256..=top).step_by(16));
+    v
+}
+
+/// `to` relative to the folder `from` (both made absolute), with `/` separators.
+fn relative(from: &Path, to: &Path) -> String {
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    let (from, to) = (abs(from), abs(to));
+    let a: Vec<_> = from.components().collect();
+    let b: Vec<_> = to.components().collect();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut parts: Vec<String> = std::iter::repeat_n("..".to_owned(), a.len() - common).collect();
+    parts.extend(
+        b[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    if parts.is_empty() {
+        ".".into()
+    } else {
+        parts.join("/")
+    }
+}
+
+/// `rel` under `dir` or one of its ancestors, the nearest first.
+fn find_up(dir: &Path, rel: &Path) -> Option<PathBuf> {
+    let start = std::fs::canonicalize(dir).ok()?;
+    start.ancestors().map(|a| a.join(rel)).find(|p| p.exists())
+}
+
+/// Writes an experiment replaying the vLLM run at `dir` to `out`; returns what it read and
+/// chose, one line each.
+///
+/// # Errors
+/// Not a vLLM run, an unreadable `meta.json`, a model or device the catalog lacks (with what to
+/// pass instead), or an output that cannot be written.
+pub fn import(dir: &Path, out: &Path, opts: &ImportOptions) -> Result<Vec<String>, SimError> {
+    let run = run_dir(dir).ok_or_else(|| {
+        err(
+            dir,
+            "not a vLLM run folder (expected requests.jsonl here or in vllm/)",
+        )
+    })?;
+    let meta_path = run.join("meta.json");
+    let meta: serde_json::Value = std::fs::read_to_string(&meta_path)
+        .map_err(|e| err(&meta_path, e.to_string()))
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| err(&meta_path, e.to_string())))?;
+    let mut notes = Vec::new();
+    let kw = &meta["engine_kwargs"];
+    let resolved = &meta["resolved_config"];
+    let sched = &resolved["scheduler_config"];
+    let kv = &meta["kv_cache"];
+    let u = |v: &serde_json::Value| v.as_u64().map(|x| x as u32);
+    let b = serde_json::Value::as_bool;
+    // Each setting: the resolved config, else the engine argument, else vLLM v0.19's default.
+    let mut setting = |name: &str, found: Option<String>, default: &str| -> String {
+        match found {
+            Some(v) => {
+                notes.push(format!("{name} = {v} (recorded)"));
+                v
+            }
+            None => {
+                notes.push(format!("{name} = {default} (not recorded: vLLM v0.19's default)"));
+                default.to_owned()
+            }
+        }
+    };
+    let model_name = kw["model"]
+        .as_str()
+        .or(meta["model"].as_str())
+        .ok_or_else(|| err(&meta_path, "no engine_kwargs.model"))?
+        .to_owned();
+    let model = vajra_experiment::catalog::model(&model_name).ok_or_else(|| {
+        err(
+            &meta_path,
+            format!(
+                "model `{model_name}` is not built in ({}): write the experiment's [model] config = \"config.json\" by hand",
+                vajra_experiment::catalog::model_names()
+            ),
+        )
+    })?;
+    let tp = u(&kw["tensor_parallel_size"]).unwrap_or(1);
+    let max_num_seqs: u32 = setting(
+        "scheduler.max_num_seqs",
+        u(&sched["max_num_seqs"]).or(u(&kw["max_num_seqs"])).map(|v| v.to_string()),
+        "256",
+    )
+    .parse()
+    .unwrap_or(256);
+    let budget = setting(
+        "max_num_batched_tokens",
+        u(&sched["max_num_batched_tokens"])
+            .or(u(&kw["max_num_batched_tokens"]))
+            .map(|v| v.to_string()),
+        "2048",
+    );
+    let max_len = setting(
+        "model.max_model_len",
+        u(&kw["max_model_len"]).map(|v| v.to_string()),
+        &model.max_model_len.to_string(),
+    );
+    let chunked = setting(
+        "enable_chunked_prefill",
+        b(&sched["enable_chunked_prefill"]).map(|v| v.to_string()),
+        "true",
+    );
+    let full_isl = setting(
+        "reserve_full_isl",
+        b(&sched["scheduler_reserve_full_isl"]).map(|v| v.to_string()),
+        "true",
+    );
+    let long_prefill = u(&sched["long_prefill_token_threshold"]).unwrap_or(0);
+    let block = setting(
+        "cache.block_size",
+        u(&kv["block_size"]).map(|v| v.to_string()),
+        "16",
+    );
+    let prefix = setting(
+        "cache.enable_prefix_caching",
+        b(&kv["enable_prefix_caching"]).map(|v| v.to_string()),
+        "true",
+    );
+    let util = kv["gpu_memory_utilization"].as_f64();
+    let pool = match u(&kv["num_gpu_blocks"]) {
+        Some(n) => {
+            notes.push(format!(
+                "cache.num_blocks = {} (vLLM's num_gpu_blocks {n}, less the null block it reserves)",
+                n - 1
+            ));
+            format!(
+                "num_blocks = {}              # vLLM's num_gpu_blocks ({n}) less its reserved null block",
+                n - 1
+            )
+        }
+        None => {
+            let util = util.unwrap_or(0.9);
+            notes.push(format!(
+                "cache.num_blocks planned from gpu_memory_utilization = {util} (the run did not record its pool)"
+            ));
+            format!("gpu_memory_utilization = {util}    # the run did not record its pool: planned")
+        }
+    };
+    let graphs: Vec<u32> = match resolved["compilation_config"]["cudagraph_capture_sizes"].as_array()
+    {
+        Some(a) => {
+            let v: Vec<u32> = a.iter().filter_map(u).collect();
+            notes.push(format!("{} CUDA-graph capture sizes (recorded)", v.len()));
+            v
+        }
+        None => {
+            let v = default_capture_sizes(max_num_seqs);
+            notes.push(format!(
+                "{} CUDA-graph capture sizes up to {} (not recorded: vLLM v0.19's default rule)",
+                v.len(),
+                v.last().copied().unwrap_or(0)
+            ));
+            v
+        }
+    };
+    let eager = resolved["model_config"]["enforce_eager"].as_bool() == Some(true)
+        || kw["enforce_eager"].as_bool() == Some(true);
+    let graphs = if eager { Vec::new() } else { graphs };
+    // The device: recorded, named, or a folder of the path (LLMServingSim's examples sit in
+    // bench/examples/<GPU>/<model>/).
+    let abs_run = std::fs::canonicalize(&run).unwrap_or_else(|_| run.clone());
+    let hw_folder = abs_run
+        .ancestors()
+        .filter_map(|a| a.file_name()?.to_str())
+        .find(|n| vajra_experiment::catalog::device(n).is_some())
+        .map(str::to_owned);
+    let device_name = opts
+        .device
+        .clone()
+        .or_else(|| meta["hardware"]["device_name"].as_str().map(str::to_owned))
+        .or_else(|| hw_folder.clone())
+        .ok_or_else(|| {
+            err(
+                &meta_path,
+                "no hardware.device_name and no folder of the path names a built-in device: pass --device",
+            )
+        })?;
+    let device = vajra_experiment::catalog::device(&device_name).ok_or_else(|| {
+        err(
+            &meta_path,
+            format!(
+                "device `{device_name}` is not built in ({}): pass --device, or add a [[devices]] entry to the written experiment",
+                vajra_experiment::catalog::device_names()
+            ),
+        )
+    })?;
+    notes.push(format!("device {} (from `{device_name}`)", device.name));
+    let out_dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(out_dir).map_err(crate::error::write_err(out_dir))?;
+    let dtype = match kw["dtype"].as_str().unwrap_or("bfloat16") {
+        "bfloat16" | "auto" => "bf16",
+        "float16" | "half" => "fp16",
+        other => other,
+    };
+    let profile = match &opts.profile {
+        Some(p) => Some(p.clone()),
+        None => hw_folder.as_ref().and_then(|hw| {
+            find_up(
+                &run,
+                &Path::new("profiler/perf").join(hw).join(&model_name).join(dtype),
+            )
+        }),
+    };
+    let profile_line = match &profile {
+        Some(p) => {
+            notes.push(format!("profile {}", p.display()));
+            format!("profile = \"{}\"", relative(out_dir, p))
+        }
+        None => {
+            notes.push(
+                "no profile bundle found above the run (pass --profile): the roofline prices steps"
+                    .into(),
+            );
+            "profile = \"roofline\"          # no measured profile found: pass --profile".into()
+        }
+    };
+    let workload = match &opts.workload {
+        Some(w) => Some(w.clone()),
+        None => meta["dataset_path"]
+            .as_str()
+            .and_then(|d| find_up(&run, Path::new(d))),
+    };
+    let tokens = match &workload {
+        Some(w) => {
+            notes.push(format!("prompt token ids from {}", w.display()));
+            format!(", prompt_tokens = \"{}\"", relative(out_dir, w))
+        }
+        None => {
+            notes.push(
+                "no workload with token ids found (pass --workload): prompts are lengths only, so prefix caching finds no real sharing"
+                    .into(),
+            );
+            String::new()
+        }
+    };
+    let async_sched = b(&sched["async_scheduling"]);
+    notes.push(match async_sched {
+        Some(a) => format!("async_scheduling = {a} (recorded; see the experiment's note)"),
+        None => "async_scheduling not recorded (vLLM v0.19 runs it by default)".into(),
+    });
+    let name = out
+        .file_stem()
+        .map_or_else(|| "vllm_replay".into(), |s| s.to_string_lossy().into_owned());
+    let graphs_line = if graphs.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "cuda_graph_sizes = [{}]\n",
+            graphs
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let text = format!(
+        r#"# Replay of a real vLLM {version} run, written by `vajra-sim import vllm {src}`:
+# {model_name} (TP {tp}) on {device}, {n} requests. Arrivals on the engine's clock (`queued_ts`),
+# exact lengths{tok_note}, the engine settings the run recorded (vLLM's defaults where it did
+# not), and the profile named below. Compare with the measured run:
+#   vajra-sim run {this} -o runs/{name}
+#   vajra-sim compare runs/{name} {src}
+name = "{name}"
+seed = 42
+
+[model]
+name = "{model_name}"
+max_model_len = {max_len}
+
+[cluster]
+device = "{device}"
+num_replicas = 1
+tensor_parallel = {tp}
+
+[predictor]
+{profile_line}
+{graphs_line}
+[scheduler]
+max_num_seqs = {max_num_seqs}
+policy = {{ type = "vllm_v1", max_num_batched_tokens = {budget}, enable_chunked_prefill = {chunked}, long_prefill_token_threshold = {long_prefill}, reserve_full_isl = {full_isl} }}
+
+[cache]
+block_size = {block}
+{pool}
+enable_prefix_caching = {prefix}
+watermark = 0.0                # vLLM v1 admits without a watermark
+
+[workload]
+arrival = {{ type = "trace", format = "vllm", path = "{trace}"{tokens} }}
+"#,
+        version = meta["vllm_version"].as_str().unwrap_or("?"),
+        src = dir.display(),
+        device = device.name,
+        n = read_vllm(&run)?.ttft.len(),
+        tok_note = if tokens.is_empty() {
+            ""
+        } else {
+            ", the prompts' real token ids (prefix caching hits what vLLM hit)"
+        },
+        this = out.display(),
+        trace = relative(out_dir, &run.join("requests.jsonl")),
+    );
+    std::fs::write(out, text).map_err(crate::error::write_err(out))?;
+    Ok(notes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

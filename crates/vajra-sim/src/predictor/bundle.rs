@@ -219,6 +219,11 @@ impl AttentionGrid {
     pub fn has_skew_fit(&self) -> bool {
         self.skew.is_some()
     }
+
+    /// Prices decodes at their mean context only (`predictor.skew_correction = false`).
+    pub fn drop_skew_fit(&mut self) {
+        self.skew = None;
+    }
 }
 
 /// The skew fit: `alpha` by (chunk, decodes, skew rate, longest context, prefix) bucket.

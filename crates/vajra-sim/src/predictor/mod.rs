@@ -222,8 +222,10 @@ impl Predictor {
                     b.dir.display(),
                     b.measured,
                     b.attention.rows,
-                    if b.attention.has_skew_fit() {
+                    if b.attention.has_skew_fit() && cfg.skew_correction {
                         " with skew_fit.csv's correction for unequal decode contexts"
+                    } else if b.attention.has_skew_fit() {
+                        " (skew_fit.csv not applied: predictor.skew_correction = false)"
                     } else {
                         " (no skew_fit.csv: decodes priced at their mean context)"
                     }
@@ -269,7 +271,14 @@ impl Predictor {
         };
         let attention = match compute.map(|d| d.join("attention.csv")) {
             _ if bundle.is_some() => {
-                Attention::Grid(bundle.as_ref().map(|b| b.attention.clone()).expect("bundle read"))
+                let mut g = bundle
+                    .as_ref()
+                    .map(|b| b.attention.clone())
+                    .expect("bundle read");
+                if !cfg.skew_correction {
+                    g.drop_skew_fit();
+                }
+                Attention::Grid(g)
             }
             Some(p) if p.exists() => {
                 let fit = profile::read_attention(&p, tp, stat)?;
@@ -354,11 +363,26 @@ impl Predictor {
             provenance,
             warnings,
         };
+        if !cfg.cuda_graph_sizes.is_empty() {
+            p.provenance.push(format!(
+                "steps of up to {} tokens padded to the next of {} CUDA-graph sizes",
+                cfg.cuda_graph_sizes.last().copied().unwrap_or(0),
+                cfg.cuda_graph_sizes.len()
+            ));
+        }
         let len = max_batch_tokens.clamp(1, 1 << 16) as usize + 1;
+        let graphs = &cfg.cuda_graph_sizes;
+        let padded = |t: usize| -> f64 {
+            let i = graphs.partition_point(|&g| (g as usize) < t);
+            match graphs.get(i) {
+                Some(&g) if t > 0 => f64::from(g),
+                _ => t as f64,
+            }
+        };
         p.table = (0..pp as usize)
             .map(|s| {
                 (0..len)
-                    .map(|t| (p.linear_stage_ms(s, t as f64) * 1e6).round() as u64)
+                    .map(|t| (p.linear_stage_ms(s, padded(t)) * 1e6).round() as u64)
                     .collect()
             })
             .collect();
