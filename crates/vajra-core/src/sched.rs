@@ -158,6 +158,11 @@ pub struct Scheduler {
     outstanding_tokens: u64,
     /// Requests rejected as late.
     num_rejected: u64,
+    /// Requests added while a step was in flight under `async_scheduling`: they join the
+    /// waiting queue once the next step is formed.
+    staged: Vec<u32>,
+    /// Non-empty steps formed and not yet applied.
+    steps_in_flight: u32,
     /// Tokens of the waiting requests, which need KV blocks when they are admitted (what a
     /// router balancing by KV demand adds to the blocks held).
     queued_tokens: u64,
@@ -273,6 +278,8 @@ impl Scheduler {
             num_swapped: 0,
             outstanding_tokens: 0,
             num_rejected: 0,
+            staged: Vec::new(),
+            steps_in_flight: 0,
             queued_tokens: 0,
             policy: Some(policy),
             victim,
@@ -308,9 +315,9 @@ impl Scheduler {
         &self.kv
     }
 
-    /// Requests waiting (including swapped ones).
+    /// Requests waiting (including swapped ones, and those staged under `async_scheduling`).
     pub fn num_waiting(&self) -> usize {
-        self.waiting.len()
+        self.waiting.len() + self.staged.len()
     }
 
     /// Requests running.
@@ -457,7 +464,11 @@ impl Scheduler {
         self.index.insert(self.seq(slot).req.id, slot);
         let s = self.seq(slot);
         self.outstanding_tokens += u64::from(s.prompt_len) + u64::from(s.max_tokens);
-        self.enqueue(slot, false);
+        if self.cfg.async_scheduling && self.steps_in_flight > 0 {
+            self.staged.push(slot);
+        } else {
+            self.enqueue(slot, false);
+        }
         Ok(())
     }
 
@@ -501,8 +512,25 @@ impl Scheduler {
             .take()
             .expect("the policy is present between steps");
         policy.schedule(&mut Step { sched: self, out });
+        if out.scheduled.is_empty() && !self.staged.is_empty() {
+            // Nothing else to run: the engine would have formed no step ahead, so the
+            // requests that came meanwhile go now.
+            self.release_staged();
+            policy.schedule(&mut Step { sched: self, out });
+        }
         self.policy = Some(policy);
         self.finish_step(out, now);
+        if !out.scheduled.is_empty() {
+            self.steps_in_flight += 1;
+        }
+        self.release_staged();
+    }
+
+    /// Moves requests staged under `async_scheduling` into the waiting queue, in arrival order.
+    fn release_staged(&mut self) {
+        for slot in std::mem::take(&mut self.staged) {
+            self.enqueue(slot, false);
+        }
     }
 
     /// Advances computed tokens, caches newly full blocks and charges tenants.
@@ -582,6 +610,9 @@ impl Scheduler {
             out.scheduled.len(),
             "runner output must have one entry per scheduled request"
         );
+        if !out.scheduled.is_empty() {
+            self.steps_in_flight = self.steps_in_flight.saturating_sub(1);
+        }
         for (e, sampled) in out.scheduled.iter().zip(&result.sampled) {
             let Some(seq) = self.slots[e.slot as usize].as_mut() else {
                 continue; // aborted while in flight
@@ -664,6 +695,7 @@ impl Scheduler {
             assert!(found, "a waiting request is in the waiting queue");
             self.queued_tokens -= u64::from(queued_tokens_of(self.seq(slot)));
         }
+        self.staged.retain(|&s| s != slot);
         Ok(self.finish(slot, FinishReason::Abort, now))
     }
 
@@ -795,8 +827,8 @@ pub fn check_invariants(s: &Scheduler) {
     );
     assert_eq!(
         s.index.len(),
-        running + s.waiting.len(),
-        "every live request is running or waiting"
+        running + s.waiting.len() + s.staged.len(),
+        "every live request is running, waiting or staged"
     );
     let host_held: usize = s.slots.iter().flatten().map(|q| q.swapped.len()).sum();
     assert_eq!(

@@ -471,6 +471,11 @@ pub fn import(dir: &Path, out: &Path, opts: &ImportOptions) -> Result<Vec<String
         b(&sched["scheduler_reserve_full_isl"]).map(|v| v.to_string()),
         "true",
     );
+    let async_sched = setting(
+        "scheduler.async_scheduling",
+        b(&sched["async_scheduling"]).map(|v| v.to_string()),
+        "true",
+    );
     let long_prefill = u(&sched["long_prefill_token_threshold"]).unwrap_or(0);
     let block = setting(
         "cache.block_size",
@@ -602,11 +607,6 @@ pub fn import(dir: &Path, out: &Path, opts: &ImportOptions) -> Result<Vec<String
             String::new()
         }
     };
-    let async_sched = b(&sched["async_scheduling"]);
-    notes.push(match async_sched {
-        Some(a) => format!("async_scheduling = {a} (recorded; see the experiment's note)"),
-        None => "async_scheduling not recorded (vLLM v0.19 runs it by default)".into(),
-    });
     let name = out
         .file_stem()
         .map_or_else(|| "vllm_replay".into(), |s| s.to_string_lossy().into_owned());
@@ -646,6 +646,7 @@ tensor_parallel = {tp}
 {graphs_line}
 [scheduler]
 max_num_seqs = {max_num_seqs}
+async_scheduling = {async_sched}
 policy = {{ type = "vllm_v1", max_num_batched_tokens = {budget}, enable_chunked_prefill = {chunked}, long_prefill_token_threshold = {long_prefill}, reserve_full_isl = {full_isl} }}
 
 [cache]

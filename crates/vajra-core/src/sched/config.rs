@@ -44,6 +44,13 @@ pub struct SchedulerConfig {
     /// (its SLO class's or the run's `ttft_s` after arrival) has passed.
     #[serde(default)]
     pub late_requests: LatePolicy,
+    /// Form each step while the previous one runs (vLLM's `async_scheduling`, which vLLM
+    /// v0.19 runs by default): a request that arrives while a step is in flight is first
+    /// considered for the step after the next one, because the next was formed before it came
+    /// (an idle replica still takes it at once). Off (the default here): each step is formed
+    /// after the previous ended, as the project's engine loop runs.
+    #[serde(default)]
+    pub async_scheduling: bool,
 }
 
 /// What the scheduler does with a request that can no longer meet its TTFT target.
@@ -72,6 +79,7 @@ impl SchedulerConfig {
             queue: QueuePolicy::Fcfs,
             preemption: PreemptionMode::Recompute,
             late_requests: LatePolicy::Serve,
+            async_scheduling: false,
         }
     }
 

@@ -360,6 +360,37 @@ fn vllm_v1_admits_a_prompt_only_when_all_of_it_fits_under_reserve_full_isl() {
 }
 
 #[test]
+fn async_scheduling_considers_a_request_from_the_step_after_next() {
+    for (async_on, second) in [(true, vec![(0, 1)]), (false, vec![(0, 1), (1, 8)])] {
+        let mut b = fx(v1(64));
+        b.cfg.async_scheduling = async_on;
+        let mut f = b.build();
+        f.add(8, 4);
+        // An idle replica takes a request at once, lag or not.
+        let first = f.sched();
+        assert_eq!(shares(&first), vec![(0, 8)]);
+        // B arrives while that step runs: under async scheduling the next step was formed
+        // already, so B waits one more.
+        f.add(8, 4);
+        assert_eq!(f.s.num_waiting(), 1, "a staged request counts as waiting");
+        f.finish(&first);
+        assert_eq!(shares(&f.step()), second, "async_scheduling = {async_on}");
+        if async_on {
+            assert_eq!(shares(&f.step()), vec![(0, 1), (1, 8)]);
+        }
+    }
+    // Nothing else to run: a staged request goes at once.
+    let mut b = fx(v1(64));
+    b.cfg.async_scheduling = true;
+    let mut f = b.build();
+    f.add(8, 1);
+    let first = f.sched();
+    f.add(8, 1);
+    f.finish(&first);
+    assert_eq!(shares(&f.step()), vec![(1, 8)]);
+}
+
+#[test]
 fn vllm_v1_never_runs_more_than_max_num_seqs() {
     let mut f = fx(v1(1000)).seqs(2).build();
     for _ in 0..3 {
