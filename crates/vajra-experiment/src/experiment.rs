@@ -506,18 +506,34 @@ pub fn resolve_device(c: &ClusterSpec, custom: &[DeviceSpec]) -> Result<DeviceSp
         } else if d.memory_bytes == 0 {
             Some(("memory_bytes", "0".into(), "bytes > 0"))
         } else if !positive(d.peak_flops) {
-            Some(("peak_flops", d.peak_flops.to_string(), "FLOP/s > 0 (dense bf16)"))
+            Some((
+                "peak_flops",
+                d.peak_flops.to_string(),
+                "FLOP/s > 0 (dense bf16)",
+            ))
         } else if !positive(d.mem_bandwidth) {
             Some(("mem_bandwidth", d.mem_bandwidth.to_string(), "bytes/s > 0"))
         } else if !positive(d.link_bandwidth) {
-            Some(("link_bandwidth", d.link_bandwidth.to_string(), "bytes/s > 0 per direction"))
+            Some((
+                "link_bandwidth",
+                d.link_bandwidth.to_string(),
+                "bytes/s > 0 per direction",
+            ))
         } else if !(d.price_per_hour.is_finite() && d.price_per_hour >= 0.0) {
-            Some(("price_per_hour", d.price_per_hour.to_string(), "dollars ≥ 0"))
+            Some((
+                "price_per_hour",
+                d.price_per_hour.to_string(),
+                "dollars ≥ 0",
+            ))
         } else {
             None
         };
         if let Some((field, v, allowed)) = bad {
-            return Err(ExperimentError::invalid(format!("devices[{i}].{field}"), v, allowed));
+            return Err(ExperimentError::invalid(
+                format!("devices[{i}].{field}"),
+                v,
+                allowed,
+            ));
         }
     }
     let mine = custom
@@ -781,6 +797,36 @@ lengths = { type = "fixed", prompt = 100, output = 10 }
         let p = write("d.toml", &BASE.replace("\"h100\"", "\"tpu\""));
         let e = ExperimentFile::load(&p).unwrap_err().to_string();
         assert!(e.contains("cluster.device") && e.contains("a100"), "{e}");
+    }
+
+    #[test]
+    fn a_file_may_define_its_own_devices_and_built_ins_answer_to_their_marketing_names() {
+        let custom = "\n[[devices]]\nname = \"rtx5090\"\nmemory_bytes = 34190917632\npeak_flops = 209.5e12\nmem_bandwidth = 1.792e12\nlink_bandwidth = 64e9\nprice_per_hour = 0.9\n";
+        let p = write(
+            "dev.toml",
+            &(BASE.replace("\"h100\"", "\"rtx5090\"") + custom),
+        );
+        let f = ExperimentFile::load(&p).unwrap();
+        let e = &f.points[0].experiment;
+        assert_eq!(
+            resolve_device(&e.cluster, &e.devices).unwrap().peak_flops,
+            209.5e12
+        );
+        let p = write(
+            "dev-bad.toml",
+            &(BASE.replace("\"h100\"", "\"rtx5090\"") + &custom.replace("209.5e12", "-1.0")),
+        );
+        let e = ExperimentFile::load(&p).unwrap_err().to_string();
+        assert!(e.contains("devices[0].peak_flops"), "{e}");
+        for name in [
+            "NVIDIA GeForce RTX 4090",
+            "RTX4090",
+            "rtx-pro-6000",
+            "H100-80GB",
+            "MI300X",
+        ] {
+            assert!(catalog::device(name).is_some(), "{name}");
+        }
     }
 
     #[test]

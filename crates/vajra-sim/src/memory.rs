@@ -217,7 +217,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("cache.num_blocks") && e.contains("at most"), "{e}");
+        assert!(
+            e.contains("cache.num_blocks") && e.contains("at most"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -340,8 +340,13 @@ fn read_token_jsonl(path: &Path, format: TraceFormat) -> Result<Vec<TraceRow>> {
             TraceFormat::Vllm => r.queued_ts,
             _ => r.arrival_time_ns,
         }
-        .ok_or_else(|| bad(path, line_no, format!("missing field `{field}` (expected {shape})")))?
-            * scale;
+        .ok_or_else(|| {
+            bad(
+                path,
+                line_no,
+                format!("missing field `{field}` (expected {shape})"),
+            )
+        })? * scale;
         if !t.is_finite() {
             return Err(bad(path, line_no, format!("field `{field}` is not finite")));
         }
@@ -389,7 +394,11 @@ pub fn attach_prompt_tokens(rows: &mut [TraceRow], path: &Path) -> Result<()> {
         }
         let Some(row) = rows.get_mut(n) else { break };
         let ids: Ids = serde_json::from_str(&line).map_err(|e| {
-            bad(path, line_no, format!("{e} (expected {{\"input_tok_ids\": [..]}})"))
+            bad(
+                path,
+                line_no,
+                format!("{e} (expected {{\"input_tok_ids\": [..]}})"),
+            )
         })?;
         let ids = ids
             .input_tok_ids
@@ -615,6 +624,47 @@ mod tests {
         );
         assert_eq!(read_trace(&p, TraceFormat::Auto, false).unwrap().len(), 1);
         assert!(read_trace(&p, TraceFormat::Auto, true).is_err());
+    }
+
+    #[test]
+    fn a_vllm_request_log_replays_on_the_engine_clock_with_its_token_ids() {
+        let p = tmp(
+            "requests.jsonl",
+            "{\"request_id\": \"bench-0\", \"input_toks\": 3, \"output_toks\": 5, \"queued_ts\": 100.5, \"first_token_ts\": 101.0}\n{\"request_id\": \"bench-1\", \"input_toks\": 2, \"output_toks\": 1, \"queued_ts\": 100.0}\n",
+        );
+        let mut rows = read_trace(&p, TraceFormat::Auto, true).unwrap();
+        // Times count from the earliest; rows keep the file's order (the token file's).
+        assert_eq!(rows[0].arrival_s, Some(0.5));
+        assert_eq!(rows[1].arrival_s, Some(0.0));
+        assert_eq!((rows[0].prompt, rows[0].output), (3, 5));
+        let ids = tmp(
+            "w.jsonl",
+            "{\"input_toks\": 3, \"input_tok_ids\": [7, 8, 9]}\n{\"input_tok_ids\": [1, 2]}\n",
+        );
+        attach_prompt_tokens(&mut rows, &ids).unwrap();
+        assert_eq!(rows[0].tokens, vec![7, 8, 9]);
+        let short = tmp("s.jsonl", "{\"input_tok_ids\": [7, 8]}\n");
+        let e = attach_prompt_tokens(&mut rows, &short)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("2 prompt token ids") && e.contains("3-token"),
+            "{e}"
+        );
+        let bad = tmp(
+            "b.jsonl",
+            "{\"input_toks\": 3, \"output_toks\": 5, \"queued_ts\": 1.0}\n{\"input_toks\": 3, \"output_toks\": 5}\n",
+        );
+        let e = read_trace(&bad, TraceFormat::Vllm, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queued_ts") && e.contains("line 2"), "{e}");
+        let ns = tmp(
+            "lss.jsonl",
+            "{\"input_toks\": 2, \"output_toks\": 1, \"arrival_time_ns\": 2000000000, \"input_tok_ids\": [4, 5]}\n",
+        );
+        let rows = read_trace(&ns, TraceFormat::Auto, true).unwrap();
+        assert_eq!(rows[0].tokens, vec![4, 5]);
     }
 
     #[test]

@@ -257,7 +257,13 @@ fn label_bound(label: &str) -> Option<f64> {
 impl SkewFit {
     fn read(path: &Path) -> Result<Self, SimError> {
         let t = Table::read(path)?;
-        let names = ["pc", "n_label", "skew_rate_label", "kv_big_label", "kp_label"];
+        let names = [
+            "pc",
+            "n_label",
+            "skew_rate_label",
+            "kv_big_label",
+            "kp_label",
+        ];
         let cols = names
             .iter()
             .map(|n| t.col(n))
@@ -441,7 +447,9 @@ impl Bundle {
             {
                 return Err(err(
                     dir,
-                    format!("this folder holds TP {n} but the experiment runs TP {tp} (cluster.tensor_parallel)"),
+                    format!(
+                        "this folder holds TP {n} but the experiment runs TP {tp} (cluster.tensor_parallel)"
+                    ),
                 ));
             }
             (dir.parent().unwrap_or(dir).to_owned(), dir.to_owned())
@@ -456,7 +464,10 @@ impl Bundle {
                         if have.is_empty() {
                             "none".into()
                         } else {
-                            have.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                            have.iter()
+                                .map(u32::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         }
                     ),
                 ));
@@ -586,7 +597,11 @@ mod tests {
                         if (n == 0) != (kv == 0) || (c == 0 && n == 0) {
                             continue;
                         }
-                        let key = if c == 0 { 0.0 } else { f64::from(k) + f64::from(c) / 2.0 };
+                        let key = if c == 0 {
+                            0.0
+                        } else {
+                            f64::from(k) + f64::from(c) / 2.0
+                        };
                         let t = 1.0
                             + f64::from(c) / 100.0
                             + key / 1000.0
@@ -613,7 +628,10 @@ mod tests {
             (16.0, 8.0, 1.0, 16.0),
         ] {
             let got = g.ms(c, key, dec(n, kv));
-            assert!((got - truth(c, key, n, kv)).abs() < 1e-9, "{c} {key} {n} {kv}: {got}");
+            assert!(
+                (got - truth(c, key, n, kv)).abs() < 1e-9,
+                "{c} {key} {n} {kv}: {got}"
+            );
         }
         assert_eq!(g.ms(0.0, 0.0, dec(0.0, 0.0)), 0.0, "an empty step");
         let _ = std::fs::remove_dir_all(dir);

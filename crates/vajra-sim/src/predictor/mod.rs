@@ -503,7 +503,11 @@ impl Predictor {
                 };
                 let dec = bundle::Decodes {
                     n: x.dec_b,
-                    mean: if x.dec_b > 0.0 { x.dec_kv / x.dec_b } else { 0.0 },
+                    mean: if x.dec_b > 0.0 {
+                        x.dec_kv / x.dec_b
+                    } else {
+                        0.0
+                    },
                     min: x.dec_min,
                     max: x.dec_max,
                 };
@@ -578,7 +582,10 @@ impl Predictor {
                 None => self.linear_stage_ms(s, t as f64) * 1e6,
             };
             let mut ns = lin + f64::from(self.layers[s]) * attn_ms * 1e6;
-            if s == last && self.lm_head && let Some(b) = &self.per_sequence {
+            if s == last
+                && self.lm_head
+                && let Some(b) = &self.per_sequence
+            {
                 ns += b.per_sequence_ms(batch) * 1e6;
             } else if s == last && self.lm_head && x.sampled > 0.0 {
                 ns += match &self.head {
@@ -828,6 +835,137 @@ mod tests {
         assert!(e.contains("vocab_size") && e.contains("151936"), "{e}");
         let _ = std::fs::remove_dir_all(dir);
         let _ = std::fs::remove_dir_all(wrong);
+    }
+
+    #[test]
+    fn a_bundle_prices_a_mixed_step_from_its_tables() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(
+            "../../../shared/reference/llmservingsim/profiler/perf/RTX4090/meta-llama/Llama-3.1-8B/bf16",
+        );
+        if !dir.exists() {
+            eprintln!("SKIPPED: {} is not present", dir.display());
+            return;
+        }
+        let m = model("meta-llama/Llama-3.1-8B").unwrap();
+        let p = Predictor::new(
+            &m,
+            &device("rtx4090").unwrap(),
+            ParallelConfig::default(),
+            &PredictorConfig::default(),
+            Some(&dir),
+            None,
+            2048,
+        )
+        .unwrap();
+        // A 1,024-token prompt chunk beside 32 decodes at context 512: 1,056 tokens, 33
+        // requests, and an attention row the table holds (1024, 0, 32, 512).
+        let mut step = vec![(1024u32, 0u32, true)];
+        step.extend(std::iter::repeat_n((1, 511, true), 32));
+        let got = p.predict_step(&step).stage_ns[0] as f64 / 1e3;
+        // The same sum by hand from the CSVs, in µs.
+        let rows = |file: &str| -> Vec<Vec<String>> {
+            std::fs::read_to_string(dir.join("tp1").join(file))
+                .unwrap()
+                .lines()
+                .skip(1)
+                .map(|l| l.split(',').map(str::to_owned).collect())
+                .collect()
+        };
+        let at = |rows: &[Vec<String>], op: &str, x: f64| -> f64 {
+            let mut pts: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r[0] == op)
+                .map(|r| (r[1].parse().unwrap(), r[2].parse().unwrap()))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let i = pts.partition_point(|q| q.0 < x);
+            if pts[i].0 == x {
+                return pts[i].1;
+            }
+            let (a, b) = (pts[i - 1], pts[i]);
+            a.1 + (b.1 - a.1) * (x - a.0) / (b.0 - a.0)
+        };
+        let dense = rows("dense.csv");
+        let per_layer: f64 = [
+            ("layernorm", 2.0),
+            ("qkv_proj", 1.0),
+            ("rotary_emb", 1.0),
+            ("o_proj", 1.0),
+            ("gate_up_proj", 1.0),
+            ("act_fn", 1.0),
+            ("down_proj", 1.0),
+        ]
+        .iter()
+        .map(|(op, n)| n * at(&dense, op, 1056.0))
+        .sum();
+        let seq = rows("per_sequence.csv");
+        let expected = 32.0 * (per_layer + 312.747)
+            + at(&dense, "embedding", 1056.0)
+            + at(&dense, "final_layernorm", 1056.0)
+            + at(&seq, "lm_head", 33.0)
+            + at(&seq, "sampler", 33.0);
+        assert!(
+            (got - expected).abs() < 0.01 * expected.max(1.0) / 100.0 + 0.01,
+            "{got} µs vs {expected} µs"
+        );
+        assert!(p.provenance.iter().any(|s| s.contains("skew_fit.csv")));
+    }
+
+    #[test]
+    fn a_bundle_folder_names_what_is_missing() {
+        let dir = std::env::temp_dir().join(format!("vajra-bundle-bad-{}", std::process::id()));
+        let tp1 = dir.join("tp1");
+        std::fs::create_dir_all(&tp1).unwrap();
+        std::fs::write(
+            dir.join("meta.yaml"),
+            "model: x\nhf_overrides:\n  intermediate_size: 999\n",
+        )
+        .unwrap();
+        std::fs::write(
+            tp1.join("dense.csv"),
+            "layer,tokens,time_us\nqkv_proj,1,2.0\n",
+        )
+        .unwrap();
+        std::fs::write(
+            tp1.join("attention.csv"),
+            "prefill_chunk,n_decode,kv_decode,time_us\n",
+        )
+        .unwrap();
+        let m = model("meta-llama/Llama-3.1-8B").unwrap();
+        let build = |tp: u32| {
+            Predictor::new(
+                &m,
+                &device("h100").unwrap(),
+                ParallelConfig {
+                    tensor_parallel: tp,
+                    pipeline_parallel: 1,
+                },
+                &PredictorConfig::default(),
+                Some(&dir),
+                None,
+                512,
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let e = build(2);
+        assert!(e.contains("tp2") && e.contains("TP 1"), "{e}");
+        let e = build(1);
+        assert!(e.contains("intermediate_size") && e.contains("999"), "{e}");
+        std::fs::write(dir.join("meta.yaml"), "model: x\n").unwrap();
+        let e = build(1);
+        assert!(e.contains("per_sequence.csv"), "{e}");
+        std::fs::write(
+            tp1.join("per_sequence.csv"),
+            "layer,sequences,time_us\nlm_head,1,5\n",
+        )
+        .unwrap();
+        let e = build(1);
+        assert!(
+            e.contains("kv_prefill") && e.contains("attention.csv"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
