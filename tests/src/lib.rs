@@ -24,11 +24,13 @@ pub fn all_policies() -> Vec<PolicyConfig> {
             max_num_batched_tokens: 1024,
             enable_chunked_prefill: false,
             long_prefill_token_threshold: 0,
+            reserve_full_isl: true,
         }),
         PolicyConfig::VllmV1(VllmV1Config {
             max_num_batched_tokens: 512,
             enable_chunked_prefill: true,
             long_prefill_token_threshold: 128,
+            reserve_full_isl: false,
         }),
         PolicyConfig::Sarathi(SarathiConfig {
             chunk_size: 256,

@@ -18,6 +18,7 @@ fn config(queue: QueuePolicy) -> SchedulerConfig {
         queue,
         preemption: Default::default(),
         late_requests: Default::default(),
+        async_scheduling: false,
     }
 }
 
