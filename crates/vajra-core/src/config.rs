@@ -242,8 +242,11 @@ pub struct CacheConfig {
     pub gpu_memory_utilization: f64,
     /// Reuse KV blocks of identical prefixes across requests (hash-chained full blocks).
     pub enable_prefix_caching: bool,
-    /// Fraction of blocks kept free when admitting waiting requests, in [0, 1).
-    pub watermark: f64,
+    /// Fraction of blocks kept free when admitting waiting requests, in [0, 1). Absent: the
+    /// policy's own (none for `vllm_v1`, as vLLM v1 admits without one; 0.01 for the others,
+    /// vLLM v0's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<f64>,
     /// Host blocks available to swap preemption (0 disables swap space).
     pub swap_blocks: u32,
     /// Seed of the block hash, so cache contents are reproducible across runs and processes.
@@ -257,7 +260,7 @@ impl Default for CacheConfig {
             num_blocks: None,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
             enable_prefix_caching: true,
-            watermark: 0.01,
+            watermark: None,
             swap_blocks: 0,
             hash_seed: DEFAULT_HASH_SEED,
         }
@@ -304,13 +307,15 @@ impl CacheConfig {
             u,
             "a number in (0, 1]",
         )?;
-        let w = self.watermark;
-        ensure(
-            (0.0..1.0).contains(&w),
-            "cache.watermark",
-            w,
-            "a number in [0, 1)",
-        )
+        match self.watermark {
+            Some(w) => ensure(
+                (0.0..1.0).contains(&w),
+                "cache.watermark",
+                w,
+                "a number in [0, 1)",
+            ),
+            None => Ok(()),
+        }
     }
 }
 

@@ -263,7 +263,13 @@ impl Scheduler {
         };
         Ok(Scheduler {
             waiting: WaitingQueue::new(cfg.queue),
-            kv: KvCacheManager::new(cache, num_blocks),
+            kv: KvCacheManager::new(
+                &CacheConfig {
+                    watermark: Some(cache.watermark.unwrap_or(policy.default_watermark())),
+                    ..cache.clone()
+                },
+                num_blocks,
+            ),
             host: HostBlockPool::new(cache.swap_blocks),
             cfg,
             max_model_len,

@@ -47,6 +47,10 @@ impl BlockTable {
     }
 }
 
+/// The admission watermark of a cache config that sets none and whose policy has no default
+/// of its own (vLLM v0's 1 %).
+pub const DEFAULT_WATERMARK: f64 = 0.01;
+
 /// What `allocate_slots` should make room for.
 #[derive(Debug, Clone, Copy)]
 pub struct AllocSpec<'a> {
@@ -112,7 +116,8 @@ impl KvCacheManager {
                 .is_power_of_two()
                 .then(|| cfg.block_size.trailing_zeros()),
             prefix_caching: cfg.enable_prefix_caching,
-            watermark_blocks: (cfg.watermark * f64::from(num_blocks)).floor() as u32,
+            watermark_blocks: (cfg.watermark.unwrap_or(DEFAULT_WATERMARK) * f64::from(num_blocks))
+                .floor() as u32,
             hasher: BlockHasher::new(cfg.hash_seed, cfg.block_size),
             stats: KvStats::default(),
         }
@@ -364,7 +369,7 @@ mod tests {
     fn mgr(blocks: u32, watermark: f64) -> KvCacheManager {
         let cfg = CacheConfig {
             block_size: 4,
-            watermark,
+            watermark: Some(watermark),
             ..Default::default()
         };
         KvCacheManager::new(&cfg, blocks)

@@ -42,6 +42,11 @@ pub trait BatchPolicy: std::fmt::Debug + Send {
     fn whole_prompt_budget(&self) -> Option<u32> {
         None
     }
+
+    /// The admission watermark when `cache.watermark` is absent: vLLM v0's 1 % of blocks.
+    fn default_watermark(&self) -> f64 {
+        crate::kv::manager::DEFAULT_WATERMARK
+    }
 }
 
 /// Chooses which running request to preempt when blocks run out.

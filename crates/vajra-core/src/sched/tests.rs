@@ -41,7 +41,7 @@ impl Build {
         self
     }
     fn watermark(mut self, w: f64) -> Self {
-        self.cache.watermark = w;
+        self.cache.watermark = Some(w);
         self
     }
     fn no_prefix_caching(mut self) -> Self {
@@ -62,7 +62,7 @@ fn fx(policy: PolicyConfig) -> Build {
         cfg: SchedulerConfig::new(policy),
         cache: CacheConfig {
             block_size: 4,
-            watermark: 0.0,
+            watermark: Some(0.0),
             ..Default::default()
         },
         blocks: 1000,
@@ -388,6 +388,23 @@ fn async_scheduling_considers_a_request_from_the_step_after_next() {
     f.add(8, 1);
     f.finish(&first);
     assert_eq!(shares(&f.step()), vec![(1, 8)]);
+}
+
+#[test]
+fn vllm_v1_admits_without_a_watermark_unless_the_cache_sets_one() {
+    // 100 blocks of 4 tokens; A holds 50, B needs the other 50. vLLM v1 keeps nothing back;
+    // an explicit 1 % watermark (vLLM v0's default, this project's for the other policies)
+    // keeps one block, which refuses B while A runs.
+    for (w, admitted) in [(None, true), (Some(0.01), false)] {
+        let mut b = fx(v1(1000)).blocks(100);
+        b.cache.watermark = w;
+        let mut f = b.build();
+        f.add(196, 8);
+        f.step();
+        f.add(200, 1);
+        let ids: Vec<u64> = shares(&f.step()).iter().map(|s| s.0).collect();
+        assert_eq!(ids.contains(&1), admitted, "watermark {w:?}");
+    }
 }
 
 #[test]

@@ -20,6 +20,11 @@ impl BatchPolicy for VllmV1 {
         "vllm_v1"
     }
 
+    fn default_watermark(&self) -> f64 {
+        // vLLM v1 keeps no blocks back at admission.
+        0.0
+    }
+
     fn whole_prompt_budget(&self) -> Option<u32> {
         (!self.0.enable_chunked_prefill).then_some(self.0.max_num_batched_tokens)
     }
