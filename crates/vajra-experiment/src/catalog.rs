@@ -216,6 +216,20 @@ pub const MODELS: &[(&str, &str)] = &[
            "torch_dtype":"bfloat16","eos_token_id":151643,"bos_token_id":151643}"#,
     ),
     (
+        "Qwen/Qwen3-8B",
+        r#"{"model_type":"qwen3","hidden_size":4096,"intermediate_size":12288,"num_attention_heads":32,
+           "num_hidden_layers":36,"num_key_value_heads":8,"head_dim":128,"vocab_size":151936,"max_position_embeddings":40960,
+           "rope_theta":1000000.0,"rms_norm_eps":1e-06,"hidden_act":"silu","tie_word_embeddings":false,
+           "torch_dtype":"bfloat16","eos_token_id":151645,"bos_token_id":151643}"#,
+    ),
+    (
+        "Qwen/Qwen3-32B",
+        r#"{"model_type":"qwen3","hidden_size":5120,"intermediate_size":25600,"num_attention_heads":64,
+           "num_hidden_layers":64,"num_key_value_heads":8,"head_dim":128,"vocab_size":151936,"max_position_embeddings":40960,
+           "rope_theta":1000000.0,"rms_norm_eps":1e-06,"hidden_act":"silu","tie_word_embeddings":false,
+           "torch_dtype":"bfloat16","eos_token_id":151645,"bos_token_id":151643}"#,
+    ),
+    (
         "HuggingFaceTB/SmolLM2-135M",
         r#"{"model_type":"llama","hidden_size":576,"intermediate_size":1536,"num_attention_heads":9,
            "num_hidden_layers":30,"num_key_value_heads":3,"vocab_size":49152,"max_position_embeddings":8192,

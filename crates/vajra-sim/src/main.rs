@@ -138,6 +138,9 @@ enum ImportCmd {
         /// The device (default: meta.json's hardware.device_name or a folder name).
         #[arg(long)]
         device: Option<String>,
+        /// The model's Hugging Face config.json (for a model that is not built in).
+        #[arg(long)]
+        model_config: Option<PathBuf>,
     },
 }
 
@@ -508,12 +511,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     profile,
                     workload,
                     device,
+                    model_config,
                 },
         } => {
             let opts = vajra_sim::vllm::ImportOptions {
                 profile,
                 workload,
                 device,
+                model_config,
             };
             for n in vajra_sim::vllm::import(&run, &out, &opts)? {
                 eprintln!("  {n}");

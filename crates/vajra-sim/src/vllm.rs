@@ -357,6 +357,8 @@ pub struct ImportOptions {
     /// The device (default: `meta.json`'s `hardware.device_name`, else a folder name of the
     /// run's path that names a built-in device).
     pub device: Option<String>,
+    /// The model's Hugging Face `config.json`, for a model the catalog lacks.
+    pub model_config: Option<PathBuf>,
 }
 
 /// vLLM v0.19's CUDA-graph capture sizes when the run does not record them: 1, 2, 4, then
@@ -439,15 +441,22 @@ pub fn import(dir: &Path, out: &Path, opts: &ImportOptions) -> Result<Vec<String
         .or(meta["model"].as_str())
         .ok_or_else(|| err(&meta_path, "no engine_kwargs.model"))?
         .to_owned();
-    let model = vajra_experiment::catalog::model(&model_name).ok_or_else(|| {
-        err(
-            &meta_path,
-            format!(
-                "model `{model_name}` is not built in ({}): write the experiment's [model] config = \"config.json\" by hand",
-                vajra_experiment::catalog::model_names()
-            ),
-        )
-    })?;
+    let model = match &opts.model_config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| err(p, e.to_string()))?;
+            vajra_core::config::ModelConfig::from_hf_config_json(&text, &model_name)
+                .map_err(|e| err(p, e.to_string()))?
+        }
+        None => vajra_experiment::catalog::model(&model_name).ok_or_else(|| {
+            err(
+                &meta_path,
+                format!(
+                    "model `{model_name}` is not built in ({}): pass --model-config config.json",
+                    vajra_experiment::catalog::model_names()
+                ),
+            )
+        })?,
+    };
     let tp = u(&kw["tensor_parallel_size"]).unwrap_or(1);
     let max_num_seqs: u32 = setting(
         "scheduler.max_num_seqs",
@@ -646,7 +655,7 @@ name = "{name}"
 seed = 42
 
 [model]
-name = "{model_name}"
+{model_line}
 max_model_len = {max_len}
 
 [cluster]
@@ -671,6 +680,10 @@ watermark = 0.0                # vLLM v1 admits without a watermark
 [workload]
 arrival = {{ type = "trace", format = "vllm", path = "{trace}"{tokens} }}
 "#,
+        model_line = match &opts.model_config {
+            Some(p) => format!("config = \"{}\"", relative(out_dir, p)),
+            None => format!("name = \"{}\"", model.name),
+        },
         version = meta["vllm_version"].as_str().unwrap_or("?"),
         src = dir.display(),
         device = device.name,

@@ -134,3 +134,99 @@ fn the_rtxpro6000_replay_is_within_the_targets_of_vllm_but_for_ttft() {
         &[("TTFT Mean", 0.08), ("TTFT Median", 0.14)],
     );
 }
+
+fn sim_err(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_vajra-sim"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "vajra-sim {args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn import_names_what_a_run_folder_lacks_and_takes_a_model_config() {
+    let dir = std::env::temp_dir().join(format!("vajra-vllm-import-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = dir.join("H100/vllm");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(
+        run.join("requests.jsonl"),
+        "{\"input_toks\": 100, \"output_toks\": 20, \"queued_ts\": 5.0, \"first_token_ts\": 5.1, \"last_token_ts\": 6.0}\n\
+         {\"input_toks\": 50, \"output_toks\": 10, \"queued_ts\": 5.5, \"first_token_ts\": 5.6, \"last_token_ts\": 6.1}\n",
+    )
+    .unwrap();
+    let meta = |model: &str| {
+        format!(
+            "{{\"model\": \"{model}\", \"vllm_version\": \"0.19.0\", \"engine_kwargs\": {{\"model\": \"{model}\", \"tensor_parallel_size\": 1, \"max_num_seqs\": 64, \"max_num_batched_tokens\": 1024}}}}"
+        )
+    };
+    let out = dir.join("exp.toml");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "import",
+            "vllm",
+            run.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v
+    };
+    std::fs::write(run.join("meta.json"), meta("org/New-Model-7B")).unwrap();
+    let a = args(&[]);
+    let e = sim_err(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        e.contains("New-Model-7B") && e.contains("--model-config"),
+        "{e}"
+    );
+    let cfg = dir.join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model_type":"llama","hidden_size":2048,"intermediate_size":5632,"num_attention_heads":16,"num_hidden_layers":16,"num_key_value_heads":4,"vocab_size":32000,"max_position_embeddings":4096,"torch_dtype":"bfloat16"}"#,
+    )
+    .unwrap();
+    // The device comes from a folder name (no hardware recorded); no profile is found.
+    let a = args(&["--model-config", cfg.to_str().unwrap()]);
+    let text = sim(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        text.contains("device h100") && text.contains("roofline"),
+        "{text}"
+    );
+    let toml = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        toml.contains("config = \"config.json\"") && toml.contains("max_num_seqs = 64"),
+        "{toml}"
+    );
+    let runs = dir.join("runs");
+    sim(&[
+        "run",
+        out.to_str().unwrap(),
+        "-o",
+        runs.to_str().unwrap(),
+        "--quiet",
+    ]);
+    sim(&["compare", runs.to_str().unwrap(), run.to_str().unwrap()]);
+    assert!(runs.join("fidelity/fidelity.md").exists());
+    // No device anywhere: named.
+    let plain = dir.join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    for f in ["requests.jsonl", "meta.json"] {
+        std::fs::copy(run.join(f), plain.join(f)).unwrap();
+    }
+    let e = sim_err(&[
+        "import",
+        "vllm",
+        plain.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--model-config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(e.contains("--device"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
