@@ -37,6 +37,22 @@ pub struct PredictorConfig {
     /// Apply a profile bundle's `skew_fit.csv` (the correction for decodes of unequal context
     /// in one step) when it has one.
     pub skew_correction: bool,
+    /// How a Vidur-schema `attention.csv` prices attention: `fit` (the default: prefill and
+    /// decode fitted to their work terms, which extrapolate by work beyond a sparse grid) or
+    /// `table` (interpolated between the measured rows: exact on them, linear beyond the
+    /// outermost two). Profile bundles are always interpolated.
+    pub attention: AttentionModel,
+}
+
+/// How a Vidur-schema attention table is read (`predictor.attention`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionModel {
+    /// Least-squares fit to the work terms.
+    #[default]
+    Fit,
+    /// Interpolation between the measured rows.
+    Table,
 }
 
 impl Default for PredictorConfig {
@@ -50,6 +66,7 @@ impl Default for PredictorConfig {
             profile_statistic: Statistic::Median,
             cuda_graph_sizes: Vec::new(),
             skew_correction: true,
+            attention: AttentionModel::Fit,
         }
     }
 }

@@ -119,14 +119,14 @@ impl DenseOps {
 
 /// A measured line: `y` by `x`, sorted, distinct `x`.
 #[derive(Debug, Clone, Default)]
-struct Line {
+pub(super) struct Line {
     xs: Vec<f64>,
     ys: Vec<f64>,
 }
 
 /// Linear interpolation through `(keys[i], value(i))`, linear beyond the ends from the two
 /// outermost points, floored at zero; evaluates `value` at most twice.
-fn interp(keys: &[f64], x: f64, value: impl Fn(usize) -> f64) -> f64 {
+pub(super) fn interp(keys: &[f64], x: f64, value: impl Fn(usize) -> f64) -> f64 {
     let n = keys.len();
     if n == 1 {
         return value(0);
@@ -145,25 +145,33 @@ fn interp(keys: &[f64], x: f64, value: impl Fn(usize) -> f64) -> f64 {
 }
 
 impl Line {
-    fn at(&self, x: f64) -> f64 {
+    /// From points (duplicates averaged), `None` if empty or not finite.
+    pub(super) fn new(pts: Vec<(f64, f64)>) -> Option<Self> {
+        let curve = Curve::new(pts)?;
+        let (xs, ys) = curve.points().unzip();
+        Some(Line { xs, ys })
+    }
+
+    pub(super) fn at(&self, x: f64) -> f64 {
         interp(&self.xs, x, |i| self.ys[i])
     }
 }
 
 /// A measured level of the nested grid: items by key, sorted.
 #[derive(Debug, Clone, Default)]
-struct Level<T> {
+pub(super) struct Level<T> {
     keys: Vec<f64>,
     items: Vec<T>,
 }
 
 impl<T> Level<T> {
-    fn from_map(m: BTreeMap<u64, T>) -> Self {
+    /// From items keyed by the bits of non-negative floats (which sort as the values do).
+    pub(super) fn from_map(m: BTreeMap<u64, T>) -> Self {
         let (keys, items) = m.into_iter().map(|(k, v)| (f64::from_bits(k), v)).unzip();
         Level { keys, items }
     }
 
-    fn at(&self, x: f64, f: impl Fn(&T) -> f64) -> f64 {
+    pub(super) fn at(&self, x: f64, f: impl Fn(&T) -> f64) -> f64 {
         interp(&self.keys, x, |i| f(&self.items[i]))
     }
 }
@@ -409,11 +417,7 @@ fn read_attention(path: &Path) -> Result<AttentionGrid, SimError> {
                         .map(|(q, ns)| {
                             let ns = Level::from_map(
                                 ns.into_iter()
-                                    .map(|(n, pts)| {
-                                        let curve = Curve::new(pts).expect("finite points");
-                                        let (xs, ys) = curve.points().unzip();
-                                        (n, Line { xs, ys })
-                                    })
+                                    .map(|(n, pts)| (n, Line::new(pts).expect("finite points")))
                                     .collect(),
                             );
                             (q, ns)

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use vajra_core::config::{ModelConfig, ParallelConfig};
 use vajra_core::sched::output::SchedulerOutput;
 use vajra_experiment::catalog::DeviceSpec;
-pub use vajra_experiment::predictor::PredictorConfig;
+pub use vajra_experiment::predictor::{AttentionModel, PredictorConfig};
 
 enum Linear {
     Measured(OpCurves),
@@ -48,6 +48,8 @@ enum Linear {
 
 enum Attention {
     Fitted(AttentionFit),
+    /// A Vidur-schema table, interpolated (`predictor.attention = "table"`).
+    Table(profile::AttentionTable),
     /// A profile bundle's measured table, interpolated (`bundle`).
     Grid(bundle::AttentionGrid),
     Roofline,
@@ -279,6 +281,14 @@ impl Predictor {
                     g.drop_skew_fit();
                 }
                 Attention::Grid(g)
+            }
+            Some(p) if p.exists() && cfg.attention == AttentionModel::Table => {
+                let table = profile::read_attention_table(&p, tp, stat)?;
+                provenance.push(format!(
+                    "attention: interpolated in {} (predictor.attention = \"table\")",
+                    p.display()
+                ));
+                Attention::Table(table)
             }
             Some(p) if p.exists() => {
                 let fit = profile::read_attention(&p, tp, stat)?;
@@ -512,6 +522,16 @@ impl Predictor {
                     max: x.dec_max,
                 };
                 g.ms(chunk, key, dec)
+            }
+            Attention::Table(t) => {
+                let mut ms = t.kv_save_ms(x.tokens);
+                if x.pre_n > 0 {
+                    ms += t.prefill_ms(x.pre_c, x.pre_ck / x.pre_c);
+                }
+                if x.dec_b > 0.0 {
+                    ms += t.decode_ms(x.dec_b, x.dec_kv / x.dec_b);
+                }
+                ms
             }
             Attention::Fitted(f) => {
                 let mut ms = f.kv_save[0] + f.kv_save[1] * x.tokens;

@@ -337,6 +337,106 @@ fn mape<const N: usize>(rows: &[([f64; N], f64)], c: &[f64; N]) -> f64 {
         / rows.len() as f64
 }
 
+/// A Vidur-schema `attention.csv` as measured, for interpolation (`predictor.attention =
+/// "table"`): prefill by (chunk, query-weighted key length `k + c/2`), decode by (batch,
+/// context), KV save by tokens; ms per layer.
+#[derive(Debug, Clone)]
+pub struct AttentionTable {
+    prefill: super::bundle::Level<super::bundle::Line>,
+    decode: super::bundle::Level<super::bundle::Line>,
+    kv_save: Option<Curve>,
+}
+
+impl AttentionTable {
+    /// A prefill of `chunk` tokens in all whose queries see `key` keys on average, ms.
+    pub fn prefill_ms(&self, chunk: f64, key: f64) -> f64 {
+        self.prefill.at(chunk, |l| l.at(key))
+    }
+
+    /// `batch` decodes at mean context `kv`, ms.
+    pub fn decode_ms(&self, batch: f64, kv: f64) -> f64 {
+        self.decode.at(batch, |l| l.at(kv))
+    }
+
+    /// Saving the KV of `tokens` new tokens, ms.
+    pub fn kv_save_ms(&self, tokens: f64) -> f64 {
+        self.kv_save.as_ref().map_or(0.0, |c| c.at(tokens))
+    }
+}
+
+/// Reads `attention.csv` rows for `tp` as a table.
+///
+/// # Errors
+/// As [`read_attention`].
+pub fn read_attention_table(
+    path: &Path,
+    tp: u32,
+    stat: Statistic,
+) -> Result<AttentionTable, SimError> {
+    let t = Table::read(path)?;
+    let tpc = t.col("num_tensor_parallel_workers")?;
+    let is_pre = t.col("is_prefill")?;
+    let bs = t.col("batch_size")?;
+    let chunk = t.col("prefill_chunk_size")?;
+    let kv = t.col("kv_cache_size")?;
+    let pre_t = t.col(&stat.of("attn_prefill"))?;
+    let dec_t = t.col(&stat.of("attn_decode"))?;
+    let save_t = t.headers.get(&stat.of("attn_kv_cache_save")).copied();
+    type Grid = BTreeMap<u64, Vec<(f64, f64)>>;
+    let (mut pre, mut dec): (Grid, Grid) = Default::default();
+    let mut save = Vec::new();
+    for r in 0..t.rows.len() {
+        if t.num(r, tpc)? != Some(f64::from(tp)) {
+            continue;
+        }
+        let k = t.num(r, kv)?.unwrap_or(0.0);
+        if t.num(r, is_pre)? == Some(1.0) {
+            let c = t.num(r, chunk)?.unwrap_or(0.0);
+            if let Some(y) = t.num(r, pre_t)?
+                && y > 0.0
+                && c > 0.0
+            {
+                pre.entry(c.to_bits()).or_default().push((k + c / 2.0, y));
+            }
+            if let Some(c_s) = save_t
+                && let Some(y) = t.num(r, c_s)?
+                && y > 0.0
+            {
+                save.push((c, y));
+            }
+        } else {
+            let b = t.num(r, bs)?.unwrap_or(1.0);
+            if let Some(y) = t.num(r, dec_t)?
+                && y > 0.0
+            {
+                dec.entry(b.to_bits()).or_default().push((k, y));
+            }
+        }
+    }
+    if pre.is_empty() || dec.is_empty() {
+        return Err(SimError::Profile {
+            path: path.to_owned(),
+            message: format!(
+                "needs prefill and decode rows for tensor_parallel = {tp} (found {} prefill, {} decode chunk/batch sizes)",
+                pre.len(),
+                dec.len()
+            ),
+        });
+    }
+    let level = |g: Grid| {
+        super::bundle::Level::from_map(
+            g.into_iter()
+                .map(|(k, pts)| (k, super::bundle::Line::new(pts).expect("finite rows")))
+                .collect(),
+        )
+    };
+    Ok(AttentionTable {
+        prefill: level(pre),
+        decode: level(dec),
+        kv_save: Curve::new(save),
+    })
+}
+
 /// Reads and fits `attention.csv` rows for `tp`.
 ///
 /// # Errors
@@ -463,5 +563,30 @@ mod tests {
             (c[0] - 0.5).abs() < 1e-9 && (c[1] - 0.25).abs() < 1e-9 && (c[2] - 0.125).abs() < 1e-9,
             "{c:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    #[test]
+    fn an_interpolated_attention_table_is_exact_on_its_rows() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../profiles/vajra-engine/h100/Meta-Llama-3-8B/attention.csv");
+        let t = read_attention_table(&p, 1, Statistic::Median).unwrap();
+        // Rows (512, 0) prefill and (8, 1024) decode of the measured file.
+        assert!((t.prefill_ms(512.0, 256.0) - 0.0345780000789091).abs() < 1e-12);
+        assert!((t.decode_ms(8.0, 1024.0) - 0.029145499924197793).abs() < 1e-12);
+        // Between rows: between their values.
+        let mid = t.decode_ms(8.0, 1536.0);
+        assert!(
+            mid > t.decode_ms(8.0, 1024.0) && mid < t.decode_ms(8.0, 2048.0),
+            "{mid}"
+        );
+        let e = read_attention_table(&p, 2, Statistic::Median)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tensor_parallel = 2"), "{e}");
     }
 }
