@@ -88,6 +88,7 @@ fn bench_run(c: &mut Criterion) {
                 seed: 1,
                 progress: None,
                 policy: None,
+                step_times: None,
             };
             let mut src = RequestSource::new(&workload, 1, Path::new("."), 4096).expect("source");
             let r = run(&spec, &mut src, Collector::new(&slo, 1), None).expect("runs");

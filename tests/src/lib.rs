@@ -9,6 +9,7 @@ use vajra_core::config::{CacheConfig, PolicyConfig, SchedulerConfig};
 use vajra_core::ids::{RequestId, TenantId};
 use vajra_core::request::{Prompt, Request};
 use vajra_core::sched::output::{FinishedRecord, ModelRunnerOutput, RequestEvent, SchedulerOutput};
+use vajra_core::sched::policy::{AdmitSpec, BatchPolicy, Reserve, Step};
 use vajra_core::sched::{Scheduler, check_invariants};
 use vajra_core::time::{Duration, Timestamp};
 
@@ -291,4 +292,49 @@ impl Replica {
             }
         }
     }
+}
+
+/// Running requests first under one token budget (as vLLM v1), then waiting requests with the
+/// fewest uncomputed prompt tokens first, chunked to the budget that is left.
+#[derive(Debug)]
+pub struct ShortestRemainingPromptFirst {
+    /// Token budget of a step.
+    pub budget: u32,
+}
+
+impl BatchPolicy for ShortestRemainingPromptFirst {
+    fn name(&self) -> &str {
+        "srpf"
+    }
+
+    fn schedule(&mut self, step: &mut Step<'_>) {
+        let mut budget = self.budget;
+        step.schedule_running(&mut budget, |_, b| b);
+        if step.preempted_any() {
+            return;
+        }
+        while budget > 0 && step.has_room() {
+            let Some(id) = step
+                .waiting()
+                .min_by_key(|s| (s.remaining(), s.arrival(), s.id()))
+                .map(|s| s.id())
+            else {
+                break;
+            };
+            let spec = AdmitSpec {
+                max_tokens: budget,
+                whole: false,
+                reserve: Reserve::Scheduled,
+            };
+            match step.admit_request(id, spec) {
+                Some(n) => budget -= n,
+                None => break,
+            }
+        }
+    }
+}
+
+/// The out-of-tree test policy with a token budget of `budget`.
+pub fn srpf(budget: u32) -> Box<dyn BatchPolicy> {
+    Box::new(ShortestRemainingPromptFirst { budget })
 }

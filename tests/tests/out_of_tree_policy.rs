@@ -7,51 +7,10 @@
 
 use std::path::{Path, PathBuf};
 use vajra_core::sched::config::{PolicyConfig, SchedulerConfig, VllmV1Config};
-use vajra_core::sched::policy::{AdmitSpec, BatchPolicy, Reserve, Step};
+use vajra_core::sched::policy::BatchPolicy;
 use vajra_core::time::Timestamp;
 
-/// Running requests first under one token budget (as vLLM v1), then waiting requests with the
-/// fewest uncomputed prompt tokens first, chunked to the budget that is left.
-#[derive(Debug)]
-struct ShortestRemainingPromptFirst {
-    budget: u32,
-}
-
-impl BatchPolicy for ShortestRemainingPromptFirst {
-    fn name(&self) -> &str {
-        "srpf"
-    }
-
-    fn schedule(&mut self, step: &mut Step<'_>) {
-        let mut budget = self.budget;
-        step.schedule_running(&mut budget, |_, b| b);
-        if step.preempted_any() {
-            return;
-        }
-        while budget > 0 && step.has_room() {
-            let Some(id) = step
-                .waiting()
-                .min_by_key(|s| (s.remaining(), s.arrival(), s.id()))
-                .map(|s| s.id())
-            else {
-                break;
-            };
-            let spec = AdmitSpec {
-                max_tokens: budget,
-                whole: false,
-                reserve: Reserve::Scheduled,
-            };
-            match step.admit_request(id, spec) {
-                Some(n) => budget -= n,
-                None => break,
-            }
-        }
-    }
-}
-
-fn srpf(budget: u32) -> Box<dyn BatchPolicy> {
-    Box::new(ShortestRemainingPromptFirst { budget })
-}
+use vajra_tests::srpf;
 
 /// Whether, over requests sorted by `key`, first-scheduled times never fall.
 fn monotone(mut rows: Vec<(u32, u64, Timestamp)>) -> bool {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! step,start_s,step_ms,forward_ms,num_requests,num_tokens,num_sampled,requests
-//! 7,1.204311,12.5031,11.9822,3,130,2,128@0 1@77* 1@301*
+//! 7,1.204311207,12.5031,11.9822,3,130,2,128@0 1@77* 1@301*
 //! ```
 //!
 //! `requests` lists the step's requests as `TOKENS@CONTEXT` (new tokens, tokens already
@@ -106,7 +106,7 @@ impl StepLogWriter {
         let sampled = row.requests.iter().filter(|r| r.samples).count();
         self.out.write_record([
             row.step.to_string(),
-            format!("{:.6}", row.start_s),
+            format!("{:.9}", row.start_s),
             format!("{:.4}", row.step_ms),
             format!("{:.4}", row.forward_ms),
             row.requests.len().to_string(),

@@ -24,6 +24,7 @@ pub mod report;
 pub mod run;
 pub mod sim;
 pub mod sweep;
+pub mod twin;
 pub mod vllm;
 
 pub use error::{Result, SimError};

@@ -111,6 +111,26 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TraceCmd,
     },
+    /// Step-time replay: simulate an engine run (`vajra-engine serve --run-dir`,
+    /// `--steps-log`) with each step taking the time the engine's took, and check that the
+    /// shared scheduler made the same batches; reports the first step where they differ and
+    /// why. Exits 1 on a divergence.
+    Twin {
+        /// The engine's run folder (requests.csv).
+        run_dir: PathBuf,
+        /// The engine's step log.
+        #[arg(long)]
+        steps: PathBuf,
+        /// The experiment the engine served (`serve --experiment`).
+        #[arg(long)]
+        experiment: PathBuf,
+        /// The engine's KV blocks (default: the experiment's cache.num_blocks).
+        #[arg(long)]
+        num_blocks: Option<u32>,
+        /// Where the replayed experiment and its trace go (default: <run_dir>/twin).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
     /// Experiments from other tools' runs.
     Import {
         #[command(subcommand)]
@@ -501,6 +521,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             print!("{}", profiles::error_table(&rows));
+            Ok(())
+        }
+        Cmd::Twin {
+            run_dir,
+            steps,
+            experiment,
+            num_blocks,
+            out,
+        } => {
+            let out = out.unwrap_or_else(|| run_dir.join("twin"));
+            let r = vajra_sim::twin::twin(&experiment, &run_dir, &steps, num_blocks, &out, None)?;
+            print!("{}", r.text());
+            if r.divergence.is_some() {
+                anyhow::bail!("the simulated run is not the engine's twin");
+            }
             Ok(())
         }
         Cmd::Import {

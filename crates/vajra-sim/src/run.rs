@@ -414,6 +414,7 @@ fn sim_spec<'a>(
         seed: e.seed,
         progress,
         policy,
+        step_times: None,
     }
 }
 
@@ -442,6 +443,32 @@ pub fn simulate_with_policy(
     let mut res = sim::run(&spec, &mut source, collector, None)?;
     res.collector.requests.sort_by_key(|r| r.request_id);
     Ok(res)
+}
+
+/// Runs a point's event loop with each step starting and ending when `step_times` says (step-time
+/// replay, `vajra-sim twin`) and, when `policy` is given, that batching policy; records every
+/// step's requests. Writes nothing.
+///
+/// # Errors
+/// A stalled simulation, or a scheduler config the policy rejects.
+pub fn simulate_replay(
+    file: &ExperimentFile,
+    point: &Point,
+    prep: &Prepared,
+    step_times: &[(vajra_core::time::Timestamp, vajra_core::time::Timestamp)],
+    policy: Option<&sim::PolicyFactory>,
+) -> Result<sim::SimResult> {
+    let e = &point.experiment;
+    let mut spec = sim_spec(point, prep, None, policy);
+    spec.step_times = Some(step_times);
+    let mut source = RequestSource::new(
+        &e.workload,
+        e.seed,
+        &file.base,
+        prep.setup.model.max_model_len,
+    )?;
+    let collector = vajra_metrics::Collector::new(&e.slo, e.cluster.num_replicas);
+    sim::run(&spec, &mut source, collector, None)
 }
 
 /// Runs one point and writes its folder `dir`. With a load-independent router and an

@@ -18,7 +18,7 @@
 //! the heap's top, so a million-request workload is generated lazily.
 
 use crate::error::{Result, SimError};
-use crate::predictor::{BatchCost, Predictor};
+use crate::predictor::{BatchCost, Predictor, StageTimes};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use std::cmp::Reverse;
@@ -370,6 +370,11 @@ pub struct SimSpec<'a> {
     /// Builds each replica's batching policy instead of `scheduler.policy` (an out-of-tree
     /// policy); `None` runs the in-tree policy the config names.
     pub policy: Option<&'a PolicyFactory>,
+    /// Step-time replay (`vajra-sim twin`): the (start, end) of each step, in the order the
+    /// replica forms them (one replica, one stage). Step k is formed no earlier than its start
+    /// and lasts until its end instead of the predictor's duration; every step's requests are
+    /// recorded in [`SimResult::steps`]. Steps past the list run at the predictor's pace.
+    pub step_times: Option<&'a [(Timestamp, Timestamp)]>,
 }
 
 /// Makes one replica's batching policy (called once per replica).
@@ -389,6 +394,9 @@ pub struct SimResult {
     pub events: u64,
     /// Final scheduler counters per replica.
     pub replica_stats: Vec<SchedulerStats>,
+    /// Under step-time replay: each step's requests as (new tokens, tokens computed before,
+    /// samples), in batch order.
+    pub steps: Vec<Vec<(u32, u32, bool)>>,
 }
 
 /// The global router of a loop, its random stream and its load buffer.
@@ -420,6 +428,8 @@ struct Loop<'a, 's> {
     collector: Collector,
     /// Requests rejected as late whose source has not heard of it yet.
     rejected: Vec<(RequestId, Timestamp)>,
+    /// Under step-time replay, every step's requests.
+    steps: Vec<Vec<(u32, u32, bool)>>,
 }
 
 impl Loop<'_, '_> {
@@ -434,6 +444,15 @@ impl Loop<'_, '_> {
             };
             rep.driver.reject_late(now, &mut sink);
         }
+        if let Some(times) = self.spec.step_times
+            && let Some(&(start, _)) = times.get(self.steps.len())
+            && now < start
+        {
+            // The replayed engine began this step later (it was idle until then).
+            rep.schedule_pending = true;
+            self.q.push(start, EventKind::Schedule, r as u32);
+            return;
+        }
         while let Some(ticket) = rep.driver.begin_step(now) {
             let slot = match self.free_slots.pop() {
                 Some(s) => s,
@@ -444,6 +463,18 @@ impl Loop<'_, '_> {
             };
             let b = &mut self.batches[slot as usize];
             b.cost = self.spec.predictor.predict(rep.driver.output(ticket));
+            if let Some(times) = self.spec.step_times {
+                let out = rep.driver.output(ticket);
+                if let Some((_, end)) = times.get(self.steps.len()) {
+                    b.cost.stage_ns = StageTimes::single(end.0.saturating_sub(now.0).max(1));
+                }
+                self.steps.push(
+                    out.scheduled
+                        .iter()
+                        .map(|s| (s.num_tokens, s.num_computed, s.samples))
+                        .collect(),
+                );
+            }
             b.replica = r as u32;
             b.ticket = Some(ticket);
             b.stage = 0;
@@ -721,6 +752,7 @@ pub fn run_range(
         free_slots: Vec::new(),
         collector,
         rejected: Vec::new(),
+        steps: Vec::new(),
     };
     let mut routing = Routing {
         router: Router::new(spec.router),
@@ -803,6 +835,7 @@ pub fn run_range(
         collector: st.collector,
         end: now,
         events,
+        steps: st.steps,
     })
 }
 

@@ -81,6 +81,15 @@ impl StageTimes {
         t
     }
 
+    /// One stage of `ns`.
+    pub fn single(ns: u64) -> Self {
+        StageTimes {
+            inline: [ns, 0, 0, 0],
+            spill: Vec::new(),
+            len: 1,
+        }
+    }
+
     /// The durations, one per stage.
     pub fn as_slice(&self) -> &[u64] {
         if self.len <= 4 {
