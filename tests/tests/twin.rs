@@ -13,13 +13,14 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The experiment both modes run: the fixture's shape, a 16-block pool.
-fn experiment(policy: &str, blocks: u32) -> String {
+/// The experiment both modes run on `model` (a folder with `config.json`): a 16-block pool.
+fn experiment(model: &Path, policy: &str, blocks: u32) -> String {
     format!(
         r#"name = "twin"
 seed = 7
 [model]
 config = "{}"
+max_model_len = 256
 [cluster]
 device = "h100"
 [predictor]
@@ -36,15 +37,14 @@ num_requests = 1
 arrival = {{ type = "all_at_once" }}
 lengths = {{ type = "fixed", prompt = 8, output = 8 }}
 "#,
-        root()
-            .join("tests/fixtures/tiny-llama/config.json")
-            .display()
+        model.join("config.json").display()
     )
 }
 
 /// Serves the workload on the engine, writing the run folder and the step log into `dir`;
 /// returns the engine's preemption count.
 fn serve(
+    model: &Path,
     exp: &str,
     dir: &Path,
     policy: Option<Box<dyn vajra_core::sched::policy::BatchPolicy>>,
@@ -55,19 +55,18 @@ fn serve(
     let cfg = EngineConfig {
         scheduler: scheduler.clone(),
         cache,
-        max_model_len: None,
+        max_model_len: Some(256),
         seed: 7,
     };
-    let model = root().join("tests/fixtures/tiny-llama");
     let policy = policy.unwrap_or_else(|| scheduler.policy.build());
     let mut e = vajra_engine::load_engine_with_policy(
-        &model,
+        model,
         cfg,
         vajra_engine::BackendKind::Cpu,
         16,
         policy,
     )
-    .expect("tiny-llama loads");
+    .expect("the model loads");
     e.log_steps(Box::new(
         std::fs::File::create(dir.join("steps.csv")).unwrap(),
     ))
@@ -112,15 +111,18 @@ fn serve(
     preemptions
 }
 
-fn check(name: &str, policy_toml: &str, oot: bool) -> u64 {
-    let dir = std::env::temp_dir().join(format!("vajra-twin-{name}-{}", std::process::id()));
+fn check(model: &Path, name: &str, policy_toml: &str, oot: bool) -> u64 {
+    let tag = model
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy());
+    let dir = std::env::temp_dir().join(format!("vajra-twin-{tag}-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let exp = experiment(policy_toml, 16);
+    let exp = experiment(model, policy_toml, 16);
     let path = dir.join("exp.toml");
     std::fs::write(&path, &exp).unwrap();
     let engine_policy = oot.then(|| vajra_tests::srpf(64));
-    let preemptions = serve(&exp, &dir, engine_policy);
+    let preemptions = serve(model, &exp, &dir, engine_policy);
     let factory = || vajra_tests::srpf(64);
     let report = vajra_sim::twin::twin(
         &path,
@@ -145,8 +147,8 @@ fn check(name: &str, policy_toml: &str, oot: bool) -> u64 {
     preemptions
 }
 
-#[test]
-fn the_simulator_fed_the_engines_step_times_makes_the_engines_batches() {
+/// Every in-tree policy, then the out-of-tree one, on `model`.
+fn every_policy(model: &Path) {
     let mut preempted = 0;
     for (name, policy) in [
         (
@@ -169,12 +171,39 @@ fn the_simulator_fed_the_engines_step_times_makes_the_engines_batches() {
             r#"{ type = "lightllm", max_num_batched_tokens = 256 }"#,
         ),
     ] {
-        preempted += check(name, policy, false);
+        preempted += check(model, name, policy, false);
     }
     assert!(preempted > 0, "the small pool forced preemptions somewhere");
     check(
+        model,
         "out_of_tree",
         r#"{ type = "vllm_v1", max_num_batched_tokens = 64 }"#,
         true,
     );
+}
+
+#[test]
+fn the_simulator_fed_the_engines_step_times_makes_the_engines_batches() {
+    every_policy(&root().join("tests/fixtures/tiny-llama"));
+}
+
+#[test]
+fn the_twin_holds_on_smollm2_too() {
+    // `$VAJRA_SMOLLM2_DIR` (scripts/test.sh fetches it), else target/models/smollm2.
+    let dir = std::env::var_os("VAJRA_SMOLLM2_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/models/smollm2"));
+    if !dir.join("model.safetensors").exists() {
+        let why = format!(
+            "no converted SmolLM2 at {} (run scripts/fetch-smollm2.sh, or scripts/test.sh which does)",
+            dir.display()
+        );
+        assert!(
+            std::env::var_os("VAJRA_REQUIRE_ALL").is_none(),
+            "VAJRA_REQUIRE_ALL is set and the SmolLM2 twin cannot run: {why}"
+        );
+        eprintln!("SKIPPED the_twin_holds_on_smollm2_too: {why}");
+        return;
+    }
+    every_policy(&dir);
 }
