@@ -431,8 +431,22 @@ pub fn simulate_with_policy(
     prep: &Prepared,
     policy: &sim::PolicyFactory,
 ) -> Result<sim::SimResult> {
+    let mut res = simulate_alone(file, point, prep, Some(policy), None)?;
+    res.collector.requests.sort_by_key(|r| r.request_id);
+    Ok(res)
+}
+
+/// One event loop over the whole point, in this thread.
+fn simulate_alone(
+    file: &ExperimentFile,
+    point: &Point,
+    prep: &Prepared,
+    policy: Option<&sim::PolicyFactory>,
+    step_times: Option<&[(vajra_core::time::Timestamp, vajra_core::time::Timestamp)]>,
+) -> Result<sim::SimResult> {
     let e = &point.experiment;
-    let spec = sim_spec(point, prep, None, Some(policy));
+    let mut spec = sim_spec(point, prep, None, policy);
+    spec.step_times = step_times;
     let mut source = RequestSource::new(
         &e.workload,
         e.seed,
@@ -440,9 +454,7 @@ pub fn simulate_with_policy(
         prep.setup.model.max_model_len,
     )?;
     let collector = vajra_metrics::Collector::new(&e.slo, e.cluster.num_replicas);
-    let mut res = sim::run(&spec, &mut source, collector, None)?;
-    res.collector.requests.sort_by_key(|r| r.request_id);
-    Ok(res)
+    sim::run(&spec, &mut source, collector, None)
 }
 
 /// Runs a point's event loop with each step starting and ending when `step_times` says (step-time
@@ -458,17 +470,7 @@ pub fn simulate_replay(
     step_times: &[(vajra_core::time::Timestamp, vajra_core::time::Timestamp)],
     policy: Option<&sim::PolicyFactory>,
 ) -> Result<sim::SimResult> {
-    let e = &point.experiment;
-    let mut spec = sim_spec(point, prep, None, policy);
-    spec.step_times = Some(step_times);
-    let mut source = RequestSource::new(
-        &e.workload,
-        e.seed,
-        &file.base,
-        prep.setup.model.max_model_len,
-    )?;
-    let collector = vajra_metrics::Collector::new(&e.slo, e.cluster.num_replicas);
-    sim::run(&spec, &mut source, collector, None)
+    simulate_alone(file, point, prep, policy, Some(step_times))
 }
 
 /// Runs one point and writes its folder `dir`. With a load-independent router and an

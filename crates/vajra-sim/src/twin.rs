@@ -48,32 +48,25 @@ pub struct EngineRequest {
 /// (aborted or rejected requests cannot be replayed by length).
 pub fn read_engine_requests(run_dir: &Path) -> Result<Vec<EngineRequest>, SimError> {
     let path = run_dir.join("requests.csv");
-    let mut rdr = csv::Reader::from_path(&path).map_err(|e| err(&path, e.to_string()))?;
-    let h = rdr
-        .headers()
-        .map_err(|e| err(&path, e.to_string()))?
-        .clone();
-    let col = |name: &str| {
-        h.iter()
-            .position(|c| c == name)
-            .ok_or_else(|| err(&path, format!("missing column `{name}`")))
-    };
-    let (arr, pr, out, why) = (
-        col("arrival_s")?,
-        col("prompt_tokens")?,
-        col("output_tokens")?,
-        col("finish_reason")?,
-    );
+    let names = [
+        "arrival_s",
+        "prompt_tokens",
+        "output_tokens",
+        "finish_reason",
+    ];
+    let (mut rdr, c) = crate::vllm::open_requests_csv(&path, &names)?;
+    let why = c[3];
     let mut v = Vec::new();
     for (i, rec) in rdr.records().enumerate() {
         let rec = rec.map_err(|e| err(&path, e.to_string()))?;
-        let num = |c: usize| -> Result<f64, SimError> {
-            rec.get(c)
+        // The `j`-th of `names`, as a number.
+        let num = |j: usize| -> Result<f64, SimError> {
+            rec.get(c[j])
                 .and_then(|x| x.parse::<f64>().ok())
                 .ok_or_else(|| {
                     err(
                         &path,
-                        format!("line {}: column {} is not a number", i + 2, &h[c]),
+                        format!("line {}: column `{}` is not a number", i + 2, names[j]),
                     )
                 })
         };
@@ -88,9 +81,9 @@ pub fn read_engine_requests(run_dir: &Path) -> Result<Vec<EngineRequest>, SimErr
             ));
         }
         v.push(EngineRequest {
-            arrival_s: num(arr)?,
-            prompt: num(pr)? as u32,
-            output: num(out)? as u32,
+            arrival_s: num(0)?,
+            prompt: num(1)? as u32,
+            output: num(2)? as u32,
         });
     }
     if v.is_empty() {

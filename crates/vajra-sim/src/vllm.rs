@@ -97,28 +97,23 @@ pub fn read_vllm(dir: &Path) -> Result<Latencies, SimError> {
 /// A missing file or column.
 pub fn read_simulated(dir: &Path) -> Result<Latencies, SimError> {
     let path = dir.join("requests.csv");
-    let mut rdr = csv::Reader::from_path(&path).map_err(|e| {
+    let (mut rdr, c) = open_requests_csv(
+        &path,
+        &[
+            "arrival_s",
+            "first_token_s",
+            "completed_s",
+            "output_tokens",
+            "finish_reason",
+        ],
+    )
+    .map_err(|e| {
         err(
             &path,
             format!("{e} (the simulated run needs output.csv = true)"),
         )
     })?;
-    let h = rdr
-        .headers()
-        .map_err(|e| err(&path, e.to_string()))?
-        .clone();
-    let col = |name: &str| {
-        h.iter()
-            .position(|c| c == name)
-            .ok_or_else(|| err(&path, format!("missing column `{name}`")))
-    };
-    let (arr, first, done, out, why) = (
-        col("arrival_s")?,
-        col("first_token_s")?,
-        col("completed_s")?,
-        col("output_tokens")?,
-        col("finish_reason")?,
-    );
+    let (arr, first, done, out, why) = (c[0], c[1], c[2], c[3], c[4]);
     let mut l = Latencies::default();
     for (i, rec) in rdr.records().enumerate() {
         let rec = rec.map_err(|e| err(&path, e.to_string()))?;
@@ -141,6 +136,27 @@ pub fn read_simulated(dir: &Path) -> Result<Latencies, SimError> {
         return Err(err(&path, "no completed requests"));
     }
     Ok(l)
+}
+
+/// Opens a run folder's `requests.csv` and finds `columns` in it, by name.
+///
+/// # Errors
+/// An unreadable file, or a column it lacks (named).
+pub fn open_requests_csv(
+    path: &Path,
+    columns: &[&str],
+) -> Result<(csv::Reader<std::fs::File>, Vec<usize>), SimError> {
+    let mut rdr = csv::Reader::from_path(path).map_err(|e| err(path, e.to_string()))?;
+    let h = rdr.headers().map_err(|e| err(path, e.to_string()))?;
+    let cols = columns
+        .iter()
+        .map(|name| {
+            h.iter()
+                .position(|c| c == *name)
+                .ok_or_else(|| err(path, format!("missing column `{name}`")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((rdr, cols))
 }
 
 /// The statistics the comparison prints.

@@ -364,15 +364,20 @@ impl AttentionTable {
     }
 }
 
-/// Reads `attention.csv` rows for `tp` as a table.
-///
-/// # Errors
-/// As [`read_attention`].
-pub fn read_attention_table(
-    path: &Path,
-    tp: u32,
-    stat: Statistic,
-) -> Result<AttentionTable, SimError> {
+/// One row of a Vidur-schema `attention.csv` for the TP width asked for.
+struct AttentionRow {
+    prefill: bool,
+    batch: f64,
+    chunk: f64,
+    kv: f64,
+    prefill_ms: Option<f64>,
+    decode_ms: Option<f64>,
+    save_ms: Option<f64>,
+}
+
+/// The rows of `attention.csv` for `tp` (the statistic's columns; `attn_kv_cache_save`
+/// optional).
+fn attention_rows(path: &Path, tp: u32, stat: Statistic) -> Result<Vec<AttentionRow>, SimError> {
     let t = Table::read(path)?;
     let tpc = t.col("num_tensor_parallel_workers")?;
     let is_pre = t.col("is_prefill")?;
@@ -382,46 +387,67 @@ pub fn read_attention_table(
     let pre_t = t.col(&stat.of("attn_prefill"))?;
     let dec_t = t.col(&stat.of("attn_decode"))?;
     let save_t = t.headers.get(&stat.of("attn_kv_cache_save")).copied();
-    type Grid = BTreeMap<u64, Vec<(f64, f64)>>;
-    let (mut pre, mut dec): (Grid, Grid) = Default::default();
-    let mut save = Vec::new();
+    let positive = |v: Option<f64>| v.filter(|&y| y > 0.0);
+    let mut rows = Vec::new();
     for r in 0..t.rows.len() {
         if t.num(r, tpc)? != Some(f64::from(tp)) {
             continue;
         }
-        let k = t.num(r, kv)?.unwrap_or(0.0);
-        if t.num(r, is_pre)? == Some(1.0) {
-            let c = t.num(r, chunk)?.unwrap_or(0.0);
-            if let Some(y) = t.num(r, pre_t)?
-                && y > 0.0
-                && c > 0.0
+        rows.push(AttentionRow {
+            prefill: t.num(r, is_pre)? == Some(1.0),
+            batch: t.num(r, bs)?.unwrap_or(1.0),
+            chunk: t.num(r, chunk)?.unwrap_or(0.0),
+            kv: t.num(r, kv)?.unwrap_or(0.0),
+            prefill_ms: positive(t.num(r, pre_t)?),
+            decode_ms: positive(t.num(r, dec_t)?),
+            save_ms: match save_t {
+                Some(c) => positive(t.num(r, c)?),
+                None => None,
+            },
+        });
+    }
+    Ok(rows)
+}
+
+fn no_rows(path: &Path, tp: u32, pre: usize, dec: usize) -> SimError {
+    SimError::Profile {
+        path: path.to_owned(),
+        message: format!(
+            "needs prefill and decode rows for tensor_parallel = {tp} (found {pre} prefill, {dec} decode)"
+        ),
+    }
+}
+
+/// Reads `attention.csv` rows for `tp` as a table.
+///
+/// # Errors
+/// As [`read_attention`].
+pub fn read_attention_table(
+    path: &Path,
+    tp: u32,
+    stat: Statistic,
+) -> Result<AttentionTable, SimError> {
+    type Grid = BTreeMap<u64, Vec<(f64, f64)>>;
+    let (mut pre, mut dec): (Grid, Grid) = Default::default();
+    let mut save = Vec::new();
+    for r in attention_rows(path, tp, stat)? {
+        if r.prefill {
+            if let Some(y) = r.prefill_ms
+                && r.chunk > 0.0
             {
-                pre.entry(c.to_bits()).or_default().push((k + c / 2.0, y));
+                pre.entry(r.chunk.to_bits())
+                    .or_default()
+                    .push((r.kv + r.chunk / 2.0, y));
             }
-            if let Some(c_s) = save_t
-                && let Some(y) = t.num(r, c_s)?
-                && y > 0.0
-            {
-                save.push((c, y));
+            if let Some(y) = r.save_ms {
+                save.push((r.chunk, y));
             }
-        } else {
-            let b = t.num(r, bs)?.unwrap_or(1.0);
-            if let Some(y) = t.num(r, dec_t)?
-                && y > 0.0
-            {
-                dec.entry(b.to_bits()).or_default().push((k, y));
-            }
+        } else if let Some(y) = r.decode_ms {
+            dec.entry(r.batch.to_bits()).or_default().push((r.kv, y));
         }
     }
     if pre.is_empty() || dec.is_empty() {
-        return Err(SimError::Profile {
-            path: path.to_owned(),
-            message: format!(
-                "needs prefill and decode rows for tensor_parallel = {tp} (found {} prefill, {} decode chunk/batch sizes)",
-                pre.len(),
-                dec.len()
-            ),
-        });
+        return Err(no_rows(path, tp, pre.len(), dec.len()));
     }
     let level = |g: Grid| {
         super::bundle::Level::from_map(
@@ -442,61 +468,31 @@ pub fn read_attention_table(
 /// # Errors
 /// A missing column, a malformed cell, or no prefill or decode rows for `tp`.
 pub fn read_attention(path: &Path, tp: u32, stat: Statistic) -> Result<AttentionFit, SimError> {
-    let t = Table::read(path)?;
-    let tpc = t.col("num_tensor_parallel_workers")?;
-    let is_pre = t.col("is_prefill")?;
-    let bs = t.col("batch_size")?;
-    let chunk = t.col("prefill_chunk_size")?;
-    let kv = t.col("kv_cache_size")?;
-    let pre_t = t.col(&stat.of("attn_prefill"))?;
-    let dec_t = t.col(&stat.of("attn_decode"))?;
-    let save_t = t.headers.get(&stat.of("attn_kv_cache_save")).copied();
     let mut pre: Vec<([f64; 4], f64)> = Vec::new();
     let mut dec: Vec<([f64; 3], f64)> = Vec::new();
     let mut save: Vec<([f64; 2], f64)> = Vec::new();
-    for r in 0..t.rows.len() {
-        if t.num(r, tpc)? != Some(f64::from(tp)) {
-            continue;
-        }
-        let k = t.num(r, kv)?.unwrap_or(0.0);
-        let b = t.num(r, bs)?.unwrap_or(1.0);
-        if t.num(r, is_pre)? == Some(1.0) {
-            let c = t.num(r, chunk)?.unwrap_or(0.0);
-            if let Some(y) = t.num(r, pre_t)?
-                && y > 0.0
+    for r in attention_rows(path, tp, stat)? {
+        let (c, k, b) = (r.chunk, r.kv, r.batch);
+        if r.prefill {
+            if let Some(y) = r.prefill_ms
                 && c > 0.0
             {
                 pre.push(([1.0, c, k, c * (k + c / 2.0)], y));
             }
-            if let Some(c_s) = save_t
-                && let Some(y) = t.num(r, c_s)?
-                && y > 0.0
-            {
+            if let Some(y) = r.save_ms {
                 save.push(([1.0, c], y));
             }
         } else {
-            if let Some(y) = t.num(r, dec_t)?
-                && y > 0.0
-            {
+            if let Some(y) = r.decode_ms {
                 dec.push(([1.0, b, b * k], y));
             }
-            if let Some(c_s) = save_t
-                && let Some(y) = t.num(r, c_s)?
-                && y > 0.0
-            {
+            if let Some(y) = r.save_ms {
                 save.push(([1.0, b], y));
             }
         }
     }
     if pre.is_empty() || dec.is_empty() {
-        return Err(SimError::Profile {
-            path: path.to_owned(),
-            message: format!(
-                "needs prefill and decode rows for tensor_parallel = {tp} (found {} prefill, {} decode)",
-                pre.len(),
-                dec.len()
-            ),
-        });
+        return Err(no_rows(path, tp, pre.len(), dec.len()));
     }
     let p = fit(&pre);
     let d = fit(&dec);
