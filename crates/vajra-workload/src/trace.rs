@@ -262,24 +262,35 @@ struct JsonRow {
     hash_ids: Vec<u64>,
 }
 
-fn read_jsonl(path: &Path) -> Result<Vec<TraceRow>> {
-    let f = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut rows: Vec<TraceRow> = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
+/// Calls `f` with each non-blank line of the JSONL file `path` parsed as `T` (and its 1-based
+/// line number) until `f` returns `false`; a line that does not parse is an error naming it and
+/// `expected`.
+fn each_json_line<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    expected: &str,
+    mut f: impl FnMut(u64, T) -> Result<bool>,
+) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
         let line_no = i as u64 + 1;
         let line = line.map_err(io_err(path))?;
         if line.trim().is_empty() {
             continue;
         }
-        let r: JsonRow = serde_json::from_str(&line).map_err(|e| {
-            bad(
-                path,
-                line_no,
-                format!(
-                    "{e} (expected {{\"timestamp\": ms, \"input_length\": n, \"output_length\": n, \"hash_ids\": [..]}})"
-                ),
-            )
-        })?;
+        let row: T = serde_json::from_str(&line)
+            .map_err(|e| bad(path, line_no, format!("{e} (expected {expected})")))?;
+        if !f(line_no, row)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<TraceRow>> {
+    let mut rows: Vec<TraceRow> = Vec::new();
+    let expected =
+        "{\"timestamp\": ms, \"input_length\": n, \"output_length\": n, \"hash_ids\": [..]}";
+    each_json_line(path, expected, |line_no, r: JsonRow| {
         let t = r.timestamp.map(|ms| ms / 1000.0);
         if let (Some(prev), Some(t)) = (rows.last().and_then(|p| p.arrival_s), t)
             && t < prev
@@ -297,7 +308,8 @@ fn read_jsonl(path: &Path) -> Result<Vec<TraceRow>> {
             hash_ids: r.hash_ids,
             tokens: Vec::new(),
         });
-    }
+        Ok(true)
+    })?;
     Ok(rows)
 }
 
@@ -326,16 +338,8 @@ fn read_token_jsonl(path: &Path, format: TraceFormat) -> Result<Vec<TraceRow>> {
             "{\"arrival_time_ns\": ns, \"input_toks\": n, \"output_toks\": n, \"input_tok_ids\": [..]}",
         ),
     };
-    let f = std::fs::File::open(path).map_err(io_err(path))?;
     let mut rows: Vec<TraceRow> = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line_no = i as u64 + 1;
-        let line = line.map_err(io_err(path))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let r: TokenRow = serde_json::from_str(&line)
-            .map_err(|e| bad(path, line_no, format!("{e} (expected {shape})")))?;
+    each_json_line(path, shape, |line_no, r: TokenRow| {
         let t = match format {
             TraceFormat::Vllm => r.queued_ts,
             _ => r.arrival_time_ns,
@@ -368,7 +372,8 @@ fn read_token_jsonl(path: &Path, format: TraceFormat) -> Result<Vec<TraceRow>> {
             hash_ids: Vec::new(),
             tokens: r.input_tok_ids,
         });
-    }
+        Ok(true)
+    })?;
     // Kept in the file's order (a workload's token ids match it line by line); the replay
     // sorts by arrival.
     Ok(rows)
@@ -384,22 +389,11 @@ pub fn attach_prompt_tokens(rows: &mut [TraceRow], path: &Path) -> Result<()> {
     struct Ids {
         input_tok_ids: Option<Vec<u32>>,
     }
-    let f = std::fs::File::open(path).map_err(io_err(path))?;
     let mut n = 0;
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line_no = i as u64 + 1;
-        let line = line.map_err(io_err(path))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let Some(row) = rows.get_mut(n) else { break };
-        let ids: Ids = serde_json::from_str(&line).map_err(|e| {
-            bad(
-                path,
-                line_no,
-                format!("{e} (expected {{\"input_tok_ids\": [..]}})"),
-            )
-        })?;
+    each_json_line(path, "{\"input_tok_ids\": [..]}", |line_no, ids: Ids| {
+        let Some(row) = rows.get_mut(n) else {
+            return Ok(false);
+        };
         let ids = ids
             .input_tok_ids
             .ok_or_else(|| bad(path, line_no, "missing field `input_tok_ids`".into()))?;
@@ -417,7 +411,8 @@ pub fn attach_prompt_tokens(rows: &mut [TraceRow], path: &Path) -> Result<()> {
         }
         row.tokens = ids;
         n += 1;
-    }
+        Ok(true)
+    })?;
     if n < rows.len() {
         return Err(bad(
             path,
@@ -452,21 +447,9 @@ pub type Conversation = Vec<(u32, u32)>;
 /// An unreadable file, a malformed line (named with its line and what was expected), or no
 /// conversation at all.
 pub fn read_conversations(path: &Path) -> Result<Vec<Conversation>> {
-    let f = std::fs::File::open(path).map_err(io_err(path))?;
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line_no = i as u64 + 1;
-        let line = line.map_err(io_err(path))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let row: ConversationRow = serde_json::from_str(&line).map_err(|e| {
-            bad(
-                path,
-                line_no,
-                format!("{e} (expected {{\"turns\": [[new_tokens, answer_tokens], ...]}})"),
-            )
-        })?;
+    let expected = "{\"turns\": [[new_tokens, answer_tokens], ...]}";
+    each_json_line(path, expected, |line_no, row: ConversationRow| {
         if row.turns.is_empty() {
             return Err(bad(
                 path,
@@ -490,7 +473,8 @@ pub fn read_conversations(path: &Path) -> Result<Vec<Conversation>> {
             turns.push((count(new, "new tokens")?, count(answer, "answer tokens")?));
         }
         out.push(turns);
-    }
+        Ok(true)
+    })?;
     if out.is_empty() {
         return Err(WorkloadError::EmptyTrace {
             path: path.to_owned(),
