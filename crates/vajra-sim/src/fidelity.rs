@@ -165,26 +165,49 @@ pub fn markdown(rows: &[Row]) -> String {
 /// # Errors
 /// A file that cannot be written.
 pub fn write(rows: &[Row], notes: &[String], out: &Path) -> Result<(), SimError> {
+    let opt = |v: Option<f64>| v.map_or_else(String::new, |x| x.to_string());
+    write_tables(
+        out,
+        &markdown(rows),
+        notes,
+        &["metric", "simulated", "measured", "rel_error"],
+        rows.iter().map(|r| {
+            vec![
+                r.metric.clone(),
+                opt(r.simulated),
+                opt(r.measured),
+                opt(r.rel_error()),
+            ]
+        }),
+    )
+}
+
+/// Writes a comparison's `fidelity.md` (`table`, then each note as a quote) and
+/// `fidelity.csv` (`header`, then `rows`) into `out`.
+///
+/// # Errors
+/// A file that cannot be written.
+pub(crate) fn write_tables(
+    out: &Path,
+    table: &str,
+    notes: &[String],
+    header: &[&str],
+    rows: impl Iterator<Item = Vec<String>>,
+) -> Result<(), SimError> {
     std::fs::create_dir_all(out).map_err(crate::error::write_err(out))?;
     let md = out.join("fidelity.md");
-    let mut text = markdown(rows);
+    let mut text = table.to_owned();
     for n in notes {
         let _ = write!(text, "\n> {n}\n");
     }
     std::fs::write(&md, text).map_err(crate::error::write_err(&md))?;
     let csv_path = out.join("fidelity.csv");
     let mut w = csv::Writer::from_path(&csv_path).map_err(crate::error::write_err(&csv_path))?;
-    w.write_record(["metric", "simulated", "measured", "rel_error"])
+    w.write_record(header)
         .map_err(crate::error::write_err(&csv_path))?;
-    let opt = |v: Option<f64>| v.map_or_else(String::new, |x| x.to_string());
     for r in rows {
-        w.write_record([
-            r.metric.clone(),
-            opt(r.simulated),
-            opt(r.measured),
-            opt(r.rel_error()),
-        ])
-        .map_err(crate::error::write_err(&csv_path))?;
+        w.write_record(&r)
+            .map_err(crate::error::write_err(&csv_path))?;
     }
     w.flush().map_err(crate::error::write_err(&csv_path))
 }

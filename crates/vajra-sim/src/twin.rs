@@ -198,11 +198,8 @@ pub fn compare(
         .collect();
     let n = engine.len().max(sim.len());
     for k in 0..n {
-        let e = engine
-            .get(k)
-            .map(|r| r.requests.clone())
-            .unwrap_or_default();
-        let s = sim.get(k).cloned().unwrap_or_default();
+        let e: &[StepItem] = engine.get(k).map_or(&[], |r| &r.requests);
+        let s: &[StepItem] = sim.get(k).map_or(&[], Vec::as_slice);
         if e == s {
             continue;
         }
@@ -233,8 +230,8 @@ pub fn compare(
             identical: k,
             divergence: Some(Divergence {
                 step: k,
-                engine: e,
-                simulated: s,
+                engine: e.to_vec(),
+                simulated: s.to_vec(),
                 why,
             }),
         };

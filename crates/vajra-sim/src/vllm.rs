@@ -329,36 +329,29 @@ pub fn markdown(rows: &[VllmRow]) -> String {
 /// # Errors
 /// A file that cannot be written.
 pub fn write(rows: &[VllmRow], notes: &[String], out: &Path) -> Result<(), SimError> {
-    std::fs::create_dir_all(out).map_err(crate::error::write_err(out))?;
-    let md = out.join("fidelity.md");
-    let mut text = markdown(rows);
-    for n in notes {
-        let _ = write!(text, "\n> {n}\n");
-    }
-    std::fs::write(&md, text).map_err(crate::error::write_err(&md))?;
-    let p = out.join("fidelity.csv");
-    let mut w = csv::Writer::from_path(&p).map_err(crate::error::write_err(&p))?;
-    w.write_record([
-        "metric",
-        "stat",
-        "vllm_ms",
-        "simulated_ms",
-        "rel_error",
-        "llmservingsim_ms",
-    ])
-    .map_err(crate::error::write_err(&p))?;
-    for r in rows {
-        w.write_record([
-            r.metric.to_owned(),
-            r.stat.to_owned(),
-            r.vllm.to_string(),
-            r.simulated.to_string(),
-            r.error().to_string(),
-            r.llmservingsim.map_or_else(String::new, |v| v.to_string()),
-        ])
-        .map_err(crate::error::write_err(&p))?;
-    }
-    w.flush().map_err(crate::error::write_err(&p))
+    crate::fidelity::write_tables(
+        out,
+        &markdown(rows),
+        notes,
+        &[
+            "metric",
+            "stat",
+            "vllm_ms",
+            "simulated_ms",
+            "rel_error",
+            "llmservingsim_ms",
+        ],
+        rows.iter().map(|r| {
+            vec![
+                r.metric.to_owned(),
+                r.stat.to_owned(),
+                r.vllm.to_string(),
+                r.simulated.to_string(),
+                r.error().to_string(),
+                r.llmservingsim.map_or_else(String::new, |v| v.to_string()),
+            ]
+        }),
+    )
 }
 
 /// What `vajra-sim import vllm` was told beyond the run folder.

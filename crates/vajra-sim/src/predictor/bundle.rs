@@ -337,8 +337,8 @@ pub struct Bundle {
     pub dir: PathBuf,
     /// Token-count operators.
     pub dense: DenseOps,
-    /// Per-request operators, ms by scheduled requests.
-    pub per_sequence: Vec<(String, Curve)>,
+    /// Per-request operators.
+    pub per_sequence: PerSequence,
     /// Attention.
     pub attention: AttentionGrid,
     /// What `meta.yaml` says was measured (GPU, model, vLLM version), for provenance.
@@ -514,7 +514,7 @@ impl Bundle {
             return Err(err(&dense_path, "no per-layer operators"));
         }
         let seq_path = tp_dir.join("per_sequence.csv");
-        let per_sequence = curves(&Table::read(&seq_path)?, "layer", "sequences")?;
+        let per_sequence = PerSequence(curves(&Table::read(&seq_path)?, "layer", "sequences")?);
         let mut attention = read_attention(&tp_dir.join("attention.csv"))?;
         let skew_path = tp_dir.join("skew_fit.csv");
         if skew_path.exists() {
@@ -528,13 +528,19 @@ impl Bundle {
             measured,
         })
     }
+}
 
-    /// Per-request operators for `n` scheduled requests, ms.
-    pub fn per_sequence_ms(&self, n: f64) -> f64 {
+/// Operators priced by the step's scheduled requests (`per_sequence.csv`): ms by requests.
+#[derive(Debug, Clone)]
+pub struct PerSequence(pub Vec<(String, Curve)>);
+
+impl PerSequence {
+    /// All of them for `n` scheduled requests, ms.
+    pub fn ms(&self, n: f64) -> f64 {
         if n <= 0.0 {
             return 0.0;
         }
-        self.per_sequence.iter().map(|(_, c)| c.at(n)).sum()
+        self.0.iter().map(|(_, c)| c.at(n)).sum()
     }
 }
 

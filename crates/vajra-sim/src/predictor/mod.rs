@@ -171,7 +171,7 @@ pub struct Predictor {
     /// Measured final norm + LM head, ms by sampled rows (`lm_head.csv`).
     head: Option<Curve>,
     /// A bundle's per-request operators (LM head, sampler), ms by scheduled requests.
-    per_sequence: Option<bundle::Bundle>,
+    per_sequence: Option<bundle::PerSequence>,
     /// Per stage, ns for `T` tokens, `T` in `0..table[s].len()`.
     table: Vec<Vec<u64>>,
     cpu_base_ns: f64,
@@ -252,13 +252,14 @@ impl Predictor {
             }
             _ => None,
         };
+        let is_bundle = bundle.is_some();
+        // The bundle's three tables go where the predictor prices each part.
+        let (mut bundle_dense, mut bundle_attention, bundle_per_sequence) = match bundle {
+            Some(b) => (Some(b.dense), Some(b.attention), Some(b.per_sequence)),
+            None => (None, None, None),
+        };
         let linear = match compute {
-            _ if bundle.is_some() => Linear::Bundle(
-                bundle
-                    .as_ref()
-                    .map(|b| b.dense.clone())
-                    .expect("bundle read"),
-            ),
+            _ if is_bundle => Linear::Bundle(bundle_dense.take().expect("bundle read")),
             Some(dir) => {
                 let c = profile::read_mlp(&dir.join("mlp.csv"), model, tp, stat)?;
                 provenance.push(format!(
@@ -281,11 +282,8 @@ impl Predictor {
             }
         };
         let attention = match compute.map(|d| d.join("attention.csv")) {
-            _ if bundle.is_some() => {
-                let mut g = bundle
-                    .as_ref()
-                    .map(|b| b.attention.clone())
-                    .expect("bundle read");
+            _ if is_bundle => {
+                let mut g = bundle_attention.take().expect("bundle read");
                 if !cfg.skew_correction {
                     g.drop_skew_fit();
                 }
@@ -315,7 +313,7 @@ impl Predictor {
             }
         };
         let head = match compute.map(|d| d.join("lm_head.csv")) {
-            _ if bundle.is_some() => None,
+            _ if is_bundle => None,
             Some(p) if cfg.lm_head && p.exists() => {
                 let c = profile::read_lm_head(&p, model, tp, stat)?;
                 provenance.push(format!("final norm + LM head: {}", p.display()));
@@ -370,7 +368,7 @@ impl Predictor {
             all_reduce,
             send_recv,
             head,
-            per_sequence: bundle,
+            per_sequence: bundle_per_sequence,
             table: Vec::new(),
             cpu_base_ns: cfg.cpu_overhead_us * 1e3,
             cpu_per_req_ns: cfg.cpu_overhead_per_request_us * 1e3,
@@ -615,7 +613,7 @@ impl Predictor {
                 && self.lm_head
                 && let Some(b) = &self.per_sequence
             {
-                ns += b.per_sequence_ms(batch) * 1e6;
+                ns += b.ms(batch) * 1e6;
             } else if s == last && self.lm_head && x.sampled > 0.0 {
                 ns += match &self.head {
                     Some(c) => c.at(x.sampled) * 1e6,
