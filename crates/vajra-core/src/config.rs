@@ -319,6 +319,31 @@ impl CacheConfig {
     }
 }
 
+/// What an instance (a replica) does with the requests routed to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceRole {
+    /// Prefill and decode on the same instance (no hand-off).
+    #[default]
+    Colocated,
+    /// Prefill only: a request runs until its first token, then its KV blocks are handed to a
+    /// decode instance.
+    Prefill,
+    /// Decode only: requests arrive with their prompt's KV transferred from a prefill instance.
+    Decode,
+}
+
+impl InstanceRole {
+    /// The name used in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            InstanceRole::Colocated => "colocated",
+            InstanceRole::Prefill => "prefill",
+            InstanceRole::Decode => "decode",
+        }
+    }
+}
+
 /// Model parallelism of one replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

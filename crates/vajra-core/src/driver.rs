@@ -273,6 +273,7 @@ mod tests {
             match event {
                 RequestEvent::Token { id, .. } => self.tokens.push((id, now)),
                 RequestEvent::Finished(f) => self.finished.push(*f),
+                RequestEvent::HandedOff { .. } => panic!("a colocated instance hands nothing off"),
             }
         }
         fn on_step(&mut self, _: StepTicket, record: &StepRecord) {

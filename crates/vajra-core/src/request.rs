@@ -98,6 +98,10 @@ pub enum RequestStatus {
     Running,
     /// Preempted to host memory (swap mode): waiting, with its KV on the host.
     Swapped,
+    /// Its KV blocks are in transit between instances (disaggregated prefill and decode): on
+    /// the prefill instance, held until the decode instance has them; on the decode instance,
+    /// reserved until they arrive. Neither waiting nor running.
+    Transferring,
     /// Done.
     Finished(FinishReason),
 }

@@ -29,6 +29,7 @@
 
 pub mod config;
 pub mod faster_transformer;
+mod handoff;
 pub mod lightllm;
 pub mod orca;
 pub mod output;
@@ -40,6 +41,7 @@ pub mod vllm_v0;
 pub mod vllm_v1;
 
 use crate::config::CacheConfig;
+use crate::config::InstanceRole;
 use crate::error::{CoreError, Result, ensure};
 use crate::ids::{HostBlockId, RequestId, StepId, TenantId};
 use crate::kv::{BlockTable, HostBlockPool, KvCacheManager, SeqContent};
@@ -91,6 +93,14 @@ struct Seq {
     num_preemptions: u32,
     cached_prompt_tokens: Option<u32>,
     queue_key: Option<Key>,
+    /// Waiting with its prompt's KV received from a prefill instance (blocks held, prompt
+    /// computed): admission schedules its next token without a prefix lookup.
+    received: bool,
+    /// Its hand-off's times, when it was prefilled on another instance.
+    disagg: Option<output::DisaggTimes>,
+    /// The first output token, on either side of a hand-off (`output` keeps it only for a
+    /// token prompt).
+    handoff_token: u32,
 }
 
 /// Tokens a waiting sequence needs KV for on admission.
@@ -177,6 +187,15 @@ pub struct Scheduler {
     request_data: bool,
     /// Emptied `scheduled` and `block_ids` buffers handed back by [`Scheduler::recycle`].
     spare_outputs: Vec<(Vec<ScheduledRequest>, Vec<crate::ids::BlockId>)>,
+    /// What this instance does (prefill instances hand requests off after their first token).
+    role: InstanceRole,
+    /// Requests whose KV is in transit (held for, or reserved from, another instance).
+    num_transferring: u32,
+    num_handed_off: u64,
+    num_received: u64,
+    /// Received requests admitted in the step being formed (their decode start is recorded
+    /// when it is).
+    remote_admitted: Vec<u32>,
 }
 
 impl Scheduler {
@@ -292,6 +311,11 @@ impl Scheduler {
             victim_candidates: Vec::new(),
             request_data: true,
             spare_outputs: Vec::new(),
+            role: InstanceRole::Colocated,
+            num_transferring: 0,
+            num_handed_off: 0,
+            num_received: 0,
+            remote_admitted: Vec::new(),
         })
     }
 
@@ -389,6 +413,8 @@ impl Scheduler {
             num_swapped: self.num_swapped,
             num_preemptions: self.num_preemptions,
             num_finished: self.num_finished,
+            num_handed_off: self.num_handed_off,
+            num_received: self.num_received,
             kv: self.kv.stats(),
         }
     }
@@ -430,8 +456,13 @@ impl Scheduler {
         )?;
         // Sized once: pushing one token per step would otherwise reallocate log(n) times.
         let keeps_tokens = matches!(req.prompt, Prompt::Tokens(_));
+        // A prefill instance runs a request to its first token only (then hands it off).
+        let max_tokens = match self.role {
+            InstanceRole::Prefill => req.max_tokens().min(1),
+            InstanceRole::Colocated | InstanceRole::Decode => req.max_tokens(),
+        };
         let output = if keeps_tokens {
-            Vec::with_capacity(req.max_tokens().min(4096) as usize)
+            Vec::with_capacity(max_tokens.min(4096) as usize)
         } else {
             Vec::new()
         };
@@ -439,7 +470,7 @@ impl Scheduler {
             id: req.id,
             tenant: req.tenant,
             prompt_len: req.prompt.len(),
-            max_tokens: req.max_tokens(),
+            max_tokens,
             has_stop_ids: !req.sampling.stop_token_ids.is_empty(),
             keeps_tokens,
             req,
@@ -456,6 +487,9 @@ impl Scheduler {
             cached_prompt_tokens: None,
             queue_key: None,
             send_full: self.request_data,
+            received: false,
+            disagg: None,
+            handoff_token: 0,
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {
@@ -565,6 +599,14 @@ impl Scheduler {
             }
         }
         out.num_batched_tokens = total;
+        for slot in self.remote_admitted.drain(..) {
+            if let Some(d) = self.slots[slot as usize]
+                .as_mut()
+                .and_then(|s| s.disagg.as_mut())
+            {
+                d.decode_scheduled.get_or_insert(now);
+            }
+        }
         std::mem::swap(&mut out.finished, &mut self.finished_ids);
         if !out.scheduled.is_empty() {
             self.steps += 1;
@@ -632,6 +674,19 @@ impl Scheduler {
             }
             let tok = sampled.expect("executor must sample a token when a step reaches the end");
             let index = seq.num_output;
+            if self.role == InstanceRole::Prefill
+                && index == 0
+                && seq.req.max_tokens() > 1
+                && !(tok.stop
+                    || (seq.has_stop_ids && seq.req.sampling.stop_token_ids.contains(&tok.token)))
+            {
+                self.hand_off(e.slot, tok.token, now);
+                events.push(RequestEvent::HandedOff {
+                    id: e.id,
+                    token: tok.token,
+                });
+                continue;
+            }
             seq.num_output += 1;
             if seq.keeps_tokens {
                 seq.output.push(tok.token);
@@ -723,6 +778,7 @@ impl Scheduler {
                 self.host.free(&seq.swapped);
                 self.num_swapped -= 1;
             }
+            RequestStatus::Transferring => self.num_transferring -= 1,
             RequestStatus::Waiting | RequestStatus::Finished(_) => {}
         }
         self.kv.free(&mut seq.table);
@@ -746,6 +802,7 @@ impl Scheduler {
             output_tokens: seq.num_output,
             cached_prompt_tokens: seq.cached_prompt_tokens.unwrap_or(0),
             num_preemptions: seq.num_preemptions,
+            disagg: seq.disagg,
         }
     }
 }
@@ -781,11 +838,32 @@ pub fn check_invariants(s: &Scheduler) {
                     "a running request holds blocks for its computed tokens"
                 );
             }
+            RequestStatus::Waiting if seq.received => {
+                assert_eq!(
+                    seq.table.len() as u32,
+                    s.kv.blocks_for(seq.prompt_len),
+                    "a received request holds its prompt's blocks"
+                );
+                assert_eq!(
+                    seq.num_computed, seq.prompt_len,
+                    "a received request has its prompt computed"
+                );
+            }
             RequestStatus::Waiting => {
                 assert!(seq.table.is_empty(), "a waiting request holds no blocks");
                 assert_eq!(
                     seq.num_computed, 0,
                     "a waiting request has nothing computed"
+                );
+            }
+            RequestStatus::Transferring => {
+                assert!(
+                    seq.queue_key.is_none(),
+                    "a transferring request is not queued"
+                );
+                assert!(
+                    seq.table.len() as u32 >= s.kv.blocks_for(seq.prompt_len),
+                    "a transferring request holds its prompt's blocks"
                 );
             }
             RequestStatus::Swapped => {
@@ -831,10 +909,20 @@ pub fn check_invariants(s: &Scheduler) {
         s.running.len(),
         "running list matches running statuses"
     );
+    let transferring = s
+        .slots
+        .iter()
+        .flatten()
+        .filter(|q| q.status == RequestStatus::Transferring)
+        .count();
+    assert_eq!(
+        transferring, s.num_transferring as usize,
+        "the transferring count matches transferring statuses"
+    );
     assert_eq!(
         s.index.len(),
-        running + s.waiting.len() + s.staged.len(),
-        "every live request is running, waiting or staged"
+        running + s.waiting.len() + s.staged.len() + transferring,
+        "every live request is running, waiting, staged or transferring"
     );
     let host_held: usize = s.slots.iter().flatten().map(|q| q.swapped.len()).sum();
     assert_eq!(

@@ -516,6 +516,7 @@ fn record(c: &mut Collector, facts: &mut BenchFacts, o: Outcome) {
         output_tokens: n,
         cached_prompt_tokens: o.usage_cached.unwrap_or(0),
         num_preemptions: 0,
+        disagg: None,
     });
 }
 

@@ -598,6 +598,7 @@ mod tests {
             output_tokens: 3,
             cached_prompt_tokens: 4,
             num_preemptions: 1,
+            disagg: None,
         });
         let facts = ClusterFacts {
             num_replicas: 1,
@@ -670,6 +671,7 @@ mod tests {
             output_tokens: n,
             cached_prompt_tokens: (i % 4) as u32,
             num_preemptions: u32::from(i.is_multiple_of(5)),
+            disagg: None,
         });
     }
 

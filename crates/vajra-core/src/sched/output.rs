@@ -195,6 +195,20 @@ pub struct FinishedRecord {
     pub cached_prompt_tokens: u32,
     /// Times it was preempted.
     pub num_preemptions: u32,
+    /// When it was prefilled on another instance and decoded here: the hand-off's times.
+    pub disagg: Option<DisaggTimes>,
+}
+
+/// The hand-off times of a request prefilled on one instance and decoded on another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DisaggTimes {
+    /// When the prefill instance sampled the first token (its prefill's end).
+    pub prefill_done: Timestamp,
+    /// When its KV blocks (and the first token) reached the decode instance: the first token
+    /// reaches the client then.
+    pub kv_arrived: Timestamp,
+    /// When the decode instance first scheduled it.
+    pub decode_scheduled: Option<Timestamp>,
 }
 
 /// Something that happened to a request in `update_from_output` or `abort`.
@@ -211,6 +225,15 @@ pub enum RequestEvent {
     },
     /// The request finished.
     Finished(Box<FinishedRecord>),
+    /// A prefill instance sampled the request's first token and keeps its KV blocks for a
+    /// decode instance ([`crate::sched::Scheduler::take_handoff`]): the token is not appended
+    /// here; it reaches the client from the decode instance, with the KV.
+    HandedOff {
+        /// The request.
+        id: RequestId,
+        /// The first token's id.
+        token: u32,
+    },
 }
 
 /// Scheduler counters.
@@ -228,6 +251,10 @@ pub struct SchedulerStats {
     pub num_preemptions: u64,
     /// Requests finished so far (any reason).
     pub num_finished: u64,
+    /// Requests handed to a decode instance after their prefill (a prefill instance's).
+    pub num_handed_off: u64,
+    /// Requests whose KV arrived from a prefill instance (a decode instance's).
+    pub num_received: u64,
     /// KV-cache counters.
     pub kv: KvStats,
 }

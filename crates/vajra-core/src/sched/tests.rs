@@ -872,7 +872,9 @@ fn late_requests_are_rejected_unserved_only_when_asked_and_only_if_never_schedul
             .iter()
             .map(|e| match e {
                 RequestEvent::Finished(r) => (r.id, r.reason),
-                RequestEvent::Token { .. } => panic!("only finishes"),
+                RequestEvent::Token { .. } | RequestEvent::HandedOff { .. } => {
+                    panic!("only finishes")
+                }
             })
             .collect();
         if reject {
@@ -888,4 +890,172 @@ fn late_requests_are_rejected_unserved_only_when_asked_and_only_if_never_schedul
         }
         f.run_to_end(200);
     }
+}
+
+// ---------------------------------------------------------------- prefill/decode hand-off
+
+fn role(mut f: Fx, r: crate::config::InstanceRole) -> Fx {
+    f.s.set_role(r).unwrap();
+    f
+}
+
+/// Runs a prefill instance until `id` is handed off; returns its first token.
+fn prefill_until_handoff(p: &mut Fx, id: RequestId) -> u32 {
+    for _ in 0..100 {
+        let out = p.sched();
+        for e in p.finish(&out) {
+            match e {
+                RequestEvent::HandedOff { id: h, token } if h == id => return token,
+                RequestEvent::Token { id: t, .. } => assert_ne!(t, id, "no token is appended"),
+                _ => {}
+            }
+        }
+    }
+    panic!("{id} was never handed off")
+}
+
+#[test]
+fn a_prefill_instance_hands_a_request_off_after_its_first_token_holding_its_blocks() {
+    use crate::config::InstanceRole;
+    let mut p = role(fx(v1(8)).build(), InstanceRole::Prefill);
+    let id = p.add(10, 5);
+    let token = prefill_until_handoff(&mut p, id);
+    assert_eq!(token, 1);
+    assert_eq!(p.s.status(id), Some(RequestStatus::Transferring));
+    assert_eq!(p.s.num_running(), 0);
+    assert_eq!(
+        p.s.kv().num_free(),
+        1000 - 3,
+        "its 3 prompt blocks stay held"
+    );
+    assert!(
+        p.sched().is_empty(),
+        "a handed-off request is not scheduled"
+    );
+    let h = p.s.take_handoff(id).unwrap();
+    assert_eq!((h.first_token, h.request.max_tokens()), (1, 5));
+    assert!(h.first_scheduled <= h.prefill_done);
+    p.s.release_handoff(id).unwrap();
+    check_invariants(&p.s);
+    assert_eq!(p.s.kv().num_free(), 1000);
+    assert!(!p.s.has_unfinished());
+    assert_eq!(p.sched().finished, vec![id], "the executor drops its state");
+    assert_eq!(p.s.stats().num_handed_off, 1);
+    assert!(p.s.release_handoff(id).is_err(), "released once");
+}
+
+#[test]
+fn a_decode_instance_reserves_the_prompt_then_decodes_the_rest_after_the_kv_arrives() {
+    use crate::config::InstanceRole;
+    let mut p = role(fx(v1(100)).build(), InstanceRole::Prefill);
+    let mut d = role(fx(v1(100)).build(), InstanceRole::Decode);
+    let id = p.add(10, 4);
+    prefill_until_handoff(&mut p, id);
+    let h = p.s.take_handoff(id).unwrap();
+    assert_eq!(d.s.reserve_remote(&h, d.now).unwrap(), Some(10));
+    check_invariants(&d.s);
+    assert_eq!(d.s.status(id), Some(RequestStatus::Transferring));
+    assert_eq!(d.s.kv().num_free(), 1000 - 3);
+    assert!(d.sched().is_empty(), "nothing runs before the KV arrives");
+    d.now = Timestamp(d.now.0 + 7_000_000);
+    assert_eq!(d.s.remote_kv_arrived(id, d.now).unwrap(), 1);
+    check_invariants(&d.s);
+    p.s.release_handoff(id).unwrap();
+    let out = d.sched();
+    assert_eq!(
+        shares(&out),
+        vec![(id.0, 1)],
+        "the first token's decode, no prefill"
+    );
+    assert_eq!(out.scheduled[0].prefill_tokens(), 0);
+    assert_eq!(out.scheduled[0].num_computed, 10);
+    d.finish(&out);
+    let mut rec = None;
+    while d.s.has_unfinished() {
+        let out = d.sched();
+        for e in d.finish(&out) {
+            if let RequestEvent::Finished(r) = e {
+                rec = Some(*r);
+            }
+        }
+    }
+    let rec = rec.expect("finished");
+    assert_eq!((rec.output_tokens, rec.reason), (4, FinishReason::Length));
+    assert_eq!(
+        rec.first_token,
+        Some(Timestamp(7_000_000)),
+        "first token with the KV"
+    );
+    let t = rec.disagg.expect("hand-off times");
+    assert_eq!(t.kv_arrived, Timestamp(7_000_000));
+    assert_eq!(t.decode_scheduled, Some(Timestamp(7_000_000)));
+    assert!(t.prefill_done < t.kv_arrived);
+    assert_eq!(d.s.kv().num_free(), 1000);
+    assert_eq!(d.s.stats().num_received, 1);
+}
+
+#[test]
+fn a_full_decode_instance_reserves_nothing_and_a_prefix_it_caches_is_not_transferred() {
+    use crate::config::InstanceRole;
+    let mut p = role(fx(v1(100)).build(), InstanceRole::Prefill);
+    let mut d = role(fx(v1(100)).blocks(4).build(), InstanceRole::Decode);
+    let tokens: Vec<u32> = (0..9).collect();
+    let a = p.add_with(Prompt::Tokens(tokens.clone()), 3, |_| {});
+    prefill_until_handoff(&mut p, a);
+    let ha = p.s.take_handoff(a).unwrap();
+    assert_eq!(d.s.reserve_remote(&ha, d.now).unwrap(), Some(9));
+    let mut longer = tokens.clone();
+    longer.extend([50, 51, 52, 53]);
+    let b = p.add_with(Prompt::Tokens(longer), 2, |_| {});
+    prefill_until_handoff(&mut p, b);
+    let hb = p.s.take_handoff(b).unwrap();
+    assert_eq!(
+        d.s.reserve_remote(&hb, d.now).unwrap(),
+        None,
+        "4 blocks hold a's 3 and not b's 4"
+    );
+    check_invariants(&d.s);
+    assert_eq!(d.s.status(b), None, "nothing held for b");
+    assert_eq!(
+        p.s.status(b),
+        Some(RequestStatus::Transferring),
+        "b waits on the prefill side"
+    );
+    d.s.remote_kv_arrived(a, d.now).unwrap();
+    d.run_to_end(20);
+    // a's two full prompt blocks are cached on the decode side now: b needs 5 tokens sent.
+    assert_eq!(d.s.reserve_remote(&hb, d.now).unwrap(), Some(13 - 8));
+    check_invariants(&d.s);
+    assert_eq!(
+        d.s.reserve_remote(&hb, d.now).unwrap_err().to_string(),
+        crate::error::CoreError::DuplicateRequest(b).to_string()
+    );
+}
+
+#[test]
+fn a_handed_off_request_can_be_aborted_on_either_side_without_leaking_blocks() {
+    use crate::config::InstanceRole;
+    let mut p = role(fx(v1(100)).build(), InstanceRole::Prefill);
+    let mut d = role(fx(v1(100)).build(), InstanceRole::Decode);
+    let id = p.add(10, 4);
+    prefill_until_handoff(&mut p, id);
+    let h = p.s.take_handoff(id).unwrap();
+    d.s.reserve_remote(&h, d.now).unwrap().unwrap();
+    p.s.abort(id, p.now).unwrap();
+    d.s.abort(id, d.now).unwrap();
+    check_invariants(&p.s);
+    check_invariants(&d.s);
+    assert_eq!((p.s.kv().num_free(), d.s.kv().num_free()), (1000, 1000));
+}
+
+#[test]
+fn a_prefill_instance_finishes_a_one_token_request_itself_and_a_role_is_set_before_requests() {
+    use crate::config::InstanceRole;
+    let mut p = role(fx(v1(100)).build(), InstanceRole::Prefill);
+    p.add(10, 1);
+    let out = p.sched();
+    let ev = p.finish(&out);
+    assert!(matches!(ev[1], RequestEvent::Finished(_)), "{ev:?}");
+    p.add(4, 4);
+    assert!(p.s.set_role(InstanceRole::Colocated).is_err());
 }

@@ -33,7 +33,9 @@ impl Scheduler {
             .as_mut()
             .expect("waiting slot is live");
         let swapped = seq.status == RequestStatus::Swapped;
-        let (hits, hit_tokens) = if swapped {
+        // Swapped and received requests resume from their computed tokens, without a lookup.
+        let resumed = swapped || seq.received;
+        let (hits, hit_tokens) = if resumed {
             (Vec::new(), 0)
         } else {
             self.kv.get_computed_blocks(
@@ -41,7 +43,7 @@ impl Scheduler {
                 &content(&seq.req, &seq.output, seq.num_output),
             )
         };
-        let computed = if swapped {
+        let computed = if resumed {
             seq.num_computed
         } else {
             hit_tokens
@@ -93,6 +95,9 @@ impl Scheduler {
             self.host.free(&seq.swapped);
             seq.swapped.clear();
             self.num_swapped -= 1;
+        } else if seq.received {
+            seq.received = false;
+            self.remote_admitted.push(slot);
         } else {
             self.kv.record_prefix_query(seq.num_tokens(), hit_tokens);
             let prompt = seq.prompt_len();

@@ -110,6 +110,10 @@ impl StepSink for OutputSink<'_> {
                 self.touched.push(rec.id);
                 l.pending.record = Some(rec);
             }
+            // The engine's instances are colocated (`Scheduler::set_role` is never called).
+            RequestEvent::HandedOff { .. } => {
+                unreachable!("a colocated instance hands nothing off")
+            }
         }
     }
 

@@ -1,0 +1,271 @@
+//! Disaggregated prefill and decode: the hand-off of a request from a prefill instance to a
+//! decode instance, as both sides' schedulers see it.
+//!
+//! ```text
+//!  prefill instance                                  decode instance
+//!  add_request ─► prefill ─► first token sampled
+//!     update_from_output emits HandedOff{id, token}
+//!     (status Transferring, KV blocks held)
+//!  take_handoff(id) ─► Handoff ────────────────────► reserve_remote(handoff) ─► Some(tokens)
+//!                                                     (status Transferring, prompt's blocks
+//!                                                      reserved; None: no room, nothing held)
+//!                        ... the KV blocks move ...
+//!  release_handoff(id)  (blocks freed)               remote_kv_arrived(id)
+//!                                                     (waiting, prompt computed: it decodes)
+//! ```
+//!
+//! The prefill instance runs a request to its first token only (its `max_tokens` is 1 there),
+//! as in vLLM's disaggregated serving and SGLang's PD mode; the decode instance appends the
+//! first token when the KV arrives (the client sees it then) and generates the rest. A decode
+//! instance that has part of the prompt in its own prefix cache reserves those blocks as hits
+//! and asks for the rest only (as vLLM's KV connectors do). Until `reserve_remote` succeeds the
+//! request stays on the prefill instance holding its blocks: the pressure of a full decode pool
+//! shows on the prefill side, and nothing is dropped.
+
+use super::output::DisaggTimes;
+use super::{Scheduler, Seq, content};
+use crate::config::InstanceRole;
+use crate::error::{CoreError, Result, ensure};
+use crate::ids::RequestId;
+use crate::kv::{AllocSpec, BlockTable};
+use crate::request::{Prompt, Request, RequestStatus};
+use crate::time::Timestamp;
+
+/// A request leaving a prefill instance: what the decode instance needs to go on with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handoff {
+    /// The request as it arrived (its `max_tokens` is the client's).
+    pub request: Request,
+    /// The first output token.
+    pub first_token: u32,
+    /// When the prefill instance first scheduled it.
+    pub first_scheduled: Timestamp,
+    /// When the prefill instance sampled the first token.
+    pub prefill_done: Timestamp,
+    /// Prompt tokens the prefill instance found in its prefix cache.
+    pub cached_prompt_tokens: u32,
+    /// Times the prefill instance preempted it.
+    pub num_preemptions: u32,
+}
+
+impl Scheduler {
+    /// Sets what this instance does. A prefill instance runs every request it is given to its
+    /// first token and then hands it off (see the module docs); a decode instance takes
+    /// requests through [`Self::reserve_remote`] (and runs any added by
+    /// [`Self::add_request`] as a colocated instance would).
+    ///
+    /// # Errors
+    /// Requests are already live (a role is set before the first one).
+    pub fn set_role(&mut self, role: InstanceRole) -> Result<()> {
+        ensure(
+            self.index.is_empty(),
+            "role",
+            role.name(),
+            "set before the first request is added",
+        )?;
+        self.role = role;
+        Ok(())
+    }
+
+    /// What this instance does.
+    pub fn role(&self) -> InstanceRole {
+        self.role
+    }
+
+    /// Requests whose KV is in transit (held for, or reserved from, another instance).
+    pub fn num_transferring(&self) -> u32 {
+        self.num_transferring
+    }
+
+    /// The running request in `slot` sampled its first token on a prefill instance: it leaves
+    /// the running list and keeps its blocks until [`Self::release_handoff`].
+    pub(super) fn hand_off(&mut self, slot: u32, token: u32, now: Timestamp) {
+        let seq = self.slots[slot as usize].as_mut().expect("live slot");
+        seq.num_output = 1;
+        seq.handoff_token = token;
+        if seq.keeps_tokens {
+            seq.output.push(token);
+        }
+        seq.first_token = Some(now);
+        seq.status = RequestStatus::Transferring;
+        let tenant = seq.req.tenant;
+        let pos = self
+            .running
+            .iter()
+            .position(|&s| s == slot)
+            .expect("a request that sampled is running");
+        self.running.remove(pos);
+        self.waiting.running_changed(tenant, false);
+        self.num_transferring += 1;
+    }
+
+    fn transferring_slot(&self, id: RequestId) -> Result<u32> {
+        let slot = *self.index.get(&id).ok_or(CoreError::UnknownRequest(id))?;
+        ensure(
+            self.seq(slot).status == RequestStatus::Transferring,
+            "request status",
+            format!("{:?}", self.seq(slot).status),
+            "transferring (handed off, or reserved for a transfer)",
+        )?;
+        Ok(slot)
+    }
+
+    /// What a decode instance needs of a request this prefill instance handed off (its KV
+    /// blocks stay held here until [`Self::release_handoff`]).
+    ///
+    /// # Errors
+    /// The request is unknown or not handed off.
+    pub fn take_handoff(&self, id: RequestId) -> Result<Handoff> {
+        let slot = self.transferring_slot(id)?;
+        let s = self.seq(slot);
+        Ok(Handoff {
+            request: s.req.clone(),
+            first_token: s.handoff_token,
+            first_scheduled: s
+                .first_scheduled
+                .expect("a handed-off request was scheduled"),
+            prefill_done: s
+                .first_token
+                .expect("a handed-off request has its first token"),
+            cached_prompt_tokens: s.cached_prompt_tokens.unwrap_or(0),
+            num_preemptions: s.num_preemptions,
+        })
+    }
+
+    /// The decode instance has a handed-off request's KV: its blocks are freed here and it
+    /// leaves this instance (the executor hears of it in the next step's `finished` ids).
+    ///
+    /// # Errors
+    /// The request is unknown or not handed off.
+    pub fn release_handoff(&mut self, id: RequestId) -> Result<()> {
+        let slot = self.transferring_slot(id)?;
+        let mut seq = self.slots[slot as usize].take().expect("live slot");
+        self.kv.free(&mut seq.table);
+        self.free_slots.push(slot);
+        self.index.remove(&id);
+        self.outstanding_tokens -= u64::from(seq.prompt_len) + u64::from(seq.max_tokens);
+        self.finished_ids.push(id);
+        self.num_transferring -= 1;
+        self.num_handed_off += 1;
+        Ok(())
+    }
+
+    /// Reserves, on this decode instance, the blocks for a handed-off request's prompt: those
+    /// its prefix cache already holds count as hits; the rest are allocated for the transfer.
+    /// Returns the prompt tokens whose KV must be transferred, or `None` when the blocks do not
+    /// fit now (nothing is held; try again once blocks free up).
+    ///
+    /// # Errors
+    /// The request is invalid here (too long for this instance's model length or its KV pool)
+    /// or already live.
+    pub fn reserve_remote(&mut self, h: &Handoff, now: Timestamp) -> Result<Option<u32>> {
+        let req = &h.request;
+        req.validate(self.max_model_len)?;
+        if self.index.contains_key(&req.id) {
+            return Err(CoreError::DuplicateRequest(req.id));
+        }
+        let capacity = u64::from(self.kv.num_blocks()) * u64::from(self.kv.block_size());
+        let total = u64::from(req.prompt.len()) + u64::from(req.max_tokens());
+        ensure(
+            total <= capacity,
+            "prompt + max_tokens",
+            total,
+            &format!("at most the KV cache capacity of {capacity} tokens"),
+        )?;
+        let prompt_len = req.prompt.len();
+        let keeps_tokens = matches!(req.prompt, Prompt::Tokens(_));
+        let output = if keeps_tokens {
+            let mut v = Vec::with_capacity(req.max_tokens().min(4096) as usize);
+            v.push(h.first_token);
+            v
+        } else {
+            Vec::new()
+        };
+        let mut table = BlockTable::default();
+        let (hits, hit_tokens) = self
+            .kv
+            .get_computed_blocks(&mut table, &content(req, &output, 1));
+        let hit_tokens = hit_tokens.min(prompt_len);
+        let alloc = AllocSpec {
+            num_computed: hit_tokens,
+            new_computed: &hits,
+            num_new_tokens: prompt_len - hit_tokens,
+            apply_watermark: !self.running.is_empty(),
+        };
+        if self.kv.allocate_slots(&mut table, &alloc).is_none() {
+            return Ok(None);
+        }
+        let seq = Seq {
+            id: req.id,
+            tenant: req.tenant,
+            prompt_len,
+            max_tokens: req.max_tokens(),
+            has_stop_ids: !req.sampling.stop_token_ids.is_empty(),
+            keeps_tokens,
+            req: req.clone(),
+            output,
+            num_output: 1,
+            status: RequestStatus::Transferring,
+            num_computed: hit_tokens,
+            table,
+            swapped: Vec::new(),
+            in_flight: 0,
+            num_preemptions: h.num_preemptions,
+            first_scheduled: Some(h.first_scheduled),
+            first_token: None,
+            cached_prompt_tokens: Some(h.cached_prompt_tokens),
+            queue_key: None,
+            send_full: self.request_data,
+            received: false,
+            handoff_token: h.first_token,
+            disagg: Some(DisaggTimes {
+                prefill_done: h.prefill_done,
+                kv_arrived: now,
+                decode_scheduled: None,
+            }),
+        };
+        let slot = match self.free_slots.pop() {
+            Some(s) => {
+                self.slots[s as usize] = Some(seq);
+                s
+            }
+            None => {
+                self.slots.push(Some(seq));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(req.id, slot);
+        self.outstanding_tokens += total;
+        self.num_transferring += 1;
+        Ok(Some(prompt_len - hit_tokens))
+    }
+
+    /// A reserved request's KV arrived at `now`: its first token is appended (the client
+    /// receives it now) and it waits to decode, its prompt computed. Returns the first token's
+    /// id.
+    ///
+    /// # Errors
+    /// The request is unknown or not reserved for a transfer.
+    pub fn remote_kv_arrived(&mut self, id: RequestId, now: Timestamp) -> Result<u32> {
+        let slot = self.transferring_slot(id)?;
+        let seq = self.slots[slot as usize].as_mut().expect("live slot");
+        let prompt = seq.prompt_len;
+        seq.num_computed = prompt;
+        seq.first_token = Some(now);
+        seq.received = true;
+        if let Some(d) = seq.disagg.as_mut() {
+            d.kv_arrived = now;
+        }
+        let token = seq.handoff_token;
+        self.kv.cache_full_blocks(
+            &mut seq.table,
+            &content(&seq.req, &seq.output, seq.num_output),
+            prompt,
+        );
+        seq.status = RequestStatus::Waiting;
+        self.num_transferring -= 1;
+        self.num_received += 1;
+        self.enqueue(slot, false);
+        Ok(token)
+    }
+}
