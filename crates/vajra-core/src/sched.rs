@@ -29,10 +29,11 @@
 
 pub mod config;
 pub mod faster_transformer;
-mod handoff;
+pub mod handoff;
 pub mod lightllm;
 pub mod orca;
 pub mod output;
+pub use handoff::Handoff;
 pub mod policy;
 mod queue;
 pub mod sarathi;

@@ -439,6 +439,7 @@ pub async fn run(cfg: &BenchConfig, vocab: u32) -> Result<BenchFacts> {
             peak_flops: 0.0,
             peak_bytes_per_s: 0.0,
             issued: facts.sent,
+            pools: Vec::new(),
             clipped: source_clipped,
         },
     );

@@ -315,6 +315,7 @@ impl Engine {
             peak_bytes_per_s: 0.0,
             issued: r.issued,
             // The server refuses what does not fit; it never clips.
+            pools: Vec::new(),
             clipped: 0,
         };
         let summary = vajra_metrics::summary::SummaryFile {

@@ -312,3 +312,93 @@ mod tests {
         assert!(device("tpu").is_none());
     }
 }
+
+/// A KV-transfer link between a prefill replica and a decode replica, per GPU and direction.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LinkSpec {
+    /// Short name.
+    pub name: &'static str,
+    /// Bytes/s per GPU and direction (a replica of width `w` sends over `w` of them at once).
+    pub bandwidth: f64,
+    /// Seconds from a transfer's start until its first byte lands (wire and transfer-engine
+    /// setup).
+    pub latency_s: f64,
+}
+
+/// The built-in links. Bandwidths are the nominal per-direction rates: NVLink 4 (H100/H200,
+/// 900 GB/s both directions), PCIe 4.0 and 5.0 x16, and one InfiniBand/RoCE NIC per GPU at
+/// 100, 200 or 400 Gbit/s (ConnectX-6/7, as in DGX H100 nodes). Latencies are a few
+/// microseconds of wire and NIC time plus the tens of microseconds a transfer engine (NIXL,
+/// Mooncake's) takes to post a transfer; set `kv_transfer.latency_us` for a slower stack.
+pub fn links() -> [LinkSpec; 6] {
+    [
+        LinkSpec {
+            name: "nvlink",
+            bandwidth: 450.0 * GB,
+            latency_s: 10e-6,
+        },
+        LinkSpec {
+            name: "pcie4",
+            bandwidth: 32.0 * GB,
+            latency_s: 20e-6,
+        },
+        LinkSpec {
+            name: "pcie5",
+            bandwidth: 64.0 * GB,
+            latency_s: 20e-6,
+        },
+        LinkSpec {
+            name: "rdma_100g",
+            bandwidth: 12.5 * GB,
+            latency_s: 50e-6,
+        },
+        LinkSpec {
+            name: "rdma_200g",
+            bandwidth: 25.0 * GB,
+            latency_s: 50e-6,
+        },
+        LinkSpec {
+            name: "rdma_400g",
+            bandwidth: 50.0 * GB,
+            latency_s: 50e-6,
+        },
+    ]
+}
+
+/// Names of the built-in links, comma-separated.
+pub fn link_names() -> String {
+    links().iter().map(|l| l.name).collect::<Vec<_>>().join(", ")
+}
+
+/// The link a `[cluster.kv_transfer]` table describes: a built-in one with its overrides.
+///
+/// # Errors
+/// An unknown link or an override that is not a positive finite number.
+pub fn resolve_link(t: &crate::experiment::KvTransferSpec) -> crate::error::Result<LinkSpec> {
+    use crate::error::ExperimentError;
+    let mut l = links()
+        .into_iter()
+        .find(|l| l.name.eq_ignore_ascii_case(&t.link))
+        .ok_or_else(|| ExperimentError::invalid("cluster.kv_transfer.link", &t.link, link_names()))?;
+    if let Some(g) = t.bandwidth_gbps {
+        if !(g.is_finite() && g > 0.0) {
+            return Err(ExperimentError::invalid(
+                "cluster.kv_transfer.bandwidth_gbps",
+                g,
+                "Gbit/s > 0 per GPU and direction",
+            ));
+        }
+        l.bandwidth = g * 1e9 / 8.0;
+    }
+    if let Some(us) = t.latency_us {
+        if !(us.is_finite() && us >= 0.0) {
+            return Err(ExperimentError::invalid(
+                "cluster.kv_transfer.latency_us",
+                us,
+                "microseconds ≥ 0",
+            ));
+        }
+        l.latency_s = us * 1e-6;
+    }
+    Ok(l)
+}

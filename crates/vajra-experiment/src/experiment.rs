@@ -29,7 +29,7 @@ use crate::error::{ExperimentError, Result};
 use crate::predictor::PredictorConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use vajra_core::config::{CacheConfig, ModelConfig, ParallelConfig};
+use vajra_core::config::{CacheConfig, InstanceRole, ModelConfig, ParallelConfig};
 use vajra_core::router::RouterConfig;
 use vajra_core::sched::config::SchedulerConfig;
 use vajra_metrics::SloConfig;
@@ -73,10 +73,123 @@ pub struct ClusterSpec {
     /// balancer about every 100 ms) and count their own routing decisions in between.
     #[serde(default)]
     pub router_staleness_s: f64,
+    /// Disaggregated prefill and decode: one `prefill` pool and one `decode` pool of replicas,
+    /// e.g. `[{ role = "prefill", num_replicas = 2 }, { role = "decode", num_replicas = 2 }]`
+    /// (device, tensor_parallel and pipeline_parallel default to the cluster's). Empty: every
+    /// replica is colocated. With pools, `num_replicas` is left unset (each pool sets its own);
+    /// `[router]` picks the prefill replica and `decode_router` the decode replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolSpec>,
+    /// How the KV cache moves from the prefill pool to the decode pool (with `pools`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_transfer: Option<KvTransferSpec>,
+    /// The router that picks a decode replica for a prefilled request (with `pools`; default
+    /// `least_kv_usage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_router: Option<RouterConfig>,
+}
+
+/// A pool of replicas with one role.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    /// `prefill` or `decode`.
+    pub role: InstanceRole,
+    /// Replicas in the pool.
+    pub num_replicas: u32,
+    /// Device kind (default: the cluster's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Tensor-parallel width of a replica (default: the cluster's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor_parallel: Option<u32>,
+    /// Pipeline stages of a replica (default: the cluster's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_parallel: Option<u32>,
+    /// Override of the device price per hour (default: the cluster's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_per_hour: Option<f64>,
+}
+
+/// The KV-transfer link between a prefill replica and a decode replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvTransferSpec {
+    /// A built-in link (`vajra-sim list` prints them): `nvlink`, `pcie4`, `pcie5`,
+    /// `rdma_100g`, `rdma_200g`, `rdma_400g`.
+    #[serde(default = "default_link")]
+    pub link: String,
+    /// Override of the link's bandwidth per GPU and direction, in Gbit/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_gbps: Option<f64>,
+    /// Override of the latency of one transfer (wire plus transfer-engine setup), in
+    /// microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<f64>,
+    /// Whether the transfer overlaps the last prefill step layer by layer (each layer's KV
+    /// is sent as soon as it is computed), so that only the last layer's share and the latency
+    /// follow the prefill; otherwise the whole transfer starts after it.
+    #[serde(default = "yes")]
+    pub layerwise: bool,
+}
+
+impl Default for KvTransferSpec {
+    fn default() -> Self {
+        KvTransferSpec {
+            link: default_link(),
+            bandwidth_gbps: None,
+            latency_us: None,
+            layerwise: true,
+        }
+    }
+}
+
+fn default_link() -> String {
+    "rdma_400g".into()
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> u32 {
     1
+}
+
+impl ClusterSpec {
+    /// Replicas in the cluster: the pools' sum, or `num_replicas`.
+    pub fn total_replicas(&self) -> u32 {
+        if self.pools.is_empty() {
+            self.num_replicas
+        } else {
+            self.pools.iter().map(|p| p.num_replicas).sum()
+        }
+    }
+
+    /// Each pool as a cluster of its own (its device, widths and replica count, the rest the
+    /// cluster's), with its role; a colocated cluster is one pool.
+    pub fn pool_views(&self) -> Vec<(InstanceRole, ClusterSpec)> {
+        if self.pools.is_empty() {
+            return vec![(InstanceRole::Colocated, self.clone())];
+        }
+        self.pools
+            .iter()
+            .map(|p| {
+                let c = ClusterSpec {
+                    device: p.device.clone().unwrap_or_else(|| self.device.clone()),
+                    num_replicas: p.num_replicas,
+                    tensor_parallel: p.tensor_parallel.unwrap_or(self.tensor_parallel),
+                    pipeline_parallel: p.pipeline_parallel.unwrap_or(self.pipeline_parallel),
+                    price_per_hour: p.price_per_hour.or(self.price_per_hour),
+                    pools: Vec::new(),
+                    kv_transfer: None,
+                    decode_router: None,
+                    ..self.clone()
+                };
+                (p.role, c)
+            })
+            .collect()
+    }
 }
 
 /// What a run writes.
@@ -211,10 +324,25 @@ fn short_value(v: &toml::Value) -> String {
         toml::Value::Integer(i) => i.to_string(),
         toml::Value::Float(f) => f.to_string(),
         toml::Value::Boolean(b) => b.to_string(),
+        // A pool: `2P`, `1D` (a pool list reads `2P1D`).
+        toml::Value::Table(t)
+            if t.get("num_replicas").is_some() && t.get("role").and_then(|r| r.as_str()).is_some() =>
+        {
+            let role = t.get("role").and_then(|r| r.as_str()).unwrap_or_default();
+            let tag = match role {
+                "prefill" => "P".to_owned(),
+                "decode" => "D".to_owned(),
+                other => other.to_owned(),
+            };
+            format!("{}{tag}", short_value(&t["num_replicas"]))
+        }
         toml::Value::Table(t) => {
             let mut parts: Vec<String> = Vec::new();
             if let Some(ty) = t.get("type") {
                 parts.push(short_value(ty));
+            }
+            if let Some(p) = t.get("pools") {
+                parts.push(short_value(p));
             }
             for (k, x) in t {
                 if k != "type" && !matches!(x, toml::Value::Table(_) | toml::Value::Array(_)) {
@@ -222,6 +350,12 @@ fn short_value(v: &toml::Value) -> String {
                 }
             }
             parts.join("-")
+        }
+        toml::Value::Array(a)
+            if !a.is_empty()
+                && a.iter().all(|x| x.get("role").is_some() && x.get("num_replicas").is_some()) =>
+        {
+            a.iter().map(short_value).collect::<String>()
         }
         toml::Value::Array(a) => a.iter().map(short_value).collect::<Vec<_>>().join("+"),
         toml::Value::Datetime(d) => d.to_string(),
@@ -572,6 +706,106 @@ pub fn parallel(c: &ClusterSpec) -> ParallelConfig {
     }
 }
 
+/// Moves a field error under `prefix`, replacing the field's own leading `strip` (a pool's
+/// `cluster.device` is `cluster.pools[1].device`).
+fn under<'a>(prefix: &'a str, strip: &'a str) -> impl Fn(vajra_core::CoreError) -> ExperimentError + 'a {
+    move |e| match e {
+        vajra_core::CoreError::InvalidField {
+            field,
+            value,
+            allowed,
+        } => ExperimentError::invalid(
+            format!("{prefix}.{}", field.strip_prefix(strip).unwrap_or(&field)),
+            value,
+            allowed,
+        ),
+        e => ExperimentError::Core(e),
+    }
+}
+
+/// A replica shape's checks (device, replica count, widths), with fields named under `prefix`.
+fn validate_shape(c: &ClusterSpec, prefix: &str, m: &ModelConfig, devices: &[DeviceSpec]) -> Result<()> {
+    resolve_device(c, devices).map_err(|e| match e {
+        ExperimentError::Core(e) => under(prefix, "cluster.")(e),
+        e => e,
+    })?;
+    if c.num_replicas < 1 || c.num_replicas > 100_000 {
+        return Err(ExperimentError::invalid(
+            format!("{prefix}.num_replicas"),
+            c.num_replicas,
+            "1 to 100000",
+        ));
+    }
+    parallel(c).validate().map_err(under(prefix, "cluster."))?;
+    if !catalog::tp_divides(m, c.tensor_parallel) {
+        return Err(ExperimentError::invalid(
+            format!("{prefix}.tensor_parallel"),
+            c.tensor_parallel,
+            format!(
+                "a width dividing the model's {} attention heads ({} KV heads)",
+                m.num_heads, m.num_kv_heads
+            ),
+        ));
+    }
+    if c.pipeline_parallel > m.num_layers {
+        return Err(ExperimentError::invalid(
+            format!("{prefix}.pipeline_parallel"),
+            c.pipeline_parallel,
+            format!("at most the model's {} layers", m.num_layers),
+        ));
+    }
+    Ok(())
+}
+
+/// The pool settings of a cluster: one prefill pool and one decode pool, or none (and then no
+/// transfer link or decode router).
+fn validate_pools(c: &ClusterSpec) -> Result<()> {
+    if c.pools.is_empty() {
+        if c.kv_transfer.is_some() {
+            return Err(ExperimentError::invalid(
+                "cluster.kv_transfer",
+                "set",
+                "only with cluster.pools (a colocated cluster transfers no KV)",
+            ));
+        }
+        if c.decode_router.is_some() {
+            return Err(ExperimentError::invalid(
+                "cluster.decode_router",
+                "set",
+                "only with cluster.pools (a colocated cluster has no decode pool)",
+            ));
+        }
+        return Ok(());
+    }
+    if c.num_replicas != 1 {
+        return Err(ExperimentError::invalid(
+            "cluster.num_replicas",
+            c.num_replicas,
+            "unset with cluster.pools (each pool sets its num_replicas)",
+        ));
+    }
+    let roles: Vec<InstanceRole> = c.pools.iter().map(|p| p.role).collect();
+    if roles.len() != 2
+        || !roles.contains(&InstanceRole::Prefill)
+        || !roles.contains(&InstanceRole::Decode)
+    {
+        return Err(ExperimentError::invalid(
+            "cluster.pools",
+            format!(
+                "[{}]",
+                roles.iter().map(|r| r.name()).collect::<Vec<_>>().join(", ")
+            ),
+            "one pool with role = \"prefill\" and one with role = \"decode\"",
+        ));
+    }
+    if let Some(r) = &c.decode_router {
+        r.validate().map_err(under("cluster.decode_router", "router."))?;
+    }
+    let t = c.kv_transfer.clone().unwrap_or_default();
+    catalog::resolve_link(&t)?;
+    Ok(())
+}
+
 /// Checks everything that can be checked without running.
 ///
 /// # Errors
@@ -592,14 +826,7 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
         ));
     }
     let m = resolve_model(&e.model, base)?;
-    resolve_device(&e.cluster, &e.devices)?;
-    if e.cluster.num_replicas < 1 || e.cluster.num_replicas > 100_000 {
-        return Err(ExperimentError::invalid(
-            "cluster.num_replicas",
-            e.cluster.num_replicas,
-            "1 to 100000",
-        ));
-    }
+    validate_pools(&e.cluster)?;
     let st = e.cluster.router_staleness_s;
     if !(st.is_finite() && (0.0..=vajra_core::time::MAX_SECS).contains(&st)) {
         return Err(ExperimentError::invalid(
@@ -608,24 +835,14 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
             "a finite number of seconds ≥ 0 (0 = the router sees exact loads)",
         ));
     }
-    parallel(&e.cluster).validate()?;
-    let tp = e.cluster.tensor_parallel;
-    if !catalog::tp_divides(&m, tp) {
-        return Err(ExperimentError::invalid(
-            "cluster.tensor_parallel",
-            e.cluster.tensor_parallel,
-            format!(
-                "a width dividing the model's {} attention heads ({} KV heads)",
-                m.num_heads, m.num_kv_heads
-            ),
-        ));
-    }
-    if e.cluster.pipeline_parallel > m.num_layers {
-        return Err(ExperimentError::invalid(
-            "cluster.pipeline_parallel",
-            e.cluster.pipeline_parallel,
-            format!("at most the model's {} layers", m.num_layers),
-        ));
+    let views = e.cluster.pool_views();
+    for (i, (_, c)) in views.iter().enumerate() {
+        let prefix = if e.cluster.pools.is_empty() {
+            "cluster".to_owned()
+        } else {
+            format!("cluster.pools[{i}]")
+        };
+        validate_shape(c, &prefix, &m, &e.devices)?;
     }
     // The checks a replica's scheduler makes when a run starts, so that what validates runs.
     vajra_core::sched::Scheduler::check_config(

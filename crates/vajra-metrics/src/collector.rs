@@ -94,9 +94,66 @@ pub struct BatchRecord {
     pub bytes: f64,
 }
 
+/// One request's hand-off from a prefill replica to a decode replica (disaggregated runs):
+/// its TTFT in parts, `prefill_queue_s + prefill_s + handoff_wait_s + kv_transfer_s = ttft_s`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TransferRecord {
+    /// Request id.
+    pub request_id: u64,
+    /// Replica that prefilled it.
+    pub prefill_replica: u32,
+    /// Replica that decoded it.
+    pub decode_replica: u32,
+    /// Arrival to first scheduled on the prefill replica (s).
+    pub prefill_queue_s: f64,
+    /// First scheduled to first token on the prefill replica (s).
+    pub prefill_s: f64,
+    /// First token to blocks reserved on a decode replica (s): waiting for decode room.
+    pub handoff_wait_s: f64,
+    /// Blocks reserved to KV arrived on the decode replica (s): link queueing, the part of
+    /// the transfer not hidden behind the prefill, and the link latency.
+    pub kv_transfer_s: f64,
+    /// Bytes of KV sent (prompt tokens the decode replica did not have cached).
+    pub kv_transfer_bytes: f64,
+    /// KV arrived to first scheduled on the decode replica (s).
+    pub decode_queue_s: Option<f64>,
+    /// Time to first token (s), as the client sees it: when the KV and first token arrive.
+    pub ttft_s: f64,
+}
+
+/// Hand-off distributions of a disaggregated run, in whole microseconds.
+#[derive(Debug, Clone, Default)]
+pub struct TransferStats {
+    /// Arrival to first scheduled on the prefill replica.
+    pub prefill_queue: Multiset,
+    /// First scheduled to first token on the prefill replica.
+    pub prefill: Multiset,
+    /// First token to decode blocks reserved.
+    pub handoff_wait: Multiset,
+    /// Decode blocks reserved to KV arrived.
+    pub kv_transfer: Multiset,
+    /// KV arrived to first decode step.
+    pub decode_queue: Multiset,
+    /// Bytes sent.
+    pub bytes: f64,
+}
+
+impl TransferStats {
+    fn merge(&mut self, o: &TransferStats) {
+        self.prefill_queue.merge(&o.prefill_queue);
+        self.prefill.merge(&o.prefill);
+        self.handoff_wait.merge(&o.handoff_wait);
+        self.kv_transfer.merge(&o.kv_transfer);
+        self.decode_queue.merge(&o.decode_queue);
+        self.bytes += o.bytes;
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Live {
     replica: u32,
+    /// Prefill replica, blocks-reserved time and bytes of a hand-off.
+    transfer: Option<(u32, Timestamp, f64)>,
     last: Timestamp,
     tokens: u32,
     max_gap: Duration,
@@ -208,6 +265,11 @@ pub struct Collector {
     /// Batch aggregates.
     pub batches: BatchStats,
     sink: Option<BatchSink>,
+    /// Hand-offs of requests finished (disaggregated runs), in completion order; empty after
+    /// [`Collector::without_records`].
+    pub transfers: Vec<TransferRecord>,
+    /// Hand-off distributions.
+    pub transfer_stats: TransferStats,
 }
 
 fn secs(t: Timestamp) -> f64 {
@@ -262,6 +324,8 @@ impl Collector {
     /// distributions and per-replica aggregates add exactly.
     pub fn merge(&mut self, other: Collector) {
         self.requests.extend(other.requests);
+        self.transfers.extend(other.transfers);
+        self.transfer_stats.merge(&other.transfer_stats);
         self.outcomes.merge(other.outcomes);
         self.tbt.merge(&other.tbt);
         let (a, b) = (&mut self.batches, &other.batches);
@@ -308,6 +372,14 @@ impl Collector {
         }
     }
 
+    /// A request prefilled on `prefill_replica` had its blocks reserved on a decode replica at
+    /// `reserved`, for `bytes` of KV to be sent.
+    pub fn on_transfer(&mut self, id: RequestId, prefill_replica: u32, reserved: Timestamp, bytes: f64) {
+        if let Some(l) = self.live.get_mut(&id.0) {
+            l.transfer = Some((prefill_replica, reserved, bytes));
+        }
+    }
+
     /// A request's next output token was produced at `at`.
     #[inline]
     pub fn on_token(&mut self, id: RequestId, at: Timestamp) {
@@ -335,6 +407,7 @@ impl Collector {
     pub fn on_finished(&mut self, rec: &FinishedRecord) {
         let l = self.live.remove(&rec.id.0).unwrap_or_default();
         let rec_class = rec.slo_class;
+        let (disagg, arrival, first_scheduled) = (rec.disagg, rec.arrival, rec.first_scheduled);
         let replica = l.replica;
         let n = rec.output_tokens;
         let e2e = rec.finished_at.since(rec.arrival);
@@ -372,6 +445,35 @@ impl Collector {
             token_deadline_misses: l.deadlines.missed,
             finish_reason: rec.reason,
         };
+        if let (Some(d), Some((prefill_replica, reserved, bytes)), Some(first)) =
+            (disagg, l.transfer, first_scheduled)
+        {
+            let us = |a: Timestamp, b: Timestamp| b.since(a).0 / 1000;
+            let st = &mut self.transfer_stats;
+            st.prefill_queue.add(us(arrival, first));
+            st.prefill.add(us(first, d.prefill_done));
+            st.handoff_wait.add(us(d.prefill_done, reserved));
+            st.kv_transfer.add(us(reserved, d.kv_arrived));
+            if let Some(s) = d.decode_scheduled {
+                st.decode_queue.add(us(d.kv_arrived, s));
+            }
+            st.bytes += bytes;
+            if self.keep_records {
+                let s = |a: Timestamp, b: Timestamp| b.since(a).as_secs_f64();
+                self.transfers.push(TransferRecord {
+                    request_id: rec.request_id,
+                    prefill_replica,
+                    decode_replica: replica,
+                    prefill_queue_s: s(arrival, first),
+                    prefill_s: s(first, d.prefill_done),
+                    handoff_wait_s: s(d.prefill_done, reserved),
+                    kv_transfer_s: s(reserved, d.kv_arrived),
+                    kv_transfer_bytes: bytes,
+                    decode_queue_s: d.decode_scheduled.map(|t| s(d.kv_arrived, t)),
+                    ttft_s: s(arrival, d.kv_arrived),
+                });
+            }
+        }
         self.outcomes.add(&rec, rec_class);
         if self.keep_records {
             self.requests.push(rec);

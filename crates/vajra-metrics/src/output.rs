@@ -467,6 +467,17 @@ pub fn write_run(
                 }
                 w.flush().map_err(write_err(&p))?;
             }
+            // A disaggregated run's hand-offs: TTFT in parts, one row per request.
+            if (tables.csv || tables.parquet) && !c.transfers.is_empty() {
+                let p = dir.join("transfers.csv");
+                let mut rows: Vec<_> = c.transfers.iter().collect();
+                rows.sort_by_key(|r| r.request_id);
+                let mut w = csv::Writer::from_path(&p).map_err(write_err(&p))?;
+                for r in rows {
+                    w.serialize(r).map_err(write_err(&p))?;
+                }
+                w.flush().map_err(write_err(&p))?;
+            }
             Ok(())
         },
         || {

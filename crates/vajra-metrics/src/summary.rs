@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Facts about the cluster that metrics normalise by.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterFacts {
     /// Replicas.
     pub num_replicas: u32,
@@ -24,6 +24,67 @@ pub struct ClusterFacts {
     pub issued: u64,
     /// Requests whose prompt + output the workload clipped to the longest sequence allowed.
     pub clipped: u64,
+    /// The pools of a disaggregated cluster, in replica order (empty: every replica has the
+    /// shape above). A pool's replicas use its own blocks, stages and peaks.
+    pub pools: Vec<PoolFacts>,
+}
+
+/// One pool of a disaggregated cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolFacts {
+    /// `prefill` or `decode`.
+    pub role: String,
+    /// Replicas in it (they follow the previous pool's).
+    pub num_replicas: u32,
+    /// Pipeline stages per replica.
+    pub stages: u32,
+    /// KV blocks per replica.
+    pub num_blocks: u32,
+    /// Peak dense FLOP/s of one replica.
+    pub peak_flops: f64,
+    /// Peak memory bandwidth of one replica (bytes/s).
+    pub peak_bytes_per_s: f64,
+    /// Devices per replica.
+    pub devices_per_replica: u32,
+}
+
+/// One pool's share of a disaggregated run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolSummary {
+    /// `prefill` or `decode`.
+    pub role: String,
+    /// Replicas.
+    pub num_replicas: u32,
+    /// Devices (replicas × devices per replica).
+    pub num_devices: u32,
+    /// Mean busy fraction of its replicas.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
+    pub busy_fraction: f64,
+    /// Mean time-weighted KV usage of its replicas.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
+    pub kv_usage_mean: f64,
+    /// Largest KV usage of any of its replicas.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
+    pub kv_usage_max: f64,
+}
+
+/// TTFT in parts and the KV transfers of a disaggregated run (seconds).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DisaggSummary {
+    /// Requests handed from a prefill to a decode replica and finished.
+    pub requests: u64,
+    /// Arrival to first scheduled on the prefill replica.
+    pub prefill_queue: Distribution,
+    /// First scheduled to first token on the prefill replica.
+    pub prefill: Distribution,
+    /// First token to blocks reserved on a decode replica (waiting for decode room).
+    pub handoff_wait: Distribution,
+    /// Blocks reserved to KV arrived (link queueing, the exposed transfer, latency).
+    pub kv_transfer: Distribution,
+    /// KV arrived to first decode step.
+    pub decode_queue: Distribution,
+    /// KV bytes sent in all.
+    pub kv_bytes: f64,
 }
 
 /// Latency distributions, seconds.
@@ -251,6 +312,12 @@ pub struct Summary {
     /// Mean MBU over replicas' busy time.
     #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub mbu: f64,
+    /// Per pool (disaggregated runs only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolSummary>,
+    /// TTFT in parts and KV transfers (disaggregated runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disaggregation: Option<DisaggSummary>,
 }
 
 /// A run folder's `summary.json`: the run's name and point, and its metrics. The engine's
@@ -405,6 +472,8 @@ impl Summary {
         };
 
         let replicas = replica_summaries(c, facts, duration);
+        let pools = pool_summaries(&replicas, facts);
+        let disaggregation = disagg_summary(c);
         let tenant_ids: Vec<u32> = o.tokens_by_tenant.keys().copied().collect();
         let tenants = if tenant_ids.len() > 1 {
             tenant_ids
@@ -521,19 +590,78 @@ impl Summary {
             classes,
             mfu: ratio(flops, facts.peak_flops),
             mbu: ratio(bytes, facts.peak_bytes_per_s),
+            pools,
+            disaggregation,
         }
     }
 }
 
+/// Each pool's replicas, aggregated.
+fn pool_summaries(replicas: &[ReplicaSummary], facts: &ClusterFacts) -> Vec<PoolSummary> {
+    let mut first = 0usize;
+    facts
+        .pools
+        .iter()
+        .map(|p| {
+            let n = p.num_replicas as usize;
+            let rs = &replicas[first.min(replicas.len())..(first + n).min(replicas.len())];
+            first += n;
+            let mean = |f: &dyn Fn(&ReplicaSummary) -> f64| {
+                if rs.is_empty() {
+                    0.0
+                } else {
+                    rs.iter().map(f).sum::<f64>() / rs.len() as f64
+                }
+            };
+            PoolSummary {
+                role: p.role.clone(),
+                num_replicas: p.num_replicas,
+                num_devices: p.num_replicas * p.devices_per_replica,
+                busy_fraction: mean(&|r| r.busy_fraction),
+                kv_usage_mean: mean(&|r| r.kv_usage_mean),
+                kv_usage_max: rs.iter().map(|r| r.kv_usage_max).fold(0.0, f64::max),
+            }
+        })
+        .collect()
+}
+
+/// The hand-off distributions, when any request was handed off.
+fn disagg_summary(c: &Collector) -> Option<DisaggSummary> {
+    let t = &c.transfer_stats;
+    (!t.prefill_queue.is_empty()).then(|| DisaggSummary {
+        requests: t.prefill_queue.len(),
+        prefill_queue: t.prefill_queue.distribution(1e-6),
+        prefill: t.prefill.distribution(1e-6),
+        handoff_wait: t.handoff_wait.distribution(1e-6),
+        kv_transfer: t.kv_transfer.distribution(1e-6),
+        decode_queue: t.decode_queue.distribution(1e-6),
+        kv_bytes: t.bytes,
+    })
+}
+
 fn replica_summaries(c: &Collector, facts: &ClusterFacts, duration: f64) -> Vec<ReplicaSummary> {
     let requests = &c.outcomes.per_replica;
-    let blocks = f64::from(facts.num_blocks.max(1));
-    let stages = f64::from(facts.stages.max(1));
+    // Each replica's pool shape (one shape without pools).
+    let mut shapes = Vec::new();
+    for p in &facts.pools {
+        for _ in 0..p.num_replicas {
+            shapes.push((p.num_blocks, p.stages, p.peak_flops, p.peak_bytes_per_s));
+        }
+    }
     c.batches
         .replicas
         .iter()
         .enumerate()
         .map(|(i, a)| {
+            let (num_blocks, stages, peak_flops, peak_bytes_per_s) =
+                shapes.get(i).copied().unwrap_or((
+                    facts.num_blocks,
+                    facts.stages,
+                    facts.peak_flops,
+                    facts.peak_bytes_per_s,
+                ));
+            let blocks = f64::from(num_blocks.max(1));
+            let stages = f64::from(stages.max(1));
             let busy = a.busy_ns as f64 * 1e-9 / stages;
             let (kv_int, kv_span) = a.kv_totals();
             ReplicaSummary {
@@ -547,17 +675,17 @@ fn replica_summaries(c: &Collector, facts: &ClusterFacts, duration: f64) -> Vec<
                     0.0
                 },
                 kv_usage_max: f64::from(a.kv_max_blocks) / blocks,
-                mfu: if facts.peak_flops <= 0.0 {
+                mfu: if peak_flops <= 0.0 {
                     f64::NAN
                 } else if busy > 0.0 {
-                    a.flops / (busy * facts.peak_flops)
+                    a.flops / (busy * peak_flops)
                 } else {
                     0.0
                 },
-                mbu: if facts.peak_bytes_per_s <= 0.0 {
+                mbu: if peak_bytes_per_s <= 0.0 {
                     f64::NAN
                 } else if busy > 0.0 {
-                    a.bytes / (busy * facts.peak_bytes_per_s)
+                    a.bytes / (busy * peak_bytes_per_s)
                 } else {
                     0.0
                 },
@@ -606,6 +734,7 @@ mod tests {
             num_blocks: 16,
             peak_flops: 0.0,
             peak_bytes_per_s: 0.0,
+            pools: Vec::new(),
             clipped: 0,
             issued: 1,
         };
@@ -631,6 +760,7 @@ mod tests {
             num_blocks: 16,
             peak_flops: 0.0,
             peak_bytes_per_s: 0.0,
+            pools: Vec::new(),
             clipped: 0,
             issued,
         }

@@ -252,8 +252,8 @@ pub fn search(file: &ExperimentFile, point: &Point) -> Result<Capacity> {
         }
     }
     probes.sort_by(|a, b| a.qps.total_cmp(&b.qps));
-    let devices = e.cluster.num_replicas * e.cluster.tensor_parallel * e.cluster.pipeline_parallel;
-    let price = f64::from(devices) * prep.setup.device.price_per_hour;
+    let devices = prep.setup.num_devices;
+    let price = prep.setup.price_per_hour;
     Ok(Capacity {
         point: point.label.clone(),
         capacity_qps: lo,

@@ -36,6 +36,55 @@ pub struct Setup {
     pub predictor: Vec<String>,
     /// Scheduler policy name.
     pub policy: String,
+    /// Devices in the cluster (all pools).
+    pub num_devices: u32,
+    /// The cluster's price per hour (US dollars, all devices).
+    pub price_per_hour: f64,
+    /// The pools of a disaggregated cluster (the fields above are its prefill pool's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolSetup>,
+}
+
+/// One pool of a disaggregated cluster, as set up.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolSetup {
+    /// `prefill` or `decode`.
+    pub role: String,
+    /// Replicas.
+    pub num_replicas: u32,
+    /// Device.
+    pub device: String,
+    /// Tensor-parallel width.
+    pub tensor_parallel: u32,
+    /// Pipeline stages.
+    pub pipeline_parallel: u32,
+    /// KV blocks per replica.
+    pub num_blocks: u32,
+    /// Where its predictor's numbers come from.
+    pub predictor: Vec<String>,
+}
+
+/// The decode pool of a disaggregated point and its KV link.
+pub struct DecodePool {
+    /// Replicas.
+    pub num_replicas: u32,
+    /// Predictor of a decode replica.
+    pub predictor: Predictor,
+    /// Memory plan of a decode replica.
+    pub memory: MemoryPlan,
+    /// Device.
+    pub device: DeviceSpec,
+    /// Shape.
+    pub par: vajra_core::config::ParallelConfig,
+    /// The link between a prefill and a decode replica.
+    pub link: vajra_experiment::catalog::LinkSpec,
+    /// Bytes/s between one prefill and one decode replica (the link's per-GPU rate times the
+    /// narrower replica's devices, each GPU sending its own shard).
+    pub bandwidth: f64,
+    /// Whether transfers overlap the last prefill step layer by layer.
+    pub layerwise: bool,
+    /// Picks a prefilled request's decode replica.
+    pub router: vajra_core::router::RouterConfig,
 }
 
 /// `summary.json`.
@@ -87,6 +136,8 @@ pub struct Prepared {
     pub setup: Setup,
     /// Largest batch the scheduler can form, in tokens.
     pub max_batch_tokens: u32,
+    /// The decode pool of a disaggregated point (the fields above are the prefill pool's).
+    pub decode: Option<DecodePool>,
 }
 
 /// Builds the predictor and memory plan of a point.
@@ -97,16 +148,124 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
     let e = &point.experiment;
     let base = &file.base;
     let model = experiment::resolve_model(&e.model, base)?;
-    let device = experiment::resolve_device(&e.cluster, &e.devices)?;
-    let par = experiment::parallel(&e.cluster);
     let max_batch_tokens = e
         .scheduler
         .policy
         .token_budget()
         .unwrap_or(e.scheduler.max_num_seqs.saturating_mul(model.max_model_len))
         .min(1 << 20);
+    let views = e.cluster.pool_views();
+    let mut shapes = Vec::with_capacity(views.len());
+    for (_, c) in &views {
+        shapes.push(prepare_shape(file, e, &model, c, max_batch_tokens)?);
+    }
+    let price = |c: &experiment::ClusterSpec, d: &DeviceSpec| {
+        f64::from(c.num_replicas * c.tensor_parallel * c.pipeline_parallel) * d.price_per_hour
+    };
+    let num_devices = views
+        .iter()
+        .map(|(_, c)| c.num_replicas * c.tensor_parallel * c.pipeline_parallel)
+        .sum();
+    let price_per_hour = views
+        .iter()
+        .zip(&shapes)
+        .map(|((_, c), sh)| price(c, &sh.2))
+        .sum();
+    let pools = if e.cluster.pools.is_empty() {
+        Vec::new()
+    } else {
+        views
+            .iter()
+            .zip(&shapes)
+            .map(|((role, c), sh)| PoolSetup {
+                role: role.name().to_owned(),
+                num_replicas: c.num_replicas,
+                device: sh.2.name.clone(),
+                tensor_parallel: c.tensor_parallel,
+                pipeline_parallel: c.pipeline_parallel,
+                num_blocks: sh.1.num_blocks,
+                predictor: sh.0.provenance.clone(),
+            })
+            .collect()
+    };
+    // The prefill pool first, whatever order the file lists the pools in.
+    let order: Vec<usize> = if e.cluster.pools.is_empty() {
+        vec![0]
+    } else {
+        let p = views
+            .iter()
+            .position(|(r, _)| *r == vajra_core::config::InstanceRole::Prefill)
+            .expect("validated: a prefill pool");
+        vec![p, 1 - p]
+    };
+    let mut shapes: Vec<Option<_>> = shapes.into_iter().map(Some).collect();
+    let (mut predictor, memory, device, par) = shapes[order[0]].take().expect("a shape");
+    let decode = match order.get(1) {
+        None => None,
+        Some(&i) => {
+            let (dp, dm, dd, dpar) = shapes[i].take().expect("a shape");
+            let t = e.cluster.kv_transfer.clone().unwrap_or_default();
+            let link = vajra_experiment::catalog::resolve_link(&t)?;
+            let width = par.world_size().min(dpar.world_size());
+            Some(DecodePool {
+                num_replicas: views[i].1.num_replicas,
+                predictor: dp,
+                memory: dm,
+                device: dd,
+                par: dpar,
+                bandwidth: link.bandwidth * f64::from(width),
+                link,
+                layerwise: t.layerwise,
+                router: e
+                    .cluster
+                    .decode_router
+                    .unwrap_or(vajra_core::router::RouterConfig::LeastKvUsage),
+            })
+        }
+    };
+    if let Some(d) = &decode {
+        predictor.warnings.extend(d.predictor.warnings.iter().cloned());
+    }
+    let setup = Setup {
+        model,
+        device,
+        num_replicas: views[order[0]].1.num_replicas,
+        tensor_parallel: par.tensor_parallel,
+        pipeline_parallel: par.pipeline_parallel,
+        memory,
+        predictor: predictor.provenance.clone(),
+        policy: e.scheduler.policy.name().to_owned(),
+        num_devices,
+        price_per_hour,
+        pools,
+    };
+    Ok(Prepared {
+        predictor,
+        memory,
+        setup,
+        max_batch_tokens,
+        decode,
+    })
+}
+
+/// The predictor and memory plan of one replica shape (a cluster, or one of its pools).
+fn prepare_shape(
+    file: &ExperimentFile,
+    e: &experiment::Experiment,
+    model: &ModelConfig,
+    c: &experiment::ClusterSpec,
+    max_batch_tokens: u32,
+) -> Result<(
+    Predictor,
+    MemoryPlan,
+    DeviceSpec,
+    vajra_core::config::ParallelConfig,
+)> {
+    let base = &file.base;
+    let device = experiment::resolve_device(c, &e.devices)?;
+    let par = experiment::parallel(c);
     let memory = memory::plan(
-        &model,
+        model,
         &device,
         par,
         &e.cache,
@@ -119,7 +278,7 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
         None => {
             let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
             let roots = [cwd, base.clone(), base.join("..")];
-            let found = predictor::find_profile(&roots, &device.name, &model);
+            let found = predictor::find_profile(&roots, &device.name, model);
             if found.is_none() {
                 warnings.push(format!(
                     "no profile for {} on {} under profiles/{{measured,generated}}/: using the roofline model (set predictor.profile = \"roofline\" to silence this)",
@@ -131,7 +290,7 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
     };
     let network = e.predictor.network.as_ref().map(|p| base.join(p));
     let mut predictor = Predictor::new(
-        &model,
+        model,
         &device,
         par,
         &e.predictor,
@@ -141,22 +300,7 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
     )?;
     warnings.append(&mut predictor.warnings);
     predictor.warnings = warnings;
-    let setup = Setup {
-        model,
-        device,
-        num_replicas: e.cluster.num_replicas,
-        tensor_parallel: par.tensor_parallel,
-        pipeline_parallel: par.pipeline_parallel,
-        memory,
-        predictor: predictor.provenance.clone(),
-        policy: e.scheduler.policy.name().to_owned(),
-    };
-    Ok(Prepared {
-        predictor,
-        memory,
-        setup,
-        max_batch_tokens,
-    })
+    Ok((predictor, memory, device, par))
 }
 
 /// Most replica partitions a point is split into (a fixed number, so that outputs do not
@@ -207,7 +351,9 @@ pub fn simulate(
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<(sim::SimResult, f64, PendingParts)> {
     let e = &point.experiment;
-    let spec = sim_spec(point, prep, progress, None);
+    let disagg = disagg_spec(prep);
+    let mut spec = sim_spec(point, prep, progress, None);
+    spec.disagg = disagg.as_ref();
     let par = experiment::parallel(&e.cluster);
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).map_err(write_err(dir))?;
@@ -221,13 +367,17 @@ pub fn simulate(
         if records { c } else { c.without_records() }
     };
     let dir = out.unwrap_or(Path::new("."));
-    let n = e.cluster.num_replicas;
+    let n = e.cluster.total_replicas();
     let closed = matches!(
         e.workload.arrival,
         vajra_workload::config::ArrivalConfig::ClosedLoop { .. }
             | vajra_workload::config::ArrivalConfig::Sessions(_)
     );
-    let parts = if !sequential && n >= 2 && sim::partitionable(&e.router, closed) {
+    let parts = if !sequential
+        && n >= 2
+        && prep.decode.is_none()
+        && sim::partitionable(&e.router, closed)
+    {
         n.min(MAX_PARTITIONS)
     } else {
         1
@@ -373,8 +523,30 @@ pub fn summarize(point: &Point, prep: &Prepared, res: &sim::SimResult) -> RunSum
     let e = &point.experiment;
     let par = experiment::parallel(&e.cluster);
     let devices = f64::from(par.world_size());
+    let pools = match &prep.decode {
+        None => Vec::new(),
+        Some(d) => {
+            let pf = |role: &str, n: u32, m: &MemoryPlan, dev: &DeviceSpec, p: vajra_core::config::ParallelConfig| {
+                let w = f64::from(p.world_size());
+                vajra_metrics::summary::PoolFacts {
+                    role: role.to_owned(),
+                    num_replicas: n,
+                    stages: p.pipeline_parallel,
+                    num_blocks: m.num_blocks,
+                    peak_flops: dev.peak_flops * w,
+                    peak_bytes_per_s: dev.mem_bandwidth * w,
+                    devices_per_replica: p.world_size(),
+                }
+            };
+            vec![
+                pf("prefill", prep.setup.num_replicas, &prep.memory, &prep.setup.device, par),
+                pf("decode", d.num_replicas, &d.memory, &d.device, d.par),
+            ]
+        }
+    };
     let facts = ClusterFacts {
-        num_replicas: e.cluster.num_replicas,
+        pools,
+        num_replicas: e.cluster.total_replicas(),
         stages: par.pipeline_parallel,
         num_blocks: prep.memory.num_blocks,
         peak_flops: prep.setup.device.peak_flops * devices,
@@ -402,7 +574,7 @@ fn sim_spec<'a>(
 ) -> SimSpec<'a> {
     let e = &point.experiment;
     SimSpec {
-        num_replicas: e.cluster.num_replicas,
+        num_replicas: e.cluster.total_replicas(),
         scheduler: &e.scheduler,
         cache: &e.cache,
         num_blocks: prep.memory.num_blocks,
@@ -415,7 +587,26 @@ fn sim_spec<'a>(
         progress,
         policy,
         step_times: None,
+        disagg: None,
     }
+}
+
+/// The event loop's view of a prepared point's decode pool and KV link.
+fn disagg_spec(prep: &Prepared) -> Option<sim::DisaggSpec<'_>> {
+    let d = prep.decode.as_ref()?;
+    let m = &prep.setup.model;
+    Some(sim::DisaggSpec {
+        num_prefill: prep.setup.num_replicas,
+        decode_predictor: &d.predictor,
+        decode_blocks: d.memory.num_blocks,
+        decode_router: d.router,
+        bandwidth: d.bandwidth,
+        latency: vajra_core::time::Duration::from_secs_f64(d.link.latency_s),
+        layerwise: d.layerwise,
+        num_layers: m.num_layers,
+        // Every layer's K and V of every KV head (the whole model, all TP shards).
+        kv_bytes_per_token: m.kv_bytes_per_token(1) as f64,
+    })
 }
 
 /// Runs a point's event loop in one thread with `policy` building each replica's batching
@@ -445,15 +636,17 @@ fn simulate_alone(
     step_times: Option<&[(vajra_core::time::Timestamp, vajra_core::time::Timestamp)]>,
 ) -> Result<sim::SimResult> {
     let e = &point.experiment;
+    let disagg = disagg_spec(prep);
     let mut spec = sim_spec(point, prep, None, policy);
     spec.step_times = step_times;
+    spec.disagg = disagg.as_ref();
     let mut source = RequestSource::new(
         &e.workload,
         e.seed,
         &file.base,
         prep.setup.model.max_model_len,
     )?;
-    let collector = vajra_metrics::Collector::new(&e.slo, e.cluster.num_replicas);
+    let collector = vajra_metrics::Collector::new(&e.slo, e.cluster.total_replicas());
     sim::run(&spec, &mut source, collector, None)
 }
 

@@ -4,9 +4,10 @@
 //!
 //! | rank | kind | what it does |
 //! |---|---|---|
-//! | 0 | `StageEnd` | a batch leaves a pipeline stage: the stage takes its next queued batch; the batch moves to the next stage or, after the last one, its tokens are appended (`update_from_output`), finished requests free their blocks, and the replica is asked to schedule |
-//! | 1 | `Arrival` | a request arrives: the router picks a replica, whose scheduler takes it, and the replica is asked to schedule |
-//! | 2 | `Schedule` | a replica forms micro-batches while fewer than PP are in flight |
+//! | 0 | `StageEnd` | a batch leaves a pipeline stage: the stage takes its next queued batch; the batch moves to the next stage or, after the last one, its tokens are appended (`update_from_output`), finished requests free their blocks, and the replica is asked to schedule; on a prefill replica, requests that sampled their first token are handed off (below) |
+//! | 1 | `KvArrived` | a request's KV reaches its decode replica: the decode replica appends its first token and queues it to decode, the prefill replica frees its blocks, and both are asked to schedule |
+//! | 2 | `Arrival` | a request arrives: the router picks a replica, whose scheduler takes it, and the replica is asked to schedule |
+//! | 3 | `Schedule` | a replica forms micro-batches while fewer than PP are in flight |
 //!
 //! So at equal times, completions free their KV blocks before arrivals are routed (routers see
 //! up-to-date loads), and a replica schedules once after every arrival and completion of that
@@ -16,6 +17,17 @@
 //!
 //! Arrivals do not sit in the heap: the loop compares the request source's next arrival with
 //! the heap's top, so a million-request workload is generated lazily.
+//!
+//! Disaggregated prefill and decode ([`DisaggSpec`]): replicas `0..P` prefill and `P..P+D`
+//! decode. A request is routed to a prefill replica by the run's router; when it samples its
+//! first token there it is handed off: the decode router picks a decode replica, which reserves
+//! the prompt's blocks (or, when it has no room, the decode replica with the most free blocks
+//! does; when none has room, the request waits on its prefill replica holding its blocks, and
+//! hand-offs are retried in order whenever a decode step ends). The transfer then queues on the
+//! prefill replica's outgoing link and the decode replica's incoming link (first come, first
+//! served, one transfer at a time on each, so no link carries more than its bandwidth) and takes
+//! `bytes / bandwidth + latency`; with `layerwise`, the part of it that fits under the last
+//! prefill step (all but the last layer's share) is sent during that step.
 
 use crate::error::{Result, SimError};
 use crate::predictor::{BatchCost, Predictor, StageTimes};
@@ -23,7 +35,7 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use vajra_core::config::CacheConfig;
+use vajra_core::config::{CacheConfig, InstanceRole};
 use vajra_core::driver::{ReplicaDriver, StepRecord, StepSink, StepTicket};
 use vajra_core::ids::ReplicaId;
 use vajra_core::ids::RequestId;
@@ -175,10 +187,12 @@ pub fn partitionable(router: &RouterConfig, closed_loop: bool) -> bool {
 pub enum EventKind {
     /// A batch leaves a stage.
     StageEnd = 0,
+    /// A request's KV reaches its decode replica.
+    KvArrived = 1,
     /// A request arrives.
-    Arrival = 1,
+    Arrival = 2,
     /// A replica schedules.
-    Schedule = 2,
+    Schedule = 3,
 }
 
 /// A queued event.
@@ -190,7 +204,7 @@ pub struct Event {
     pub kind: EventKind,
     /// Creation order.
     pub seq: u64,
-    /// Batch slot (`StageEnd`) or replica (`Schedule`).
+    /// Batch slot (`StageEnd`), transfer slot (`KvArrived`) or replica (`Schedule`).
     pub target: u32,
 }
 
@@ -240,6 +254,14 @@ impl Rng {
             seed, "router",
         )))
     }
+
+    /// The decode router's stream (disaggregated runs).
+    fn decode_router(seed: u64) -> Self {
+        Rng(StdRng::seed_from_u64(vajra_workload::derive_seed(
+            seed,
+            "decode_router",
+        )))
+    }
 }
 
 impl RandomSource for Rng {
@@ -250,6 +272,9 @@ impl RandomSource for Rng {
 
 struct Replica {
     driver: ReplicaDriver,
+    /// Its pool: 0 (colocated or prefill) or 1 (decode).
+    pool: usize,
+    num_blocks: u32,
     stage_busy: Vec<bool>,
     stage_queue: Vec<VecDeque<u32>>,
     schedule_pending: bool,
@@ -272,6 +297,8 @@ struct SimSink<'a> {
     source: &'a mut dyn Arrivals,
     replica: u32,
     cost: &'a BatchCost,
+    /// Requests handed off in this step (a prefill replica's).
+    handoffs: &'a mut Vec<RequestId>,
 }
 
 impl StepSink for SimSink<'_> {
@@ -282,6 +309,7 @@ impl StepSink for SimSink<'_> {
                 self.collector.on_finished(&f);
                 self.source.on_finished(f.id, now);
             }
+            RequestEvent::HandedOff { id, .. } => self.handoffs.push(id),
         }
     }
 
@@ -375,6 +403,53 @@ pub struct SimSpec<'a> {
     /// and lasts until its end instead of the predictor's duration; every step's requests are
     /// recorded in [`SimResult::steps`]. Steps past the list run at the predictor's pace.
     pub step_times: Option<&'a [(Timestamp, Timestamp)]>,
+    /// Disaggregated prefill and decode: `num_replicas` is the prefill pool's replicas plus
+    /// the decode pool's, and `predictor` and `num_blocks` are the prefill pool's.
+    pub disagg: Option<&'a DisaggSpec<'a>>,
+}
+
+/// The decode pool and the KV link of a disaggregated cluster.
+pub struct DisaggSpec<'a> {
+    /// Prefill replicas (the first ones).
+    pub num_prefill: u32,
+    /// Predictor of a decode replica.
+    pub decode_predictor: &'a Predictor,
+    /// KV blocks of a decode replica.
+    pub decode_blocks: u32,
+    /// Picks the decode replica of a prefilled request.
+    pub decode_router: RouterConfig,
+    /// Bytes/s between one prefill and one decode replica, each way.
+    pub bandwidth: f64,
+    /// Latency of one transfer.
+    pub latency: Duration,
+    /// Whether a transfer overlaps the last prefill step layer by layer.
+    pub layerwise: bool,
+    /// Layers of the model (a layer's share of the transfer is what `layerwise` leaves after
+    /// the prefill).
+    pub num_layers: u32,
+    /// KV bytes of one token, all layers and heads.
+    pub kv_bytes_per_token: f64,
+}
+
+/// A request handed off and not yet placed on a decode replica.
+struct PendingHandoff {
+    handoff: vajra_core::sched::Handoff,
+    /// Its prefill replica (local index).
+    prefill: usize,
+    /// When it was handed off.
+    since: Timestamp,
+    /// Duration of its last prefill step (ns), which a layer-wise transfer overlaps.
+    step_ns: u64,
+    /// The decode replica its router picked (local index), once routed.
+    decode: Option<usize>,
+}
+
+/// A KV transfer in flight.
+#[derive(Clone, Copy)]
+struct Transfer {
+    id: RequestId,
+    prefill: usize,
+    decode: usize,
 }
 
 /// Makes one replica's batching policy (called once per replica).
@@ -412,6 +487,81 @@ struct Routing {
     prefix: Vec<u32>,
 }
 
+impl Routing {
+    /// The router of replicas `lo..lo + n` of `replicas`.
+    fn new(cfg: RouterConfig, rng: Rng, replicas: &[Replica], lo: usize, n: usize) -> Self {
+        Routing {
+            router: Router::new(cfg),
+            rng,
+            loads: vec![ReplicaLoad::default(); n],
+            refreshed: None,
+            hasher: replicas.get(lo).map(|r| r.driver.scheduler().kv().hasher()),
+            prefix: Vec::new(),
+        }
+    }
+
+    /// Picks one of `replicas` (this router's pool) for `req` at `now`; returns its index in
+    /// the slice.
+    fn route(
+        &mut self,
+        replicas: &[Replica],
+        req: &Request,
+        now: Timestamp,
+        staleness: Duration,
+        block_size: u32,
+    ) -> u32 {
+        let needs_prefix = self.router.needs_prefix_lookup();
+        // With staleness, loads are re-read only once the snapshot is that old; in between the
+        // router counts its own decisions (below).
+        let refresh = staleness.0 == 0 || self.refreshed.is_none_or(|t| now >= t + staleness);
+        if needs_prefix {
+            let kvs: Vec<&KvCacheManager> =
+                replicas.iter().map(|r| r.driver.scheduler().kv()).collect();
+            self.prefix.resize(kvs.len(), 0);
+            KvCacheManager::cached_prefix_tokens_in(
+                self.hasher.as_mut().expect("a hasher when replicas exist"),
+                &SeqContent::prompt_of(req),
+                &kvs,
+                &mut self.prefix,
+            );
+        }
+        for (i, (l, r)) in self.loads.iter_mut().zip(replicas.iter()).enumerate() {
+            if refresh {
+                let sched = r.driver.scheduler();
+                let num_blocks = r.num_blocks;
+                let used = f64::from(num_blocks - sched.kv().num_free());
+                let queued = sched.queued_tokens().div_ceil(u64::from(block_size)) as f64;
+                *l = ReplicaLoad {
+                    replica: ReplicaId(i as u32),
+                    num_waiting: sched.num_waiting() as u32,
+                    num_running: sched.num_running() as u32,
+                    kv_usage: 1.0 - f64::from(sched.kv().num_free()) / f64::from(num_blocks),
+                    kv_demand: (used + queued) / f64::from(num_blocks),
+                    outstanding_tokens: sched.outstanding_tokens(),
+                    cached_prefix_tokens: 0,
+                };
+            }
+            // The router's own view of what it sent where (SGLang's approximate tree, llm-d's
+            // KV events) is current: the prefix lookup is never stale.
+            if needs_prefix {
+                l.cached_prefix_tokens = self.prefix[i];
+            }
+        }
+        if refresh {
+            self.refreshed = Some(now);
+        }
+        let t = self.router.route(req, &self.loads, &mut self.rng).0;
+        if staleness.0 > 0 {
+            let num_blocks = replicas[t as usize].num_blocks;
+            let l = &mut self.loads[t as usize];
+            l.num_waiting += 1;
+            l.outstanding_tokens += u64::from(req.prompt.len()) + u64::from(req.max_tokens());
+            l.kv_demand += f64::from(req.prompt.len().div_ceil(block_size)) / f64::from(num_blocks);
+        }
+        t
+    }
+}
+
 /// The loop's mutable state, so its handlers can be methods.
 struct Loop<'a, 's> {
     spec: &'a SimSpec<'s>,
@@ -419,7 +569,6 @@ struct Loop<'a, 's> {
     runner_out: ModelRunnerOutput,
     /// Global id of the first replica of this loop.
     base: u32,
-    pp: usize,
     replicas: Vec<Replica>,
     q: EventQueue,
     /// Batch slots, reused (with their output buffers) through `free_slots`.
@@ -430,12 +579,31 @@ struct Loop<'a, 's> {
     rejected: Vec<(RequestId, Timestamp)>,
     /// Under step-time replay, every step's requests.
     steps: Vec<Vec<(u32, u32, bool)>>,
+    /// Requests handed off by the step being applied.
+    handoffs: Vec<RequestId>,
+    /// Hand-offs waiting for room on a decode replica, in hand-off order.
+    pending: VecDeque<PendingHandoff>,
+    /// Transfers in flight, reused through `free_transfers`.
+    transfers: Vec<Option<Transfer>>,
+    free_transfers: Vec<u32>,
+    /// When each prefill replica's outgoing link and each decode replica's incoming link is
+    /// free (by local replica index).
+    link_free: Vec<Timestamp>,
+    /// The decode router (disaggregated runs).
+    decode_routing: Option<Routing>,
+    /// The first error a handler met (the loop stops on it).
+    error: Option<SimError>,
 }
 
 impl Loop<'_, '_> {
     /// Forms micro-batches on replica `r` while fewer than PP are in flight.
     fn schedule(&mut self, r: usize, now: Timestamp) {
+        let spec = self.spec;
         let rep = &mut self.replicas[r];
+        let predictor = match (rep.pool, spec.disagg) {
+            (1, Some(d)) => d.decode_predictor,
+            _ => spec.predictor,
+        };
         rep.schedule_pending = false;
         if rep.driver.scheduler().config().late_requests == LatePolicy::Reject {
             let mut sink = RejectSink {
@@ -462,7 +630,7 @@ impl Loop<'_, '_> {
                 }
             };
             let b = &mut self.batches[slot as usize];
-            b.cost = self.spec.predictor.predict(rep.driver.output(ticket));
+            b.cost = predictor.predict(rep.driver.output(ticket));
             if let Some(times) = self.spec.step_times {
                 let out = rep.driver.output(ticket);
                 if let Some((_, end)) = times.get(self.steps.len()) {
@@ -501,7 +669,6 @@ impl Loop<'_, '_> {
         now: Timestamp,
         routing: &mut Routing,
     ) -> Result<()> {
-        let num_blocks = self.spec.num_blocks;
         let block_size = self.spec.cache.block_size;
         let lo = self.base;
         self.collector.on_arrival(req.id, now);
@@ -515,72 +682,14 @@ impl Loop<'_, '_> {
         let target = match routed {
             Some(t) => t,
             None => {
-                let needs_prefix = routing.router.needs_prefix_lookup();
-                let staleness = self.spec.router_staleness;
-                // With staleness, loads are re-read only once the snapshot is that old; in
-                // between the router counts its own decisions (below).
-                let refresh =
-                    staleness.0 == 0 || routing.refreshed.is_none_or(|t| now >= t + staleness);
-                if needs_prefix {
-                    let kvs: Vec<&KvCacheManager> = self
-                        .replicas
-                        .iter()
-                        .map(|r| r.driver.scheduler().kv())
-                        .collect();
-                    routing.prefix.resize(kvs.len(), 0);
-                    KvCacheManager::cached_prefix_tokens_in(
-                        routing
-                            .hasher
-                            .as_mut()
-                            .expect("a hasher when replicas exist"),
-                        &SeqContent::prompt_of(&req),
-                        &kvs,
-                        &mut routing.prefix,
-                    );
-                }
-                for (i, (l, r)) in routing
-                    .loads
-                    .iter_mut()
-                    .zip(self.replicas.iter())
-                    .enumerate()
-                {
-                    if refresh {
-                        let sched = r.driver.scheduler();
-                        let used = f64::from(num_blocks - sched.kv().num_free());
-                        let queued = sched.queued_tokens().div_ceil(u64::from(block_size)) as f64;
-                        *l = ReplicaLoad {
-                            replica: ReplicaId(i as u32),
-                            num_waiting: sched.num_waiting() as u32,
-                            num_running: sched.num_running() as u32,
-                            kv_usage: 1.0
-                                - f64::from(sched.kv().num_free()) / f64::from(num_blocks),
-                            kv_demand: (used + queued) / f64::from(num_blocks),
-                            outstanding_tokens: sched.outstanding_tokens(),
-                            cached_prefix_tokens: 0,
-                        };
-                    }
-                    // The router's own view of what it sent where (SGLang's approximate
-                    // tree, llm-d's KV events) is current: the prefix lookup is never stale.
-                    if needs_prefix {
-                        l.cached_prefix_tokens = routing.prefix[i];
-                    }
-                }
-                if refresh {
-                    routing.refreshed = Some(now);
-                }
-                let t = routing
-                    .router
-                    .route(&req, &routing.loads, &mut routing.rng)
-                    .0;
-                if staleness.0 > 0 {
-                    let l = &mut routing.loads[t as usize];
-                    l.num_waiting += 1;
-                    l.outstanding_tokens +=
-                        u64::from(req.prompt.len()) + u64::from(req.max_tokens());
-                    l.kv_demand +=
-                        f64::from(req.prompt.len().div_ceil(block_size)) / f64::from(num_blocks);
-                }
-                t
+                let pool = self.spec.disagg.map_or(self.replicas.len(), |d| d.num_prefill as usize);
+                routing.route(
+                    &self.replicas[..pool],
+                    &req,
+                    now,
+                    self.spec.router_staleness,
+                    block_size,
+                )
             }
         };
         self.collector.on_routed(req.id, lo + target);
@@ -650,7 +759,7 @@ impl Loop<'_, '_> {
                 decode_tokens: rec.decode_tokens,
             });
         }
-        let last_stage = s + 1 == self.pp;
+        let last_stage = s + 1 == self.replicas[r].stage_busy.len();
         if !last_stage {
             b.stage = s + 1;
         }
@@ -682,10 +791,157 @@ impl Loop<'_, '_> {
             source: &mut *source,
             replica: self.base + b.replica,
             cost: &b.cost,
+            handoffs: &mut self.handoffs,
         };
         rep.driver
             .end_step(ticket, &self.runner_out, now, &mut sink);
+        let step_ns: u64 = b.cost.stage_ns.iter().sum();
+        let decode = rep.pool == 1;
+        if !self.handoffs.is_empty() {
+            let sched = rep.driver.scheduler();
+            for id in self.handoffs.drain(..) {
+                let handoff = sched
+                    .take_handoff(id)
+                    .expect("a request handed off this step is held");
+                self.pending.push_back(PendingHandoff {
+                    handoff,
+                    prefill: r,
+                    since: now,
+                    step_ns,
+                    decode: None,
+                });
+            }
+            self.place_handoffs(now);
+        } else if decode && !self.pending.is_empty() {
+            // Blocks may have freed up on this decode replica.
+            self.place_handoffs(now);
+        }
         self.request_schedule(r, now, source.peek_time());
+    }
+
+    /// Places waiting hand-offs on decode replicas, in order, until one does not fit.
+    fn place_handoffs(&mut self, now: Timestamp) {
+        let d = self.spec.disagg.expect("hand-offs only in a disaggregated run");
+        let lo = d.num_prefill as usize;
+        while let Some(p) = self.pending.front_mut() {
+            let target = match p.decode {
+                Some(t) => t,
+                None => {
+                    let routing = self.decode_routing.as_mut().expect("a decode router");
+                    let t = lo
+                        + routing.route(
+                            &self.replicas[lo..],
+                            &p.handoff.request,
+                            now,
+                            self.spec.router_staleness,
+                            self.spec.cache.block_size,
+                        ) as usize;
+                    p.decode = Some(t);
+                    t
+                }
+            };
+            // The picked replica, else the one with the most free blocks (lowest index on ties).
+            let spill = (lo..self.replicas.len())
+                .filter(|&i| i != target)
+                .max_by_key(|&i| {
+                    (
+                        self.replicas[i].driver.scheduler().kv().num_free(),
+                        Reverse(i),
+                    )
+                });
+            let mut placed = None;
+            for cand in std::iter::once(target).chain(spill) {
+                match self.replicas[cand]
+                    .driver
+                    .scheduler_mut()
+                    .reserve_remote(&p.handoff, now)
+                {
+                    Ok(Some(tokens)) => {
+                        placed = Some((cand, tokens));
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let r = &p.handoff.request;
+                        self.error = Some(SimError::Memory(format!(
+                            "request {} ({} prompt + {} output tokens) cannot run on decode replica {}: {e} (raise the decode pool's KV blocks, or lower workload.max_tokens)",
+                            r.id,
+                            r.prompt.len(),
+                            r.max_tokens(),
+                            self.base as usize + cand
+                        )));
+                        self.pending.pop_front();
+                        return;
+                    }
+                }
+            }
+            let Some((dr, tokens)) = placed else {
+                return; // head of line: retried when a decode step ends
+            };
+            let p = self.pending.pop_front().expect("the front");
+            let id = p.handoff.request.id;
+            let bytes = f64::from(tokens) * d.kv_bytes_per_token;
+            let tx = if bytes > 0.0 {
+                ((bytes / d.bandwidth) * 1e9).ceil() as u64
+            } else {
+                0
+            };
+            // A layer-wise transfer sends all but the last layer's share during the last
+            // prefill step, when the decode side was reserved at its end.
+            let layers = u64::from(d.num_layers.max(1));
+            let overlap = if d.layerwise && p.since == now {
+                p.step_ns.min(tx / layers * (layers - 1))
+            } else {
+                0
+            };
+            let start = Timestamp(now.0 - overlap.min(now.0))
+                .max(self.link_free[p.prefill])
+                .max(self.link_free[dr]);
+            let done = start + Duration(tx);
+            self.link_free[p.prefill] = done;
+            self.link_free[dr] = done;
+            let arrive = (done + d.latency).max(now);
+            self.collector.on_routed(id, self.base + dr as u32);
+            self.collector
+                .on_transfer(id, self.base + p.prefill as u32, now, bytes);
+            let t = Transfer {
+                id,
+                prefill: p.prefill,
+                decode: dr,
+            };
+            let slot = match self.free_transfers.pop() {
+                Some(i) => {
+                    self.transfers[i as usize] = Some(t);
+                    i
+                }
+                None => {
+                    self.transfers.push(Some(t));
+                    (self.transfers.len() - 1) as u32
+                }
+            };
+            self.q.push(arrive, EventKind::KvArrived, slot);
+        }
+    }
+
+    /// Transfer `slot`'s KV reached its decode replica at `now`.
+    fn kv_arrived(&mut self, slot: u32, now: Timestamp, next_arrival: Option<Timestamp>) {
+        let t = self.transfers[slot as usize]
+            .take()
+            .expect("a transfer in flight");
+        self.free_transfers.push(slot);
+        self.replicas[t.decode]
+            .driver
+            .scheduler_mut()
+            .remote_kv_arrived(t.id, now)
+            .expect("a reserved request");
+        self.collector.on_token(t.id, now);
+        self.replicas[t.prefill]
+            .driver
+            .scheduler_mut()
+            .release_handoff(t.id)
+            .expect("a handed-off request");
+        self.request_schedule(t.decode, now, next_arrival);
+        self.request_schedule(t.prefill, now, next_arrival);
     }
 }
 
@@ -717,9 +973,16 @@ pub fn run_range(
     lo: u32,
     hi: u32,
 ) -> Result<SimResult> {
-    let pp = spec.predictor.stages();
     let replicas: Vec<Replica> = (lo..hi)
-        .map(|_| {
+        .map(|i| {
+            let (pool, role, predictor, num_blocks) = match spec.disagg {
+                None => (0, InstanceRole::Colocated, spec.predictor, spec.num_blocks),
+                Some(d) if i < d.num_prefill => {
+                    (0, InstanceRole::Prefill, spec.predictor, spec.num_blocks)
+                }
+                Some(d) => (1, InstanceRole::Decode, d.decode_predictor, d.decode_blocks),
+            };
+            let pp = predictor.stages();
             let policy = match spec.policy {
                 Some(make) => make(),
                 None => spec.scheduler.policy.build(),
@@ -727,25 +990,47 @@ pub fn run_range(
             let mut sched = Scheduler::with_policy(
                 spec.scheduler.clone(),
                 spec.cache,
-                spec.num_blocks,
+                num_blocks,
                 spec.max_model_len,
                 policy,
             )?;
+            sched.set_role(role)?;
             // The simulated executor reads token counts only.
             sched.omit_request_data();
             Ok(Replica {
                 driver: ReplicaDriver::new(sched, pp as u32),
+                pool,
+                num_blocks,
                 stage_busy: vec![false; pp],
                 stage_queue: vec![VecDeque::new(); pp],
                 schedule_pending: false,
             })
         })
         .collect::<Result<_>>()?;
+    let num_prefill = spec
+        .disagg
+        .map_or(replicas.len(), |d| d.num_prefill as usize);
+    let decode_routing = spec.disagg.map(|d| {
+        Routing::new(
+            d.decode_router,
+            Rng::decode_router(spec.seed),
+            &replicas,
+            num_prefill,
+            replicas.len() - num_prefill,
+        )
+    });
+    let routing_prefill = Routing::new(
+        spec.router,
+        Rng::router(spec.seed),
+        &replicas,
+        0,
+        num_prefill,
+    );
+    let num_local = replicas.len();
     let mut st = Loop {
         spec,
         runner_out: ModelRunnerOutput::default(),
         base: lo,
-        pp,
         replicas,
         q: EventQueue::default(),
         batches: Vec::new(),
@@ -753,18 +1038,15 @@ pub fn run_range(
         collector,
         rejected: Vec::new(),
         steps: Vec::new(),
+        handoffs: Vec::new(),
+        pending: VecDeque::new(),
+        transfers: Vec::new(),
+        free_transfers: Vec::new(),
+        link_free: vec![Timestamp::ZERO; num_local],
+        decode_routing,
+        error: None,
     };
-    let mut routing = Routing {
-        router: Router::new(spec.router),
-        rng: Rng::router(spec.seed),
-        loads: vec![ReplicaLoad::default(); (hi - lo) as usize],
-        refreshed: None,
-        hasher: st
-            .replicas
-            .first()
-            .map(|r| r.driver.scheduler().kv().hasher()),
-        prefix: Vec::new(),
-    };
+    let mut routing = routing_prefill;
     let mut now = Timestamp::ZERO;
     let mut events = 0u64;
     let mut reported = 0u64;
@@ -801,7 +1083,24 @@ pub fn run_range(
             EventKind::Arrival => unreachable!("arrivals are not queued"),
             EventKind::Schedule => st.schedule(ev.target as usize, now),
             EventKind::StageEnd => st.stage_end(ev.target, now, source, &mut on_slice),
+            EventKind::KvArrived => st.kv_arrived(ev.target, now, source.peek_time()),
         }
+        if let Some(e) = st.error.take() {
+            return Err(e);
+        }
+    }
+
+    if let Some(p) = st.pending.front() {
+        let r = &p.handoff.request;
+        return Err(SimError::Stalled(format!(
+            "{} prefilled requests never found room on a decode replica (the first, request {} with {} prompt tokens, since {:.3} s): the decode pool's {} KV blocks of {} tokens per replica cannot hold them (give the decode pool more replicas or memory, or lower workload.max_tokens)",
+            st.pending.len(),
+            r.id,
+            r.prompt.len(),
+            p.since.as_secs_f64(),
+            spec.disagg.map_or(0, |d| d.decode_blocks),
+            spec.cache.block_size
+        )));
     }
 
     for (i, r) in st.replicas.iter().enumerate() {
@@ -858,7 +1157,8 @@ mod tests {
 
     #[test]
     fn arrivals_rank_between_stage_ends_and_schedules() {
-        assert!(EventKind::StageEnd < EventKind::Arrival);
+        assert!(EventKind::StageEnd < EventKind::KvArrived);
+        assert!(EventKind::KvArrived < EventKind::Arrival);
         assert!(EventKind::Arrival < EventKind::Schedule);
     }
 }
