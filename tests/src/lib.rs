@@ -243,7 +243,9 @@ impl Replica {
                 match ev {
                     RequestEvent::Finished(r) => self.finished.push(*r),
                     RequestEvent::Token { id, .. } => self.token_times.push((id, self.now)),
-                    RequestEvent::HandedOff { .. } => panic!("a colocated instance hands nothing off"),
+                    RequestEvent::HandedOff { .. } => {
+                        panic!("a colocated instance hands nothing off")
+                    }
                 }
             }
         }

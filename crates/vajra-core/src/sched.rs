@@ -94,9 +94,6 @@ struct Seq {
     num_preemptions: u32,
     cached_prompt_tokens: Option<u32>,
     queue_key: Option<Key>,
-    /// Waiting with its prompt's KV received from a prefill instance (blocks held, prompt
-    /// computed): admission schedules its next token without a prefix lookup.
-    received: bool,
     /// Its hand-off's times, when it was prefilled on another instance.
     disagg: Option<output::DisaggTimes>,
     /// The first output token, on either side of a hand-off (`output` keeps it only for a
@@ -192,10 +189,13 @@ pub struct Scheduler {
     role: InstanceRole,
     /// Requests whose KV is in transit (held for, or reserved from, another instance).
     num_transferring: u32,
+    /// Of those, the ones reserved here for a transfer from a prefill instance (they count
+    /// against `max_num_seqs`: each joins the running list when its KV lands).
+    num_reserved: u32,
     num_handed_off: u64,
     num_received: u64,
-    /// Received requests admitted in the step being formed (their decode start is recorded
-    /// when it is).
+    /// Requests whose KV landed since the last step (their decode start is recorded when the
+    /// next step is formed).
     remote_admitted: Vec<u32>,
 }
 
@@ -314,6 +314,7 @@ impl Scheduler {
             spare_outputs: Vec::new(),
             role: InstanceRole::Colocated,
             num_transferring: 0,
+            num_reserved: 0,
             num_handed_off: 0,
             num_received: 0,
             remote_admitted: Vec::new(),
@@ -488,7 +489,6 @@ impl Scheduler {
             cached_prompt_tokens: None,
             queue_key: None,
             send_full: self.request_data,
-            received: false,
             disagg: None,
             handoff_token: 0,
         };
@@ -779,7 +779,12 @@ impl Scheduler {
                 self.host.free(&seq.swapped);
                 self.num_swapped -= 1;
             }
-            RequestStatus::Transferring => self.num_transferring -= 1,
+            RequestStatus::Transferring => {
+                self.num_transferring -= 1;
+                if seq.disagg.is_some() {
+                    self.num_reserved -= 1;
+                }
+            }
             RequestStatus::Waiting | RequestStatus::Finished(_) => {}
         }
         self.kv.free(&mut seq.table);
@@ -837,17 +842,6 @@ pub fn check_invariants(s: &Scheduler) {
                 assert!(
                     seq.table.len() as u32 >= s.kv.blocks_for(seq.num_computed),
                     "a running request holds blocks for its computed tokens"
-                );
-            }
-            RequestStatus::Waiting if seq.received => {
-                assert_eq!(
-                    seq.table.len() as u32,
-                    s.kv.blocks_for(seq.prompt_len),
-                    "a received request holds its prompt's blocks"
-                );
-                assert_eq!(
-                    seq.num_computed, seq.prompt_len,
-                    "a received request has its prompt computed"
                 );
             }
             RequestStatus::Waiting => {
@@ -919,6 +913,20 @@ pub fn check_invariants(s: &Scheduler) {
     assert_eq!(
         transferring, s.num_transferring as usize,
         "the transferring count matches transferring statuses"
+    );
+    let reserved = s
+        .slots
+        .iter()
+        .flatten()
+        .filter(|q| q.status == RequestStatus::Transferring && q.disagg.is_some())
+        .count();
+    assert_eq!(
+        reserved, s.num_reserved as usize,
+        "the reserved count matches requests reserved for a transfer"
+    );
+    assert!(
+        s.running.len() + reserved <= s.cfg.max_num_seqs as usize,
+        "running and reserved requests are within max_num_seqs"
     );
     assert_eq!(
         s.index.len(),

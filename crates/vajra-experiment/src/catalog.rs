@@ -367,7 +367,11 @@ pub fn links() -> [LinkSpec; 6] {
 
 /// Names of the built-in links, comma-separated.
 pub fn link_names() -> String {
-    links().iter().map(|l| l.name).collect::<Vec<_>>().join(", ")
+    links()
+        .iter()
+        .map(|l| l.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The link a `[cluster.kv_transfer]` table describes: a built-in one with its overrides.
@@ -379,7 +383,9 @@ pub fn resolve_link(t: &crate::experiment::KvTransferSpec) -> crate::error::Resu
     let mut l = links()
         .into_iter()
         .find(|l| l.name.eq_ignore_ascii_case(&t.link))
-        .ok_or_else(|| ExperimentError::invalid("cluster.kv_transfer.link", &t.link, link_names()))?;
+        .ok_or_else(|| {
+            ExperimentError::invalid("cluster.kv_transfer.link", &t.link, link_names())
+        })?;
     if let Some(g) = t.bandwidth_gbps {
         if !(g.is_finite() && g > 0.0) {
             return Err(ExperimentError::invalid(

@@ -326,7 +326,8 @@ fn short_value(v: &toml::Value) -> String {
         toml::Value::Boolean(b) => b.to_string(),
         // A pool: `2P`, `1D` (a pool list reads `2P1D`).
         toml::Value::Table(t)
-            if t.get("num_replicas").is_some() && t.get("role").and_then(|r| r.as_str()).is_some() =>
+            if t.get("num_replicas").is_some()
+                && t.get("role").and_then(|r| r.as_str()).is_some() =>
         {
             let role = t.get("role").and_then(|r| r.as_str()).unwrap_or_default();
             let tag = match role {
@@ -353,7 +354,8 @@ fn short_value(v: &toml::Value) -> String {
         }
         toml::Value::Array(a)
             if !a.is_empty()
-                && a.iter().all(|x| x.get("role").is_some() && x.get("num_replicas").is_some()) =>
+                && a.iter()
+                    .all(|x| x.get("role").is_some() && x.get("num_replicas").is_some()) =>
         {
             a.iter().map(short_value).collect::<String>()
         }
@@ -708,7 +710,10 @@ pub fn parallel(c: &ClusterSpec) -> ParallelConfig {
 
 /// Moves a field error under `prefix`, replacing the field's own leading `strip` (a pool's
 /// `cluster.device` is `cluster.pools[1].device`).
-fn under<'a>(prefix: &'a str, strip: &'a str) -> impl Fn(vajra_core::CoreError) -> ExperimentError + 'a {
+fn under<'a>(
+    prefix: &'a str,
+    strip: &'a str,
+) -> impl Fn(vajra_core::CoreError) -> ExperimentError + 'a {
     move |e| match e {
         vajra_core::CoreError::InvalidField {
             field,
@@ -724,7 +729,12 @@ fn under<'a>(prefix: &'a str, strip: &'a str) -> impl Fn(vajra_core::CoreError) 
 }
 
 /// A replica shape's checks (device, replica count, widths), with fields named under `prefix`.
-fn validate_shape(c: &ClusterSpec, prefix: &str, m: &ModelConfig, devices: &[DeviceSpec]) -> Result<()> {
+fn validate_shape(
+    c: &ClusterSpec,
+    prefix: &str,
+    m: &ModelConfig,
+    devices: &[DeviceSpec],
+) -> Result<()> {
     resolve_device(c, devices).map_err(|e| match e {
         ExperimentError::Core(e) => under(prefix, "cluster.")(e),
         e => e,
@@ -793,13 +803,18 @@ fn validate_pools(c: &ClusterSpec) -> Result<()> {
             "cluster.pools",
             format!(
                 "[{}]",
-                roles.iter().map(|r| r.name()).collect::<Vec<_>>().join(", ")
+                roles
+                    .iter()
+                    .map(|r| r.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             "one pool with role = \"prefill\" and one with role = \"decode\"",
         ));
     }
     if let Some(r) = &c.decode_router {
-        r.validate().map_err(under("cluster.decode_router", "router."))?;
+        r.validate()
+            .map_err(under("cluster.decode_router", "router."))?;
     }
     let t = c.kv_transfer.clone().unwrap_or_default();
     catalog::resolve_link(&t)?;

@@ -115,6 +115,11 @@ pub struct TransferRecord {
     pub kv_transfer_s: f64,
     /// Bytes of KV sent (prompt tokens the decode replica did not have cached).
     pub kv_transfer_bytes: f64,
+    /// When the bytes began to move on the link (s; before the prefill's end when the
+    /// transfer overlaps it layer by layer).
+    pub link_start_s: f64,
+    /// When the last byte left the link (s; the KV arrives a link latency later).
+    pub link_end_s: f64,
     /// KV arrived to first scheduled on the decode replica (s).
     pub decode_queue_s: Option<f64>,
     /// Time to first token (s), as the client sees it: when the KV and first token arrive.
@@ -149,11 +154,24 @@ impl TransferStats {
     }
 }
 
+/// A hand-off's transfer, as the simulator scheduled it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Transfer {
+    /// Replica that prefilled the request.
+    pub prefill_replica: u32,
+    /// When the decode replica reserved its blocks.
+    pub reserved: Timestamp,
+    /// Bytes sent.
+    pub bytes: f64,
+    /// When the bytes began and finished moving on the link.
+    pub link: (Timestamp, Timestamp),
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Live {
     replica: u32,
-    /// Prefill replica, blocks-reserved time and bytes of a hand-off.
-    transfer: Option<(u32, Timestamp, f64)>,
+    /// A hand-off's transfer.
+    transfer: Option<Transfer>,
     last: Timestamp,
     tokens: u32,
     max_gap: Duration,
@@ -372,11 +390,10 @@ impl Collector {
         }
     }
 
-    /// A request prefilled on `prefill_replica` had its blocks reserved on a decode replica at
-    /// `reserved`, for `bytes` of KV to be sent.
-    pub fn on_transfer(&mut self, id: RequestId, prefill_replica: u32, reserved: Timestamp, bytes: f64) {
+    /// A prefilled request's KV transfer to the decode replica it was routed to was scheduled.
+    pub fn on_transfer(&mut self, id: RequestId, t: Transfer) {
         if let Some(l) = self.live.get_mut(&id.0) {
-            l.transfer = Some((prefill_replica, reserved, bytes));
+            l.transfer = Some(t);
         }
     }
 
@@ -445,9 +462,8 @@ impl Collector {
             token_deadline_misses: l.deadlines.missed,
             finish_reason: rec.reason,
         };
-        if let (Some(d), Some((prefill_replica, reserved, bytes)), Some(first)) =
-            (disagg, l.transfer, first_scheduled)
-        {
+        if let (Some(d), Some(t), Some(first)) = (disagg, l.transfer, first_scheduled) {
+            let (prefill_replica, reserved, bytes) = (t.prefill_replica, t.reserved, t.bytes);
             let us = |a: Timestamp, b: Timestamp| b.since(a).0 / 1000;
             let st = &mut self.transfer_stats;
             st.prefill_queue.add(us(arrival, first));
@@ -469,6 +485,8 @@ impl Collector {
                     handoff_wait_s: s(d.prefill_done, reserved),
                     kv_transfer_s: s(reserved, d.kv_arrived),
                     kv_transfer_bytes: bytes,
+                    link_start_s: secs(t.link.0),
+                    link_end_s: secs(t.link.1),
                     decode_queue_s: d.decode_scheduled.map(|t| s(d.kv_arrived, t)),
                     ttft_s: s(arrival, d.kv_arrived),
                 });

@@ -224,7 +224,9 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
         }
     };
     if let Some(d) = &decode {
-        predictor.warnings.extend(d.predictor.warnings.iter().cloned());
+        predictor
+            .warnings
+            .extend(d.predictor.warnings.iter().cloned());
     }
     let setup = Setup {
         model,
@@ -264,13 +266,7 @@ fn prepare_shape(
     let base = &file.base;
     let device = experiment::resolve_device(c, &e.devices)?;
     let par = experiment::parallel(c);
-    let memory = memory::plan(
-        model,
-        &device,
-        par,
-        &e.cache,
-        max_batch_tokens.min(1 << 16),
-    )?;
+    let memory = memory::plan(model, &device, par, &e.cache, max_batch_tokens.min(1 << 16))?;
     let mut warnings = Vec::new();
     let compute: Option<PathBuf> = match &e.predictor.profile {
         Some(p) if p.as_os_str() == "roofline" => None,
@@ -526,7 +522,11 @@ pub fn summarize(point: &Point, prep: &Prepared, res: &sim::SimResult) -> RunSum
     let pools = match &prep.decode {
         None => Vec::new(),
         Some(d) => {
-            let pf = |role: &str, n: u32, m: &MemoryPlan, dev: &DeviceSpec, p: vajra_core::config::ParallelConfig| {
+            let pf = |role: &str,
+                      n: u32,
+                      m: &MemoryPlan,
+                      dev: &DeviceSpec,
+                      p: vajra_core::config::ParallelConfig| {
                 let w = f64::from(p.world_size());
                 vajra_metrics::summary::PoolFacts {
                     role: role.to_owned(),
@@ -539,7 +539,13 @@ pub fn summarize(point: &Point, prep: &Prepared, res: &sim::SimResult) -> RunSum
                 }
             };
             vec![
-                pf("prefill", prep.setup.num_replicas, &prep.memory, &prep.setup.device, par),
+                pf(
+                    "prefill",
+                    prep.setup.num_replicas,
+                    &prep.memory,
+                    &prep.setup.device,
+                    par,
+                ),
                 pf("decode", d.num_replicas, &d.memory, &d.device, d.par),
             ]
         }

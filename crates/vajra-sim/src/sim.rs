@@ -682,7 +682,10 @@ impl Loop<'_, '_> {
         let target = match routed {
             Some(t) => t,
             None => {
-                let pool = self.spec.disagg.map_or(self.replicas.len(), |d| d.num_prefill as usize);
+                let pool = self
+                    .spec
+                    .disagg
+                    .map_or(self.replicas.len(), |d| d.num_prefill as usize);
                 routing.route(
                     &self.replicas[..pool],
                     &req,
@@ -821,7 +824,10 @@ impl Loop<'_, '_> {
 
     /// Places waiting hand-offs on decode replicas, in order, until one does not fit.
     fn place_handoffs(&mut self, now: Timestamp) {
-        let d = self.spec.disagg.expect("hand-offs only in a disaggregated run");
+        let d = self
+            .spec
+            .disagg
+            .expect("hand-offs only in a disaggregated run");
         let lo = d.num_prefill as usize;
         while let Some(p) = self.pending.front_mut() {
             let target = match p.decode {
@@ -902,8 +908,15 @@ impl Loop<'_, '_> {
             self.link_free[dr] = done;
             let arrive = (done + d.latency).max(now);
             self.collector.on_routed(id, self.base + dr as u32);
-            self.collector
-                .on_transfer(id, self.base + p.prefill as u32, now, bytes);
+            self.collector.on_transfer(
+                id,
+                vajra_metrics::collector::Transfer {
+                    prefill_replica: self.base + p.prefill as u32,
+                    reserved: now,
+                    bytes,
+                    link: (start, done),
+                },
+            );
             let t = Transfer {
                 id,
                 prefill: p.prefill,

@@ -11,7 +11,7 @@
 //!                                                      reserved; None: no room, nothing held)
 //!                        ... the KV blocks move ...
 //!  release_handoff(id)  (blocks freed)               remote_kv_arrived(id)
-//!                                                     (waiting, prompt computed: it decodes)
+//!                                                     (running, prompt computed: it decodes)
 //! ```
 //!
 //! The prefill instance runs a request to its first token only (its `max_tokens` is 1 there),
@@ -192,6 +192,11 @@ impl Scheduler {
             num_new_tokens: prompt_len - hit_tokens,
             apply_watermark: !self.running.is_empty(),
         };
+        // A reserved request joins the running list when its KV lands: the running cap
+        // counts it now.
+        if self.running.len() + self.num_reserved as usize >= self.cfg.max_num_seqs as usize {
+            return Ok(None);
+        }
         if self.kv.allocate_slots(&mut table, &alloc).is_none() {
             return Ok(None);
         }
@@ -216,7 +221,6 @@ impl Scheduler {
             cached_prompt_tokens: Some(h.cached_prompt_tokens),
             queue_key: None,
             send_full: self.request_data,
-            received: false,
             handoff_token: h.first_token,
             disagg: Some(DisaggTimes {
                 prefill_done: h.prefill_done,
@@ -237,12 +241,15 @@ impl Scheduler {
         self.index.insert(req.id, slot);
         self.outstanding_tokens += total;
         self.num_transferring += 1;
+        self.num_reserved += 1;
         Ok(Some(prompt_len - hit_tokens))
     }
 
     /// A reserved request's KV arrived at `now`: its first token is appended (the client
-    /// receives it now) and it waits to decode, its prompt computed. Returns the first token's
-    /// id.
+    /// receives it now) and it joins the running list, its prompt computed, to decode from the
+    /// next step on. (It never waits in the queue holding blocks, where a preempted request
+    /// at the queue's head that needs more blocks than are free could block it for good.)
+    /// Returns the first token's id.
     ///
     /// # Errors
     /// The request is unknown or not reserved for a transfer.
@@ -252,7 +259,6 @@ impl Scheduler {
         let prompt = seq.prompt_len;
         seq.num_computed = prompt;
         seq.first_token = Some(now);
-        seq.received = true;
         if let Some(d) = seq.disagg.as_mut() {
             d.kv_arrived = now;
         }
@@ -262,10 +268,14 @@ impl Scheduler {
             &content(&seq.req, &seq.output, seq.num_output),
             prompt,
         );
-        seq.status = RequestStatus::Waiting;
+        seq.status = RequestStatus::Running;
+        let tenant = seq.req.tenant;
         self.num_transferring -= 1;
+        self.num_reserved -= 1;
         self.num_received += 1;
-        self.enqueue(slot, false);
+        self.waiting.running_changed(tenant, true);
+        self.running.push(slot);
+        self.remote_admitted.push(slot);
         Ok(token)
     }
 }

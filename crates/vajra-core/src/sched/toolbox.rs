@@ -24,7 +24,8 @@ impl Scheduler {
         spec: AdmitSpec,
         out: &mut SchedulerOutput,
     ) -> Option<u32> {
-        if self.running.len() >= self.cfg.max_num_seqs as usize {
+        // Requests whose KV is on its way here join the running list when it lands.
+        if self.running.len() + self.num_reserved as usize >= self.cfg.max_num_seqs as usize {
             return None;
         }
         let head = self.waiting.peek() == Some(slot);
@@ -33,9 +34,7 @@ impl Scheduler {
             .as_mut()
             .expect("waiting slot is live");
         let swapped = seq.status == RequestStatus::Swapped;
-        // Swapped and received requests resume from their computed tokens, without a lookup.
-        let resumed = swapped || seq.received;
-        let (hits, hit_tokens) = if resumed {
+        let (hits, hit_tokens) = if swapped {
             (Vec::new(), 0)
         } else {
             self.kv.get_computed_blocks(
@@ -43,7 +42,7 @@ impl Scheduler {
                 &content(&seq.req, &seq.output, seq.num_output),
             )
         };
-        let computed = if resumed {
+        let computed = if swapped {
             seq.num_computed
         } else {
             hit_tokens
@@ -95,9 +94,6 @@ impl Scheduler {
             self.host.free(&seq.swapped);
             seq.swapped.clear();
             self.num_swapped -= 1;
-        } else if seq.received {
-            seq.received = false;
-            self.remote_admitted.push(slot);
         } else {
             self.kv.record_prefix_query(seq.num_tokens(), hit_tokens);
             let prompt = seq.prompt_len();

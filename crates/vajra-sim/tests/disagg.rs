@@ -1,0 +1,242 @@
+//! Disaggregated prefill and decode in the simulator: seeded invariants (every request
+//! finishes, no block is left held on either pool, no link carries two transfers at once or
+//! one faster than its bandwidth), determinism, a transfer-bound link showing in TTFT, a full
+//! decode pool making requests wait on the prefill side, and bad pool settings named.
+
+use std::path::PathBuf;
+use vajra_experiment::experiment::ExperimentFile;
+use vajra_sim::run::{prepare, simulate, summarize};
+
+fn load(name: &str, body: &str) -> ExperimentFile {
+    let dir = std::env::temp_dir().join(format!("vajra-pd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p: PathBuf = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, body).unwrap();
+    ExperimentFile::load(&p).unwrap()
+}
+
+/// A 2P2D cluster (or what `cluster` says) on a bursty workload with shared prefixes.
+fn body(seed: u64, cluster: &str, extra: &str) -> String {
+    format!(
+        r#"
+seed = {seed}
+[model]
+name = "Llama-2-7b-hf"
+[cluster]
+device = "h100"
+{cluster}
+[predictor]
+profile = "roofline"
+[scheduler]
+max_num_seqs = 64
+policy = {{ type = "sarathi", chunk_size = 512 }}
+[router]
+type = "least_outstanding"
+{extra}
+[workload]
+num_requests = 400
+arrival = {{ type = "gamma", qps = 12.0, cv = 3.0 }}
+lengths = {{ type = "independent", prompt = {{ type = "uniform", min = 50, max = 3000 }}, output = {{ type = "uniform", min = 1, max = 300 }} }}
+"#
+    )
+}
+
+const PD: &str =
+    r#"pools = [{ role = "prefill", num_replicas = 2 }, { role = "decode", num_replicas = 2 }]"#;
+
+struct Run {
+    summary: vajra_sim::run::RunSummary,
+    result: vajra_sim::sim::SimResult,
+    bandwidth: f64,
+}
+
+fn run(name: &str, text: &str) -> Run {
+    let f = load(name, text);
+    let point = f.points[0].clone();
+    let prep = prepare(&f, &point).unwrap();
+    let dir = std::env::temp_dir().join(format!("vajra-pd-{}-{name}", std::process::id()));
+    let (result, _, _) = simulate(&f, &point, &prep, Some(&dir), false, false, None).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let summary = summarize(&point, &prep, &result);
+    let bandwidth = prep.decode.as_ref().map_or(0.0, |d| d.bandwidth);
+    Run {
+        summary,
+        result,
+        bandwidth,
+    }
+}
+
+#[test]
+fn every_request_finishes_no_block_stays_held_and_no_link_is_oversubscribed() {
+    for (seed, link) in [
+        (1, r#"kv_transfer = { link = "rdma_100g" }"#),
+        (
+            2,
+            r#"kv_transfer = { link = "rdma_100g", layerwise = false }"#,
+        ),
+        (3, r#"kv_transfer = { link = "pcie4" }"#),
+    ] {
+        let r = run(
+            &format!("inv{seed}"),
+            &body(seed, &format!("{PD}\n{link}"), ""),
+        );
+        let m = &r.summary.metrics;
+        assert_eq!(m.requests_completed, 400, "seed {seed}");
+        for (i, s) in r.result.replica_stats.iter().enumerate() {
+            assert_eq!(s.kv.num_free, s.kv.num_blocks, "replica {i} holds no block");
+        }
+        let (p, d) = (&r.result.replica_stats[..2], &r.result.replica_stats[2..]);
+        let handed: u64 = p.iter().map(|s| s.num_handed_off).sum();
+        let received: u64 = d.iter().map(|s| s.num_received).sum();
+        let one_token = r
+            .result
+            .collector
+            .requests
+            .iter()
+            .filter(|q| q.output_tokens == 1)
+            .count() as u64;
+        assert_eq!(handed, received);
+        assert_eq!(
+            handed + one_token,
+            400,
+            "a 1-token request ends on its prefill replica"
+        );
+        let t = &r.result.collector.transfers;
+        assert_eq!(t.len() as u64, handed);
+        for x in t {
+            assert!(x.prefill_replica < 2 && x.decode_replica >= 2, "{x:?}");
+            let parts = x.prefill_queue_s + x.prefill_s + x.handoff_wait_s + x.kv_transfer_s;
+            assert!((parts - x.ttft_s).abs() < 1e-6, "TTFT is its parts: {x:?}");
+            let min = x.kv_transfer_bytes / r.bandwidth;
+            assert!(
+                x.link_end_s - x.link_start_s >= min - 1e-9,
+                "a transfer takes at least bytes / bandwidth: {x:?}"
+            );
+        }
+        // One transfer at a time on each replica's link.
+        for replica in 0..4u32 {
+            let mut spans: Vec<(f64, f64)> = t
+                .iter()
+                .filter(|x| x.prefill_replica == replica || x.decode_replica == replica)
+                .map(|x| (x.link_start_s, x.link_end_s))
+                .collect();
+            spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for w in spans.windows(2) {
+                assert!(w[1].0 >= w[0].1 - 1e-9, "replica {replica}: {w:?} overlap");
+            }
+        }
+        let dsum = m.disaggregation.as_ref().expect("a hand-off summary");
+        assert_eq!(dsum.requests, handed);
+        assert_eq!(m.pools.len(), 2);
+        assert_eq!(m.pools[0].role, "prefill");
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run_and_a_colocated_cluster_has_no_hand_offs() {
+    let text = body(5, PD, "");
+    let (a, b) = (run("det_a", &text), run("det_b", &text));
+    let json = |r: &Run| serde_json::to_string(&r.summary.metrics).unwrap();
+    assert_eq!(json(&a), json(&b));
+    assert_eq!(a.result.collector.transfers, b.result.collector.transfers);
+    assert_eq!(a.result.collector.requests, b.result.collector.requests);
+    let c = run("colocated", &body(5, "num_replicas = 4", ""));
+    assert!(c.result.collector.transfers.is_empty());
+    assert!(c.summary.metrics.disaggregation.is_none() && c.summary.metrics.pools.is_empty());
+}
+
+#[test]
+fn a_slow_link_shows_in_ttft_by_the_transfer_time() {
+    let fast = run(
+        "fast",
+        &body(
+            7,
+            &format!("{PD}\nkv_transfer = {{ link = \"nvlink\" }}"),
+            "",
+        ),
+    );
+    let slow = run(
+        "slow",
+        &body(
+            7,
+            &format!(
+                "{PD}\nkv_transfer = {{ link = \"rdma_100g\", bandwidth_gbps = 5.0, layerwise = false }}"
+            ),
+            "",
+        ),
+    );
+    let ttft = |r: &Run| r.summary.metrics.latency_s.ttft.mean;
+    let xfer = |r: &Run| {
+        r.summary
+            .metrics
+            .disaggregation
+            .as_ref()
+            .unwrap()
+            .kv_transfer
+            .mean
+    };
+    // 5 Gbit/s: a 1,500-token Llama-2-7B prompt (0.5 MiB a token) takes about 1.3 s.
+    assert!(xfer(&slow) > 0.5, "{}", xfer(&slow));
+    assert!(xfer(&fast) < 0.01, "{}", xfer(&fast));
+    assert!(
+        ttft(&slow) - ttft(&fast) > 0.8 * (xfer(&slow) - xfer(&fast)),
+        "TTFT {} vs {}",
+        ttft(&slow),
+        ttft(&fast)
+    );
+}
+
+#[test]
+fn a_full_decode_pool_makes_prefilled_requests_wait_holding_their_blocks() {
+    // One decode replica of 600 blocks (9,600 tokens) for a burst of 3,000-token prompts.
+    let cluster = r#"pools = [{ role = "prefill", num_replicas = 2 }, { role = "decode", num_replicas = 1 }]"#;
+    let text = body(9, cluster, "[cache]\nnum_blocks = 600")
+        .replace("min = 50, max = 3000", "min = 2500, max = 3000")
+        .replace("min = 1, max = 300", "min = 200, max = 400");
+    let r = run("full", &text);
+    assert_eq!(r.summary.metrics.requests_completed, 400);
+    let d = r.summary.metrics.disaggregation.as_ref().unwrap();
+    assert!(d.handoff_wait.p90 > 0.0, "{:?}", d.handoff_wait);
+    assert!(r.summary.metrics.pools[0].kv_usage_max > 0.0);
+}
+
+#[test]
+fn bad_pool_settings_are_named() {
+    let bad = [
+        (
+            r#"pools = [{ role = "prefill", num_replicas = 1 }]"#,
+            "cluster.pools",
+        ),
+        (
+            r#"num_replicas = 2
+pools = [{ role = "prefill", num_replicas = 1 }, { role = "decode", num_replicas = 1 }]"#,
+            "cluster.num_replicas",
+        ),
+        (
+            r#"kv_transfer = { link = "rdma_400g" }"#,
+            "cluster.kv_transfer",
+        ),
+        (
+            &format!("{PD}\nkv_transfer = {{ link = \"carrier_pigeon\" }}"),
+            "rdma_400g",
+        ),
+        (
+            r#"pools = [{ role = "prefill", num_replicas = 1, tensor_parallel = 3 }, { role = "decode", num_replicas = 1 }]"#,
+            "cluster.pools[0].tensor_parallel",
+        ),
+        (
+            &format!(
+                "{PD}\ndecode_router = {{ type = \"prefix_affinity\", balance_rel_threshold = 0.5 }}"
+            ),
+            "cluster.decode_router",
+        ),
+    ];
+    for (i, (cluster, needle)) in bad.iter().enumerate() {
+        let dir = std::env::temp_dir().join(format!("vajra-pd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&p, body(1, cluster, "")).unwrap();
+        let err = ExperimentFile::load(&p).err().expect(cluster).to_string();
+        assert!(err.contains(needle), "{cluster}: `{needle}` not in {err}");
+    }
+}
