@@ -19,7 +19,7 @@ dir=$([[ "$profile" == dev ]] && echo debug || echo "$profile")
 sim="target/$dir/vajra-sim"
 out=target/unchanged
 rm -rf "$out" && mkdir -p "$out"
-for name in quickstart routing prefix_caching fairness capacity sessions slo_classes; do
+for name in quickstart routing prefix_caching fairness capacity sessions slo_classes disaggregation; do
     "$sim" run "experiments/$name.toml" -o "$out/$name" --quiet --no-trace
 done
 "$sim" capacity experiments/capacity.toml -o "$out/capacity-search" -j 2 >/dev/null

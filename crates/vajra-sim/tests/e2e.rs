@@ -170,13 +170,14 @@ fn check_point(dir: &Path) {
 }
 
 /// The experiments under `experiments/` (all run without the reference data).
-const SHIPPED: [&str; 6] = [
+const SHIPPED: [&str; 7] = [
     "quickstart",
     "routing",
     "prefix_caching",
     "fairness",
     "sessions",
     "slo_classes",
+    "disaggregation",
 ];
 
 #[test]
