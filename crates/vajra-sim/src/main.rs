@@ -465,6 +465,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     d.price_per_hour
                 );
             }
+            println!("cluster.kv_transfer.link (disaggregated pools; per GPU and direction):");
+            for l in catalog::links() {
+                println!(
+                    "  {:10} {:>6.1} GB/s ({:>4.0} Gbit/s), {:>3.0} µs a transfer",
+                    l.name,
+                    l.bandwidth / 1e9,
+                    l.bandwidth * 8.0 / 1e9,
+                    l.latency_s * 1e6
+                );
+            }
             use vajra_core::config::{PolicyConfig, QueuePolicy};
             use vajra_core::router::RouterConfig;
             println!("scheduler.policy (type = ...):");

@@ -752,6 +752,41 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
             points: true,
         });
     }
+    let disagg: Vec<&RunData> = runs
+        .iter()
+        .filter(|r| r.summary.metrics.disaggregation.is_some())
+        .collect();
+    if !disagg.is_empty() {
+        charts.push(Chart {
+            file: "ttft_parts",
+            title:
+                "TTFT in parts: 1 prefill queue, 2 prefill, 3 hand-off wait, 4 KV transfer (mean)"
+                    .into(),
+            x: "part".into(),
+            y: "mean seconds".into(),
+            log_x: false,
+            log_y: false,
+            series: disagg
+                .iter()
+                .map(|r| {
+                    let d = r.summary.metrics.disaggregation.as_ref().expect("filtered");
+                    let parts = [
+                        d.prefill_queue.mean,
+                        d.prefill.mean,
+                        d.handoff_wait.mean,
+                        d.kv_transfer.mean,
+                    ];
+                    let pts = parts
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, &v)| Some((i as f64 + 1.0, value(v)?)))
+                        .collect();
+                    (r.label.clone(), pts)
+                })
+                .collect(),
+            points: true,
+        });
+    }
     // Table.
     let values: Vec<Vec<Option<f64>>> = runs
         .iter()
@@ -815,6 +850,7 @@ pub fn write_report(runs: &[RunData], out: &Path) -> Result<Vec<PathBuf>> {
     html.push_str("</table>\n");
     md.push('\n');
     class_table(runs, &mut md, &mut html);
+    pool_table(runs, &mut md, &mut html);
     let mut images = Vec::new();
     for c in &charts {
         let svg = render(c, &plots)?;
@@ -859,16 +895,10 @@ fn class_table(runs: &[RunData], md: &mut String, html: &mut String) {
         "TTFT p99 (s)",
         "TPOT p50 (s)",
     ];
-    let _ = writeln!(md, "## SLO classes\n\n| {} |", HEAD.join(" | "));
-    let _ = writeln!(md, "|---|---|{}", "---:|".repeat(HEAD.len() - 2));
-    html.push_str("<h2>SLO classes</h2>\n<table><tr>");
-    for h in HEAD {
-        let _ = write!(html, "<th>{}</th>", esc(h));
-    }
-    html.push_str("</tr>\n");
+    let mut rows = Vec::new();
     for r in runs {
         for c in &r.summary.metrics.classes {
-            let cells = [
+            rows.push(vec![
                 r.label.clone(),
                 c.name.clone(),
                 c.completed.to_string(),
@@ -878,14 +908,93 @@ fn class_table(runs: &[RunData], md: &mut String, html: &mut String) {
                 fmt(c.ttft.p50),
                 fmt(c.ttft.p99),
                 fmt(c.tpot.p50),
-            ];
-            let _ = writeln!(md, "| {} |", cells.join(" | "));
-            html.push_str("<tr>");
-            for cell in &cells {
-                let _ = write!(html, "<td>{}</td>", esc(cell));
-            }
-            html.push_str("</tr>\n");
+            ]);
         }
+    }
+    table("SLO classes", &HEAD, &rows, md, html);
+}
+
+/// Per pool of a disaggregated run: its load, and TTFT in parts.
+fn pool_table(runs: &[RunData], md: &mut String, html: &mut String) {
+    if runs.iter().all(|r| r.summary.metrics.pools.is_empty()) {
+        return;
+    }
+    const HEAD: [&str; 7] = [
+        "run",
+        "pool",
+        "replicas",
+        "devices",
+        "busy fraction",
+        "KV usage mean",
+        "KV usage max",
+    ];
+    let mut rows = Vec::new();
+    for r in runs {
+        for p in &r.summary.metrics.pools {
+            rows.push(vec![
+                r.label.clone(),
+                p.role.clone(),
+                p.num_replicas.to_string(),
+                p.num_devices.to_string(),
+                fmt(p.busy_fraction),
+                fmt(p.kv_usage_mean),
+                fmt(p.kv_usage_max),
+            ]);
+        }
+    }
+    table("Pools", &HEAD, &rows, md, html);
+    const PARTS: [&str; 8] = [
+        "run",
+        "prefill queue mean / p99 (s)",
+        "prefill mean / p99 (s)",
+        "hand-off wait mean / p99 (s)",
+        "KV transfer mean / p99 (s)",
+        "decode queue mean / p99 (s)",
+        "TTFT mean (s)",
+        "KV sent (GB)",
+    ];
+    let both = |d: &vajra_metrics::stats::Distribution| format!("{} / {}", fmt(d.mean), fmt(d.p99));
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .filter_map(|r| {
+            let d = r.summary.metrics.disaggregation.as_ref()?;
+            Some(vec![
+                r.label.clone(),
+                both(&d.prefill_queue),
+                both(&d.prefill),
+                both(&d.handoff_wait),
+                both(&d.kv_transfer),
+                both(&d.decode_queue),
+                fmt(r.summary.metrics.latency_s.ttft.mean),
+                fmt(d.kv_bytes / 1e9),
+            ])
+        })
+        .collect();
+    table(
+        "TTFT in parts (disaggregated runs)",
+        &PARTS,
+        &rows,
+        md,
+        html,
+    );
+}
+
+/// A titled table in both documents.
+fn table(title: &str, head: &[&str], rows: &[Vec<String>], md: &mut String, html: &mut String) {
+    let _ = writeln!(md, "## {title}\n\n| {} |", head.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---:|".repeat(head.len() - 1));
+    let _ = write!(html, "<h2>{}</h2>\n<table><tr>", esc(title));
+    for h in head {
+        let _ = write!(html, "<th>{}</th>", esc(h));
+    }
+    html.push_str("</tr>\n");
+    for cells in rows {
+        let _ = writeln!(md, "| {} |", cells.join(" | "));
+        html.push_str("<tr>");
+        for cell in cells {
+            let _ = write!(html, "<td>{}</td>", esc(cell));
+        }
+        html.push_str("</tr>\n");
     }
     html.push_str("</table>\n");
     md.push('\n');
