@@ -140,6 +140,16 @@ pub struct Prepared {
     pub decode: Option<DecodePool>,
 }
 
+impl Prepared {
+    /// The shape of a replica (the prefill pool's, in a disaggregated point).
+    pub fn parallel(&self) -> vajra_core::config::ParallelConfig {
+        vajra_core::config::ParallelConfig {
+            tensor_parallel: self.setup.tensor_parallel,
+            pipeline_parallel: self.setup.pipeline_parallel,
+        }
+    }
+}
+
 /// Builds the predictor and memory plan of a point.
 ///
 /// # Errors
@@ -171,12 +181,23 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
         .zip(&shapes)
         .map(|((_, c), sh)| price(c, &sh.2))
         .sum();
+    // The prefill pool first, whatever order the file lists the pools in (replicas are
+    // numbered so).
+    let order: Vec<usize> = if e.cluster.pools.is_empty() {
+        vec![0]
+    } else {
+        let p = views
+            .iter()
+            .position(|(r, _)| *r == vajra_core::config::InstanceRole::Prefill)
+            .expect("validated: a prefill pool");
+        vec![p, 1 - p]
+    };
     let pools = if e.cluster.pools.is_empty() {
         Vec::new()
     } else {
-        views
+        order
             .iter()
-            .zip(&shapes)
+            .map(|&i| (&views[i], &shapes[i]))
             .map(|((role, c), sh)| PoolSetup {
                 role: role.name().to_owned(),
                 num_replicas: c.num_replicas,
@@ -187,16 +208,6 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
                 predictor: sh.0.provenance.clone(),
             })
             .collect()
-    };
-    // The prefill pool first, whatever order the file lists the pools in.
-    let order: Vec<usize> = if e.cluster.pools.is_empty() {
-        vec![0]
-    } else {
-        let p = views
-            .iter()
-            .position(|(r, _)| *r == vajra_core::config::InstanceRole::Prefill)
-            .expect("validated: a prefill pool");
-        vec![p, 1 - p]
     };
     let mut shapes: Vec<Option<_>> = shapes.into_iter().map(Some).collect();
     let (mut predictor, memory, device, par) = shapes[order[0]].take().expect("a shape");
@@ -350,7 +361,11 @@ pub fn simulate(
     let disagg = disagg_spec(prep);
     let mut spec = sim_spec(point, prep, progress, None);
     spec.disagg = disagg.as_ref();
-    let par = experiment::parallel(&e.cluster);
+    let par = prep.parallel();
+    // The trace names a thread per stage of the deepest replica.
+    let trace_pp = prep.decode.as_ref().map_or(par.pipeline_parallel, |d| {
+        par.pipeline_parallel.max(d.par.pipeline_parallel)
+    });
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).map_err(write_err(dir))?;
     }
@@ -394,11 +409,7 @@ pub fn simulate(
             collector.stream_batches(&dir.join("batches.parquet"), prep.memory.num_blocks)?;
         }
         let mut tracer = if tracing {
-            Some(TraceWriter::create(
-                &dir.join("trace.json"),
-                n,
-                par.pipeline_parallel,
-            )?)
+            Some(TraceWriter::create(&dir.join("trace.json"), n, trace_pp)?)
         } else {
             None
         };
@@ -481,7 +492,7 @@ pub fn simulate(
             ));
         }
         if tracing {
-            pending.trace = Some((dir.join("trace.json"), n, par.pipeline_parallel, tr_parts));
+            pending.trace = Some((dir.join("trace.json"), n, trace_pp, tr_parts));
         }
         merged.expect("at least one partition")
     };
@@ -517,7 +528,7 @@ fn traced_loop(
 /// The summary of a finished simulation.
 pub fn summarize(point: &Point, prep: &Prepared, res: &sim::SimResult) -> RunSummary {
     let e = &point.experiment;
-    let par = experiment::parallel(&e.cluster);
+    let par = prep.parallel();
     let devices = f64::from(par.world_size());
     let pools = match &prep.decode {
         None => Vec::new(),

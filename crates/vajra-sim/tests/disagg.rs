@@ -236,7 +236,65 @@ pools = [{ role = "prefill", num_replicas = 1 }, { role = "decode", num_replicas
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join(format!("bad{i}.toml"));
         std::fs::write(&p, body(1, cluster, "")).unwrap();
-        let err = ExperimentFile::load(&p).err().expect(cluster).to_string();
+        let Err(err) = ExperimentFile::load(&p) else {
+            panic!("{cluster}: loaded");
+        };
+        let err = err.to_string();
         assert!(err.contains(needle), "{cluster}: `{needle}` not in {err}");
     }
+}
+
+#[test]
+fn pools_of_different_devices_and_widths_run_sessions_with_their_own_shapes() {
+    // Listed decode first: replicas are numbered prefill first all the same.
+    let text = r#"
+seed = 3
+[model]
+name = "meta-llama/Meta-Llama-3-8B"
+[cluster]
+device = "h100"
+pools = [{ role = "decode", num_replicas = 2, device = "a100", pipeline_parallel = 2 }, { role = "prefill", num_replicas = 1, tensor_parallel = 2 }]
+kv_transfer = { link = "rdma_200g", layerwise = false }
+decode_router = { type = "least_outstanding" }
+[predictor]
+profile = "roofline"
+[scheduler]
+policy = { type = "vllm_v1" }
+[router]
+type = "prefix_affinity"
+[workload]
+num_requests = 600
+arrival = { type = "sessions", qps = 2.0, turns_min = 2, turns_max = 8, think_time_s = 5.0, think = "exponential", system_prompt_tokens = 1024, system_prompts = 4 }
+lengths = { type = "independent", prompt = { type = "lognormal", median = 120.0, sigma = 0.8, max = 2000 }, output = { type = "lognormal", median = 180.0, sigma = 0.7, max = 1000 } }
+"#;
+    let r = run("mixed", text);
+    let m = &r.summary.metrics;
+    assert_eq!(m.requests_completed, r.result.issued);
+    let roles: Vec<&str> = r
+        .summary
+        .setup
+        .pools
+        .iter()
+        .map(|p| p.role.as_str())
+        .collect();
+    assert_eq!(roles, ["prefill", "decode"]);
+    assert_eq!((m.pools[0].num_devices, m.pools[1].num_devices), (2, 4));
+    assert_eq!(r.summary.setup.num_devices, 6);
+    // H100 TP 2 and two A100 PP 2 replicas: KV blocks differ per pool.
+    assert_ne!(
+        r.summary.setup.pools[0].num_blocks,
+        r.summary.setup.pools[1].num_blocks
+    );
+    for s in &r.result.replica_stats {
+        assert_eq!(s.kv.num_free, s.kv.num_blocks);
+    }
+    assert!(
+        r.result.replica_stats[1..]
+            .iter()
+            .all(|s| s.num_received > 0)
+    );
+    assert!(
+        m.prefix_cache_hit_rate > 0.5,
+        "turns reuse their prefill replica's cache"
+    );
 }
