@@ -265,6 +265,12 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
         (None, Some(p)) => {
             // The experiment schema's own types; every section the file has is checked.
             let e = Sections::load(p)?;
+            if e.cluster.as_ref().is_some_and(|c| !c.pools.is_empty()) {
+                anyhow::bail!(
+                    "{}: cluster.pools (disaggregated prefill and decode) is not served by the engine yet: `serve` runs one colocated instance; simulate the file with `vajra-sim run`, or remove cluster.pools to serve it colocated",
+                    p.display()
+                );
+            }
             let mut cfg = EngineConfig {
                 seed: e.seed(),
                 ..EngineConfig::default()

@@ -416,16 +416,41 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     &p.label
                 };
-                println!(
-                    "ok: {label}: {} on {}× {} (TP {}, PP {}), {} KV blocks/replica, predictor: {}",
-                    prep.setup.model.name,
-                    prep.setup.num_replicas,
-                    prep.setup.device.name,
-                    prep.setup.tensor_parallel,
-                    prep.setup.pipeline_parallel,
-                    prep.memory.num_blocks,
-                    prep.setup.predictor.join("; ")
-                );
+                if prep.setup.pools.is_empty() {
+                    println!(
+                        "ok: {label}: {} on {}× {} (TP {}, PP {}), {} KV blocks/replica, predictor: {}",
+                        prep.setup.model.name,
+                        prep.setup.num_replicas,
+                        prep.setup.device.name,
+                        prep.setup.tensor_parallel,
+                        prep.setup.pipeline_parallel,
+                        prep.memory.num_blocks,
+                        prep.setup.predictor.join("; ")
+                    );
+                } else {
+                    let pools: Vec<String> = prep
+                        .setup
+                        .pools
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{} {}× {} (TP {}, PP {}), {} KV blocks/replica, predictor: {}",
+                                p.role,
+                                p.num_replicas,
+                                p.device,
+                                p.tensor_parallel,
+                                p.pipeline_parallel,
+                                p.num_blocks,
+                                p.predictor.join("; ")
+                            )
+                        })
+                        .collect();
+                    println!(
+                        "ok: {label}: {}: {}",
+                        prep.setup.model.name,
+                        pools.join("; ")
+                    );
+                }
                 for w in &prep.predictor.warnings {
                     eprintln!("warning: {w}");
                 }
