@@ -86,6 +86,72 @@ pub fn distinct_configs(points: &[Point]) -> Vec<Point> {
     out
 }
 
+/// `vajra-sim capacity --pd-split N`: every point with `cluster.pools` becomes `N − 1` points,
+/// one per split of `N` replicas into a prefill and a decode pool (`1P(N−1)D` … `(N−1)P1D`),
+/// labelled `<P>P<D>D` (in place of the file's split when the label names it, else as
+/// `pd=<P>P<D>D`); points without pools stay as they are (the colocated
+/// baselines of the same file), so one search ranks every P:D ratio at a replica count.
+///
+/// # Errors
+/// `N` below 2, or no point with `cluster.pools`.
+pub fn pd_splits(points: &[Point], n: u32) -> Result<Vec<Point>> {
+    if n < 2 {
+        return Err(SimError::invalid(
+            "--pd-split",
+            n,
+            "replicas ≥ 2 to split into a prefill and a decode pool",
+        ));
+    }
+    if points.iter().all(|p| p.experiment.cluster.pools.is_empty()) {
+        return Err(SimError::invalid(
+            "--pd-split",
+            n,
+            "a file whose points (or some of them) set cluster.pools",
+        ));
+    }
+    let mut out = Vec::new();
+    for p in points {
+        if p.experiment.cluster.pools.is_empty() {
+            out.push(p.clone());
+            continue;
+        }
+        let count = |role| {
+            p.experiment
+                .cluster
+                .pools
+                .iter()
+                .filter(|x| x.role == role)
+                .map(|x| x.num_replicas)
+                .sum::<u32>()
+        };
+        let own = format!(
+            "{}P{}D",
+            count(vajra_core::config::InstanceRole::Prefill),
+            count(vajra_core::config::InstanceRole::Decode)
+        );
+        for prefill in 1..n {
+            let mut q = p.clone();
+            for pool in &mut q.experiment.cluster.pools {
+                pool.num_replicas = match pool.role {
+                    vajra_core::config::InstanceRole::Prefill => prefill,
+                    _ => n - prefill,
+                };
+            }
+            let split = format!("{prefill}P{}D", n - prefill);
+            // A sweep label names the file's split (`cluster=1P1D-...`): name this one instead.
+            q.label = if p.label.contains(&own) {
+                p.label.replacen(&own, &split, 1)
+            } else if p.label.is_empty() {
+                format!("pd={split}")
+            } else {
+                format!("{},pd={split}", p.label)
+            };
+            out.push(q);
+        }
+    }
+    Ok(out)
+}
+
 fn with_qps(point: &Point, qps: f64) -> Point {
     let mut p = point.clone();
     match &mut p.experiment.workload.arrival {

@@ -63,6 +63,10 @@ enum Cmd {
         /// Replace the output folder if it holds an earlier run.
         #[arg(long)]
         overwrite: bool,
+        /// Search every split of this many replicas into the prefill and decode pools of the
+        /// points that set cluster.pools (1P(N-1)D ... (N-1)P1D), beside the other points.
+        #[arg(long, value_name = "N")]
+        pd_split: Option<u32>,
     },
     /// Compare runs: a self-contained HTML report, a Markdown summary and PNG/SVG charts.
     Report {
@@ -272,6 +276,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             out,
             jobs,
             overwrite,
+            pd_split,
         } => {
             let t0 = Instant::now();
             let f = ExperimentFile::load(&file)?;
@@ -292,7 +297,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             vajra_sim::sweep::claim_root(&root, overwrite)?;
             let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build()?;
-            let configs = vajra_sim::capacity::distinct_configs(&f.points);
+            let points = match pd_split {
+                Some(n) => vajra_sim::capacity::pd_splits(&f.points, n)?,
+                None => f.points.clone(),
+            };
+            let configs = vajra_sim::capacity::distinct_configs(&points);
             let caps = pool.install(|| {
                 configs
                     .iter()

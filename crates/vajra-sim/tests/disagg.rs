@@ -298,3 +298,40 @@ lengths = { type = "independent", prompt = { type = "lognormal", median = 120.0,
         "turns reuse their prefill replica's cache"
     );
 }
+
+#[test]
+fn a_pd_split_search_tries_every_ratio_beside_the_colocated_points() {
+    let text = body(4, "num_replicas = 3", "")
+        + r#"
+[slo]
+p99_ttft_s = 1.0
+[sweep]
+cluster = [
+  { device = "h100", num_replicas = 3 },
+  { device = "h100", pools = [{ role = "prefill", num_replicas = 1 }, { role = "decode", num_replicas = 1 }] },
+]
+"#;
+    let f = load("split", &text);
+    let pts = vajra_sim::capacity::pd_splits(&f.points, 3).unwrap();
+    let labels: Vec<&str> = pts.iter().map(|p| p.label.as_str()).collect();
+    assert_eq!(labels.len(), 3, "{labels:?}");
+    assert!(labels[0].contains("num_replicas3"));
+    assert!(
+        labels[1].contains("1P2D") && labels[2].contains("2P1D"),
+        "{labels:?}"
+    );
+    for p in &pts[1..] {
+        assert_eq!(p.experiment.cluster.total_replicas(), 3);
+    }
+    let caps: Vec<_> = pts
+        .iter()
+        .map(|p| vajra_sim::capacity::search(&f, p).unwrap())
+        .collect();
+    assert!(
+        caps.iter()
+            .all(|c| c.capacity_qps.is_some() && c.devices == 3)
+    );
+    assert!(vajra_sim::capacity::pd_splits(&f.points, 1).is_err());
+    let colocated = load("split_colocated", &body(4, "num_replicas = 3", ""));
+    assert!(vajra_sim::capacity::pd_splits(&colocated.points, 3).is_err());
+}
