@@ -103,6 +103,7 @@ fn bench_run(c: &mut Criterion) {
         decode_predictor: &p,
         decode_blocks: 7424,
         decode_router: RouterConfig::LeastKvUsage,
+        decode_scheduler: &sched,
         bandwidth: 50e9,
         latency: vajra_core::time::Duration(50_000),
         layerwise: true,

@@ -109,6 +109,10 @@ pub struct PoolSpec {
     /// Override of the device price per hour (default: the cluster's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price_per_hour: Option<f64>,
+    /// The pool's own scheduler (a whole `[scheduler]` table; default: the file's), e.g. a
+    /// prefill pool with a large token budget and a decode pool with many sequences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<SchedulerConfig>,
 }
 
 /// The KV-transfer link between a prefill replica and a decode replica.
@@ -866,6 +870,17 @@ pub fn validate(e: &Experiment, base: &Path) -> Result<()> {
         m.max_model_len,
         e.scheduler.policy.build().whole_prompt_budget(),
     )?;
+    for (i, p) in e.cluster.pools.iter().enumerate() {
+        if let Some(sc) = &p.scheduler {
+            vajra_core::sched::Scheduler::check_config(
+                sc,
+                &e.cache,
+                m.max_model_len,
+                sc.policy.build().whole_prompt_budget(),
+            )
+            .map_err(under(&format!("cluster.pools[{i}]"), ""))?;
+        }
+    }
     e.router.validate()?;
     e.cache.validate()?;
     e.predictor.validate()?;

@@ -85,6 +85,8 @@ pub struct DecodePool {
     pub layerwise: bool,
     /// Picks a prefilled request's decode replica.
     pub router: vajra_core::router::RouterConfig,
+    /// The scheduler of a decode replica.
+    pub scheduler: vajra_core::sched::config::SchedulerConfig,
 }
 
 /// `summary.json`.
@@ -138,6 +140,8 @@ pub struct Prepared {
     pub max_batch_tokens: u32,
     /// The decode pool of a disaggregated point (the fields above are the prefill pool's).
     pub decode: Option<DecodePool>,
+    /// The scheduler of a replica (the prefill pool's, in a disaggregated point).
+    pub scheduler: vajra_core::sched::config::SchedulerConfig,
 }
 
 impl Prepared {
@@ -158,16 +162,27 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
     let e = &point.experiment;
     let base = &file.base;
     let model = experiment::resolve_model(&e.model, base)?;
-    let max_batch_tokens = e
-        .scheduler
-        .policy
-        .token_budget()
-        .unwrap_or(e.scheduler.max_num_seqs.saturating_mul(model.max_model_len))
-        .min(1 << 20);
+    let batch_tokens = |sc: &vajra_core::sched::config::SchedulerConfig| {
+        sc.policy
+            .token_budget()
+            .unwrap_or(sc.max_num_seqs.saturating_mul(model.max_model_len))
+            .min(1 << 20)
+    };
     let views = e.cluster.pool_views();
+    // Each pool's scheduler: its own, else the file's.
+    let mut schedulers: Vec<vajra_core::sched::config::SchedulerConfig> =
+        if e.cluster.pools.is_empty() {
+            vec![e.scheduler.clone()]
+        } else {
+            e.cluster
+                .pools
+                .iter()
+                .map(|p| p.scheduler.clone().unwrap_or_else(|| e.scheduler.clone()))
+                .collect()
+        };
     let mut shapes = Vec::with_capacity(views.len());
-    for (_, c) in &views {
-        shapes.push(prepare_shape(file, e, &model, c, max_batch_tokens)?);
+    for ((_, c), sc) in views.iter().zip(&schedulers) {
+        shapes.push(prepare_shape(file, e, &model, c, batch_tokens(sc))?);
     }
     let price = |c: &experiment::ClusterSpec, d: &DeviceSpec| {
         f64::from(c.num_replicas * c.tensor_parallel * c.pipeline_parallel) * d.price_per_hour
@@ -211,6 +226,7 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
     };
     let mut shapes: Vec<Option<_>> = shapes.into_iter().map(Some).collect();
     let (mut predictor, memory, device, par) = shapes[order[0]].take().expect("a shape");
+    let max_batch_tokens = batch_tokens(&schedulers[order[0]]);
     let decode = match order.get(1) {
         None => None,
         Some(&i) => {
@@ -219,6 +235,7 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
             let link = vajra_experiment::catalog::resolve_link(&t)?;
             let width = par.world_size().min(dpar.world_size());
             Some(DecodePool {
+                scheduler: schedulers[i].clone(),
                 num_replicas: views[i].1.num_replicas,
                 predictor: dp,
                 memory: dm,
@@ -247,17 +264,19 @@ pub fn prepare(file: &ExperimentFile, point: &Point) -> Result<Prepared> {
         pipeline_parallel: par.pipeline_parallel,
         memory,
         predictor: predictor.provenance.clone(),
-        policy: e.scheduler.policy.name().to_owned(),
+        policy: schedulers[order[0]].policy.name().to_owned(),
         num_devices,
         price_per_hour,
         pools,
     };
+    let scheduler = schedulers.swap_remove(order[0]);
     Ok(Prepared {
         predictor,
         memory,
         setup,
         max_batch_tokens,
         decode,
+        scheduler,
     })
 }
 
@@ -592,7 +611,7 @@ fn sim_spec<'a>(
     let e = &point.experiment;
     SimSpec {
         num_replicas: e.cluster.total_replicas(),
-        scheduler: &e.scheduler,
+        scheduler: &prep.scheduler,
         cache: &e.cache,
         num_blocks: prep.memory.num_blocks,
         max_model_len: prep.setup.model.max_model_len,
@@ -617,6 +636,7 @@ fn disagg_spec(prep: &Prepared) -> Option<sim::DisaggSpec<'_>> {
         decode_predictor: &d.predictor,
         decode_blocks: d.memory.num_blocks,
         decode_router: d.router,
+        decode_scheduler: &d.scheduler,
         bandwidth: d.bandwidth,
         latency: vajra_core::time::Duration::from_secs_f64(d.link.latency_s),
         layerwise: d.layerwise,

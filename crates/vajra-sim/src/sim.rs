@@ -404,7 +404,8 @@ pub struct SimSpec<'a> {
     /// recorded in [`SimResult::steps`]. Steps past the list run at the predictor's pace.
     pub step_times: Option<&'a [(Timestamp, Timestamp)]>,
     /// Disaggregated prefill and decode: `num_replicas` is the prefill pool's replicas plus
-    /// the decode pool's, and `predictor` and `num_blocks` are the prefill pool's.
+    /// the decode pool's, and `scheduler`, `predictor` and `num_blocks` are the prefill
+    /// pool's.
     pub disagg: Option<&'a DisaggSpec<'a>>,
 }
 
@@ -418,6 +419,8 @@ pub struct DisaggSpec<'a> {
     pub decode_blocks: u32,
     /// Picks the decode replica of a prefilled request.
     pub decode_router: RouterConfig,
+    /// The scheduler of a decode replica.
+    pub decode_scheduler: &'a SchedulerConfig,
     /// Bytes/s between one prefill and one decode replica, each way.
     pub bandwidth: f64,
     /// Latency of one transfer.
@@ -988,20 +991,36 @@ pub fn run_range(
 ) -> Result<SimResult> {
     let replicas: Vec<Replica> = (lo..hi)
         .map(|i| {
-            let (pool, role, predictor, num_blocks) = match spec.disagg {
-                None => (0, InstanceRole::Colocated, spec.predictor, spec.num_blocks),
-                Some(d) if i < d.num_prefill => {
-                    (0, InstanceRole::Prefill, spec.predictor, spec.num_blocks)
-                }
-                Some(d) => (1, InstanceRole::Decode, d.decode_predictor, d.decode_blocks),
+            let (pool, role, predictor, num_blocks, cfg) = match spec.disagg {
+                None => (
+                    0,
+                    InstanceRole::Colocated,
+                    spec.predictor,
+                    spec.num_blocks,
+                    spec.scheduler,
+                ),
+                Some(d) if i < d.num_prefill => (
+                    0,
+                    InstanceRole::Prefill,
+                    spec.predictor,
+                    spec.num_blocks,
+                    spec.scheduler,
+                ),
+                Some(d) => (
+                    1,
+                    InstanceRole::Decode,
+                    d.decode_predictor,
+                    d.decode_blocks,
+                    d.decode_scheduler,
+                ),
             };
             let pp = predictor.stages();
             let policy = match spec.policy {
                 Some(make) => make(),
-                None => spec.scheduler.policy.build(),
+                None => cfg.policy.build(),
             };
             let mut sched = Scheduler::with_policy(
-                spec.scheduler.clone(),
+                cfg.clone(),
                 spec.cache,
                 num_blocks,
                 spec.max_model_len,

@@ -230,6 +230,10 @@ pools = [{ role = "prefill", num_replicas = 1 }, { role = "decode", num_replicas
             ),
             "cluster.decode_router",
         ),
+        (
+            r#"pools = [{ role = "prefill", num_replicas = 1 }, { role = "decode", num_replicas = 1, scheduler = { max_num_seqs = 0, policy = { type = "vllm_v1" } } }]"#,
+            "cluster.pools[1].scheduler.max_num_seqs",
+        ),
     ];
     for (i, (cluster, needle)) in bad.iter().enumerate() {
         let dir = std::env::temp_dir().join(format!("vajra-pd-{}", std::process::id()));
@@ -334,4 +338,49 @@ cluster = [
     assert!(vajra_sim::capacity::pd_splits(&f.points, 1).is_err());
     let colocated = load("split_colocated", &body(4, "num_replicas = 3", ""));
     assert!(vajra_sim::capacity::pd_splits(&colocated.points, 3).is_err());
+}
+
+#[test]
+fn each_pool_runs_its_own_scheduler() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::RowAccessor;
+    let cluster = r#"pools = [
+  { role = "prefill", num_replicas = 2, scheduler = { max_num_seqs = 64, policy = { type = "vllm_v1", max_num_batched_tokens = 8192 } } },
+  { role = "decode", num_replicas = 2, scheduler = { max_num_seqs = 6, policy = { type = "sarathi", chunk_size = 256 } } },
+]"#;
+    let f = load("own_sched", &body(6, cluster, ""));
+    let point = f.points[0].clone();
+    let prep = prepare(&f, &point).unwrap();
+    assert_eq!(prep.setup.policy, "vllm_v1", "the prefill pool's");
+    let dir = std::env::temp_dir().join(format!("vajra-pd-{}-own", std::process::id()));
+    let (res, _, _) = simulate(&f, &point, &prep, Some(&dir), false, false, None).unwrap();
+    assert_eq!(res.collector.outcomes.len(), 400);
+    let r = SerializedFileReader::new(std::fs::File::open(dir.join("batches.parquet")).unwrap())
+        .unwrap();
+    let schema = r.metadata().file_metadata().schema_descr();
+    let col = |name: &str| {
+        (0..schema.num_columns())
+            .find(|&i| schema.column(i).name() == name)
+            .unwrap()
+    };
+    let (replica, size, prefill) = (col("replica"), col("num_requests"), col("prefill_tokens"));
+    let (mut decode_max, mut prefill_max_tokens) = (0, 0);
+    for row in r.get_row_iter(None).unwrap() {
+        let row = row.unwrap();
+        if row.get_int(replica).unwrap() >= 2 {
+            decode_max = decode_max.max(row.get_int(size).unwrap());
+        } else {
+            prefill_max_tokens = prefill_max_tokens.max(row.get_int(prefill).unwrap());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        decode_max <= 6,
+        "decode batches keep max_num_seqs = 6: {decode_max}"
+    );
+    assert!(decode_max >= 2);
+    assert!(
+        prefill_max_tokens > 256,
+        "prefill steps use their own 8,192-token budget: {prefill_max_tokens}"
+    );
 }
