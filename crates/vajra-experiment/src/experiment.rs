@@ -339,7 +339,36 @@ fn short_value(v: &toml::Value) -> String {
                 "decode" => "D".to_owned(),
                 other => other.to_owned(),
             };
-            format!("{}{tag}", short_value(&t["num_replicas"]))
+            // What else the pool sets (a device, widths, its own scheduler), so that two pools of
+            // one size still read apart: `1P(h100-tensor_parallel2)`.
+            let extra: Vec<String> = t
+                .iter()
+                .filter(|(k, _)| *k != "role" && *k != "num_replicas")
+                .map(|(k, x)| match x {
+                    toml::Value::Table(inner) => {
+                        let nested: Vec<String> = inner
+                            .iter()
+                            .filter_map(|(_, y)| y.as_table().map(|_| short_value(y)))
+                            .collect();
+                        [short_value(x)]
+                            .into_iter()
+                            .chain(nested)
+                            .filter(|v| !v.is_empty())
+                            .collect::<Vec<_>>()
+                            .join("-")
+                    }
+                    x => format!("{k}{}", short_value(x)),
+                })
+                .collect();
+            if extra.is_empty() {
+                format!("{}{tag}", short_value(&t["num_replicas"]))
+            } else {
+                format!(
+                    "{}{tag}({})",
+                    short_value(&t["num_replicas"]),
+                    extra.join("-")
+                )
+            }
         }
         toml::Value::Table(t) => {
             let mut parts: Vec<String> = Vec::new();
