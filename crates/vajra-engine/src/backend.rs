@@ -228,6 +228,30 @@ pub trait Backend: Send {
     fn as_profiled(&mut self) -> Option<&mut dyn Profiled> {
         None
     }
+    /// The KV of `blocks`, for a hand-off to another instance (disaggregated prefill and
+    /// decode): for each block in order, every layer's K then V rows, as `f32`.
+    ///
+    /// # Errors
+    /// A block id out of range, or a backend that cannot hand KV off yet.
+    fn export_blocks(&self, blocks: &[BlockId]) -> Result<Vec<f32>> {
+        let _ = blocks;
+        Err(crate::error::EngineError::Backend {
+            backend: self.name().into(),
+            message: "handing KV blocks to another instance is not supported by this backend yet (the cpu backend does it)".into(),
+        })
+    }
+    /// Writes KV that [`Backend::export_blocks`] read on another instance into `blocks`.
+    ///
+    /// # Errors
+    /// A block id out of range, data of the wrong size (another model or block size), or a
+    /// backend that cannot take KV yet.
+    fn import_blocks(&mut self, blocks: &[BlockId], data: &[f32]) -> Result<()> {
+        let _ = (blocks, data);
+        Err(crate::error::EngineError::Backend {
+            backend: self.name().into(),
+            message: "taking KV blocks from another instance is not supported by this backend yet (the cpu backend does it)".into(),
+        })
+    }
 }
 
 /// A backend that can time its operators (`vajra-engine profile`, `serve --profile-out`; the

@@ -14,8 +14,11 @@
 //! sampler and its detokenizer. Time is the wall clock since the engine started, as integer
 //! nanoseconds, so lifecycle records have the form the simulator's metrics use.
 
+mod disagg;
 mod output;
 mod runner;
+
+pub use disagg::KvHandoff;
 
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
@@ -143,6 +146,9 @@ pub struct Engine {
     run: Option<RunRecorder>,
     /// Under `late_requests = "reject"`: each request's TTFT deadline, after its arrival.
     ttft_budget: Option<Duration>,
+    /// Requests a prefill instance handed off and nobody has exported yet
+    /// ([`Engine::take_handed_off`]).
+    handed_off: Vec<RequestId>,
 }
 
 /// The engine's own run records, written as the simulator's run folder
@@ -236,6 +242,7 @@ impl Engine {
             step_log: None,
             run: None,
             ttft_budget: None,
+            handed_off: Vec::new(),
         })
     }
 
@@ -408,6 +415,13 @@ impl Engine {
     /// Invalid sampling parameters, an empty prompt, or prompt + `max_tokens` over
     /// `max_model_len` or the KV cache.
     pub fn add_request(&mut self, req: GenerateRequest) -> Result<RequestId> {
+        if self.driver.scheduler().role() == vajra_core::config::InstanceRole::Decode {
+            return Err(EngineError::invalid(
+                "request",
+                "a new request",
+                "none on a decode instance: it takes prefilled requests (Engine::accept_handoff)",
+            ));
+        }
         let id = self.ids.next_request();
         let now = self.now();
         let mut r = Request::new(
@@ -496,6 +510,7 @@ impl Engine {
             live: &mut self.live,
             touched: Vec::new(),
             collector: self.run.as_mut().map(|r| &mut r.collector),
+            handed_off: &mut self.handed_off,
         };
         let now = Timestamp(self.start.elapsed().as_nanos() as u64);
         self.driver.reject_late(now, &mut sink);
@@ -540,6 +555,7 @@ impl Engine {
             live: &mut self.live,
             touched: Vec::new(),
             collector: self.run.as_mut().map(|r| &mut r.collector),
+            handed_off: &mut self.handed_off,
         };
         let now = Timestamp(self.start.elapsed().as_nanos() as u64);
         self.driver.end_step(ticket, &result, now, &mut sink);

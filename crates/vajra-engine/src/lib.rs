@@ -23,6 +23,7 @@ pub mod engine;
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu_tools;
+pub mod kv_transport;
 pub mod profile;
 pub mod sampler;
 pub mod server;

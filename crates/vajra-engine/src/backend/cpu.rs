@@ -337,6 +337,58 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+
+    fn export_blocks(&self, blocks: &[BlockId]) -> Result<Vec<f32>> {
+        let c = &self.spec.config;
+        let per_block = (self.shape.block_size * c.num_kv_heads * c.head_dim) as usize;
+        let layers = self.k_cache.len();
+        let mut out = Vec::with_capacity(blocks.len() * 2 * layers * per_block);
+        for &b in blocks {
+            if b.0 >= self.shape.num_blocks {
+                return Err(self.err(format!(
+                    "block {} out of range (the cache has {})",
+                    b.0, self.shape.num_blocks
+                )));
+            }
+            let r = b.0 as usize * per_block..(b.0 as usize + 1) * per_block;
+            for l in 0..layers {
+                out.extend_from_slice(&self.k_cache[l][r.clone()]);
+                out.extend_from_slice(&self.v_cache[l][r.clone()]);
+            }
+        }
+        Ok(out)
+    }
+
+    fn import_blocks(&mut self, blocks: &[BlockId], data: &[f32]) -> Result<()> {
+        let c = &self.spec.config;
+        let per_block = (self.shape.block_size * c.num_kv_heads * c.head_dim) as usize;
+        let layers = self.k_cache.len();
+        let stride = 2 * layers * per_block;
+        if data.len() != blocks.len() * stride {
+            return Err(self.err(format!(
+                "{} KV values for {} blocks of {stride} (another model, block size or dtype?)",
+                data.len(),
+                blocks.len()
+            )));
+        }
+        for (j, &b) in blocks.iter().enumerate() {
+            if b.0 >= self.shape.num_blocks {
+                return Err(self.err(format!(
+                    "block {} out of range (the cache has {})",
+                    b.0, self.shape.num_blocks
+                )));
+            }
+            let r = b.0 as usize * per_block..(b.0 as usize + 1) * per_block;
+            let src = &data[j * stride..(j + 1) * stride];
+            for l in 0..layers {
+                let k = &src[2 * l * per_block..(2 * l + 1) * per_block];
+                let v = &src[(2 * l + 1) * per_block..(2 * l + 2) * per_block];
+                self.k_cache[l][r.clone()].copy_from_slice(k);
+                self.v_cache[l][r.clone()].copy_from_slice(v);
+            }
+        }
+        Ok(())
+    }
 }
 impl Profiled for CpuBackend {
     fn profile_step(&mut self, input: &StepInput<'_>) -> Result<BTreeMap<&'static str, f64>> {

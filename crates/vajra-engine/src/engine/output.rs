@@ -80,6 +80,8 @@ pub(super) struct OutputSink<'a> {
     /// Requests that gained a token or finished, in event order (may repeat).
     pub touched: Vec<RequestId>,
     pub collector: Option<&'a mut Collector>,
+    /// Requests a prefill instance handed off in this step.
+    pub handed_off: &'a mut Vec<RequestId>,
 }
 
 impl StepSink for OutputSink<'_> {
@@ -110,10 +112,9 @@ impl StepSink for OutputSink<'_> {
                 self.touched.push(rec.id);
                 l.pending.record = Some(rec);
             }
-            // The engine's instances are colocated (`Scheduler::set_role` is never called).
-            RequestEvent::HandedOff { .. } => {
-                unreachable!("a colocated instance hands nothing off")
-            }
+            // A prefill instance: the first token (already in the request's tokens) reaches the
+            // client from the decode instance, with the KV.
+            RequestEvent::HandedOff { id, .. } => self.handed_off.push(id),
         }
     }
 
