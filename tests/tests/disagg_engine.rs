@@ -1,7 +1,8 @@
 //! Disaggregated prefill and decode on the real engine (CPU backend): a prefill engine runs each
 //! request to its first token, ships the request and its prompt's KV blocks over a real TCP
-//! connection (loopback) to a decode engine, which generates the rest. Greedy output must be
-//! token for token the colocated engine's, and both engines must end holding no block. Runs on
+//! connection (loopback) to a decode engine, which generates the rest. The output (greedy, and
+//! seeded sampling) must be token for token the colocated engine's, and both engines must end
+//! holding no block. Runs on
 //! the tiny random Llama always and on SmolLM2 when it is there.
 
 use std::net::{TcpListener, TcpStream};
@@ -36,7 +37,9 @@ fn engine(model: &Path, role: InstanceRole) -> Engine {
 }
 
 /// Prompts of different lengths; the last two share a 40-token prefix (two full blocks), so
-/// the decode engine has the second's first blocks cached when it arrives.
+/// the decode engine has the second's first blocks cached when it arrives. Greedy, except the
+/// second, which samples at temperature 0.9 with a seed (the decode engine's sampler must go
+/// on from the prefill engine's draw).
 fn requests() -> Vec<GenerateRequest> {
     let shared: Vec<u32> = (0..40).map(|i| 5 + i * 3 % 200).collect();
     let prompts: Vec<Vec<u32>> = vec![
@@ -47,12 +50,14 @@ fn requests() -> Vec<GenerateRequest> {
     ];
     prompts
         .into_iter()
-        .map(|prompt| GenerateRequest {
+        .enumerate()
+        .map(|(i, prompt)| GenerateRequest {
             prompt,
             sampling: SamplingParams {
                 max_tokens: 10,
                 ignore_eos: true,
-                temperature: 0.0,
+                temperature: if i == 1 { 0.9 } else { 0.0 },
+                seed: (i == 1).then_some(5),
                 ..SamplingParams::default()
             },
             priority: 0,

@@ -87,6 +87,20 @@ impl RequestSampler {
         self.produced += 1;
     }
 
+    /// Continues, on another instance, a request whose earlier output tokens `tokens` another
+    /// sampler of the same parameters and seed produced (disaggregated decode): the tokens are
+    /// observed and the host random stream is advanced past their draws (one per token unless
+    /// greedy), so the next draw is the one the first sampler would have made (device draws
+    /// are keyed by the output counter, which `observe` advances).
+    pub fn resume(&mut self, tokens: &[u32]) {
+        for &t in tokens {
+            if !self.params.is_greedy() {
+                let _: f64 = self.rng.random();
+            }
+            self.observe(t);
+        }
+    }
+
     /// The request's next token as a backend draws it on the device ([`gumbel`]), or `None`
     /// if the request sets penalties or log-probabilities, which only the host sampler applies.
     pub fn device_draw(&self) -> Option<DeviceDraw> {

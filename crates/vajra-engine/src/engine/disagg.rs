@@ -178,7 +178,7 @@ impl Engine {
         let prompt_len = prompt.len();
         let fallback = self.seed ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let mut sampler = RequestSampler::new(h.request.sampling.clone(), &prompt, fallback);
-        sampler.observe(first);
+        sampler.resume(&[first]);
         let mut tokens_all = prompt;
         tokens_all.push(first);
         let mut detok = IncrementalDetokenizer::new(prompt_len);
