@@ -390,9 +390,16 @@ impl Engine {
         kv.num_blocks() - kv.num_free()
     }
 
-    /// Whether any request is waiting or running.
+    /// Whether any request is live: waiting, running, or held for a hand-off.
     pub fn has_unfinished(&self) -> bool {
         self.driver.scheduler().has_unfinished()
+    }
+
+    /// Whether any request can be stepped (waiting or running; a request handed off to a
+    /// decode engine and still held here is neither).
+    pub fn has_schedulable(&self) -> bool {
+        let s = self.driver.scheduler();
+        s.num_waiting() + s.num_running() > 0
     }
 
     /// Wall time since the engine started.

@@ -42,6 +42,31 @@ pub enum KvMessage {
         /// Why.
         reason: String,
     },
+    /// What a decode engine's step produced for a request (relayed to its client).
+    Output(WireOutput),
+    /// The client of a request went away: the decode engine aborts it.
+    Abort {
+        /// The request.
+        id: RequestId,
+    },
+}
+
+/// A [`crate::engine::RequestOutput`] as a decode engine relays it to the prefill engine's
+/// client (log-probabilities are not relayed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireOutput {
+    /// The request.
+    pub id: RequestId,
+    /// Tokens appended.
+    pub tokens: Vec<u32>,
+    /// Text that became final.
+    pub text: String,
+    /// Set when the request finished.
+    pub finish: Option<vajra_core::request::FinishReason>,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Output tokens so far.
+    pub output_tokens: u32,
 }
 
 /// Sends and receives [`KvMessage`]s.
@@ -78,6 +103,11 @@ fn link_err(e: impl std::fmt::Display) -> EngineError {
 }
 
 impl TcpKvTransport {
+    /// The two halves, for a reader thread and a writer.
+    pub fn split(self) -> (BufReader<TcpStream>, BufWriter<TcpStream>) {
+        (self.read, self.write)
+    }
+
     /// A transport over a connected stream.
     ///
     /// # Errors
@@ -94,12 +124,25 @@ impl TcpKvTransport {
 
 impl KvTransport for TcpKvTransport {
     fn send(&mut self, m: &KvMessage) -> Result<()> {
+        write_message(&mut self.write, m)
+    }
+
+    fn recv(&mut self) -> Result<Option<KvMessage>> {
+        read_message(&mut self.read)
+    }
+}
+
+/// Writes one message (and flushes).
+///
+/// # Errors
+/// The link failed.
+pub fn write_message(w: &mut impl Write, m: &KvMessage) -> Result<()> {
+    {
         let header = serde_json::to_vec(m).map_err(link_err)?;
         let kv: &[f32] = match m {
             KvMessage::Handoff(h) => &h.kv,
             _ => &[],
         };
-        let w = &mut self.write;
         w.write_all(MAGIC).map_err(link_err)?;
         w.write_all(&(header.len() as u32).to_le_bytes())
             .map_err(link_err)?;
@@ -112,9 +155,14 @@ impl KvTransport for TcpKvTransport {
         }
         w.flush().map_err(link_err)
     }
+}
 
-    fn recv(&mut self) -> Result<Option<KvMessage>> {
-        let r = &mut self.read;
+/// Reads one message; `None` when the peer closed the link between messages.
+///
+/// # Errors
+/// The link failed, or the bytes are not a message.
+pub fn read_message(r: &mut impl Read) -> Result<Option<KvMessage>> {
+    {
         let mut magic = [0u8; 4];
         match r.read_exact(&mut magic) {
             Ok(()) => {}

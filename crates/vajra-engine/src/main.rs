@@ -238,6 +238,28 @@ struct ServeArgs {
     /// memory and the minutes around them (scripts/calibrate.sh).
     #[arg(long, value_name = "DIR")]
     profile_out: Option<PathBuf>,
+    /// Disaggregated serving: `prefill` runs each request to its first token and hands it,
+    /// with its KV blocks, to the decode server at `--decode-peer`, relaying that server's
+    /// tokens to the client; `decode` takes hand-offs on `--kv-listen`.
+    #[arg(long, value_enum, default_value_t = Role::Colocated)]
+    role: Role,
+    /// The decode server's KV listener, `HOST:PORT` (with `--role prefill`).
+    #[arg(long, value_name = "HOST:PORT")]
+    decode_peer: Option<String>,
+    /// Where to take hand-offs, `HOST:PORT` (with `--role decode`).
+    #[arg(long, value_name = "HOST:PORT")]
+    kv_listen: Option<String>,
+}
+
+/// `serve --role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    /// Prefill and decode in this server.
+    Colocated,
+    /// Prefill only; decode on `--decode-peer`.
+    Prefill,
+    /// Decode only; hand-offs on `--kv-listen`.
+    Decode,
 }
 
 #[derive(Args)]
@@ -381,6 +403,31 @@ fn serve(a: ServeArgs) -> Result<()> {
     let std_listener = std::net::TcpListener::bind((a.host.as_str(), a.port))
         .with_context(|| format!("binding {}:{}", a.host, a.port))?;
     std_listener.set_nonblocking(true)?;
+    let link = match (a.role, &a.decode_peer, &a.kv_listen) {
+        (Role::Colocated, None, None) => None,
+        (Role::Prefill, Some(peer), None) => Some(vajra_engine::server::KvLink::Prefill {
+            decode: peer.clone(),
+        }),
+        (Role::Decode, None, Some(addr)) => Some(vajra_engine::server::KvLink::Decode {
+            listener: std::net::TcpListener::bind(addr)
+                .with_context(|| format!("--kv-listen {addr}"))?,
+        }),
+        (Role::Prefill, None, _) => {
+            bail!("--role prefill needs --decode-peer HOST:PORT (the decode server's --kv-listen)")
+        }
+        (Role::Decode, _, None) => bail!("--role decode needs --kv-listen HOST:PORT"),
+        (role, _, _) => bail!(
+            "--decode-peer goes with --role prefill and --kv-listen with --role decode (got --role {})",
+            format!("{role:?}").to_lowercase()
+        ),
+    };
+    if let Some(vajra_engine::server::KvLink::Decode { listener }) = &link {
+        // The one line scripts and tests wait for, beside the HTTP one.
+        eprintln!(
+            "vajra-engine taking hand-offs on {}",
+            listener.local_addr()?
+        );
+    }
     if a.profile_out.is_some() {
         let block = engine_config(&a.engine)?.cache.block_size;
         if block != vajra_engine::profile::BLOCK {
@@ -391,6 +438,11 @@ fn serve(a: ServeArgs) -> Result<()> {
         }
     }
     let mut engine = load(&a.engine)?;
+    engine.set_role(match a.role {
+        Role::Colocated => vajra_core::config::InstanceRole::Colocated,
+        Role::Prefill => vajra_core::config::InstanceRole::Prefill,
+        Role::Decode => vajra_core::config::InstanceRole::Decode,
+    })?;
     if let Some(out) = &a.profile_out {
         use vajra_engine::profile::{Grid, profile};
         let cmd = std::env::args().collect::<Vec<_>>().join(" ");
@@ -429,14 +481,15 @@ fn serve(a: ServeArgs) -> Result<()> {
         engine.backend().num_blocks(),
         engine.max_model_len()
     );
-    let (app, engine_thread) = vajra_engine::server::router_with_engine_thread(
+    let (app, engine_thread) = vajra_engine::server::router_with_kv_link(
         engine,
         ServerConfig {
             model_name: name.clone(),
             max_concurrent: a.max_concurrent,
             requests_log: a.requests_log.clone(),
         },
-    );
+        link,
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -13,8 +13,11 @@
 //! Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
 //! `GET /health`, `GET /metrics`.
 
+mod kv_link;
 pub mod metrics;
 pub mod openai;
+
+pub use kv_link::KvLink;
 
 use crate::engine::{Engine, GenerateRequest, RequestOutput};
 use crate::tokenizer::TextCodec;
@@ -58,6 +61,18 @@ enum Command {
         /// The id, or the request parameter at fault and why.
         reply: oneshot::Sender<Result<RequestId, (String, String)>>,
     },
+    /// A message on KV connection `conn` (disaggregated serving).
+    Kv {
+        conn: u32,
+        msg: crate::kv_transport::KvMessage,
+    },
+    /// A decode server's new KV connection, with its writing half.
+    KvConnected {
+        conn: u32,
+        writer: std::io::BufWriter<std::net::TcpStream>,
+    },
+    /// KV connection `conn` ended.
+    KvClosed { conn: u32, why: String },
 }
 
 struct AppState {
@@ -109,8 +124,22 @@ pub fn router_with_engine_thread(
     engine: Engine,
     cfg: ServerConfig,
 ) -> (Router, std::thread::JoinHandle<()>) {
+    router_with_kv_link(engine, cfg, None).expect("no link to fail")
+}
+
+/// [`router_with_engine_thread`] for one side of disaggregated serving (see
+/// [`kv_link`](self::KvLink)): the engine's role must match the link's.
+///
+/// # Errors
+/// A prefill server cannot reach its decode server's KV listener within 30 s.
+pub fn router_with_kv_link(
+    engine: Engine,
+    cfg: ServerConfig,
+    link: Option<KvLink>,
+) -> std::io::Result<(Router, std::thread::JoinHandle<()>)> {
     let metrics = EngineMetrics::new();
     let (tx, rx) = mpsc::channel();
+    let link = kv_link::Link::start(link, &tx)?;
     let state = Arc::new(AppState {
         codec: engine.codec().clone(),
         max_model_len: engine.max_model_len(),
@@ -125,7 +154,7 @@ pub fn router_with_engine_thread(
     });
     let handle = std::thread::Builder::new()
         .name("vajra-engine-loop".into())
-        .spawn(move || engine_loop(engine, rx, metrics, cfg.requests_log))
+        .spawn(move || engine_loop(engine, rx, metrics, cfg.requests_log, link))
         .expect("spawn the engine thread");
     let router = Router::new()
         .route("/health", get(|| async { "ok" }))
@@ -137,7 +166,7 @@ pub fn router_with_engine_thread(
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(axum::middleware::map_response(openai_error_body));
-    (router, handle)
+    Ok((router, handle))
 }
 
 fn engine_loop(
@@ -145,6 +174,7 @@ fn engine_loop(
     rx: mpsc::Receiver<Command>,
     metrics: EngineMetrics,
     log: Option<std::path::PathBuf>,
+    mut link: kv_link::Link,
 ) {
     let mut sinks: HashMap<RequestId, tmpsc::UnboundedSender<RequestOutput>> = HashMap::new();
     let mut log = log.and_then(|p| {
@@ -163,7 +193,13 @@ fn engine_loop(
             let _ = writeln!(f, "{line}");
         }
     };
-    let handle = |engine: &mut Engine, sinks: &mut HashMap<_, _>, c: Command| match c {
+    let handle = |engine: &mut Engine,
+                  sinks: &mut HashMap<_, _>,
+                  link: &mut kv_link::Link,
+                  c: Command| match c {
+        Command::Kv { conn, msg } => link.message(engine, conn, msg),
+        Command::KvConnected { conn, writer } => link.connected(conn, writer),
+        Command::KvClosed { conn, why } => link.closed(engine, conn, &why),
         Command::Add { req, sink, reply } => {
             let n = req.prompt.len();
             match engine.add_request(req) {
@@ -188,11 +224,23 @@ fn engine_loop(
         }
     };
     loop {
-        if !engine.has_unfinished() {
+        // Nothing to step (requests handed off and waiting for the decode server's answer
+        // included): wait for a command, or for the next offer of a hand-off.
+        if !engine.has_schedulable() {
             metrics.update(&engine.stats(), engine.counters());
-            match rx.recv() {
-                Ok(c) => handle(&mut engine, &mut sinks, c),
-                Err(_) => {
+            let next = if link.needs_polling() {
+                match rx.recv_timeout(std::time::Duration::from_millis(2)) {
+                    Ok(c) => Ok(Some(c)),
+                    Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+                }
+            } else {
+                rx.recv().map(Some).map_err(|_| ())
+            };
+            match next {
+                Ok(Some(c)) => handle(&mut engine, &mut sinks, &mut link, c),
+                Ok(None) => {}
+                Err(()) => {
                     // Server gone: write the run folder if one is being recorded.
                     match engine.finish_run() {
                         Ok(Some(dir)) => {
@@ -206,19 +254,27 @@ fn engine_loop(
             }
         }
         while let Ok(c) = rx.try_recv() {
-            handle(&mut engine, &mut sinks, c);
+            handle(&mut engine, &mut sinks, &mut link, c);
         }
-        let outputs = match engine.step() {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::error!(error = %e, "engine step failed; aborting its requests");
-                let ids: Vec<RequestId> = sinks.keys().copied().collect();
-                ids.into_iter().filter_map(|id| engine.abort(id)).collect()
+        let mut outputs = if engine.has_schedulable() {
+            match engine.step() {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!(error = %e, "engine step failed; aborting its requests");
+                    let ids: Vec<RequestId> = sinks.keys().copied().collect();
+                    ids.into_iter().filter_map(|id| engine.abort(id)).collect()
+                }
             }
+        } else {
+            Vec::new()
         };
+        link.after_step(&mut engine, &mut outputs);
         for o in outputs {
             metrics.observe(&o);
             record(&o);
+            if link.relay(&o) {
+                continue;
+            }
             let id = o.id;
             let done = o.finish.is_some();
             let delivered = sinks.get(&id).is_some_and(|s| s.send(o).is_ok());
@@ -227,6 +283,7 @@ fn engine_loop(
             }
             if !delivered
                 && !done
+                && !link.client_gone(&mut engine, id)
                 && let Some(a) = engine.abort(id)
             {
                 metrics.observe(&a);
@@ -241,6 +298,9 @@ fn engine_loop(
             .collect();
         for id in closed {
             sinks.remove(&id);
+            if link.client_gone(&mut engine, id) {
+                continue;
+            }
             if let Some(a) = engine.abort(id) {
                 tracing::debug!(request = %id, "client disconnected; aborted");
                 metrics.observe(&a);
