@@ -73,29 +73,6 @@ fn bench_run(c: &mut Criterion) {
     )
     .expect("valid workload");
     let slo = SloConfig::default();
-    c.bench_function("run_1000_requests_1_replica", |b| {
-        b.iter(|| {
-            let spec = SimSpec {
-                num_replicas: 1,
-                scheduler: &sched,
-                cache: &cache,
-                num_blocks: 7424,
-                max_model_len: 4096,
-                router: RouterConfig::RoundRobin,
-                router_staleness: vajra_core::time::Duration(0),
-                slo: None,
-                predictor: &p,
-                seed: 1,
-                progress: None,
-                policy: None,
-                step_times: None,
-                disagg: None,
-            };
-            let mut src = RequestSource::new(&workload, 1, Path::new("."), 4096).expect("source");
-            let r = run(&spec, &mut src, Collector::new(&slo, 1), None).expect("runs");
-            black_box(r.events)
-        })
-    });
     // The same workload on one prefill and one decode replica of the same shape, KV over
     // 400 Gbit/s RDMA sent layer by layer: the cost of the hand-off and the link model.
     let disagg = vajra_sim::sim::DisaggSpec {
@@ -110,29 +87,35 @@ fn bench_run(c: &mut Criterion) {
         num_layers: 32,
         kv_bytes_per_token: 524_288.0,
     };
-    c.bench_function("run_1000_requests_1p1d", |b| {
-        b.iter(|| {
-            let spec = SimSpec {
-                num_replicas: 2,
-                scheduler: &sched,
-                cache: &cache,
-                num_blocks: 7424,
-                max_model_len: 4096,
-                router: RouterConfig::RoundRobin,
-                router_staleness: vajra_core::time::Duration(0),
-                slo: None,
-                predictor: &p,
-                seed: 1,
-                progress: None,
-                policy: None,
-                step_times: None,
-                disagg: Some(&disagg),
-            };
-            let mut src = RequestSource::new(&workload, 1, Path::new("."), 4096).expect("source");
-            let r = run(&spec, &mut src, Collector::new(&slo, 2), None).expect("runs");
-            black_box(r.events)
-        })
-    });
+    for (name, replicas, d) in [
+        ("run_1000_requests_1_replica", 1, None),
+        ("run_1000_requests_1p1d", 2, Some(&disagg)),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let spec = SimSpec {
+                    num_replicas: replicas,
+                    scheduler: &sched,
+                    cache: &cache,
+                    num_blocks: 7424,
+                    max_model_len: 4096,
+                    router: RouterConfig::RoundRobin,
+                    router_staleness: vajra_core::time::Duration(0),
+                    slo: None,
+                    predictor: &p,
+                    seed: 1,
+                    progress: None,
+                    policy: None,
+                    step_times: None,
+                    disagg: d,
+                };
+                let mut src =
+                    RequestSource::new(&workload, 1, Path::new("."), 4096).expect("source");
+                let r = run(&spec, &mut src, Collector::new(&slo, replicas), None).expect("runs");
+                black_box(r.events)
+            })
+        });
+    }
 }
 
 criterion_group!(benches, bench_predict, bench_run);

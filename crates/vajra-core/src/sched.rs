@@ -444,6 +444,25 @@ impl Scheduler {
     /// An invalid request, a duplicate id, or a request that could never fit this replica's KV
     /// cache even alone (prompt + `max_tokens` over the pool's capacity).
     pub fn add_request(&mut self, req: Request, _now: Timestamp) -> Result<()> {
+        self.check_admissible(&req)?;
+        // A prefill instance runs a request to its first token only (then hands it off).
+        let max_tokens = match self.role {
+            InstanceRole::Prefill => req.max_tokens().min(1),
+            InstanceRole::Colocated | InstanceRole::Decode => req.max_tokens(),
+        };
+        let seq = self.new_seq(req, max_tokens);
+        let slot = self.insert(seq);
+        if self.cfg.async_scheduling && self.steps_in_flight > 0 {
+            self.staged.push(slot);
+        } else {
+            self.enqueue(slot, false);
+        }
+        Ok(())
+    }
+
+    /// What every request must pass to enter this scheduler (added, or reserved for a
+    /// hand-off): valid here, not live already, and able to fit the KV pool alone.
+    fn check_admissible(&self, req: &Request) -> Result<()> {
         req.validate(self.max_model_len)?;
         if self.index.contains_key(&req.id) {
             return Err(CoreError::DuplicateRequest(req.id));
@@ -455,20 +474,19 @@ impl Scheduler {
             "prompt + max_tokens",
             total,
             &format!("at most the KV cache capacity of {capacity} tokens"),
-        )?;
+        )
+    }
+
+    /// A new waiting sequence for `req`, nothing computed, running to `max_tokens`.
+    fn new_seq(&self, req: Request, max_tokens: u32) -> Seq {
         // Sized once: pushing one token per step would otherwise reallocate log(n) times.
         let keeps_tokens = matches!(req.prompt, Prompt::Tokens(_));
-        // A prefill instance runs a request to its first token only (then hands it off).
-        let max_tokens = match self.role {
-            InstanceRole::Prefill => req.max_tokens().min(1),
-            InstanceRole::Colocated | InstanceRole::Decode => req.max_tokens(),
-        };
         let output = if keeps_tokens {
             Vec::with_capacity(max_tokens.min(4096) as usize)
         } else {
             Vec::new()
         };
-        let seq = Seq {
+        Seq {
             id: req.id,
             tenant: req.tenant,
             prompt_len: req.prompt.len(),
@@ -491,7 +509,13 @@ impl Scheduler {
             send_full: self.request_data,
             disagg: None,
             handoff_token: 0,
-        };
+        }
+    }
+
+    /// Puts `seq` in a slot and indexes it; returns the slot.
+    fn insert(&mut self, seq: Seq) -> u32 {
+        self.outstanding_tokens += u64::from(seq.prompt_len) + u64::from(seq.max_tokens);
+        let id = seq.id;
         let slot = match self.free_slots.pop() {
             Some(s) => {
                 self.slots[s as usize] = Some(seq);
@@ -502,15 +526,8 @@ impl Scheduler {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.index.insert(self.seq(slot).req.id, slot);
-        let s = self.seq(slot);
-        self.outstanding_tokens += u64::from(s.prompt_len) + u64::from(s.max_tokens);
-        if self.cfg.async_scheduling && self.steps_in_flight > 0 {
-            self.staged.push(slot);
-        } else {
-            self.enqueue(slot, false);
-        }
-        Ok(())
+        self.index.insert(id, slot);
+        slot
     }
 
     fn enqueue(&mut self, slot: u32, front: bool) {

@@ -23,12 +23,12 @@
 //! shows on the prefill side, and nothing is dropped.
 
 use super::output::DisaggTimes;
-use super::{Scheduler, Seq, content};
+use super::{Scheduler, content};
 use crate::config::InstanceRole;
 use crate::error::{CoreError, Result, ensure};
 use crate::ids::RequestId;
-use crate::kv::{AllocSpec, BlockTable};
-use crate::request::{Prompt, Request, RequestStatus};
+use crate::kv::AllocSpec;
+use crate::request::{Request, RequestStatus};
 use crate::time::Timestamp;
 
 /// A request leaving a prefill instance: what the decode instance needs to go on with it.
@@ -160,31 +160,23 @@ impl Scheduler {
     /// or already live.
     pub fn reserve_remote(&mut self, h: &Handoff, now: Timestamp) -> Result<Option<u32>> {
         let req = &h.request;
-        req.validate(self.max_model_len)?;
-        if self.index.contains_key(&req.id) {
-            return Err(CoreError::DuplicateRequest(req.id));
+        self.check_admissible(req)?;
+        // A reserved request joins the running list when its KV lands: the running cap
+        // counts it now.
+        if self.running.len() + self.num_reserved as usize >= self.cfg.max_num_seqs as usize {
+            return Ok(None);
         }
-        let capacity = u64::from(self.kv.num_blocks()) * u64::from(self.kv.block_size());
-        let total = u64::from(req.prompt.len()) + u64::from(req.max_tokens());
-        ensure(
-            total <= capacity,
-            "prompt + max_tokens",
-            total,
-            &format!("at most the KV cache capacity of {capacity} tokens"),
-        )?;
-        let prompt_len = req.prompt.len();
-        let keeps_tokens = matches!(req.prompt, Prompt::Tokens(_));
-        let output = if keeps_tokens {
-            let mut v = Vec::with_capacity(req.max_tokens().min(4096) as usize);
-            v.push(h.first_token);
-            v
-        } else {
-            Vec::new()
-        };
-        let mut table = BlockTable::default();
-        let (hits, hit_tokens) = self
-            .kv
-            .get_computed_blocks(&mut table, &content(req, &output, 1));
+        let mut seq = self.new_seq(req.clone(), req.max_tokens());
+        seq.num_output = 1;
+        seq.handoff_token = h.first_token;
+        if seq.keeps_tokens {
+            seq.output.push(h.first_token);
+        }
+        let prompt_len = seq.prompt_len;
+        let (hits, hit_tokens) = self.kv.get_computed_blocks(
+            &mut seq.table,
+            &content(&seq.req, &seq.output, seq.num_output),
+        );
         let hit_tokens = hit_tokens.min(prompt_len);
         let alloc = AllocSpec {
             num_computed: hit_tokens,
@@ -192,54 +184,20 @@ impl Scheduler {
             num_new_tokens: prompt_len - hit_tokens,
             apply_watermark: !self.running.is_empty(),
         };
-        // A reserved request joins the running list when its KV lands: the running cap
-        // counts it now.
-        if self.running.len() + self.num_reserved as usize >= self.cfg.max_num_seqs as usize {
+        if self.kv.allocate_slots(&mut seq.table, &alloc).is_none() {
             return Ok(None);
         }
-        if self.kv.allocate_slots(&mut table, &alloc).is_none() {
-            return Ok(None);
-        }
-        let seq = Seq {
-            id: req.id,
-            tenant: req.tenant,
-            prompt_len,
-            max_tokens: req.max_tokens(),
-            has_stop_ids: !req.sampling.stop_token_ids.is_empty(),
-            keeps_tokens,
-            req: req.clone(),
-            output,
-            num_output: 1,
-            status: RequestStatus::Transferring,
-            num_computed: hit_tokens,
-            table,
-            swapped: Vec::new(),
-            in_flight: 0,
-            num_preemptions: h.num_preemptions,
-            first_scheduled: Some(h.first_scheduled),
-            first_token: None,
-            cached_prompt_tokens: Some(h.cached_prompt_tokens),
-            queue_key: None,
-            send_full: self.request_data,
-            handoff_token: h.first_token,
-            disagg: Some(DisaggTimes {
-                prefill_done: h.prefill_done,
-                kv_arrived: now,
-                decode_scheduled: None,
-            }),
-        };
-        let slot = match self.free_slots.pop() {
-            Some(s) => {
-                self.slots[s as usize] = Some(seq);
-                s
-            }
-            None => {
-                self.slots.push(Some(seq));
-                (self.slots.len() - 1) as u32
-            }
-        };
-        self.index.insert(req.id, slot);
-        self.outstanding_tokens += total;
+        seq.status = RequestStatus::Transferring;
+        seq.num_computed = hit_tokens;
+        seq.num_preemptions = h.num_preemptions;
+        seq.first_scheduled = Some(h.first_scheduled);
+        seq.cached_prompt_tokens = Some(h.cached_prompt_tokens);
+        seq.disagg = Some(DisaggTimes {
+            prefill_done: h.prefill_done,
+            kv_arrived: now,
+            decode_scheduled: None,
+        });
+        self.insert(seq);
         self.num_transferring += 1;
         self.num_reserved += 1;
         Ok(Some(prompt_len - hit_tokens))
