@@ -115,6 +115,24 @@ pub struct RequestOutput {
     pub itl: Option<Duration>,
 }
 
+impl RequestOutput {
+    /// An output of `id` with nothing in it yet.
+    pub fn empty(id: RequestId, prompt_tokens: u32) -> Self {
+        RequestOutput {
+            id,
+            tokens: Vec::new(),
+            text: String::new(),
+            logprobs: Vec::new(),
+            finish: None,
+            record: None,
+            prompt_tokens,
+            output_tokens: 0,
+            ttft: None,
+            itl: None,
+        }
+    }
+}
+
 /// A request the engine is generating for.
 struct Live {
     tokens: Vec<u32>,
@@ -459,7 +477,7 @@ impl Engine {
                 emitted: 0,
                 arrival: now,
                 last_token: None,
-                pending: output::empty_output(id, prompt_len as u32),
+                pending: RequestOutput::empty(id, prompt_len as u32),
             },
         );
         Ok(id)

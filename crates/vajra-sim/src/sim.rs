@@ -1082,7 +1082,6 @@ pub fn run_range(
     let mut now = Timestamp::ZERO;
     let mut events = 0u64;
     let mut reported = 0u64;
-    let num_blocks = spec.num_blocks;
 
     loop {
         for (id, t) in st.rejected.drain(..) {
@@ -1142,7 +1141,7 @@ pub fn run_range(
                 "replica {i} still has {} waiting and {} running requests that can never be scheduled: its {} KV blocks of {} tokens cannot hold them (raise cache.num_blocks or gpu_memory_utilization, or lower workload.max_tokens)",
                 r.driver.scheduler().num_waiting(),
                 r.driver.scheduler().num_running(),
-                num_blocks,
+                r.num_blocks,
                 spec.cache.block_size
             )));
         }

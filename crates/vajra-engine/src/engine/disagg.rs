@@ -184,7 +184,7 @@ impl Engine {
         let mut detok = IncrementalDetokenizer::new(prompt_len);
         let text = detok.step(&self.codec, &tokens_all)?;
         let arrival = shift(h.request.arrival);
-        let mut out = super::output::empty_output(id, prompt_len as u32);
+        let mut out = RequestOutput::empty(id, prompt_len as u32);
         out.tokens.push(first);
         out.text.clone_from(&text);
         out.output_tokens = 1;
@@ -201,7 +201,7 @@ impl Engine {
                 text,
                 arrival,
                 last_token: Some(now),
-                pending: super::output::empty_output(id, prompt_len as u32),
+                pending: RequestOutput::empty(id, prompt_len as u32),
             },
         );
         if let Some(run) = &mut self.run {

@@ -159,7 +159,10 @@ pub(super) fn take_outputs(
         while !l.text.is_char_boundary(upto) {
             upto -= 1;
         }
-        let mut o = std::mem::replace(&mut l.pending, empty_output(id, l.prompt_len as u32));
+        let mut o = std::mem::replace(
+            &mut l.pending,
+            RequestOutput::empty(id, l.prompt_len as u32),
+        );
         o.text = l.text[l.emitted..upto].to_owned();
         o.output_tokens = (l.tokens.len() - l.prompt_len) as u32;
         l.emitted = upto;
@@ -172,21 +175,6 @@ pub(super) fn take_outputs(
 }
 
 /// An output with nothing in it yet.
-pub(super) fn empty_output(id: RequestId, prompt_tokens: u32) -> RequestOutput {
-    RequestOutput {
-        id,
-        tokens: Vec::new(),
-        text: String::new(),
-        logprobs: Vec::new(),
-        finish: None,
-        record: None,
-        prompt_tokens,
-        output_tokens: 0,
-        ttft: None,
-        itl: None,
-    }
-}
-
 fn max_stop_len(p: &SamplingParams) -> usize {
     p.stop.iter().map(String::len).max().unwrap_or(0)
 }

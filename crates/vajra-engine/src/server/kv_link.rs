@@ -294,32 +294,19 @@ fn wire(o: &RequestOutput) -> WireOutput {
 
 fn unwire(w: WireOutput) -> RequestOutput {
     RequestOutput {
-        id: w.id,
         tokens: w.tokens,
         text: w.text,
-        logprobs: Vec::new(),
         finish: w.finish,
-        record: None,
-        prompt_tokens: w.prompt_tokens,
         output_tokens: w.output_tokens,
-        ttft: None,
-        itl: None,
+        ..RequestOutput::empty(w.id, w.prompt_tokens)
     }
 }
 
 /// A request the prefill side ends itself (the decode side refused it or is gone).
-fn aborted(id: RequestId, prompt_tokens: u32, output_tokens: u32) -> RequestOutput {
+fn aborted(id: RequestId, prompt_tokens: u32) -> RequestOutput {
     RequestOutput {
-        id,
-        tokens: Vec::new(),
-        text: String::new(),
-        logprobs: Vec::new(),
         finish: Some(FinishReason::Abort),
-        record: None,
-        prompt_tokens,
-        output_tokens,
-        ttft: None,
-        itl: None,
+        ..RequestOutput::empty(id, prompt_tokens)
     }
 }
 
@@ -366,7 +353,7 @@ impl PrefillLink {
             .remove(&id)
             .map_or(0, |h| h.request.prompt.len());
         let _ = engine.abort(id);
-        self.inbox.push(aborted(id, prompt, 0));
+        self.inbox.push(aborted(id, prompt));
     }
 
     fn message(&mut self, engine: &mut Engine, msg: KvMessage) {
@@ -420,7 +407,7 @@ impl PrefillLink {
         let why = self.dead.clone().unwrap_or_default();
         for id in std::mem::take(&mut self.relayed) {
             tracing::warn!(request = %id, why, "the decode server is gone mid-stream");
-            self.inbox.push(aborted(id, 0, 0));
+            self.inbox.push(aborted(id, 0));
         }
         let offered: Vec<RequestId> = self.offered.keys().copied().collect();
         for id in offered {
